@@ -1,0 +1,511 @@
+"""Batched ReNA: recursive nearest agglomeration of the pixels of every channel at once.
+
+ReNA (Hoyos-Idrobo et al., "Recursive nearest agglomeration (ReNA): fast clustering for
+approximation of structured signals", IEEE TPAMI 2019) clusters the P = H*W pixels of one
+channel, using the N images of a minibatch as the samples that describe each pixel and the
+4-neighbour pixel grid as the graph. DropCluster (paper, Algorithm 1) runs it on every channel of
+the first conv layer's output. This module runs all channels in lock-step rounds of tensor
+operations, on any device, with the semantics of the reference implementation (nilearn's
+``recursive_neighbor_agglomeration``; ``shared/design/rena.md`` describes it step by step):
+
+* level 0: 4-neighbour edges weighted by *half* the squared distance between the two pixels'
+  sample vectors, computed in float64; edges of weight exactly 0 (neighbours identical in every
+  sample) are deleted, with no floor;
+* each round links every node to all its near-tied nearest neighbours (relative tolerance
+  ``threshold``), merges the connected components of those links, averages the children's
+  features (a mean of means, not the pixel mean), and weights the new edges by the full squared
+  distance between the new features, floored at ``threshold``;
+* when a round would overshoot (fewer than ``n_clusters`` components), only the
+  ``n_nodes - n_clusters`` links with the largest node-index gap are kept; ties are broken by
+  the smaller lower index, a deterministic rule (nilearn's unstable sort breaks them in a
+  platform-dependent way);
+* clusters are numbered by their smallest pixel index (``p = h * W + w``), as nilearn numbers them.
+
+A channel stops when it has at most ``n_clusters`` clusters or no edges are left (no later round
+could change it, so the early exit gives the same result as running all ``max_rounds``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+UNSTRUCTURED_MODES = ("rena", "dead", "hopkins", "none")
+IDENTICAL_NEIGHBOUR_MODES = ("merge", "split")
+
+
+@dataclass(frozen=True)
+class ReNAResult:
+    """Clusters found by :func:`rena` for every channel.
+
+    Attributes:
+        labels: (C, H, W) int64. Cluster of each pixel, in ``[0, n_found[c])``, numbered by each
+            cluster's smallest pixel index ``h * W + w``.
+        n_found: (C,) int64. Number of clusters each channel ended with.
+        structured: (C,) bool. Channels DropCluster clusters; the others are masked (see the
+            ``unstructured`` argument of :func:`rena`).
+        sizes: (C, K) int64. Pixels per cluster, ``K = max(n_clusters, n_found.max())``; zero
+            past ``n_found[c]``.
+        n_clusters: the requested number of clusters, after clamping to ``H * W``.
+        n_rounds: agglomeration rounds run (the maximum over channels; channels run in
+            lock-step).
+    """
+
+    labels: Tensor
+    n_found: Tensor
+    structured: Tensor
+    sizes: Tensor
+    n_clusters: int
+    n_rounds: int
+
+    @property
+    def n_structured(self) -> int:
+        """Number of structured channels."""
+        return int(self.structured.sum())
+
+
+def rena(
+    x: Tensor,
+    n_clusters: int,
+    *,
+    max_rounds: int = 1000,
+    threshold: float = 1e-7,
+    unstructured: str = "dead",
+    identical_neighbours: str = "merge",
+    hopkins_threshold: float = 0.7,
+    generator: torch.Generator | None = None,
+) -> ReNAResult:
+    """Cluster the pixels of every channel of ``x`` with ReNA, all channels at once.
+
+    Args:
+        x: (N, C, H, W) activations, any real dtype and device; N >= 2 samples (the images of a
+            minibatch) describe each pixel. Features are kept in float32 (float64 for float64
+            input); level-0 distances are computed in float64 as the reference does.
+        n_clusters: clusters wanted per channel, k >= 1. Values above ``H * W`` are clamped with
+            a warning, as nilearn does.
+        max_rounds: maximum number of agglomeration rounds (the paper ran 1000; nilearn's
+            default is 10). Each round merges many pairs; 3-6 rounds are typical.
+        threshold: relative tolerance for near-tied nearest neighbours and the floor of edge
+            weights after level 0 (nilearn's ``threshold``), in (0, 1).
+        unstructured: which channels are *unstructured* (masked by DropCluster):
+
+            * ``"dead"`` (default): only channels with no variation at all in the batch (every
+              value equal, e.g. a dead ReLU channel). Clustering such a channel is meaningless.
+            * ``"rena"``: the paper's rule, a channel whose ReNA ends with more than
+              ``n_clusters`` clusters. In the reference this happens exactly when the grid,
+              with the edges between pixels identical in every sample removed, falls into more
+              than k pieces. Regions that are constant across the batch (always-zero ReLU
+              areas, constant image borders) break a channel apart, so the verdict flags
+              channels that do carry signal, and depends on the batch size. It is the paper's
+              behaviour, which is why it is offered, but not the default.
+            * ``"hopkins"``: Spatial Hopkins (per-channel mean over the batch) below
+              ``hopkins_threshold``, plus the dead channels.
+            * ``"none"``: every channel is structured.
+        identical_neighbours: how pixels identical in every sample to a neighbour are handled
+            in structured channels:
+
+            * ``"merge"`` (default): such neighbours are contracted into one node before the
+              first round, so they always end in the same cluster and the channel reaches k
+              clusters (or fewer, when it has fewer than k distinct connected regions).
+              Channels without such neighbours get exactly the reference result.
+            * ``"split"``: the reference semantics everywhere (their edge is deleted, which can
+              leave isolated single-pixel clusters and more than k clusters).
+
+            Unstructured channels always keep the reference result.
+        hopkins_threshold: threshold of the ``"hopkins"`` rule (0.5 is no structure).
+        generator: random source for the Spatial Hopkins sample (``"hopkins"`` rule only).
+
+    Returns:
+        A :class:`ReNAResult`. A structured channel has ``n_found == n_clusters`` except in the
+        cases above (``"merge"`` with few distinct regions: fewer; ``"split"`` with
+        ``unstructured != "rena"``: possibly more, with a warning).
+
+    Raises:
+        ValueError: wrong rank, fewer than 2 samples, no pixels, non-finite values, bad options.
+    """
+    n_clusters = _check_arguments(
+        x, n_clusters, max_rounds, threshold, unstructured, identical_neighbours, hopkins_threshold
+    )
+    n_samples, n_channels, height, width = x.shape
+    n_pixels = height * width
+    device = x.device
+    if n_channels == 0:
+        return ReNAResult(
+            labels=torch.zeros(0, height, width, dtype=torch.int64, device=device),
+            n_found=torch.zeros(0, dtype=torch.int64, device=device),
+            structured=torch.zeros(0, dtype=torch.bool, device=device),
+            sizes=torch.zeros(0, n_clusters, dtype=torch.int64, device=device),
+            n_clusters=n_clusters,
+            n_rounds=0,
+        )
+
+    feature_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    # (C, P, N): each pixel's sample vector is a contiguous row.
+    pixel_features = x.detach().permute(1, 2, 3, 0).reshape(n_channels, n_pixels, n_samples)
+    pixel_features = pixel_features.to(feature_dtype).contiguous()
+    grid_u, grid_v = grid_edges(height, width, device)
+    level0_weights = _level0_weights(x.detach(), height, width)
+    has_identical_neighbours = (level0_weights == 0).any(dim=1)
+
+    if unstructured == "rena":
+        labels, n_found, n_rounds = _agglomerate(
+            pixel_features, level0_weights, grid_u, grid_v, None, n_clusters, max_rounds, threshold
+        )
+        structured = n_found <= n_clusters
+        if identical_neighbours == "merge":
+            redo = structured & has_identical_neighbours
+            if bool(redo.any()):
+                redo_idx = redo.nonzero().squeeze(1)
+                contract = torch.ones(redo_idx.numel(), dtype=torch.bool, device=device)
+                redo_labels, redo_found, redo_rounds = _agglomerate(
+                    pixel_features[redo_idx],
+                    level0_weights[redo_idx],
+                    grid_u,
+                    grid_v,
+                    contract,
+                    n_clusters,
+                    max_rounds,
+                    threshold,
+                )
+                labels[redo_idx] = redo_labels
+                n_found[redo_idx] = redo_found
+                n_rounds = max(n_rounds, redo_rounds)
+    else:
+        structured = _structured_without_rena(x, unstructured, hopkins_threshold, generator)
+        contract = None
+        if identical_neighbours == "merge":
+            contract = structured & has_identical_neighbours
+        labels, n_found, n_rounds = _agglomerate(
+            pixel_features, level0_weights, grid_u, grid_v, contract, n_clusters, max_rounds, threshold
+        )
+        overfull = structured & (n_found > n_clusters)
+        if bool(overfull.any()):
+            warnings.warn(
+                f"{int(overfull.sum())} structured channel(s) ended with more than "
+                f"n_clusters={n_clusters} clusters (identical_neighbours={identical_neighbours!r}, "
+                f"max_rounds={max_rounds}); their labels go up to n_found - 1",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    n_columns = max(n_clusters, int(n_found.max()))
+    sizes = torch.zeros(n_channels, n_columns, dtype=torch.int64, device=device)
+    sizes.scatter_add_(1, labels, torch.ones_like(labels))
+    return ReNAResult(
+        labels=labels.view(n_channels, height, width),
+        n_found=n_found,
+        structured=structured,
+        sizes=sizes,
+        n_clusters=n_clusters,
+        n_rounds=n_rounds,
+    )
+
+
+def grid_edges(height: int, width: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """The 4-neighbour edges of an H x W pixel grid, row-major pixel index ``h * W + w``.
+
+    Returns:
+        (u, v): two (E,) int64 tensors with ``u < v``, E = H(W-1) + (H-1)W; the horizontal
+        edges first (row by row), then the vertical ones, matching :func:`_level0_weights`.
+    """
+    index = torch.arange(height * width, device=device).view(height, width)
+    u = torch.cat([index[:, :-1].reshape(-1), index[:-1, :].reshape(-1)])
+    v = torch.cat([index[:, 1:].reshape(-1), index[1:, :].reshape(-1)])
+    return u, v
+
+
+def connected_components(n_nodes: int, a: Tensor, b: Tensor) -> Tensor:
+    """Label each node by the smallest node of its connected component.
+
+    Hooking of roots onto smaller roots plus pointer jumping (Shiloach-Vishkin style): a few
+    sweeps of tensor operations, no Python loop over nodes.
+
+    Args:
+        n_nodes: number of nodes.
+        a, b: (E,) int64 endpoints of the undirected edges.
+
+    Returns:
+        (n_nodes,) int64: for each node, the smallest node index in its component.
+    """
+    parent = torch.arange(n_nodes, device=a.device)
+    if a.numel() == 0:
+        return parent
+    while True:
+        root_a = parent[a]
+        root_b = parent[b]
+        hooked = parent.scatter_reduce(
+            0, torch.maximum(root_a, root_b), torch.minimum(root_a, root_b), "amin"
+        )
+        while True:
+            jumped = hooked[hooked]
+            if torch.equal(jumped, hooked):
+                break
+            hooked = jumped
+        if torch.equal(hooked, parent):
+            return parent
+        parent = hooked
+
+
+def _check_arguments(
+    x: Tensor,
+    n_clusters: int,
+    max_rounds: int,
+    threshold: float,
+    unstructured: str,
+    identical_neighbours: str,
+    hopkins_threshold: float,
+) -> int:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x should be a torch.Tensor of shape (N, C, H, W), but got {type(x)}")
+    if x.dim() != 4:
+        raise ValueError(
+            f"x should be 4 dimensional (N, C, H, W), but got shape {tuple(x.shape)}"
+        )
+    if x.is_complex() or x.dtype == torch.bool:
+        raise ValueError(f"x should hold real numbers, but got dtype {x.dtype}")
+    n_samples, _, height, width = x.shape
+    if n_samples < 2:
+        raise ValueError(
+            f"ReNA needs at least 2 samples (images) per pixel, but got N={n_samples}"
+        )
+    if height * width == 0:
+        raise ValueError(f"x has no pixels: H={height}, W={width}")
+    if x.is_floating_point() and x.numel() > 0 and not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains NaN or infinite values")
+    if isinstance(n_clusters, bool) or not isinstance(n_clusters, int):
+        raise ValueError(f"n_clusters should be an int, but got {n_clusters!r}")
+    if n_clusters < 1:
+        raise ValueError(f"n_clusters should be at least 1, but got {n_clusters}")
+    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
+        raise ValueError(f"max_rounds should be a positive int, but got {max_rounds!r}")
+    if not (isinstance(threshold, (int, float)) and 0.0 < threshold < 1.0):
+        raise ValueError(f"threshold should be in the open interval (0, 1), but got {threshold!r}")
+    if unstructured not in UNSTRUCTURED_MODES:
+        raise ValueError(
+            f"unstructured should be one of {UNSTRUCTURED_MODES}, but got {unstructured!r}"
+        )
+    if identical_neighbours not in IDENTICAL_NEIGHBOUR_MODES:
+        raise ValueError(
+            f"identical_neighbours should be one of {IDENTICAL_NEIGHBOUR_MODES}, "
+            f"but got {identical_neighbours!r}"
+        )
+    if unstructured == "hopkins":
+        if not (isinstance(hopkins_threshold, (int, float)) and 0.0 <= hopkins_threshold <= 1.0):
+            raise ValueError(
+                f"hopkins_threshold should be in [0, 1], but got {hopkins_threshold!r}"
+            )
+        if height < 3 or width < 3:
+            raise ValueError(
+                f'unstructured="hopkins" needs maps of at least 3x3, but got {height}x{width}'
+            )
+    n_pixels = height * width
+    if n_clusters > n_pixels:
+        warnings.warn(
+            f"n_clusters={n_clusters} is larger than the {n_pixels} pixels of a "
+            f"{height}x{width} map; using n_clusters={n_pixels}",
+            UserWarning,
+            stacklevel=3,
+        )
+        n_clusters = n_pixels
+    return n_clusters
+
+
+def _structured_without_rena(
+    x: Tensor, unstructured: str, hopkins_threshold: float, generator: torch.Generator | None
+) -> Tensor:
+    """(C,) bool verdict of the rules that need no clustering."""
+    n_channels = x.shape[1]
+    if unstructured == "none":
+        return torch.ones(n_channels, dtype=torch.bool, device=x.device)
+    flat = x.detach().transpose(0, 1).reshape(n_channels, -1)
+    alive = flat.amax(dim=1) != flat.amin(dim=1)
+    if unstructured == "dead":
+        return alive
+    from dropcluster.hopkins import spatial_hopkins
+
+    per_channel = spatial_hopkins(x.detach(), generator=generator, reduction="mean")
+    return alive & (per_channel >= hopkins_threshold)
+
+
+def _level0_weights(x: Tensor, height: int, width: int) -> Tensor:
+    """Level-0 edge weights, half the squared distance of neighbouring pixels, in float64.
+
+    Args:
+        x: (N, C, H, W) activations.
+
+    Returns:
+        (C, E) float64, edges in the order of :func:`grid_edges`.
+    """
+    n_samples, n_channels = x.shape[:2]
+    # Bound the float64 working copy to about 128 MB by going through channels in chunks.
+    chunk = max(1, (1 << 24) // max(1, n_samples * height * width))
+    parts = []
+    for start in range(0, n_channels, chunk):
+        block = x[:, start : start + chunk].to(torch.float64)
+        horizontal = (block[..., :, 1:] - block[..., :, :-1]).square_().sum(dim=0)
+        vertical = (block[..., 1:, :] - block[..., :-1, :]).square_().sum(dim=0)
+        parts.append(torch.cat([horizontal.flatten(1), vertical.flatten(1)], dim=1))
+    # The reference symmetrises a one-sided matrix by averaging it with its transpose: the 1/2.
+    return torch.cat(parts, dim=0).mul_(0.5)
+
+
+def _agglomerate(
+    pixel_features: Tensor,
+    level0_weights: Tensor,
+    grid_u: Tensor,
+    grid_v: Tensor,
+    contract: Tensor | None,
+    n_clusters: int,
+    max_rounds: int,
+    threshold: float,
+) -> tuple[Tensor, Tensor, int]:
+    """Run ReNA rounds on a stack of channels.
+
+    Nodes of all channels live in one flat index space, sorted by (channel, smallest pixel), so
+    that a node's rank inside its channel is its reference cluster number at every level.
+
+    Args:
+        pixel_features: (C, P, N) features of each pixel.
+        level0_weights: (C, E0) float64 from :func:`_level0_weights`.
+        grid_u, grid_v: (E0,) int64 grid edges.
+        contract: (C,) bool or None. Channels where neighbours with weight 0 are contracted
+            into one node before the first round (``identical_neighbours="merge"``); elsewhere
+            such edges are deleted, as in the reference.
+
+    Returns:
+        labels (C, P) int64, n_found (C,) int64, number of rounds run.
+    """
+    n_channels, n_pixels, n_samples = pixel_features.shape
+    device = pixel_features.device
+    channel_offset = torch.arange(n_channels, device=device).mul_(n_pixels).unsqueeze(1)
+    all_a = (grid_u + channel_offset).reshape(-1)
+    all_b = (grid_v + channel_offset).reshape(-1)
+    all_w = level0_weights.reshape(-1)
+
+    features = pixel_features.reshape(n_channels * n_pixels, n_samples)
+    node_channel = torch.arange(n_channels, device=device).repeat_interleave(n_pixels)
+    pixel_node = torch.arange(n_channels * n_pixels, device=device)
+    nonzero = all_w != 0
+    a, b, weights = all_a[nonzero], all_b[nonzero], all_w[nonzero]
+
+    if contract is not None:
+        identical = (~nonzero) & contract.repeat_interleave(grid_u.numel())
+        if bool(identical.any()):
+            root = connected_components(features.shape[0], all_a[identical], all_b[identical])
+            is_root = root == torch.arange(root.numel(), device=device)
+            new_id = torch.cumsum(is_root, 0).sub_(1)[root]
+            # Contracted pixels are bit-identical, so the root's vector is every member's vector.
+            features = features[is_root]
+            node_channel = node_channel[is_root]
+            pixel_node = new_id
+            a, b, weights = _merge_edges(new_id[a], new_id[b], weights, features.shape[0])
+
+    n_nodes = torch.bincount(node_channel, minlength=n_channels)
+    n_rounds = 0
+    for _ in range(max_rounds):
+        edge_channel = node_channel[a]
+        active = n_nodes > n_clusters
+        keep = active[edge_channel]
+        if not bool(keep.all()):
+            a, b, weights, edge_channel = a[keep], b[keep], weights[keep], edge_channel[keep]
+        if a.numel() == 0:
+            break
+        n_rounds += 1
+        links = _nearest_neighbour_links(a, b, weights, features.shape[0], threshold)
+        links = links & _overshoot_guard(a, b, links, edge_channel, n_nodes, n_clusters)
+        root = connected_components(features.shape[0], a[links], b[links])
+        is_root = root == torch.arange(root.numel(), device=device)
+        new_id = torch.cumsum(is_root, 0).sub_(1)[root]
+        n_new = int(is_root.sum())
+
+        children = torch.bincount(new_id, minlength=n_new).to(features.dtype)
+        reduced = torch.zeros(n_new, n_samples, dtype=features.dtype, device=device)
+        reduced.index_add_(0, new_id, features)
+        # Mean of the children's means, not of their pixels: the reference's reduction.
+        features = reduced.div_(children.unsqueeze(1))
+        node_channel = node_channel[is_root]
+        pixel_node = new_id[pixel_node]
+        n_nodes = torch.bincount(node_channel, minlength=n_channels)
+
+        a, b = new_id[a], new_id[b]
+        distinct = a != b
+        a, b = _unique_edges(a[distinct], b[distinct], n_new)
+        weights = (features[a] - features[b]).square_().sum(dim=1).clamp_(min=threshold)
+
+    node_offset = torch.cumsum(n_nodes, 0) - n_nodes
+    labels = pixel_node - node_offset[node_channel[pixel_node]]
+    return labels.view(n_channels, n_pixels), n_nodes, n_rounds
+
+
+def _nearest_neighbour_links(
+    a: Tensor, b: Tensor, weights: Tensor, n_nodes: int, threshold: float
+) -> Tensor:
+    """(E,) bool: edges where one endpoint is a near-tied nearest neighbour of the other."""
+    inverse = weights.reciprocal()
+    largest = torch.zeros(n_nodes, dtype=weights.dtype, device=weights.device)
+    largest.scatter_reduce_(0, a, inverse, "amax")
+    largest.scatter_reduce_(0, b, inverse, "amax")
+    scale = largest.reciprocal()
+    # The reference's exact form: (1/w) * (1/max(1/w')) > 1 - threshold.
+    cutoff = 1.0 - threshold
+    return (inverse * scale[a] > cutoff) | (inverse * scale[b] > cutoff)
+
+
+def _overshoot_guard(
+    a: Tensor,
+    b: Tensor,
+    links: Tensor,
+    edge_channel: Tensor,
+    n_nodes: Tensor,
+    n_clusters: int,
+) -> Tensor:
+    """(E,) bool: links allowed to merge, so that no channel drops below ``n_clusters``.
+
+    A channel whose link graph would leave fewer than k components (estimated as
+    ``n_nodes - n_links``) keeps only its ``n_nodes - k`` links with the largest node-index
+    gap, ties broken by the smaller lower index (paper reference: nilearn's cut).
+    """
+    n_channels = n_nodes.numel()
+    link_count = torch.bincount(edge_channel[links], minlength=n_channels)
+    estimate = n_nodes - link_count
+    cut = estimate < n_clusters
+    allowed = torch.ones_like(links)
+    if not bool(cut.any()):
+        return allowed
+    candidates = (links & cut[edge_channel]).nonzero().squeeze(1)
+    channel = edge_channel[candidates]
+    node_offset = torch.cumsum(n_nodes, 0) - n_nodes
+    lower = a[candidates] - node_offset[channel]
+    gap = b[candidates] - a[candidates]
+    span = int(n_nodes.max()) + 1
+    order = torch.argsort((channel * span + (span - gap)) * span + lower)
+    sorted_channel = channel[order]
+    starts = torch.cumsum(torch.bincount(channel, minlength=n_channels), 0)
+    starts = starts - torch.bincount(channel, minlength=n_channels)
+    rank = torch.arange(order.numel(), device=a.device) - starts[sorted_channel]
+    keep_sorted = rank < (n_nodes - n_clusters)[sorted_channel]
+    allowed[candidates[order]] = keep_sorted
+    return allowed
+
+
+def _unique_edges(a: Tensor, b: Tensor, n_nodes: int) -> tuple[Tensor, Tensor]:
+    """Deduplicate undirected edges; returns (lower, upper) endpoints sorted by key."""
+    lower = torch.minimum(a, b)
+    upper = torch.maximum(a, b)
+    key = torch.unique(lower * n_nodes + upper)
+    return key // n_nodes, key % n_nodes
+
+
+def _merge_edges(
+    a: Tensor, b: Tensor, weights: Tensor, n_nodes: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Deduplicate edges whose duplicates carry identical weights (after a contraction)."""
+    lower = torch.minimum(a, b)
+    upper = torch.maximum(a, b)
+    key, inverse = torch.unique(lower * n_nodes + upper, return_inverse=True)
+    merged = torch.zeros(key.numel(), dtype=weights.dtype, device=weights.device)
+    merged.scatter_(0, inverse, weights)
+    return key // n_nodes, key % n_nodes, merged
