@@ -179,7 +179,14 @@ def rena(
         if identical_neighbours == "merge":
             contract = structured & has_identical_neighbours
         labels, n_found, n_rounds = _agglomerate(
-            pixel_features, level0_weights, grid_u, grid_v, contract, n_clusters, max_rounds, threshold
+            pixel_features,
+            level0_weights,
+            grid_u,
+            grid_v,
+            contract,
+            n_clusters,
+            max_rounds,
+            threshold,
         )
         overfull = structured & (n_found > n_clusters)
         if bool(overfull.any()):
@@ -204,7 +211,9 @@ def rena(
     )
 
 
-def grid_edges(height: int, width: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+def grid_edges(
+    height: int, width: int, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor]:
     """The 4-neighbour edges of an H x W pixel grid, row-major pixel index ``h * W + w``.
 
     Returns:
@@ -261,16 +270,12 @@ def _check_arguments(
     if not isinstance(x, Tensor):
         raise TypeError(f"x should be a torch.Tensor of shape (N, C, H, W), but got {type(x)}")
     if x.dim() != 4:
-        raise ValueError(
-            f"x should be 4 dimensional (N, C, H, W), but got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"x should be 4 dimensional (N, C, H, W), but got shape {tuple(x.shape)}")
     if x.is_complex() or x.dtype == torch.bool:
         raise ValueError(f"x should hold real numbers, but got dtype {x.dtype}")
     n_samples, _, height, width = x.shape
     if n_samples < 2:
-        raise ValueError(
-            f"ReNA needs at least 2 samples (images) per pixel, but got N={n_samples}"
-        )
+        raise ValueError(f"ReNA needs at least 2 samples (images) per pixel, but got N={n_samples}")
     if height * width == 0:
         raise ValueError(f"x has no pixels: H={height}, W={width}")
     if x.is_floating_point() and x.numel() > 0 and not bool(torch.isfinite(x).all()):

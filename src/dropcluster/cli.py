@@ -1,0 +1,225 @@
+"""The ``dropcluster`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from dropcluster import __version__
+
+# Printed cluster maps use one character per cluster id.
+_MAP_SYMBOLS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dropcluster",
+        description="DropCluster: data-driven structured dropout for convolutional networks.",
+    )
+    parser.add_argument("--version", action="version", version=f"dropcluster {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    analysis = commands.add_parser(
+        "cluster-analysis",
+        help="ReNA clusters and Spatial Hopkins of a first conv layer on Fashion-MNIST images",
+        description=(
+            "Train a small probe network for a few steps on Fashion-MNIST, pass a minibatch of "
+            "test images through its first conv layer, cluster every channel with ReNA under "
+            "each rule for unstructured channels and print a per-channel summary."
+        ),
+    )
+    analysis.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="folder with the Fashion-MNIST IDX files (default: /usr/share/datasets/fashion-mnist)",
+    )
+    analysis.add_argument(
+        "--n-images",
+        type=int,
+        default=128,
+        help="images in the minibatch that is clustered (default 128)",
+    )
+    analysis.add_argument(
+        "--n-clusters", type=int, default=15, help="clusters per channel (paper: 15)"
+    )
+    analysis.add_argument(
+        "--channels",
+        type=int,
+        default=64,
+        help="output channels of the first conv layer (default 64)",
+    )
+    analysis.add_argument(
+        "--kernel-size", type=int, default=5, help="kernel size of the first conv layer (default 5)"
+    )
+    analysis.add_argument(
+        "--train-steps",
+        type=int,
+        default=300,
+        help="SGD steps of the probe before the analysis; 0 keeps the "
+        "random initialisation (default 300)",
+    )
+    analysis.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    analysis.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        dest="json_path",
+        help="also write the per-channel results to this JSON file",
+    )
+    analysis.set_defaults(handler=_run_cluster_analysis)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"dropcluster: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"--{name} should be at least 1, but got {value}")
+
+
+def _run_cluster_analysis(args: argparse.Namespace) -> int:
+    import torch
+
+    from dropcluster.analysis import FirstConvProbe, analyze_activations, train_probe
+    from dropcluster.data.fashion_mnist import load_fashion_mnist
+
+    _positive("n-images", args.n_images)
+    _positive("n-clusters", args.n_clusters)
+    _positive("channels", args.channels)
+    _positive("kernel-size", args.kernel_size)
+    if args.n_images < 2:
+        raise ValueError(f"--n-images should be at least 2, but got {args.n_images}")
+    if args.train_steps < 0:
+        raise ValueError(f"--train-steps should be 0 or more, but got {args.train_steps}")
+
+    started = time.perf_counter()
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    train_images, train_labels = load_fashion_mnist("train", root=args.data_dir)
+    test_images, _ = load_fashion_mnist("test", root=args.data_dir)
+    if args.n_images > test_images.shape[0]:
+        raise ValueError(
+            f"--n-images should be at most {test_images.shape[0]} (the test split), "
+            f"but got {args.n_images}"
+        )
+    mean, std = 0.2860, 0.3530  # Fashion-MNIST training-set pixel statistics
+    train_x = (train_images.float() / 255 - mean) / std
+    probe = FirstConvProbe(1, args.channels, args.kernel_size, n_classes=10)
+    print(f"dropcluster {__version__}: cluster analysis of a first conv layer on Fashion-MNIST")
+    if args.train_steps:
+        print(f"training the probe network for {args.train_steps} steps ...", flush=True)
+        accuracy = train_probe(probe, train_x, train_labels, args.train_steps, generator=generator)
+        print(f"  training accuracy over the last 20 steps: {accuracy:.1%}")
+    pick = torch.randperm(test_images.shape[0], generator=generator)[: args.n_images]
+    batch = (test_images[pick].float() / 255 - mean) / std
+    activations = probe.first_conv_activations(batch)
+    n, c, h, w = activations.shape
+    print(
+        f"clustering {c} channels of {h}x{w} maps, {n} test images, k={args.n_clusters} ...",
+        flush=True,
+    )
+    analysis = analyze_activations(activations, args.n_clusters, generator=generator)
+    _print_summary(analysis, args.n_clusters)
+    if args.json_path is not None:
+        _write_json(args.json_path, analysis)
+        print(f"per-channel results written to {args.json_path}")
+    print(f"total time {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def _print_summary(analysis, n_clusters: int) -> None:
+    import torch
+
+    results = analysis.results
+    hopkins = analysis.hopkins
+    n_channels = hopkins.numel()
+    print()
+    print("structured channels under each rule for unstructured channels:")
+    print(f"  {'rule':<9} {'structured':>10}  {'ReNA time':>9}  meaning")
+    meanings = {
+        "rena": "the paper: ReNA ends with at most k clusters (reference semantics)",
+        "dead": "default: every channel with any variation in the batch",
+        "hopkins": "Spatial Hopkins >= 0.7 and not dead",
+        "none": "every channel",
+    }
+    for rule, result in results.items():
+        seconds = analysis.seconds[f"rena[{rule}]"]
+        print(
+            f"  {rule:<9} {result.n_structured:>5} / {n_channels:<3} {seconds * 1000:>7.0f} ms"
+            f"  {meanings[rule]}"
+        )
+    print(f"  Spatial Hopkins of all channels: {analysis.seconds['spatial_hopkins'] * 1000:.0f} ms")
+
+    default = results["dead"]
+    sizes = default.sizes[default.structured][:, :n_clusters].float()
+    if sizes.numel():
+        nonempty = sizes[sizes > 0]
+        print(
+            f"\ncluster sizes in structured channels (default rule), pixels: "
+            f"min {int(nonempty.min())}, median {int(nonempty.median())}, "
+            f"max {int(nonempty.max())}"
+        )
+    print(
+        f"Spatial Hopkins over channels: min {float(hopkins.min()):.3f}, "
+        f"median {float(hopkins.median()):.3f}, max {float(hopkins.max()):.3f}"
+    )
+
+    print("\nper channel (n_found under the paper's rule; * = structured):")
+    header = (
+        f"  {'ch':>3} {'hopkins':>7} {'paper n_found':>13} {'paper':>5} {'dead':>4} {'hopkins':>7}"
+    )
+    print(header)
+    paper = results["rena"]
+    for channel in range(n_channels):
+        marks = [
+            "*" if bool(results[rule].structured[channel]) else "-"
+            for rule in ("rena", "dead", "hopkins")
+        ]
+        print(
+            f"  {channel:>3} {float(hopkins[channel]):>7.3f} "
+            f"{int(paper.n_found[channel]):>13} {marks[0]:>5} {marks[1]:>4} {marks[2]:>7}"
+        )
+
+    candidates = torch.where(default.structured, hopkins, torch.full_like(hopkins, -1.0))
+    best = int(candidates.argmax())
+    if bool(default.structured[best]):
+        print(
+            f"\ncluster map of channel {best} (Spatial Hopkins {float(hopkins[best]):.3f}), "
+            "one symbol per cluster:"
+        )
+        for row in default.labels[best].tolist():
+            print("  " + "".join(_MAP_SYMBOLS[label % len(_MAP_SYMBOLS)] for label in row))
+
+
+def _write_json(path: Path, analysis) -> None:
+    channels = []
+    for channel in range(analysis.hopkins.numel()):
+        entry = {"channel": channel, "spatial_hopkins": float(analysis.hopkins[channel])}
+        for rule, result in analysis.results.items():
+            entry[f"n_found[{rule}]"] = int(result.n_found[channel])
+            entry[f"structured[{rule}]"] = bool(result.structured[channel])
+        channels.append(entry)
+    document = {"seconds": analysis.seconds, "channels": channels}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(document, indent=2))
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
