@@ -154,7 +154,7 @@ def _print_summary(analysis, n_clusters: int) -> None:
     meanings = {
         "rena": "the paper: ReNA ends with at most k clusters (reference semantics)",
         "dead": "default: every channel with any variation in the batch",
-        "hopkins": "Spatial Hopkins >= 0.7 and not dead",
+        "hopkins": "Spatial Hopkins >= 0.55 and not dead",
         "none": "every channel",
     }
     for rule, result in results.items():

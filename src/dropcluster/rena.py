@@ -75,7 +75,7 @@ def rena(
     threshold: float = 1e-7,
     unstructured: str = "dead",
     identical_neighbours: str = "merge",
-    hopkins_threshold: float = 0.7,
+    hopkins_threshold: float = 0.55,
     generator: torch.Generator | None = None,
 ) -> ReNAResult:
     """Cluster the pixels of every channel of ``x`` with ReNA, all channels at once.
@@ -115,7 +115,10 @@ def rena(
               leave isolated single-pixel clusters and more than k clusters).
 
             Unstructured channels always keep the reference result.
-        hopkins_threshold: threshold of the ``"hopkins"`` rule (0.5 is no structure).
+        hopkins_threshold: threshold of the ``"hopkins"`` rule. 0.5 is no structure; the
+            default 0.55 sits well above the batch mean of white noise (within 0.01 of 0.5 for
+            16x16 maps and 16 images) and below the 0.56-0.81 of a trained first conv layer on
+            Fashion-MNIST.
         generator: random source for the Spatial Hopkins sample (``"hopkins"`` rule only).
 
     Returns:
@@ -278,8 +281,11 @@ def _check_arguments(
         raise ValueError(f"ReNA needs at least 2 samples (images) per pixel, but got N={n_samples}")
     if height * width == 0:
         raise ValueError(f"x has no pixels: H={height}, W={width}")
-    if x.is_floating_point() and x.numel() > 0 and not bool(torch.isfinite(x).all()):
-        raise ValueError("x contains NaN or infinite values")
+    if x.is_floating_point() and x.numel() > 0:
+        # min/max propagate NaN and expose infinities without a full-size boolean temporary.
+        low, high = torch.aminmax(x.detach())
+        if not bool(torch.isfinite(low) & torch.isfinite(high)):
+            raise ValueError("x contains NaN or infinite values")
     if isinstance(n_clusters, bool) or not isinstance(n_clusters, int):
         raise ValueError(f"n_clusters should be an int, but got {n_clusters!r}")
     if n_clusters < 1:

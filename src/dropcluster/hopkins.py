@@ -1,0 +1,331 @@
+"""Cluster-tendency statistics: the classic Hopkins statistic and the paper's Spatial Hopkins.
+
+Both compare distances seen from real samples with distances seen from random probes, as a
+ratio ``probe / (probe + real)``: about 0.5 when the data have no structure, near 1 when they
+are clustered (paper, section 4.2).
+
+* :func:`hopkins` is the classic statistic for plain vectors (paper eq. 2; Banerjee & Dave,
+  "Validating clusters using the Hopkins statistic", FUZZ-IEEE 2004).
+* :func:`spatial_hopkins` is the paper's adaptation to images (eqs. 3-5): it compares how much a
+  pixel differs from its 8 neighbours with how much a random pixel of the same image differs
+  from them. DropCluster uses it to tell structured channels from unstructured ones.
+
+Both are diagnostics: they read their input without tracking gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = ("none", "mean")
+
+#: Both statistics sample this fraction of the candidates by default (the m << n of eq. 2).
+DEFAULT_SAMPLE_FRACTION = 0.1
+
+#: A structureless field, where no spatial or cluster tendency can be detected.
+NO_TENDENCY = 0.5
+
+
+def default_n_points(n_candidates: int) -> int:
+    """Default sample size m: 10% of the candidates, rounded down, and at least 1.
+
+    For Spatial Hopkins the candidates are the ``(H - 2) * (W - 2)`` interior pixels (67 points
+    for a 28x28 map, 90 for 32x32, 19 for 16x16); for the classic statistic they are the n data
+    points.
+    """
+    return max(1, int(n_candidates * DEFAULT_SAMPLE_FRACTION))
+
+
+def spatial_hopkins(
+    x: Tensor,
+    n_points: int | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    reduction: str = "none",
+) -> Tensor:
+    """Spatial Hopkins statistic S of every channel of every image (paper, eqs. 3-5).
+
+    For each image ``I`` (one channel of one sample, independently of the others), m pixel
+    locations ``(x_i, y_i)`` are drawn uniformly from the interior (0-based rows ``1..H-2``,
+    columns ``1..W-2``; the paper's ``{2, ..., X-1}``) and m more ``(q_i, r_i)`` uniformly from
+    the *whole* image. With ``(u, v)`` running over the 8 neighbours of ``(x_i, y_i)``:
+
+    * eq. 3: ``w_i = 1/8 sum_{u,v} |I(x_i, y_i) - I(u, v)|``, how much the sampled pixel differs
+      from its own neighbours;
+    * eq. 4: ``z_i = 1/8 sum_{u,v} |I(q_i, r_i) - I(u, v)|``, how much a random pixel differs
+      from those *same* neighbours of ``(x_i, y_i)`` (the paper states this after eq. 4; its
+      prose before it names the neighbours of ``(q_i, r_i)``, which the equation contradicts);
+    * eq. 5: ``S = sum_i z_i / (sum_i z_i + sum_i w_i)``.
+
+    ``(q_i, r_i)`` may lie on the border because only its value enters eq. 4, and the paper
+    draws it "uniformly randomly in the image". The L2 distance of the paper is the absolute
+    difference for one intensity. All coordinates are drawn independently (with replacement),
+    as the paper describes them: a repeated location repeats a term and leaves S unbiased, and
+    drawing without replacement costs about 20 times more on a (128, 64, 32, 32) input.
+
+    S is about 0.5 for white noise (a random pixel is as close to the neighbours as the pixel
+    itself; the exact expectation is ``0.5 - O(1 / (H * W))`` since ``(q_i, r_i)`` can be one of
+    the neighbours) and near 1 for smooth, structured maps. When ``sum z + sum w == 0`` (a
+    constant image, or one that is constant around every drawn point) eq. 5 is 0/0; it is
+    defined as exactly 0.5, the value of a structureless field: nothing in the image can show a
+    spatial tendency. (The paper's Figure 4 shows values near 0 for channels ReNA could not
+    cluster, which are typically dead, constant ReLU channels; a ``0 / (0 + eps)`` convention
+    would explain that, but it would also rank a constant map as more regular than any real
+    one.)
+
+    Args:
+        x: (N, C, H, W) real tensor on any device, N, C >= 1, H, W >= 3, finite values.
+            float64 input is processed in float64; every other dtype (half precision, integers
+            such as uint8 images) is converted to float32 after the sampled pixels are gathered.
+        n_points: m, the number of ``(x_i, y_i)`` (and of ``(q_i, r_i)``) per image, in
+            ``[1, (H - 2) * (W - 2)]``. ``None``: :func:`default_n_points` of the interior,
+            10% of it.
+        generator: random source. Samples are drawn on the generator's device and moved to
+            ``x``'s device. ``None`` uses torch's global RNG on ``x``'s device.
+        reduction: ``"none"`` returns every image's S; ``"mean"`` the per-channel mean over
+            the batch (the per-channel values of the paper's Figure 4).
+
+    Returns:
+        float32 tensor on ``x``'s device: (N, C) for ``reduction="none"``, (C,) for ``"mean"``.
+        Values lie in [0, 1].
+
+    Raises:
+        TypeError: ``x`` is not a tensor, or ``generator`` is not a ``torch.Generator``.
+        ValueError: wrong rank, empty batch, maps smaller than 3x3, complex or bool dtype,
+            non-finite values, ``n_points`` out of range, unknown ``reduction``.
+    """
+    n_points = _check_spatial_arguments(x, n_points, generator, reduction)
+    n_images, n_channels, height, width = x.shape
+    centre_index, other_index = _sample_spatial_locations(
+        n_images * n_channels, height, width, n_points, generator, x.device
+    )
+    flat = x.detach().reshape(n_images * n_channels, height * width)
+    statistic = _spatial_hopkins_at(flat, width, centre_index, other_index)
+    statistic = statistic.view(n_images, n_channels)
+    if reduction == "mean":
+        statistic = statistic.mean(dim=0)
+    return statistic.to(torch.float32)
+
+
+def hopkins(
+    points: Tensor,
+    n_points: int | None = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Classic Hopkins statistic H of a set of points (paper eq. 2; Banerjee & Dave 2004).
+
+    m artificial points ``a_i`` are drawn uniformly in the bounding box of the data (each
+    feature between its minimum and maximum), and m data points ``p_i`` are sampled without
+    replacement. With ``u_i`` the distance from ``a_i`` to its nearest data point and ``w_i``
+    the distance from ``p_i`` to its nearest *other* data point (a duplicate of ``p_i`` counts,
+    at distance 0), ``H = sum u / (sum u + sum w)``: near 1 for clustered data, about 0.5 for
+    uniform data, below 0.5 towards 0 for regularly spaced data (a grid). When all distances
+    are 0 (every point identical) H is 0/0 and is defined as exactly 0.5: there is no tendency
+    to detect.
+
+    Args:
+        points: (n, d) or batched (B, n, d) real tensor, n >= 2, d >= 1, B >= 1, finite values.
+            float64 input is processed in float64, anything else in float32.
+        n_points: m, in ``[1, n]``. ``None``: :func:`default_n_points` of n, 10% of it.
+        generator: random source. Samples are drawn on the generator's device and moved to
+            ``points``' device. ``None`` uses torch's global RNG on ``points``' device.
+
+    Returns:
+        float32 tensor on ``points``' device: a scalar for (n, d) input, (B,) for (B, n, d);
+        each set of the batch gets its own random draws.
+
+    Raises:
+        TypeError: ``points`` is not a tensor, or ``generator`` is not a ``torch.Generator``.
+        ValueError: wrong rank, fewer than 2 points, empty batch or no features, complex or
+            bool dtype, non-finite values, ``n_points`` out of range.
+    """
+    n_points = _check_hopkins_arguments(points, n_points, generator)
+    batched = points.dim() == 3
+    data = points.detach() if batched else points.detach().unsqueeze(0)
+    data = data.to(_compute_dtype(data.dtype))
+    n_sets, n_data, n_features = data.shape
+    sample_device = generator.device if generator is not None else data.device
+    unit = torch.rand(
+        n_sets, n_points, n_features, generator=generator, device=sample_device, dtype=data.dtype
+    ).to(data.device)
+    # Sampling without replacement: the m smallest of n uniform keys form a uniform m-subset.
+    keys = torch.rand(n_sets, n_data, generator=generator, device=sample_device)
+    sample_index = keys.topk(n_points, dim=1, largest=False).indices.to(data.device)
+    low = data.amin(dim=1, keepdim=True)
+    high = data.amax(dim=1, keepdim=True)
+    artificial = low + unit * (high - low)
+    statistic = _hopkins_from_samples(data, artificial, sample_index)
+    return (statistic if batched else statistic.squeeze(0)).to(torch.float32)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _ratio_or_no_tendency(probe_sum: Tensor, real_sum: Tensor) -> Tensor:
+    """``probe / (probe + real)``, with 0/0 defined as :data:`NO_TENDENCY`."""
+    total = probe_sum + real_sum
+    defined = total > 0
+    ratio = probe_sum / torch.where(defined, total, torch.ones_like(total))
+    return torch.where(defined, ratio, torch.full_like(ratio, NO_TENDENCY))
+
+
+def _sample_spatial_locations(
+    n_maps: int,
+    height: int,
+    width: int,
+    n_points: int,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    """Draw the flat pixel indices ``h * W + w`` of eqs. 3-4 for every map.
+
+    Returns:
+        ``centre_index`` (n_maps, m) int64, interior pixels ``(x_i, y_i)``, and
+        ``other_index`` (n_maps, m) int64, pixels ``(q_i, r_i)`` anywhere in the map, both on
+        ``device``.
+    """
+    sample_device = generator.device if generator is not None else device
+    interior_width = width - 2
+    n_interior = (height - 2) * interior_width
+    interior = torch.randint(
+        n_interior, (n_maps, n_points), generator=generator, device=sample_device
+    )
+    other = torch.randint(
+        height * width, (n_maps, n_points), generator=generator, device=sample_device
+    )
+    centre = (interior // interior_width + 1) * width + interior % interior_width + 1
+    return centre.to(device), other.to(device)
+
+
+def _spatial_hopkins_at(
+    flat: Tensor, width: int, centre_index: Tensor, other_index: Tensor
+) -> Tensor:
+    """Eqs. 3-5 at given pixel locations.
+
+    Args:
+        flat: (M, H * W) maps, row-major pixels, any real dtype.
+        width: W, to find the neighbours of a flat index.
+        centre_index: (M, m) int64 flat indices of interior pixels ``(x_i, y_i)``.
+        other_index: (M, m) int64 flat indices of any pixels ``(q_i, r_i)``.
+
+    Returns:
+        (M,) S per map, float64 for float64 maps, float32 otherwise.
+    """
+    n_maps, n_points = centre_index.shape
+    offsets = torch.tensor(
+        [-width - 1, -width, -width + 1, -1, 1, width - 1, width, width + 1],
+        device=flat.device,
+    )
+    neighbour_index = (centre_index.unsqueeze(-1) + offsets).view(n_maps, n_points * 8)
+    # Gather first, convert after: only the sampled pixels are copied to the compute dtype,
+    # and integer maps are differenced in floating point (uint8 differences would wrap).
+    dtype = _compute_dtype(flat.dtype)
+    centre = flat.gather(1, centre_index).to(dtype).unsqueeze(-1)
+    other = flat.gather(1, other_index).to(dtype).unsqueeze(-1)
+    neighbours = flat.gather(1, neighbour_index).to(dtype).view(n_maps, n_points, 8)
+    w = (neighbours - centre).abs_().mean(dim=-1)  # eq. 3, (M, m)
+    z = neighbours.sub_(other).abs_().mean(dim=-1)  # eq. 4, (M, m); reuses the gathered copy
+    return _ratio_or_no_tendency(z.sum(dim=-1), w.sum(dim=-1))  # eq. 5
+
+
+def _hopkins_from_samples(data: Tensor, artificial: Tensor, sample_index: Tensor) -> Tensor:
+    """Eq. 2 for given artificial points and sampled data points.
+
+    Args:
+        data: (B, n, d) floating data points.
+        artificial: (B, m, d) artificial points, same dtype.
+        sample_index: (B, m) int64 indices of distinct sampled data points.
+
+    Returns:
+        (B,) H per set, in ``data``'s dtype.
+    """
+    n_features = data.shape[-1]
+    sampled = data.gather(1, sample_index.unsqueeze(-1).expand(-1, -1, n_features))
+    # The matrix-product form of cdist loses the small nearest-neighbour distances to
+    # cancellation (and makes identical points a little apart); the direct form is exact.
+    exact = "donot_use_mm_for_euclid_dist"
+    u = torch.cdist(artificial, data, compute_mode=exact).amin(dim=-1)
+    to_data = torch.cdist(sampled, data, compute_mode=exact)
+    to_data.scatter_(-1, sample_index.unsqueeze(-1), float("inf"))  # exclude the point itself
+    w = to_data.amin(dim=-1)
+    return _ratio_or_no_tendency(u.sum(dim=-1), w.sum(dim=-1))
+
+
+def _check_tensor_and_generator(
+    name: str, value: object, generator: torch.Generator | None
+) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} should be a torch.Tensor, but got {type(value).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator should be a torch.Generator or None, but got {type(generator).__name__}"
+        )
+    if value.is_complex() or value.dtype == torch.bool:
+        raise ValueError(f"{name} should hold real numbers, but got dtype {value.dtype}")
+
+
+def _check_n_points(n_points: int | None, n_candidates: int, what: str) -> int:
+    if n_points is None:
+        return default_n_points(n_candidates)
+    if isinstance(n_points, bool) or not isinstance(n_points, int):
+        raise ValueError(f"n_points should be an int or None, but got {n_points!r}")
+    if not 1 <= n_points <= n_candidates:
+        raise ValueError(
+            f"n_points should be between 1 and the {n_candidates} {what}, but got {n_points}"
+        )
+    return n_points
+
+
+def _check_finite(name: str, value: Tensor) -> None:
+    # NaN and infinities reach the extremes; this reads the tensor once and allocates no mask.
+    if value.is_floating_point() and not bool(torch.isfinite(torch.stack(value.aminmax())).all()):
+        raise ValueError(f"{name} should hold finite values, but it contains NaN or infinity")
+
+
+def _check_spatial_arguments(
+    x: Tensor, n_points: int | None, generator: torch.Generator | None, reduction: str
+) -> int:
+    _check_tensor_and_generator("x", x, generator)
+    if x.dim() != 4:
+        raise ValueError(f"x should be 4 dimensional (N, C, H, W), but got shape {tuple(x.shape)}")
+    n_images, n_channels, height, width = x.shape
+    if n_images < 1 or n_channels < 1:
+        raise ValueError(f"x should have N >= 1 and C >= 1, but got shape {tuple(x.shape)}")
+    if height < 3 or width < 3:
+        raise ValueError(
+            f"x should have maps of at least 3x3 (an interior pixel has 8 neighbours), "
+            f"but got {height}x{width}"
+        )
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction should be one of {REDUCTIONS}, but got {reduction!r}")
+    n_points = _check_n_points(
+        n_points, (height - 2) * (width - 2), f"interior pixels of a {height}x{width} map"
+    )
+    _check_finite("x", x)
+    return n_points
+
+
+def _check_hopkins_arguments(
+    points: Tensor, n_points: int | None, generator: torch.Generator | None
+) -> int:
+    _check_tensor_and_generator("points", points, generator)
+    if points.dim() not in (2, 3):
+        raise ValueError(
+            f"points should be 2 dimensional (n, d) or 3 dimensional (B, n, d), "
+            f"but got shape {tuple(points.shape)}"
+        )
+    n_data, n_features = points.shape[-2:]
+    if points.dim() == 3 and points.shape[0] < 1:
+        raise ValueError(f"points should have B >= 1 sets, but got shape {tuple(points.shape)}")
+    if n_data < 2:
+        raise ValueError(
+            f"points should have n >= 2 points (w_i needs another point), but got n={n_data}"
+        )
+    if n_features < 1:
+        raise ValueError(f"points should have d >= 1 features, but got d={n_features}")
+    n_points = _check_n_points(n_points, n_data, "data points")
+    _check_finite("points", points)
+    return n_points
