@@ -172,6 +172,21 @@ def test_dead_channel_is_unstructured_in_every_mode_but_none():
     assert rena(x, 5, unstructured="rena", identical_neighbours="split").n_found[1] == 256
 
 
+def test_channel_constant_in_each_image_is_dead_even_if_images_differ():
+    x = _smooth_fields(8, 2, 6, 6)
+    x[:, 1] = torch.arange(8.0).view(8, 1, 1)  # one constant per image: no spatial variation
+    assert rena(x, 4).structured.tolist() == [True, False]
+    assert rena(x, 4, unstructured="rena").structured.tolist() == [True, False]
+
+
+def test_one_pixel_maps_are_dead_only_without_variation_across_the_batch():
+    x = torch.zeros(5, 2, 1, 1)
+    x[:, 0, 0, 0] = torch.arange(5.0)
+    result = rena(x, 1)
+    assert result.structured.tolist() == [True, False]
+    assert result.n_found.tolist() == [1, 1]
+
+
 def test_zero_patch_of_7x7_breaks_the_paper_rule_but_not_the_default():
     # The patch's 5x5 interior pixels are isolated in the reference graph (all 4 neighbours
     # identical): 25 singletons + the rest = 26 pieces > 15 (shared/design/rena.md §6).

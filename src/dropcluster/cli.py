@@ -153,7 +153,7 @@ def _print_summary(analysis, n_clusters: int) -> None:
     print(f"  {'rule':<9} {'structured':>10}  {'ReNA time':>9}  meaning")
     meanings = {
         "rena": "the paper: ReNA ends with at most k clusters (reference semantics)",
-        "dead": "default: every channel with any variation in the batch",
+        "dead": "default: every channel whose maps are not all constant",
         "hopkins": "Spatial Hopkins >= 0.55 and not dead",
         "none": "every channel",
     }

@@ -92,8 +92,9 @@ def rena(
             weights after level 0 (nilearn's ``threshold``), in (0, 1).
         unstructured: which channels are *unstructured* (masked by DropCluster):
 
-            * ``"dead"`` (default): only channels with no variation at all in the batch (every
-              value equal, e.g. a dead ReLU channel). Clustering such a channel is meaningless.
+            * ``"dead"`` (default): only channels without any spatial variation: every map of
+              the batch is constant (a dead ReLU channel, a channel that only passes a bias).
+              Nothing can be clustered in them.
             * ``"rena"``: the paper's rule, a channel whose ReNA ends with more than
               ``n_clusters`` clusters. In the reference this happens exactly when the grid,
               with the edges between pixels identical in every sample removed, falls into more
@@ -146,16 +147,14 @@ def rena(
         )
 
     feature_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    # (C, P, N): each pixel's sample vector is a contiguous row.
-    pixel_features = x.detach().permute(1, 2, 3, 0).reshape(n_channels, n_pixels, n_samples)
-    pixel_features = pixel_features.to(feature_dtype).contiguous()
+    samples = x.detach().reshape(n_samples, n_channels, n_pixels).to(feature_dtype)
     grid_u, grid_v = grid_edges(height, width, device)
     level0_weights = _level0_weights(x.detach(), height, width)
     has_identical_neighbours = (level0_weights == 0).any(dim=1)
 
     if unstructured == "rena":
         labels, n_found, n_rounds = _agglomerate(
-            pixel_features, level0_weights, grid_u, grid_v, None, n_clusters, max_rounds, threshold
+            samples, level0_weights, grid_u, grid_v, None, n_clusters, max_rounds, threshold
         )
         structured = n_found <= n_clusters
         if identical_neighbours == "merge":
@@ -164,7 +163,7 @@ def rena(
                 redo_idx = redo.nonzero().squeeze(1)
                 contract = torch.ones(redo_idx.numel(), dtype=torch.bool, device=device)
                 redo_labels, redo_found, redo_rounds = _agglomerate(
-                    pixel_features[redo_idx],
+                    samples[:, redo_idx],
                     level0_weights[redo_idx],
                     grid_u,
                     grid_v,
@@ -177,12 +176,14 @@ def rena(
                 n_found[redo_idx] = redo_found
                 n_rounds = max(n_rounds, redo_rounds)
     else:
-        structured = _structured_without_rena(x, unstructured, hopkins_threshold, generator)
+        structured = _structured_without_rena(
+            x, level0_weights, unstructured, hopkins_threshold, generator
+        )
         contract = None
         if identical_neighbours == "merge":
             contract = structured & has_identical_neighbours
         labels, n_found, n_rounds = _agglomerate(
-            pixel_features,
+            samples,
             level0_weights,
             grid_u,
             grid_v,
@@ -325,14 +326,23 @@ def _check_arguments(
 
 
 def _structured_without_rena(
-    x: Tensor, unstructured: str, hopkins_threshold: float, generator: torch.Generator | None
+    x: Tensor,
+    level0_weights: Tensor,
+    unstructured: str,
+    hopkins_threshold: float,
+    generator: torch.Generator | None,
 ) -> Tensor:
     """(C,) bool verdict of the rules that need no clustering."""
     n_channels = x.shape[1]
     if unstructured == "none":
         return torch.ones(n_channels, dtype=torch.bool, device=x.device)
-    flat = x.detach().transpose(0, 1).reshape(n_channels, -1)
-    alive = flat.amax(dim=1) != flat.amin(dim=1)
+    if level0_weights.shape[1] > 0:
+        # Dead: every map of the channel is constant, so every neighbour pair is identical in
+        # every sample; then no grid edge survives and nothing can be clustered.
+        alive = (level0_weights != 0).any(dim=1)
+    else:  # a 1x1 map has no edges; only a change of value across the batch counts
+        values = x.detach()
+        alive = values.amax(dim=(0, 2, 3)) != values.amin(dim=(0, 2, 3))
     if unstructured == "dead":
         return alive
     from dropcluster.hopkins import spatial_hopkins
@@ -351,8 +361,8 @@ def _level0_weights(x: Tensor, height: int, width: int) -> Tensor:
         (C, E) float64, edges in the order of :func:`grid_edges`.
     """
     n_samples, n_channels = x.shape[:2]
-    # Bound the float64 working copy to about 128 MB by going through channels in chunks.
-    chunk = max(1, (1 << 24) // max(1, n_samples * height * width))
+    # Blocks of about 2**20 values (8 MB in float64) measured fastest here.
+    chunk = max(1, (1 << 20) // max(1, n_samples * height * width))
     parts = []
     for start in range(0, n_channels, chunk):
         block = x[:, start : start + chunk].to(torch.float64)
@@ -364,7 +374,7 @@ def _level0_weights(x: Tensor, height: int, width: int) -> Tensor:
 
 
 def _agglomerate(
-    pixel_features: Tensor,
+    samples: Tensor,
     level0_weights: Tensor,
     grid_u: Tensor,
     grid_v: Tensor,
@@ -379,7 +389,7 @@ def _agglomerate(
     that a node's rank inside its channel is its reference cluster number at every level.
 
     Args:
-        pixel_features: (C, P, N) features of each pixel.
+        samples: (N, C, P) pixel values, float32 or float64.
         level0_weights: (C, E0) float64 from :func:`_level0_weights`.
         grid_u, grid_v: (E0,) int64 grid edges.
         contract: (C,) bool or None. Channels where neighbours with weight 0 are contracted
@@ -389,14 +399,19 @@ def _agglomerate(
     Returns:
         labels (C, P) int64, n_found (C,) int64, number of rounds run.
     """
-    n_channels, n_pixels, n_samples = pixel_features.shape
-    device = pixel_features.device
+    n_samples, n_channels, n_pixels = samples.shape
+    device = samples.device
     channel_offset = torch.arange(n_channels, device=device).mul_(n_pixels).unsqueeze(1)
     all_a = (grid_u + channel_offset).reshape(-1)
     all_b = (grid_v + channel_offset).reshape(-1)
     all_w = level0_weights.reshape(-1)
 
-    features = pixel_features.reshape(n_channels * n_pixels, n_samples)
+    # Level-0 features are read straight from the sample-major input, (N, pixels), which spares
+    # a transposed copy of it; `node_pixel` maps a level-0 node to its pixel column (None when
+    # they coincide). The first reduction writes node-major features, (nodes, N).
+    features = samples.reshape(n_samples, n_channels * n_pixels)
+    node_pixel = None
+    sample_major = True
     node_channel = torch.arange(n_channels, device=device).repeat_interleave(n_pixels)
     pixel_node = torch.arange(n_channels * n_pixels, device=device)
     nonzero = all_w != 0
@@ -405,14 +420,14 @@ def _agglomerate(
     if contract is not None:
         identical = (~nonzero) & contract.repeat_interleave(grid_u.numel())
         if bool(identical.any()):
-            root = connected_components(features.shape[0], all_a[identical], all_b[identical])
+            root = connected_components(features.shape[1], all_a[identical], all_b[identical])
             is_root = root == torch.arange(root.numel(), device=device)
             new_id = torch.cumsum(is_root, 0).sub_(1)[root]
             # Contracted pixels are bit-identical, so the root's vector is every member's vector.
-            features = features[is_root]
+            node_pixel = is_root.nonzero().squeeze(1)
             node_channel = node_channel[is_root]
             pixel_node = new_id
-            a, b, weights = _merge_edges(new_id[a], new_id[b], weights, features.shape[0])
+            a, b, weights = _merge_edges(new_id[a], new_id[b], weights, node_pixel.numel())
 
     n_nodes = torch.bincount(node_channel, minlength=n_channels)
     n_rounds = 0
@@ -425,16 +440,28 @@ def _agglomerate(
         if a.numel() == 0:
             break
         n_rounds += 1
-        links = _nearest_neighbour_links(a, b, weights, features.shape[0], threshold)
+        n_current = node_channel.numel()
+        links = _nearest_neighbour_links(a, b, weights, n_current, threshold)
         links = links & _overshoot_guard(a, b, links, edge_channel, n_nodes, n_clusters)
-        root = connected_components(features.shape[0], a[links], b[links])
+        root = connected_components(n_current, a[links], b[links])
         is_root = root == torch.arange(root.numel(), device=device)
         new_id = torch.cumsum(is_root, 0).sub_(1)[root]
         n_new = int(is_root.sum())
 
         children = torch.bincount(new_id, minlength=n_new).to(features.dtype)
-        reduced = torch.zeros(n_new, n_samples, dtype=features.dtype, device=device)
-        reduced.index_add_(0, new_id, features)
+        if sample_major:
+            column_target = new_id
+            if node_pixel is not None:
+                # Pixels that are not a node's root add into a spare column, dropped after.
+                column_target = torch.full_like(pixel_node, n_new)
+                column_target[node_pixel] = new_id
+            reduced = torch.zeros(n_samples, n_new + 1, dtype=features.dtype, device=device)
+            reduced.index_add_(1, column_target, features)
+            reduced = reduced[:, :n_new].t().contiguous()
+            sample_major = False
+        else:
+            reduced = torch.zeros(n_new, n_samples, dtype=features.dtype, device=device)
+            reduced.index_add_(0, new_id, features)
         # Mean of the children's means, not of their pixels: the reference's reduction.
         features = reduced.div_(children.unsqueeze(1))
         node_channel = node_channel[is_root]
@@ -444,7 +471,8 @@ def _agglomerate(
         a, b = new_id[a], new_id[b]
         distinct = a != b
         a, b = _unique_edges(a[distinct], b[distinct], n_new)
-        weights = (features[a] - features[b]).square_().sum(dim=1).clamp_(min=threshold)
+        difference = features.index_select(0, a).sub_(features.index_select(0, b))
+        weights = difference.square_().sum(dim=1).clamp_(min=threshold)
 
     node_offset = torch.cumsum(n_nodes, 0) - n_nodes
     labels = pixel_node - node_offset[node_channel[pixel_node]]

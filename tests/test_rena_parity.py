@@ -1,0 +1,273 @@
+"""Parity of `dropcluster.rena` with nilearn's ReNA, the reference the paper ran.
+
+Every channel of every case of `nilearn_reference.parity_battery()` is clustered by both, nilearn
+one channel at a time as it ships (numpy's default argsort in the cut) and once more with the
+cut's index-gap ties broken by a stable sort, the deterministic rule `dropcluster.rena` documents
+(design/rena.md §3d). nilearn's own tie order depends on the CPU's SIMD sort, so exact equality
+with it is only expected where no tie decides the cut; elsewhere the partitions are compared by
+ARI and reconstruction error.
+"""
+
+from __future__ import annotations
+
+import warnings
+from functools import cache
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+from nilearn_reference import (
+    NilearnRun,
+    ParityCase,
+    adjusted_rand,
+    level0_components,
+    parity_battery,
+    reconstruction_error,
+    reference_rena,
+)
+
+from dropcluster.rena import rena
+
+pytest.importorskip("nilearn")
+
+CASES = {case.name: case for case in parity_battery()}
+# c0 per channel: components of the grid without edges between identical neighbours. ReNA
+# converges to k clusters iff c0 <= k, and otherwise ends at c0 (design/rena.md §6).
+C0 = {
+    name: [level0_components(case.x[:, c].numpy()) for c in range(case.x.shape[1])]
+    for name, case in CASES.items()
+}
+CONVERGING = [
+    name
+    for name, case in CASES.items()
+    if min(C0[name]) <= min(case.k, case.x.shape[2] * case.x.shape[3])
+]
+GROUPS = sorted({CASES[name].group for name in CONVERGING})
+MIN_MEAN_ARI = 0.95
+MAX_ERROR_RATIO = 1.02
+
+
+class CaseParity(NamedTuple):
+    case: ParityCase
+    k: int
+    ours_n_found: np.ndarray  # (C,)
+    ours_structured: np.ndarray  # (C,)
+    ours_labels: np.ndarray  # (C, H, W)
+    default_labels: np.ndarray  # (C, H, W), rena() with its default options
+    nilearn: list[NilearnRun]  # per channel, numpy's default argsort in the cut
+    nilearn_stable: list[NilearnRun]  # per channel, ties broken by the deterministic rule
+
+    def channel(self, c: int) -> np.ndarray:
+        return self.case.x[:, c].numpy()
+
+    def converged(self) -> list[int]:
+        return [c for c, run in enumerate(self.nilearn) if run.n_found <= self.k]
+
+
+@cache
+def parity(name: str) -> CaseParity:
+    case = CASES[name]
+    n_channels, height, width = case.x.shape[1:]
+    with warnings.catch_warnings():
+        # k above H*W is clamped with a warning, which test_rena.py covers.
+        warnings.filterwarnings(
+            "ignore", message="n_clusters=.* is larger than", category=UserWarning
+        )
+        ours = rena(case.x, case.k, unstructured="rena", identical_neighbours="split")
+        default = rena(case.x, case.k)
+    channels = [case.x[:, c].numpy() for c in range(n_channels)]
+    return CaseParity(
+        case=case,
+        k=min(case.k, height * width),
+        ours_n_found=ours.n_found.numpy(),
+        ours_structured=ours.structured.numpy(),
+        ours_labels=ours.labels.numpy(),
+        default_labels=default.labels.numpy(),
+        nilearn=[reference_rena(x, case.k) for x in channels],
+        nilearn_stable=[reference_rena(x, case.k, stable_ties=True) for x in channels],
+    )
+
+
+def _label_mismatch(ours: np.ndarray, ref: np.ndarray) -> str:
+    wrong = np.argwhere(ours != ref)
+    h, w = wrong[0]
+    return (
+        f"{len(wrong)} of {ours.size} pixels differ, first at (h={h}, w={w}): ours {ours[h, w]} "
+        f"vs nilearn {ref[h, w]}; ARI {adjusted_rand(ours, ref):.4f}"
+    )
+
+
+def test_nilearn_feature_index_is_row_major_pixel():
+    """The reference's graph is the 4-grid with feature j = pixel h*W + w (mask (H, W, 1))."""
+    from nilearn.regions.rena_clustering import _make_edges_and_weights
+    from nilearn_reference import grid_mask
+
+    height, width = 3, 5
+    x = np.random.default_rng(0).random((4, height * width))
+    edges, weights = _make_edges_and_weights(x, grid_mask(height, width))
+    pixel = np.arange(height * width).reshape(height, width)
+    expected = {(int(p), int(p) + 1) for p in pixel[:, :-1].ravel()}
+    expected |= {(int(p), int(p) + width) for p in pixel[:-1].ravel()}
+    assert {(int(a), int(b)) for a, b in edges.T} == expected
+    np.testing.assert_allclose(weights, ((x[:, edges[0]] - x[:, edges[1]]) ** 2).sum(axis=0))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_n_found_matches_nilearn_on_every_channel(name):
+    result = parity(name)
+    for c, run in enumerate(result.nilearn):
+        assert result.ours_n_found[c] == run.n_found, (
+            f"{name} channel {c}: ours n_found={result.ours_n_found[c]}, "
+            f"nilearn n_found={run.n_found} (k={result.k})"
+        )
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_nilearn_ends_at_max_of_c0_and_k(name):
+    """The reference itself: the convergence rule the battery's expectations rest on."""
+    result = parity(name)
+    for c, run in enumerate(result.nilearn):
+        assert run.n_found == max(C0[name][c], result.k), (
+            f"{name} channel {c}: nilearn n_found={run.n_found}, c0={C0[name][c]}, k={result.k}"
+        )
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_structured_iff_n_found_at_most_k_under_rena_rule(name):
+    result = parity(name)
+    expected = result.ours_n_found <= result.k
+    for c in range(len(expected)):
+        assert result.ours_structured[c] == expected[c], (
+            f"{name} channel {c}: structured={result.ours_structured[c]} but "
+            f"n_found={result.ours_n_found[c]}, k={result.k}"
+        )
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_labels_identical_to_nilearn_with_deterministic_tie_rule(name):
+    """Bit-for-bit the reference, once nilearn's cut breaks index-gap ties stably."""
+    result = parity(name)
+    for c, run in enumerate(result.nilearn_stable):
+        ours = result.ours_labels[c]
+        assert result.ours_n_found[c] == run.n_found and np.array_equal(ours, run.labels), (
+            f"{name} channel {c} (n_found ours {result.ours_n_found[c]}, nilearn {run.n_found}): "
+            + _label_mismatch(ours, run.labels)
+        )
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_labels_identical_to_nilearn_where_no_tie_decides_the_cut(name):
+    """nilearn as shipped, on every channel whose cut has no index-gap tie at its boundary."""
+    result = parity(name)
+    for c, run in enumerate(result.nilearn):
+        if run.ambiguous_cut:
+            continue
+        ours = result.ours_labels[c]
+        assert np.array_equal(ours, run.labels), (
+            f"{name} channel {c} (n_found ours {result.ours_n_found[c]}, nilearn {run.n_found}): "
+            + _label_mismatch(ours, run.labels)
+        )
+
+
+def test_tie_detection_explains_every_nilearn_tie_order_difference():
+    """Guards the test above: nilearn's two tie orders differ only where a cut tie was seen,
+    and float-valued (tie-free) cases still leave channels to compare exactly."""
+    compared = total = 0
+    for name, case in CASES.items():
+        result = parity(name)
+        for c, (run, stable) in enumerate(zip(result.nilearn, result.nilearn_stable, strict=True)):
+            differs = run.n_found != stable.n_found or not np.array_equal(run.labels, stable.labels)
+            assert run.ambiguous_cut or not differs, f"{name} channel {c}: undetected tie"
+            if case.tie_free:
+                total += 1
+                compared += not run.ambiguous_cut
+    # Measured: 29 of 78. Equal gaps are common in a cut of a few dozen nodes, even when all
+    # distances are distinct, so most of the exact comparison rests on the test above it.
+    assert 4 * compared >= total, f"only {compared} of {total} float channels have no cut tie"
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_default_options_match_nilearn_on_channels_without_identical_neighbours(name):
+    """identical_neighbours="merge" only changes channels where some neighbours are identical."""
+    result = parity(name)
+    for c, run in enumerate(result.nilearn_stable):
+        x = result.channel(c)
+        identical = (x[:, :, 1:] == x[:, :, :-1]).all(axis=0).any() or (
+            (x[:, 1:, :] == x[:, :-1, :]).all(axis=0).any()
+        )
+        if identical:
+            continue
+        ours = result.default_labels[c]
+        assert np.array_equal(ours, run.labels), f"{name} channel {c}: " + _label_mismatch(
+            ours, run.labels
+        )
+
+
+def _converged_aris(names) -> tuple[list[float], list[float], list[str]]:
+    """ARI with nilearn, for ours and for nilearn's stable tie order, on converged channels."""
+    ours, stable, where = [], [], []
+    for name in names:
+        result = parity(name)
+        for c in result.converged():
+            reference = result.nilearn[c].labels
+            ours.append(adjusted_rand(result.ours_labels[c], reference))
+            stable.append(adjusted_rand(result.nilearn_stable[c].labels, reference))
+            where.append(f"{name}[{c}]")
+    return ours, stable, where
+
+
+def _assert_mean_ari(label: str, names) -> None:
+    ours, stable, where = _converged_aris(names)
+    # Where nilearn's tie order alone already moves the partition further than the budget
+    # (design/rena.md §3d: 0.94 between two CPUs), the bar is that variation, not 0.95.
+    bound = min(MIN_MEAN_ARI, float(np.mean(stable))) - 1e-12
+    worst = sorted(zip(ours, where, strict=True))[:3]
+    assert np.mean(ours) >= bound, (
+        f"{label}: mean ARI with nilearn {np.mean(ours):.4f} over {len(ours)} converged "
+        f"channels < {bound:.4f} (nilearn vs itself with stable ties: {np.mean(stable):.4f}); "
+        f"worst: " + ", ".join(f"{w} {a:.3f}" for a, w in worst)
+    )
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_mean_ari_with_nilearn_on_converged_channels_per_group(group):
+    _assert_mean_ari(f"group {group}", [n for n in CONVERGING if CASES[n].group == group])
+
+
+def test_mean_ari_with_nilearn_on_converged_channels_overall():
+    # The issue's bar, literally: the mean over every converged channel of the battery.
+    ours, _, where = _converged_aris(list(CASES))
+    worst = sorted(zip(ours, where, strict=True))[:3]
+    assert np.mean(ours) >= MIN_MEAN_ARI, (
+        f"mean ARI with nilearn {np.mean(ours):.4f} over {len(ours)} converged channels; "
+        f"worst: " + ", ".join(f"{w} {a:.3f}" for a, w in worst)
+    )
+
+
+def test_total_reconstruction_error_within_2_percent_of_nilearn():
+    # The issue's bar, literally, over every converged channel of the battery.
+    ours = ref = 0.0
+    for name in CONVERGING:
+        result = parity(name)
+        for c in result.converged():
+            ours += reconstruction_error(result.channel(c), result.ours_labels[c])
+            ref += reconstruction_error(result.channel(c), result.nilearn[c].labels)
+    assert ours <= MAX_ERROR_RATIO * ref, f"total error {ours:.6g} vs nilearn {ref:.6g}"
+
+
+@pytest.mark.parametrize("name", CONVERGING)
+def test_reconstruction_error_within_2_percent_of_nilearn(name):
+    result = parity(name)
+    channels = result.converged()
+    ours = sum(reconstruction_error(result.channel(c), result.ours_labels[c]) for c in channels)
+    ref = sum(reconstruction_error(result.channel(c), result.nilearn[c].labels) for c in channels)
+    stable = sum(
+        reconstruction_error(result.channel(c), result.nilearn_stable[c].labels) for c in channels
+    )
+    # As for ARI: never stricter than nilearn's own tie-order variation.
+    bound = max(MAX_ERROR_RATIO * ref, stable) * (1 + 1e-9)
+    assert ours <= bound, (
+        f"{name}: reconstruction error over channels {channels} is {ours:.6g}, nilearn's "
+        f"{ref:.6g} (ratio {ours / ref if ref else float('inf'):.4f}); nilearn with stable ties "
+        f"{stable:.6g}"
+    )
