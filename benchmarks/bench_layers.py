@@ -1,0 +1,126 @@
+"""Forward + backward cost of each regularizer in training mode, as a ratio to ``x * 2``.
+
+``x * 2`` forward and backward is the memory-bound floor of any elementwise layer. Every method
+runs on the same (128, 64, 32, 32) input; the methods are timed round-robin (one call each per
+round, many rounds) so that machine noise hits all of them alike, and the median per method is
+reported. Run through ``make bench`` (it sets ``MALLOC_MMAP_MAX_=0
+MALLOC_TRIM_THRESHOLD_=100000000000``, which halves the time of large tensor operations on
+this VM); the values in force are printed.
+
+    python benchmarks/bench_layers.py [--device cuda] [--dtypes float32 bfloat16] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from dropcluster.nn import DropBlock2d, DropCluster2d
+
+TARGETS = {
+    "DropCluster2d per-sample": 1.6,
+    "DropCluster2d shared mask": 1.25,
+    "DropBlock2d (ours)": 2.0,
+}
+
+
+def _fitted_dropcluster(shape, device, per_sample: bool) -> DropCluster2d:
+    n_samples, n_channels, height, width = shape
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(64, n_channels, height + 4, width + 4, generator=generator)
+    activations = torch.relu(nn.functional.avg_pool2d(noise, 5, 1))
+    layer = DropCluster2d(0.1, 15, per_sample=per_sample).fit(activations)
+    return layer.to(device)
+
+
+def build_methods(shape, device) -> dict:
+    """name -> callable(x) returning the output, all in training mode."""
+    methods = {
+        "x * 2 (floor)": lambda x: x * 2,
+        "nn.Dropout(0.1)": nn.Dropout(0.1),
+        "nn.Dropout2d(0.1)": nn.Dropout2d(0.1),
+    }
+    try:
+        from dropblock import DropBlock2D  # the PyPI package the paper used
+
+        reference = DropBlock2D(drop_prob=0.1, block_size=3).to(device)
+        methods["PyPI dropblock DropBlock2D"] = reference
+    except ImportError:
+        print("(PyPI `dropblock` not installed: `pip install dropblock==0.3.0` adds its row)")
+    methods["DropBlock2d (ours)"] = DropBlock2d(0.1, block_size=3).to(device)
+    methods["DropCluster2d shared mask"] = _fitted_dropcluster(shape, device, per_sample=False)
+    methods["DropCluster2d per-sample"] = _fitted_dropcluster(shape, device, per_sample=True)
+    for module in methods.values():
+        if isinstance(module, nn.Module):
+            module.train()
+    return methods
+
+
+def time_methods(methods: dict, x: torch.Tensor, rounds: int) -> dict:
+    grad = torch.ones_like(x)
+    times = {name: [] for name in methods}
+    synchronize = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    for _ in range(2):  # warm-up: allocator, kernels, caches
+        for method in methods.values():
+            method(x).backward(grad)
+    for _ in range(rounds):
+        for name, method in methods.items():
+            x.grad = None
+            synchronize()
+            start = time.perf_counter()
+            method(x).backward(grad)
+            synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--shape", type=int, nargs=4, default=[128, 64, 32, 32])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--quick", action="store_true", help="5 rounds on a small input")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.shape = 5, [16, 16, 16, 16]
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda given but CUDA is not available")
+    print(
+        f"torch {torch.__version__}, python {platform.python_version()} | device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+        + f" | torch threads {torch.get_num_threads()} | rounds {args.rounds} (median)"
+    )
+    print(
+        "allocator: MALLOC_MMAP_MAX_="
+        f"{os.environ.get('MALLOC_MMAP_MAX_', 'unset')}, MALLOC_TRIM_THRESHOLD_="
+        f"{os.environ.get('MALLOC_TRIM_THRESHOLD_', 'unset')}"
+    )
+    print(f"input {tuple(args.shape)}, training mode, forward + backward, p = 0.1, block 3, k = 15")
+    methods = build_methods(tuple(args.shape), device)
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        generator = torch.Generator().manual_seed(1)
+        x = torch.randn(*args.shape, generator=generator).to(device, dtype).requires_grad_()
+        medians = time_methods(methods, x, args.rounds)
+        floor = medians["x * 2 (floor)"]
+        print(f"\n{dtype_name}:")
+        print(f"  {'method':<28} {'ms':>8} {'x floor':>8}  target")
+        for name, seconds in medians.items():
+            target = TARGETS.get(name)
+            verdict = ""
+            if target is not None and dtype == torch.float32:
+                verdict = f"<= {target}: {'met' if seconds / floor <= target else 'NOT MET'}"
+            print(f"  {name:<28} {seconds * 1000:>8.2f} {seconds / floor:>8.2f}  {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

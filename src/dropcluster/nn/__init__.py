@@ -1,0 +1,30 @@
+"""Regularizer layers: DropCluster and the baselines, each as a function and a module."""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "DropRateModule": "dropcluster.nn._drop_rate",
+    "check_drop_rate": "dropcluster.nn._drop_rate",
+    "drop_cluster2d": "dropcluster.nn.dropcluster",
+    "DropCluster2d": "dropcluster.nn.dropcluster",
+    "drop_block2d": "dropcluster.nn.dropblock",
+    "DropBlock2d": "dropcluster.nn.dropblock",
+    "stochastic_depth": "dropcluster.nn.stochastic_depth",
+    "StochasticDepth": "dropcluster.nn.stochastic_depth",
+    "StochasticDepthResidual": "dropcluster.nn.stochastic_depth",
+    "DropRateSchedule": "dropcluster.nn.schedule",
+    "REGULARIZERS": "dropcluster.nn.registry",
+    "build_regularizer": "dropcluster.nn.registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'dropcluster.nn' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

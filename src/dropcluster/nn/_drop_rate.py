@@ -1,0 +1,75 @@
+"""What every regularizer module shares: the drop rate held in a buffer, and mask recording.
+
+The current drop rate ``p`` lives in a 0-d float32 buffer, not a Python float: a schedule that
+changes it (see :mod:`dropcluster.nn.schedule`) writes into the buffer in place, so
+``state_dict``, checkpoints and DataParallel replicas carry it, and ``torch.compile`` never
+sees a new constant (no recompilation when the rate changes).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor, nn
+
+
+def check_drop_rate(p: float | Tensor, name: str = "p") -> float:
+    """Return ``p`` as a float after checking that it lies in [0, 1).
+
+    Raises:
+        ValueError: p is not a real number in [0, 1) (1 would drop everything and divide by 0).
+    """
+    if isinstance(p, Tensor):
+        if p.numel() != 1:
+            raise ValueError(
+                f"{name} should be a number or a 1-element tensor, but got shape {tuple(p.shape)}"
+            )
+        p = float(p)
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise ValueError(f"{name} should be a real number in [0, 1), but got {p!r}")
+    p = float(p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"drop probability {name} has to be in [0, 1), but got {p}")
+    return p
+
+
+class DropRateModule(nn.Module):
+    """Base of the regularizer modules: a drop rate buffer ``p`` and optional mask recording.
+
+    Args:
+        p: drop rate in [0, 1).
+
+    Attributes:
+        p: 0-d float32 buffer with the current drop rate. Change it with :meth:`set_p`.
+        record_mask: when True, ``forward`` keeps the mask it applied in ``last_mask`` (a
+            tensor broadcastable to the input, after rescaling is *not* applied: 1 = kept).
+        last_mask: the last recorded mask, or None.
+    """
+
+    p: Tensor
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.register_buffer("p", torch.tensor(check_drop_rate(p), dtype=torch.float32))
+        self.record_mask = False
+        self.last_mask: Tensor | None = None
+
+    def set_p(self, p: float) -> None:
+        """Set the drop rate in place (no new tensor, so compiled graphs stay valid)."""
+        value = check_drop_rate(p)
+        with torch.no_grad():
+            self.p.fill_(value)
+
+    def _apply(self, fn, recurse=True):
+        # `.half()`/`.to(bfloat16)` would round p (0.2 becomes 0.19995 in float16, and
+        # floor(p * 15) then drops 2 clusters instead of 3): the rate stays float32.
+        rate = self.p
+        super()._apply(fn, recurse)
+        if self.p.dtype != torch.float32:
+            self.p = rate.to(device=self.p.device)
+        return self
+
+    def _remember(self, mask: Tensor | None) -> None:
+        if self.record_mask:
+            self.last_mask = mask

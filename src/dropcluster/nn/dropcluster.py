@@ -1,0 +1,339 @@
+"""DropCluster: drop random clusters of correlated pixels in each channel (paper, Algorithms 1-2).
+
+Clusters are fitted offline from a minibatch of the layer's input activations with
+:func:`dropcluster.rena.rena` (Algorithm 1) and kept in buffers. Every training step then drops
+``floor(p * n)`` randomly chosen clusters in each structured channel (``n`` clusters in that
+channel, 15 in the paper), zeroes the unstructured channels, and rescales by
+``count(M) / count_ones(M)`` (Algorithm 2). In evaluation only the unstructured channels are
+zeroed, with the same rescaling rule.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dropcluster.nn._drop_rate import DropRateModule, check_drop_rate
+from dropcluster.rena import IDENTICAL_NEIGHBOUR_MODES, UNSTRUCTURED_MODES, rena
+
+# floor(p * n) with p stored in float32: 0.7 is 0.69999999 there and 0.7 * 10 would floor to
+# 6. This relative slack restores the value intended in decimal for any n below 10**5.
+_FLOOR_SLACK = 1e-6
+
+
+def drop_cluster2d(
+    x: Tensor,
+    labels: Tensor,
+    n_clusters: int | Tensor,
+    p: float | Tensor,
+    structured: Tensor,
+    training: bool = True,
+    per_sample: bool = True,
+    generator: torch.Generator | None = None,
+    *,
+    cluster_sizes: Tensor | None = None,
+    return_mask: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Apply DropCluster with given clusters (paper, Algorithm 2).
+
+    Args:
+        x: (N, C, H, W) activations, any float dtype, any memory format.
+        labels: (C, H, W) int64 cluster of each pixel; in structured channels the labels lie in
+            ``[0, n_clusters[c])``.
+        n_clusters: clusters per channel: an int for all channels, or a (C,) int64 tensor
+            (``ReNAResult.n_found``). ``floor(p * n_clusters[c])`` clusters are dropped in
+            channel c.
+        p: drop rate in [0, 1), a float or a 0-d tensor (kept as a tensor: no host sync).
+        structured: (C,) bool; the other channels are zeroed in training and evaluation.
+        training: drop clusters (True) or only mask unstructured channels (False).
+        per_sample: each image draws its own clusters (True), or one draw is shared by the
+            whole batch, as in the paper (False).
+        generator: random source; must live on x's device.
+        cluster_sizes: (C, K) int64 pixels per cluster, K >= max cluster count (computed from
+            ``labels`` when omitted; the module passes its stored sizes).
+        return_mask: also return the applied 0/1 mask, before rescaling.
+
+    Returns:
+        (N, C, H, W) tensor in x's dtype: ``x * M * count(M) / count_ones(M)``, with M the
+        (C, H, W) mask (per image when ``per_sample``). With ``return_mask``, also M as a
+        (N or 1, C, H, W) tensor in x's dtype.
+    """
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x)
+        raise ValueError(f"input should be 4 dimensional (N, C, H, W), but got {shape}")
+    if labels.dim() != 3 or tuple(labels.shape) != tuple(x.shape[1:]):
+        raise ValueError(
+            f"labels should have shape (C, H, W) = {tuple(x.shape[1:])} to match the input, "
+            f"but got {tuple(labels.shape)}"
+        )
+    if structured.shape != (x.shape[1],) or structured.dtype != torch.bool:
+        raise ValueError(
+            f"structured should be a ({x.shape[1]},) bool tensor, but got "
+            f"{tuple(structured.shape)} {structured.dtype}"
+        )
+    if not isinstance(p, Tensor):
+        check_drop_rate(p)
+    n_channels = x.shape[1]
+    if isinstance(n_clusters, Tensor):
+        counts = n_clusters.to(device=x.device, dtype=torch.int64)
+    else:
+        if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
+            raise ValueError(f"n_clusters should be a positive int, but got {n_clusters!r}")
+        counts = torch.full((n_channels,), n_clusters, dtype=torch.int64, device=x.device)
+    if cluster_sizes is None:
+        n_columns = max(int(counts.max()), int(labels.max()) + 1) if n_channels else 1
+        cluster_sizes = torch.zeros(n_channels, n_columns, dtype=torch.int64, device=x.device)
+        flat_labels = labels.reshape(n_channels, -1).to(x.device)
+        cluster_sizes.scatter_add_(1, flat_labels, torch.ones_like(flat_labels))
+    return _DropClusterFunction.apply(
+        x, labels, counts, p, structured, cluster_sizes, training, per_sample, generator,
+        return_mask,
+    )  # fmt: skip
+
+
+def _cluster_multipliers(
+    x: Tensor,
+    counts: Tensor,
+    p: float | Tensor,
+    structured: Tensor,
+    cluster_sizes: Tensor,
+    training: bool,
+    per_sample: bool,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    """Per-cluster keep flags (B, C, K) float32 and per-image scales (B, 1, 1), B = N or 1."""
+    n_samples, n_channels, height, width = x.shape
+    n_columns = cluster_sizes.shape[1]
+    draws = n_samples if per_sample else 1
+    device = x.device
+    column = torch.arange(n_columns, device=device)
+    exists = column < counts.unsqueeze(1)  # (C, K)
+    keep = exists & structured.unsqueeze(1)
+    keep = keep.unsqueeze(0).expand(draws, n_channels, n_columns)
+    if training:
+        p_value = p if isinstance(p, Tensor) else torch.tensor(p)
+        p_value = p_value.to(device=device, dtype=torch.float64)
+        n_drop = torch.floor(p_value * counts.double() * (1 + _FLOOR_SLACK)).long()  # (C,)
+        scores = torch.rand(draws, n_channels, n_columns, generator=generator, device=device)
+        # Clusters that do not exist sort last and are never drawn.
+        scores = scores.masked_fill(~exists, 2.0)
+        rank = scores.argsort(dim=2).argsort(dim=2)
+        keep = keep & (rank >= n_drop.view(1, n_channels, 1))
+    keep = keep.to(torch.float32)
+    kept_pixels = (keep * cluster_sizes.to(torch.float32)).sum(dim=(1, 2))
+    total = float(n_channels * height * width)
+    # All-dropped masks give zero output, not 0/0.
+    scale = total / kept_pixels.clamp(min=1.0)
+    return keep, scale.view(draws, 1, 1)
+
+
+class _DropClusterFunction(torch.autograd.Function):
+    """x * multiplier with the multiplier gathered from a per-cluster table in one pass."""
+
+    @staticmethod
+    def forward(
+        ctx, x, labels, counts, p, structured, cluster_sizes, training, per_sample, generator,
+        return_mask,
+    ):  # fmt: skip
+        with torch.no_grad():
+            keep, scale = _cluster_multipliers(
+                x, counts, p, structured, cluster_sizes, training, per_sample, generator
+            )
+            table = (keep * scale).to(x.dtype)
+            multiplier = _expand_clusters(table, labels, x)
+            out = x * multiplier
+        ctx.save_for_backward(multiplier)
+        if return_mask:
+            mask = _expand_clusters(keep.to(x.dtype), labels, x)
+            ctx.mark_non_differentiable(mask)
+            return out, mask
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out, *unused):
+        (multiplier,) = ctx.saved_tensors
+        return grad_out * multiplier, None, None, None, None, None, None, None, None, None
+
+
+def _expand_clusters(table: Tensor, labels: Tensor, like: Tensor) -> Tensor:
+    """(B, C, K) per-cluster values -> (B, C, H, W) per-pixel values, in ``like``'s layout."""
+    draws, n_channels, _ = table.shape
+    height, width = labels.shape[1:]
+    labels = labels.to(like.device)
+    if like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) and n_channels > 1:
+        # Gather straight into (B, H, W, C) order so the product with x stays channels_last.
+        index = labels.reshape(n_channels, -1).t().unsqueeze(0).expand(draws, -1, -1)
+        values = table.transpose(1, 2).gather(1, index)  # (B, H*W, C)
+        return values.view(draws, height, width, n_channels).permute(0, 3, 1, 2)
+    index = labels.reshape(1, n_channels, -1).expand(draws, -1, -1)
+    return table.gather(2, index).view(draws, n_channels, height, width)
+
+
+class DropCluster2d(DropRateModule):
+    """DropCluster as a layer: fit clusters with :meth:`fit`, then use it like a dropout layer.
+
+    Before the first :meth:`fit` the layer is the identity (its repr says "not fitted"). The
+    fitted clusters live in buffers (``labels``, ``structured``, ``cluster_counts``,
+    ``cluster_sizes``), so ``state_dict()`` carries them and a loaded model predicts
+    identically. The drop rate is the 0-d buffer ``p`` (see :mod:`dropcluster.nn.schedule`).
+
+    Args:
+        p: fraction of each structured channel's clusters dropped per step, in [0, 1)
+            (``floor(p * n)`` clusters).
+        n_clusters: clusters per channel fitted by ReNA (paper: 15).
+        per_sample: each image draws its own clusters (default), like every dropout layer in
+            torch, so the images of a batch see different perturbations and the gradient
+            averages over them; ``False`` shares one draw across the batch, as in the paper
+            (Algorithm 2, line 12), which is also faster (one small mask instead of N).
+        unstructured: rule for unstructured channels passed to :func:`dropcluster.rena.rena`
+            (default ``"dead"``; the paper's rule is ``"rena"``).
+        identical_neighbours: passed to :func:`dropcluster.rena.rena` (default ``"merge"``).
+        max_rounds: ReNA rounds (paper: 1000).
+        sample_in_eval: keep dropping clusters in evaluation (Monte Carlo DropCluster, for
+            uncertainty estimates); default False.
+        generator: random source for the cluster draws (on the input's device).
+
+    Shape:
+        input (N, C, H, W) -> output (N, C, H, W), any float dtype and memory format.
+    """
+
+    labels: Tensor
+    structured: Tensor
+    cluster_counts: Tensor
+    cluster_sizes: Tensor
+
+    def __init__(
+        self,
+        p: float = 0.1,
+        n_clusters: int = 15,
+        *,
+        per_sample: bool = True,
+        unstructured: str = "dead",
+        identical_neighbours: str = "merge",
+        max_rounds: int = 1000,
+        sample_in_eval: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(p)
+        if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
+            raise ValueError(f"n_clusters should be a positive int, but got {n_clusters!r}")
+        if unstructured not in UNSTRUCTURED_MODES:
+            raise ValueError(
+                f"unstructured should be one of {UNSTRUCTURED_MODES}, but got {unstructured!r}"
+            )
+        if identical_neighbours not in IDENTICAL_NEIGHBOUR_MODES:
+            raise ValueError(
+                f"identical_neighbours should be one of {IDENTICAL_NEIGHBOUR_MODES}, "
+                f"but got {identical_neighbours!r}"
+            )
+        self.n_clusters = n_clusters
+        self.per_sample = per_sample
+        self.unstructured = unstructured
+        self.identical_neighbours = identical_neighbours
+        self.max_rounds = max_rounds
+        self.sample_in_eval = sample_in_eval
+        self.generator = generator
+        self._set_clusters(
+            torch.zeros(0, 0, 0, dtype=torch.int64),
+            torch.zeros(0, dtype=torch.bool),
+            torch.zeros(0, dtype=torch.int64),
+            torch.zeros(0, 0, dtype=torch.int64),
+        )
+
+    @property
+    def fitted(self) -> bool:
+        """True once clusters have been fitted or loaded."""
+        return self.labels.numel() > 0
+
+    @torch.no_grad()
+    def fit(self, activations: Tensor, *, generator: torch.Generator | None = None):
+        """Fit the clusters on a minibatch of this layer's input activations (Algorithm 1).
+
+        Args:
+            activations: (N, C, H, W), N >= 2 images (use more than one training minibatch:
+                the unstructured verdict of the paper's rule depends on the batch size).
+            generator: random source for the ``"hopkins"`` rule.
+
+        Returns:
+            self. On invalid input (NaN, wrong rank, ...) a ``ValueError`` is raised and the
+            previously fitted clusters are kept unchanged.
+        """
+        result = rena(
+            activations,
+            self.n_clusters,
+            max_rounds=self.max_rounds,
+            unstructured=self.unstructured,
+            identical_neighbours=self.identical_neighbours,
+            generator=generator,
+        )
+        device = self.p.device
+        self._set_clusters(
+            result.labels.to(device),
+            result.structured.to(device),
+            result.n_found.to(device),
+            result.sizes.to(device),
+        )
+        return self
+
+    def reset(self) -> None:
+        """Forget the fitted clusters: the layer becomes the identity again."""
+        self._set_clusters(
+            torch.zeros(0, 0, 0, dtype=torch.int64, device=self.p.device),
+            torch.zeros(0, dtype=torch.bool, device=self.p.device),
+            torch.zeros(0, dtype=torch.int64, device=self.p.device),
+            torch.zeros(0, 0, dtype=torch.int64, device=self.p.device),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.fitted:
+            self._remember(None)
+            return x
+        if x.dim() != 4 or tuple(x.shape[1:]) != tuple(self.labels.shape):
+            raise ValueError(
+                f"DropCluster2d was fitted on (C, H, W) = {tuple(self.labels.shape)} maps, but "
+                f"got input of shape {tuple(x.shape)}"
+            )
+        sampling = self.training or self.sample_in_eval
+        result = _DropClusterFunction.apply(
+            x, self.labels, self.cluster_counts, self.p, self.structured, self.cluster_sizes,
+            sampling, self.per_sample, self.generator, self.record_mask,
+        )  # fmt: skip
+        if self.record_mask:
+            out, mask = result
+            self._remember(mask)
+            return out
+        return result
+
+    def extra_repr(self) -> str:
+        state = (
+            f"fitted on {tuple(self.labels.shape)}, {int(self.structured.sum())} structured"
+            if self.fitted
+            else "not fitted: identity"
+        )
+        return (
+            f"p={float(self.p):g}, n_clusters={self.n_clusters}, per_sample={self.per_sample}, "
+            f"unstructured={self.unstructured!r}, {state}"
+        )
+
+    def _set_clusters(self, labels, structured, counts, sizes) -> None:
+        self.register_buffer("labels", labels)
+        self.register_buffer("structured", structured)
+        self.register_buffer("cluster_counts", counts)
+        self.register_buffer("cluster_sizes", sizes)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, *args):
+        incoming = state_dict.get(prefix + "labels")
+        if incoming is not None:
+            incoming_shape = tuple(incoming.shape)
+            if self.fitted and incoming.numel() > 0 and incoming_shape != tuple(self.labels.shape):
+                raise ValueError(
+                    f"cannot load DropCluster2d clusters fitted on (C, H, W) = {incoming_shape} "
+                    f"into a layer fitted on {tuple(self.labels.shape)}; call reset() first to "
+                    f"replace them"
+                )
+            # An unfitted layer (or a matching one) takes the stored shapes as they are.
+            for name in ("labels", "structured", "cluster_counts", "cluster_sizes"):
+                stored = state_dict.get(prefix + name)
+                if stored is not None:
+                    setattr(self, name, torch.empty_like(stored, device=self.p.device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, *args)

@@ -1,0 +1,56 @@
+"""Build any regularizer by name: ``build_regularizer("dropblock", p=0.1, block_size=5)``."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from dropcluster.nn._drop_rate import check_drop_rate
+
+REGULARIZERS = (
+    "none",
+    "dropout",
+    "spatial_dropout",
+    "dropblock",
+    "dropcluster",
+    "stochastic_depth",
+)
+
+
+def build_regularizer(name: str, p: float = 0.0, **options) -> nn.Module:
+    """A regularizer module by name.
+
+    Args:
+        name: one of :data:`REGULARIZERS`. ``"dropout"`` and ``"spatial_dropout"`` are torch's
+            ``nn.Dropout`` and ``nn.Dropout2d``; ``"none"`` is ``nn.Identity``.
+        p: drop rate in [0, 1).
+        **options: keyword arguments of the module (e.g. ``block_size`` for DropBlock2d,
+            ``n_clusters``/``per_sample`` for DropCluster2d, ``mode`` for StochasticDepth).
+
+    Raises:
+        ValueError: unknown name (the message lists the valid ones), bad p, or options the
+            module does not take.
+    """
+    if name not in REGULARIZERS:
+        raise ValueError(f"unknown regularizer {name!r}; valid names are {', '.join(REGULARIZERS)}")
+    check_drop_rate(p)
+    if name == "none":
+        _no_options(name, options)
+        return nn.Identity()
+    if name in ("dropout", "spatial_dropout"):
+        _no_options(name, options)
+        return nn.Dropout(p) if name == "dropout" else nn.Dropout2d(p)
+    if name == "dropblock":
+        from dropcluster.nn.dropblock import DropBlock2d as module_class
+    elif name == "dropcluster":
+        from dropcluster.nn.dropcluster import DropCluster2d as module_class
+    else:
+        from dropcluster.nn.stochastic_depth import StochasticDepth as module_class
+    try:
+        return module_class(p, **options)
+    except TypeError as error:
+        raise ValueError(f"bad options for {name!r}: {error}") from error
+
+
+def _no_options(name: str, options: dict) -> None:
+    if options:
+        raise ValueError(f"{name!r} takes no options besides p, but got {sorted(options)}")

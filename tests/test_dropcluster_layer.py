@@ -1,0 +1,328 @@
+"""DropCluster2d and drop_cluster2d: Algorithm 2 on hand-made clusters, statistics, state."""
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dropcluster.nn import DropCluster2d, drop_cluster2d
+
+# A 4x4 map split into its four 2x2 quadrants: cluster ids 0 1 / 2 3.
+QUADRANTS = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
+
+
+def _generator(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _smooth(n_samples, n_channels, size, seed=0):
+    noise = torch.randn(n_samples, n_channels, size + 4, size + 4, generator=_generator(seed))
+    return F.avg_pool2d(noise, 5, 1)
+
+
+def _fitted_layer(p=0.2, n_channels=6, size=12, **options):
+    layer = DropCluster2d(p, 15, **options)
+    layer.fit(_smooth(32, n_channels, size))
+    return layer
+
+
+# ---------------------------------------------------------------- cases worked by hand
+
+
+def test_one_quadrant_dropped_and_unstructured_channel_zeroed():
+    x = torch.arange(1.0, 2 * 16 + 1).view(1, 2, 4, 4)
+    labels = torch.stack([QUADRANTS, QUADRANTS])
+    structured = torch.tensor([True, False])
+    out, mask = drop_cluster2d(
+        x, labels, 4, 0.25, structured, generator=_generator(), return_mask=True
+    )
+    # floor(0.25 * 4) = 1 cluster of 4 pixels dropped in channel 0; channel 1 masked.
+    assert mask[0, 1].sum() == 0
+    dropped = [q for q in range(4) if mask[0, 0][QUADRANTS == q].sum() == 0]
+    assert len(dropped) == 1
+    assert mask[0, 0].sum() == 12
+    # count(M) / count_ones(M) = 32 / 12.
+    assert torch.allclose(out, x * mask * (32 / 12))
+
+
+def test_scale_uses_the_sizes_of_the_dropped_clusters():
+    labels = torch.tensor([[[0, 1, 1, 1], [2, 2, 2, 2], [2, 2, 2, 2], [2, 2, 2, 2]]])
+    x = torch.ones(1, 1, 4, 4)
+    seen = set()
+    for seed in range(30):
+        out, mask = drop_cluster2d(
+            x, labels, 3, 0.5, torch.tensor([True]), generator=_generator(seed), return_mask=True
+        )
+        kept = int(mask.sum())
+        assert kept in (15, 13, 4)  # dropped cluster of size 1, 3 or 12: 1 cluster = floor(1.5)
+        assert torch.allclose(out, mask * (16 / kept))
+        seen.add(kept)
+    assert seen == {15, 13, 4}
+
+
+def test_evaluation_masks_only_unstructured_channels_and_rescales():
+    x = torch.randn(3, 2, 4, 4, generator=_generator())
+    labels = torch.stack([QUADRANTS, QUADRANTS])
+    structured = torch.tensor([True, False])
+    out = drop_cluster2d(x, labels, 4, 0.25, structured, training=False)
+    # Algorithm 2 rescales in inference too: count(M) / count_ones(M) = 32 / 16.
+    assert torch.equal(out[:, 0], x[:, 0] * 2)
+    assert torch.equal(out[:, 1], torch.zeros_like(x[:, 1]))
+
+
+def test_shared_mask_is_the_same_for_every_image():
+    x = torch.ones(8, 2, 4, 4)
+    labels = torch.stack([QUADRANTS, QUADRANTS])
+    _, shared = drop_cluster2d(
+        x, labels, 4, 0.5, torch.tensor([True, True]), per_sample=False,
+        generator=_generator(), return_mask=True,
+    )  # fmt: skip
+    assert shared.shape == (1, 2, 4, 4)
+    _, own = drop_cluster2d(
+        x, labels, 4, 0.5, torch.tensor([True, True]), generator=_generator(), return_mask=True
+    )
+    assert own.shape == (8, 2, 4, 4)
+    assert not all(torch.equal(own[0], own[i]) for i in range(1, 8))
+
+
+# ---------------------------------------------------------------- statistics
+
+
+@pytest.mark.parametrize("p", [0.1, 0.2, 0.3, 0.7])
+def test_exactly_floor_p_n_clusters_dropped_in_each_structured_channel(p):
+    layer = _fitted_layer(p)
+    layer.record_mask = True
+    x = torch.ones(64, 6, 12, 12)
+    layer(x)
+    mask = layer.last_mask
+    labels = layer.labels
+    expected = int(p * 15 + 1e-9)  # 1, 3, 4 and 10 (0.7 * 15 = 10.5)
+    for channel in range(6):
+        assert layer.structured[channel]
+        for image in range(64):
+            kept_labels = labels[channel][mask[image, channel] == 1].unique()
+            assert 15 - kept_labels.numel() == expected, (channel, image)
+
+
+def test_each_cluster_is_dropped_equally_often():
+    layer = _fitted_layer(0.2, n_channels=4, generator=_generator(1))
+    layer.record_mask = True
+    layer(torch.ones(2000, 4, 12, 12))
+    mask, labels = layer.last_mask, layer.labels
+    # Per (image, channel): which clusters were dropped (their first pixel tells).
+    first_pixel = torch.stack(
+        [(labels[c].reshape(-1) == k).nonzero()[0, 0] for c in range(4) for k in range(15)]
+    ).view(4, 15)
+    dropped = torch.stack(
+        [mask[:, c].reshape(2000, -1)[:, first_pixel[c]] == 0 for c in range(4)], dim=1
+    )  # (2000, 4, 15)
+    frequency = dropped.float().mean(dim=0)
+    # Each cluster is dropped with probability 3/15 = 0.2; binomial sd over 2000 draws is
+    # sqrt(0.2 * 0.8 / 2000) = 0.009, so 0.04 is more than 4 sd.
+    assert (frequency - 0.2).abs().max() < 0.04
+    # Channels draw independently: P(both drop cluster 0) = 0.04.
+    both = (dropped[:, 0, 0] & dropped[:, 1, 0]).float().mean()
+    assert abs(float(both) - 0.04) < 0.015
+
+
+def test_channels_with_fewer_clusters_drop_floor_p_times_their_count():
+    labels = torch.stack([QUADRANTS, (QUADRANTS >= 2).long()])  # 4 clusters, then 2 clusters
+    counts = torch.tensor([4, 2])
+    x = torch.ones(500, 2, 4, 4)
+    _, mask = drop_cluster2d(
+        x, labels, counts, 0.5, torch.tensor([True, True]), generator=_generator(),
+        return_mask=True,
+    )  # fmt: skip
+    assert (mask[:, 0].sum(dim=(1, 2)) == 8).all()  # floor(0.5 * 4) = 2 quadrants dropped
+    assert (mask[:, 1].sum(dim=(1, 2)) == 8).all()  # floor(0.5 * 2) = 1 half dropped
+
+
+# ---------------------------------------------------------------- module behaviour
+
+
+def test_unfitted_layer_is_the_identity_and_says_so():
+    layer = DropCluster2d(0.3)
+    x = torch.randn(2, 3, 5, 5)
+    assert layer(x) is x
+    assert "not fitted" in repr(layer)
+
+
+def test_evaluation_is_deterministic_and_sampling_in_eval_is_not():
+    layer = _fitted_layer().eval()
+    x = _smooth(4, 6, 12, seed=3)
+    assert torch.equal(layer(x), layer(x))
+    assert torch.equal(layer(x), x)  # every channel structured: scale 1, nothing masked
+    layer.sample_in_eval = True
+    assert not torch.equal(layer(x), layer(x))
+
+
+def test_gradient_flows_only_through_kept_pixels():
+    layer = _fitted_layer(0.3)
+    layer.record_mask = True
+    x = _smooth(4, 6, 12, seed=4).requires_grad_()
+    weights = torch.randn(4, 6, 12, 12, generator=_generator(5))
+    out = layer(x)
+    (out * weights).sum().backward()
+    mask = layer.last_mask
+    scale = 6 * 144 / mask.sum(dim=(1, 2, 3), keepdim=True)
+    assert torch.allclose(x.grad, weights * mask * scale, atol=1e-5)
+    assert (x.grad[mask == 0] == 0).all()
+
+
+def test_same_generator_seed_gives_the_same_mask():
+    layer = _fitted_layer(0.2)
+    x = torch.ones(4, 6, 12, 12)
+    layer.generator = _generator(7)
+    first = layer(x)
+    layer.generator = _generator(7)
+    assert torch.equal(first, layer(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtype_is_kept(dtype):
+    layer = _fitted_layer(0.2)
+    out = layer(torch.ones(2, 6, 12, 12, dtype=dtype))
+    assert out.dtype == dtype
+    assert float(out.float().mean()) == pytest.approx(1.0, abs=0.02)
+
+
+def test_half_precision_model_keeps_p_exact():
+    layer = _fitted_layer(0.2).half()
+    assert layer.p.dtype == torch.float32
+    layer.record_mask = True
+    layer(torch.ones(2, 6, 12, 12, dtype=torch.float16))
+    assert int((layer.last_mask[0, 0] == 0).any()) == 1
+    dropped = 15 - layer.labels[0][layer.last_mask[0, 0] == 1].unique().numel()
+    assert dropped == 3  # floor(0.2 * 15); a float16 p (0.19995) would give 2
+
+
+def test_channels_last_input_gives_the_same_values_in_channels_last():
+    layer = _fitted_layer(0.2)
+    x = _smooth(4, 6, 12, seed=8)
+    layer.generator = _generator(9)
+    expected = layer(x)
+    layer.generator = _generator(9)
+    out = layer(x.to(memory_format=torch.channels_last))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, expected)
+
+
+def test_state_dict_round_trip_predicts_identically(tmp_path):
+    layer = _fitted_layer(0.25, unstructured="rena")
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert set(state) == {"p", "labels", "structured", "cluster_counts", "cluster_sizes"}
+    restored = DropCluster2d(0.1, 15)
+    restored.load_state_dict(state)
+    assert float(restored.p) == 0.25
+    x = _smooth(4, 6, 12, seed=10)
+    layer.eval()
+    restored.eval()
+    assert torch.equal(layer(x), restored(x))
+    layer.train()
+    restored.train()
+    layer.generator, restored.generator = _generator(11), _generator(11)
+    assert torch.equal(layer(x), restored(x))
+
+
+def test_loading_clusters_of_another_shape_into_a_fitted_layer_fails_clearly():
+    small = _fitted_layer(size=8)
+    large = _fitted_layer(size=12)
+    with pytest.raises(ValueError, match=r"fitted on \(C, H, W\) = \(6, 8, 8\)"):
+        large.load_state_dict(small.state_dict())
+    large.reset()
+    large.load_state_dict(small.state_dict())
+    assert tuple(large.labels.shape) == (6, 8, 8)
+
+
+def test_fit_with_nan_raises_and_keeps_the_previous_clusters():
+    layer = _fitted_layer()
+    before = {name: tensor.clone() for name, tensor in layer.state_dict().items()}
+    bad = _smooth(8, 6, 12)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        layer.fit(bad)
+    for name, tensor in layer.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_input_of_another_shape_than_fitted_fails_clearly():
+    layer = _fitted_layer(size=12)
+    with pytest.raises(ValueError, match="fitted on"):
+        layer(torch.ones(2, 6, 10, 10))
+
+
+def test_paper_rule_masks_channels_with_a_constant_region():
+    x = _smooth(32, 2, 16) + 5.0
+    x[:, 1, 4:11, 4:11] = 0.0  # a 7x7 always-zero patch: 26 pieces > 15 under the paper's rule
+    paper = DropCluster2d(0.1, 15, unstructured="rena", identical_neighbours="split").fit(x)
+    assert paper.structured.tolist() == [True, False]
+    assert torch.equal(paper.eval()(x)[:, 1], torch.zeros_like(x[:, 1]))
+    default = DropCluster2d(0.1, 15).fit(x)
+    assert default.structured.tolist() == [True, True]
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: DropCluster2d(1.0), r"\[0, 1\)"),
+        (lambda: DropCluster2d(-0.1), r"\[0, 1\)"),
+        (lambda: DropCluster2d(0.1, 0), "positive int"),
+        (lambda: DropCluster2d(0.1, unstructured="x"), "unstructured"),
+        (lambda: DropCluster2d(0.1).set_p(1.5), r"\[0, 1\)"),
+        (lambda: DropCluster2d(0.1).fit(torch.ones(4, 5, 5)), "4 dimensional"),
+        (
+            lambda: drop_cluster2d(torch.ones(2, 1, 4, 4), QUADRANTS, 4, 0.1, torch.tensor([True])),
+            "labels should have shape",
+        ),
+        (
+            lambda: drop_cluster2d(torch.ones(1, 4, 4), QUADRANTS[None], 4, 0.1, torch.ones(1)),
+            "4 dimensional",
+        ),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+def test_compiled_layer_keeps_masks_independent_and_does_not_recompile_on_new_p():
+    layer = _fitted_layer(0.1, n_channels=8, size=8)
+    layer.record_mask = False
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(graph_module, example_inputs)
+
+    compiled = torch.compile(layer, backend=counting_backend)
+    x = torch.ones(256, 8, 8, 8)
+    out = compiled(x)
+    n_graphs = len(graphs)
+    assert n_graphs >= 1
+    layer.set_p(0.3)
+    out_high = compiled(x)
+    assert len(graphs) == n_graphs  # the rate is a buffer: no recompilation
+    # With p = 0.3, 4 of 15 clusters are dropped: zeros appear more often than with p = 0.1.
+    assert (out_high == 0).float().mean() > (out == 0).float().mean()
+    # pytorch issue 198333: groups of channels receiving identical masks. With 1 of 15
+    # clusters dropped per channel, two channels share a zero pattern in 1/15 of images by
+    # chance; identical masks would share it in all 256.
+    zeros = (out == 0).reshape(256, 8, -1)
+    dropped_label = torch.stack(
+        [layer.labels[c].reshape(-1)[zeros[:, c].float().argmax(dim=1)] for c in range(8)], dim=1
+    )  # (256, 8): the label of a dropped pixel in each image and channel
+    for first in range(8):
+        for second in range(first + 1, 8):
+            same = (dropped_label[:, first] == dropped_label[:, second]).float().mean()
+            assert same < 0.25, (first, second, float(same))
+    same_image = (dropped_label[1:] == dropped_label[:-1]).float().mean()
+    assert same_image < 0.2  # samples draw independently too
