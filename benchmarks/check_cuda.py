@@ -23,6 +23,9 @@ from dropcluster.nn import DropBlock2d, DropCluster2d, StochasticDepth
 from dropcluster.rena import rena
 
 
+REFERENCE = {"unstructured": "rena", "identical_neighbours": "split"}
+
+
 def _timed(function, repeats: int, cuda: bool) -> float:
     function()
     times = []
@@ -52,15 +55,14 @@ def check_rena() -> None:
     print("== ReNA: CUDA vs CPU (64 channels x 128 samples, k = 15)")
     for size in (16, 32, 56):
         x = conv_like(size)
-        options = {"unstructured": "rena", "identical_neighbours": "split"}
-        cpu = rena(x, 15, **options)
-        gpu = rena(x.cuda(), 15, **options)
+        cpu = rena(x, 15, **REFERENCE)
+        gpu = rena(x.cuda(), 15, **REFERENCE)
         same_found = bool(torch.equal(cpu.n_found, gpu.n_found.cpu()))
         same_labels = (cpu.labels == gpu.labels.cpu()).flatten(1).all(1).float().mean()
         default_cpu, default_gpu = rena(x, 15), rena(x.cuda(), 15)
-        cpu_time = _timed(lambda x=x: rena(x, 15, **options), 3, False)
+        cpu_time = _timed(lambda x=x: rena(x, 15, **REFERENCE), 3, False)
         x_gpu = x.cuda()
-        gpu_time = _timed(lambda x_gpu=x_gpu: rena(x_gpu, 15, **options), 10, True)
+        gpu_time = _timed(lambda x_gpu=x_gpu: rena(x_gpu, 15, **REFERENCE), 10, True)
         print(
             f"  {size}x{size}: n_found equal {same_found}, channels with identical labels "
             f"{float(same_labels):.1%}, defaults structured equal "
@@ -97,7 +99,7 @@ def check_layers() -> None:
         }
         medians = {}
         for name, layer in layers.items():
-            medians[name] = _timed(lambda layer=layer: layer(x).backward(grad), 20, True)
+            medians[name] = _timed(lambda f=layer, x=x, g=grad: f(x).backward(g), 20, True)
         floor = medians["x * 2"]
         row = ", ".join(f"{name} {value / floor:.2f}" for name, value in medians.items())
         print(f"  {dtype}: x*2 = {floor * 1e3:.3f} ms; {row}")
