@@ -22,7 +22,6 @@ from dropcluster.hopkins import spatial_hopkins
 from dropcluster.nn import DropBlock2d, DropCluster2d, StochasticDepth
 from dropcluster.rena import rena
 
-
 REFERENCE = {"unstructured": "rena", "identical_neighbours": "split"}
 
 
