@@ -35,7 +35,9 @@ test: venv data lint
 	$(PY) -m pytest -q
 
 bench: venv data
+	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
 	$(PY) benchmarks/bench_rena.py
+	$(PY) benchmarks/bench_layers.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -1,6 +1,6 @@
 """DropCluster: data-driven structured dropout for convolutional networks."""
 
-from importlib import import_module
+from dropcluster._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -15,12 +15,4 @@ _EXPORTS = {
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'dropcluster' has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

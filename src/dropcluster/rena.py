@@ -163,15 +163,9 @@ def rena(
                 redo_idx = redo.nonzero().squeeze(1)
                 contract = torch.ones(redo_idx.numel(), dtype=torch.bool, device=device)
                 redo_labels, redo_found, redo_rounds = _agglomerate(
-                    samples[:, redo_idx],
-                    level0_weights[redo_idx],
-                    grid_u,
-                    grid_v,
-                    contract,
-                    n_clusters,
-                    max_rounds,
-                    threshold,
-                )
+                    samples[:, redo_idx], level0_weights[redo_idx], grid_u, grid_v, contract,
+                    n_clusters, max_rounds, threshold,
+                )  # fmt: skip
                 labels[redo_idx] = redo_labels
                 n_found[redo_idx] = redo_found
                 n_rounds = max(n_rounds, redo_rounds)
@@ -262,6 +256,19 @@ def connected_components(n_nodes: int, a: Tensor, b: Tensor) -> Tensor:
         parent = hooked
 
 
+def check_modes(unstructured: str, identical_neighbours: str) -> None:
+    """Raise ValueError unless both are valid option values of :func:`rena`."""
+    if unstructured not in UNSTRUCTURED_MODES:
+        raise ValueError(
+            f"unstructured should be one of {UNSTRUCTURED_MODES}, but got {unstructured!r}"
+        )
+    if identical_neighbours not in IDENTICAL_NEIGHBOUR_MODES:
+        raise ValueError(
+            f"identical_neighbours should be one of {IDENTICAL_NEIGHBOUR_MODES}, "
+            f"but got {identical_neighbours!r}"
+        )
+
+
 def _check_arguments(
     x: Tensor,
     n_clusters: int,
@@ -295,15 +302,7 @@ def _check_arguments(
         raise ValueError(f"max_rounds should be a positive int, but got {max_rounds!r}")
     if not (isinstance(threshold, (int, float)) and 0.0 < threshold < 1.0):
         raise ValueError(f"threshold should be in the open interval (0, 1), but got {threshold!r}")
-    if unstructured not in UNSTRUCTURED_MODES:
-        raise ValueError(
-            f"unstructured should be one of {UNSTRUCTURED_MODES}, but got {unstructured!r}"
-        )
-    if identical_neighbours not in IDENTICAL_NEIGHBOUR_MODES:
-        raise ValueError(
-            f"identical_neighbours should be one of {IDENTICAL_NEIGHBOUR_MODES}, "
-            f"but got {identical_neighbours!r}"
-        )
+    check_modes(unstructured, identical_neighbours)
     if unstructured == "hopkins":
         if not (isinstance(hopkins_threshold, (int, float)) and 0.0 <= hopkins_threshold <= 1.0):
             raise ValueError(

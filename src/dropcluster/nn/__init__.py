@@ -1,6 +1,6 @@
 """Regularizer layers: DropCluster and the baselines, each as a function and a module."""
 
-from importlib import import_module
+from dropcluster._lazy import lazy_exports
 
 _EXPORTS = {
     "DropRateModule": "dropcluster.nn._drop_rate",
@@ -19,12 +19,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'dropcluster.nn' has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from dropcluster.nn._drop_rate import DropRateModule, check_drop_rate
-from dropcluster.rena import IDENTICAL_NEIGHBOUR_MODES, UNSTRUCTURED_MODES, rena
+from dropcluster.rena import check_modes, rena
 
 # floor(p * n) with p stored in float32: 0.7 is 0.69999999 there and 0.7 * 10 would floor to
 # 6. This relative slack restores the value intended in decimal for any n below 10**5.
@@ -217,15 +217,7 @@ class DropCluster2d(DropRateModule):
         super().__init__(p)
         if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
             raise ValueError(f"n_clusters should be a positive int, but got {n_clusters!r}")
-        if unstructured not in UNSTRUCTURED_MODES:
-            raise ValueError(
-                f"unstructured should be one of {UNSTRUCTURED_MODES}, but got {unstructured!r}"
-            )
-        if identical_neighbours not in IDENTICAL_NEIGHBOUR_MODES:
-            raise ValueError(
-                f"identical_neighbours should be one of {IDENTICAL_NEIGHBOUR_MODES}, "
-                f"but got {identical_neighbours!r}"
-            )
+        check_modes(unstructured, identical_neighbours)
         self.n_clusters = n_clusters
         self.per_sample = per_sample
         self.unstructured = unstructured
