@@ -1,18 +1,10 @@
 """DropCluster: data-driven structured dropout for convolutional networks."""
 
-from dropcluster._lazy import lazy_exports
+# Imported eagerly: `from dropcluster import rena` must give the function, not the module of
+# the same name that a lazy lookup would find once `dropcluster.rena` has been imported.
+from dropcluster.hopkins import hopkins, spatial_hopkins
+from dropcluster.rena import ReNAResult, rena
 
 __version__ = "0.1.0"
 
-# Public names and the module that defines each; imported on first use so that
-# `import dropcluster` stays cheap and the command line starts fast.
-_EXPORTS = {
-    "ReNAResult": "dropcluster.rena",
-    "rena": "dropcluster.rena",
-    "hopkins": "dropcluster.hopkins",
-    "spatial_hopkins": "dropcluster.hopkins",
-}
-
-__all__ = ["__version__", *sorted(_EXPORTS)]
-
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = ["ReNAResult", "__version__", "hopkins", "rena", "spatial_hopkins"]
