@@ -1,22 +1,28 @@
 """Regularizer layers: DropCluster and the baselines, each as a function and a module."""
 
-from dropcluster._lazy import lazy_exports
+# Imported eagerly: `stochastic_depth` must name the function, not its module.
+from dropcluster.nn._drop_rate import DropRateModule, check_drop_rate
+from dropcluster.nn.dropblock import DropBlock2d, drop_block2d
+from dropcluster.nn.dropcluster import DropCluster2d, drop_cluster2d
+from dropcluster.nn.registry import REGULARIZERS, build_regularizer
+from dropcluster.nn.schedule import DropRateSchedule
+from dropcluster.nn.stochastic_depth import (
+    StochasticDepth,
+    StochasticDepthResidual,
+    stochastic_depth,
+)
 
-_EXPORTS = {
-    "DropRateModule": "dropcluster.nn._drop_rate",
-    "check_drop_rate": "dropcluster.nn._drop_rate",
-    "drop_cluster2d": "dropcluster.nn.dropcluster",
-    "DropCluster2d": "dropcluster.nn.dropcluster",
-    "drop_block2d": "dropcluster.nn.dropblock",
-    "DropBlock2d": "dropcluster.nn.dropblock",
-    "stochastic_depth": "dropcluster.nn.stochastic_depth",
-    "StochasticDepth": "dropcluster.nn.stochastic_depth",
-    "StochasticDepthResidual": "dropcluster.nn.stochastic_depth",
-    "DropRateSchedule": "dropcluster.nn.schedule",
-    "REGULARIZERS": "dropcluster.nn.registry",
-    "build_regularizer": "dropcluster.nn.registry",
-}
-
-__all__ = sorted(_EXPORTS)
-
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = [
+    "REGULARIZERS",
+    "DropBlock2d",
+    "DropCluster2d",
+    "DropRateModule",
+    "DropRateSchedule",
+    "StochasticDepth",
+    "StochasticDepthResidual",
+    "build_regularizer",
+    "check_drop_rate",
+    "drop_block2d",
+    "drop_cluster2d",
+    "stochastic_depth",
+]
