@@ -113,6 +113,7 @@ def drop_block2d(
     per_channel: bool = True,
     generator: torch.Generator | None = None,
     return_mask: bool = False,
+    gamma: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """DropBlock with the expected dropped fraction equal to ``p``.
 
@@ -126,6 +127,8 @@ def drop_block2d(
             one mask across the channels of each image.
         generator: random source on x's device.
         return_mask: also return the 0/1 keep mask (N, C or 1, H, W), before rescaling.
+        gamma: the origin rate for this p and shape, if already solved (0-d float64 tensor on
+            x's device; the module caches it between calls on accelerators).
 
     Returns:
         (N, C, H, W) in x's dtype: ``x * mask * count(mask) / count_ones(mask)`` per sample.
@@ -151,8 +154,9 @@ def drop_block2d(
             gamma = solve_gamma(rate, height, width, block_size)
             keep = _sparse_keep(mask_shape, gamma, block_size, generator, x.dtype)
         else:
-            p_tensor = p if isinstance(p, Tensor) else torch.tensor(p, device=x.device)
-            gamma = _solve_gamma_tensor(p_tensor.to(x.device), height, width, block_size)
+            if gamma is None:
+                p_tensor = p if isinstance(p, Tensor) else torch.tensor(p, device=x.device)
+                gamma = _solve_gamma_tensor(p_tensor.to(x.device), height, width, block_size)
             keep = _dense_keep(mask_shape, gamma, block_size, generator, x.dtype, x.device)
         per_sample = mask_channels * height * width
         kept = keep.reshape(n_samples, -1).sum(dim=1, dtype=torch.float32)
@@ -246,11 +250,22 @@ class DropBlock2d(DropRateModule):
         self.block_size = block_size
         self.per_channel = per_channel
         self.generator = generator
+        self._gamma_key: tuple | None = None
+        self._gamma: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        gamma = None
+        if self.training and x.device.type != "cpu" and not torch.compiler.is_compiling():
+            # Newton's 30 small steps cost ~100 kernel launches: solve once per rate and shape.
+            # The buffer's version counter changes with every in-place write (set_p, loading).
+            key = (self.p._version, self.p.data_ptr(), tuple(x.shape[-2:]), x.device)
+            if self._gamma_key != key:
+                self._gamma = _solve_gamma_tensor(self.p.to(x.device), *key[2], self.block_size)
+                self._gamma_key = key
+            gamma = self._gamma
         result = drop_block2d(
             x, self.p, self.block_size, training=self.training, per_channel=self.per_channel,
-            generator=self.generator, return_mask=self.record_mask,
+            generator=self.generator, return_mask=self.record_mask, gamma=gamma,
         )  # fmt: skip
         if self.record_mask:
             out, mask = result
