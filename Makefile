@@ -38,6 +38,8 @@ bench: venv data
 	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
 	$(PY) benchmarks/bench_rena.py
 	$(PY) benchmarks/bench_layers.py
+	$(PY) benchmarks/check_dropblock_rate.py
+	$(PY) benchmarks/bench_stochastic_depth.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -34,6 +34,13 @@ def check_drop_rate(p: float | Tensor, name: str = "p") -> float:
     return p
 
 
+def check_positive_int(name: str, value: int) -> int:
+    """Return ``value`` after checking that it is an int >= 1 (bool excluded)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} should be a positive int, but got {value!r}")
+    return value
+
+
 class DropRateModule(nn.Module):
     """Base of the regularizer modules: a drop rate buffer ``p`` and optional mask recording.
 
@@ -73,3 +80,11 @@ class DropRateModule(nn.Module):
     def _remember(self, mask: Tensor | None) -> None:
         if self.record_mask:
             self.last_mask = mask
+
+    def _unpack(self, result: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+        """The output of a functional form called with ``return_mask=self.record_mask``."""
+        if self.record_mask:
+            out, mask = result
+            self.last_mask = mask
+            return out
+        return result

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dropcluster.nn._drop_rate import DropRateModule, check_drop_rate
+from dropcluster.nn._drop_rate import DropRateModule, check_drop_rate, check_positive_int
 
 _NEWTON_STEPS = 30
 
@@ -136,8 +136,7 @@ def drop_block2d(
     if not isinstance(x, Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x)
         raise ValueError(f"input should be 4 dimensional (N, C, H, W), but got {shape}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size should be a positive int, but got {block_size!r}")
+    check_positive_int("block_size", block_size)
     if not isinstance(p, Tensor):
         p = check_drop_rate(p)
     if not training or (not isinstance(p, Tensor) and p == 0.0) or x.numel() == 0:
@@ -245,9 +244,7 @@ class DropBlock2d(DropRateModule):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(p)
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size should be a positive int, but got {block_size!r}")
-        self.block_size = block_size
+        self.block_size = check_positive_int("block_size", block_size)
         self.per_channel = per_channel
         self.generator = generator
         self._gamma_key: tuple | None = None
@@ -267,11 +264,7 @@ class DropBlock2d(DropRateModule):
             x, self.p, self.block_size, training=self.training, per_channel=self.per_channel,
             generator=self.generator, return_mask=self.record_mask, gamma=gamma,
         )  # fmt: skip
-        if self.record_mask:
-            out, mask = result
-            self._remember(mask)
-            return out
-        return result
+        return self._unpack(result)
 
     def extra_repr(self) -> str:
         return f"p={float(self.p):g}, block_size={self.block_size}, per_channel={self.per_channel}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dropcluster.nn._drop_rate import DropRateModule, check_drop_rate
+from dropcluster.nn._drop_rate import DropRateModule, check_drop_rate, check_positive_int
 from dropcluster.rena import check_modes, rena
 
 # floor(p * n) with p stored in float32: 0.7 is 0.69999999 there and 0.7 * 10 would floor to
@@ -77,8 +77,7 @@ def drop_cluster2d(
     if isinstance(n_clusters, Tensor):
         counts = n_clusters.to(device=x.device, dtype=torch.int64)
     else:
-        if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
-            raise ValueError(f"n_clusters should be a positive int, but got {n_clusters!r}")
+        check_positive_int("n_clusters", n_clusters)
         counts = torch.full((n_channels,), n_clusters, dtype=torch.int64, device=x.device)
     if cluster_sizes is None:
         n_columns = max(int(counts.max()), int(labels.max()) + 1) if n_channels else 1
@@ -222,8 +221,7 @@ class DropCluster2d(DropRateModule):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(p)
-        if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
-            raise ValueError(f"n_clusters should be a positive int, but got {n_clusters!r}")
+        check_positive_int("n_clusters", n_clusters)
         check_modes(unstructured, identical_neighbours)
         self.n_clusters = n_clusters
         self.per_sample = per_sample
@@ -297,11 +295,7 @@ class DropCluster2d(DropRateModule):
             x, self.labels, self.cluster_counts, self.p, self.structured, self.cluster_sizes,
             sampling, self.per_sample, self.generator, self.record_mask,
         )  # fmt: skip
-        if self.record_mask:
-            out, mask = result
-            self._remember(mask)
-            return out
-        return result
+        return self._unpack(result)
 
     def extra_repr(self) -> str:
         state = (

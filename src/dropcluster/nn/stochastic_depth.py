@@ -87,11 +87,7 @@ class StochasticDepth(DropRateModule):
             x, self.p, self.mode, training=self.training, generator=self.generator,
             return_mask=self.record_mask,
         )  # fmt: skip
-        if self.record_mask:
-            out, mask = result
-            self._remember(mask)
-            return out
-        return result
+        return self._unpack(result)
 
     def extra_repr(self) -> str:
         return f"p={float(self.p):g}, mode={self.mode!r}"
