@@ -46,3 +46,17 @@ def fashion_mnist_activations() -> torch.Tensor:
         conv = nn.Conv2d(1, 16, 5, padding=2)
     with torch.no_grad():
         return torch.relu(conv(pixels))
+
+
+def compile_counting_graphs(module: nn.Module):
+    """``torch.compile(module)`` with a backend that runs graphs eagerly and counts them.
+
+    Returns (compiled module, list that grows by one per compiled graph).
+    """
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    return torch.compile(module, backend=counting_backend), graphs

@@ -4,6 +4,7 @@ import io
 
 import pytest
 import torch
+from conftest import compile_counting_graphs
 
 from dropcluster.nn import DropBlock2d, drop_block2d
 from dropcluster.nn import dropblock as db
@@ -159,13 +160,7 @@ def test_channels_last_input_stays_channels_last_with_the_same_values():
 
 def test_compiled_layer_does_not_recompile_when_p_changes():
     layer = DropBlock2d(0.1, 3)
-    calls = []
-
-    def counting_backend(graph_module, example_inputs):
-        calls.append(1)
-        return graph_module.forward
-
-    compiled = torch.compile(layer, backend=counting_backend)
+    compiled, calls = compile_counting_graphs(layer)
     x = torch.ones(64, 4, 16, 16)
     low = float((compiled(x) == 0).float().mean())
     n_graphs = len(calls)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import compile_counting_graphs
 from torch import nn
 
 from dropcluster.nn import DropCluster2d, DropRateSchedule
@@ -44,13 +45,7 @@ def test_current_rate_travels_with_the_state_dict():
 def test_set_p_does_not_recompile():
     layer = nn.Sequential(nn.Conv2d(1, 2, 3), DropCluster2d(0.1))
     layer[1].fit(torch.randn(8, 2, 6, 6, generator=torch.Generator().manual_seed(0)))
-    calls = []
-
-    def counting_backend(graph_module, example_inputs):
-        calls.append(1)
-        return graph_module.forward
-
-    compiled = torch.compile(layer, backend=counting_backend)
+    compiled, calls = compile_counting_graphs(layer)
     x = torch.randn(4, 1, 8, 8)
     compiled(x)
     compiled_once = len(calls)

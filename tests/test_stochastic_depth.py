@@ -4,6 +4,7 @@ import io
 
 import pytest
 import torch
+from conftest import compile_counting_graphs
 from torch import nn
 
 from dropcluster.nn import StochasticDepth, StochasticDepthResidual, stochastic_depth
@@ -102,13 +103,7 @@ def test_dtype_is_kept(dtype):
 
 def test_compiled_layer_does_not_recompile_when_p_changes():
     layer = StochasticDepth(0.1)
-    calls = []
-
-    def counting_backend(graph_module, example_inputs):
-        calls.append(1)
-        return graph_module.forward
-
-    compiled = torch.compile(layer, backend=counting_backend)
+    compiled, calls = compile_counting_graphs(layer)
     x = torch.ones(4000, 2)
     low = float((compiled(x) == 0).float().mean())
     n_graphs = len(calls)
