@@ -1,0 +1,48 @@
+"""Data: the paper's data sets as uint8 tensors, subsets, batched augmentation, a device loader.
+
+``fashion_mnist`` reads Fashion-MNIST's IDX files; ``datasets`` loads every data set by name;
+``subsets`` draws class-balanced fractions; ``augment`` augments whole batches on the device;
+``loader`` iterates over a data set held on the device, with exact resume.
+"""
+
+from dropcluster.data.augment import (
+    AUGMENT_PRESETS,
+    CIFAR_AUGMENT,
+    FASHION_MNIST_AUGMENT,
+    SYNTHETIC_AUGMENT,
+    TINY_IMAGENET_AUGMENT,
+    AugmentConfig,
+    augment_batch,
+    channel_mean_std,
+    normalize,
+)
+from dropcluster.data.datasets import (
+    DATASET_NAMES,
+    ImageDataset,
+    download_cifar100,
+    download_tiny_imagenet,
+    load_dataset,
+    make_synthetic,
+)
+from dropcluster.data.loader import DeviceLoader
+from dropcluster.data.subsets import stratified_subset
+
+__all__ = [
+    "AUGMENT_PRESETS",
+    "CIFAR_AUGMENT",
+    "DATASET_NAMES",
+    "FASHION_MNIST_AUGMENT",
+    "SYNTHETIC_AUGMENT",
+    "TINY_IMAGENET_AUGMENT",
+    "AugmentConfig",
+    "DeviceLoader",
+    "ImageDataset",
+    "augment_batch",
+    "channel_mean_std",
+    "download_cifar100",
+    "download_tiny_imagenet",
+    "load_dataset",
+    "make_synthetic",
+    "normalize",
+    "stratified_subset",
+]
