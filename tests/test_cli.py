@@ -50,3 +50,23 @@ def test_cluster_analysis_on_real_images_prints_a_summary_and_writes_json(tmp_pa
 def test_bad_option_gives_a_clear_error_and_exit_code_2(capsys):
     assert main(["cluster-analysis", "--n-clusters", "0"]) == 2
     assert "--n-clusters should be at least 1, but got 0" in capsys.readouterr().err
+
+
+def test_train_command_runs_and_refuses_to_overwrite(tmp_path, capsys):
+    args = ["train", "--dataset", "synthetic", "--model", "resnet20", "--regularizer",
+            "dropblock", "--p", "0.1", "--option", "block_size=3", "--epochs", "1",
+            "--train-fraction", "0.1", "--batch-size", "50", "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "final (mean of the last 1 epochs): top-1" in out
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["regularizer_options"] == {"block_size": 3}
+    assert json.loads((tmp_path / "result.json").read_text())["epochs"] == 1
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0  # a finished run just reports its result
+
+
+def test_train_command_rejects_a_bad_option(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path), "--option", "block_size"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err

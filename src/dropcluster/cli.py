@@ -71,7 +71,105 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the per-channel results to this JSON file",
     )
     analysis.set_defaults(handler=_run_cluster_analysis)
+    _add_train_parser(commands)
     return parser
+
+
+# (flag, config field, type, help) for `dropcluster train`; unset flags keep the config's value.
+_TRAIN_FLAGS = [
+    ("--dataset", "dataset", str, "cifar100, tiny-imagenet, fashion-mnist or synthetic"),
+    ("--data-dir", "data_dir", str, "folder with the data set's files"),
+    ("--model", "model", str, "resnet50, resnet18, resnet20 or lenet5"),
+    ("--stem", "stem", str, "imagenet (the paper's) or cifar"),
+    ("--regularizer", "regularizer", str,
+     "none, dropout, spatial_dropout, dropblock, dropcluster or stochastic_depth"),
+    ("--p", "p", float, "drop rate"),
+    ("--epochs", "epochs", int, "number of epochs"),
+    ("--batch-size", "batch_size", int, "training batch size"),
+    ("--lr", "lr", float, "initial learning rate"),
+    ("--weight-decay", "weight_decay", float, "weight decay"),
+    ("--cluster-every", "cluster_every", int, "refit DropCluster every s epochs"),
+    ("--cluster-images", "cluster_images", int, "training images whose activations are clustered"),
+    ("--train-fraction", "train_fraction", float, "stratified fraction of the training set"),
+    ("--average-last", "average_last", int, "final metric: mean over the last K epochs"),
+    ("--seed", "seed", int, "random seed"),
+    ("--device", "device", str, "cpu, cuda, cuda:1, ..."),
+]  # fmt: skip
+
+
+def _add_train_parser(commands) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train one model with one regularizer, resumable",
+        description="Train one run. Settings come from --config (JSON or YAML), then flags.",
+    )
+    train.add_argument("--out", type=Path, required=True, help="output folder of the run")
+    train.add_argument("--config", type=Path, help="a JSON or YAML config file")
+    for flag, _, kind, text in _TRAIN_FLAGS:
+        train.add_argument(flag, type=kind, default=None, help=text)
+    train.add_argument(
+        "--lr-milestones",
+        type=int,
+        nargs="*",
+        default=None,
+        help="epochs where the learning rate is multiplied by 0.1",
+    )
+    train.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="regularizer option, e.g. --option block_size=5 (repeatable)",
+    )
+    train.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    train.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory format")
+    train.add_argument("--compile", action="store_true", help="use torch.compile")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.set_defaults(handler=_run_train)
+
+
+def _train_config(args: argparse.Namespace):
+    from dropcluster.train.config import TrainConfig
+
+    values = TrainConfig.from_file(args.config).to_dict() if args.config else {}
+    for _, name, _, _ in _TRAIN_FLAGS:
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    if args.lr_milestones is not None:
+        values["lr_milestones"] = args.lr_milestones
+    options = dict(values.get("regularizer_options", {}))
+    for item in args.option:
+        key, separator, raw = item.partition("=")
+        if not separator or not key:
+            raise ValueError(f"--option should look like KEY=VALUE, but got {item!r}")
+        try:
+            options[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key] = raw
+    values["regularizer_options"] = options
+    if args.no_amp:
+        values["amp"] = False
+    if args.no_channels_last:
+        values["channels_last"] = False
+    if args.compile:
+        values["compile"] = True
+    return TrainConfig.from_dict(values)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from dropcluster.train.loop import train
+
+    config = _train_config(args)
+    print(
+        f"dropcluster {__version__}: training {config.model} on {config.dataset} with "
+        f"{config.regularizer} (p={config.p}), {config.epochs} epochs -> {args.out}"
+    )
+    result = train(config, args.out, resume=args.resume)
+    print(
+        f"final (mean of the last {min(config.average_last, len(result.history))} epochs): "
+        f"top-1 {result.top1:.2f}%, top-5 {result.top5:.2f}%; results in {args.out}"
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,9 +180,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"dropcluster: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "\ndropcluster: interrupted; a training run continues from its last finished "
+            "epoch with --resume",
+            file=sys.stderr,
+        )
+        return 130
 
 
 def _positive(name: str, value: int) -> None:

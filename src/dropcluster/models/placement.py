@@ -1,0 +1,128 @@
+"""Where the paper puts each regularizer, as data, and one function that installs it.
+
+Paper, "Experimental protocol": DropCluster after the first conv layer (k = 15 clusters);
+Dropout and SpatialDropout after the conv layer in the fourth group of blocks; DropBlock with
+5x5 blocks after the first group on CIFAR-100, 7x7 blocks after the fourth group on Tiny
+ImageNet; StochasticDepth on every residual branch, rate p.
+
+Data sets without a row of their own (``"fashion-mnist"``, ``"synthetic"``, ...) use the
+``"cifar100"`` row (:data:`DEFAULT_FAMILY`): small images, like CIFAR-100's. Models without
+a fourth group (``resnet20``, ``lenet5``) map ``"group4"`` and ``"group4_inner"`` to their last
+group (their ``slot_aliases``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from torch import nn
+
+from dropcluster.models.slots import SlottedModel
+from dropcluster.nn import REGULARIZERS, build_regularizer
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A regularizer's slot (None: nowhere) and its default options in one data set family."""
+
+    slot: str | None
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+def _row(dropblock: Placement) -> Mapping[str, Placement]:
+    return MappingProxyType(
+        {
+            "none": Placement(None),
+            "dropout": Placement("group4_inner"),
+            "spatial_dropout": Placement("group4_inner"),
+            "dropblock": dropblock,
+            "dropcluster": Placement("stem", MappingProxyType({"n_clusters": 15})),
+            "stochastic_depth": Placement("residual"),
+        }
+    )
+
+
+#: Data set family -> regularizer name -> :class:`Placement` (the paper's protocol).
+PAPER_PLACEMENTS: Mapping[str, Mapping[str, Placement]] = MappingProxyType(
+    {
+        "cifar100": _row(Placement("group1", MappingProxyType({"block_size": 5}))),
+        "tiny-imagenet": _row(Placement("group4", MappingProxyType({"block_size": 7}))),
+    }
+)
+
+#: The row used for data sets not in :data:`PAPER_PLACEMENTS`.
+DEFAULT_FAMILY = "cifar100"
+
+DEPTH_RULES = ("constant", "linear")
+
+
+def placement_for(name: str, dataset: str) -> Placement:
+    """The paper's :class:`Placement` of regularizer ``name`` for ``dataset``.
+
+    Raises:
+        ValueError: unknown regularizer name (the message lists the valid ones).
+    """
+    row = PAPER_PLACEMENTS.get(dataset, PAPER_PLACEMENTS[DEFAULT_FAMILY])
+    if name not in row:
+        raise ValueError(f"unknown regularizer {name!r}; valid names are {', '.join(REGULARIZERS)}")
+    return row[name]
+
+
+def place_regularizer(
+    model: SlottedModel,
+    name: str,
+    p: float,
+    dataset: str = DEFAULT_FAMILY,
+    *,
+    slot: str | None = None,
+    depth_rule: str = "constant",
+    **options: Any,
+) -> list[nn.Module]:
+    """Build regularizer ``name`` with :func:`dropcluster.nn.build_regularizer` and install it
+    where the paper put it for ``dataset``.
+
+    Args:
+        model: a model of :mod:`dropcluster.models` (anything with ``slots``).
+        name: one of :data:`dropcluster.nn.REGULARIZERS`; ``"none"`` installs nothing (or, with
+            ``slot``, empties that slot).
+        p: drop rate in [0, 1).
+        dataset: picks the row of :data:`PAPER_PLACEMENTS` (others: the ``"cifar100"`` row).
+        slot: a slot to use instead of the paper's (paper names are mapped through the
+            model's ``slot_aliases``, e.g. ``"group4"`` -> ``"group3"`` on ResNet-20).
+        depth_rule: for per-block slots (``"residual"``, ``"group4_inner"``): ``"constant"``
+            gives every block rate p; ``"linear"`` gives block l of L the rate ``p * l / L``
+            (Huang et al. 2016's linear decay of survival, p being the last block's rate).
+        **options: override the table's options (e.g. ``block_size=3``, ``n_clusters=10``).
+
+    Returns:
+        The installed modules, in forward order (empty for ``"none"``). A DropCluster2d stays
+        the identity until fitted on its slot's input activations.
+
+    Raises:
+        ValueError: unknown regularizer, slot or depth rule, bad p or options.
+        TypeError: ``model`` is not a :class:`~dropcluster.models.SlottedModel`.
+    """
+    if not isinstance(model, SlottedModel):
+        raise TypeError(f"model should be a SlottedModel, but got {type(model).__name__}")
+    if depth_rule not in DEPTH_RULES:
+        raise ValueError(f"depth_rule should be one of {DEPTH_RULES}, but got {depth_rule!r}")
+    placement = placement_for(name, dataset)
+    target = slot if slot is not None else placement.slot
+    if name == "none":
+        build_regularizer(name, p, **options)  # the same checks as the other names
+        if target is not None:
+            model.set_regularizer(model.resolve_slot(target), None)
+        return []
+    target = model.resolve_slot(target)
+    merged = {**placement.options, **options}
+    n_places = len(model.slots[target])
+    if depth_rule == "linear":
+        rates = [p * (index + 1) / n_places for index in range(n_places)]
+    else:
+        rates = [p] * n_places
+    # All built before any slot changes, so that a bad p or option leaves the model as it was.
+    modules = [build_regularizer(name, rate, **merged) for rate in rates]
+    return model.set_regularizer(target, iter(modules).__next__)

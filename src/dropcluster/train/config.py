@@ -1,0 +1,130 @@
+"""Everything one training run needs, in one typed, serialisable config."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    """One training run.
+
+    Saved as ``config.json`` next to the run's results; load it back with
+    :meth:`from_file` (JSON, or YAML when PyYAML is installed).
+
+    Attributes:
+        dataset: "cifar100", "tiny-imagenet", "fashion-mnist" or "synthetic".
+        data_dir: where the data set's files are (None: the loader's default place).
+        model: "resnet50", "resnet18", "resnet20" or "lenet5".
+        stem: "imagenet" (the paper's) or "cifar"; None: the model's default.
+        regularizer: "none", "dropout", "spatial_dropout", "dropblock", "dropcluster" or
+            "stochastic_depth", placed as the paper did (``dropcluster.models.placement``).
+        p: drop rate.
+        regularizer_options: extra options of the regularizer (e.g. {"block_size": 5}).
+        epochs, batch_size, lr, momentum, weight_decay: SGD with momentum (paper: 250 epochs,
+            lr 0.1, momentum 0.9, weight decay 5e-4 on CIFAR-100 and 1e-4 on Tiny ImageNet).
+        lr_milestones, lr_gamma: step decay (paper: x0.1 at epochs 150 and 200).
+        cluster_every: refit DropCluster's clusters at epochs s, 2s, ... (paper: 50).
+        cluster_images: training images whose activations are clustered (more than one
+            minibatch: the paper's unstructured rule depends on the batch size).
+        train_fraction: stratified fraction of the training set (the small-sample runs).
+        average_last: the final metric is the mean over the last K epochs (paper: 50).
+        seed: seeds the model, the data order, augmentation and dropout masks.
+        device: "cpu", "cuda", "cuda:1", ...
+        amp: mixed precision on CUDA (bfloat16); ignored on the CPU.
+        channels_last: NHWC memory format (faster convolutions on CPU and recent GPUs).
+        compile: wrap the model in torch.compile.
+        eval_batch_size: batch size for evaluation.
+    """
+
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    model: str = "resnet20"
+    stem: str | None = None
+    regularizer: str = "dropcluster"
+    p: float = 0.1
+    regularizer_options: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_milestones: list[int] = field(default_factory=list)
+    lr_gamma: float = 0.1
+    cluster_every: int = 5
+    cluster_images: int = 512
+    train_fraction: float = 1.0
+    average_last: int = 5
+    seed: int = 0
+    device: str = "cpu"
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    eval_batch_size: int = 500
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field, what was expected and what was given."""
+        positive = ("epochs", "batch_size", "cluster_every", "cluster_images", "average_last",
+                    "eval_batch_size")  # fmt: skip
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} should be a positive int, but got {value!r}")
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise ValueError(f"train_fraction should be in (0, 1], but got {self.train_fraction}")
+        if not 0.0 <= self.p < 1.0:
+            raise ValueError(f"p should be in [0, 1), but got {self.p}")
+        if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ValueError(
+                "expected lr > 0, weight_decay >= 0 and momentum in [0, 1), but got "
+                f"lr={self.lr}, weight_decay={self.weight_decay}, momentum={self.momentum}"
+            )
+        if sorted(self.lr_milestones) != list(self.lr_milestones):
+            raise ValueError(f"lr_milestones should be increasing, but got {self.lr_milestones}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; valid keys are {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        """Load a JSON file, or a YAML file (``.yaml``/``.yml``, needs PyYAML)."""
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError as error:
+                raise ValueError(
+                    f"{path} is YAML, which needs PyYAML: pip install pyyaml (or use JSON)"
+                ) from error
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} should hold a mapping of config keys, but got {values!r}")
+        return cls.from_dict(values)
+
+    def save(self, path: str | Path) -> None:
+        """Write the config as JSON, atomically."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with some fields changed (validated)."""
+        return TrainConfig.from_dict({**self.to_dict(), **changes})

@@ -1,0 +1,100 @@
+"""Build everything a run needs from its config: data on the device, model, optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from dropcluster.data import (
+    AUGMENT_PRESETS,
+    DeviceLoader,
+    load_dataset,
+    normalize,
+    stratified_subset,
+)
+from dropcluster.models import build_model, place_regularizer
+from dropcluster.nn import DropCluster2d
+from dropcluster.train.config import TrainConfig
+
+
+@dataclass
+class Run:
+    """The objects of one run (see :func:`build_run`)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: DeviceLoader
+    test_images: Tensor
+    test_labels: Tensor
+    cluster_images: Tensor
+    prepare_eval: Callable[[Tensor], Tensor]
+    has_dropcluster: bool
+
+
+def build_run(config: TrainConfig, device: torch.device) -> Run:
+    """Data (uint8, on ``device``), the model with its regularizer in the paper's slot, SGD.
+
+    Randomness: the caller seeds torch's global generator with ``config.seed`` first; the
+    model's initialisation and the loader's generator are drawn from it, in this order.
+    """
+    train_set = load_dataset(config.dataset, "train", root=config.data_dir)
+    test_set = load_dataset(config.dataset, "test", root=config.data_dir)
+    index = stratified_subset(train_set.labels, config.train_fraction, seed=config.seed)
+    train_images = train_set.images[index]
+    train_labels = train_set.labels[index]
+    augment = AUGMENT_PRESETS[config.dataset]
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+
+    model = build_model(
+        config.model, n_classes=len(train_set.classes), in_channels=train_images.shape[1],
+        stem=config.stem,
+    )  # fmt: skip
+    place_regularizer(
+        model, config.regularizer, config.p, config.dataset, **config.regularizer_options
+    )
+    model = model.to(device=device, memory_format=memory_format)
+    has_dropcluster = any(isinstance(m, DropCluster2d) for m in model.modules())
+    if config.compile:
+        model = torch.compile(model)
+
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        # Batch-norm scales and biases are not decayed (the usual ResNet practice).
+        (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+    optimizer = torch.optim.SGD(
+        [{"params": decay, "weight_decay": config.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, momentum=config.momentum,
+    )  # fmt: skip
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=list(config.lr_milestones), gamma=config.lr_gamma
+    )
+    generator = torch.Generator(device).manual_seed(
+        int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    )
+    loader = DeviceLoader(
+        train_images, train_labels, config.batch_size, augment=augment, generator=generator,
+        device=device, drop_last=train_images.shape[0] >= config.batch_size,
+    )  # fmt: skip
+
+    def prepare_eval(images: Tensor) -> Tensor:
+        return normalize(images, augment.mean, augment.std).contiguous(memory_format=memory_format)
+
+    # The clustered images: the first `cluster_images` of a fixed permutation of the subset.
+    order = torch.randperm(train_images.shape[0], generator=torch.Generator().manual_seed(
+        config.seed))[: config.cluster_images]  # fmt: skip
+    return Run(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loader=loader,
+        test_images=test_set.images.to(device),
+        test_labels=test_set.labels.to(device),
+        cluster_images=train_images[order].to(device),
+        prepare_eval=prepare_eval,
+        has_dropcluster=has_dropcluster,
+    )

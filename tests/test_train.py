@@ -1,0 +1,114 @@
+"""Training: config, checkpoints, metrics, exact resume, and a short real-data run."""
+
+import json
+
+import pytest
+import torch
+
+from dropcluster.train.checkpoint import load_checkpoint, save_checkpoint
+from dropcluster.train.config import TrainConfig
+from dropcluster.train.loop import topk_correct, train
+
+TIMING_KEYS = {"seconds", "images_per_s", "refit_seconds"}
+
+
+def _tiny_config(**changes):
+    values = dict(
+        dataset="synthetic", model="resnet20", regularizer="dropcluster", p=0.2, epochs=3,
+        batch_size=32, lr=0.05, cluster_every=1, cluster_images=64, train_fraction=0.25,
+        average_last=2, eval_batch_size=256, channels_last=False,
+    )  # fmt: skip
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def _without_timings(history):
+    return [{k: v for k, v in record.items() if k not in TIMING_KEYS} for record in history]
+
+
+def test_config_round_trips_through_json(tmp_path):
+    config = _tiny_config(regularizer_options={"n_clusters": 9}, lr_milestones=[2])
+    config.save(tmp_path / "config.json")
+    assert TrainConfig.from_file(tmp_path / "config.json") == config
+
+
+def test_config_loads_yaml(tmp_path):
+    (tmp_path / "run.yaml").write_text("dataset: cifar100\nmodel: resnet50\nepochs: 250\n")
+    config = TrainConfig.from_file(tmp_path / "run.yaml")
+    assert (config.dataset, config.model, config.epochs) == ("cifar100", "resnet50", 250)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"epochs": 0}, "epochs should be a positive int"),
+        ({"train_fraction": 0.0}, r"train_fraction should be in \(0, 1\]"),
+        ({"p": 1.0}, r"p should be in \[0, 1\)"),
+        ({"lr_milestones": [200, 150]}, "increasing"),
+        ({"learning_rate": 0.1}, "unknown config keys"),
+    ],
+)
+def test_bad_config_values_raise_clear_errors(values, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_dict(values)
+
+
+def test_topk_correct_on_a_hand_made_case():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.15], [0.2, 0.3, 0.5]])
+    labels = torch.tensor([1, 2, 0])
+    assert topk_correct(logits, labels, ks=(1, 2, 5)) == [1, 2, 3]
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"epoch": 1, "weights": torch.ones(3)})
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(RuntimeError):
+        save_checkpoint(path, {"epoch": 2, "weights": torch.zeros(3)})
+    assert load_checkpoint(path)["epoch"] == 1
+
+
+def test_resumed_run_reproduces_the_uninterrupted_run_exactly(tmp_path):
+    config = _tiny_config()
+    straight = train(config, tmp_path / "straight")
+    train(config, tmp_path / "resumed", stop_after_epoch=1)
+    resumed = train(config, tmp_path / "resumed", resume=True)
+    assert _without_timings(resumed.history) == _without_timings(straight.history)
+    assert resumed.top1 == straight.top1
+    assert any("structured" in record for record in straight.history)  # clusters were refitted
+    lines = (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]
+    result = json.loads((tmp_path / "resumed" / "result.json").read_text())
+    assert result["top1"] == pytest.approx(straight.top1)
+
+
+def test_existing_run_is_not_overwritten_without_resume(tmp_path):
+    config = _tiny_config(epochs=1)
+    train(config, tmp_path)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(config, tmp_path)
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    train(_tiny_config(epochs=2), tmp_path, stop_after_epoch=1)
+    with pytest.raises(ValueError, match="different config"):
+        train(_tiny_config(epochs=2, p=0.3), tmp_path, resume=True)
+
+
+def test_short_fashion_mnist_training_with_dropcluster_learns(tmp_path):
+    from conftest import require_fashion_mnist
+
+    require_fashion_mnist()
+    config = TrainConfig(
+        dataset="fashion-mnist", model="resnet20", regularizer="dropcluster", p=0.1,
+        epochs=3, batch_size=128, lr=0.05, cluster_every=1, cluster_images=256,
+        train_fraction=0.05, average_last=1, seed=0,
+    )  # fmt: skip
+    result = train(config, tmp_path)
+    # 3000 training images, 3 epochs: well above the 10 % of chance (measured: see below).
+    assert result.top1 > 60.0
+    assert result.history[-1]["structured"][0] > 0
