@@ -79,7 +79,8 @@ def test_resumed_run_reproduces_the_uninterrupted_run_exactly(tmp_path):
     resumed = train(config, tmp_path / "resumed", resume=True)
     assert _without_timings(resumed.history) == _without_timings(straight.history)
     assert resumed.top1 == straight.top1
-    assert any("structured" in record for record in straight.history)  # clusters were refitted
+    # cluster_every=1: no clusters before epoch 1, then a refit at the start of epochs 1 and 2.
+    assert ["structured" in record for record in straight.history] == [False, True, True]
     lines = (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]
     result = json.loads((tmp_path / "resumed" / "result.json").read_text())
@@ -112,3 +113,17 @@ def test_short_fashion_mnist_training_with_dropcluster_learns(tmp_path):
     # 3000 training images, 3 epochs: well above the 10 % of chance (measured: see below).
     assert result.top1 > 60.0
     assert result.history[-1]["structured"][0] > 0
+
+
+def test_clusters_are_refitted_in_a_compiled_model():
+    from dropcluster.models import build_model, place_regularizer
+    from dropcluster.nn import DropCluster2d
+    from dropcluster.train.loop import refit_clusters
+
+    model = build_model("lenet5", n_classes=10, in_channels=1)
+    place_regularizer(model, "dropcluster", 0.1, "fashion-mnist")
+    compiled = torch.compile(model, backend="eager")
+    images = torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8)
+    info = refit_clusters(compiled, images, lambda batch: batch.float() / 255, 16)
+    layer = next(m for m in model.modules() if isinstance(m, DropCluster2d))
+    assert layer.fitted and info["channels"] == [6]

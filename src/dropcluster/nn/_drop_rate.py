@@ -34,6 +34,22 @@ def check_drop_rate(p: float | Tensor, name: str = "p") -> float:
     return p
 
 
+def uniform(
+    shape: tuple[int, ...],
+    generator: torch.Generator | None,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """``torch.rand`` that names ``generator`` only when there is one.
+
+    Under ``torch.compile`` with a dynamic batch size, ``torch.rand(..., generator=None)``
+    takes the generator overload, which rejects symbolic sizes (torch 2.11, CUDA).
+    """
+    if generator is None:
+        return torch.rand(shape, device=device, dtype=dtype)
+    return torch.rand(shape, generator=generator, device=device, dtype=dtype)
+
+
 def check_positive_int(name: str, value: int) -> int:
     """Return ``value`` after checking that it is an int >= 1 (bool excluded)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

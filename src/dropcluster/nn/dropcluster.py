@@ -13,7 +13,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dropcluster.nn._drop_rate import DropRateModule, check_drop_rate, check_positive_int
+from dropcluster.nn._drop_rate import (
+    DropRateModule,
+    check_drop_rate,
+    check_positive_int,
+    uniform,
+)
 from dropcluster.rena import check_modes, rena
 
 # floor(p * n) with p stored in float32: 0.7 is 0.69999999 there and 0.7 * 10 would floor to
@@ -115,9 +120,7 @@ def _cluster_multipliers(
         n_drop = torch.floor(p_value * counts.double() * (1 + _FLOOR_SLACK)).long()  # (C,)
         # float64 scores: a tie between two clusters (which could drop one cluster too many)
         # has probability ~1e-14 per draw, against ~1e-5 with float32's 24-bit grid.
-        scores = torch.rand(
-            draws, n_channels, n_columns, generator=generator, device=device, dtype=torch.float64
-        )
+        scores = uniform((draws, n_channels, n_columns), generator, device, torch.float64)
         # Clusters that do not exist sort last and are never drawn.
         scores = scores.masked_fill_(~exists, 2.0)
         # The n_drop smallest scores of each channel are the dropped clusters.

@@ -1,8 +1,23 @@
 """StochasticDepth (Huang et al., "Deep networks with stochastic depth", ECCV 2016).
 
-A residual block computes ``shortcut(x) + branch(x)``; in training, stochastic depth drops the
-whole branch with probability p (per sample, or for the whole batch) and rescales kept branches
-by ``1 / (1 - p)`` so that the expectation is unchanged; evaluation uses every branch as is.
+A residual block computes ``shortcut(x) + branch(x)``. In training, stochastic depth drops the
+whole branch with probability p, per sample (``mode="row"``, as timm and torchvision do by
+default) or for the whole batch (``mode="batch"``, the paper's section 3 draws one Bernoulli
+variable per block and minibatch), and rescales the kept branches by ``1 / (1 - p)`` so that
+the expected output is unchanged; evaluation uses every branch as is. (The paper rescales at
+test time instead, by the survival probability; the two are equivalent in expectation.) The
+paper's rates grow linearly with depth, ``p_l = l / L * p_L`` for block l of L: give each
+block its own p.
+
+Two ways to apply it:
+
+- :func:`stochastic_depth` / :class:`StochasticDepth` multiply a branch's output by the keep
+  mask: ``out = shortcut + StochasticDepth(p)(branch(x))``. No host synchronisation, works
+  under ``torch.compile``; the branch is computed for every sample.
+- :class:`StochasticDepthResidual` wraps the whole block, and with ``skip_dropped=True`` runs
+  the branch only on the kept samples: about a fraction p less compute and activation memory,
+  for one host read of the kept count per forward (see the class docstring for the
+  differences).
 """
 
 from __future__ import annotations
@@ -10,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dropcluster.nn._drop_rate import DropRateModule, check_drop_rate
+from dropcluster.nn._drop_rate import DropRateModule, check_drop_rate, uniform
 
 MODES = ("row", "batch")
 
@@ -27,66 +42,170 @@ def stochastic_depth(
     """Drop the residual branch output ``x`` per sample (``"row"``) or per batch (``"batch"``).
 
     Args:
-        x: (N, ...) output of a residual branch, any float dtype and device.
-        p: drop rate in [0, 1), a float or a 0-d tensor (no host sync).
-        mode: ``"row"``: each sample keeps its branch with probability 1 - p; ``"batch"``: one
-            draw for the whole batch.
-        training: identity when False.
-        generator: random source on x's device.
-        return_mask: also return the 0/1 keep mask, shape (N, 1, ..., 1) or (1, ..., 1).
+        x: (N, ...) output of a residual branch: any floating dtype, device and memory format.
+        p: drop rate in [0, 1): a float (checked) or a 1-element float tensor (its shape is
+            checked, its value trusted as the modules' buffers are: reading it would be a host
+            synchronisation on accelerators and a graph break under ``torch.compile``).
+        mode: ``"row"``: each sample keeps its branch with probability 1 - p, independently;
+            ``"batch"``: one draw for the whole batch.
+        training: identity (``x`` itself is returned) when False, and when p is the float 0.
+        generator: random source on x's device (default: the global one).
+        return_mask: also return the 0/1 keep mask, before rescaling.
 
     Returns:
-        Tensor like x: ``x * keep / (1 - p)``.
+        Tensor like x (same shape, dtype and memory format): ``x * keep / (1 - p)``; with
+        ``return_mask``, also ``keep``, shape (N, 1, ..., 1) in row mode or (1, ..., 1) in batch
+        mode (all ones when nothing is dropped), in x's dtype.
+
+    The factor ``1 / (1 - p)`` is applied in x's dtype, as timm and torchvision do: in
+    bfloat16 it is rounded by at most 2**-9 relative.
+
+    Raises:
+        ValueError: x is not a floating tensor with a batch dimension, p is outside [0, 1) or
+            not a 1-element float tensor, or mode is unknown.
     """
+    _check_input(x)
+    _check_mode(mode)
+    p = _check_rate(p)
+    return _stochastic_depth(x, p, mode, training, generator, return_mask)
+
+
+def _check_input(x: Tensor) -> None:
+    if not isinstance(x, Tensor) or x.dim() < 1 or not x.is_floating_point():
+        got = f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(
+            f"input should be a floating tensor with a batch dimension (N, ...), but got {got}"
+        )
+
+
+def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"mode should be one of {MODES}, but got {mode!r}")
-    if not isinstance(x, Tensor) or x.dim() < 1:
-        raise ValueError("input should be a tensor with a batch dimension")
+
+
+def _check_rate(p: float | Tensor) -> float | Tensor:
     if not isinstance(p, Tensor):
-        p = check_drop_rate(p)
+        return check_drop_rate(p)
+    if p.numel() != 1 or not p.is_floating_point():
+        raise ValueError(
+            f"p should be a float or a 1-element float tensor, but got a {p.dtype} tensor of "
+            f"shape {tuple(p.shape)}"
+        )
+    return p
+
+
+def _stochastic_depth(
+    x: Tensor,
+    p: float | Tensor,
+    mode: str,
+    training: bool,
+    generator: torch.Generator | None,
+    return_mask: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`stochastic_depth` on checked arguments (the modules' entry point)."""
     if not training or (not isinstance(p, Tensor) and p == 0.0):
         if return_mask:
-            return x, torch.ones((1,) * x.dim(), dtype=x.dtype, device=x.device)
+            return x, x.new_ones((1,) * x.dim())
         return x
-    keep, scale = _keep_mask(x, p, mode, generator)
-    out = x * (keep * scale)
+    keep = _draw_keep(x.shape[0], p, mode, x.device, generator)
+    keep = _broadcastable(keep, x.dim(), x.dtype)
+    out = x * (keep * _keep_scale(p, x.dtype))
     return (out, keep) if return_mask else out
 
 
-def _keep_mask(x: Tensor, p, mode: str, generator) -> tuple[Tensor, Tensor]:
-    shape = (x.shape[0] if mode == "row" else 1,) + (1,) * (x.dim() - 1)
+def _draw_keep(
+    n_samples: int,
+    p: float | Tensor,
+    mode: str,
+    device: torch.device,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """(N,) in row mode or (1,) in batch mode bool tensor: True where the branch is kept."""
     with torch.no_grad():
-        p_tensor = p if isinstance(p, Tensor) else torch.tensor(p)
-        p_tensor = p_tensor.to(device=x.device, dtype=torch.float32)
-        uniform = torch.rand(shape, generator=generator, device=x.device)
-        keep = (uniform >= p_tensor).to(x.dtype)
-        scale = (1.0 / (1.0 - p_tensor)).to(x.dtype)
-    return keep, scale
+        # Uniform in [0, 1) in float32 whatever x's dtype: P(u >= p) = 1 - p to within 2**-24,
+        # where a bfloat16 draw (multiples of 2**-8) would quantise small rates.
+        draws = uniform((n_samples if mode == "row" else 1,), generator, device, torch.float32)
+        if isinstance(p, Tensor):
+            p = p.to(device=device).reshape(())
+        return draws >= p
+
+
+def _keep_scale(p: float | Tensor, dtype: torch.dtype) -> float | Tensor:
+    """``1 / (1 - p)``: a Python float for a float p, a 0-d tensor in ``dtype`` for a tensor."""
+    if isinstance(p, Tensor):
+        with torch.no_grad():
+            return (1.0 / (1.0 - p.reshape(()))).to(dtype)
+    return 1.0 / (1.0 - p)
+
+
+def _broadcastable(keep: Tensor, n_dims: int, dtype: torch.dtype) -> Tensor:
+    """The (N,) or (1,) keep vector as a (N or 1, 1, ..., 1) tensor of rank n_dims in dtype."""
+    return keep.reshape((-1,) + (1,) * (n_dims - 1)).to(dtype)
+
+
+def _channels_last_order(x: Tensor) -> tuple[int, ...] | None:
+    """The dims of a channels_last(_3d) tensor in memory order (its contiguous view), else None.
+
+    index_select and index_add_ along dim 0 are fast on contiguous tensors only: on a
+    channels_last one they are 3-4x slower than on its contiguous (N, H, W, C) view, and
+    index_select returns a contiguous (N, C, H, W) tensor that the convolutions would convert.
+    """
+    if x.is_contiguous():
+        return None
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return (0, 2, 3, 1)
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return (0, 2, 3, 4, 1)
+    return None
+
+
+def _gather_samples(x: Tensor, index: Tensor) -> Tensor:
+    """``x[index]`` in x's memory format, through index_select (whose backward is index_add_;
+    advanced indexing's is a slower accumulating index_put_)."""
+    order = _channels_last_order(x)
+    if order is None:
+        return x.index_select(0, index)
+    inverse = tuple(order.index(dim) for dim in range(x.dim()))
+    return x.permute(order).index_select(0, index).permute(inverse)
+
+
+def _add_samples_(out: Tensor, index: Tensor, source: Tensor) -> None:
+    """``out[index] += source`` in place, on out's contiguous view when it is channels_last."""
+    order = _channels_last_order(out)
+    if order is None:
+        out.index_add_(0, index, source)
+    else:
+        out.permute(order).index_add_(0, index, source.permute(order))
 
 
 class StochasticDepth(DropRateModule):
-    """Stochastic depth on a residual branch's output: ``shortcut + StochasticDepth(branch)``.
+    """Stochastic depth on a residual branch's output: ``shortcut + StochasticDepth(p)(branch)``.
+
+    A thin shell around :func:`stochastic_depth` that keeps the rate in the ``p`` buffer
+    (``set_p`` changes it without recompiling a compiled model).
 
     Args:
         p: drop rate in [0, 1).
-        mode: ``"row"`` (per sample, default) or ``"batch"``.
-        generator: random source on the input's device.
+        mode: ``"row"`` (per sample, default) or ``"batch"`` (whole batch).
+        generator: random source on the input's device (default: the global one).
+
+    Shape:
+        input (N, ...) floating tensor; output the same shape, dtype and memory format.
     """
 
     def __init__(
         self, p: float = 0.1, mode: str = "row", *, generator: torch.Generator | None = None
     ) -> None:
         super().__init__(p)
-        if mode not in MODES:
-            raise ValueError(f"mode should be one of {MODES}, but got {mode!r}")
+        _check_mode(mode)
         self.mode = mode
         self.generator = generator
 
     def forward(self, x: Tensor) -> Tensor:
-        result = stochastic_depth(
-            x, self.p, self.mode, training=self.training, generator=self.generator,
-            return_mask=self.record_mask,
-        )  # fmt: skip
+        _check_input(x)
+        result = _stochastic_depth(
+            x, self.p, self.mode, self.training, self.generator, self.record_mask
+        )
         return self._unpack(result)
 
     def extra_repr(self) -> str:
@@ -96,21 +215,43 @@ class StochasticDepth(DropRateModule):
 class StochasticDepthResidual(DropRateModule):
     """A residual block with stochastic depth: ``shortcut(x) + drop(branch(x))``.
 
-    With ``skip_dropped=True`` (training, row mode) the branch runs only on the kept samples
-    and its output is index-added into the shortcut, which saves the branch's compute and memory
-    for the dropped ones (about a fraction p). The price: the number of kept samples is read on
-    the host (a synchronisation on accelerators), and normalisation layers inside the branch
-    compute their batch statistics over the kept samples only. In batch mode a dropped batch
-    skips the branch entirely. Outputs have the same distribution as with masking, and with the
-    same generator state they are equal.
+    In training each sample (row mode) or the whole batch (batch mode) keeps the branch with
+    probability 1 - p, and kept branches are scaled by ``1 / (1 - p)``; in evaluation the block
+    is ``shortcut(x) + branch(x)``.
+
+    ``skip_dropped=False`` (default) computes the branch for every sample and multiplies it by
+    the mask, like ``shortcut(x) + StochasticDepth(p)(branch(x))``: no synchronisation, fully
+    traceable by ``torch.compile``.
+
+    ``skip_dropped=True`` runs the branch on the kept samples only (``x[kept]``) and index-adds
+    its scaled output into the shortcut's; a dropped batch (batch mode) skips the branch
+    altogether. It saves about a fraction p of the branch's compute and saved activations, and
+    costs a gather of the kept inputs and a scatter of their outputs. With the same generator
+    state it draws the same mask and gives the same outputs and parameter gradients as
+    masking (up to float rounding), except that:
+
+    - the kept count is read on the host every training forward: a synchronisation on
+      accelerators (the device queue drains), and a graph break with a data-dependent shape
+      under ``torch.compile``;
+    - normalisation layers inside the branch compute their batch statistics (and update their
+      running averages) over the kept samples only, where masking lets every sample, dropped
+      or not, contribute; and batch norm raises if a single sample with 1x1 maps is kept;
+    - when no sample is kept the branch does not run: its parameters get no gradient (None
+      rather than zeros), so optimizers skip them for that step (no weight decay or momentum
+      update) and DistributedDataParallel needs ``find_unused_parameters=True``.
 
     Args:
         branch: the residual branch, mapping (N, ...) to the shortcut's output shape.
         p: drop rate in [0, 1).
-        mode: ``"row"`` or ``"batch"``.
-        skip_dropped: run the branch on kept samples only.
-        shortcut: module applied to x for the identity path (default: identity).
-        generator: random source on the input's device.
+        mode: ``"row"`` (per sample, default) or ``"batch"`` (whole batch).
+        skip_dropped: run the branch on the kept samples only (see above).
+        shortcut: the identity path (default :class:`torch.nn.Identity`), e.g. a strided 1x1
+            conv where the branch changes the shape.
+        generator: random source on the input's device (default: the global one).
+
+    Shape:
+        input (N, ...) floating tensor; output the shape of ``shortcut(x)``. A recorded mask
+        (``record_mask``) is (N or 1, 1, ..., 1) with the rank of x, before rescaling.
     """
 
     def __init__(
@@ -118,35 +259,54 @@ class StochasticDepthResidual(DropRateModule):
         branch: nn.Module,
         p: float = 0.1,
         mode: str = "row",
-        *,
         skip_dropped: bool = False,
         shortcut: nn.Module | None = None,
+        *,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(p)
-        if mode not in MODES:
-            raise ValueError(f"mode should be one of {MODES}, but got {mode!r}")
+        _check_mode(mode)
         self.branch = branch
         self.shortcut = shortcut if shortcut is not None else nn.Identity()
         self.mode = mode
-        self.skip_dropped = skip_dropped
+        self.skip_dropped = bool(skip_dropped)
         self.generator = generator
 
     def forward(self, x: Tensor) -> Tensor:
+        _check_input(x)
         identity = self.shortcut(x)
         if not self.training:
             return identity + self.branch(x)
-        keep, scale = _keep_mask(x, self.p, self.mode, self.generator)
-        self._remember(keep)
-        if not self.skip_dropped:
-            return identity + self.branch(x) * (keep * scale)
+        # Drawn before the branch runs, in both variants, so that they consume the generator
+        # identically (and a branch drawing from the same generator sees the same state).
+        keep = _draw_keep(x.shape[0], self.p, self.mode, x.device, self.generator)
+        if self.record_mask:
+            self._remember(_broadcastable(keep, x.dim(), x.dtype))
+        if self.skip_dropped:
+            return self._forward_kept_only(x, identity, keep)
+        branch_out = self.branch(x)
+        mask = _broadcastable(keep, branch_out.dim(), branch_out.dtype)
+        return identity + branch_out * (mask * _keep_scale(self.p, branch_out.dtype))
+
+    def _forward_kept_only(self, x: Tensor, identity: Tensor, keep: Tensor) -> Tensor:
         if self.mode == "batch":
-            return identity + self.branch(x) * scale if bool(keep.any()) else identity
-        kept = keep.view(-1).nonzero().squeeze(1)
-        if kept.numel() == 0:
+            if not bool(keep):  # host read
+                return identity
+            branch_out = self.branch(x)
+            return identity + branch_out * _keep_scale(self.p, branch_out.dtype)
+        kept = keep.nonzero().squeeze(1)
+        n_kept = kept.numel()  # the host read: nonzero has a data-dependent size
+        if n_kept == 0:
             return identity
-        branch_out = self.branch(x.index_select(0, kept)) * scale
-        return identity.index_add(0, kept, branch_out.to(identity.dtype))
+        if n_kept == x.shape[0]:  # nothing to gather or scatter
+            branch_out = self.branch(x)
+            return identity + branch_out * _keep_scale(self.p, branch_out.dtype)
+        branch_out = self.branch(_gather_samples(x, kept))
+        branch_out = branch_out * _keep_scale(self.p, branch_out.dtype)
+        out_dtype = torch.promote_types(identity.dtype, branch_out.dtype)
+        out = identity.to(dtype=out_dtype, copy=True)  # keeps the memory format
+        _add_samples_(out, kept, branch_out.to(out_dtype))
+        return out
 
     def extra_repr(self) -> str:
         return f"p={float(self.p):g}, mode={self.mode!r}, skip_dropped={self.skip_dropped}"

@@ -85,6 +85,8 @@ def refit_clusters(model: nn.Module, images: Tensor, prepare, batch_size: int) -
 
     Returns the number of structured channels per layer and the time taken.
     """
+    # Hooks added after torch.compile are not seen by the compiled graph: capture eagerly.
+    model = getattr(model, "_orig_mod", model)
     layers = [m for m in model.modules() if isinstance(m, DropCluster2d)]
     if not layers:
         return {}
