@@ -32,6 +32,12 @@ def test_config_round_trips_through_json(tmp_path):
     assert TrainConfig.from_file(tmp_path / "config.json") == config
 
 
+def test_weight_decay_defaults_to_the_papers_value_per_data_set():
+    assert TrainConfig(dataset="cifar100").resolved_weight_decay() == 5e-4
+    assert TrainConfig(dataset="tiny-imagenet").resolved_weight_decay() == 1e-4
+    assert TrainConfig(dataset="tiny-imagenet", weight_decay=0.0).resolved_weight_decay() == 0.0
+
+
 def test_config_loads_yaml(tmp_path):
     (tmp_path / "run.yaml").write_text("dataset: cifar100\nmodel: resnet50\nepochs: 250\n")
     config = TrainConfig.from_file(tmp_path / "run.yaml")

@@ -7,6 +7,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+#: Weight decay of the paper's protocol per data set.
+PAPER_WEIGHT_DECAY = {"cifar100": 5e-4, "tiny-imagenet": 1e-4}
+
 
 @dataclass
 class TrainConfig:
@@ -24,8 +27,10 @@ class TrainConfig:
             "stochastic_depth", placed as the paper did (``dropcluster.models.placement``).
         p: drop rate.
         regularizer_options: extra options of the regularizer (e.g. {"block_size": 5}).
-        epochs, batch_size, lr, momentum, weight_decay: SGD with momentum (paper: 250 epochs,
-            lr 0.1, momentum 0.9, weight decay 5e-4 on CIFAR-100 and 1e-4 on Tiny ImageNet).
+        epochs, batch_size, lr, momentum: SGD with momentum (paper: 250 epochs, lr 0.1,
+            momentum 0.9).
+        weight_decay: None: the paper's value for the data set (5e-4 on CIFAR-100, 1e-4 on
+            Tiny ImageNet; 5e-4 for the others), see :meth:`resolved_weight_decay`.
         lr_milestones, lr_gamma: step decay (paper: x0.1 at epochs 150 and 200).
         cluster_every: refit DropCluster's clusters at epochs s, 2s, ... (paper: 50).
         cluster_images: training images whose activations are clustered (more than one
@@ -51,7 +56,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 0.1
     momentum: float = 0.9
-    weight_decay: float = 5e-4
+    weight_decay: float | None = None
     lr_milestones: list[int] = field(default_factory=list)
     lr_gamma: float = 0.1
     cluster_every: int = 5
@@ -80,13 +85,19 @@ class TrainConfig:
             raise ValueError(f"train_fraction should be in (0, 1], but got {self.train_fraction}")
         if not 0.0 <= self.p < 1.0:
             raise ValueError(f"p should be in [0, 1), but got {self.p}")
-        if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
+        if self.lr <= 0 or self.resolved_weight_decay() < 0 or not 0 <= self.momentum < 1:
             raise ValueError(
                 "expected lr > 0, weight_decay >= 0 and momentum in [0, 1), but got "
                 f"lr={self.lr}, weight_decay={self.weight_decay}, momentum={self.momentum}"
             )
         if sorted(self.lr_milestones) != list(self.lr_milestones):
             raise ValueError(f"lr_milestones should be increasing, but got {self.lr_milestones}")
+
+    def resolved_weight_decay(self) -> float:
+        """The weight decay in force: the given one, or the paper's for the data set."""
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return PAPER_WEIGHT_DECAY.get(self.dataset, 5e-4)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -66,7 +66,7 @@ def build_run(config: TrainConfig, device: torch.device) -> Run:
         # Batch-norm scales and biases are not decayed (the usual ResNet practice).
         (no_decay if parameter.ndim <= 1 else decay).append(parameter)
     optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": config.weight_decay},
+        [{"params": decay, "weight_decay": config.resolved_weight_decay()},
          {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr, momentum=config.momentum,
     )  # fmt: skip
