@@ -116,8 +116,9 @@ def test_short_fashion_mnist_training_with_dropcluster_learns(tmp_path):
         train_fraction=0.05, average_last=1, seed=0,
     )  # fmt: skip
     result = train(config, tmp_path)
-    # 3000 training images, 3 epochs: well above the 10 % of chance (measured: see below).
-    assert result.top1 > 60.0
+    # 3000 training images, 3 epochs: 61.05 % top-1 measured here (torch 2.13 CPU, seed 0);
+    # chance is 10 %. The margin allows for other CPUs' arithmetic.
+    assert result.top1 > 50.0
     assert result.history[-1]["structured"][0] > 0
 
 
