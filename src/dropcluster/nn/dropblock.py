@@ -38,6 +38,7 @@ Two samplers draw the same centre process:
 from __future__ import annotations
 
 import math
+import operator
 from collections import Counter
 from functools import lru_cache
 
@@ -45,7 +46,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dropcluster.nn._drop_rate import DropRateModule, check_drop_rate, check_positive_int
+from dropcluster.nn._drop_rate import (
+    DropRateModule,
+    check_drop_rate,
+    check_positive_int,
+    uniform,
+)
 
 # Newton from the first-order gamma reaches f(gamma) = p to 1e-12 in at most 12 steps for every
 # map up to 224 x 224, block up to 11 and p up to 0.999 (tests check a grid); 20 leave a margin.
@@ -184,7 +190,10 @@ def drop_block2d(
     check_positive_int("block_size", block_size)
     if not isinstance(p, Tensor):
         p = check_drop_rate(p)
-    n_samples, n_channels, height, width = x.shape
+    n_samples, n_channels = x.shape[:2]
+    # The map size fixes the coverage histogram and the block geometry: under torch.compile with
+    # dynamic shapes, operator.index specialises it (a guard), while N and C can stay dynamic.
+    height, width = operator.index(x.shape[2]), operator.index(x.shape[3])
     mask_shape = (n_samples, n_channels if per_channel else 1, height, width)
     identity = (x, x.new_ones(1, 1, 1, 1).expand(mask_shape)) if return_mask else x
     if not training or (not isinstance(p, Tensor) and p == 0.0) or x.numel() == 0:
@@ -228,8 +237,7 @@ def _dense_keep(shape, gamma, block_h: int, block_w: int, generator, dtype, devi
     n_samples, n_channels, height, width = shape
     valid_shape = (n_samples, n_channels, height - block_h + 1, width - block_w + 1)
     # float32 draws: a float16 uniform would round gamma to a multiple of 2**-11.
-    uniform = torch.rand(valid_shape, generator=generator, device=device)
-    valid_centres = (uniform < gamma).to(dtype)
+    valid_centres = (uniform(valid_shape, generator, device) < gamma).to(dtype)
     # Place the valid region inside the full map: centres sit (block - 1) // 2 from the edge.
     centres = F.pad(
         valid_centres, ((block_w - 1) // 2, block_w // 2, (block_h - 1) // 2, block_h // 2)
@@ -461,6 +469,11 @@ def _drop_blocks_at(x, corners, block, per_channel: bool, return_mask: bool):
 
 class DropBlock2d(DropRateModule):
     """DropBlock as a layer, with the exact drop rate; see :func:`drop_block2d`.
+
+    ``forward`` passes the rate buffer ``p`` as a tensor. On accelerators it solves gamma in
+    tensor operations once per rate and map size (no host synchronisation); under torch.compile
+    the solve is part of the graph, so ``set_p`` needs no recompilation; on the CPU in eager mode
+    the sparse sampler reads p and the number of centres on the host (a memory read there).
 
     Args:
         p: fraction of pixels dropped in training, in [0, 1); stored in the buffer ``p``.
