@@ -122,6 +122,12 @@ def _add_train_parser(commands) -> None:
         help="regularizer option, e.g. --option block_size=5 (repeatable)",
     )
     train.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    train.add_argument(
+        "--amp-dtype",
+        choices=("bfloat16", "float16"),
+        default=None,
+        help="mixed-precision type on CUDA (default bfloat16)",
+    )
     train.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory format")
     train.add_argument("--compile", action="store_true", help="use torch.compile")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -149,6 +155,8 @@ def _train_config(args: argparse.Namespace):
     values["regularizer_options"] = options
     if args.no_amp:
         values["amp"] = False
+    if args.amp_dtype is not None:
+        values["amp_dtype"] = args.amp_dtype
     if args.no_channels_last:
         values["channels_last"] = False
     if args.compile:

@@ -39,7 +39,8 @@ class TrainConfig:
         average_last: the final metric is the mean over the last K epochs (paper: 50).
         seed: seeds the model, the data order, augmentation and dropout masks.
         device: "cpu", "cuda", "cuda:1", ...
-        amp: mixed precision on CUDA (bfloat16); ignored on the CPU.
+        amp: mixed precision on CUDA; ignored on the CPU.
+        amp_dtype: "bfloat16" (default) or "float16" (with gradient scaling).
         channels_last: NHWC memory format (faster convolutions on CPU and recent GPUs).
         compile: wrap the model in torch.compile.
         eval_batch_size: batch size for evaluation.
@@ -66,6 +67,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     amp: bool = True
+    amp_dtype: str = "bfloat16"
     channels_last: bool = True
     compile: bool = False
     eval_batch_size: int = 500
@@ -90,6 +92,8 @@ class TrainConfig:
                 "expected lr > 0, weight_decay >= 0 and momentum in [0, 1), but got "
                 f"lr={self.lr}, weight_decay={self.weight_decay}, momentum={self.momentum}"
             )
+        if self.amp_dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"amp_dtype should be bfloat16 or float16, but got {self.amp_dtype!r}")
         if sorted(self.lr_milestones) != list(self.lr_milestones):
             raise ValueError(f"lr_milestones should be increasing, but got {self.lr_milestones}")
 

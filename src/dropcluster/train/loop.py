@@ -134,8 +134,9 @@ class Progress:
         self.interactive = self.stream.isatty()
         self.last = 0.0
 
-    def step(self, epoch: int, step: int, steps: int, loss: float, images_per_s: float,
+    def step(self, epoch: int, step: int, steps: int, loss: Tensor, images_per_s: float,
              eta_s: float) -> None:  # fmt: skip
+        """Redraw the line at most 5 times a second; ``loss`` is read (a sync) only then."""
         now = time.perf_counter()
         if not self.interactive or (now - self.last < 0.2 and step < steps):
             return
@@ -144,7 +145,7 @@ class Progress:
         filled = int(width * step / max(1, steps))
         line = (
             f"\repoch {epoch + 1}/{self.total_epochs} [{'#' * filled}{'.' * (width - filled)}] "
-            f"loss {loss:.3f} {images_per_s:,.0f} img/s ETA {_clock(eta_s)}"
+            f"loss {float(loss):.3f} {images_per_s:,.0f} img/s ETA {_clock(eta_s)}"
         )
         self.stream.write(line)
         self.stream.flush()
@@ -235,6 +236,11 @@ def train(
     last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
     progress = Progress(config.epochs, progress_stream)
     autocast = device.type == "cuda" and config.amp
+    amp_dtype = getattr(torch, config.amp_dtype)
+    # float16 needs loss scaling; bfloat16 has float32's range and does not.
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast and amp_dtype == torch.float16)
+    if resume and checkpoint_path.exists() and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
     for epoch in range(start_epoch, last_epoch):
         record: dict[str, Any] = {"epoch": epoch}
         if epoch > 0 and epoch % config.cluster_every == 0 and run.has_dropcluster:
@@ -248,12 +254,13 @@ def train(
         seen = 0
         steps = len(loader)
         for step, (images, labels) in enumerate(loader, start=1):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=autocast):
                 logits = model(images)
                 loss = F.cross_entropy(logits, labels)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             loss_sum += loss.detach() * labels.shape[0]
             correct += (logits.detach().argmax(1) == labels).sum()
             seen += labels.shape[0]
@@ -262,7 +269,7 @@ def train(
             remaining = (steps - step) * elapsed / step + (
                 last_epoch - epoch - 1
             ) * elapsed * steps / step
-            progress.step(epoch, step, steps, float(loss.detach()), rate, remaining)
+            progress.step(epoch, step, steps, loss.detach(), rate, remaining)
         scheduler.step()
         train_seconds = time.perf_counter() - epoch_start
         top1, top5 = evaluate(
@@ -283,6 +290,7 @@ def train(
             "config": config.to_dict(), "epoch": epoch, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "loader": loader.state_dict(), "rng": rng_state(), "history": result.history,
+            "scaler": scaler.state_dict(),
         })  # fmt: skip
         progress.epoch(record, (last_epoch - epoch - 1) * train_seconds)
 
