@@ -40,6 +40,7 @@ bench: venv data
 	$(PY) benchmarks/bench_layers.py
 	$(PY) benchmarks/check_dropblock_rate.py
 	$(PY) benchmarks/bench_stochastic_depth.py
+	$(PY) benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

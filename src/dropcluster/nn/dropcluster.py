@@ -233,12 +233,7 @@ class DropCluster2d(DropRateModule):
         self.max_rounds = max_rounds
         self.sample_in_eval = sample_in_eval
         self.generator = generator
-        self._set_clusters(
-            torch.zeros(0, 0, 0, dtype=torch.int64),
-            torch.zeros(0, dtype=torch.bool),
-            torch.zeros(0, dtype=torch.int64),
-            torch.zeros(0, 0, dtype=torch.int64),
-        )
+        self.reset()
 
     @property
     def fitted(self) -> bool:
