@@ -47,16 +47,7 @@ def build_run(config: TrainConfig, device: torch.device) -> Run:
     train_images = train_set.images[index]
     train_labels = train_set.labels[index]
     augment = AUGMENT_PRESETS[config.dataset]
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-
-    model = build_model(
-        config.model, n_classes=len(train_set.classes), in_channels=train_images.shape[1],
-        stem=config.stem,
-    )  # fmt: skip
-    place_regularizer(
-        model, config.regularizer, config.p, config.dataset, **config.regularizer_options
-    )
-    model = model.to(device=device, memory_format=memory_format)
+    model = build_configured_model(config, len(train_set.classes), train_images.shape[1], device)
     has_dropcluster = any(isinstance(m, DropCluster2d) for m in model.modules())
     if config.compile:
         model = torch.compile(model)
@@ -81,9 +72,7 @@ def build_run(config: TrainConfig, device: torch.device) -> Run:
         device=device, drop_last=train_images.shape[0] >= config.batch_size,
     )  # fmt: skip
 
-    def prepare_eval(images: Tensor) -> Tensor:
-        return normalize(images, augment.mean, augment.std).contiguous(memory_format=memory_format)
-
+    prepare_eval = eval_preparer(config)
     # The clustered images: the first `cluster_images` of a fixed permutation of the subset.
     order = torch.randperm(train_images.shape[0], generator=torch.Generator().manual_seed(
         config.seed))[: config.cluster_images]  # fmt: skip
@@ -98,3 +87,27 @@ def build_run(config: TrainConfig, device: torch.device) -> Run:
         prepare_eval=prepare_eval,
         has_dropcluster=has_dropcluster,
     )
+
+
+def build_configured_model(
+    config: TrainConfig, n_classes: int, in_channels: int, device: torch.device
+) -> nn.Module:
+    """The config's model with its regularizer in the paper's slot, on ``device`` (uncompiled)."""
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model = build_model(config.model, n_classes=n_classes, in_channels=in_channels,
+                        stem=config.stem)  # fmt: skip
+    place_regularizer(
+        model, config.regularizer, config.p, config.dataset, **config.regularizer_options
+    )
+    return model.to(device=device, memory_format=memory_format)
+
+
+def eval_preparer(config: TrainConfig) -> Callable[[Tensor], Tensor]:
+    """The function that turns uint8 test images (N, C, H, W) into the model's float input."""
+    augment = AUGMENT_PRESETS[config.dataset]
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+
+    def prepare_eval(images: Tensor) -> Tensor:
+        return normalize(images, augment.mean, augment.std).contiguous(memory_format=memory_format)
+
+    return prepare_eval

@@ -1,0 +1,1 @@
+"""Experiments: presets, the resumable sweep runner, the results database and the reports."""
