@@ -24,8 +24,10 @@ data:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; }
 
+# The main job at demo scale: `dropcluster reproduce` (demo preset) -> runs/demo/report/report.md.
+# Rerunning continues an interrupted demo; `rm -rf runs/demo` starts over.
 demo: venv data
-	$(VENV)/bin/dropcluster cluster-analysis
+	$(VENV)/bin/dropcluster reproduce --preset demo --out runs/demo
 
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks

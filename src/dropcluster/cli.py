@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analysis.set_defaults(handler=_run_cluster_analysis)
     _add_train_parser(commands)
+    from dropcluster.cli_experiments import add_experiment_parsers
+
+    add_experiment_parsers(commands)
     return parser
 
 
@@ -189,6 +192,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"dropcluster: error: {error}", file=sys.stderr)
+        return 2
+    except ImportError as error:
+        # A missing optional extra says how to install it; any other ImportError is a bug.
+        if "pip install" not in str(error):
+            raise
+        print(f"dropcluster: error: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        # A results database from a newer dropcluster (SchemaVersionError) and the like.
+        if type(error).__name__ != "SchemaVersionError":
+            raise
         print(f"dropcluster: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -7,6 +7,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+
+#: Fields that do not change a run's results: a run may resume with other values.
+_NOT_IDENTITY = frozenset({"device", "eval_batch_size"})
+
 #: Weight decay of the paper's protocol per data set.
 PAPER_WEIGHT_DECAY = {"cifar100": 5e-4, "tiny-imagenet": 1e-4}
 
@@ -38,7 +43,8 @@ class TrainConfig:
         train_fraction: stratified fraction of the training set (the small-sample runs).
         average_last: the final metric is the mean over the last K epochs (paper: 50).
         seed: seeds the model, the data order, augmentation and dropout masks.
-        device: "cpu", "cuda", "cuda:1", ...
+        device: "cpu", "cuda", "cuda:1", ..., or "auto" (CUDA when available, else the CPU).
+            Not part of a run's identity: a run may resume on another device.
         amp: mixed precision on CUDA; ignored on the CPU.
         amp_dtype: "bfloat16" (default) or "float16" (with gradient scaling).
         channels_last: NHWC memory format (faster convolutions on CPU and recent GPUs).
@@ -92,6 +98,13 @@ class TrainConfig:
                 "expected lr > 0, weight_decay >= 0 and momentum in [0, 1), but got "
                 f"lr={self.lr}, weight_decay={self.weight_decay}, momentum={self.momentum}"
             )
+        try:
+            if self.device != "auto":
+                torch.device(self.device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(
+                f"device should be 'auto', 'cpu', 'cuda', 'cuda:N', ..., but got {self.device!r}"
+            ) from error
         if self.amp_dtype not in ("bfloat16", "float16"):
             raise ValueError(f"amp_dtype should be bfloat16 or float16, but got {self.amp_dtype!r}")
         if sorted(self.lr_milestones) != list(self.lr_milestones):
@@ -102,6 +115,22 @@ class TrainConfig:
         if self.weight_decay is not None:
             return self.weight_decay
         return PAPER_WEIGHT_DECAY.get(self.dataset, 5e-4)
+
+    def resolved_device(self) -> torch.device:
+        """The device in force ("auto": the first CUDA device when there is one, else CPU)."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def same_run_as(self, other: TrainConfig) -> bool:
+        """Equal in every field that changes results (the device and eval batch size do not)."""
+        return self.run_differences(other) == {}
+
+    def run_differences(self, other: TrainConfig) -> dict[str, Any]:
+        """``{field: (mine, theirs)}`` for the fields that differ and change results."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {key: (mine[key], theirs[key]) for key in mine
+                if mine[key] != theirs[key] and key not in _NOT_IDENTITY}  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -83,11 +83,13 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, prepare, batch_si
 def refit_clusters(model: nn.Module, images: Tensor, prepare, batch_size: int) -> dict[str, Any]:
     """Refit every DropCluster2d in ``model`` on its inputs for ``images`` (Algorithm 1).
 
-    Returns the number of structured channels per layer and the time taken.
+    Returns the number of structured channels and of channels per layer, the layers' module
+    names, and the time taken.
     """
     # Hooks added after torch.compile are not seen by the compiled graph: capture eagerly.
     model = getattr(model, "_orig_mod", model)
-    layers = [m for m in model.modules() if isinstance(m, DropCluster2d)]
+    named = [(name, m) for name, m in model.named_modules() if isinstance(m, DropCluster2d)]
+    layers = [m for _, m in named]
     if not layers:
         return {}
     start = time.perf_counter()
@@ -118,6 +120,7 @@ def refit_clusters(model: nn.Module, images: Tensor, prepare, batch_size: int) -
         layer.fit(activations)
         structured.append(int(layer.structured.sum()))
     return {"structured": structured, "channels": [int(layer.labels.shape[0]) for layer in layers],
+            "layers": [name for name, _ in named],
             "refit_seconds": time.perf_counter() - start}  # fmt: skip
 
 
@@ -204,7 +207,7 @@ def train(
             f"choose another output folder"
         )
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(config.device)
+    device = config.resolved_device()
     torch.manual_seed(config.seed)
     run = build_run(config, device)
     model, optimizer, scheduler, loader = run.model, run.optimizer, run.scheduler, run.loader
@@ -213,10 +216,10 @@ def train(
     if resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path, map_location=device)
         saved = TrainConfig.from_dict(state["config"])
-        if saved != config:
+        if not saved.same_run_as(config):
             raise ValueError(
-                f"{checkpoint_path} belongs to a different config; differences: "
-                f"{_differences(saved, config)}"
+                f"{checkpoint_path} belongs to a different config; differences (saved, given): "
+                f"{saved.run_differences(config)}"
             )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -310,8 +313,3 @@ def train(
 def _append_log(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as handle:
         handle.write(json.dumps(record) + "\n")
-
-
-def _differences(saved: TrainConfig, given: TrainConfig) -> dict[str, Any]:
-    a, b = saved.to_dict(), given.to_dict()
-    return {key: (a[key], b[key]) for key in a if a[key] != b[key]}

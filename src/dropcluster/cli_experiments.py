@@ -1,0 +1,326 @@
+"""The experiment subcommands of ``dropcluster``: evaluate, sweep, reproduce, results, report,
+analyze. Kept apart from :mod:`dropcluster.cli` so each file stays one screenful of concerns."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_experiment_parsers(commands) -> None:
+    """Register the experiment subcommands on the ``dropcluster`` parser."""
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="accuracy of a trained run on corrupted test sets (7 corruptions x 5 severities)",
+        description=(
+            "Evaluate a trained run on the clean test set and on corrupted copies made on the "
+            "fly (Hendrycks & Dietterich 2019), or on the released CIFAR-100-C / "
+            "Tiny-ImageNet-C files with --corrupted-from. Writes corruptions.json and a summary "
+            "in the run's result.json, and prints a table."
+        ),
+    )
+    evaluate.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="the run's folder (written by dropcluster train or sweep)",
+    )
+    evaluate.add_argument(
+        "--corruptions",
+        default="all",
+        help="'all' or a comma-separated list, e.g. gaussian_noise,zoom_blur",
+    )
+    evaluate.add_argument("--severities", default="1-5", help="e.g. 1-5, 1,3,5 or 2")
+    evaluate.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="use a class-balanced subset of this many test images",
+    )
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the corruptions' noise")
+    evaluate.add_argument(
+        "--jpeg-quality",
+        type=int,
+        default=None,
+        help="JPEG round trip after corrupting (85: as Tiny-ImageNet-C)",
+    )
+    evaluate.add_argument(
+        "--family",
+        choices=("cifar", "tiny-imagenet", "imagenet"),
+        default=None,
+        help="severity table (default: by image size; 28x28 uses cifar)",
+    )
+    evaluate.add_argument(
+        "--corrupted-from",
+        default=None,
+        metavar="DIR",
+        help="folder of the released CIFAR-100-C or Tiny-ImageNet-C files",
+    )
+    evaluate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    evaluate.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
+    evaluate.set_defaults(handler=_run_evaluate)
+
+    for name, text in (
+        ("sweep", "train every run of a preset's grid that is not finished yet (resumable)"),
+        ("reproduce", "sweep + report: reproduce the paper's comparisons (default: the demo)"),
+    ):
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument(
+            "--preset",
+            default="demo",
+            help="demo (default), paper-cifar100, paper-tiny-imagenet, or a .json",
+        )
+        sub.add_argument(
+            "--out", type=Path, default=None, help="output folder (default: runs/<preset>)"
+        )
+        sub.add_argument(
+            "--jobs",
+            type=int,
+            default=1,
+            help="runs at once (one per GPU, or CPU processes sharing the cores)",
+        )
+        sub.add_argument(
+            "--only",
+            action="append",
+            default=[],
+            metavar="FILTER",
+            help="keep matching runs: regularizer=dropcluster,dropblock, p=0.1, "
+            "fraction=1, seed=0 or a run-id pattern (repeatable)",
+        )
+        sub.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            dest="overrides",
+            metavar="KEY=VALUE",
+            help="override a base config value, e.g. --set stem=cifar (repeatable)",
+        )
+        sub.add_argument(
+            "--device", default=None, help="shorthand for --set device=...: auto, cpu, cuda, cuda:1"
+        )
+        sub.add_argument(
+            "--corrupted-from",
+            default=None,
+            metavar="DIR",
+            help="evaluate corruptions on the released files in DIR",
+        )
+        sub.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="list the grid with its status and estimated cost; run nothing",
+        )
+        sub.set_defaults(handler=_run_sweep, report=name == "reproduce")
+
+    results = commands.add_parser(
+        "results",
+        help="list the runs of a sweep and their status",
+        description="List a sweep's runs; --csv exports the database.",
+    )
+    results.add_argument("--out", type=Path, required=True, help="the sweep's output folder")
+    results.add_argument(
+        "--status",
+        choices=("pending", "running", "finished", "failed"),
+        default=None,
+        help="only runs with this status",
+    )
+    results.add_argument(
+        "--csv",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="export runs, epochs, corruptions and clusters as CSV files",
+    )
+    results.set_defaults(handler=_run_results)
+
+    report = commands.add_parser(
+        "report",
+        help="regenerate the Markdown + PNG report of a sweep",
+        description="Regenerate OUT/report/report.md from the database.",
+    )
+    report.add_argument("--out", type=Path, required=True, help="the sweep's output folder")
+    report.add_argument(
+        "--average-last",
+        type=int,
+        default=None,
+        help="average metrics over the last K epochs (default: the preset's)",
+    )
+    report.set_defaults(handler=_run_report)
+
+    analyze = commands.add_parser(
+        "analyze",
+        help="cluster maps and Spatial Hopkins statistics of a trained run (PNG + Markdown)",
+        description="Figures of a run's DropCluster slot: cluster maps of every channel, "
+        "per-channel Spatial Hopkins, Spatial Hopkins histograms per layer.",
+    )
+    analyze.add_argument("--checkpoint", type=Path, required=True, help="the run's folder")
+    analyze.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: <run>/analysis)"
+    )
+    analyze.add_argument("--images", type=int, default=4, help="example images to show")
+    analyze.add_argument(
+        "--sample-images", type=int, default=256, help="test images whose activations are analysed"
+    )
+    analyze.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    analyze.add_argument("--seed", type=int, default=0, help="random seed")
+    analyze.set_defaults(handler=_run_analyze)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from dropcluster.train.robustness import CorruptionSettings, evaluate_run, format_table
+
+    settings = CorruptionSettings(
+        corruptions=args.corruptions,
+        severities=args.severities,
+        limit=args.limit,
+        seed=args.seed,
+        jpeg_quality=args.jpeg_quality,
+        family=args.family,
+        corrupted_from=args.corrupted_from,
+    )
+    source = args.corrupted_from or "generated on the fly"
+    print(
+        f"evaluating {args.checkpoint} on {len(settings.corruptions)} corruptions x "
+        f"severities {settings.severities} ({source})",
+        file=sys.stderr,
+    )
+    rows = evaluate_run(args.checkpoint, settings, device=args.device, batch_size=args.batch_size)
+    print(format_table(rows, "top1"))
+    print()
+    print(format_table(rows, "top5"))
+    print(f"\nresults written to {args.checkpoint / 'corruptions.json'} and result.json")
+    _update_sweep_database(
+        args.checkpoint, rows, "released" if args.corrupted_from else "generated"
+    )
+    return 0
+
+
+def _update_sweep_database(run_dir: Path, rows, source: str) -> None:
+    """A run inside a sweep folder (OUT/runs/<id>) also gets its rows in OUT's database."""
+    from dropcluster.experiments.store import DATABASE_NAME, ResultsStore
+
+    sweep_dir = run_dir.resolve().parent.parent
+    if not (sweep_dir / DATABASE_NAME).is_file():
+        return
+    with ResultsStore.in_folder(sweep_dir) as store:
+        try:
+            store.run(run_dir.name)
+        except KeyError:
+            return
+        store.record_corruptions(run_dir.name, rows, source=source)
+    print(f"and to the sweep's database {sweep_dir / DATABASE_NAME}")
+
+
+def _load_sweep_preset(args: argparse.Namespace):
+    from dropcluster.experiments.presets import apply_overrides, load_preset, parse_overrides
+
+    preset = load_preset(args.preset)
+    overrides = parse_overrides(args.overrides)
+    if args.device is not None:
+        overrides["device"] = args.device
+    if overrides:
+        preset = apply_overrides(preset, overrides)
+    if args.corrupted_from is not None:
+        if not preset.get("evaluate"):
+            raise ValueError(f"preset {preset['name']} evaluates no corruptions")
+        preset["evaluate"] = {**preset["evaluate"], "corrupted_from": args.corrupted_from}
+    return preset
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from dropcluster.experiments.sweep import dry_run, format_duration, run_sweep
+
+    preset = _load_sweep_preset(args)
+    out = args.out if args.out is not None else Path("runs") / preset["name"]
+    if args.dry_run:
+        dry_run(preset, out, args.only, sys.stdout)
+        return 0
+    print(
+        f"dropcluster {args.command}: preset {preset['name']} ({preset['scale']} scale) -> {out}",
+        file=sys.stderr,
+    )
+    try:
+        summary = run_sweep(preset, out, jobs=args.jobs, only=args.only)
+    except KeyboardInterrupt:
+        print(
+            "\ndropcluster: interrupted; finished runs are kept and the interrupted ones "
+            "continue from their last epoch: rerun the same command",
+            file=sys.stderr,
+        )
+        return 130
+    print(
+        f"{summary.finished}/{summary.total} runs finished ({len(summary.ran)} in this "
+        f"invocation, {format_duration(summary.seconds)})",
+        file=sys.stderr,
+    )
+    status = 0
+    if summary.failed:
+        print(
+            f"{len(summary.failed)} run(s) failed: {', '.join(summary.failed)}; their errors "
+            f"are in `dropcluster results --out {out} --status failed`; rerun to retry",
+            file=sys.stderr,
+        )
+        status = 1
+    if args.report:
+        path = _write_report(out, preset, None)
+        print(f"report: {path}")
+    return status
+
+
+def _write_report(out: Path, preset, average_last):
+    from dropcluster.experiments.report import write_report
+    from dropcluster.experiments.store import ResultsStore
+
+    with ResultsStore.in_folder(out, readonly=True) as store:
+        return write_report(store, out, preset, average_last=average_last)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    import json
+
+    from dropcluster.experiments.sweep import PRESET_NAME
+
+    preset_path = args.out / PRESET_NAME
+    if not preset_path.is_file():
+        raise FileNotFoundError(f"{args.out} has no {PRESET_NAME}: is it a sweep's output folder?")
+    path = _write_report(args.out, json.loads(preset_path.read_text()), args.average_last)
+    print(f"report: {path}")
+    return 0
+
+
+def _run_results(args: argparse.Namespace) -> int:
+    from dropcluster.experiments.store import ResultsStore
+
+    with ResultsStore.in_folder(args.out, readonly=True) as store:
+        runs = store.runs(status=args.status)
+        counts = store.counts()
+        print(f"{'run':<40} {'status':>9} {'epochs':>6} {'top-1':>7} {'top-5':>7} {'tries':>5}")
+        for record in runs:
+            top1 = f"{record.top1:.2f}" if record.top1 is not None else "-"
+            top5 = f"{record.top5:.2f}" if record.top5 is not None else "-"
+            print(
+                f"{record.run_id:<40} {record.status:>9} {record.epochs_done:>6} {top1:>7} "
+                f"{top5:>7} {record.attempts:>5}"
+            )
+            if record.status == "failed" and record.error:
+                print(f"    error: {record.error.strip().splitlines()[-1]}")
+        print(", ".join(f"{count} {status}" for status, count in counts.items()))
+        if args.csv is not None:
+            for path in store.export_csv(args.csv):
+                print(f"wrote {path}")
+    return 0
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    from dropcluster.experiments.analyze import analyze_run
+
+    path = analyze_run(
+        args.checkpoint,
+        args.out,
+        n_images=args.images,
+        sample_images=args.sample_images,
+        device=args.device,
+        seed=args.seed,
+    )
+    print(f"analysis: {path}")
+    return 0

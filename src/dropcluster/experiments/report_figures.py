@@ -1,0 +1,319 @@
+"""Figures of a sweep report, drawn from plain aggregated numbers (never from the database).
+
+Every function takes dicts keyed by regularizer name, writes one PNG and returns its path. A
+value is ``(mean, std)`` over seeds, in percent, with ``std = None`` when only one seed
+finished (then no error bar is drawn). Each regularizer keeps the same colour, marker and legend
+position in every figure, so figures can be read side by side. matplotlib is imported only
+when a figure is drawn (:func:`dropcluster.experiments._plotting.pyplot`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from dropcluster.experiments._plotting import pyplot
+from dropcluster.experiments.paper_results import CORRUPTIONS
+
+#: A mean over seeds and its sample standard deviation (None with a single seed), in percent.
+MeanStd = tuple[float, float | None]
+
+#: Order of regularizers in legends and tables: the paper's baselines first, DropCluster last.
+REGULARIZER_ORDER = (
+    "none",
+    "dropout",
+    "spatial_dropout",
+    "dropblock",
+    "stochastic_depth",
+    "dropcluster",
+)
+
+#: The paper's names for the regularizers.
+DISPLAY_NAMES = {
+    "none": "No dropout",
+    "dropout": "Dropout",
+    "spatial_dropout": "SpatialDropout",
+    "dropblock": "DropBlock",
+    "stochastic_depth": "StochasticDepth",
+    "dropcluster": "DropCluster",
+}
+
+#: One colour per regularizer (tab10 entries), the same in every figure.
+REGULARIZER_COLOURS = {
+    "none": "#7f7f7f",
+    "dropout": "#1f77b4",
+    "spatial_dropout": "#17becf",
+    "dropblock": "#2ca02c",
+    "stochastic_depth": "#ff7f0e",
+    "dropcluster": "#d62728",
+}
+
+_MARKERS = {
+    "none": "o",
+    "dropout": "v",
+    "spatial_dropout": "^",
+    "dropblock": "s",
+    "stochastic_depth": "D",
+    "dropcluster": "*",
+}
+
+_METRIC_LABELS = {"top1": "top-1 accuracy (%)", "top5": "top-5 accuracy (%)"}
+
+
+def display_name(regularizer: str) -> str:
+    """The paper's name of a regularizer (the name itself when it is not one of ours)."""
+    return DISPLAY_NAMES.get(regularizer, regularizer)
+
+
+def ordered_regularizers(names) -> list[str]:
+    """``names`` in :data:`REGULARIZER_ORDER`, unknown ones last in alphabetical order."""
+    known = [name for name in REGULARIZER_ORDER if name in names]
+    return known + sorted(set(names) - set(REGULARIZER_ORDER))
+
+
+def _style(regularizer: str) -> dict:
+    return {
+        "color": REGULARIZER_COLOURS.get(regularizer, "#000000"),
+        "marker": _MARKERS.get(regularizer, "x"),
+        "label": display_name(regularizer),
+    }
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in _METRIC_LABELS:
+        raise ValueError(f"metric has to be 'top1' or 'top5', but got {metric!r}")
+
+
+def _check_not_empty(name: str, data: Mapping) -> None:
+    if not any(data.values()):
+        raise ValueError(f"{name} has nothing to plot: every regularizer's data is empty")
+
+
+def _std_or_zero(std: float | None) -> float:
+    return 0.0 if std is None or math.isnan(std) else std
+
+
+def _save(figure, out_path: str | Path) -> Path:
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out_path, dpi=110, bbox_inches="tight")
+    pyplot().close(figure)
+    return out_path
+
+
+def plot_corruption_severity(
+    accuracy: Mapping[str, Mapping[str, Mapping[int, MeanStd]]],
+    out_path: str | Path,
+    *,
+    metric: str = "top1",
+    title: str | None = None,
+) -> Path:
+    """Accuracy against corruption severity, one panel per corruption (paper, Figures 9-10).
+
+    Args:
+        accuracy: ``accuracy[regularizer][corruption][severity] = (mean, std)``; severity 0 is
+            the clean test set and is drawn at x = 0 of every panel. A corruption named
+            ``"mean"`` (the mean over corruptions), if present, is drawn last.
+        out_path: the PNG to write.
+        metric: ``"top1"`` or ``"top5"``, for the axis label.
+        title: figure title (default: says the metric and that bars are std over seeds).
+
+    Returns:
+        ``out_path`` as a Path.
+
+    Raises:
+        ValueError: bad metric, or no data at all.
+    """
+    _check_metric(metric)
+    _check_not_empty("the corruption figure", accuracy)
+    # The paper's order (noises, then blurs), unknown names after them, the mean last.
+    order = (*CORRUPTIONS, "mean")
+    corruptions = sorted(
+        {name for per_reg in accuracy.values() for name in per_reg},
+        key=lambda name: (name == "mean", order.index(name) if name in order else len(order), name),
+    )
+    plt = pyplot()
+    n_columns = min(4, len(corruptions))
+    n_rows = math.ceil(len(corruptions) / n_columns)
+    figure, axes = plt.subplots(
+        n_rows, n_columns, figsize=(3.3 * n_columns, 2.8 * n_rows + 0.6), squeeze=False
+    )
+    severities = sorted(
+        {s for per_reg in accuracy.values() for points in per_reg.values() for s in points}
+    )
+    for panel, corruption in zip(axes.flat, corruptions, strict=False):
+        for regularizer in ordered_regularizers(accuracy):
+            points = accuracy[regularizer].get(corruption, {})
+            if not points:
+                continue
+            xs = sorted(points)
+            panel.errorbar(
+                xs,
+                [points[x][0] for x in xs],
+                yerr=[_std_or_zero(points[x][1]) for x in xs],
+                capsize=2,
+                linewidth=1.4,
+                markersize=5,
+                **_style(regularizer),
+            )
+        label = "mean over corruptions" if corruption == "mean" else corruption.replace("_", " ")
+        panel.set_title(label, fontsize=10)
+        panel.set_xticks(severities)
+        panel.set_xticklabels(["clean" if s == 0 else str(s) for s in severities])
+        panel.grid(alpha=0.3)
+    for panel in axes[-1]:
+        panel.set_xlabel("severity")
+    for panel in axes[:, 0]:
+        panel.set_ylabel(_METRIC_LABELS[metric])
+    for panel in list(axes.flat)[len(corruptions) :]:
+        panel.set_visible(False)
+    _figure_legend(figure, axes)
+    figure.suptitle(
+        title
+        or f"Test {_METRIC_LABELS[metric]} against corruption severity "
+        "(mean over seeds, bars: std)",
+    )
+    figure.tight_layout(rect=(0, 0.06, 1, 1))
+    return _save(figure, out_path)
+
+
+def plot_training_fraction(
+    accuracy: Mapping[str, Mapping[float, MeanStd]],
+    out_path: str | Path,
+    *,
+    metric: str = "top1",
+    title: str | None = None,
+) -> Path:
+    """Accuracy against the fraction of the training set used, a line per regularizer.
+
+    Args:
+        accuracy: ``accuracy[regularizer][fraction] = (mean, std)``, fraction in (0, 1].
+        out_path: the PNG to write.
+        metric: ``"top1"`` or ``"top5"``, for the axis label.
+        title: figure title.
+
+    Returns:
+        ``out_path`` as a Path.
+
+    Raises:
+        ValueError: bad metric, or no data at all.
+    """
+    _check_metric(metric)
+    _check_not_empty("the training-fraction figure", accuracy)
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    fractions = set()
+    for regularizer in ordered_regularizers(accuracy):
+        points = accuracy[regularizer]
+        if not points:
+            continue
+        xs = sorted(points)
+        fractions.update(xs)
+        axis.errorbar(
+            [100 * x for x in xs],
+            [points[x][0] for x in xs],
+            yerr=[_std_or_zero(points[x][1]) for x in xs],
+            capsize=3,
+            linewidth=1.6,
+            markersize=6,
+            **_style(regularizer),
+        )
+    axis.set_xticks([100 * x for x in sorted(fractions)])
+    axis.set_xticklabels([f"{100 * x:g}" for x in sorted(fractions)])
+    axis.set_xlabel("training set used (%)")
+    axis.set_ylabel(f"test {_METRIC_LABELS[metric]}")
+    axis.set_title(title or "Accuracy against training-set size (mean over seeds, bars: std)")
+    axis.grid(alpha=0.3)
+    axis.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    return _save(figure, out_path)
+
+
+def plot_learning_curves(
+    curves: Mapping[str, Sequence[tuple[int, float, float | None]]],
+    out_path: str | Path,
+    *,
+    metric: str = "top1",
+    average_last: int | None = None,
+    title: str | None = None,
+) -> Path:
+    """Test accuracy against epoch, a line per regularizer with a shaded band of ±1 std.
+
+    Args:
+        curves: ``curves[regularizer] = [(epoch, mean, std), ...]`` over seeds; std None (one
+            seed) draws no band.
+        out_path: the PNG to write.
+        metric: ``"top1"`` or ``"top5"``, for the axis label.
+        average_last: K; when given, the last K epochs (those the reported metric averages)
+            are shaded.
+        title: figure title.
+
+    Returns:
+        ``out_path`` as a Path.
+
+    Raises:
+        ValueError: bad metric, or no data at all.
+    """
+    _check_metric(metric)
+    _check_not_empty("the learning-curve figure", curves)
+    if average_last is not None and (isinstance(average_last, bool) or average_last < 1):
+        raise ValueError(f"average_last has to be a positive integer, but got {average_last!r}")
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(6.8, 4.2))
+    for regularizer in ordered_regularizers(curves):
+        points = sorted(curves[regularizer])
+        if not points:
+            continue
+        epochs = [epoch for epoch, _, _ in points]
+        means = [mean for _, mean, _ in points]
+        stds = [_std_or_zero(std) for _, _, std in points]
+        style = _style(regularizer)
+        # Markers only on short curves: on long schedules they hide the line.
+        marker = style.pop("marker")
+        if len(points) > 30:
+            marker = None
+        axis.plot(epochs, means, marker=marker, markersize=4, linewidth=1.6, **style)
+        if any(stds):
+            axis.fill_between(
+                epochs,
+                [m - s for m, s in zip(means, stds, strict=True)],
+                [m + s for m, s in zip(means, stds, strict=True)],
+                color=style["color"],
+                alpha=0.18,
+                linewidth=0,
+            )
+    last_epoch = max(epoch for points in curves.values() for epoch, _, _ in points)
+    if average_last is not None:
+        axis.axvspan(
+            last_epoch - average_last + 0.5,
+            last_epoch,
+            color="#bbbbbb",
+            alpha=0.25,
+            linewidth=0,
+            zorder=0,
+            label=f"last {average_last} epochs (averaged)",
+        )
+    axis.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    axis.set_xlabel("epoch")
+    axis.set_ylabel(f"test {_METRIC_LABELS[metric]}")
+    axis.set_title(title or "Learning curves (mean over seeds, band: ±1 std)")
+    axis.grid(alpha=0.3)
+    axis.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    return _save(figure, out_path)
+
+
+def _figure_legend(figure, axes) -> None:
+    """One legend under all panels: inside a panel it would cover lines."""
+    handles, labels = {}, []
+    for panel in axes.flat:
+        for handle, label in zip(*panel.get_legend_handles_labels(), strict=True):
+            if label not in handles:
+                handles[label] = handle
+                labels.append(label)
+    figure.legend(
+        [handles[label] for label in labels],
+        labels,
+        loc="lower center",
+        ncol=min(len(labels), 6),
+        frameon=False,
+    )

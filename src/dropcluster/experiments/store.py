@@ -1,0 +1,899 @@
+"""The results database of an experiment sweep: one SQLite file in the sweep's output folder.
+
+It holds the runs of the grid (their configs, status and final metrics), the per-epoch history,
+the corruption results and the cluster statistics of every run. One process writes (the sweep's
+parent); any number of readers (the report, the ``results`` command) may open the file at the
+same time: the database is in WAL mode, so readers see the last committed state and never block
+the writer. Every write is one transaction, so a crash never leaves a half-written run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Any
+
+#: Version of the tables below; a database from a newer version is refused.
+SCHEMA_VERSION = 1
+#: File name of the database in a sweep's output folder.
+DATABASE_NAME = "results.sqlite"
+#: Life cycle of a run: pending -> running -> finished or failed (a failed run is retried).
+RUN_STATUSES = ("pending", "running", "finished", "failed")
+#: Where corruption results come from: corruptions applied here, or the released files
+#: (CIFAR-100-C, Tiny-ImageNet-C).
+CORRUPTION_SOURCES = ("generated", "released")
+#: The clean baseline's row in the corruption results.
+CLEAN = "clean"
+
+#: Per-epoch metrics with a column of their own; other keys of a history record go to ``extra``.
+EPOCH_METRICS = ("loss", "train_top1", "top1", "top5", "lr", "seconds", "images_per_s")
+
+_EPOCH_KEYS = frozenset(("epoch", *EPOCH_METRICS))
+
+#: Seconds a connection waits for another one's lock before giving up.
+_BUSY_TIMEOUT_S = 30.0
+
+_RUN_COLUMNS = (
+    "run_id", "preset", "regularizer", "p", "seed", "train_fraction", "config", "status",
+    "attempts", "error", "top1", "top5", "average_last", "epochs_done", "seconds", "updated_at",
+)  # fmt: skip
+
+_SCHEMA = f"""
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE runs (
+    run_id TEXT PRIMARY KEY,
+    preset TEXT,
+    regularizer TEXT NOT NULL,
+    p REAL NOT NULL,
+    seed INTEGER NOT NULL,
+    train_fraction REAL NOT NULL,
+    config TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN {RUN_STATUSES}),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    top1 REAL,
+    top5 REAL,
+    average_last INTEGER,
+    epochs_done INTEGER NOT NULL DEFAULT 0,
+    seconds REAL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE epochs (
+    run_id TEXT NOT NULL REFERENCES runs (run_id) ON DELETE CASCADE,
+    epoch INTEGER NOT NULL,
+    {", ".join(f"{name} REAL" for name in EPOCH_METRICS)},
+    extra TEXT,
+    PRIMARY KEY (run_id, epoch)
+);
+CREATE TABLE corruptions (
+    run_id TEXT NOT NULL REFERENCES runs (run_id) ON DELETE CASCADE,
+    corruption TEXT NOT NULL,
+    severity INTEGER NOT NULL,
+    top1 REAL,
+    top5 REAL,
+    source TEXT NOT NULL CHECK (source IN {CORRUPTION_SOURCES}),
+    PRIMARY KEY (run_id, corruption, severity)
+);
+CREATE TABLE clusters (
+    run_id TEXT NOT NULL REFERENCES runs (run_id) ON DELETE CASCADE,
+    epoch INTEGER NOT NULL,
+    layer TEXT NOT NULL,
+    channels INTEGER NOT NULL,
+    structured INTEGER NOT NULL,
+    refit_seconds REAL,
+    PRIMARY KEY (run_id, epoch, layer)
+);
+"""
+
+
+class SchemaVersionError(RuntimeError):
+    """The database was written by a newer dropcluster than the one reading it."""
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run of the sweep as stored: its identity, config, status and final metrics.
+
+    Attributes:
+        run_id: unique name of the run in the sweep.
+        preset: the preset the run belongs to (None: a run not made from a preset).
+        regularizer, p, seed, train_fraction: the grid coordinates of the run.
+        config: the run's ``TrainConfig`` as a dict.
+        status: one of :data:`RUN_STATUSES`.
+        attempts: how many times the run was started.
+        error: the error text of the last failed attempt (None unless failed).
+        top1, top5: final metrics in percent (mean over the last ``average_last`` epochs).
+        average_last: number of epochs the final metrics average over.
+        epochs_done: number of epochs recorded.
+        seconds: wall time of the finished attempt.
+        updated_at: ``time.time()`` of the last change.
+    """
+
+    run_id: str
+    preset: str | None
+    regularizer: str
+    p: float
+    seed: int
+    train_fraction: float
+    config: dict
+    status: str
+    attempts: int
+    error: str | None
+    top1: float | None
+    top5: float | None
+    average_last: int | None
+    epochs_done: int
+    seconds: float | None
+    updated_at: float
+
+
+class ResultsStore:
+    """The results database of one sweep (see the module docstring).
+
+    Args:
+        path: the SQLite file; created, with its parent folder and the tables, when missing.
+        readonly: open for reading only (the report and the ``results`` command); the file has
+            to exist.
+
+    Raises:
+        FileNotFoundError: ``readonly`` and there is no file at ``path``.
+        ValueError: ``path`` is not an SQLite database, or not a results database.
+        SchemaVersionError: the database comes from a newer dropcluster.
+    """
+
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.readonly = bool(readonly)
+        if self.path.is_dir():
+            raise IsADirectoryError(
+                f"results database path {self.path} is a folder; pass the file, or use "
+                f"ResultsStore.in_folder({str(self.path)!r})"
+            )
+        if self.readonly:
+            if not self.path.is_file():
+                raise FileNotFoundError(
+                    f"no results database at {self.path} (a sweep creates {DATABASE_NAME} in "
+                    f"its output folder)"
+                )
+            uri = self.path.resolve().as_uri() + "?mode=ro"
+            connection = sqlite3.connect(uri, uri=True, timeout=_BUSY_TIMEOUT_S)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            connection = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S)
+        # Transactions are opened explicitly (BEGIN IMMEDIATE for writes), never implicitly.
+        connection.isolation_level = None
+        connection.row_factory = sqlite3.Row
+        self._connection = connection
+        try:
+            self._open()
+        except BaseException:
+            connection.close()
+            raise
+
+    @classmethod
+    def in_folder(cls, out_dir: str | Path, *, readonly: bool = False) -> ResultsStore:
+        """The store of the sweep whose output folder is ``out_dir``: ``out_dir/results.sqlite``."""
+        return cls(Path(out_dir) / DATABASE_NAME, readonly=readonly)
+
+    def _open(self) -> None:
+        """Check the file is a results database of a version we read; create the tables if new."""
+        connection = self._connection
+        try:
+            tables = {
+                row["name"]
+                for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+        except sqlite3.DatabaseError as error:
+            raise ValueError(
+                f"{self.path} is not an SQLite database ({error}); results databases are the "
+                f"{DATABASE_NAME} files a sweep writes"
+            ) from error
+        if not tables and not self.readonly:
+            self._create_schema()
+            return
+        if "meta" not in tables:
+            raise ValueError(
+                f"{self.path} is an SQLite database but not a dropcluster results database "
+                f"(it has no meta table; tables found: {sorted(tables)})"
+            )
+        row = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        try:
+            version = int(row["value"]) if row is not None else None
+        except ValueError:
+            version = None
+        if version is None or version < 1:
+            raise ValueError(
+                f"{self.path} has no valid schema version in its meta table (expected an "
+                f"integer >= 1, got {None if row is None else row['value']!r})"
+            )
+        if version > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"database {self.path} has schema version {version}, this dropcluster reads up "
+                f"to {SCHEMA_VERSION}: upgrade dropcluster (pip install -U dropcluster)"
+            )
+        connection.execute("PRAGMA foreign_keys = ON")
+        if not self.readonly:
+            # WAL lets readers open the file while the sweep writes; it is stored in the file,
+            # so only the writer needs to set it.
+            connection.execute("PRAGMA journal_mode = WAL")
+
+    def _create_schema(self) -> None:
+        connection = self._connection
+        connection.execute("PRAGMA journal_mode = WAL")
+        connection.execute("PRAGMA foreign_keys = ON")
+        with self._write() as cursor:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    cursor.execute(statement)
+            cursor.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+
+    # -- connection ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection (a second call does nothing)."""
+        self._connection.close()
+
+    def __enter__(self) -> ResultsStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(path={str(self.path)!r}, readonly={self.readonly})"
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: committed when the block ends, rolled back on any error."""
+        if self.readonly:
+            raise PermissionError(f"results database {self.path} was opened readonly")
+        connection = self._connection
+        # `with connection` commits on success and rolls back on an exception; IMMEDIATE takes
+        # the write lock at once, so the transaction cannot fail half-way on a busy database.
+        with connection:
+            connection.execute("BEGIN IMMEDIATE")
+            yield connection
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction: every query in the block sees the same committed state."""
+        connection = self._connection
+        with connection:
+            connection.execute("BEGIN")
+            yield connection
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    def add_run(
+        self,
+        run_id: str,
+        config: dict,
+        *,
+        preset: str | None,
+        regularizer: str,
+        p: float,
+        seed: int,
+        train_fraction: float,
+    ) -> bool:
+        """Add a run of the grid as pending, unless it is there already.
+
+        Args:
+            run_id: unique name of the run.
+            config: the run's ``TrainConfig`` as a dict (JSON-serialisable).
+            preset, regularizer, p, seed, train_fraction: see :class:`RunRecord`.
+
+        Returns:
+            True if the run was added; False if it existed (its status and results are kept).
+
+        Raises:
+            ValueError: the run exists with a different config or grid coordinates (the grid
+                changed under an existing run id); the message lists what differs.
+        """
+        _check_run_id(run_id)
+        if not isinstance(config, dict):
+            raise TypeError(f"config has to be a dict, but got {type(config).__name__}")
+        if preset is not None and not isinstance(preset, str):
+            raise TypeError(f"preset has to be a str or None, but got {type(preset).__name__}")
+        if not isinstance(regularizer, str) or not regularizer:
+            raise ValueError(f"regularizer has to be a non-empty str, but got {regularizer!r}")
+        p = _check_real("p", p)
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p has to be between 0 and 1, but got {p}")
+        seed = _check_int("seed", seed)
+        train_fraction = _check_real("train_fraction", train_fraction)
+        if not 0.0 < train_fraction <= 1.0:
+            raise ValueError(f"train_fraction has to be in (0, 1], but got {train_fraction}")
+        config_text = _json_text(config, what="config")
+        new = {"preset": preset, "regularizer": regularizer, "p": p, "seed": seed,
+               "train_fraction": train_fraction}  # fmt: skip
+        with self._write() as connection:
+            row = connection.execute(
+                "SELECT preset, regularizer, p, seed, train_fraction, config FROM runs "
+                "WHERE run_id = ?",
+                (run_id,),
+            ).fetchone()
+            if row is None:
+                connection.execute(
+                    "INSERT INTO runs (run_id, preset, regularizer, p, seed, train_fraction, "
+                    "config, status, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+                    (run_id, preset, regularizer, p, seed, train_fraction, config_text,
+                     time.time()),
+                )  # fmt: skip
+                return True
+            differences = _differences(
+                {**{key: row[key] for key in new}, **_prefixed(json.loads(row["config"]))},
+                {**new, **_prefixed(json.loads(config_text))},
+            )
+            if differences:
+                raise ValueError(
+                    f"run {run_id!r} is already in {self.path} with a different setup "
+                    f"({'; '.join(differences)}): the grid changed under an existing run id; "
+                    f"give the changed runs new ids or sweep into a new output folder"
+                )
+            return False
+
+    def mark_running(self, run_id: str) -> None:
+        """Mark a run as started: status running, one more attempt, no error."""
+        _check_run_id(run_id)
+        with self._write() as connection:
+            self._update_run(
+                connection, run_id, "status = 'running', attempts = attempts + 1, error = NULL"
+            )
+
+    def mark_failed(self, run_id: str, error: str) -> None:
+        """Mark a run as failed and keep the error text (e.g. the traceback's last lines)."""
+        _check_run_id(run_id)
+        if not isinstance(error, str):
+            raise TypeError(f"error has to be a str, but got {type(error).__name__}")
+        with self._write() as connection:
+            self._update_run(connection, run_id, "status = 'failed', error = ?", (error,))
+
+    def reset_interrupted(self) -> list[str]:
+        """Set every running run back to pending (the sweep was killed mid-way).
+
+        Returns:
+            The ids of the runs that were reset, sorted.
+        """
+        with self._write() as connection:
+            run_ids = [
+                row["run_id"]
+                for row in connection.execute(
+                    "SELECT run_id FROM runs WHERE status = 'running' ORDER BY run_id"
+                )
+            ]
+            connection.execute(
+                "UPDATE runs SET status = 'pending', updated_at = ? WHERE status = 'running'",
+                (time.time(),),
+            )
+        return run_ids
+
+    def record_epochs(self, run_id: str, history: Sequence[dict]) -> None:
+        """Replace a run's per-epoch rows with ``history`` and set its ``epochs_done``.
+
+        Args:
+            run_id: the run.
+            history: one dict per epoch with an int ``epoch`` and any of :data:`EPOCH_METRICS`;
+                other keys (``structured``, ``channels``, ``refit_seconds``, ...) are kept as
+                JSON and come back from :meth:`epochs`.
+        """
+        _check_run_id(run_id)
+        epoch_rows = _epoch_rows(run_id, history)
+        with self._write() as connection:
+            self._require_run(connection, run_id)
+            _replace_epochs(connection, run_id, epoch_rows)
+            self._update_run(connection, run_id, "epochs_done = ?", (len(epoch_rows),))
+
+    def record_finished(
+        self,
+        run_id: str,
+        *,
+        history: Sequence[dict],
+        top1: float,
+        top5: float,
+        average_last: int,
+        seconds: float,
+        corruptions: Sequence[dict] | None = None,
+        clusters: Sequence[dict] | None = None,
+    ) -> None:
+        """Store a finished run in one transaction: all of it lands, or none of it.
+
+        The epoch rows are replaced by ``history``; the corruption and cluster rows by
+        ``corruptions`` and ``clusters`` when given (None keeps the rows already there); the
+        final metrics are set, the status becomes finished and the error is cleared.
+
+        Args:
+            run_id: the run.
+            history: as in :meth:`record_epochs`.
+            top1, top5: final metrics in percent.
+            average_last: number of epochs the final metrics average over.
+            seconds: wall time of the finished attempt.
+            corruptions: rows as in :meth:`record_corruptions`; a row's ``source`` key, if
+                any, says where it comes from (default "generated").
+            clusters: rows as in :meth:`record_clusters`.
+        """
+        _check_run_id(run_id)
+        epoch_rows = _epoch_rows(run_id, history)
+        top1 = _nullable_real("top1", top1)
+        top5 = _nullable_real("top5", top5)
+        average_last = _check_int("average_last", average_last)
+        if average_last < 0:
+            raise ValueError(f"average_last has to be >= 0, but got {average_last}")
+        seconds = _check_real("seconds", seconds)
+        if not seconds >= 0.0:
+            raise ValueError(f"seconds has to be >= 0, but got {seconds}")
+        corruption_rows = None
+        if corruptions is not None:
+            corruption_rows = _corruption_rows(run_id, corruptions, "generated")
+        cluster_rows = None if clusters is None else _cluster_rows(run_id, clusters)
+        with self._write() as connection:
+            self._require_run(connection, run_id)
+            _replace_epochs(connection, run_id, epoch_rows)
+            if corruption_rows is not None:
+                connection.execute("DELETE FROM corruptions WHERE run_id = ?", (run_id,))
+                _upsert_corruptions(connection, corruption_rows)
+            if cluster_rows is not None:
+                connection.execute("DELETE FROM clusters WHERE run_id = ?", (run_id,))
+                _upsert_clusters(connection, cluster_rows)
+            self._update_run(
+                connection,
+                run_id,
+                "status = 'finished', error = NULL, top1 = ?, top5 = ?, average_last = ?, "
+                "seconds = ?, epochs_done = ?",
+                (top1, top5, average_last, seconds, len(epoch_rows)),
+            )
+
+    def record_corruptions(
+        self, run_id: str, rows: Sequence[dict], *, source: str = "generated"
+    ) -> None:
+        """Store a run's corruption results; rows replace those of the same corruption and severity.
+
+        Args:
+            run_id: the run.
+            rows: dicts ``{"corruption": str, "severity": int, "top1": float, "top5": float}``;
+                the clean baseline is corruption "clean" with severity 0, the corruptions have
+                severities >= 1.
+            source: "generated" (corruptions applied here) or "released" (the CIFAR-100-C /
+                Tiny-ImageNet-C files); a row's own ``source`` key takes precedence.
+        """
+        _check_run_id(run_id)
+        _check_source(source)
+        corruption_rows = _corruption_rows(run_id, rows, source)
+        with self._write() as connection:
+            self._require_run(connection, run_id)
+            _upsert_corruptions(connection, corruption_rows)
+
+    def record_clusters(self, run_id: str, rows: Sequence[dict]) -> None:
+        """Store a run's cluster statistics; rows replace those of the same epoch and layer.
+
+        Args:
+            run_id: the run.
+            rows: dicts ``{"epoch": int, "layer": str, "channels": int, "structured": int,
+                "refit_seconds": float | None}``: at the refit of ``epoch``, ``structured`` of
+                the layer's ``channels`` channels were found structured.
+        """
+        _check_run_id(run_id)
+        cluster_rows = _cluster_rows(run_id, rows)
+        with self._write() as connection:
+            self._require_run(connection, run_id)
+            _upsert_clusters(connection, cluster_rows)
+
+    def _require_run(self, connection: sqlite3.Connection, run_id: str) -> None:
+        if connection.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is None:
+            raise KeyError(f"no run {run_id!r} in {self.path} (add it with add_run first)")
+
+    def _update_run(
+        self,
+        connection: sqlite3.Connection,
+        run_id: str,
+        assignments: str,
+        parameters: tuple = (),
+    ) -> None:
+        cursor = connection.execute(
+            f"UPDATE runs SET {assignments}, updated_at = ? WHERE run_id = ?",
+            (*parameters, time.time(), run_id),
+        )
+        if cursor.rowcount == 0:
+            raise KeyError(f"no run {run_id!r} in {self.path} (add it with add_run first)")
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def run(self, run_id: str) -> RunRecord:
+        """The stored state of one run (KeyError if there is no such run)."""
+        _check_run_id(run_id)
+        row = self._connection.execute(
+            f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs WHERE run_id = ?", (run_id,)
+        ).fetchone()
+        if row is None:
+            raise KeyError(f"no run {run_id!r} in {self.path}")
+        return _run_record(row)
+
+    def runs(self, *, status: str | None = None, preset: str | None = None) -> list[RunRecord]:
+        """The runs, optionally of one status and/or preset.
+
+        Ordered by regularizer, p, train_fraction (largest first), seed.
+        """
+        if status is not None and status not in RUN_STATUSES:
+            raise ValueError(f"status has to be one of {RUN_STATUSES}, but got {status!r}")
+        conditions, parameters = [], []
+        if status is not None:
+            conditions.append("status = ?")
+            parameters.append(status)
+        if preset is not None:
+            conditions.append("preset = ?")
+            parameters.append(preset)
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        rows = self._connection.execute(
+            f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs {where} "
+            "ORDER BY regularizer, p, train_fraction DESC, seed, run_id",
+            parameters,
+        )
+        return [_run_record(row) for row in rows]
+
+    def epochs(self, run_id: str | None = None) -> list[dict]:
+        """Per-epoch rows, of one run or all, ordered by run id and epoch.
+
+        Returns:
+            Dicts ``{"run_id", "epoch", *EPOCH_METRICS, **extra}``; missing metrics are None.
+        """
+        return self._epochs(self._connection, run_id)
+
+    def corruption_results(self, run_id: str | None = None) -> list[dict]:
+        """Corruption results, of one run or all: the clean baseline first, then by name and
+        severity.
+
+        Returns:
+            Dicts ``{"run_id", "corruption", "severity", "top1", "top5", "source"}``.
+        """
+        return self._corruption_results(self._connection, run_id)
+
+    def cluster_stats(self, run_id: str | None = None) -> list[dict]:
+        """Cluster statistics, of one run or all, by run id, epoch and the order recorded.
+
+        Returns:
+            Dicts ``{"run_id", "epoch", "layer", "channels", "structured", "refit_seconds"}``.
+        """
+        return self._cluster_stats(self._connection, run_id)
+
+    def counts(self) -> dict[str, int]:
+        """Number of runs per status (every status, zeros included)."""
+        counts = dict.fromkeys(RUN_STATUSES, 0)
+        for row in self._connection.execute(
+            "SELECT status, COUNT(*) AS n FROM runs GROUP BY status"
+        ):
+            counts[row["status"]] = row["n"]
+        return counts
+
+    def _epochs(self, connection: sqlite3.Connection, run_id: str | None) -> list[dict]:
+        where, parameters = _run_filter(run_id)
+        rows = connection.execute(
+            f"SELECT run_id, epoch, {', '.join(EPOCH_METRICS)}, extra FROM epochs {where} "
+            "ORDER BY run_id, epoch",
+            parameters,
+        )
+        records = []
+        for row in rows:
+            record = {key: row[key] for key in ("run_id", "epoch", *EPOCH_METRICS)}
+            if row["extra"] is not None:
+                record.update(json.loads(row["extra"]))
+            records.append(record)
+        return records
+
+    def _corruption_results(self, connection: sqlite3.Connection, run_id: str | None) -> list[dict]:
+        where, parameters = _run_filter(run_id)
+        rows = connection.execute(
+            "SELECT run_id, corruption, severity, top1, top5, source FROM corruptions "
+            f"{where} ORDER BY run_id, corruption != '{CLEAN}', corruption, severity",
+            parameters,
+        )
+        return [dict(row) for row in rows]
+
+    def _cluster_stats(self, connection: sqlite3.Connection, run_id: str | None) -> list[dict]:
+        where, parameters = _run_filter(run_id)
+        # rowid keeps the layers in the order they were recorded (network depth), which sorting
+        # by name would not ("layer10" < "layer2").
+        rows = connection.execute(
+            "SELECT run_id, epoch, layer, channels, structured, refit_seconds FROM clusters "
+            f"{where} ORDER BY run_id, epoch, rowid",
+            parameters,
+        )
+        return [dict(row) for row in rows]
+
+    # -- export -------------------------------------------------------------------------------
+
+    def export_csv(self, out_dir: str | Path) -> list[Path]:
+        """Write the database as CSV files, each atomically (temporary file, then rename).
+
+        Files: ``runs.csv`` (the run columns, then the config's keys as ``config.<key>``),
+        ``epochs.csv`` (extra keys as columns), ``corruptions.csv`` and ``clusters.csv``. All
+        four come from one consistent snapshot. Values that are not strings, numbers or None
+        (lists, dicts, booleans) are written as JSON; None is an empty field.
+
+        Returns:
+            The paths written, in the order above.
+        """
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with self._snapshot() as connection:
+            run_rows = connection.execute(
+                f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs "
+                "ORDER BY regularizer, p, train_fraction DESC, seed, run_id"
+            ).fetchall()
+            epoch_rows = self._epochs(connection, None)
+            corruption_rows = self._corruption_results(connection, None)
+            cluster_rows = self._cluster_stats(connection, None)
+
+        run_columns = [name for name in _RUN_COLUMNS if name != "config"]
+        configs = [json.loads(row["config"]) for row in run_rows]
+        config_keys = sorted({key for config in configs for key in config})
+        runs_table = [
+            {**{name: row[name] for name in run_columns},
+             **{f"config.{key}": config.get(key) for key in config_keys}}
+            for row, config in zip(run_rows, configs, strict=True)
+        ]  # fmt: skip
+        epoch_columns = ["run_id", "epoch", *EPOCH_METRICS]
+        extra_keys = sorted({key for row in epoch_rows for key in row} - set(epoch_columns))
+        tables = (
+            ("runs.csv", run_columns + [f"config.{key}" for key in config_keys], runs_table),
+            ("epochs.csv", epoch_columns + extra_keys, epoch_rows),
+            ("corruptions.csv",
+             ["run_id", "corruption", "severity", "top1", "top5", "source"], corruption_rows),
+            ("clusters.csv",
+             ["run_id", "epoch", "layer", "channels", "structured", "refit_seconds"],
+             cluster_rows),
+        )  # fmt: skip
+        paths = []
+        for name, columns, rows in tables:
+            path = out_dir / name
+            _write_csv_atomically(path, columns, rows)
+            paths.append(path)
+        return paths
+
+
+# -- validation and conversion ----------------------------------------------------------------
+
+
+def _check_run_id(run_id: object) -> None:
+    if not isinstance(run_id, str) or not run_id:
+        raise ValueError(f"run_id has to be a non-empty str, but got {run_id!r}")
+
+
+def _check_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} has to be an int, but got {value!r}")
+    return int(value)
+
+
+def _check_real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} has to be a real number, but got {value!r}")
+    return float(value)
+
+
+def _nullable_real(name: str, value: object) -> float | None:
+    """A metric as stored: a float, or None for a missing value or NaN (SQLite has no NaN)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{name} has to be a real number or None, but got {value!r}")
+    try:
+        number = float(value)  # also takes numpy scalars and 0-d tensors
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} has to be a real number or None, but got {value!r}") from None
+    return None if math.isnan(number) else number
+
+
+def _check_source(source: object) -> None:
+    if source not in CORRUPTION_SOURCES:
+        raise ValueError(f"source has to be one of {CORRUPTION_SOURCES}, but got {source!r}")
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as plain JSON data: tuples become lists, NaN becomes None, numpy and torch
+    values become Python numbers and lists."""
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return _plain(value.tolist())
+    return value
+
+
+def _json_text(value: Any, *, what: str) -> str:
+    try:
+        return json.dumps(_plain(value), sort_keys=True)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{what} has to be JSON-serialisable: {error}") from error
+
+
+def _prefixed(config: dict) -> dict:
+    return {f"config.{key}": value for key, value in config.items()}
+
+
+def _differences(stored: dict, given: dict) -> list[str]:
+    """'key: stored -> given' for every key whose value differs (missing keys shown as such)."""
+    missing = object()
+    differences = []
+    for key in sorted(stored.keys() | given.keys()):
+        old, new = stored.get(key, missing), given.get(key, missing)
+        if old != new:
+            old_text = "(absent)" if old is missing else repr(old)
+            new_text = "(absent)" if new is missing else repr(new)
+            differences.append(f"{key}: {old_text} -> {new_text}")
+    return differences
+
+
+def _epoch_rows(run_id: str, history: Sequence[dict]) -> list[tuple]:
+    if isinstance(history, (str, bytes, dict)) or not isinstance(history, Sequence):
+        raise TypeError(f"history has to be a list of dicts, but got {type(history).__name__}")
+    rows, seen = [], set()
+    for index, record in enumerate(history):
+        if not isinstance(record, dict):
+            raise TypeError(f"history[{index}] has to be a dict, but got {type(record).__name__}")
+        if "epoch" not in record:
+            raise ValueError(f"history[{index}] has no 'epoch' key (keys: {sorted(record)})")
+        epoch = _check_int(f"history[{index}]['epoch']", record["epoch"])
+        if epoch < 0:
+            raise ValueError(f"history[{index}]['epoch'] has to be >= 0, but got {epoch}")
+        if epoch in seen:
+            raise ValueError(f"history has epoch {epoch} more than once")
+        seen.add(epoch)
+        if "run_id" in record:
+            raise ValueError(f"history[{index}] has a 'run_id' key; the run is given apart")
+        metrics = [
+            _nullable_real(f"history[{index}][{name!r}]", record.get(name))
+            for name in EPOCH_METRICS
+        ]
+        extra = {
+            key: value for key, value in record.items() if key not in ("epoch", *EPOCH_METRICS)
+        }
+        extra_text = _json_text(extra, what=f"history[{index}]") if extra else None
+        rows.append((run_id, epoch, *metrics, extra_text))
+    return rows
+
+
+def _corruption_rows(run_id: str, rows: Sequence[dict], source: str) -> list[tuple]:
+    if isinstance(rows, (str, bytes, dict)) or not isinstance(rows, Sequence):
+        raise TypeError(f"corruption rows have to be a list of dicts, got {type(rows).__name__}")
+    converted, seen = [], set()
+    for index, row in enumerate(rows):
+        where = f"corruption row {index}"
+        if not isinstance(row, dict):
+            raise TypeError(f"{where} has to be a dict, but got {type(row).__name__}")
+        missing = {"corruption", "severity", "top1", "top5"} - row.keys()
+        if missing:
+            raise ValueError(f"{where} lacks {sorted(missing)} (keys: {sorted(row)})")
+        corruption = row["corruption"]
+        if not isinstance(corruption, str) or not corruption:
+            raise ValueError(f"{where}: corruption has to be a non-empty str, got {corruption!r}")
+        severity = _check_int(f"{where}: severity", row["severity"])
+        if corruption == CLEAN and severity != 0:
+            raise ValueError(f"{where}: the clean baseline has severity 0, but got {severity}")
+        if corruption != CLEAN and severity < 1:
+            raise ValueError(f"{where}: {corruption!r} needs a severity >= 1, but got {severity}")
+        if (corruption, severity) in seen:
+            raise ValueError(f"corruption rows have ({corruption!r}, {severity}) more than once")
+        seen.add((corruption, severity))
+        row_source = row.get("source", source)
+        _check_source(row_source)
+        converted.append((
+            run_id, corruption, severity, _nullable_real(f"{where}: top1", row["top1"]),
+            _nullable_real(f"{where}: top5", row["top5"]), row_source,
+        ))  # fmt: skip
+    return converted
+
+
+def _cluster_rows(run_id: str, rows: Sequence[dict]) -> list[tuple]:
+    if isinstance(rows, (str, bytes, dict)) or not isinstance(rows, Sequence):
+        raise TypeError(f"cluster rows have to be a list of dicts, but got {type(rows).__name__}")
+    converted, seen = [], set()
+    for index, row in enumerate(rows):
+        where = f"cluster row {index}"
+        if not isinstance(row, dict):
+            raise TypeError(f"{where} has to be a dict, but got {type(row).__name__}")
+        missing = {"epoch", "layer", "channels", "structured"} - row.keys()
+        if missing:
+            raise ValueError(f"{where} lacks {sorted(missing)} (keys: {sorted(row)})")
+        epoch = _check_int(f"{where}: epoch", row["epoch"])
+        layer = row["layer"]
+        if not isinstance(layer, str) or not layer:
+            raise ValueError(f"{where}: layer has to be a non-empty str, but got {layer!r}")
+        channels = _check_int(f"{where}: channels", row["channels"])
+        structured = _check_int(f"{where}: structured", row["structured"])
+        if epoch < 0 or channels < 0 or not 0 <= structured <= channels:
+            raise ValueError(
+                f"{where}: expected epoch >= 0 and 0 <= structured <= channels, but got "
+                f"epoch={epoch}, structured={structured}, channels={channels}"
+            )
+        if (epoch, layer) in seen:
+            raise ValueError(f"cluster rows have epoch {epoch}, layer {layer!r} more than once")
+        seen.add((epoch, layer))
+        refit_seconds = _nullable_real(f"{where}: refit_seconds", row.get("refit_seconds"))
+        converted.append((run_id, epoch, layer, channels, structured, refit_seconds))
+    return converted
+
+
+# -- writing rows (inside a transaction) -------------------------------------------------------
+
+
+def _replace_epochs(connection: sqlite3.Connection, run_id: str, rows: list[tuple]) -> None:
+    connection.execute("DELETE FROM epochs WHERE run_id = ?", (run_id,))
+    placeholders = ", ".join("?" * (len(EPOCH_METRICS) + 3))
+    connection.executemany(
+        f"INSERT INTO epochs (run_id, epoch, {', '.join(EPOCH_METRICS)}, extra) "
+        f"VALUES ({placeholders})",
+        rows,
+    )
+
+
+def _upsert_corruptions(connection: sqlite3.Connection, rows: list[tuple]) -> None:
+    connection.executemany(
+        "INSERT INTO corruptions (run_id, corruption, severity, top1, top5, source) "
+        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, corruption, severity) DO UPDATE SET "
+        "top1 = excluded.top1, top5 = excluded.top5, source = excluded.source",
+        rows,
+    )
+
+
+def _upsert_clusters(connection: sqlite3.Connection, rows: list[tuple]) -> None:
+    # An update in place (not INSERT OR REPLACE) keeps the row's rowid, hence its layer order.
+    connection.executemany(
+        "INSERT INTO clusters (run_id, epoch, layer, channels, structured, refit_seconds) "
+        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, epoch, layer) DO UPDATE SET "
+        "channels = excluded.channels, structured = excluded.structured, "
+        "refit_seconds = excluded.refit_seconds",
+        rows,
+    )
+
+
+# -- reading rows ------------------------------------------------------------------------------
+
+
+def _run_filter(run_id: str | None) -> tuple[str, tuple]:
+    if run_id is None:
+        return "", ()
+    _check_run_id(run_id)
+    return "WHERE run_id = ?", (run_id,)
+
+
+def _run_record(row: sqlite3.Row) -> RunRecord:
+    values = {name: row[name] for name in _RUN_COLUMNS}
+    values["config"] = json.loads(values["config"])
+    return RunRecord(**values)
+
+
+def _csv_field(value: Any) -> Any:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    return json.dumps(value, sort_keys=True)
+
+
+def _write_csv_atomically(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """Write a CSV file next to ``path`` and rename it over ``path`` (readers never see half)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({column: _csv_field(row.get(column)) for column in columns})
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

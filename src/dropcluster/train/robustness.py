@@ -1,0 +1,339 @@
+"""Accuracy on corrupted test sets (Hendrycks & Dietterich 2019; the paper's Table 5, Figs 9-10).
+
+The corrupted images are made on the fly, one chunk of the test set at a time, so memory holds
+one chunk, never the 35 corrupted copies of the test set. Each chunk's randomness comes from a
+generator seeded by (seed, corruption, severity, chunk index) with a fixed chunk size, so the
+corrupted set does not depend on the evaluation batch size, the device's order of work or on
+which other corruptions are evaluated. Released sets (CIFAR-100-C, Tiny-ImageNet-C) are read
+instead when the caller gives their folder.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from torch import Tensor, nn
+
+from dropcluster.data.corruptions import CORRUPTIONS, corrupt, family_for_size
+from dropcluster.train.loop import topk_correct
+
+#: Images corrupted together (and seeded together): fixed, so results never depend on batch size.
+CHUNK_IMAGES = 1000
+CORRUPTIONS_NAME = "corruptions.json"
+RESULT_NAME = "result.json"
+
+
+@dataclass
+class CorruptionSettings:
+    """What a corrupted-test evaluation runs.
+
+    Attributes:
+        corruptions: corruption names (a subset of ``CORRUPTIONS``).
+        severities: severities in 1..5.
+        limit: evaluate on a class-balanced subset of this many test images (None: all).
+        seed: seeds the corruptions' randomness (and the subset).
+        jpeg_quality: after corrupting, round-trip each image through JPEG at this quality
+            (85 is what the released Tiny-ImageNet-C files went through); None: no JPEG.
+        family: severity table ("cifar", "tiny-imagenet", "imagenet"); None: by image size.
+        corrupted_from: folder of a released corrupted set (CIFAR-100-C / Tiny-ImageNet-C) to
+            read instead of generating; None: generate.
+    """
+
+    corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))
+    severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    limit: int | None = None
+    seed: int = 0
+    jpeg_quality: int | None = None
+    family: str | None = None
+    corrupted_from: str | None = None
+
+    def __post_init__(self) -> None:
+        self.corruptions = parse_corruptions(self.corruptions)
+        self.severities = parse_severities(self.severities)
+        if self.limit is not None and (isinstance(self.limit, bool) or self.limit < 1):
+            raise ValueError(f"limit should be a positive int or None, but got {self.limit!r}")
+        if self.jpeg_quality is not None and not 1 <= self.jpeg_quality <= 95:
+            raise ValueError(f"jpeg_quality should be in 1..95 or None, got {self.jpeg_quality!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "corruptions": list(self.corruptions),
+            "severities": list(self.severities),
+            "limit": self.limit,
+            "seed": self.seed,
+            "jpeg_quality": self.jpeg_quality,
+            "family": self.family,
+            "corrupted_from": self.corrupted_from,
+        }
+
+
+def parse_corruptions(value: str | Sequence[str]) -> list[str]:
+    """``"all"``, ``"gaussian_noise,zoom_blur"`` or a list of names -> a list of known names."""
+    names = value.split(",") if isinstance(value, str) else list(value)
+    names = [name.strip() for name in names if name.strip()]
+    if names == ["all"]:
+        return list(CORRUPTIONS)
+    unknown = [name for name in names if name not in CORRUPTIONS]
+    if unknown or not names:
+        raise ValueError(
+            f"unknown corruption(s) {unknown or names!r}; valid: all, {', '.join(CORRUPTIONS)}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def parse_severities(value: str | Sequence[int]) -> list[int]:
+    """``"1-5"``, ``"1,3,5"``, ``"2"`` or a list of ints -> sorted severities in 1..5."""
+    if isinstance(value, str):
+        severities: list[int] = []
+        try:
+            for part in value.split(","):
+                low, dash, high = part.strip().partition("-")
+                severities.extend(range(int(low), int(high if dash else low) + 1))
+        except ValueError as error:
+            raise ValueError(
+                f"severities should look like 1-5 or 1,3,5, but got {value!r}"
+            ) from error
+    else:
+        severities = list(value)
+    bad = [
+        s for s in severities if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 5
+    ]
+    if bad or not severities:
+        raise ValueError(f"severities should be ints in 1..5, but got {value!r}")
+    return sorted(set(severities))
+
+
+def chunk_generator(
+    seed: int, corruption: str, severity: int, chunk: int, device: torch.device
+) -> torch.Generator:
+    """The generator of one chunk: a function of its coordinates only."""
+    key = ((seed * 1_000_003 + CORRUPTIONS.index(corruption)) * 7 + severity) * 1_000_033 + chunk
+    return torch.Generator(device).manual_seed(key % (2**63 - 1))
+
+
+@torch.no_grad()
+def evaluate_corruptions(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    prepare: Callable[[Tensor], Tensor],
+    settings: CorruptionSettings,
+    *,
+    batch_size: int = 500,
+    released: Callable[[str, int], tuple[Tensor, Tensor]] | None = None,
+    progress: TextIO | None = None,
+) -> list[dict[str, Any]]:
+    """Top-1/top-5 (%) on the clean images and on every corruption x severity.
+
+    Args:
+        model: the trained network (put in eval mode here, restored after).
+        images: (N, C, H, W) uint8 clean test images, on the model's device.
+        labels: (N,) int64.
+        prepare: uint8 images -> the model's input (normalisation, memory format).
+        settings: corruptions, severities, seed, JPEG round trip, family.
+        batch_size: images per forward pass.
+        released: when given, ``released(corruption, severity)`` returns the released corrupted
+            set (uint8 images, labels) to use instead of generating one.
+        progress: where progress lines go (default stderr).
+
+    Returns:
+        One dict per row: ``{"corruption", "severity", "top1", "top5", "images"}``; the first is
+        the clean baseline (``"clean"``, severity 0).
+    """
+    stream = progress if progress is not None else sys.stderr
+    was_training = model.training
+    model.eval()
+    family = settings.family or family_for_size(images.shape[-2], images.shape[-1])
+
+    def score(batches) -> tuple[float, float, int]:
+        correct1 = correct5 = total = 0
+        for batch_images, batch_labels in batches:
+            for start in range(0, batch_images.shape[0], batch_size):
+                logits = model(prepare(batch_images[start : start + batch_size]))
+                c1, c5 = topk_correct(logits, batch_labels[start : start + batch_size])
+                correct1, correct5 = correct1 + c1, correct5 + c5
+            total += batch_images.shape[0]
+        return 100.0 * correct1 / max(total, 1), 100.0 * correct5 / max(total, 1), total
+
+    def generated(corruption: str, severity: int):
+        for chunk, start in enumerate(range(0, images.shape[0], CHUNK_IMAGES)):
+            clean = images[start : start + CHUNK_IMAGES]
+            generator = chunk_generator(settings.seed, corruption, severity, chunk, images.device)
+            corrupted = corrupt(clean, corruption, severity, family=family, generator=generator)
+            if settings.jpeg_quality is not None:
+                from dropcluster.data.corrupted_sets import jpeg_round_trip
+
+                corrupted = jpeg_round_trip(corrupted.cpu(), settings.jpeg_quality).to(
+                    images.device
+                )
+            yield corrupted, labels[start : start + CHUNK_IMAGES]
+
+    def from_release(corruption: str, severity: int):
+        release_images, release_labels = released(corruption, severity)
+        for start in range(0, release_images.shape[0], CHUNK_IMAGES):
+            yield (
+                release_images[start : start + CHUNK_IMAGES].to(images.device),
+                release_labels[start : start + CHUNK_IMAGES].to(images.device),
+            )
+
+    try:
+        top1, top5, total = score([(images, labels)])
+        rows = [{"corruption": "clean", "severity": 0, "top1": top1, "top5": top5, "images": total}]
+        tasks = [(c, s) for c in settings.corruptions for s in settings.severities]
+        start_time = time.perf_counter()
+        for index, (corruption, severity) in enumerate(tasks, start=1):
+            source = from_release if released is not None else generated
+            top1, top5, total = score(source(corruption, severity))
+            rows.append(
+                {
+                    "corruption": corruption,
+                    "severity": severity,
+                    "top1": top1,
+                    "top5": top5,
+                    "images": total,
+                }
+            )
+            elapsed = time.perf_counter() - start_time
+            eta = elapsed / index * (len(tasks) - index)
+            stream.write(
+                f"corruptions {index}/{len(tasks)}: {corruption} severity {severity}: "
+                f"top-1 {top1:.2f}% top-5 {top5:.2f}% (ETA {eta:.0f} s)\n"
+            )
+            stream.flush()
+    finally:
+        model.train(was_training)
+    return rows
+
+
+def mean_over_corruptions(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per severity, the mean top-1/top-5 over the corruptions evaluated at that severity."""
+    by_severity: dict[int, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["corruption"] != "clean":
+            by_severity.setdefault(row["severity"], []).append(row)
+    return [
+        {
+            "severity": severity,
+            "top1": sum(r["top1"] for r in group) / len(group),
+            "top5": sum(r["top5"] for r in group) / len(group),
+            "corruptions": len(group),
+        }
+        for severity, group in sorted(by_severity.items())
+    ]
+
+
+def format_table(rows: list[dict[str, Any]], metric: str = "top1") -> str:
+    """A text table: one line per corruption, one column per severity, then the mean line."""
+    severities = sorted({r["severity"] for r in rows if r["corruption"] != "clean"})
+    corruptions = list(dict.fromkeys(r["corruption"] for r in rows if r["corruption"] != "clean"))
+    value = {(r["corruption"], r["severity"]): r[metric] for r in rows}
+    label = "top-1" if metric == "top1" else "top-5"
+    width = max([len("mean over corruptions")] + [len(c) for c in corruptions])
+    lines = [f"{label} (%)".ljust(width) + "".join(f"{'sev ' + str(s):>9}" for s in severities)]
+    for corruption in corruptions:
+        cells = "".join(
+            f"{value[(corruption, s)]:>9.2f}" if (corruption, s) in value else f"{'-':>9}"
+            for s in severities
+        )
+        lines.append(corruption.ljust(width) + cells)
+    means = {m["severity"]: m[metric] for m in mean_over_corruptions(rows)}
+    lines.append(
+        "mean over corruptions".ljust(width) + "".join(f"{means[s]:>9.2f}" for s in severities)
+    )
+    clean = [r for r in rows if r["corruption"] == "clean"]
+    if clean:
+        lines.append(f"clean: {clean[0][metric]:.2f}")
+    return "\n".join(lines)
+
+
+def write_corruption_results(
+    run_dir: str | Path, rows: list[dict[str, Any]], settings: CorruptionSettings, source: str
+) -> Path:
+    """Write ``corruptions.json`` in the run folder and add a summary to its ``result.json``.
+
+    Both files are replaced atomically; evaluating again with other settings overwrites the
+    previous corruption results (the settings are stored with them).
+    """
+    run_dir = Path(run_dir)
+    document = {
+        "settings": settings.to_dict(),
+        "source": source,
+        "rows": rows,
+        "mean_over_corruptions": mean_over_corruptions(rows),
+    }
+    path = run_dir / CORRUPTIONS_NAME
+    _write_json(path, document)
+    result_path = run_dir / RESULT_NAME
+    result = json.loads(result_path.read_text()) if result_path.is_file() else {}
+    result["corruptions"] = {
+        "clean": next((r for r in rows if r["corruption"] == "clean"), None),
+        "mean_over_corruptions": document["mean_over_corruptions"],
+        "file": CORRUPTIONS_NAME,
+    }
+    _write_json(result_path, result)
+    return path
+
+
+def _write_json(path: Path, document: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    settings: CorruptionSettings,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int | None = None,
+    progress: TextIO | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate the trained run in ``run_dir`` on corrupted test sets and store the results.
+
+    Writes ``run_dir/corruptions.json`` (every row, the settings, the source) and adds the clean
+    baseline and the per-severity means to ``run_dir/result.json``.
+
+    Returns:
+        The rows (see :func:`evaluate_corruptions`).
+    """
+    from dropcluster.data.subsets import stratified_subset
+    from dropcluster.train.restore import load_run
+
+    loaded = load_run(run_dir, device=device)
+    test_set = loaded.test_set
+    images, labels = test_set.images, test_set.labels
+    if settings.limit is not None and settings.limit < images.shape[0]:
+        index = stratified_subset(labels, settings.limit / images.shape[0], seed=settings.seed)
+        images, labels = images[index], labels[index]
+    released = None
+    source = "generated"
+    if settings.corrupted_from is not None:
+        from dropcluster.data.corrupted_sets import load_released
+
+        dataset = loaded.config.dataset
+        root = settings.corrupted_from
+
+        def released(corruption: str, severity: int) -> tuple[Tensor, Tensor]:
+            return load_released(root, dataset, corruption, severity, test_set.classes)
+
+        source = "released"
+    device = torch.device(device)
+    rows = evaluate_corruptions(
+        loaded.model,
+        images.to(device),
+        labels.to(device),
+        loaded.prepare_eval,
+        settings,
+        batch_size=batch_size or loaded.config.eval_batch_size,
+        released=released,
+        progress=progress,
+    )
+    write_corruption_results(run_dir, rows, settings, source)
+    return rows

@@ -1,0 +1,258 @@
+"""Presets, grid expansion and the resumable sweep runner (kill and restart, failures, dry run)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_data_datasets import write_cifar100
+
+from dropcluster.cli import main
+from dropcluster.experiments.presets import (
+    apply_overrides,
+    expand_grid,
+    filter_runs,
+    load_preset,
+    parse_overrides,
+    preset_names,
+    run_id,
+)
+from dropcluster.experiments.store import ResultsStore
+from dropcluster.experiments.sweep import dry_run, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_preset(**base) -> dict:
+    """A preset that trains LeNet-5 on 25 % of the synthetic set: a few seconds per run."""
+    preset = {
+        "name": "tiny",
+        "scale": "demo",
+        "description": "test preset",
+        "dataset": "synthetic",
+        "paper": None,
+        "paper_command": "dropcluster reproduce --preset paper-cifar100",
+        "base": {
+            "dataset": "synthetic",
+            "model": "lenet5",
+            "epochs": 2,
+            "batch_size": 64,
+            "cluster_every": 1,
+            "cluster_images": 64,
+            "average_last": 1,
+            "device": "cpu",
+            "channels_last": False,
+            **base,
+        },
+        "grids": [
+            {"regularizer": ["none", "dropout"], "p": [0.1], "train_fraction": [0.25], "seed": [0]}
+        ],
+        "evaluate": None,
+        "average_last": 1,
+    }
+    return preset
+
+
+def test_shipped_presets_load_and_expand_to_the_papers_grids():
+    assert {"demo", "paper-cifar100", "paper-tiny-imagenet"} <= set(preset_names())
+    cifar = expand_grid(load_preset("paper-cifar100"))
+    # none x 4 seeds + 5 regularizers x 5 rates x 4 seeds on the full set + 3 x 4 fractions x 4.
+    assert len(cifar) == 4 + 5 * 5 * 4 + 3 * 4 * 4
+    assert {s.train_fraction for s in cifar} == {1.0, 0.9, 0.8, 0.5, 0.2}
+    assert {s.p for s in cifar if s.regularizer == "dropblock"} == {0.1, 0.15, 0.2, 0.25, 0.3}
+    first = cifar[0].config
+    assert (first.model, first.stem, first.epochs, first.lr_milestones) == (
+        "resnet50",
+        "imagenet",
+        250,
+        [150, 200],
+    )
+    assert (first.cluster_every, first.average_last, first.resolved_weight_decay()) == (
+        50,
+        50,
+        5e-4,
+    )
+    tiny = expand_grid(load_preset("paper-tiny-imagenet"))
+    assert {s.train_fraction for s in tiny} == {1.0, 0.9, 0.7, 0.5, 0.3, 0.1}
+    assert all(s.evaluate_corruptions == (s.train_fraction == 1.0) for s in tiny)
+    assert tiny[0].config.resolved_weight_decay() == 1e-4
+    demo = expand_grid(load_preset("demo"))
+    assert {s.regularizer for s in demo} == {
+        "none",
+        "dropout",
+        "spatial_dropout",
+        "dropblock",
+        "stochastic_depth",
+        "dropcluster",
+    }
+    assert demo[0].config.epochs // demo[0].config.cluster_every >= 2  # at least two refits
+
+
+def test_grid_expansion_is_the_union_of_products_without_duplicates():
+    preset = tiny_preset()
+    preset["grids"] = [
+        {
+            "regularizer": ["none", "dropcluster"],
+            "p": [0.1, 0.2],
+            "train_fraction": [1.0, 0.5],
+            "seed": [0, 1],
+        },
+        {"regularizer": ["dropcluster"], "p": [0.1], "train_fraction": [1.0], "seed": [0, 3]},
+    ]
+    ids = [s.run_id for s in expand_grid(preset)]
+    # none: 1 rate x 2 fractions x 2 seeds; dropcluster: 2 x 2 x 2; second grid adds seed 3 only.
+    assert len(ids) == 4 + 8 + 1 == len(set(ids))
+    assert ids[0] == "none-p0-f1-s0" and "dropcluster-p0.1-f1-s3" in ids
+    assert run_id("dropblock", 0.15, 0.9, 2) == "dropblock-p0.15-f0.9-s2"
+
+
+def test_only_filters_by_field_and_by_run_id_pattern():
+    preset = tiny_preset()
+    preset["grids"][0].update(
+        regularizer=["none", "dropout", "dropcluster"], p=[0.1, 0.2], seed=[0, 1]
+    )
+    specs = expand_grid(preset)
+    assert {s.regularizer for s in filter_runs(specs, ["regularizer=dropout,none"])} == {
+        "dropout",
+        "none",
+    }
+    picked = filter_runs(specs, ["regularizer=dropcluster", "p=0.2", "seed=1"])
+    assert [s.run_id for s in picked] == ["dropcluster-p0.2-f0.25-s1"]
+    assert len(filter_runs(specs, ["dropout-*"])) == 4
+    with pytest.raises(ValueError, match="key should be one of"):
+        filter_runs(specs, ["epochs=3"])
+
+
+def test_overrides_and_bad_presets_give_clear_errors(tmp_path):
+    assert parse_overrides(["stem=cifar", "epochs=3", "lr_milestones=[1,2]"]) == {
+        "stem": "cifar",
+        "epochs": 3,
+        "lr_milestones": [1, 2],
+    }
+    overridden = apply_overrides(load_preset("paper-cifar100"), {"stem": "cifar"})
+    assert expand_grid(overridden)[0].config.stem == "cifar"
+    with pytest.raises(ValueError, match="unknown preset 'nope'; valid presets are demo"):
+        load_preset("nope")
+    with pytest.raises(ValueError, match="epochs should be a positive int"):
+        apply_overrides(load_preset("demo"), {"epochs": 0})
+    bad = tiny_preset()
+    bad["grids"][0]["regularizer"] = ["dropclustr"]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="unknown regularizers \\['dropclustr'\\]"):
+        load_preset(path)
+    with pytest.raises(ValueError, match="--set expects key=value"):
+        parse_overrides(["stem"])
+
+
+def test_dry_run_lists_every_run_with_an_estimate_and_writes_nothing(tmp_path):
+    stream = io.StringIO()
+    specs = dry_run(load_preset("demo"), tmp_path / "out", [], stream)
+    text = stream.getvalue()
+    assert len(specs) == 12
+    assert all(spec.run_id in text for spec in specs)
+    assert "still to run" in text and "unknown" not in text
+    assert not (tmp_path / "out").exists()
+
+
+def _sweep_process(preset_path: Path, out: Path) -> subprocess.Popen:
+    code = (
+        "import sys; from dropcluster.cli import main; "
+        f"sys.exit(main(['sweep', '--preset', {str(preset_path)!r}, '--out', {str(out)!r}]))"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def test_killed_sweep_resumes_without_repeating_or_duplicating(tmp_path):
+    preset = tiny_preset(epochs=4)
+    preset["grids"][0]["seed"] = [0, 1]
+    preset_path = tmp_path / "tiny.json"
+    preset_path.write_text(json.dumps(preset))
+    out = tmp_path / "out"
+    first, second = "none-p0-f0.25-s0", "none-p0-f0.25-s1"
+    process = _sweep_process(preset_path, out)
+    deadline = time.time() + 120
+    # Kill the whole sweep (parent and worker, as a crash would) while the second run is mid-way.
+    while time.time() < deadline:
+        # The checkpoint is renamed into place after the epoch's log line: both are on disk.
+        if (out / "runs" / second / "checkpoint.pt").is_file():
+            break
+        assert process.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    first_log = (out / "runs" / first / "log.jsonl").read_text()
+    second_epochs = (out / "runs" / second / "log.jsonl").read_text().splitlines()
+    assert 1 <= len(second_epochs) < 4
+    with ResultsStore.in_folder(out, readonly=True) as store:
+        assert store.run(first).status == "finished"
+        assert store.run(second).status == "running"  # what a crash leaves behind
+
+    summary = run_sweep(json.loads(preset_path.read_text()), out, stream=io.StringIO())
+    assert first not in summary.ran and second in summary.ran
+    assert summary.finished == summary.total == 4 and not summary.failed
+    # The finished run was not touched; the interrupted one continued from its checkpoint.
+    assert (out / "runs" / first / "log.jsonl").read_text() == first_log
+    resumed = (out / "runs" / second / "log.jsonl").read_text().splitlines()
+    assert len(resumed) == 4
+    assert resumed[0] == second_epochs[0]
+    with ResultsStore.in_folder(out, readonly=True) as store:
+        runs = {r.run_id: r for r in store.runs()}
+        assert len(runs) == 4 and all(r.status == "finished" for r in runs.values())
+        assert runs[first].attempts == 1 and runs[second].attempts == 2
+        epochs = store.epochs()
+        assert len(epochs) == 4 * 4
+        assert len({(row["run_id"], row["epoch"]) for row in epochs}) == len(epochs)
+        result = json.loads((out / "runs" / second / "result.json").read_text())
+        assert runs[second].top1 == pytest.approx(result["top1"])
+
+    # A third invocation has nothing to do.
+    again = run_sweep(json.loads(preset_path.read_text()), out, stream=io.StringIO())
+    assert again.ran == [] and again.finished == 4
+
+
+def test_failed_run_is_recorded_and_retried_not_counted(tmp_path, capsys):
+    data = tmp_path / "cifar"
+    preset = tiny_preset(dataset="cifar100", data_dir=str(data), epochs=1, train_fraction=1.0)
+    preset["dataset"] = "cifar100"
+    preset["grids"][0].update(regularizer=["none"], train_fraction=[1.0])
+    out = tmp_path / "out"
+    summary = run_sweep(preset, out, stream=io.StringIO())
+    assert summary.failed == ["none-p0-f1-s0"] and summary.finished == 0
+    with ResultsStore.in_folder(out, readonly=True) as store:
+        record = store.run("none-p0-f1-s0")
+        assert record.status == "failed" and record.top1 is None
+        assert "FileNotFoundError" in record.error
+    assert main(["results", "--out", str(out), "--status", "failed"]) == 0
+    assert "FileNotFoundError" in capsys.readouterr().out
+
+    write_cifar100(data, n_train=12, n_test=5)
+    retry = run_sweep(preset, out, stream=io.StringIO())
+    assert retry.ran == ["none-p0-f1-s0"] and not retry.failed
+    with ResultsStore.in_folder(out, readonly=True) as store:
+        record = store.run("none-p0-f1-s0")
+        assert (record.status, record.attempts, record.error) == ("finished", 2, None)
+
+
+def test_a_folder_of_another_preset_or_other_settings_is_refused(tmp_path):
+    preset = tiny_preset(epochs=1)
+    preset["grids"][0]["regularizer"] = ["none"]
+    out = tmp_path / "out"
+    run_sweep(preset, out, stream=io.StringIO())
+    with pytest.raises(ValueError, match="other settings \\(\\['epochs'\\] differ\\)"):
+        run_sweep(apply_overrides(preset, {"epochs": 2}), out, stream=io.StringIO())
+    other = {**preset, "name": "other"}
+    with pytest.raises(ValueError, match="holds a sweep of preset 'tiny'"):
+        run_sweep(other, out, stream=io.StringIO())
