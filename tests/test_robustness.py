@@ -14,6 +14,7 @@ from dropcluster.data.corruptions import CORRUPTIONS, corrupt
 from dropcluster.train import robustness
 from dropcluster.train.config import TrainConfig
 from dropcluster.train.loop import evaluate, train
+from dropcluster.train.restore import load_run
 from dropcluster.train.robustness import (
     CorruptionSettings,
     evaluate_corruptions,
@@ -230,3 +231,37 @@ def test_evaluate_command_reports_bad_input(tmp_path, capsys):
     assert "no run folder" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(tmp_path), "--severities", "7"]) == 2
     assert "severities should be ints in 1..5" in capsys.readouterr().err
+
+
+def test_evaluate_reads_released_cifar100_c_files(tmp_path, capsys):
+    import numpy as np
+    from test_data_datasets import write_cifar100
+
+    from dropcluster.data import load_dataset
+
+    data = tmp_path / "data"
+    write_cifar100(data, n_train=40, n_test=10)
+    config = TrainConfig(dataset="cifar100", data_dir=str(data), model="lenet5", regularizer="none",
+                         p=0.0, epochs=1, batch_size=16, channels_last=False)  # fmt: skip
+    run_dir = tmp_path / "run"
+    train(config, run_dir, progress_stream=io.StringIO())
+    test_set = load_dataset("cifar100", "test", root=data)
+    # A "released" CIFAR-100-C: severity 1 holds the clean test images, severity 2 black ones.
+    clean = test_set.images.permute(0, 2, 3, 1).numpy()
+    released = tmp_path / "CIFAR-100-C"
+    released.mkdir()
+    stacked = np.concatenate([clean, np.zeros_like(clean), clean, clean, clean])
+    np.save(released / "zoom_blur.npy", stacked)
+    np.save(released / "labels.npy", np.tile(test_set.labels.numpy(), 5))
+    code = main(["evaluate", "--checkpoint", str(run_dir), "--corruptions", "zoom_blur",
+                 "--severities", "1-2", "--corrupted-from", str(released)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    document = json.loads((run_dir / "corruptions.json").read_text())
+    assert document["source"] == "released"
+    clean_row, severity1, severity2 = document["rows"]
+    assert (severity1["top1"], severity1["top5"]) == (clean_row["top1"], clean_row["top5"])
+    assert severity1["images"] == severity2["images"] == 10
+    loaded_model = load_run(run_dir).model
+    black = torch.zeros_like(test_set.images)
+    expected = evaluate(loaded_model, black, test_set.labels, load_run(run_dir).prepare_eval, 10)
+    assert (severity2["top1"], severity2["top5"]) == expected

@@ -256,3 +256,25 @@ def test_a_folder_of_another_preset_or_other_settings_is_refused(tmp_path):
     other = {**preset, "name": "other"}
     with pytest.raises(ValueError, match="holds a sweep of preset 'tiny'"):
         run_sweep(other, out, stream=io.StringIO())
+
+
+def test_jobs_run_side_by_side_and_share_the_cores(tmp_path, monkeypatch):
+    from dropcluster.experiments import sweep
+
+    launches = []
+    real_launch = sweep._launch
+
+    def spy(spec, out, evaluate, slot, devices, threads):
+        launches.append((spec.run_id, slot, threads))
+        return real_launch(spec, out, evaluate, slot, devices, threads)
+
+    monkeypatch.setattr(sweep, "_launch", spy)
+    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 4)
+    preset = tiny_preset(epochs=1)
+    summary = run_sweep(preset, tmp_path / "out", jobs=2, stream=io.StringIO())
+    assert summary.finished == 2 and not summary.failed
+    # Both runs were started at once, in different slots, with half the cores each.
+    assert sorted(slot for _, slot, _ in launches) == [0, 1]
+    assert {threads for _, _, threads in launches} == {2}
+    with pytest.raises(ValueError, match="jobs should be a positive int"):
+        run_sweep(preset, tmp_path / "out", jobs=0)

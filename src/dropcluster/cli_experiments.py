@@ -321,6 +321,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
         sample_images=args.sample_images,
         device=args.device,
         seed=args.seed,
+        progress=lambda message: print(message, file=sys.stderr),
     )
     print(f"analysis: {path}")
     return 0

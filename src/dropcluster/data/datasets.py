@@ -327,7 +327,29 @@ def _as_text(value: object) -> str:
 # Tiny ImageNet
 
 
+def tiny_imagenet_wnids(root: str | Path | None = None) -> list[str]:
+    """Tiny ImageNet's class ids in label order (sorted ``wnids.txt``), as :func:`load_dataset`
+    numbers them; ``root`` as for :func:`load_dataset`."""
+    return _tiny_imagenet_folder_and_wnids(_default_root() if root is None else Path(root))[1]
+
+
 def _load_tiny_imagenet(split: str, root: Path) -> ImageDataset:
+    folder, wnids = _tiny_imagenet_folder_and_wnids(root)
+    class_index = {wnid: index for index, wnid in enumerate(wnids)}
+    if split == "train":
+        paths, labels = _tiny_imagenet_train_files(folder, wnids)
+    else:
+        paths, labels = _tiny_imagenet_val_files(folder, class_index)
+    images = _decode_jpegs(paths)
+    return ImageDataset(
+        images,
+        torch.tensor(labels, dtype=torch.int64),
+        _tiny_imagenet_class_names(folder, wnids),
+        "tiny-imagenet",
+    )
+
+
+def _tiny_imagenet_folder_and_wnids(root: Path) -> tuple[Path, list[str]]:
     folder = root / TINY_IMAGENET_FOLDER
     if not folder.is_dir() and (root / "wnids.txt").is_file():
         folder = root
@@ -341,18 +363,7 @@ def _load_tiny_imagenet(split: str, root: Path) -> ImageDataset:
     wnids = sorted(line.strip() for line in wnids_path.read_text().splitlines() if line.strip())
     if len(set(wnids)) != len(wnids):
         raise ValueError(f"{wnids_path} should list distinct class ids, but repeats some")
-    class_index = {wnid: index for index, wnid in enumerate(wnids)}
-    if split == "train":
-        paths, labels = _tiny_imagenet_train_files(folder, wnids)
-    else:
-        paths, labels = _tiny_imagenet_val_files(folder, class_index)
-    images = _decode_jpegs(paths)
-    return ImageDataset(
-        images,
-        torch.tensor(labels, dtype=torch.int64),
-        _tiny_imagenet_class_names(folder, wnids),
-        "tiny-imagenet",
-    )
+    return folder, wnids
 
 
 def _tiny_imagenet_train_files(folder: Path, wnids: list[str]) -> tuple[list[Path], list[int]]:

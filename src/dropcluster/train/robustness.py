@@ -319,9 +319,20 @@ def evaluate_run(
 
         dataset = loaded.config.dataset
         root = settings.corrupted_from
+        classes = None
+        if dataset == "tiny-imagenet":
+            from dropcluster.data.datasets import tiny_imagenet_wnids
+
+            # The released folders are named by wnid; our labels index the sorted wnids.
+            classes = tiny_imagenet_wnids(loaded.config.data_dir)
 
         def released(corruption: str, severity: int) -> tuple[Tensor, Tensor]:
-            return load_released(root, dataset, corruption, severity, test_set.classes)
+            images, labels = load_released(root, dataset, corruption, severity, classes)
+            if settings.limit is not None and settings.limit < images.shape[0]:
+                fraction = settings.limit / images.shape[0]
+                index = stratified_subset(labels, fraction, seed=settings.seed)
+                images, labels = images[index], labels[index]
+            return images, labels
 
         source = "released"
     device = torch.device(device)
