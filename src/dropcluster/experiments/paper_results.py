@@ -14,19 +14,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from dropcluster.data.corruptions import CORRUPTIONS as _CORRUPTIONS
+
 #: Data sets the paper reports numbers for.
 PAPER_DATASETS = ("cifar100", "tiny-imagenet")
 
-#: The seven corruptions of Hendrycks & Dietterich (2019) the paper evaluates, in its order.
-CORRUPTIONS = (
-    "gaussian_noise",
-    "shot_noise",
-    "impulse_noise",
-    "defocus_blur",
-    "glass_blur",
-    "motion_blur",
-    "zoom_blur",
-)
+#: The seven corruptions of Hendrycks & Dietterich (2019) the paper evaluates, in its order
+#: (the order of :data:`dropcluster.data.corruptions.CORRUPTIONS`).
+CORRUPTIONS = _CORRUPTIONS
 
 #: The drop rates the paper searches for the best one (section 6).
 P_GRID: dict[str, tuple[float, ...]] = {

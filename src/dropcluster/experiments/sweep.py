@@ -370,6 +370,7 @@ def run_sweep(
                             summary.failed.append(job.spec.run_id)
                             continue
                         store.record_finished(job.spec.run_id, seconds=seconds, **results)
+                        _rescale_estimates(estimates, job.spec.run_id, seconds)
                         summary.finished += 1
                         summary.ran.append(job.spec.run_id)
                         stream.write(
@@ -452,6 +453,15 @@ def _stop(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def _rescale_estimates(estimates: dict[str, float], run_id: str, seconds: float) -> None:
+    """Scale the remaining estimates by how long a finished run took against its estimate."""
+    estimate = estimates.pop(run_id, float("nan"))
+    if estimate > 0 and seconds > 0:
+        ratio = seconds / estimate
+        for key in estimates:
+            estimates[key] *= ratio
 
 
 def _status_line(
