@@ -1,6 +1,7 @@
 # Development entry points. `make demo` and `make test` build the environment themselves.
 PYTHON ?= python3
 VENV := .venv
+TORCH_VERSION := 2.13.0
 PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # The VM's allocator hands big blocks back to the OS after each use; keeping them is 2x faster.
@@ -10,9 +11,10 @@ export MALLOC_TRIM_THRESHOLD_ := 100000000000
 .PHONY: venv data demo test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
+	@echo "setting up $(VENV): torch $(TORCH_VERSION) (CPU build) and the package with its extras (a minute or two)"
 	$(PYTHON) -m venv $(VENV)
 	# Pinned CPU build: an unpinned torch pulls a multi-GB CUDA build.
-	$(VENV)/bin/pip install --quiet torch==2.13.0
+	$(VENV)/bin/pip install --quiet torch==$(TORCH_VERSION)
 	$(VENV)/bin/pip install --quiet -e '.[test]'
 	touch $@
 

@@ -455,6 +455,13 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def _phase(job: _Active) -> str:
+    epochs = job.spec.config.epochs
+    if job.epochs_seen < epochs:
+        return f"epoch {job.epochs_seen + 1}/{epochs}"
+    return "corrupted test sets" if job.spec.evaluate_corruptions else "finishing"
+
+
 def _rescale_estimates(estimates: dict[str, float], run_id: str, seconds: float) -> None:
     """Scale the remaining estimates by how long a finished run took against its estimate."""
     estimate = estimates.pop(run_id, float("nan"))
@@ -477,11 +484,7 @@ def _status_line(
     for job in active:
         done = job.epochs_seen / max(1, job.spec.config.epochs)
         left += estimates.get(job.spec.run_id, 0.0) * (1.0 - done)
-    running = ", ".join(
-        f"{j.spec.run_id} epoch {min(j.epochs_seen + 1, j.spec.config.epochs)}/"
-        f"{j.spec.config.epochs}"
-        for j in active
-    )
+    running = ", ".join(f"{j.spec.run_id} {_phase(j)}" for j in active)
     failed = f", {len(summary.failed)} failed" if summary.failed else ""
     return (
         f"[{summary.finished}/{summary.total} done{failed}] {running or 'idle'} | "
