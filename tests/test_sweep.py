@@ -278,3 +278,33 @@ def test_jobs_run_side_by_side_and_share_the_cores(tmp_path, monkeypatch):
     assert {threads for _, _, threads in launches} == {2}
     with pytest.raises(ValueError, match="jobs should be a positive int"):
         run_sweep(preset, tmp_path / "out", jobs=0)
+
+
+def test_command_line_dry_run_overrides_and_errors(tmp_path, capsys):
+    assert main(["sweep", "--preset", "paper-cifar100", "--stem", "cifar", "--out",
+                 str(tmp_path / "c100"), "--only", "regularizer=dropcluster", "--only",
+                 "fraction=1", "--dry-run"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "preset paper-cifar100: 20 runs" in out and "dropcluster-p0.3-f1-s3" in out
+    assert not (tmp_path / "c100").exists()
+    assert main(["reproduce", "--preset", "nope", "--dry-run"]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+    assert main(["results", "--out", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert main(["report", "--out", str(tmp_path)]) == 2
+    assert "has no preset.json" in capsys.readouterr().err
+    assert main(["sweep", "--preset", "demo", "--jobs", "0", "--out", str(tmp_path / "d")]) == 2
+    assert "jobs should be a positive int" in capsys.readouterr().err
+
+
+def test_a_database_from_a_newer_version_is_refused_by_the_commands(tmp_path, capsys):
+    import sqlite3
+
+    out = tmp_path / "out"
+    with ResultsStore.in_folder(out):
+        pass
+    with sqlite3.connect(out / "results.sqlite") as connection:
+        connection.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    assert main(["results", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "schema version 99" in error and "upgrade dropcluster" in error

@@ -97,6 +97,12 @@ def add_experiment_parsers(commands) -> None:
             help="override a base config value, e.g. --set stem=cifar (repeatable)",
         )
         sub.add_argument(
+            "--stem",
+            choices=("imagenet", "cifar"),
+            default=None,
+            help="ResNet stem: imagenet (the paper's) or cifar (the stronger model on 32x32)",
+        )
+        sub.add_argument(
             "--device", default=None, help="shorthand for --set device=...: auto, cpu, cuda, cuda:1"
         )
         sub.add_argument(
@@ -218,6 +224,8 @@ def _load_sweep_preset(args: argparse.Namespace):
     overrides = parse_overrides(args.overrides)
     if args.device is not None:
         overrides["device"] = args.device
+    if args.stem is not None:
+        overrides["stem"] = args.stem
     if overrides:
         preset = apply_overrides(preset, overrides)
     if args.corrupted_from is not None:
