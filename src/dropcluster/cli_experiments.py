@@ -57,7 +57,9 @@ def add_experiment_parsers(commands) -> None:
         metavar="DIR",
         help="folder of the released CIFAR-100-C or Tiny-ImageNet-C files",
     )
-    evaluate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    evaluate.add_argument(
+        "--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:1, ..."
+    )
     evaluate.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
     evaluate.set_defaults(handler=_run_evaluate)
 
@@ -167,7 +169,9 @@ def add_experiment_parsers(commands) -> None:
     analyze.add_argument(
         "--sample-images", type=int, default=256, help="test images whose activations are analysed"
     )
-    analyze.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    analyze.add_argument(
+        "--device", default="auto", help="auto (CUDA when there is one), cpu, cuda"
+    )
     analyze.add_argument("--seed", type=int, default=0, help="random seed")
     analyze.set_defaults(handler=_run_analyze)
 

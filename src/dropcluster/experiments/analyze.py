@@ -126,7 +126,7 @@ def analyze_run(
         n_images: test images in the example figure, 1 to 16, at most ``sample_images``.
         sample_images: test images whose activations are clustered and measured, >= 2
             (fewer when the test set is smaller: the number used is in the report).
-        device: where the model runs.
+        device: where the model runs ("auto": CUDA when there is one, else the CPU).
         seed: seeds every random draw, an int >= 0.
         progress: called with a short message before each step (e.g. ``print``).
 
@@ -176,7 +176,7 @@ def analyze_run(
             {**{name: model.slot(name) for name in layer_names}, cluster_slot_name: cluster_slot},
             cluster_slot_name,
             run.config.eval_batch_size,
-            torch.device(device),
+            next(model.parameters()).device,
             seed,
         )
         activations = captured.activations

@@ -51,8 +51,9 @@ def load_run(
 
     Args:
         run_dir: a folder written by :func:`dropcluster.train.train`.
-        device: where the model goes (the run's own device setting is ignored: a model
-            trained on a GPU can be evaluated on the CPU).
+        device: where the model goes ("auto": CUDA when there is one, else the CPU); the run's
+            own device setting is ignored, so a model trained on a GPU can be evaluated on the
+            CPU.
         test_set: the test set, if the caller has it already (saves loading it again).
 
     Raises:
@@ -67,6 +68,8 @@ def load_run(
             f"{run_dir} has no config.json: expected a folder written by `dropcluster train`"
         )
     config = TrainConfig.from_dict(json.loads(config_path.read_text()))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     state = load_checkpoint(run_dir / CHECKPOINT_NAME, map_location=device)
     if test_set is None:

@@ -335,7 +335,7 @@ def evaluate_run(
             return images, labels
 
         source = "released"
-    device = torch.device(device)
+    device = next(loaded.model.parameters()).device
     rows = evaluate_corruptions(
         loaded.model,
         images.to(device),
