@@ -108,7 +108,12 @@ def _build_store(path, *, corruptions: bool = True) -> ResultsStore:
                 store.record_corruptions(run_id, _corruption_rows(rows[seed]))
     failed = _add(store, "dropcluster", 0.2, 0.5, 1)
     store.mark_running(failed)
-    store.mark_failed(failed, "RuntimeError: CUDA out of memory\nTraceback (most recent call)")
+    # As the sweep stores it: the exit status, then the tail of the worker's log.
+    store.mark_failed(
+        failed,
+        'exit status 1\nTraceback (most recent call last):\n  File "loop.py", line 9\n'
+        "RuntimeError: CUDA out of memory",
+    )
     _add(store, "dropout", 0.1, 1.0, 0)  # pending
     other = _add(store, "spatial_dropout", 0.1, 1.0, 0, preset="another-preset")
     store.record_finished(other, history=_history([(99, 99), (99, 99)]), top1=99.0, top5=99.0,

@@ -440,3 +440,18 @@ def test_nan_final_metrics_are_stored_as_null(store):
     )
     record = store.run("dc-p0.1-s0")
     assert record.status == "finished" and record.top1 is None and record.top5 is None
+
+
+def test_record_corruptions_with_replace_keeps_only_the_new_rows(tmp_path):
+    with ResultsStore(tmp_path / "r.sqlite") as store:
+        store.add_run("a", {"x": 1}, preset=None, regularizer="none", p=0.0, seed=0,
+                      train_fraction=1.0)  # fmt: skip
+        old = [{"corruption": "clean", "severity": 0, "top1": 1.0, "top5": 2.0},
+               {"corruption": "zoom_blur", "severity": 1, "top1": 3.0, "top5": 4.0}]  # fmt: skip
+        store.record_corruptions("a", old)
+        new = [{"corruption": "clean", "severity": 0, "top1": 5.0, "top5": 6.0},
+               {"corruption": "shot_noise", "severity": 2, "top1": 7.0, "top5": 8.0}]  # fmt: skip
+        store.record_corruptions("a", new, source="released", replace=True)
+        rows = store.corruption_results("a")
+    assert [(r["corruption"], r["severity"], r["top1"], r["source"]) for r in rows] == [
+        ("clean", 0, 5.0, "released"), ("shot_noise", 2, 7.0, "released")]  # fmt: skip

@@ -308,3 +308,96 @@ def test_a_database_from_a_newer_version_is_refused_by_the_commands(tmp_path, ca
     assert main(["results", "--out", str(out)]) == 2
     error = capsys.readouterr().err
     assert "schema version 99" in error and "upgrade dropcluster" in error
+
+
+def _evaluating_preset(**evaluate) -> dict:
+    preset = tiny_preset(epochs=2)
+    preset["grids"][0]["regularizer"] = ["none"]
+    preset["evaluate"] = {"train_fraction": [0.25], "corruptions": "gaussian_noise",
+                          "severities": [1], "limit": 50, **evaluate}  # fmt: skip
+    return preset
+
+
+def test_results_of_an_unfinished_checkpoint_are_replaced_once_the_run_finishes(tmp_path):
+    from dropcluster.train.loop import train
+    from dropcluster.train.robustness import CorruptionSettings, evaluate_run
+
+    preset = _evaluating_preset()
+    out = tmp_path / "out"
+    spec = expand_grid(preset)[0]
+    run_dir = out / "runs" / spec.run_id
+    train(spec.config, run_dir, stop_after_epoch=1, progress_stream=io.StringIO())
+    settings = CorruptionSettings(corruptions="gaussian_noise", severities=[1], limit=50)
+    with pytest.warns(UserWarning, match="not finished \\(1 of 2 epochs\\)"):
+        evaluate_run(run_dir, settings, progress=io.StringIO())
+    assert json.loads((run_dir / "corruptions.json").read_text())["checkpoint_epochs"] == 1
+
+    summary = run_sweep(preset, out, stream=io.StringIO())
+    assert summary.finished == 1 and not summary.failed
+    document = json.loads((run_dir / "corruptions.json").read_text())
+    assert document["checkpoint_epochs"] == 2 and document["device_type"] == "cpu"
+    # Resuming the finished run (as after a crash before it was recorded) keeps the summary.
+    train(spec.config, run_dir, resume=True, progress_stream=io.StringIO())
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["corruptions"]["clean"] == document["rows"][0]
+    with ResultsStore.in_folder(out, readonly=True) as store:
+        rows = store.corruption_results(spec.run_id)
+    assert [(r["corruption"], r["severity"], r["source"]) for r in rows] == [
+        ("clean", 0, "generated"), ("gaussian_noise", 1, "generated")]  # fmt: skip
+    assert rows[1]["top1"] == document["rows"][1]["top1"]
+
+
+def test_sweep_settings_are_checked_but_the_device_may_change(tmp_path):
+    preset = _evaluating_preset()
+    out = tmp_path / "out"
+    run_sweep(preset, out, stream=io.StringIO())
+    # Another device (or eval batch size) does not change results: the sweep continues.
+    again = run_sweep(apply_overrides(preset, {"device": "auto", "eval_batch_size": 250}), out,
+                      stream=io.StringIO())  # fmt: skip
+    assert again.finished == 1 and again.ran == []
+    changed = _evaluating_preset(severities=[1, 2])
+    with pytest.raises(ValueError, match="\\['evaluate'\\] differ"):
+        run_sweep(changed, out, stream=io.StringIO())
+    # A second sweep in the same folder at the same time is refused.
+    import fcntl
+
+    with open(out / ".sweep.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match="another sweep is running"):
+            run_sweep(preset, out, stream=io.StringIO())
+
+
+def test_bad_evaluate_blocks_are_refused_when_the_preset_loads(tmp_path):
+    from dropcluster.experiments.presets import validate_preset
+
+    with pytest.raises(ValueError, match="unknown \\['severity'\\]"):
+        validate_preset(_evaluating_preset(severity=[1]))
+    with pytest.raises(ValueError, match="evaluate.train_fraction \\[1.0\\] is in no grid"):
+        validate_preset(_evaluating_preset(train_fraction=[1.0]))
+    with pytest.raises(ValueError, match="unknown corruption"):
+        validate_preset(_evaluating_preset(corruptions="fog"))
+    with pytest.raises(ValueError, match="but the data set is 'synthetic'"):
+        validate_preset(_evaluating_preset(corrupted_from=str(tmp_path)))
+
+
+def test_released_results_keep_their_source(tmp_path):
+    from dropcluster.experiments.sweep import collect_results
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "log.jsonl").write_text(json.dumps({"epoch": 0, "top1": 50.0, "top5": 90.0}) + "\n")
+    (run_dir / "result.json").write_text(json.dumps({"top1": 50.0, "top5": 90.0,
+                                                     "average_last": 1}))  # fmt: skip
+    (run_dir / "corruptions.json").write_text(
+        json.dumps(
+            {
+                "source": "released",
+                "rows": [
+                    {"corruption": "clean", "severity": 0, "top1": 50.0, "top5": 90.0, "images": 10}
+                ],
+            }
+        )
+    )
+    results = collect_results(run_dir)
+    assert results["corruptions"] == [{"corruption": "clean", "severity": 0, "top1": 50.0,
+                                       "top5": 90.0, "source": "released"}]  # fmt: skip

@@ -217,12 +217,17 @@ def _update_sweep_database(run_dir: Path, rows, source: str) -> None:
             store.run(run_dir.name)
         except KeyError:
             return
-        store.record_corruptions(run_dir.name, rows, source=source)
+        store.record_corruptions(run_dir.name, rows, source=source, replace=True)
     print(f"and to the sweep's database {sweep_dir / DATABASE_NAME}")
 
 
 def _load_sweep_preset(args: argparse.Namespace):
-    from dropcluster.experiments.presets import apply_overrides, load_preset, parse_overrides
+    from dropcluster.experiments.presets import (
+        apply_overrides,
+        load_preset,
+        parse_overrides,
+        validate_preset,
+    )
 
     preset = load_preset(args.preset)
     overrides = parse_overrides(args.overrides)
@@ -236,6 +241,7 @@ def _load_sweep_preset(args: argparse.Namespace):
         if not preset.get("evaluate"):
             raise ValueError(f"preset {preset['name']} evaluates no corruptions")
         preset["evaluate"] = {**preset["evaluate"], "corrupted_from": args.corrupted_from}
+        validate_preset(preset, f"preset {preset['name']} with --corrupted-from")
     return preset
 
 

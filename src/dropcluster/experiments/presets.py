@@ -90,6 +90,7 @@ def validate_preset(preset: dict[str, Any], origin: str = "preset") -> None:
                 f"{origin}: grid {index} has unknown regularizers {unknown}; valid: "
                 f"{', '.join(REGULARIZERS)}"
             )
+    _validate_evaluate(preset, origin)
     # Every run's config must be valid: build one per grid to fail now, not hours later.
     for grid in preset["grids"]:
         TrainConfig.from_dict(
@@ -101,6 +102,43 @@ def validate_preset(preset: dict[str, Any], origin: str = "preset") -> None:
                 "seed": grid["seed"][0],
             }
         )
+
+
+EVALUATE_KEYS = ("train_fraction", "corruptions", "severities", "limit", "seed", "jpeg_quality",
+                 "family", "corrupted_from")  # fmt: skip
+
+
+def _validate_evaluate(preset: dict[str, Any], origin: str) -> None:
+    evaluate = preset.get("evaluate")
+    if evaluate is None:
+        return
+    if not isinstance(evaluate, dict):
+        raise ValueError(f"{origin}: evaluate should be an object or null, got {evaluate!r}")
+    unknown = sorted(set(evaluate) - set(EVALUATE_KEYS))
+    if unknown or "train_fraction" not in evaluate:
+        raise ValueError(
+            f"{origin}: evaluate needs train_fraction and takes only {list(EVALUATE_KEYS)}; "
+            f"unknown {unknown}"
+        )
+    fractions = {f for grid in preset["grids"] for f in grid["train_fraction"]}
+    missing = [f for f in evaluate["train_fraction"] if f not in fractions]
+    if missing:
+        raise ValueError(
+            f"{origin}: evaluate.train_fraction {missing} is in no grid (grids have "
+            f"{sorted(fractions)})"
+        )
+    from dropcluster.train.robustness import CorruptionSettings
+
+    # Raises ValueError naming a bad corruption, severity, limit or JPEG quality.
+    CorruptionSettings(**{k: v for k, v in evaluate.items() if k != "train_fraction"})
+    if evaluate.get("corrupted_from") is not None:
+        if preset["base"].get("dataset") not in ("cifar100", "tiny-imagenet"):
+            raise ValueError(
+                f"{origin}: corrupted_from reads released CIFAR-100-C / Tiny-ImageNet-C files, "
+                f"but the data set is {preset['base'].get('dataset')!r}"
+            )
+        if not Path(evaluate["corrupted_from"]).is_dir():
+            raise ValueError(f"{origin}: corrupted_from {evaluate['corrupted_from']} is no folder")
 
 
 @dataclass(frozen=True)

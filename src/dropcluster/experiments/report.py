@@ -245,7 +245,7 @@ def summarize(store: ResultsStore, average_last: int, *, preset_name: str | None
             record.seed,
             record.train_fraction,
             record.attempts,
-            _first_line(record.error),
+            _error_line(record.error),
         )
         for record in records
         if record.status == FAILED
@@ -413,9 +413,10 @@ def _aggregate_clusters(summary: Summary, rows: list[dict]) -> None:
         )
 
 
-def _first_line(error: str | None) -> str:
+def _error_line(error: str | None) -> str:
+    """The line that says what went wrong: the last one (a traceback ends with the exception)."""
     lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
-    return lines[0] if lines else "(no error message)"
+    return lines[-1] if lines else "(no error message)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,7 +489,7 @@ def _header(summary: Summary, preset: dict[str, Any]) -> list[str]:
         lines += ["", "### Failed runs", ""]
         lines.append(
             _table(
-                ["run", "regularizer", "p", "fraction", "seed", "attempts", "error (first line)"],
+                ["run", "regularizer", "p", "fraction", "seed", "attempts", "error (last line)"],
                 [
                     [
                         f"`{run.run_id}`",

@@ -457,9 +457,12 @@ class ResultsStore:
             )
 
     def record_corruptions(
-        self, run_id: str, rows: Sequence[dict], *, source: str = "generated"
+        self, run_id: str, rows: Sequence[dict], *, source: str = "generated", replace: bool = False
     ) -> None:
         """Store a run's corruption results; rows replace those of the same corruption and severity.
+
+        With ``replace=True`` the run's previous corruption rows are all deleted first (in the
+        same transaction): the stored rows are then exactly ``rows``, one evaluation's settings.
 
         Args:
             run_id: the run.
@@ -474,6 +477,8 @@ class ResultsStore:
         corruption_rows = _corruption_rows(run_id, rows, source)
         with self._write() as connection:
             self._require_run(connection, run_id)
+            if replace:
+                connection.execute("DELETE FROM corruptions WHERE run_id = ?", (run_id,))
             _upsert_corruptions(connection, corruption_rows)
 
     def record_clusters(self, run_id: str, rows: Sequence[dict]) -> None:

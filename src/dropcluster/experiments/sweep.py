@@ -16,6 +16,7 @@ process writes the database, each run's results in one transaction.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -29,8 +30,10 @@ from typing import Any, TextIO
 from dropcluster.experiments.presets import RunSpec, expand_grid, filter_runs
 from dropcluster.experiments.store import ResultsStore
 from dropcluster.experiments.worker import write_job
+from dropcluster.train.config import NOT_IDENTITY
 
 PRESET_NAME = "preset.json"
+SWEEP_LOCK_NAME = ".sweep.lock"
 RUNS_FOLDER = "runs"
 
 #: Training set and test set sizes, for cost estimates.
@@ -63,7 +66,8 @@ class SweepSummary:
 
 
 def prepare_folder(preset: dict[str, Any], out: Path) -> None:
-    """Create ``out`` and record the preset; refuse a folder that holds another preset's sweep."""
+    """Create ``out`` and record the preset; refuse a folder that holds another preset's sweep,
+    or this preset's with other settings (which would mix runs made differently)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / PRESET_NAME
     if path.is_file():
@@ -73,19 +77,25 @@ def prepare_folder(preset: dict[str, Any], out: Path) -> None:
                 f"{out} holds a sweep of preset {existing.get('name')!r}, not {preset['name']!r}: "
                 f"choose another --out"
             )
-        if existing.get("base") != preset["base"]:
-            changed = sorted(
-                k
-                for k in set(existing["base"]) | set(preset["base"])
-                if existing["base"].get(k) != preset["base"].get(k)
-            )
+        old_base, new_base = _identity_base(existing["base"]), _identity_base(preset["base"])
+        changed = sorted(k for k in set(old_base) | set(new_base)
+                         if old_base.get(k) != new_base.get(k))  # fmt: skip
+        if existing.get("evaluate") != preset.get("evaluate"):
+            changed.append("evaluate")
+        if changed:
             raise ValueError(
                 f"{out} holds a sweep of {preset['name']!r} with other settings ({changed} "
-                f"differ): rerun with the same --set options, or choose another --out"
+                f"differ): rerun with the same --set/--stem/--corrupted-from options, or choose "
+                f"another --out"
             )
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(preset, indent=2) + "\n")
     tmp.replace(path)
+
+
+def _identity_base(base: dict[str, Any]) -> dict[str, Any]:
+    """The base config without the keys that do not change results (device, eval batch size)."""
+    return {key: value for key, value in base.items() if key not in NOT_IDENTITY}
 
 
 def evaluate_settings(preset: dict[str, Any]) -> dict[str, Any] | None:
@@ -161,7 +171,7 @@ def plan(preset: dict[str, Any], out: Path, only: list[str]) -> tuple[list[RunSp
     for spec in specs:
         store.add_run(
             spec.run_id,
-            spec.config.to_dict(),
+            _identity_base(spec.config.to_dict()),
             preset=preset["name"],
             regularizer=spec.regularizer,
             p=spec.p,
@@ -174,6 +184,8 @@ def plan(preset: dict[str, Any], out: Path, only: list[str]) -> tuple[list[RunSp
 def dry_run(preset: dict[str, Any], out: Path, only: list[str], stream: TextIO) -> list[RunSpec]:
     """Print the grid, each run's status and the estimated cost; write nothing."""
     specs = filter_runs(expand_grid(preset), only)
+    if not specs:
+        raise ValueError(f"--only {only} selects none of the {len(expand_grid(preset))} runs")
     status: dict[str, str] = {}
     rates: dict[tuple[str, str], float] = {}
     database = out / "results.sqlite"
@@ -217,10 +229,12 @@ def collect_results(run_dir: Path) -> dict[str, Any]:
     corruption_file = run_dir / "corruptions.json"
     if corruption_file.is_file():
         document = json.loads(corruption_file.read_text())
+        source = document.get("source", "generated")
         corruptions = [
-            {key: row[key] for key in ("corruption", "severity", "top1", "top5")}
+            {**{key: row[key] for key in ("corruption", "severity", "top1", "top5")},
+             "source": source}
             for row in document["rows"]
-        ]
+        ]  # fmt: skip
     clusters = []
     for record in history:
         if "structured" in record:
@@ -310,8 +324,31 @@ def run_sweep(
         raise ValueError(f"jobs should be a positive int, but got {jobs!r}")
     stream = stream if stream is not None else sys.stderr
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sweep_lock = open(out / SWEEP_LOCK_NAME, "w")  # noqa: SIM115 - held until the sweep returns
+    try:
+        fcntl.flock(sweep_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sweep_lock.close()
+        raise ValueError(
+            f"another sweep is running in {out}: wait for it, or stop it (Ctrl-C) first"
+        ) from None
+    try:
+        return _run_locked(preset, out, jobs, list(only or []), stream, poll_seconds)
+    finally:
+        sweep_lock.close()
+
+
+def _run_locked(
+    preset: dict[str, Any],
+    out: Path,
+    jobs: int,
+    only: list[str],
+    stream: TextIO,
+    poll_seconds: float,
+) -> SweepSummary:
     prepare_folder(preset, out)
-    specs, store = plan(preset, out, list(only or []))
+    specs, store = plan(preset, out, only)
     summary = SweepSummary(total=len(specs))
     start = time.perf_counter()
     evaluate = evaluate_settings(preset)
@@ -386,7 +423,7 @@ def run_sweep(
                             f"FAILED {job.spec.run_id} (exit {code}): {last}\n"
                             f"  full log: {run_dir / 'worker.log'}\n"
                         )
-                display.show(_status_line(summary, active, queue, estimates, start, preset))
+                display.show(_status_line(summary, active, queue, estimates, start, jobs))
         except BaseException:
             display.clear()
             for job in active:
@@ -477,13 +514,14 @@ def _status_line(
     queue: list[RunSpec],
     estimates: dict[str, float],
     start: float,
-    preset: dict[str, Any],
+    jobs: int,
 ) -> str:
     elapsed = time.perf_counter() - start
     left = sum(estimates.get(s.run_id, 0.0) for s in queue)
     for job in active:
         done = job.epochs_seen / max(1, job.spec.config.epochs)
         left += estimates.get(job.spec.run_id, 0.0) * (1.0 - done)
+    left /= max(1, jobs)
     running = ", ".join(f"{j.spec.run_id} {_phase(j)}" for j in active)
     failed = f", {len(summary.failed)} failed" if summary.failed else ""
     return (

@@ -57,14 +57,25 @@ def run_job(run_dir: Path) -> int:
         torch.set_num_threads(int(threads))
     train(config, run_dir, resume=True)
     if job.get("evaluate"):
-        from dropcluster.train.robustness import CORRUPTIONS_NAME, CorruptionSettings, evaluate_run
+        from dropcluster.train.robustness import (
+            CorruptionSettings,
+            evaluate_run,
+            evaluation_identity,
+            stored_identity,
+        )
 
         settings = CorruptionSettings(**job["evaluate"])
-        done = run_dir / CORRUPTIONS_NAME
-        previous = json.loads(done.read_text())["settings"] if done.is_file() else None
-        if previous != settings.to_dict():
-            evaluate_run(run_dir, settings, device=config.resolved_device())
+        device = config.resolved_device()
+        wanted = evaluation_identity(settings, config.epochs, device)
+        # Re-evaluate unless the stored results scored this finished model with these settings.
+        if stored_identity(run_dir) != wanted or "corruptions" not in _result(run_dir):
+            evaluate_run(run_dir, settings, device=device)
     return 0
+
+
+def _result(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def main(argv: list[str] | None = None) -> int:

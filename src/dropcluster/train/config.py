@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 #: Fields that do not change a run's results: a run may resume with other values.
-_NOT_IDENTITY = frozenset({"device", "eval_batch_size"})
+NOT_IDENTITY = frozenset({"device", "eval_batch_size"})
 
 #: Weight decay of the paper's protocol per data set.
 PAPER_WEIGHT_DECAY = {"cifar100": 5e-4, "tiny-imagenet": 1e-4}
@@ -130,7 +130,7 @@ class TrainConfig:
         """``{field: (mine, theirs)}`` for the fields that differ and change results."""
         mine, theirs = self.to_dict(), other.to_dict()
         return {key: (mine[key], theirs[key]) for key in mine
-                if mine[key] != theirs[key] and key not in _NOT_IDENTITY}  # fmt: skip
+                if mine[key] != theirs[key] and key not in NOT_IDENTITY}  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

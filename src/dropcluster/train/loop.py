@@ -304,6 +304,10 @@ def train(
     if len(result.history) == config.epochs:
         summary = {"top1": result.top1, "top5": result.top5, "average_last": len(tail),
                    "epochs": config.epochs}  # fmt: skip
+        result_path = out / RESULT_NAME
+        if result_path.is_file():
+            # Resuming a finished run: keep what later steps added (corrupted-test results).
+            summary = {**json.loads(result_path.read_text()), **summary}
         tmp = out / (RESULT_NAME + ".tmp")
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         tmp.replace(out / RESULT_NAME)

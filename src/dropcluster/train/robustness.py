@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,17 +254,46 @@ def format_table(rows: list[dict[str, Any]], metric: str = "top1") -> str:
     return "\n".join(lines)
 
 
+def evaluation_identity(
+    settings: CorruptionSettings, checkpoint_epochs: int, device: torch.device | str
+) -> dict[str, Any]:
+    """What makes two corrupted-test evaluations of a run equal: the settings, the checkpoint
+    they scored (epochs trained) and the device type (CPU and CUDA generators draw different
+    noise for the same seed)."""
+    return {
+        "settings": settings.to_dict(),
+        "checkpoint_epochs": int(checkpoint_epochs),
+        "device_type": torch.device(device).type,
+    }
+
+
+def stored_identity(run_dir: str | Path) -> dict[str, Any] | None:
+    """The :func:`evaluation_identity` of the run's ``corruptions.json`` (None: none stored)."""
+    path = Path(run_dir) / CORRUPTIONS_NAME
+    if not path.is_file():
+        return None
+    document = json.loads(path.read_text())
+    return {key: document.get(key) for key in ("settings", "checkpoint_epochs", "device_type")}
+
+
 def write_corruption_results(
-    run_dir: str | Path, rows: list[dict[str, Any]], settings: CorruptionSettings, source: str
+    run_dir: str | Path,
+    rows: list[dict[str, Any]],
+    settings: CorruptionSettings,
+    source: str,
+    *,
+    checkpoint_epochs: int,
+    device: torch.device | str,
 ) -> Path:
     """Write ``corruptions.json`` in the run folder and add a summary to its ``result.json``.
 
     Both files are replaced atomically; evaluating again with other settings overwrites the
-    previous corruption results (the settings are stored with them).
+    previous corruption results (the settings, the checkpoint's epoch count and the device type
+    are stored with them).
     """
     run_dir = Path(run_dir)
     document = {
-        "settings": settings.to_dict(),
+        **evaluation_identity(settings, checkpoint_epochs, device),
         "source": source,
         "rows": rows,
         "mean_over_corruptions": mean_over_corruptions(rows),
@@ -307,6 +337,12 @@ def evaluate_run(
     from dropcluster.train.restore import load_run
 
     loaded = load_run(run_dir, device=device)
+    if not loaded.finished:
+        warnings.warn(
+            f"{run_dir} is not finished ({loaded.epochs_done} of {loaded.config.epochs} epochs): "
+            f"evaluating its last checkpoint",
+            stacklevel=2,
+        )
     test_set = loaded.test_set
     images, labels = test_set.images, test_set.labels
     if settings.limit is not None and settings.limit < images.shape[0]:
@@ -335,16 +371,18 @@ def evaluate_run(
             return images, labels
 
         source = "released"
-    device = next(loaded.model.parameters()).device
+    model_device = next(loaded.model.parameters()).device
     rows = evaluate_corruptions(
         loaded.model,
-        images.to(device),
-        labels.to(device),
+        images.to(model_device),
+        labels.to(model_device),
         loaded.prepare_eval,
         settings,
         batch_size=batch_size or loaded.config.eval_batch_size,
         released=released,
         progress=progress,
     )
-    write_corruption_results(run_dir, rows, settings, source)
+    write_corruption_results(
+        run_dir, rows, settings, source, checkpoint_epochs=loaded.epochs_done, device=model_device
+    )
     return rows
