@@ -401,3 +401,24 @@ def test_released_results_keep_their_source(tmp_path):
     results = collect_results(run_dir)
     assert results["corruptions"] == [{"corruption": "clean", "severity": 0, "top1": 50.0,
                                        "top5": 90.0, "source": "released"}]  # fmt: skip
+
+
+def test_reproduce_reports_and_analyses_the_dropcluster_run(tmp_path, capsys):
+    preset = tiny_preset(epochs=2)
+    preset["grids"][0]["regularizer"] = ["none", "dropcluster"]
+    preset_path = tmp_path / "tiny.json"
+    preset_path.write_text(json.dumps(preset))
+    out = tmp_path / "out"
+    assert main(["reproduce", "--preset", str(preset_path), "--out", str(out)]) == 0
+    report = out / "report" / "report.md"
+    assert f"report: {report}" in capsys.readouterr().out
+    analysis = out / "runs" / "dropcluster-p0.1-f0.25-s0" / "analysis" / "analysis.md"
+    assert analysis.is_file()
+    text = report.read_text()
+    assert "## Cluster analysis" in text
+    assert "(../runs/dropcluster-p0.1-f0.25-s0/analysis/analysis.md)" in text
+    assert "demo scale" in text and preset["paper_command"] in text
+    # A second invocation has nothing to train and leaves the analysis as it was.
+    stamp = analysis.stat().st_mtime_ns
+    assert main(["reproduce", "--preset", str(preset_path), "--out", str(out)]) == 0
+    assert analysis.stat().st_mtime_ns == stamp

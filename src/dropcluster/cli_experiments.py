@@ -280,9 +280,35 @@ def _run_sweep(args: argparse.Namespace) -> int:
         )
         status = 1
     if args.report:
+        _analyze_dropcluster_run(out)
         path = _write_report(out, preset, None)
         print(f"report: {path}")
     return status
+
+
+def _analyze_dropcluster_run(out: Path) -> None:
+    """Cluster analysis of the sweep's best finished DropCluster run on its largest training
+    fraction (first seed), once: the report links it."""
+    from dropcluster.experiments.analyze import analyze_run
+    from dropcluster.experiments.store import ResultsStore
+    from dropcluster.experiments.sweep import RUNS_FOLDER
+
+    with ResultsStore.in_folder(out, readonly=True) as store:
+        runs = [r for r in store.runs(status="finished") if r.regularizer == "dropcluster"]
+    if not runs:
+        return
+    largest = max(r.train_fraction for r in runs)
+    candidates = [r for r in runs if r.train_fraction == largest]
+    first_seed = min(r.seed for r in candidates)
+    best = max((r for r in candidates if r.seed == first_seed), key=lambda r: r.top1 or 0.0)
+    run_dir = out / RUNS_FOLDER / best.run_id
+    if (run_dir / "analysis" / "analysis.md").is_file():
+        return
+    print(f"cluster analysis of {best.run_id}", file=sys.stderr)
+    try:
+        analyze_run(run_dir)
+    except ImportError as error:
+        print(f"no cluster analysis: {error}", file=sys.stderr)
 
 
 def _write_report(out: Path, preset, average_last):

@@ -798,6 +798,31 @@ def _draw_figures(summary: Summary, folder: Path, preset_name: str) -> tuple[lis
     return lines, None
 
 
+def _analysis_section(out_dir: Path, summary: Summary) -> list[str]:
+    """Links to the cluster analyses (``dropcluster analyze``) of this sweep's finished runs."""
+    finished = {run.run_id for run in summary.runs}
+    analysed = sorted(
+        path for path in (out_dir / "runs").glob("*/analysis/analysis.md")
+        if path.parent.parent.name in finished
+    )  # fmt: skip
+    if not analysed:
+        return []
+    lines = ["", "## Cluster analysis (paper, Figures 1-4 and 8)", ""]
+    lines.append(
+        "Cluster maps of every channel of the DropCluster slot, example masks and Spatial Hopkins "
+        "per channel and per layer, made by `dropcluster analyze --checkpoint RUN`:"
+    )
+    lines.append("")
+    for path in analysed:
+        lines.append(f"- [{path.parent.parent.name}](../runs/{path.parent.parent.name}/analysis/"
+                     f"analysis.md)")  # fmt: skip
+    first = analysed[0].parent
+    if (first / "cluster_maps.png").is_file():
+        run_id = first.parent.name
+        lines += ["", f"![cluster maps of {run_id}](../runs/{run_id}/analysis/cluster_maps.png)"]
+    return lines
+
+
 def write_report(
     store: ResultsStore,
     out_dir: str | Path,
@@ -862,6 +887,7 @@ def write_report(
         elif not figure_lines:
             lines.append("No figure has data yet.")
         lines += figure_lines
+        lines += _analysis_section(Path(out_dir), summary)
     report_path = folder / "report.md"
     partial = report_path.with_suffix(".md.partial")
     partial.write_text("\n".join(lines).rstrip() + "\n")
