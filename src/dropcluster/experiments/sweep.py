@@ -261,22 +261,14 @@ def collect_results(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def _record_progress(store: ResultsStore, run_id: str, run_dir: Path) -> None:
-    """Copy the epochs logged so far into the database (``dropcluster results`` shows them)."""
+def _logged_history(run_dir: Path) -> list[dict[str, Any]] | None:
+    """The epochs a running worker has logged; None while a line is half written or there is
+    no log yet (the next poll reads it whole)."""
     try:
         lines = (run_dir / "log.jsonl").read_text().splitlines()
-        history = [json.loads(line) for line in lines if line.strip()]
+        return [json.loads(line) for line in lines if line.strip()]
     except (OSError, ValueError):
-        return  # a line being written: the next poll reads it whole
-    store.record_epochs(run_id, history)
-
-
-def _epochs_logged(run_dir: Path) -> int:
-    try:
-        with open(run_dir / "log.jsonl") as handle:
-            return sum(1 for line in handle if line.strip())
-    except FileNotFoundError:
-        return 0
+        return None
 
 
 def _error_tail(log_path: Path, lines: int = 15) -> str:
@@ -372,7 +364,7 @@ def _run_locked(
             f"{len(todo)} to run, {jobs} at a time\n"
         )
         devices = _job_devices(preset, jobs)
-        threads = _threads_per_job(jobs, devices)
+        threads = _threads_per_job(jobs)
         rates = measured_rates(store)
         estimates = {s.run_id: estimate_seconds(s, rates, evaluate) for s in todo}
         queue = list(todo)
@@ -388,41 +380,18 @@ def _run_locked(
                 time.sleep(poll_seconds)
                 for job in list(active):
                     run_dir = out / RUNS_FOLDER / job.spec.run_id
-                    epochs = _epochs_logged(run_dir)
-                    if epochs != job.epochs_seen:
-                        job.epochs_seen = epochs
-                        _record_progress(store, job.spec.run_id, run_dir)
+                    history = _logged_history(run_dir)
+                    if history is not None and len(history) != job.epochs_seen:
+                        # Copied as they come, so `dropcluster results` shows runs in progress.
+                        job.epochs_seen = len(history)
+                        store.record_epochs(job.spec.run_id, history)
                     code = job.process.poll()
                     if code is None:
                         continue
                     active.remove(job)
                     job.log.close()
                     display.clear()
-                    seconds = time.perf_counter() - job.started
-                    if code == 0:
-                        try:
-                            results = collect_results(run_dir)
-                        except (OSError, ValueError, KeyError) as error:
-                            store.mark_failed(job.spec.run_id, f"unreadable results: {error}")
-                            summary.failed.append(job.spec.run_id)
-                            continue
-                        store.record_finished(job.spec.run_id, seconds=seconds, **results)
-                        _rescale_estimates(estimates, job.spec.run_id, seconds)
-                        summary.finished += 1
-                        summary.ran.append(job.spec.run_id)
-                        stream.write(
-                            f"finished {job.spec.run_id}: top-1 {results['top1']:.2f}% "
-                            f"top-5 {results['top5']:.2f}% ({format_duration(seconds)})\n"
-                        )
-                    else:
-                        error = _error_tail(run_dir / "worker.log")
-                        store.mark_failed(job.spec.run_id, f"exit status {code}\n{error}")
-                        summary.failed.append(job.spec.run_id)
-                        last = error.splitlines()[-1] if error else ""
-                        stream.write(
-                            f"FAILED {job.spec.run_id} (exit {code}): {last}\n"
-                            f"  full log: {run_dir / 'worker.log'}\n"
-                        )
+                    _record_exit(store, job, code, run_dir, summary, estimates, stream)
                 display.show(_status_line(summary, active, queue, estimates, start, jobs))
         except BaseException:
             display.clear()
@@ -434,6 +403,41 @@ def _run_locked(
         display.clear()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _record_exit(
+    store: ResultsStore,
+    job: _Active,
+    code: int,
+    run_dir: Path,
+    summary: SweepSummary,
+    estimates: dict[str, float],
+    stream: TextIO,
+) -> None:
+    """Record a worker's end: the run's results in one transaction, or its failure."""
+    run_id = job.spec.run_id
+    seconds = time.perf_counter() - job.started
+    if code == 0:
+        try:
+            results = collect_results(run_dir)
+        except (OSError, ValueError, KeyError) as error:
+            store.mark_failed(run_id, f"unreadable results: {error}")
+            summary.failed.append(run_id)
+            return
+        store.record_finished(run_id, seconds=seconds, **results)
+        _rescale_estimates(estimates, run_id, seconds)
+        summary.finished += 1
+        summary.ran.append(run_id)
+        stream.write(
+            f"finished {run_id}: top-1 {results['top1']:.2f}% top-5 {results['top5']:.2f}% "
+            f"({format_duration(seconds)})\n"
+        )
+        return
+    error = _error_tail(run_dir / "worker.log")
+    store.mark_failed(run_id, f"exit status {code}\n{error}")
+    summary.failed.append(run_id)
+    last = error.splitlines()[-1] if error else ""
+    stream.write(f"FAILED {run_id} (exit {code}): {last}\n  full log: {run_dir / 'worker.log'}\n")
 
 
 def _job_devices(preset: dict[str, Any], jobs: int) -> list[str | None]:
@@ -448,7 +452,8 @@ def _job_devices(preset: dict[str, Any], jobs: int) -> list[str | None]:
     return [None] * jobs
 
 
-def _threads_per_job(jobs: int, devices: list[str | None]) -> int | None:
+def _threads_per_job(jobs: int) -> int | None:
+    """CPU threads per worker: the cores shared out when several runs train at once."""
     if jobs == 1:
         return None
     return max(1, (os.cpu_count() or 1) // jobs)

@@ -188,9 +188,9 @@ def evaluate_corruptions(
         top1, top5, total = score([(images, labels)])
         rows = [{"corruption": "clean", "severity": 0, "top1": top1, "top5": top5, "images": total}]
         tasks = [(c, s) for c in settings.corruptions for s in settings.severities]
+        source = from_release if released is not None else generated
         start_time = time.perf_counter()
         for index, (corruption, severity) in enumerate(tasks, start=1):
-            source = from_release if released is not None else generated
             top1, top5, total = score(source(corruption, severity))
             rows.append(
                 {
