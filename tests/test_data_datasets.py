@@ -50,6 +50,9 @@ def write_cifar100(root, n_train=12, n_test=5, seed=0, str_keys=False, protocol=
         key("coarse_label_names"): [key(f"super_{k}") for k in range(20)],
     }
     (folder / "meta").write_bytes(pickle.dumps(meta, protocol=protocol))
+    # Smaller than the official set on purpose: the marker records the counts it holds.
+    counts = {"classes": len(CIFAR_NAMES), "train": n_train, "test": n_test}
+    datasets.write_completion_marker(folder, "cifar100", counts)
     return folder, arrays
 
 
@@ -111,7 +114,8 @@ def test_cifar100_unextracted_archive_is_pointed_out(tmp_path):
 def test_cifar100_missing_split_file_is_reported(tmp_path):
     folder, _ = write_cifar100(tmp_path)
     (folder / "test").unlink()
-    with pytest.raises(FileNotFoundError, match=r"'test' split.*holds \['meta', 'train'\]"):
+    listing = r"\['.dropcluster-complete.json', 'meta', 'train'\]"
+    with pytest.raises(FileNotFoundError, match=r"'test' split.*holds " + listing):
         load_dataset("cifar100", "test", tmp_path)
 
 
@@ -192,6 +196,8 @@ def tiny_imagenet(tmp_path):
     (folder / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
     test_images = folder / "test" / "images"  # unlabelled: ignored
     test_images.mkdir(parents=True)
+    counts = {"classes": len(WNIDS), "train": 2 * len(WNIDS), "test": len(annotations)}
+    datasets.write_completion_marker(folder, "tiny-imagenet", counts)
     return tmp_path
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dropcluster.nn import DropCluster2d, drop_cluster2d
+from dropcluster.nn import DropBlock2d, DropCluster2d, StochasticDepth, drop_cluster2d
 
 # A 4x4 map split into its four 2x2 quadrants: cluster ids 0 1 / 2 3.
 QUADRANTS = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
@@ -238,6 +238,39 @@ def test_loading_clusters_of_another_shape_into_a_fitted_layer_fails_clearly():
     assert tuple(large.labels.shape) == (6, 8, 8)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), 1.5, -0.1, float("inf"), 1.0])
+def test_loading_an_invalid_p_is_refused_and_leaves_the_layer_unchanged(bad):
+    source = _fitted_layer(0.25, size=8)
+    state = source.state_dict()
+    state["p"] = torch.tensor(bad)
+    layer = _fitted_layer(0.1, size=12)
+    before = {name: tensor.clone() for name, tensor in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"cannot load 'p'.*\[0, 1\).*holds {bad}"):
+        layer.load_state_dict(state)
+    # Refused before the cluster buffers were resized for the (6, 8, 8) clusters.
+    for name, tensor in layer.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    state["p"] = torch.tensor(0.3)
+    layer.reset()
+    layer.load_state_dict(state)
+    assert float(layer.p) == pytest.approx(0.3)
+    assert tuple(layer.labels.shape) == (6, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [lambda: DropCluster2d(0.1), lambda: DropBlock2d(0.1, 3), lambda: StochasticDepth(0.1)],
+    ids=["DropCluster2d", "DropBlock2d", "StochasticDepth"],
+)
+def test_every_layer_with_a_drop_rate_refuses_a_nan_p_under_its_full_key(build):
+    model = torch.nn.Sequential(torch.nn.Identity(), build())
+    state = model.state_dict()
+    state["1.p"] = torch.tensor(float("nan"))
+    with pytest.raises(ValueError, match=r"cannot load '1\.p'.*holds nan"):
+        model.load_state_dict(state)
+    assert float(model[1].p) == pytest.approx(0.1)
+
+
 def test_fit_with_nan_raises_and_keeps_the_previous_clusters():
     layer = _fitted_layer()
     before = {name: tensor.clone() for name, tensor in layer.state_dict().items()}
@@ -287,6 +320,49 @@ def test_paper_rule_masks_channels_with_a_constant_region():
 def test_bad_arguments_raise_clear_errors(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+@pytest.mark.parametrize(
+    ("labels", "n_clusters", "message"),
+    [
+        (torch.stack([QUADRANTS.masked_fill(QUADRANTS == 3, 4), QUADRANTS]), 4,
+         r"channel 0 should lie in \[0, n_clusters\[0\]\) = \[0, 4\).*from 0 to 4"),
+        (torch.stack([QUADRANTS, QUADRANTS - 1]), 4, r"channel 1 should .*from -1 to 2"),
+        (torch.stack([QUADRANTS, QUADRANTS]), torch.tensor([4, 3]),
+         r"channel 1 should lie in \[0, n_clusters\[1\]\) = \[0, 3\).*from 0 to 3"),
+        (torch.stack([QUADRANTS, QUADRANTS]).float(), 4, "integer cluster ids.*float32"),
+        (torch.stack([QUADRANTS, QUADRANTS]), torch.tensor(4), r"\(2,\) integer tensor"),
+    ],
+    ids=["label_equal_to_n_clusters", "negative", "per_channel_count", "float", "0d_count"],
+)  # fmt: skip
+def test_functional_refuses_labels_outside_the_clusters(labels, n_clusters, message):
+    x = torch.ones(2, 2, 4, 4)
+    structured = torch.tensor([True, True])
+    with pytest.raises(ValueError, match=message):
+        drop_cluster2d(x, labels, n_clusters, 0.25, structured, generator=_generator())
+
+
+def test_functional_accepts_large_labels_in_unstructured_channels_unless_sizes_lack_them():
+    x = torch.ones(2, 2, 4, 4)
+    labels = torch.stack([QUADRANTS, QUADRANTS + 4]).int()  # int32 is fine too
+    structured = torch.tensor([True, False])
+    out = drop_cluster2d(x, labels, 4, 0.25, structured, generator=_generator())
+    assert torch.equal(out[:, 1], torch.zeros(2, 4, 4))
+    assert int((out[:, 0] == 0).sum()) == 2 * 4  # one quadrant of 4 pixels per image
+    sizes = torch.full((2, 4), 4, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"channel 1 should lie in \[0, 4\), the columns of"):
+        drop_cluster2d(x, labels, 4, 0.25, structured, cluster_sizes=sizes)
+
+
+def test_module_skips_the_functional_label_check(monkeypatch):
+    import dropcluster.nn.dropcluster as module
+
+    def fail(*args):
+        raise AssertionError("the module's own labels need no check")
+
+    monkeypatch.setattr(module, "_checked_labels", fail)
+    layer = _fitted_layer()
+    layer(_smooth(4, 6, 12))
 
 
 # ---------------------------------------------------------------- torch.compile

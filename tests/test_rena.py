@@ -302,6 +302,74 @@ def test_bad_input_raises_a_clear_error(x, kwargs, message):
         rena(x, n_clusters, **kwargs)
 
 
+# ---------------------------------------------------------------- data scale
+
+
+def _assert_same_result(result, expected):
+    assert torch.equal(result.labels, expected.labels)
+    assert torch.equal(result.n_found, expected.n_found)
+    assert torch.equal(result.structured, expected.structured)
+
+
+@pytest.mark.parametrize("scale", [1e20, 2.0**66, 1e30, 1e37])
+@pytest.mark.parametrize("options", [{}, {"unstructured": "rena", "identical_neighbours": "split"}])
+def test_huge_float32_values_give_the_clusters_of_the_unscaled_input(scale, options):
+    # Unscaled, float32 squared distances overflowed above ~1e19: at 1e20 every channel ended
+    # with dozens of clusters. Channels are now scaled by a power of two, which is exact.
+    x = _smooth_fields(16, 3, 12, 12, seed=11)
+    expected = rena(x, 6, **options)
+    assert expected.n_found.tolist() == [6, 6, 6]
+    _assert_same_result(rena(x * scale, 6, **options), expected)
+
+
+def test_huge_float64_values_give_the_clusters_of_the_unscaled_input():
+    x = _smooth_fields(16, 3, 12, 12, seed=11).double()
+    expected = rena(x, 6)
+    assert expected.n_found.tolist() == [6, 6, 6]
+    _assert_same_result(rena(x * 1e200, 6), expected)
+    _assert_same_result(rena(x * 2.0**900, 6), expected)
+
+
+def test_tiny_float64_values_are_not_mistaken_for_a_dead_channel():
+    # The floor (threshold) is absolute, as in nilearn (the parity case tiny_scale_16x16_k15
+    # pins it): below it every later edge ties, so c * x matches x only where the floor does
+    # not decide, and 1e-20 * x is not expected to give x's clusters. But float64 level-0
+    # weights of values below ~1e-154 used to underflow to 0 and make every channel "dead";
+    # scaled, they match the float32 input of the same values, for which float64 weights
+    # never underflow.
+    x = _smooth_fields(16, 3, 12, 12, seed=11)
+    tiny64 = rena(x.double() * 2.0**-700, 6)
+    assert tiny64.structured.tolist() == [True, True, True]
+    assert tiny64.n_found.tolist() == [6, 6, 6]
+    _assert_same_result(tiny64, rena(x * 2.0**-70, 6))
+    _assert_same_result(rena(x.double() * 1e-200, 6), rena(x * 1e-20, 6))
+
+
+def test_channels_of_different_scales_are_each_clustered_as_if_alone():
+    # The per-channel floors follow the channels through both passes of the paper's rule with
+    # "merge" (a constant patch makes identical neighbours, which are contracted on a re-run).
+    x = _smooth_fields(24, 4, 12, 12, seed=12)
+    x[:, :, 3:6, 3:6] = 0.0
+    scales = torch.tensor([1.0, 1e20, 2.0**-70, 1e-3]).view(1, 4, 1, 1)
+    options = {"unstructured": "rena", "identical_neighbours": "merge"}
+    together = rena(x * scales, 5, **options)
+    for c in range(4):
+        alone = rena(x[:, c : c + 1] * scales[:, c : c + 1], 5, **options)
+        assert torch.equal(together.labels[c], alone.labels[0]), c
+        assert together.n_found[c] == alone.n_found[0], c
+    unscaled = rena(x, 5, **options)
+    assert torch.equal(together.labels[1], unscaled.labels[1])
+    assert together.n_found.tolist()[:2] == unscaled.n_found.tolist()[:2]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_single_non_finite_value_is_refused_naming_its_channel(value):
+    x = _smooth_fields(4, 3, 6, 6)
+    x[2, 1, 3, 4] = value
+    with pytest.raises(ValueError, match=r"finite values.*NaN or infinite.*channel\(s\) \[1\]"):
+        rena(x, 3)
+
+
 # ---------------------------------------------------------------- building blocks
 
 

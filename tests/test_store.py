@@ -5,15 +5,24 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import pickle
+import shutil
 import sqlite3
+import stat
+import tempfile
+from pathlib import Path
 
 import pytest
 
+from dropcluster import errors
 from dropcluster.experiments import store as store_module
 from dropcluster.experiments.store import (
     DATABASE_NAME,
     RUN_STATUSES,
     SCHEMA_VERSION,
+    ResultsDatabaseError,
+    ResultsStorageError,
     ResultsStore,
     RunRecord,
     SchemaVersionError,
@@ -455,3 +464,359 @@ def test_record_corruptions_with_replace_keeps_only_the_new_rows(tmp_path):
         rows = store.corruption_results("a")
     assert [(r["corruption"], r["severity"], r["top1"], r["source"]) for r in rows] == [
         ("clean", 0, 5.0, "released"), ("shot_noise", 2, 7.0, "released")]  # fmt: skip
+
+
+# -- errors, read-only folders and damaged files ------------------------------------------------
+
+WAL, SHM = f"{DATABASE_NAME}-wal", f"{DATABASE_NAME}-shm"
+
+
+def _finished_sweep(folder: Path, runs: int = 3) -> tuple:
+    """A closed database in ``folder`` with ``runs`` finished runs; returns its snapshot."""
+    with ResultsStore.in_folder(folder) as writer:
+        for seed in range(runs):
+            add(writer, f"run-{seed}", seed=seed)
+            writer.mark_running(f"run-{seed}")
+            finish(writer, f"run-{seed}")
+        return snapshot(writer)
+
+
+def _outcome(function) -> tuple:
+    try:
+        return ("ok", function())
+    except Exception as error:
+        return ("error", type(error).__name__, str(error))
+
+
+def _as_nobody(function) -> tuple:
+    """``_outcome(function)`` in a forked child process that runs as the user nobody."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: leaves through os._exit only, never back into pytest
+        try:
+            os.close(read_end)
+            try:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            except OSError as error:
+                data = pickle.dumps(("setup", type(error).__name__, str(error)))
+            else:
+                data = pickle.dumps(_outcome(function))
+            with os.fdopen(write_end, "wb") as stream:
+                stream.write(data)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as stream:
+        data = stream.read()
+    os.waitpid(pid, 0)
+    outcome = pickle.loads(data)
+    if outcome[0] == "setup":
+        pytest.skip(f"cannot drop root privileges to test a read-only folder: {outcome[2]}")
+    return outcome
+
+
+def _in_read_only_folder(folder: Path, function) -> tuple:
+    """``function()`` where ``folder`` and its files are really read-only: ``("ok", result)``
+    or ``("error", exception type name, message)``.
+
+    The folder is made 0o555 and its files 0o444 (restored after); as root, which ignores
+    permission bits, ``function`` runs in a child process that drops to the user nobody.
+    """
+    entries = [folder, *folder.iterdir()]
+    modes = {entry: stat.S_IMODE(entry.stat().st_mode) for entry in entries}
+    for entry in entries:
+        entry.chmod(0o555 if entry.is_dir() else 0o444)
+    try:
+        return _as_nobody(function) if os.geteuid() == 0 else _outcome(function)
+    finally:
+        for entry, mode in modes.items():
+            entry.chmod(mode)
+
+
+@pytest.fixture
+def shared_tmp():
+    """A temporary folder the user nobody can reach (pytest's tmp_path is private to root)."""
+    folder = Path(tempfile.mkdtemp(prefix="dropcluster-store-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder)
+
+
+def _reader_view(folder: Path):
+    """A function that reads the sweep in ``folder`` read-only: (immutable, snapshot, files)."""
+
+    def read() -> tuple:
+        with ResultsStore.in_folder(folder, readonly=True) as reader:
+            files_while_open = sorted(os.listdir(folder))
+            return reader.immutable, snapshot(reader), files_while_open
+
+    return read
+
+
+def _check_one_line_error(error: BaseException, path: Path, *phrases: str) -> None:
+    message = str(error)
+    assert isinstance(error, errors.DropClusterError)
+    assert str(path) in message and "\n" not in message
+    for phrase in phrases:
+        assert phrase in message
+
+
+def test_schema_version_error_is_the_one_of_dropcluster_errors(tmp_path):
+    assert SchemaVersionError is errors.SchemaVersionError
+    assert store_module.SchemaVersionError is errors.SchemaVersionError
+    assert issubclass(SchemaVersionError, errors.DropClusterError)
+    assert issubclass(SchemaVersionError, RuntimeError)
+    assert issubclass(ResultsDatabaseError, errors.DropClusterError)
+    assert issubclass(ResultsDatabaseError, ValueError)
+    assert issubclass(ResultsStorageError, errors.DropClusterError)
+    assert issubclass(ResultsStorageError, OSError)
+
+
+def test_writer_close_checkpoints_the_wal_into_the_file(tmp_path):
+    folder = tmp_path / "sweep"
+    writer = ResultsStore.in_folder(folder)
+    add(writer)
+    finish(writer)
+    expected = snapshot(writer)
+    # A reader still has the database open, so SQLite's own last-close checkpoint does not
+    # run: the writer's close has to merge the WAL itself.
+    other = sqlite3.connect(writer.path)
+    assert other.execute("SELECT COUNT(*) FROM runs").fetchone() == (1,)
+    assert (folder / WAL).stat().st_size > 0
+    writer.close()
+    writer.close()  # a second close does nothing
+    assert (folder / WAL).stat().st_size == 0
+    # The database file alone holds every commit.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(folder / DATABASE_NAME, alone / DATABASE_NAME)
+    other.close()
+    with ResultsStore.in_folder(alone, readonly=True) as reader:
+        assert snapshot(reader) == expected
+    # Once the last connection is closed, no -wal or -shm file is left next to the file.
+    assert sorted(os.listdir(folder)) == [DATABASE_NAME]
+
+
+@pytest.mark.parametrize("not_writable", ["folder", "file"])
+def test_readonly_store_opens_immutable_where_it_cannot_write(tmp_path, monkeypatch, not_writable):
+    expected = _finished_sweep(tmp_path / "sweep")
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "sweep", copy)
+    assert sorted(os.listdir(copy)) == [DATABASE_NAME]
+    with ResultsStore.in_folder(tmp_path / "sweep", readonly=True) as reader:
+        assert reader.immutable is False  # a writable folder: read the normal way
+
+    # Tests run as root, which can write anywhere: let os.access say what a read-only mount
+    # would (access(2) reports EROFS there, even to root).
+    denied = copy if not_writable == "folder" else copy / DATABASE_NAME
+    access = os.access
+
+    def fake_access(path, mode, **kwargs):
+        if mode & os.W_OK and Path(path).resolve() == denied.resolve():
+            return False
+        return access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", fake_access)
+    immutable, content, files_while_open = _reader_view(copy)()
+    assert immutable is True
+    assert content == expected
+    assert files_while_open == [DATABASE_NAME]  # no -shm or -wal file was made
+    assert sorted(os.listdir(copy)) == [DATABASE_NAME]
+    with ResultsStore.in_folder(copy, readonly=True) as reader:
+        assert len(reader.epochs()) == 3 * len(HISTORY)
+        assert reader.counts()["finished"] == 3
+        with pytest.raises(PermissionError, match="opened readonly"):
+            reader.mark_running("run-0")
+
+
+def test_readonly_store_reads_a_really_read_only_folder(shared_tmp):
+    folder = shared_tmp / "sweep"
+    expected = _finished_sweep(folder)
+    assert _in_read_only_folder(folder, _reader_view(folder)) == (
+        "ok", (True, expected, [DATABASE_NAME]),
+    )  # fmt: skip
+
+    # A writer cannot open it, and says why in one line.
+    def write() -> None:
+        with ResultsStore.in_folder(folder) as writer:
+            writer.mark_running("run-0")
+
+    kind, name, message = _in_read_only_folder(folder, write)
+    assert (kind, name) == ("error", "ResultsStorageError")
+    assert str(folder / DATABASE_NAME) in message and "\n" not in message
+    assert "read-only" in message or "readable and writable" in message
+    assert sorted(os.listdir(folder)) == [DATABASE_NAME]
+    with ResultsStore.in_folder(folder, readonly=True) as reader:
+        assert snapshot(reader) == expected
+    # A reader in a writable folder leaves an empty -wal and a -shm file behind (a read-only
+    # connection cannot remove them): the folder, made read-only after, still reads.
+    assert sorted(os.listdir(folder)) == sorted([DATABASE_NAME, WAL, SHM])
+    assert (folder / WAL).stat().st_size == 0
+    outcome = _in_read_only_folder(folder, _reader_view(folder))
+    assert outcome[0] == "ok" and outcome[1][1] == expected
+    (folder / SHM).unlink()
+    assert _in_read_only_folder(folder, _reader_view(folder)) == (
+        "ok", (True, expected, sorted([DATABASE_NAME, WAL])),
+    )  # fmt: skip
+
+
+def test_read_only_folder_with_an_unmerged_wal(shared_tmp):
+    # A writer that never closed (killed, or still running elsewhere): its last commits are in
+    # the -wal file only, which immutable reading would miss.
+    source = shared_tmp / "live"
+    writer = ResultsStore.in_folder(source)
+    add(writer, "a")
+    finish(writer, "a")
+    add(writer, "b", seed=1)
+    expected = snapshot(writer)
+    folder = shared_tmp / "copy"
+    folder.mkdir()
+    folder.chmod(0o755)
+    for name in (DATABASE_NAME, WAL, SHM):
+        shutil.copy(source / name, folder / name)
+    writer.close()
+    assert (folder / WAL).stat().st_size > 0
+
+    # With the -shm file, the reader reads the WAL through it, writing nothing.
+    outcome = _in_read_only_folder(folder, _reader_view(folder))
+    assert outcome[0] == "ok", outcome
+    immutable, content, files = outcome[1]
+    assert immutable is False and content == expected
+    assert [record.run_id for record in content[0]] == ["a", "b"]
+    assert files == sorted([DATABASE_NAME, WAL, SHM])
+
+    # Without it, reading needs a file SQLite cannot create: a clear error, not stale data.
+    (folder / SHM).unlink()
+    kind, name, message = _in_read_only_folder(folder, _reader_view(folder))
+    assert (kind, name) == ("error", "ResultsStorageError")
+    assert str(folder / DATABASE_NAME) in message and WAL in message and "\n" not in message
+    assert "copy the sweep folder to a writable place" in message
+    assert sorted(os.listdir(folder)) == [DATABASE_NAME, WAL]
+
+    # An empty -wal file (a writer killed after its checkpoint) holds nothing: read immutably.
+    (folder / WAL).unlink()
+    _finished_sweep(shared_tmp / "done", runs=1)
+    shutil.copy(shared_tmp / "done" / DATABASE_NAME, folder / DATABASE_NAME)
+    (folder / WAL).touch()
+    outcome = _in_read_only_folder(folder, _reader_view(folder))
+    assert outcome[0] == "ok", outcome
+    immutable, content, files = outcome[1]
+    assert immutable is True and [record.run_id for record in content[0]] == ["run-0"]
+    assert files == [DATABASE_NAME, WAL]
+
+
+def _damaged_database(tmp_path: Path, where: str) -> Path:
+    """A results database of many pages with garbage over some of them (never page 1)."""
+    path = tmp_path / "sweep" / DATABASE_NAME
+    history = [{**HISTORY[1], "epoch": epoch, "note": "x" * 60} for epoch in range(150)]
+    with ResultsStore(path) as writer:
+        for seed in range(4):
+            add(writer, f"run-{seed}", seed=seed)
+            writer.record_finished(
+                f"run-{seed}", history=history, top1=1.0, top5=2.0, average_last=1, seconds=1.0
+            )
+    size = path.stat().st_size
+    page_size = 4096
+    assert size >= 20 * page_size
+    start = page_size if where == "all pages but the first" else size - 3 * page_size
+    with open(path, "r+b") as handle:
+        handle.seek(start)
+        handle.write(bytes(range(7, 256, 31)) * ((size - start) // 8 + 1))
+    assert path.stat().st_size >= size
+    return path
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+@pytest.mark.parametrize("where", ["all pages but the first", "the last pages"])
+def test_corrupted_pages_raise_a_clear_error(tmp_path, where, readonly):
+    path = _damaged_database(tmp_path, where)
+    # The damage shows when the file is opened, or at the first query that reads a bad page.
+    with pytest.raises(ResultsDatabaseError) as raised:
+        with ResultsStore(path, readonly=readonly) as store:
+            snapshot(store)
+            store.export_csv(tmp_path / "csv")
+    assert isinstance(raised.value, ValueError)
+    assert isinstance(raised.value.__cause__, sqlite3.DatabaseError)
+    _check_one_line_error(raised.value, path, "is corrupted", "restore it from a copy")
+
+
+def test_damaged_header_is_not_an_sqlite_database(tmp_path):
+    path = tmp_path / DATABASE_NAME
+    _finished_sweep(tmp_path, runs=1)
+    with open(path, "r+b") as handle:
+        handle.write(b"\0" * 100)
+    for readonly in (False, True):
+        with pytest.raises(ResultsDatabaseError, match="is not an SQLite database") as raised:
+            ResultsStore(path, readonly=readonly)
+        _check_one_line_error(raised.value, path)
+
+
+def test_database_path_that_is_a_folder_is_refused(tmp_path):
+    folder = tmp_path / "sweep"
+    _finished_sweep(folder, runs=1)
+    for readonly in (False, True):
+        with pytest.raises(IsADirectoryError) as raised:
+            ResultsStore(folder, readonly=readonly)
+        message = str(raised.value)
+        assert f"{folder} is a folder" in message and "ResultsStore.in_folder" in message
+        assert "\n" not in message
+    (tmp_path / "nested" / DATABASE_NAME).mkdir(parents=True)
+    with pytest.raises(OSError, match="is a folder"):
+        ResultsStore.in_folder(tmp_path / "nested")
+    assert sorted(os.listdir(folder)) == [DATABASE_NAME]
+
+
+def test_write_to_a_read_only_database_raises_a_clear_error(store):
+    add(store)
+    store.record_epochs("dc-p0.1-s0", HISTORY[:1])
+    before = snapshot(store)
+    # What a read-only file or folder does to a write, without needing one (tests run as root).
+    store._connection.execute("PRAGMA query_only = 1")
+    for write in (
+        lambda: store.mark_running("dc-p0.1-s0"),
+        lambda: store.record_epochs("dc-p0.1-s0", HISTORY),
+        lambda: add(store, "other", seed=1),
+    ):
+        with pytest.raises(ResultsStorageError) as raised:
+            write()
+        assert isinstance(raised.value, OSError)
+        assert isinstance(raised.value.__cause__, sqlite3.OperationalError)
+        _check_one_line_error(raised.value, store.path, "read-only", "writable output folder")
+    assert snapshot(store) == before
+    store._connection.execute("PRAGMA query_only = 0")
+    store.mark_running("dc-p0.1-s0")
+    assert store.run("dc-p0.1-s0").status == "running"
+
+
+def test_full_disk_raises_a_clear_error_and_keeps_what_was_committed(store):
+    add(store)
+    store.record_epochs("dc-p0.1-s0", HISTORY)
+    before = snapshot(store)
+    # The database may not grow: what a full disk does to a write.
+    pages = store._connection.execute("PRAGMA page_count").fetchone()[0]
+    store._connection.execute(f"PRAGMA max_page_count = {pages}")
+    big = [{**HISTORY[1], "epoch": epoch, "note": "y" * 500} for epoch in range(200)]
+    with pytest.raises(ResultsStorageError) as raised:
+        store.record_epochs("dc-p0.1-s0", big)
+    _check_one_line_error(raised.value, store.path, "disk is full", "free some space")
+    assert snapshot(store) == before  # the failed transaction was rolled back
+    store._connection.execute("PRAGMA max_page_count = 1073741823")
+    store.record_epochs("dc-p0.1-s0", big)
+    assert len(store.epochs()) == len(big)
+
+
+def test_sqlite_errors_that_are_not_about_the_file_pass_unchanged(store):
+    add(store)
+    other = sqlite3.connect(store.path)
+    with other:
+        other.execute(
+            "CREATE TRIGGER refuse BEFORE UPDATE ON runs BEGIN SELECT RAISE(ABORT, 'no'); END"
+        )
+    other.close()
+    with pytest.raises(sqlite3.IntegrityError, match="no"):
+        store.mark_running("dc-p0.1-s0")
+    # The wrapper keeps the methods' names and documentation.
+    assert ResultsStore.record_epochs.__name__ == "record_epochs"
+    assert "epochs_done" in ResultsStore.record_epochs.__doc__

@@ -140,7 +140,7 @@ def test_overrides_and_bad_presets_give_clear_errors(tmp_path):
     assert expand_grid(overridden)[0].config.stem == "cifar"
     with pytest.raises(ValueError, match="unknown preset 'nope'; valid presets are demo"):
         load_preset("nope")
-    with pytest.raises(ValueError, match="epochs should be a positive int"):
+    with pytest.raises(ValueError, match="epochs should be an integer >= 1, but got 0"):
         apply_overrides(load_preset("demo"), {"epochs": 0})
     bad = tiny_preset()
     bad["grids"][0]["regularizer"] = ["dropclustr"]
@@ -234,9 +234,10 @@ def test_failed_run_is_recorded_and_retried_not_counted(tmp_path, capsys):
     with ResultsStore.in_folder(out, readonly=True) as store:
         record = store.run("none-p0-f1-s0")
         assert record.status == "failed" and record.top1 is None
-        assert "FileNotFoundError" in record.error
+        # The worker's last line is the one-line message of the missing data set.
+        assert record.error.splitlines()[-1].startswith("CIFAR-100: expected")
     assert main(["results", "--out", str(out), "--status", "failed"]) == 0
-    assert "FileNotFoundError" in capsys.readouterr().out
+    assert "error: CIFAR-100: expected" in capsys.readouterr().out
 
     write_cifar100(data, n_train=12, n_test=5)
     retry = run_sweep(preset, out, stream=io.StringIO())
@@ -293,8 +294,10 @@ def test_command_line_dry_run_overrides_and_errors(tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
     assert main(["report", "--out", str(tmp_path)]) == 2
     assert "has no preset.json" in capsys.readouterr().err
-    assert main(["sweep", "--preset", "demo", "--jobs", "0", "--out", str(tmp_path / "d")]) == 2
-    assert "jobs should be a positive int" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--preset", "demo", "--jobs", "0", "--out", str(tmp_path / "d")])
+    assert exit_info.value.code == 2
+    assert "--jobs: expected an integer >= 1, but got 0" in capsys.readouterr().err
 
 
 def test_a_database_from_a_newer_version_is_refused_by_the_commands(tmp_path, capsys):

@@ -1,11 +1,14 @@
 """Training: config, checkpoints, metrics, exact resume, and a short real-data run."""
 
+import errno
 import json
+import re
 
 import pytest
 import torch
 
-from dropcluster.train.checkpoint import load_checkpoint, save_checkpoint
+from dropcluster.errors import CheckpointError
+from dropcluster.train.checkpoint import CHECKPOINT_KEYS, load_checkpoint, save_checkpoint
 from dropcluster.train.config import TrainConfig
 from dropcluster.train.loop import topk_correct, train
 
@@ -47,11 +50,31 @@ def test_config_loads_yaml(tmp_path):
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"epochs": 0}, "epochs should be a positive int"),
-        ({"train_fraction": 0.0}, r"train_fraction should be in \(0, 1\]"),
-        ({"p": 1.0}, r"p should be in \[0, 1\)"),
+        ({"epochs": 0}, "epochs should be an integer >= 1, but got 0"),
+        ({"train_fraction": 0.0}, r"train_fraction should be a number > 0.0, but got 0.0"),
+        ({"p": 1.0}, r"p should be a number < 1.0, but got 1.0"),
         ({"lr_milestones": [200, 150]}, "increasing"),
         ({"learning_rate": 0.1}, "unknown config keys"),
+        # Wrongly typed values (as a hand-written JSON or YAML config gives them).
+        ({"p": "0.1"}, r"p should be a finite number, but got '0.1' \(str\)"),
+        ({"momentum": None}, r"momentum should be a finite number, but got None"),
+        ({"dataset": ["cifar100"]}, r"dataset should be a string, but got \['cifar100'\]"),
+        ({"seed": 1.5}, r"seed should be an integer, but got 1.5"),
+        ({"epochs": True}, r"epochs should be an integer, but got True"),
+        ({"amp": "yes"}, r"amp should be true or false, but got 'yes'"),
+        ({"lr_milestones": [1.5]}, r"lr_milestones should be a list of an integer"),
+        # Meaningless numbers: a run with them would diverge or do nothing.
+        ({"lr": float("nan")}, "lr should be a finite number, but got nan"),
+        ({"lr": float("inf")}, "lr should be a finite number, but got inf"),
+        ({"lr": 0.0}, "lr should be a number > 0.0"),
+        ({"weight_decay": float("nan")}, "weight_decay should be a finite number or null"),
+        ({"weight_decay": -1e-4}, "weight_decay should be a number >= 0.0"),
+        ({"lr_gamma": -0.1}, "lr_gamma should be a number > 0.0, but got -0.1"),
+        ({"momentum": 1.0}, "momentum should be a number < 1.0"),
+        ({"dataset": "imagenet"}, "dataset should be one of 'cifar100', 'tiny-imagenet'"),
+        ({"model": "vgg"}, "model should be one of 'resnet50'"),
+        ({"regularizer": "dropconnect"}, "regularizer should be one of 'none'"),
+        ({"device": "gpu0"}, "device should be 'auto', 'cpu'"),
     ],
 )
 def test_bad_config_values_raise_clear_errors(values, message):
@@ -65,17 +88,48 @@ def test_topk_correct_on_a_hand_made_case():
     assert topk_correct(logits, labels, ks=(1, 2, 5)) == [1, 2, 3]
 
 
+def _checkpoint_state(epoch):
+    state = {key: {} for key in CHECKPOINT_KEYS}
+    state.update(epoch=epoch, history=[], model={"weight": torch.full((3,), float(epoch))})
+    return state
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    save_checkpoint(path, {"epoch": 1, "weights": torch.ones(3)})
+    save_checkpoint(path, _checkpoint_state(1))
+    real_save = torch.save
 
-    def crash(*args, **kwargs):
-        raise RuntimeError("disk full")
+    def disk_full(obj, stream, *args, **kwargs):
+        real_save(obj, stream)  # half the bytes reach the disk, then it is full
+        stream.truncate(stream.tell() // 2)
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(RuntimeError):
-        save_checkpoint(path, {"epoch": 2, "weights": torch.zeros(3)})
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(path, _checkpoint_state(2))
     assert load_checkpoint(path)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temporary left
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "bit-flipped", "not-a-checkpoint"])
+def test_damaged_checkpoint_is_refused_with_its_name(tmp_path, damage):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, _checkpoint_state(1))
+    data = bytearray(path.read_bytes())
+    if damage == "empty":
+        data = bytearray()
+    elif damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "bit-flipped":
+        # Flip bits of the zip directory at the end, where torch looks first.
+        for offset in range(len(data) - 60, len(data) - 20):
+            data[offset] ^= 0xFF
+    else:
+        torch.save({"epoch": 1}, path)
+        data = bytearray(path.read_bytes())
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=re.escape(str(path))):
+        load_checkpoint(path)
 
 
 def test_resumed_run_reproduces_the_uninterrupted_run_exactly(tmp_path):

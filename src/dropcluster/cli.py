@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from dropcluster import __version__
+from dropcluster.files import atomic_write_json
 
 # Printed cluster maps use one character per cluster id.
 _MAP_SYMBOLS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -184,6 +187,12 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``dropcluster`` command; returns its exit status.
+
+    A problem the user can fix (a bad value, a missing or damaged file, a full or read-only
+    disk, a busy run) is printed as one line and gives status 2; anything else is a bug in
+    dropcluster: its traceback is printed, then one line, and the status is 1.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -191,21 +200,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"dropcluster: error: {error}", file=sys.stderr)
-        return 2
-    except ImportError as error:
-        # A missing optional extra says how to install it; any other ImportError is a bug.
-        if "pip install" not in str(error):
-            raise
-        print(f"dropcluster: error: {error}", file=sys.stderr)
-        return 2
-    except RuntimeError as error:
-        # A results database from a newer dropcluster (SchemaVersionError) and the like.
-        if type(error).__name__ != "SchemaVersionError":
-            raise
-        print(f"dropcluster: error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(
             "\ndropcluster: interrupted; a training run continues from its last finished "
@@ -213,6 +207,51 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except Exception as error:  # noqa: BLE001 - every error ends in one line and a status
+        message = user_error_message(error)
+        if message is None:
+            traceback.print_exc()
+            print(
+                f"dropcluster: internal error: {type(error).__name__}: {error} (this is a bug "
+                f"in dropcluster {__version__}; please report it with the traceback above)",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"dropcluster: error: {message}", file=sys.stderr)
+        return 2
+
+
+#: Advice for operating-system errors a user can act on, by errno.
+_OS_ADVICE = {
+    errno.ENOSPC: "the disk is full: free some space and rerun (files already saved are intact)",
+    errno.EDQUOT: "the disk quota is used up: free some space and rerun",
+    errno.EROFS: "the file system is read-only: choose a writable folder",
+    errno.EACCES: "permission denied: choose a folder you may write to",
+    errno.EPERM: "operation not permitted: choose a folder you may write to",
+    errno.EISDIR: "a folder is where a file was expected: give a file's path",
+    errno.ENOTDIR: "a file is where a folder was expected",
+    errno.ENOENT: "no such file or folder",
+}
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The one-line message of an error the user can fix; None for an internal error."""
+    import sqlite3
+
+    from dropcluster.errors import DropClusterError
+
+    if isinstance(error, OSError) and error.errno is not None and error.strerror:
+        advice = _OS_ADVICE.get(error.errno, error.strerror)
+        where = error.filename if error.filename is not None else ""
+        return f"{advice}" + (f" ({where})" if where else "")
+    if isinstance(error, (DropClusterError, ValueError, OSError)):
+        return " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, ImportError) and "pip install" in str(error):
+        # A missing optional extra says how to install it; any other ImportError is a bug.
+        return str(error)
+    if isinstance(error, sqlite3.DatabaseError):
+        return f"results database error: {error}"
+    return None
 
 
 def _positive(name: str, value: int) -> None:
@@ -234,6 +273,8 @@ def _run_cluster_analysis(args: argparse.Namespace) -> int:
         raise ValueError(f"--n-images should be at least 2, but got {args.n_images}")
     if args.train_steps < 0:
         raise ValueError(f"--train-steps should be 0 or more, but got {args.train_steps}")
+    if args.json_path is not None and args.json_path.is_dir():
+        raise ValueError(f"--json {args.json_path} is a folder: give the path of a file to write")
 
     started = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -344,9 +385,7 @@ def _write_json(path: Path, analysis) -> None:
         channels.append(entry)
     document = {"seconds": analysis.seconds, "channels": channels}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(document, indent=2))
-    tmp.replace(path)
+    atomic_write_json(path, document)
 
 
 if __name__ == "__main__":

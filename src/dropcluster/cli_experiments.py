@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from dropcluster.validation import int_argument
+
 
 def add_experiment_parsers(commands) -> None:
     """Register the experiment subcommands on the ``dropcluster`` parser."""
@@ -34,11 +36,13 @@ def add_experiment_parsers(commands) -> None:
     evaluate.add_argument("--severities", default="1-5", help="e.g. 1-5, 1,3,5 or 2")
     evaluate.add_argument(
         "--limit",
-        type=int,
+        type=int_argument(1),
         default=None,
         help="use a class-balanced subset of this many test images",
     )
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of the corruptions' noise")
+    evaluate.add_argument(
+        "--seed", type=int_argument(0), default=0, help="seed of the corruptions' noise"
+    )
     evaluate.add_argument(
         "--jpeg-quality",
         type=int,
@@ -60,7 +64,9 @@ def add_experiment_parsers(commands) -> None:
     evaluate.add_argument(
         "--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:1, ..."
     )
-    evaluate.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
+    evaluate.add_argument(
+        "--batch-size", type=int_argument(1), default=None, help="evaluation batch size"
+    )
     evaluate.set_defaults(handler=_run_evaluate)
 
     for name, text in (
@@ -78,7 +84,7 @@ def add_experiment_parsers(commands) -> None:
         )
         sub.add_argument(
             "--jobs",
-            type=int,
+            type=int_argument(1),
             default=1,
             help="runs at once (one per GPU, or CPU processes sharing the cores)",
         )
@@ -149,9 +155,17 @@ def add_experiment_parsers(commands) -> None:
     report.add_argument("--out", type=Path, required=True, help="the sweep's output folder")
     report.add_argument(
         "--average-last",
-        type=int,
+        type=int_argument(1),
         default=None,
         help="average metrics over the last K epochs (default: the preset's)",
+    )
+    report.add_argument(
+        "--to",
+        type=Path,
+        default=None,
+        dest="report_dir",
+        metavar="DIR",
+        help="write the report here instead of OUT/report (e.g. for a read-only sweep folder)",
     )
     report.set_defaults(handler=_run_report)
 
@@ -165,14 +179,17 @@ def add_experiment_parsers(commands) -> None:
     analyze.add_argument(
         "--out", type=Path, default=None, help="output folder (default: <run>/analysis)"
     )
-    analyze.add_argument("--images", type=int, default=4, help="example images to show")
+    analyze.add_argument("--images", type=int_argument(1), default=4, help="example images to show")
     analyze.add_argument(
-        "--sample-images", type=int, default=256, help="test images whose activations are analysed"
+        "--sample-images",
+        type=int_argument(2),
+        default=256,
+        help="test images whose activations are analysed",
     )
     analyze.add_argument(
         "--device", default="auto", help="auto (CUDA when there is one), cpu, cuda"
     )
-    analyze.add_argument("--seed", type=int, default=0, help="random seed")
+    analyze.add_argument("--seed", type=int_argument(0), default=0, help="random seed")
     analyze.set_defaults(handler=_run_analyze)
 
 
@@ -311,12 +328,12 @@ def _analyze_dropcluster_run(out: Path) -> None:
         print(f"no cluster analysis: {error}", file=sys.stderr)
 
 
-def _write_report(out: Path, preset, average_last):
+def _write_report(out: Path, preset, average_last, report_dir: Path | None = None):
     from dropcluster.experiments.report import write_report
     from dropcluster.experiments.store import ResultsStore
 
     with ResultsStore.in_folder(out, readonly=True) as store:
-        return write_report(store, out, preset, average_last=average_last)
+        return write_report(store, out, preset, average_last=average_last, report_dir=report_dir)
 
 
 def _run_report(args: argparse.Namespace) -> int:
@@ -327,7 +344,9 @@ def _run_report(args: argparse.Namespace) -> int:
     preset_path = args.out / PRESET_NAME
     if not preset_path.is_file():
         raise FileNotFoundError(f"{args.out} has no {PRESET_NAME}: is it a sweep's output folder?")
-    path = _write_report(args.out, json.loads(preset_path.read_text()), args.average_last)
+    path = _write_report(
+        args.out, json.loads(preset_path.read_text()), args.average_last, args.report_dir
+    )
     print(f"report: {path}")
     return 0
 

@@ -23,10 +23,21 @@ operations, on any device, with the semantics of the reference implementation (n
 
 A channel stops when it has at most ``n_clusters`` clusters or no edges are left (no later round
 could change it, so the early exit gives the same result as running all ``max_rounds``).
+
+A channel whose largest magnitude lies outside ``[2**-32, 2**32)`` is first multiplied by a power
+of two that brings it into that range, and its floor by the square of that power, which makes
+the rounds immune to overflow (float32 squared distances overflow above about 1e19) and to
+underflow (float64 level-0 weights of values below about 1e-154). Scaling by a power of two is
+exact in binary floating point and every step scales along with it (sums, means of means,
+squared distances, the floor), while the decisions only compare weights of one channel with each
+other (the relative near-tie test, equality with 0, node-index gaps). So the result is the one
+the unscaled arithmetic would give with an unbounded exponent, as long as no scaled intermediate
+is subnormal; channels inside the range are not touched at all.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -35,6 +46,12 @@ from torch import Tensor
 
 UNSTRUCTURED_MODES = ("rena", "dead", "hopkins", "none")
 IDENTICAL_NEIGHBOUR_MODES = ("merge", "split")
+
+# Channels whose largest magnitude lies outside [2**_MIN_EXPONENT, 2**_MAX_EXPONENT) are scaled
+# into it by a power of two. Inside it, float32 squared distances summed over N samples stay
+# below 2**(2 * 32 + 2) * N, far from overflow, and their reciprocals stay normal.
+_MIN_EXPONENT = -32
+_MAX_EXPONENT = 32
 
 
 @dataclass(frozen=True)
@@ -83,7 +100,12 @@ def rena(
     Args:
         x: (N, C, H, W) activations, any real dtype and device; N >= 2 samples (the images of a
             minibatch) describe each pixel. Features are kept in float32 (float64 for float64
-            input); level-0 distances are computed in float64 as the reference does.
+            input); level-0 distances are computed in float64 as the reference does. Channels
+            of extreme magnitude are first scaled by a power of two, which is exact and changes
+            no result (see the module docstring), so values up to the dtype's limit neither
+            overflow nor underflow. The floor ``threshold`` stays absolute, as in the reference:
+            with squared distances below it (tiny activations), all later edges tie, so the
+            result for ``c * x`` equals the one for ``x`` only where the floor does not decide.
         n_clusters: clusters wanted per channel, k >= 1. Values above ``H * W`` are clamped with
             a warning, as nilearn does.
         max_rounds: maximum number of agglomeration rounds (the paper ran 1000; nilearn's
@@ -130,7 +152,7 @@ def rena(
     Raises:
         ValueError: wrong rank, fewer than 2 samples, no pixels, non-finite values, bad options.
     """
-    n_clusters = _check_arguments(
+    n_clusters, low, high = _check_arguments(
         x, n_clusters, max_rounds, threshold, unstructured, identical_neighbours, hopkins_threshold
     )
     n_samples, n_channels, height, width = x.shape
@@ -148,14 +170,18 @@ def rena(
 
     feature_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     samples = x.detach().reshape(n_samples, n_channels, n_pixels).to(feature_dtype)
+    factor, floor = _channel_scaling(low, high, feature_dtype, threshold)
+    if factor is not None:
+        samples = samples * factor.to(feature_dtype).view(1, n_channels, 1)
     grid_u, grid_v = grid_edges(height, width, device)
-    level0_weights = _level0_weights(x.detach(), height, width)
+    level0_weights = _level0_weights(x.detach(), height, width, factor)
     has_identical_neighbours = (level0_weights == 0).any(dim=1)
 
     if unstructured == "rena":
         labels, n_found, n_rounds = _agglomerate(
-            samples, level0_weights, grid_u, grid_v, None, n_clusters, max_rounds, threshold
-        )
+            samples, level0_weights, grid_u, grid_v, None, n_clusters, max_rounds, threshold,
+            floor,
+        )  # fmt: skip
         structured = n_found <= n_clusters
         if identical_neighbours == "merge":
             redo = structured & has_identical_neighbours
@@ -164,7 +190,7 @@ def rena(
                 contract = torch.ones(redo_idx.numel(), dtype=torch.bool, device=device)
                 redo_labels, redo_found, redo_rounds = _agglomerate(
                     samples[:, redo_idx], level0_weights[redo_idx], grid_u, grid_v, contract,
-                    n_clusters, max_rounds, threshold,
+                    n_clusters, max_rounds, threshold, None if floor is None else floor[redo_idx],
                 )  # fmt: skip
                 labels[redo_idx] = redo_labels
                 n_found[redo_idx] = redo_found
@@ -185,6 +211,7 @@ def rena(
             n_clusters,
             max_rounds,
             threshold,
+            floor,
         )
         overfull = structured & (n_found > n_clusters)
         if bool(overfull.any()):
@@ -277,7 +304,13 @@ def _check_arguments(
     unstructured: str,
     identical_neighbours: str,
     hopkins_threshold: float,
-) -> int:
+) -> tuple[int, Tensor | None, Tensor | None]:
+    """Check the arguments of :func:`rena`.
+
+    Returns:
+        n_clusters clamped to ``H * W``, and the (C,) smallest and largest value of each channel
+        (None when x is empty).
+    """
     if not isinstance(x, Tensor):
         raise TypeError(f"x should be a torch.Tensor of shape (N, C, H, W), but got {type(x)}")
     if x.dim() != 4:
@@ -289,11 +322,20 @@ def _check_arguments(
         raise ValueError(f"ReNA needs at least 2 samples (images) per pixel, but got N={n_samples}")
     if height * width == 0:
         raise ValueError(f"x has no pixels: H={height}, W={width}")
-    if x.is_floating_point() and x.numel() > 0:
-        # min/max propagate NaN and expose infinities without a full-size boolean temporary.
-        low, high = torch.aminmax(x.detach())
-        if not bool(torch.isfinite(low) & torch.isfinite(high)):
-            raise ValueError("x contains NaN or infinite values")
+    low = high = None
+    if x.numel() > 0:
+        # One pass: min/max per image and channel, then over the images. They propagate NaN and
+        # expose infinities without a full-size boolean temporary, and give the channel scales.
+        per_image = torch.aminmax(x.detach().reshape(n_samples, x.shape[1], -1), dim=2)
+        low, high = per_image.min.amin(dim=0), per_image.max.amax(dim=0)
+        if x.is_floating_point():
+            finite = torch.isfinite(low) & torch.isfinite(high)
+            if not bool(finite.all()):
+                bad = (~finite).nonzero().squeeze(1).tolist()
+                raise ValueError(
+                    f"x should hold finite values, but it contains NaN or infinite values in "
+                    f"channel(s) {bad[:10]}{' ...' if len(bad) > 10 else ''}"
+                )
     if isinstance(n_clusters, bool) or not isinstance(n_clusters, int):
         raise ValueError(f"n_clusters should be an int, but got {n_clusters!r}")
     if n_clusters < 1:
@@ -321,7 +363,50 @@ def _check_arguments(
             stacklevel=3,
         )
         n_clusters = n_pixels
-    return n_clusters
+    return n_clusters, low, high
+
+
+def _channel_scaling(
+    low: Tensor | None, high: Tensor | None, dtype: torch.dtype, threshold: float
+) -> tuple[Tensor | None, Tensor | None]:
+    """Powers of two that bring each channel's largest magnitude into the safe range.
+
+    Args:
+        low, high: (C,) smallest and largest value of each channel.
+        dtype: the feature dtype, float32 or float64.
+        threshold: the floor of the edge weights in the unscaled units.
+
+    Returns:
+        (factor, floor): (C,) float64 factors ``2**s`` and (C,) ``dtype`` floors
+        ``threshold * 2**(2 s)``, or (None, None) when no channel needs scaling. A floor below
+        the smallest normal number is raised to it; one above 1 is lowered to 1, which is still
+        above every weight of its channel (an upscaled channel has weights below ``N * 2**-62``),
+        so every weight is floored to the same value either way.
+    """
+    if low is None or high is None:
+        return None, None
+    peak = torch.maximum(low.double().abs(), high.double().abs()).tolist()
+    info = torch.finfo(dtype)
+    lowest, highest = round(math.log2(info.tiny)), math.floor(math.log2(info.max))
+    shifts = []
+    for value in peak:
+        exponent = math.frexp(value)[1]  # value in [2**(exponent - 1), 2**exponent); 0 for 0
+        shift = min(0, _MAX_EXPONENT - exponent) + max(0, _MIN_EXPONENT - exponent)
+        shifts.append(min(max(shift, lowest), highest))
+    if not any(shifts):
+        return None, None
+    # The unscaled path compares with the floor rounded to the feature dtype.
+    floor_value = float(torch.tensor(threshold, dtype=dtype))
+    floors = []
+    for shift in shifts:
+        try:
+            scaled = math.ldexp(floor_value, 2 * shift)
+        except OverflowError:
+            scaled = math.inf
+        floors.append(min(max(scaled, info.tiny), 1.0))
+    device = low.device
+    factor = torch.tensor([math.ldexp(1.0, s) for s in shifts], dtype=torch.float64, device=device)
+    return factor, torch.tensor(floors, dtype=dtype, device=device)
 
 
 def _structured_without_rena(
@@ -350,11 +435,12 @@ def _structured_without_rena(
     return alive & (per_channel >= hopkins_threshold)
 
 
-def _level0_weights(x: Tensor, height: int, width: int) -> Tensor:
+def _level0_weights(x: Tensor, height: int, width: int, factor: Tensor | None = None) -> Tensor:
     """Level-0 edge weights, half the squared distance of neighbouring pixels, in float64.
 
     Args:
         x: (N, C, H, W) activations.
+        factor: (C,) float64 powers of two each channel is scaled by first, or None.
 
     Returns:
         (C, E) float64, edges in the order of :func:`grid_edges`.
@@ -365,6 +451,8 @@ def _level0_weights(x: Tensor, height: int, width: int) -> Tensor:
     parts = []
     for start in range(0, n_channels, chunk):
         block = x[:, start : start + chunk].to(torch.float64)
+        if factor is not None:
+            block = block * factor[start : start + chunk].view(1, -1, 1, 1)
         horizontal = (block[..., :, 1:] - block[..., :, :-1]).square_().sum(dim=0)
         vertical = (block[..., 1:, :] - block[..., :-1, :]).square_().sum(dim=0)
         parts.append(torch.cat([horizontal.flatten(1), vertical.flatten(1)], dim=1))
@@ -381,6 +469,7 @@ def _agglomerate(
     n_clusters: int,
     max_rounds: int,
     threshold: float,
+    floor: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, int]:
     """Run ReNA rounds on a stack of channels.
 
@@ -394,6 +483,8 @@ def _agglomerate(
         contract: (C,) bool or None. Channels where neighbours with weight 0 are contracted
             into one node before the first round (``identical_neighbours="merge"``); elsewhere
             such edges are deleted, as in the reference.
+        floor: (C,) floor of the edge weights of each channel, in the features' dtype, for
+            scaled channels (see :func:`_channel_scaling`); None: ``threshold`` everywhere.
 
     Returns:
         labels (C, P) int64, n_found (C,) int64, number of rounds run.
@@ -471,7 +562,11 @@ def _agglomerate(
         distinct = a != b
         a, b = _unique_edges(a[distinct], b[distinct], n_new)
         difference = features.index_select(0, a).sub_(features.index_select(0, b))
-        weights = difference.square_().sum(dim=1).clamp_(min=threshold)
+        weights = difference.square_().sum(dim=1)
+        if floor is None:
+            weights.clamp_(min=threshold)
+        else:
+            weights = torch.maximum(weights, floor[node_channel[a]])
 
     node_offset = torch.cumsum(n_nodes, 0) - n_nodes
     labels = pixel_node - node_offset[node_channel[pixel_node]]

@@ -151,7 +151,9 @@ def load_tiny_imagenet_c(
 
     Raises:
         ValueError: unknown corruption, severity outside 1..5, repeated wnids, a class folder
-            not in ``wnids``, or an image that is not 64x64.
+            not in ``wnids``, an unreadable image, or one that is not 64x64 (its size is read
+            from the file's header and checked before decoding, so a decompression bomb is
+            refused at no cost; the message names the file).
         FileNotFoundError: a missing folder, class or image; the message says what was
             expected.
         ImportError: without Pillow.

@@ -34,27 +34,48 @@ and no conversion step, and returns an :class:`ImageDataset` on the CPU:
 Without ``root``, CIFAR-100 and Tiny ImageNet are looked up in ``$DROPCLUSTER_DATA``, else in
 ``~/.cache/dropcluster/data`` (where :func:`download_cifar100` and
 :func:`download_tiny_imagenet` put them by default).
+
+Completeness. An interrupted download or extraction must never load as a smaller data set, so
+CIFAR-100 and Tiny ImageNet are counted before they are used:
+
+- A folder holding the completion marker :data:`COMPLETE_MARKER` (``.dropcluster-complete.json``)
+  must hold the numbers of classes and of images per split that it records. The downloaders
+  write it after extracting a whole archive (into a temporary folder, renamed into place only
+  then), with the counts they found; :func:`write_completion_marker` marks a deliberately
+  smaller set in the official layout (a subset, a test fixture).
+- A folder without it (extracted by hand, or by an older dropcluster) must hold the official
+  counts, :data:`OFFICIAL_COUNTS`: CIFAR-100 100 classes, 50000 training and 10000 test images;
+  Tiny ImageNet 200 classes, 100000 training images (500 per class) and 10000 validation images.
+
+Any other count is a ValueError saying the files look incomplete and how to download them again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import json
 import os
 import pickle
+import shutil
+import stat
 import tarfile
 import tempfile
 import urllib.request
 import zipfile
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from dropcluster.data import fashion_mnist
+from dropcluster.files import atomic_write_json
 
 DATASET_NAMES = ("cifar100", "tiny-imagenet", "fashion-mnist", "synthetic")
 SPLITS = ("train", "test")
@@ -69,6 +90,17 @@ TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 #: MD5 of the official zip, as published by torchvision-style loaders of the data set.
 TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 TINY_IMAGENET_SIZE = 64
+
+#: Numbers of classes and of images per split of the official releases (see "Completeness").
+CIFAR100_COUNTS = {"classes": 100, **CIFAR100_SPLIT_SIZES}
+TINY_IMAGENET_TRAIN_PER_CLASS = 500
+TINY_IMAGENET_COUNTS = {"classes": 200, "train": 200 * TINY_IMAGENET_TRAIN_PER_CLASS, "test": 10000}
+OFFICIAL_COUNTS = {"cifar100": CIFAR100_COUNTS, "tiny-imagenet": TINY_IMAGENET_COUNTS}
+#: The file, inside an extracted data set folder, that marks it complete (see "Completeness").
+COMPLETE_MARKER = ".dropcluster-complete.json"
+_MARKER_FORMAT = 1
+_COUNT_KEYS = ("classes", "train", "test")
+_DOWNLOADERS = {"cifar100": "download_cifar100", "tiny-imagenet": "download_tiny_imagenet"}
 
 #: Environment variable naming the default data folder.
 DATA_ENV = "DROPCLUSTER_DATA"
@@ -144,7 +176,9 @@ def load_dataset(name: str, split: str = "train", root: str | Path | None = None
         for Tiny ImageNet, (N, 1, 28, 28) for Fashion-MNIST and (N, 3, 32, 32) for synthetic.
 
     Raises:
-        ValueError: unknown name or split, or a malformed file.
+        ValueError: unknown name or split, a malformed file, or CIFAR-100 / Tiny ImageNet files
+            that look incomplete (other counts than expected: see "Completeness" in the module
+            docstring).
         FileNotFoundError: missing files; the message gives the expected layout and what the
             folder holds.
         ImportError: Tiny ImageNet without Pillow.
@@ -210,38 +244,173 @@ def make_synthetic(
 
 
 # ---------------------------------------------------------------------------------------------
+# Completeness: the completion marker and the expected counts
+
+
+def write_completion_marker(
+    folder: str | Path,
+    dataset: str,
+    counts: dict[str, int],
+    *,
+    archive_md5: str | None = None,
+    source: str | None = None,
+) -> Path:
+    """Mark ``folder`` as a complete copy of ``dataset`` holding ``counts`` (atomically).
+
+    :func:`download_cifar100` and :func:`download_tiny_imagenet` call this once an archive is
+    fully extracted; :func:`load_dataset` then expects each split to hold the recorded counts
+    instead of the official ones. Call it yourself only for a deliberately smaller set in the
+    official layout (a subset, a test fixture).
+
+    Args:
+        folder: the ``cifar-100-python`` or ``tiny-imagenet-200`` folder.
+        dataset: ``"cifar100"`` or ``"tiny-imagenet"``.
+        counts: ``{"classes": ..., "train": ..., "test": ...}``, numbers of classes and images.
+        archive_md5: MD5 of the archive the folder was extracted from, if any.
+        source: where the files came from (a URL), for people reading the marker.
+
+    Returns:
+        The marker's path, ``folder / COMPLETE_MARKER``.
+    """
+    if dataset not in OFFICIAL_COUNTS:
+        raise ValueError(f"dataset should be one of {tuple(OFFICIAL_COUNTS)}, but got {dataset!r}")
+    _check_count_dict(counts, f"counts of {dataset}")
+    document = {
+        "format": _MARKER_FORMAT,
+        "dataset": dataset,
+        "counts": {key: int(counts[key]) for key in _COUNT_KEYS},
+        "archive_md5": archive_md5,
+        "source": source,
+    }
+    return atomic_write_json(Path(folder) / COMPLETE_MARKER, document)
+
+
+def _check_count_dict(counts: object, what: str) -> None:
+    if not isinstance(counts, dict) or not all(
+        isinstance(counts.get(key), int)
+        and not isinstance(counts.get(key), bool)
+        and counts[key] >= 0
+        for key in _COUNT_KEYS
+    ):
+        raise ValueError(
+            f"{what} should map each of {_COUNT_KEYS} to a count >= 0, but is {counts!r}"
+        )
+
+
+def _read_completion_marker(folder: Path, dataset: str) -> dict[str, int] | None:
+    """The counts the marker in ``folder`` records; None without a marker."""
+    path = folder / COMPLETE_MARKER
+    if not path.is_file():
+        return None
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(document, dict) or document.get("dataset") != dataset:
+            raise ValueError(f"it should be a JSON object with 'dataset': {dataset!r}")
+        _check_count_dict(document.get("counts"), "its 'counts'")
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{path}: unreadable completion marker ({error}); delete {folder} and call "
+            f"{_DOWNLOADERS[dataset]}({str(folder.parent)!r}) to download it again"
+        ) from error
+    return {key: document["counts"][key] for key in _COUNT_KEYS}
+
+
+def _expected_counts(folder: Path, dataset: str) -> tuple[dict[str, int], str]:
+    """The counts ``folder`` should hold, and where they come from (for error messages)."""
+    recorded = _read_completion_marker(folder, dataset)
+    if recorded is not None:
+        return recorded, f"as its completion marker {folder / COMPLETE_MARKER} records"
+    return OFFICIAL_COUNTS[dataset], (
+        f"the official release; a folder without {COMPLETE_MARKER} must hold all of it"
+    )
+
+
+def _check_count(
+    dataset: str, folder: Path, where: Path, what: str, found: int, expected: int, source: str
+) -> None:
+    if found != expected:
+        raise ValueError(
+            f"{where}: expected {expected} {what} ({source}), but found {found}: the files look "
+            f"incomplete, as after an interrupted download or extraction; delete {folder} and "
+            f"call {_DOWNLOADERS[dataset]}({str(folder.parent)!r}) to download it again"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
 # CIFAR-100
 
 
 def _load_cifar100(split: str, root: Path) -> ImageDataset:
     folder = _cifar100_folder(root)
-    entry = _read_pickle(folder / split, f"CIFAR-100 {split!r} split")
-    meta = _read_pickle(folder / "meta", "CIFAR-100 meta file")
-    data = _required_key(entry, "data", folder / split)
-    fine_labels = _required_key(entry, "fine_labels", folder / split)
-    names = _required_key(meta, "fine_label_names", folder / "meta")
+    expected, source = _expected_counts(folder, "cifar100")
+    data, labels, classes = _read_cifar100_split(folder, split)
+    # Checked after the format, so that a malformed file gets the more specific message.
+    meta = folder / "meta"
+    _check_count("cifar100", folder, meta, "class names", len(classes), expected["classes"], source)
+    _check_count("cifar100", folder, folder / split, "images", len(data), expected[split], source)
+    images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+    return ImageDataset(images, torch.from_numpy(labels), classes, "cifar100")
+
+
+def _read_cifar100_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """One split's ``data`` (N, 3072) uint8, fine labels (N,) int64 and the class names."""
+    path = folder / split
+    meta_path = folder / "meta"
+    entry = _read_pickle(path, f"CIFAR-100 {split!r} split")
+    meta = _read_pickle(meta_path, "CIFAR-100 meta file")
+    data = _required_key(entry, "data", path)
+    fine_labels = _required_key(entry, "fine_labels", path)
+    names = _required_key(meta, "fine_label_names", meta_path)
+
+    if not isinstance(names, (list, tuple, np.ndarray)) or np.ndim(names) != 1:
+        raise ValueError(
+            f"{meta_path}: 'fine_label_names' should be a list of class names, but is "
+            f"{_describe_value(names)}"
+        )
+    for index, label_name in enumerate(names):
+        if not isinstance(label_name, (str, bytes)):
+            raise ValueError(
+                f"{meta_path}: 'fine_label_names' should hold str or bytes names, but item "
+                f"{index} is {_describe_value(label_name)}"
+            )
+    classes = [_as_text(label_name) for label_name in names]
 
     data = np.asarray(data)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise ValueError(
-            f"{folder / split}: 'data' should be a uint8 array of shape (N, 3072), one "
-            f"32x32 RGB image per row, but is {data.dtype} of shape {data.shape}"
+            f"{path}: 'data' should be a uint8 array of shape (N, 3072), one 32x32 RGB image "
+            f"per row, but is {data.dtype} of shape {data.shape}"
         )
-    labels = np.asarray(fine_labels, dtype=np.int64)
+    raw_labels = (
+        np.asarray(fine_labels) if isinstance(fine_labels, (list, tuple, np.ndarray)) else None
+    )
+    if raw_labels is None or (raw_labels.size and not np.issubdtype(raw_labels.dtype, np.integer)):
+        raise ValueError(
+            f"{path}: 'fine_labels' should be a list of integer labels, but is "
+            f"{_describe_value(fine_labels)}"
+        )
+    labels = raw_labels.astype(np.int64)
     if labels.shape != (data.shape[0],):
         raise ValueError(
-            f"{folder / split}: 'fine_labels' should hold {data.shape[0]} labels, one per row "
-            f"of 'data', but has shape {labels.shape}"
+            f"{path}: 'fine_labels' should hold {data.shape[0]} labels, one per row of 'data', "
+            f"but has shape {labels.shape}"
         )
-    classes = [_as_text(label_name) for label_name in names]
     if labels.size and not 0 <= int(labels.min()) <= int(labels.max()) < len(classes):
         raise ValueError(
-            f"{folder / split}: 'fine_labels' should be in 0..{len(classes) - 1} (the "
-            f"{len(classes)} names of 'fine_label_names'), but span "
-            f"{int(labels.min())}..{int(labels.max())}"
+            f"{path}: 'fine_labels' should be in 0..{len(classes) - 1} (the {len(classes)} "
+            f"names of 'fine_label_names'), but span {int(labels.min())}..{int(labels.max())}"
         )
-    images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
-    return ImageDataset(images, torch.from_numpy(labels), classes, "cifar100")
+    return data, labels, classes
+
+
+def _cifar100_counts(folder: Path) -> dict[str, int]:
+    """Classes and images per split that a CIFAR-100 folder holds; reads every file."""
+    counts = {"classes": 0}
+    for split in SPLITS:
+        data, _, classes = _read_cifar100_split(folder, split)
+        counts["classes"] = len(classes)
+        counts[split] = len(data)
+    return counts
 
 
 def _cifar100_folder(root: Path) -> Path:
@@ -306,10 +475,12 @@ def _read_pickle(path: Path, what: str) -> dict[str, object]:
     try:
         with open(path, "rb") as handle:
             entry = _ArrayUnpickler(handle, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
+    except OSError:
+        raise
+    except Exception as error:  # any failure on these bytes means a bad file
         raise ValueError(f"{what}: {path} is not a readable CIFAR pickle ({error})") from error
     if not isinstance(entry, dict):
-        raise ValueError(f"{what}: {path} should hold a dict, but holds a {type(entry).__name__}")
+        raise ValueError(f"{what}: {path} should hold a dict, but holds {_describe_value(entry)}")
     return {_as_text(key): value for key, value in entry.items()}
 
 
@@ -323,23 +494,51 @@ def _as_text(value: object) -> str:
     return value.decode("latin1") if isinstance(value, bytes) else str(value)
 
 
+def _describe_value(value: object) -> str:
+    """``a list of 3 items``, ``an int (7)``, ...: what a file holds, for error messages."""
+    kind = type(value).__name__
+    article = "an" if kind[:1].lower() in "aeiou" else "a"
+    if isinstance(value, (list, tuple, dict)):
+        return f"{article} {kind} of {len(value)} items"
+    if isinstance(value, np.ndarray):
+        return f"an array of {value.dtype} and shape {value.shape}"
+    text = repr(value)
+    return f"{article} {kind} ({text[:40]}{'...' if len(text) > 40 else ''})"
+
+
 # ---------------------------------------------------------------------------------------------
 # Tiny ImageNet
 
 
 def tiny_imagenet_wnids(root: str | Path | None = None) -> list[str]:
     """Tiny ImageNet's class ids in label order (sorted ``wnids.txt``), as :func:`load_dataset`
-    numbers them; ``root`` as for :func:`load_dataset`."""
-    return _tiny_imagenet_folder_and_wnids(_default_root() if root is None else Path(root))[1]
+    numbers them; ``root`` as for :func:`load_dataset`.
+
+    Raises:
+        ValueError: ``wnids.txt`` does not list the expected number of classes (200, or the
+            number its completion marker records; see the module docstring).
+    """
+    folder = _tiny_imagenet_folder(_default_root() if root is None else Path(root))
+    expected, source = _expected_counts(folder, "tiny-imagenet")
+    wnids = _read_wnids(folder)
+    _check_classes(folder, wnids, expected, source)
+    return wnids
 
 
 def _load_tiny_imagenet(split: str, root: Path) -> ImageDataset:
-    folder, wnids = _tiny_imagenet_folder_and_wnids(root)
+    folder = _tiny_imagenet_folder(root)
+    expected, source = _expected_counts(folder, "tiny-imagenet")
+    wnids = _read_wnids(folder)
+    _check_classes(folder, wnids, expected, source)
     class_index = {wnid: index for index, wnid in enumerate(wnids)}
     if split == "train":
         paths, labels = _tiny_imagenet_train_files(folder, wnids)
+        where = folder / "train"
     else:
         paths, labels = _tiny_imagenet_val_files(folder, class_index)
+        where = folder / "val" / "val_annotations.txt"
+    # Counted before decoding: an incomplete folder fails at once, not after minutes of JPEGs.
+    _check_count("tiny-imagenet", folder, where, "images", len(paths), expected[split], source)
     images = _decode_jpegs(paths)
     return ImageDataset(
         images,
@@ -349,21 +548,48 @@ def _load_tiny_imagenet(split: str, root: Path) -> ImageDataset:
     )
 
 
-def _tiny_imagenet_folder_and_wnids(root: Path) -> tuple[Path, list[str]]:
+def _tiny_imagenet_folder(root: Path) -> Path:
+    """``root/tiny-imagenet-200``, or ``root`` itself when it holds ``wnids.txt``."""
     folder = root / TINY_IMAGENET_FOLDER
     if not folder.is_dir() and (root / "wnids.txt").is_file():
         folder = root
-    wnids_path = folder / "wnids.txt"
-    if not wnids_path.is_file():
+    if not (folder / "wnids.txt").is_file():
         raise FileNotFoundError(
             f"Tiny ImageNet: expected {root / TINY_IMAGENET_FOLDER}/ holding wnids.txt, train/ "
             f"and val/ (the extracted {TINY_IMAGENET_URL}), but {_describe_folder(root)}; "
             f"download_tiny_imagenet({str(root)!r}) fetches and extracts it"
         )
-    wnids = sorted(line.strip() for line in wnids_path.read_text().splitlines() if line.strip())
+    return folder
+
+
+def _read_wnids(folder: Path) -> list[str]:
+    """The sorted class ids of ``folder/wnids.txt``."""
+    wnids_path = folder / "wnids.txt"
+    if not wnids_path.is_file():
+        raise FileNotFoundError(
+            f"Tiny ImageNet: expected the file {wnids_path}, but {_describe_folder(folder)}"
+        )
+    try:
+        text = wnids_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{wnids_path} should be text, one class id per line ({error})") from error
+    wnids = sorted(line.strip() for line in text.splitlines() if line.strip())
     if len(set(wnids)) != len(wnids):
         raise ValueError(f"{wnids_path} should list distinct class ids, but repeats some")
-    return folder, wnids
+    return wnids
+
+
+def _check_classes(folder: Path, wnids: list[str], expected: dict[str, int], source: str) -> None:
+    where = folder / "wnids.txt"
+    _check_count("tiny-imagenet", folder, where, "classes", len(wnids), expected["classes"], source)
+
+
+def _tiny_imagenet_counts(folder: Path) -> dict[str, int]:
+    """Classes and images per split that a Tiny ImageNet folder holds (lists, no decoding)."""
+    wnids = _read_wnids(folder)
+    train, _ = _tiny_imagenet_train_files(folder, wnids)
+    val, _ = _tiny_imagenet_val_files(folder, {wnid: index for index, wnid in enumerate(wnids)})
+    return {"classes": len(wnids), "train": len(train), "test": len(val)}
 
 
 def _tiny_imagenet_train_files(folder: Path, wnids: list[str]) -> tuple[list[Path], list[int]]:
@@ -392,9 +618,13 @@ def _tiny_imagenet_val_files(
             f"labels): expected {annotations} and val/images/*.JPEG, but "
             f"{_describe_folder(annotations.parent)}"
         )
+    try:
+        text = annotations.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{annotations} should be text ({error})") from error
     paths: list[Path] = []
     labels: list[int] = []
-    for line_number, line in enumerate(annotations.read_text().splitlines(), start=1):
+    for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         fields = line.split("\t")
@@ -427,14 +657,21 @@ def _tiny_imagenet_class_names(folder: Path, wnids: list[str]) -> list[str]:
     if not words_path.is_file():
         return list(wnids)
     words: dict[str, str] = {}
-    for line in words_path.read_text().splitlines():
+    for line in words_path.read_text(encoding="utf-8", errors="replace").splitlines():
         wnid, _, names = line.partition("\t")
         words[wnid.strip()] = names.strip()
     return [words.get(wnid) or wnid for wnid in wnids]
 
 
 def _decode_jpegs(paths: Sequence[Path]) -> Tensor:
-    """(N, 3, 64, 64) uint8 from 64x64 JPEG files, decoded in threads (Pillow frees the GIL)."""
+    """(N, 3, 64, 64) uint8 from 64x64 image files, decoded in threads (Pillow frees the GIL).
+
+    Each file's size is read from its header and anything but 64x64 is refused before any
+    pixel is decoded, so a decompression bomb (a small file claiming a huge image) costs
+    nothing. Pillow itself refuses images over twice ``PIL.Image.MAX_IMAGE_PIXELS`` when
+    opening them (``DecompressionBombError``) and warns above it; both end as a ValueError
+    naming the file.
+    """
     try:
         from PIL import Image
     except ImportError as error:
@@ -449,14 +686,13 @@ def _decode_jpegs(paths: Sequence[Path]) -> Tensor:
         index, path = item
         try:
             with Image.open(path) as image:
-                pixels = np.asarray(image.convert("RGB"))
-        except OSError as error:
+                width, height = image.size  # from the header: nothing is decoded yet
+                if (width, height) == (size, size):
+                    pixels = np.asarray(image.convert("RGB"))
+        except Exception as error:  # OSError, DecompressionBombError, SyntaxError, ...
             raise ValueError(f"{path} is not a readable image ({error})") from error
-        if pixels.shape != (size, size, 3):
-            raise ValueError(
-                f"{path} should be a {size}x{size} image, but is "
-                f"{pixels.shape[1]}x{pixels.shape[0]}"
-            )
+        if (width, height) != (size, size):
+            raise ValueError(f"{path} should be a {size}x{size} image, but is {width}x{height}")
         images[index] = pixels
 
     workers = min(16, os.cpu_count() or 1)
@@ -475,34 +711,42 @@ def download_cifar100(
 ) -> Path:
     """Download and extract CIFAR-100 (python version) into ``root``, unless it is there.
 
+    The archive is extracted into a temporary folder in ``root`` (``.cifar-100-python.partial-*``),
+    checked, marked complete (:data:`COMPLETE_MARKER`, recording its counts) and only then
+    renamed to ``root/cifar-100-python``; any failure (a full disk included) removes the
+    temporary folder, so an interrupted extraction never looks complete. An existing folder
+    counts as complete when it holds the marker, or, without one (extracted by hand or by an
+    older version), when it holds the official counts (100 classes, 50000 + 10000 images; the
+    marker is then added). Any other folder there is replaced. Concurrent calls on the same
+    ``root`` wait for each other.
+
     Args:
         root: destination folder (created); None: the default data folder.
         url: where the ``.tar.gz`` archive is (any URL urllib opens, ``file://`` included).
-        md5: expected MD5 of the archive; None skips the check.
+        md5: expected MD5 of the archive; None skips the check. An archive whose MD5 is the
+            official one must also hold the official counts.
 
     Returns:
         The path of the ``cifar-100-python`` folder.
 
     Raises:
-        ValueError: checksum mismatch (the download is deleted) or an archive without
+        ValueError: checksum mismatch (the download is deleted), an unreadable archive (deleted
+            too), an archive member that is not a plain file or folder inside the destination
+            (absolute paths, ``..``, links, devices), or an archive without a complete
             ``cifar-100-python/``.
+        OSError: the disk is full or read-only; nothing partial is left behind.
     """
-    root = _default_root() if root is None else Path(root)
-    folder = root / CIFAR100_FOLDER
-    if (folder / "meta").is_file():
-        return folder
-    archive = _download(url, root / (CIFAR100_FOLDER + ".tar.gz"), md5)
-    with tarfile.open(archive, "r:gz") as tar:
-        names = tar.getnames()
-        if not any(name.split("/")[0] == CIFAR100_FOLDER for name in names):
-            raise ValueError(
-                f"{archive} should hold {CIFAR100_FOLDER}/, but holds {sorted(names)[:5]}"
-            )
-        if hasattr(tarfile, "data_filter"):
-            tar.extractall(root, filter="data")
-        else:  # Python < 3.10.12 has no extraction filters
-            tar.extractall(root)
-    return folder
+    return _download_dataset(
+        _default_root() if root is None else Path(root),
+        "cifar100",
+        url,
+        md5,
+        official_md5=CIFAR100_MD5,
+        folder_name=CIFAR100_FOLDER,
+        suffix=".tar.gz",
+        extract=_extract_tar,
+        count=_cifar100_counts,
+    )
 
 
 def download_tiny_imagenet(
@@ -513,6 +757,11 @@ def download_tiny_imagenet(
 ) -> Path:
     """Download and extract Tiny ImageNet (about 240 MB) into ``root``, unless it is there.
 
+    As :func:`download_cifar100`: extracted into a temporary folder, marked complete and
+    renamed into place only on success. An existing ``tiny-imagenet-200`` folder without the
+    marker counts as complete when it holds the official counts (200 classes of 500 training
+    images, 10000 validation images); any other is replaced.
+
     Args:
         root: destination folder (created); None: the default data folder.
         url: where the ``.zip`` archive is (any URL urllib opens, ``file://`` included).
@@ -520,29 +769,124 @@ def download_tiny_imagenet(
 
     Returns:
         The path of the ``tiny-imagenet-200`` folder.
+
+    Raises:
+        ValueError: as :func:`download_cifar100`.
+        OSError: the disk is full or read-only; nothing partial is left behind.
     """
-    root = _default_root() if root is None else Path(root)
-    folder = root / TINY_IMAGENET_FOLDER
-    if (folder / "wnids.txt").is_file():
-        return folder
-    archive = _download(url, root / (TINY_IMAGENET_FOLDER + ".zip"), md5)
-    with zipfile.ZipFile(archive) as zipped:
-        names = zipped.namelist()
-        if not any(name.split("/")[0] == TINY_IMAGENET_FOLDER for name in names):
-            raise ValueError(
-                f"{archive} should hold {TINY_IMAGENET_FOLDER}/, but holds {sorted(names)[:5]}"
-            )
-        zipped.extractall(root)  # zipfile drops absolute paths and ".." components
+    return _download_dataset(
+        _default_root() if root is None else Path(root),
+        "tiny-imagenet",
+        url,
+        md5,
+        official_md5=TINY_IMAGENET_MD5,
+        folder_name=TINY_IMAGENET_FOLDER,
+        suffix=".zip",
+        extract=_extract_zip,
+        count=_tiny_imagenet_counts,
+    )
+
+
+def _download_dataset(
+    root: Path,
+    dataset: str,
+    url: str,
+    md5: str | None,
+    *,
+    official_md5: str,
+    folder_name: str,
+    suffix: str,
+    extract: Callable[[Path, Path, str], None],
+    count: Callable[[Path], dict[str, int]],
+) -> Path:
+    """Download, extract into a temporary folder, check, mark complete, rename into place."""
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / folder_name
+    with _download_lock(root):
+        # Holding the lock, any temporary file or folder left here is a killed process's.
+        for stale in [*root.glob(f".{folder_name}.partial-*"), *root.glob(f".{folder_name}*.part")]:
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+        if _is_complete(folder, dataset, count):
+            return folder
+        archive, digest = _download(url, root / (folder_name + suffix), md5)
+        partial = Path(tempfile.mkdtemp(dir=root, prefix=f".{folder_name}.partial-"))
+        try:
+            extract(archive, partial, folder_name)
+            extracted = partial / folder_name
+            try:
+                counts = count(extracted)
+            except (FileNotFoundError, ValueError) as error:
+                raise ValueError(
+                    f"{archive} should hold a complete {folder_name}/, but: {error}"
+                ) from error
+            official = OFFICIAL_COUNTS[dataset]
+            if digest == official_md5 and counts != official:
+                raise ValueError(
+                    f"{archive} has the official MD5 but holds {counts}, not the official "
+                    f"{official}: delete it and download it again"
+                )
+            write_completion_marker(extracted, dataset, counts, archive_md5=digest, source=url)
+            if os.path.lexists(folder):
+                # Incomplete (_is_complete said so): moved into the temporary folder, so that
+                # it is deleted with it once the complete one is in place.
+                os.rename(folder, partial / "incomplete")
+            os.rename(extracted, folder)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
     return folder
 
 
-def _download(url: str, destination: Path, md5: str | None) -> Path:
-    """Fetch ``url`` into ``destination`` through a temporary file; verify its MD5."""
+def _is_complete(folder: Path, dataset: str, count: Callable[[Path], dict[str, int]]) -> bool:
+    """Whether ``folder`` is a complete copy: marked, or holding the official counts."""
+    if not folder.is_dir():
+        return False
+    try:
+        if _read_completion_marker(folder, dataset) is not None:
+            return True
+    except ValueError:  # an unreadable marker: extract again
+        return False
+    try:
+        counts = count(folder)
+    except (OSError, ValueError):
+        return False
+    if counts != OFFICIAL_COUNTS[dataset]:
+        return False
+    try:
+        write_completion_marker(folder, dataset, counts, source="verified in place")
+    except OSError:
+        pass  # a read-only folder: without the marker the loaders check the official counts
+    return True
+
+
+@contextlib.contextmanager
+def _download_lock(root: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the folder ``root`` itself (no lock file is left behind)."""
+    descriptor = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # closing drops the lock
+
+
+def _download(url: str, destination: Path, md5: str | None) -> tuple[Path, str]:
+    """Fetch ``url`` into ``destination`` through a temporary file; verify its MD5.
+
+    Returns the path and the archive's MD5 (an archive already there is reused when its MD5
+    is the expected one, or when no MD5 is expected).
+    """
     destination.parent.mkdir(parents=True, exist_ok=True)
-    if destination.is_file() and (md5 is None or _md5(destination) == md5):
-        return destination
+    if destination.is_file():
+        existing = _md5(destination)
+        if md5 is None or existing == md5:
+            return destination, existing
     digest = hashlib.md5(usedforsecurity=False)
-    handle, temporary = tempfile.mkstemp(dir=destination.parent, suffix=".part")
+    handle, temporary = tempfile.mkstemp(
+        dir=destination.parent, prefix=f".{destination.name}.", suffix=".part"
+    )
     try:
         with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url) as response:
             while chunk := response.read(1 << 20):
@@ -557,7 +901,7 @@ def _download(url: str, destination: Path, md5: str | None) -> Path:
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
-    return destination
+    return destination, digest.hexdigest()
 
 
 def _md5(path: Path) -> str:
@@ -566,6 +910,111 @@ def _md5(path: Path) -> str:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+_UNREADABLE_ARCHIVE = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error)
+#: tarfile.FilterError exists where tarfile has extraction filters (Python 3.10.12+, 3.11.4+).
+_TAR_FILTER_ERRORS: tuple[type[Exception], ...] = (
+    (tarfile.FilterError,) if hasattr(tarfile, "FilterError") else ()
+)
+
+
+def _extract_tar(archive: Path, target: Path, folder_name: str) -> None:
+    """Extract a (compressed) tar archive into ``target``, refusing unsafe members first.
+
+    Every member is checked whatever the Python version (:func:`_check_member_name`, and only
+    regular files and folders), so the rule is the same where ``tarfile`` lacks extraction
+    filters (Python 3.10.0-3.10.11, 3.11.0-3.11.3); where it has them, the ``"data"`` filter
+    checks again.
+    """
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = tar.getmembers()
+            _check_top_folder(archive, [member.name for member in members], folder_name)
+            for member in members:
+                _check_member_name(archive, member.name)
+                if member.issym() or member.islnk():
+                    kind = "symbolic" if member.issym() else "hard"
+                    raise ValueError(
+                        f"{archive}: refusing the member {member.name!r}, a {kind} link to "
+                        f"{member.linkname!r}: a data set archive should hold only files and "
+                        f"folders"
+                    )
+                if not (member.isreg() or member.isdir()):
+                    raise ValueError(
+                        f"{archive}: refusing the member {member.name!r}, a device, FIFO or "
+                        f"other special file: a data set archive should hold only files and "
+                        f"folders"
+                    )
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(target, members=members, filter="data")
+            else:
+                # No filters here: drop the permission bits the "data" filter drops too.
+                for member in members:
+                    member.mode = _data_filter_mode(member)
+                tar.extractall(target, members=members)
+    except _TAR_FILTER_ERRORS as error:
+        raise ValueError(f"{archive}: refusing an unsafe member ({error})") from error
+    except _UNREADABLE_ARCHIVE as error:
+        _unreadable_archive(archive, error)
+
+
+def _extract_zip(archive: Path, target: Path, folder_name: str) -> None:
+    """Extract a zip archive into ``target``, refusing unsafe member names first.
+
+    zipfile itself drops absolute paths and ``..`` components; refusing them gives an error
+    instead of files written somewhere unexpected. Symbolic links (which zipfile would write
+    as small text files) are refused as in tar archives.
+    """
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            infos = zipped.infolist()
+            _check_top_folder(archive, [info.filename for info in infos], folder_name)
+            for info in infos:
+                _check_member_name(archive, info.filename)
+                if stat.S_ISLNK(info.external_attr >> 16):
+                    raise ValueError(
+                        f"{archive}: refusing the member {info.filename!r}, a symbolic link: "
+                        f"a data set archive should hold only files and folders"
+                    )
+            zipped.extractall(target, members=infos)
+    except _UNREADABLE_ARCHIVE as error:
+        _unreadable_archive(archive, error)
+
+
+def _check_top_folder(archive: Path, names: list[str], folder_name: str) -> None:
+    if not any(name.replace("\\", "/").split("/")[0] == folder_name for name in names):
+        raise ValueError(f"{archive} should hold {folder_name}/, but holds {sorted(names)[:5]}")
+
+
+def _check_member_name(archive: Path, name: str) -> None:
+    """Refuse a member path that is absolute or climbs out of the extraction folder."""
+    posix = name.replace("\\", "/")
+    if posix.startswith("/") or PureWindowsPath(name).drive or ".." in posix.split("/"):
+        raise ValueError(
+            f"{archive}: refusing the member {name!r}: a member path should be relative and "
+            f"stay inside the extraction folder (no leading '/', drive or '..')"
+        )
+
+
+def _data_filter_mode(member: tarfile.TarInfo) -> int:
+    """The permissions tarfile's "data" filter keeps: no setuid/setgid/sticky, no group or
+    other write, owner read/write always, executable only when the owner could execute."""
+    if member.isdir():
+        return 0o755
+    mode = (member.mode & 0o755) | 0o600
+    if not member.mode & 0o100:
+        mode &= ~0o111
+    return mode
+
+
+def _unreadable_archive(archive: Path, error: BaseException) -> None:
+    # A damaged archive would otherwise be reused by every later call (with md5=None).
+    archive.unlink(missing_ok=True)
+    raise ValueError(
+        f"{archive} is not a readable archive ({error}); it was deleted, so the next call "
+        f"downloads it again"
+    ) from error
 
 
 # ---------------------------------------------------------------------------------------------

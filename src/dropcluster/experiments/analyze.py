@@ -20,7 +20,6 @@ default rule, so runs with another regularizer (or none) can be compared with th
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from dropcluster.experiments.analysis_figures import (
     plot_examples,
     plot_layer_hopkins,
 )
+from dropcluster.files import atomic_write_json, atomic_write_text
 from dropcluster.hopkins import spatial_hopkins
 from dropcluster.models import SlottedModel, placement_for
 from dropcluster.models.slots import Slot
@@ -231,9 +231,8 @@ def analyze_run(
         run, cluster_slot_name, clusters, hopkins, layers, n_sample, sample_index, n_images,
         channels, mask_p, mask_note, masks, seed,
     )  # fmt: skip
-    (out_dir / JSON_NAME).write_text(json.dumps(report, indent=2) + "\n")
-    markdown_path = out_dir / MARKDOWN_NAME
-    markdown_path.write_text(_markdown(report))
+    atomic_write_json(out_dir / JSON_NAME, report)
+    markdown_path = atomic_write_text(out_dir / MARKDOWN_NAME, _markdown(report))
     say(f"wrote {markdown_path}")
     return markdown_path
 

@@ -14,6 +14,7 @@ report never fails on a partial sweep: sections without data say so.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
@@ -25,6 +26,8 @@ from dropcluster.experiments import report_figures
 from dropcluster.experiments.paper_results import CORRUPTIONS, paper_tables
 from dropcluster.experiments.report_figures import display_name, ordered_regularizers
 from dropcluster.experiments.store import CLEAN, RUN_STATUSES, ResultsStore
+from dropcluster.experiments.sweep import RUNS_FOLDER
+from dropcluster.files import atomic_write_text
 
 #: The status a run has once its results are recorded; only these runs are aggregated.
 FINISHED = "finished"
@@ -798,11 +801,12 @@ def _draw_figures(summary: Summary, folder: Path, preset_name: str) -> tuple[lis
     return lines, None
 
 
-def _analysis_section(out_dir: Path, summary: Summary) -> list[str]:
+def _analysis_section(out_dir: Path, summary: Summary, report_dir: Path) -> list[str]:
     """Links to the cluster analyses (``dropcluster analyze``) of this sweep's finished runs."""
     finished = {run.run_id for run in summary.runs}
+    runs = Path(os.path.relpath(out_dir / RUNS_FOLDER, report_dir)).as_posix()
     analysed = sorted(
-        path for path in (out_dir / "runs").glob("*/analysis/analysis.md")
+        path for path in (out_dir / RUNS_FOLDER).glob("*/analysis/analysis.md")
         if path.parent.parent.name in finished
     )  # fmt: skip
     if not analysed:
@@ -814,12 +818,12 @@ def _analysis_section(out_dir: Path, summary: Summary) -> list[str]:
     )
     lines.append("")
     for path in analysed:
-        lines.append(f"- [{path.parent.parent.name}](../runs/{path.parent.parent.name}/analysis/"
+        lines.append(f"- [{path.parent.parent.name}]({runs}/{path.parent.parent.name}/analysis/"
                      f"analysis.md)")  # fmt: skip
     first = analysed[0].parent
     if (first / "cluster_maps.png").is_file():
         run_id = first.parent.name
-        lines += ["", f"![cluster maps of {run_id}](../runs/{run_id}/analysis/cluster_maps.png)"]
+        lines += ["", f"![cluster maps of {run_id}]({runs}/{run_id}/analysis/cluster_maps.png)"]
     return lines
 
 
@@ -829,6 +833,7 @@ def write_report(
     preset: dict[str, Any],
     *,
     average_last: int | None = None,
+    report_dir: str | Path | None = None,
 ) -> Path:
     """Regenerate ``out_dir/report/report.md`` and its PNG figures from the database.
 
@@ -842,6 +847,8 @@ def write_report(
             ``paper_command``, ``paper`` and ``average_last``).
         average_last: K, the number of last finished epochs averaged per run (default:
             ``preset["average_last"]``).
+        report_dir: where the report goes instead of ``out_dir/report`` (a sweep folder on a
+            read-only mount, say).
 
     Returns:
         The path of ``report.md``.
@@ -855,7 +862,7 @@ def write_report(
             raise ValueError("average_last (K) is neither given nor set in the preset")
     paper = paper_tables(preset["paper"]) if preset.get("paper") else None
     summary = summarize(store, average_last, preset_name=preset.get("name"))
-    folder = Path(out_dir) / "report"
+    folder = Path(out_dir) / "report" if report_dir is None else Path(report_dir)
     folder.mkdir(parents=True, exist_ok=True)
     for name in FIGURE_NAMES:
         (folder / name).unlink(missing_ok=True)
@@ -887,9 +894,5 @@ def write_report(
         elif not figure_lines:
             lines.append("No figure has data yet.")
         lines += figure_lines
-        lines += _analysis_section(Path(out_dir), summary)
-    report_path = folder / "report.md"
-    partial = report_path.with_suffix(".md.partial")
-    partial.write_text("\n".join(lines).rstrip() + "\n")
-    partial.replace(report_path)
-    return report_path
+        lines += _analysis_section(Path(out_dir), summary, folder)
+    return atomic_write_text(folder / "report.md", "\n".join(lines).rstrip() + "\n")

@@ -10,17 +10,24 @@ the writer. Every write is one transaction, so a crash never leaves a half-writt
 from __future__ import annotations
 
 import csv
+import functools
+import io
 import json
 import math
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from dropcluster.errors import DropClusterError, SchemaVersionError
+
+# SchemaVersionError lives in dropcluster.errors; importing it from here keeps working.
+from dropcluster.files import atomic_write_text
 
 #: Version of the tables below; a database from a newer version is refused.
 SCHEMA_VERSION = 1
@@ -41,6 +48,29 @@ _EPOCH_KEYS = frozenset(("epoch", *EPOCH_METRICS))
 
 #: Seconds a connection waits for another one's lock before giving up.
 _BUSY_TIMEOUT_S = 30.0
+#: Milliseconds the writer's closing checkpoint waits for readers to leave the WAL; past that it
+#: copies what it can without waiting (the WAL then stays until the last connection closes).
+_CLOSE_CHECKPOINT_TIMEOUT_MS = 1000
+
+# Primary SQLite result codes (an exception's ``sqlite_errorcode`` may be an extended code, whose
+# low byte is the primary one).
+_SQLITE_PERM = 3
+_SQLITE_READONLY = 8
+_SQLITE_IOERR = 10
+_SQLITE_CORRUPT = 11
+_SQLITE_FULL = 13
+_SQLITE_CANTOPEN = 14
+_SQLITE_NOTADB = 26
+#: SQLite's messages for these codes (Python < 3.11 gives no code with its exceptions).
+_MESSAGE_CODES = (
+    ("access permission denied", _SQLITE_PERM),
+    ("readonly database", _SQLITE_READONLY),
+    ("disk I/O error", _SQLITE_IOERR),
+    ("malformed", _SQLITE_CORRUPT),
+    ("database or disk is full", _SQLITE_FULL),
+    ("unable to open database file", _SQLITE_CANTOPEN),
+    ("file is not a database", _SQLITE_NOTADB),
+)
 
 _RUN_COLUMNS = (
     "run_id", "preset", "regularizer", "p", "seed", "train_fraction", "config", "status",
@@ -98,8 +128,104 @@ CREATE TABLE clusters (
 """
 
 
-class SchemaVersionError(RuntimeError):
-    """The database was written by a newer dropcluster than the one reading it."""
+class ResultsDatabaseError(DropClusterError, ValueError):
+    """The file is not a results database, or it is corrupted (restore it, or re-collect)."""
+
+
+class ResultsStorageError(DropClusterError, OSError):
+    """The results database cannot be read or written where it lies: a read-only folder or
+    file, a full disk, an I/O error."""
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _database_errors(*, writing: bool) -> Callable[[_Method], _Method]:
+    """Decorate a store method: SQLite errors caused by the file or the disk (corrupted pages,
+    a read-only folder, a full disk, ...) become one-line :class:`ResultsDatabaseError` and
+    :class:`ResultsStorageError`; any other exception passes unchanged. Costs one function call
+    when nothing fails (the sweep writes epochs often).
+    """
+
+    def decorate(method: _Method) -> _Method:
+        @functools.wraps(method)
+        def converting(self: ResultsStore, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(self, *args, **kwargs)
+            except sqlite3.DatabaseError as error:
+                converted = _converted_error(self.path, error, writing=writing)
+                if converted is None:
+                    raise
+                raise converted from error
+
+        return converting  # type: ignore[return-value]
+
+    return decorate
+
+
+def _primary_code(error: sqlite3.Error) -> int | None:
+    """The primary SQLite result code of ``error`` (None when it has none).
+
+    Python 3.11+ gives the code; before, it is read from SQLite's message.
+    """
+    code = getattr(error, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF
+    message = str(error)
+    for text, primary in _MESSAGE_CODES:
+        if text in message:
+            return primary
+    return None
+
+
+def _converted_error(
+    path: Path, error: sqlite3.DatabaseError, *, writing: bool, opening: bool = False
+) -> DropClusterError | None:
+    """The one-line error for ``error`` met on the database ``path``; None for an error that is
+    not about the file or the disk (a constraint, a lock, ...), unless ``opening``: then every
+    error is the file's."""
+    code = _primary_code(error)
+    if code == _SQLITE_NOTADB and opening:
+        return ResultsDatabaseError(
+            f"{path} is not an SQLite database ({error}); results databases are the "
+            f"{DATABASE_NAME} files a sweep writes"
+        )
+    if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        return ResultsDatabaseError(
+            f"results database {path} is corrupted ({error}): restore it from a copy, or move "
+            f"it aside and run the sweep again, which rebuilds it from the run folders without "
+            f"training finished runs again"
+        )
+    if code == _SQLITE_READONLY:
+        if writing:
+            return ResultsStorageError(
+                f"cannot write results database {path} ({error}): the file or its folder is "
+                f"read-only; make both writable, or sweep into a writable output folder"
+            )
+        return ResultsStorageError(
+            f"cannot read results database {path} ({error}): SQLite has to write a -shm file "
+            f"next to it and its folder is read-only; copy the sweep folder to a writable place "
+            f"and read the copy"
+        )
+    if code == _SQLITE_FULL:
+        return ResultsStorageError(
+            f"cannot write results database {path}: the disk is full ({error}); free some "
+            f"space and run again (what was committed before is kept)"
+        )
+    if code == _SQLITE_IOERR:
+        return ResultsStorageError(
+            f"disk I/O error on results database {path} ({error}): check the disk and its free "
+            f"space, then run again"
+        )
+    if code in (_SQLITE_CANTOPEN, _SQLITE_PERM):
+        need = "readable and writable" if writing else "readable"
+        return ResultsStorageError(
+            f"cannot open results database {path} ({error}): the file and its folder have to "
+            f"be {need}"
+        )
+    if opening:
+        return ResultsDatabaseError(f"cannot read {path} as a results database ({error})")
+    return None
 
 
 @dataclass(frozen=True)
@@ -142,20 +268,39 @@ class RunRecord:
 class ResultsStore:
     """The results database of one sweep (see the module docstring).
 
+    A read-only store (``readonly=True``) of a file whose folder, or the file itself, it cannot
+    write (a read-only mount, an archived copy) opens the file as *immutable*: SQLite reads it
+    as it is, without the ``-shm`` file WAL mode otherwise needs, and creates nothing next to
+    it. Immutable reading would ignore a ``-wal`` file, so when there is one (a writer has the
+    database open, or was killed before closing it) the store reads through the ``-shm`` file
+    instead, and says what to do when that is not possible either (copy the folder). A store
+    that can write next to the file opens it read-only the normal way and sees every commit of
+    a writer as it is made.
+
     Args:
         path: the SQLite file; created, with its parent folder and the tables, when missing.
         readonly: open for reading only (the report and the ``results`` command); the file has
             to exist.
 
+    Attributes:
+        immutable: the file was opened as immutable (see above).
+
     Raises:
         FileNotFoundError: ``readonly`` and there is no file at ``path``.
-        ValueError: ``path`` is not an SQLite database, or not a results database.
+        IsADirectoryError: ``path`` is a folder.
+        ResultsDatabaseError: ``path`` is not an SQLite database, not a results database, or is
+            corrupted (also from any method that meets corrupted pages later); a ``ValueError``.
+        ResultsStorageError: the file cannot be opened, read or written where it lies: a
+            read-only folder or file, a full disk, an I/O error (also from any method that
+            meets one later); an ``OSError``.
         SchemaVersionError: the database comes from a newer dropcluster.
     """
 
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.path = Path(path)
         self.readonly = bool(readonly)
+        self.immutable = False
+        self._closed = False
         if self.path.is_dir():
             raise IsADirectoryError(
                 f"results database path {self.path} is a folder; pass the file, or use "
@@ -167,17 +312,23 @@ class ResultsStore:
                     f"no results database at {self.path} (a sweep creates {DATABASE_NAME} in "
                     f"its output folder)"
                 )
-            uri = self.path.resolve().as_uri() + "?mode=ro"
-            connection = sqlite3.connect(uri, uri=True, timeout=_BUSY_TIMEOUT_S)
+            connect = self._connect_readonly
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            connection = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S)
+            connect = self._connect_writer
+        try:
+            connection = connect()
+        except sqlite3.DatabaseError as error:
+            raise self._opening_error(error) from error
         # Transactions are opened explicitly (BEGIN IMMEDIATE for writes), never implicitly.
         connection.isolation_level = None
         connection.row_factory = sqlite3.Row
         self._connection = connection
         try:
             self._open()
+        except sqlite3.DatabaseError as error:
+            connection.close()
+            raise self._opening_error(error) from error
         except BaseException:
             connection.close()
             raise
@@ -187,24 +338,64 @@ class ResultsStore:
         """The store of the sweep whose output folder is ``out_dir``: ``out_dir/results.sqlite``."""
         return cls(Path(out_dir) / DATABASE_NAME, readonly=readonly)
 
-    def _open(self) -> None:
-        """Check the file is a results database of a version we read; create the tables if new."""
-        connection = self._connection
+    def _connect_writer(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S)
+
+    def _connect_readonly(self) -> sqlite3.Connection:
+        """A read-only connection: immutable where nothing can be written next to the file."""
+        uri = self.path.resolve().as_uri()
+        if os.access(self.path.parent, os.W_OK) and os.access(self.path, os.W_OK):
+            return sqlite3.connect(uri + "?mode=ro", uri=True, timeout=_BUSY_TIMEOUT_S)
+        wal = self.path.with_name(self.path.name + "-wal")
         try:
-            tables = {
-                row["name"]
-                for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")
-            }
+            wal_size: int | None = wal.stat().st_size
+        except FileNotFoundError:
+            wal_size = None
+        if wal_size is None:
+            # No -wal file: no connection has the database open, and all of it is in the file.
+            self.immutable = True
+            return sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True)
+        # A -wal file: a writer has the database open, or was killed before closing it, and
+        # the WAL may hold commits the file lacks, which immutable reading would ignore. SQLite
+        # reads them through an existing -shm file, even a read-only one.
+        connection = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=_BUSY_TIMEOUT_S)
+        try:
+            connection.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
         except sqlite3.DatabaseError as error:
-            raise ValueError(
-                f"{self.path} is not an SQLite database ({error}); results databases are the "
-                f"{DATABASE_NAME} files a sweep writes"
+            connection.close()
+            if _primary_code(error) not in (_SQLITE_CANTOPEN, _SQLITE_READONLY, _SQLITE_PERM):
+                raise
+            if wal_size == 0:  # an empty WAL: the file holds everything
+                self.immutable = True
+                return sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True)
+            raise ResultsStorageError(
+                f"cannot read results database {self.path}: its folder is read-only and "
+                f"{wal.name} holds commits not yet merged into it (its writer did not close "
+                f"it), which SQLite can read only with a {self.path.name}-shm file next to it; "
+                f"copy the sweep folder to a writable place and read the copy"
             ) from error
+        return connection
+
+    def _opening_error(self, error: sqlite3.DatabaseError) -> DropClusterError:
+        converted = _converted_error(self.path, error, writing=not self.readonly, opening=True)
+        assert converted is not None  # opening=True converts every error
+        return converted
+
+    def _open(self) -> None:
+        """Check the file is a results database of a version we read; create the tables if new.
+
+        SQLite errors (not a database, corrupted, unreadable) propagate; ``__init__`` converts
+        them."""
+        connection = self._connection
+        tables = {
+            row["name"]
+            for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
         if not tables and not self.readonly:
             self._create_schema()
             return
         if "meta" not in tables:
-            raise ValueError(
+            raise ResultsDatabaseError(
                 f"{self.path} is an SQLite database but not a dropcluster results database "
                 f"(it has no meta table; tables found: {sorted(tables)})"
             )
@@ -214,7 +405,7 @@ class ResultsStore:
         except ValueError:
             version = None
         if version is None or version < 1:
-            raise ValueError(
+            raise ResultsDatabaseError(
                 f"{self.path} has no valid schema version in its meta table (expected an "
                 f"integer >= 1, got {None if row is None else row['value']!r})"
             )
@@ -244,8 +435,26 @@ class ResultsStore:
     # -- connection ---------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the connection (a second call does nothing)."""
-        self._connection.close()
+        """Close the connection (a second call does nothing).
+
+        The writer first checkpoints the WAL into the database file and empties the ``-wal``
+        file (``PRAGMA wal_checkpoint(TRUNCATE)``), so the file holds every commit on its own
+        even while a reader still has the database open (when the last connection closes,
+        SQLite also removes the ``-wal`` and ``-shm`` files). The checkpoint waits at most
+        about a second for readers; what it cannot copy stays, committed, in the WAL.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        connection = self._connection
+        try:
+            if not self.readonly:
+                connection.execute(f"PRAGMA busy_timeout = {_CLOSE_CHECKPOINT_TIMEOUT_MS}")
+                connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error:
+            pass  # e.g. a full disk: every commit is still in the WAL, merged by a later close
+        finally:
+            connection.close()
 
     def __enter__(self) -> ResultsStore:
         return self
@@ -278,6 +487,7 @@ class ResultsStore:
 
     # -- runs ---------------------------------------------------------------------------------
 
+    @_database_errors(writing=True)
     def add_run(
         self,
         run_id: str,
@@ -346,6 +556,7 @@ class ResultsStore:
                 )
             return False
 
+    @_database_errors(writing=True)
     def mark_running(self, run_id: str) -> None:
         """Mark a run as started: status running, one more attempt, no error."""
         _check_run_id(run_id)
@@ -354,6 +565,7 @@ class ResultsStore:
                 connection, run_id, "status = 'running', attempts = attempts + 1, error = NULL"
             )
 
+    @_database_errors(writing=True)
     def mark_failed(self, run_id: str, error: str) -> None:
         """Mark a run as failed and keep the error text (e.g. the traceback's last lines)."""
         _check_run_id(run_id)
@@ -362,6 +574,7 @@ class ResultsStore:
         with self._write() as connection:
             self._update_run(connection, run_id, "status = 'failed', error = ?", (error,))
 
+    @_database_errors(writing=True)
     def reset_interrupted(self) -> list[str]:
         """Set every running run back to pending (the sweep was killed mid-way).
 
@@ -381,6 +594,7 @@ class ResultsStore:
             )
         return run_ids
 
+    @_database_errors(writing=True)
     def record_epochs(self, run_id: str, history: Sequence[dict]) -> None:
         """Replace a run's per-epoch rows with ``history`` and set its ``epochs_done``.
 
@@ -397,6 +611,7 @@ class ResultsStore:
             _replace_epochs(connection, run_id, epoch_rows)
             self._update_run(connection, run_id, "epochs_done = ?", (len(epoch_rows),))
 
+    @_database_errors(writing=True)
     def record_finished(
         self,
         run_id: str,
@@ -456,6 +671,7 @@ class ResultsStore:
                 (top1, top5, average_last, seconds, len(epoch_rows)),
             )
 
+    @_database_errors(writing=True)
     def record_corruptions(
         self, run_id: str, rows: Sequence[dict], *, source: str = "generated", replace: bool = False
     ) -> None:
@@ -481,6 +697,7 @@ class ResultsStore:
                 connection.execute("DELETE FROM corruptions WHERE run_id = ?", (run_id,))
             _upsert_corruptions(connection, corruption_rows)
 
+    @_database_errors(writing=True)
     def record_clusters(self, run_id: str, rows: Sequence[dict]) -> None:
         """Store a run's cluster statistics; rows replace those of the same epoch and layer.
 
@@ -516,6 +733,7 @@ class ResultsStore:
 
     # -- reading ------------------------------------------------------------------------------
 
+    @_database_errors(writing=False)
     def run(self, run_id: str) -> RunRecord:
         """The stored state of one run (KeyError if there is no such run)."""
         _check_run_id(run_id)
@@ -526,6 +744,7 @@ class ResultsStore:
             raise KeyError(f"no run {run_id!r} in {self.path}")
         return _run_record(row)
 
+    @_database_errors(writing=False)
     def runs(self, *, status: str | None = None, preset: str | None = None) -> list[RunRecord]:
         """The runs, optionally of one status and/or preset.
 
@@ -548,6 +767,7 @@ class ResultsStore:
         )
         return [_run_record(row) for row in rows]
 
+    @_database_errors(writing=False)
     def epochs(self, run_id: str | None = None) -> list[dict]:
         """Per-epoch rows, of one run or all, ordered by run id and epoch.
 
@@ -556,6 +776,7 @@ class ResultsStore:
         """
         return self._epochs(self._connection, run_id)
 
+    @_database_errors(writing=False)
     def corruption_results(self, run_id: str | None = None) -> list[dict]:
         """Corruption results, of one run or all: the clean baseline first, then by name and
         severity.
@@ -565,6 +786,7 @@ class ResultsStore:
         """
         return self._corruption_results(self._connection, run_id)
 
+    @_database_errors(writing=False)
     def cluster_stats(self, run_id: str | None = None) -> list[dict]:
         """Cluster statistics, of one run or all, by run id, epoch and the order recorded.
 
@@ -573,6 +795,7 @@ class ResultsStore:
         """
         return self._cluster_stats(self._connection, run_id)
 
+    @_database_errors(writing=False)
     def counts(self) -> dict[str, int]:
         """Number of runs per status (every status, zeros included)."""
         counts = dict.fromkeys(RUN_STATUSES, 0)
@@ -619,6 +842,7 @@ class ResultsStore:
 
     # -- export -------------------------------------------------------------------------------
 
+    @_database_errors(writing=False)
     def export_csv(self, out_dir: str | Path) -> list[Path]:
         """Write the database as CSV files, each atomically (temporary file, then rename).
 
@@ -893,12 +1117,9 @@ def _csv_field(value: Any) -> Any:
 
 def _write_csv_atomically(path: Path, columns: list[str], rows: list[dict]) -> None:
     """Write a CSV file next to ``path`` and rename it over ``path`` (readers never see half)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({column: _csv_field(row.get(column)) for column in columns})
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({column: _csv_field(row.get(column)) for column in columns})
+    atomic_write_text(path, text.getvalue())

@@ -30,7 +30,9 @@ from typing import Any, TextIO
 from dropcluster.experiments.presets import RunSpec, expand_grid, filter_runs
 from dropcluster.experiments.store import ResultsStore
 from dropcluster.experiments.worker import write_job
+from dropcluster.files import atomic_write_json
 from dropcluster.train.config import NOT_IDENTITY
+from dropcluster.train.loop import LOG_NAME, read_log
 
 PRESET_NAME = "preset.json"
 SWEEP_LOCK_NAME = ".sweep.lock"
@@ -88,9 +90,7 @@ def prepare_folder(preset: dict[str, Any], out: Path) -> None:
                 f"differ): rerun with the same --set/--stem/--corrupted-from options, or choose "
                 f"another --out"
             )
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(preset, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_json(path, preset)
 
 
 def _identity_base(base: dict[str, Any]) -> dict[str, Any]:
@@ -219,11 +219,7 @@ def dry_run(preset: dict[str, Any], out: Path, only: list[str], stream: TextIO) 
 
 def collect_results(run_dir: Path) -> dict[str, Any]:
     """Read a finished run's files into the arguments of ``ResultsStore.record_finished``."""
-    history = [
-        json.loads(line)
-        for line in (run_dir / "log.jsonl").read_text().splitlines()
-        if line.strip()
-    ]
+    history = read_log(run_dir / LOG_NAME)
     result = json.loads((run_dir / "result.json").read_text())
     corruptions = None
     corruption_file = run_dir / "corruptions.json"
@@ -262,12 +258,11 @@ def collect_results(run_dir: Path) -> dict[str, Any]:
 
 
 def _logged_history(run_dir: Path) -> list[dict[str, Any]] | None:
-    """The epochs a running worker has logged; None while a line is half written or there is
-    no log yet (the next poll reads it whole)."""
+    """The epochs a running worker has logged (a half-written line is read at the next poll);
+    None while there is no log yet."""
     try:
-        lines = (run_dir / "log.jsonl").read_text().splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
-    except (OSError, ValueError):
+        return read_log(run_dir / LOG_NAME)
+    except OSError:
         return None
 
 

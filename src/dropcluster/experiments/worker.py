@@ -10,41 +10,39 @@ from training the same run at once.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from dropcluster.files import FolderLock, atomic_write_json
+
 JOB_NAME = "job.json"
-LOCK_NAME = ".lock"
 
 
 def write_job(run_dir: Path, config: dict[str, Any], evaluate: dict[str, Any] | None) -> Path:
     """Write the job description the worker reads (atomically)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / JOB_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"config": config, "evaluate": evaluate}, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write_json(run_dir / JOB_NAME, {"config": config, "evaluate": evaluate})
 
 
 def run_job(run_dir: Path) -> int:
     """Train and evaluate the run in ``run_dir``; returns the process exit status."""
+    from dropcluster.errors import RunBusyError
     from dropcluster.train.config import TrainConfig
-    from dropcluster.train.loop import train
+    from dropcluster.train.loop import RUN_LOCK_NAME, train
 
-    lock = open(run_dir / LOCK_NAME, "w")  # noqa: SIM115 - held for the process's lifetime
+    # Held until the process ends; train() and evaluate_run() take it again (re-entrant).
+    lock = FolderLock(run_dir, RUN_LOCK_NAME, "training run")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        # An orphan of a killed sweep is still training this run: let it finish, then resume
-        # (a finished run returns at once).
-        print(f"{run_dir} is being run by another process; waiting for it", file=sys.stderr,
+        lock.acquire()
+    except RunBusyError:
+        # Another process (an orphan of a killed sweep, a hand-started `train --resume`) is
+        # writing this run: let it finish, then resume (a finished run returns at once).
+        print(f"{run_dir} is being written by another process; waiting for it", file=sys.stderr,
               flush=True)  # fmt: skip
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.acquire(wait=True)
     job = json.loads((run_dir / JOB_NAME).read_text())
     config = TrainConfig.from_dict(job["config"])
     device = os.environ.get("DROPCLUSTER_DEVICE")
@@ -83,7 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m dropcluster.experiments.worker RUN_DIR", file=sys.stderr)
         return 2
-    return run_job(Path(args[0]))
+    from dropcluster.errors import DropClusterError
+
+    try:
+        return run_job(Path(args[0]))
+    except (DropClusterError, ValueError, OSError) as error:
+        # The sweep keeps the last line of this log as the run's error: make it the message.
+        print(" ".join(str(error).split()), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

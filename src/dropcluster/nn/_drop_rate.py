@@ -84,6 +84,34 @@ class DropRateModule(nn.Module):
         with torch.no_grad():
             self.p.fill_(value)
 
+    def _check_loaded_p(self, state_dict, prefix: str) -> None:
+        """Refuse a stored drop rate outside [0, 1) before anything of this layer is loaded.
+
+        A NaN or out-of-range ``p`` would otherwise be copied into the buffer silently and fail
+        later, far from its cause (a NaN rate turns into a garbage cluster count, an index error
+        on the CPU and a device-side assert on CUDA).
+        """
+        key = prefix + "p"
+        stored = state_dict.get(key)
+        # Shape mismatches are left to torch's own message; meta tensors hold no value.
+        if not isinstance(stored, Tensor) or stored.numel() != 1 or stored.is_meta:
+            return
+        if stored.is_complex() or stored.dtype == torch.bool:
+            raise ValueError(
+                f"cannot load {key!r}: the drop rate should be a real number in [0, 1), but the "
+                f"state_dict holds a {stored.dtype} tensor"
+            )
+        value = float(stored)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(
+                f"cannot load {key!r}: the drop rate should be a finite number in [0, 1), but the "
+                f"state_dict holds {value}"
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._check_loaded_p(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _apply(self, fn, recurse=True):
         # `.half()`/`.to(bfloat16)` would round p (0.2 becomes 0.19995 in float16, and
         # floor(p * 15) then drops 2 clusters instead of 3): the rate stays float32.

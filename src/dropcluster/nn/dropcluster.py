@@ -43,8 +43,10 @@ def drop_cluster2d(
 
     Args:
         x: (N, C, H, W) activations, any float dtype, any memory format.
-        labels: (C, H, W) int64 cluster of each pixel; in structured channels the labels lie in
-            ``[0, n_clusters[c])``.
+        labels: (C, H, W) integer (int64 best) cluster of each pixel, >= 0; in structured
+            channels the labels lie in ``[0, n_clusters[c])``, and in every channel below the
+            number of columns of ``cluster_sizes`` when it is given. Checked with one min/max
+            pass (the module skips it: its labels come from its own fit).
         n_clusters: clusters per channel: an int for all channels, or a (C,) int64 tensor
             (``ReNAResult.n_found``). ``floor(p * n_clusters[c])`` clusters are dropped in
             channel c.
@@ -62,6 +64,9 @@ def drop_cluster2d(
         (N, C, H, W) tensor in x's dtype: ``x * M * count(M) / count_ones(M)``, with M the
         (C, H, W) mask (per image when ``per_sample``). With ``return_mask``, also M as a
         (N or 1, C, H, W) tensor in x's dtype.
+
+    Raises:
+        ValueError: a shape, dtype or label value that does not fit the description above.
     """
     if not isinstance(x, Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x)
@@ -80,10 +85,24 @@ def drop_cluster2d(
         check_drop_rate(p)
     n_channels = x.shape[1]
     if isinstance(n_clusters, Tensor):
+        integer = not (n_clusters.is_floating_point() or n_clusters.is_complex())
+        if n_clusters.shape != (n_channels,) or not integer or n_clusters.dtype == torch.bool:
+            raise ValueError(
+                f"n_clusters should be an int or a ({n_channels},) integer tensor, but got "
+                f"shape {tuple(n_clusters.shape)} {n_clusters.dtype}"
+            )
         counts = n_clusters.to(device=x.device, dtype=torch.int64)
     else:
         check_positive_int("n_clusters", n_clusters)
         counts = torch.full((n_channels,), n_clusters, dtype=torch.int64, device=x.device)
+    if cluster_sizes is not None and (
+        cluster_sizes.dim() != 2 or cluster_sizes.shape[0] != n_channels
+    ):
+        raise ValueError(
+            f"cluster_sizes should have shape (C, K) with C = {n_channels}, but got "
+            f"{tuple(cluster_sizes.shape)}"
+        )
+    labels = _checked_labels(labels, counts, structured, cluster_sizes)
     if cluster_sizes is None:
         n_columns = max(int(counts.max()), int(labels.max()) + 1) if n_channels else 1
         cluster_sizes = torch.zeros(n_channels, n_columns, dtype=torch.int64, device=x.device)
@@ -93,6 +112,45 @@ def drop_cluster2d(
         x, labels, counts, p, structured, cluster_sizes, training, per_sample, generator,
         return_mask,
     )  # fmt: skip
+
+
+def _checked_labels(
+    labels: Tensor, counts: Tensor, structured: Tensor, cluster_sizes: Tensor | None
+) -> Tensor:
+    """``labels`` as int64 after checking its values with one min/max pass (functional only).
+
+    Every label must be >= 0; in a structured channel c it must be below ``counts[c]`` (a label
+    past the channel's clusters would silently zero its pixels), and in every channel below the
+    number of columns of ``cluster_sizes`` when given (an index error otherwise). Unstructured
+    channels are zeroed, so their labels may exceed their count (``ReNAResult`` can give that).
+    """
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels should hold integer cluster ids, but got dtype {labels.dtype}")
+    labels = labels.long()
+    n_channels = labels.shape[0]
+    if labels.numel() == 0:
+        return labels
+    smallest, largest = torch.aminmax(labels.reshape(n_channels, -1), dim=1)
+    smallest, largest = smallest.to(counts.device), largest.to(counts.device)
+    no_limit = torch.iinfo(torch.int64).max
+    limit = torch.where(structured.to(counts.device), counts, no_limit)
+    if cluster_sizes is not None:
+        limit = limit.clamp(max=cluster_sizes.shape[1])
+    bad = (smallest < 0) | (largest >= limit)
+    if bool(bad.any()):
+        c = int(bad.nonzero()[0])
+        bound = int(limit[c])
+        if bound == no_limit:
+            expected = "be >= 0"
+        elif bool(structured[c]) and bound == int(counts[c]):
+            expected = f"lie in [0, n_clusters[{c}]) = [0, {bound}) (a structured channel)"
+        else:
+            expected = f"lie in [0, {bound}), the columns of cluster_sizes"
+        raise ValueError(
+            f"labels of channel {c} should {expected}, but range from {int(smallest[c])} to "
+            f"{int(largest[c])}"
+        )
+    return labels
 
 
 def _cluster_multipliers(
@@ -313,6 +371,8 @@ class DropCluster2d(DropRateModule):
         self.register_buffer("cluster_sizes", sizes)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, *args):
+        # Before the cluster buffers are resized below, so a refused p leaves the layer intact.
+        self._check_loaded_p(state_dict, prefix)
         incoming = state_dict.get(prefix + "labels")
         if incoming is not None:
             incoming_shape = tuple(incoming.shape)

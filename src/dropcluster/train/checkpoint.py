@@ -2,37 +2,63 @@
 
 from __future__ import annotations
 
-import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dropcluster.errors import CheckpointError
+from dropcluster.files import atomic_write
+
 CHECKPOINT_NAME = "checkpoint.pt"
+#: What a training checkpoint holds (besides the optional "scaler").
+CHECKPOINT_KEYS = ("config", "epoch", "model", "optimizer", "scheduler", "loader", "rng",
+                   "history")  # fmt: skip
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write ``state`` with ``torch.save`` to a temporary file, then rename it over ``path``.
 
-    A crash while writing leaves the previous checkpoint intact: the rename is atomic on POSIX
-    file systems, and the data are flushed to disk before it.
+    A crash or a full disk while writing leaves the previous checkpoint intact and no temporary
+    file behind: the data are flushed to disk before the (atomic) rename.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda stream: torch.save(state, stream))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``)."""
+    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: the file is empty, truncated, corrupted or not a training checkpoint;
+            the message names the file and what to do.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    advice = (
+        "it is damaged (an interrupted copy or a failing disk?): restore it from a copy, or "
+        "delete it to start the run over"
+    )
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty: {advice}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError,
+            KeyError, IndexError, UnicodeDecodeError, AttributeError) as error:  # fmt: skip
+        detail = " ".join(str(error).split())[:200]
+        raise CheckpointError(f"checkpoint {path} cannot be read ({detail}): {advice}") from error
+    if not isinstance(state, dict) or any(key not in state for key in CHECKPOINT_KEYS):
+        found = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(
+            f"{path} is not a dropcluster training checkpoint: expected the keys "
+            f"{list(CHECKPOINT_KEYS)}, found {found}"
+        )
+    return state
 
 
 def rng_state() -> dict[str, Any]:

@@ -9,6 +9,9 @@ from typing import Any
 
 import torch
 
+from dropcluster.files import atomic_write_text
+from dropcluster.validation import check_choice, check_fields, check_float, check_int
+
 #: Fields that do not change a run's results: a run may resume with other values.
 NOT_IDENTITY = frozenset({"device", "eval_batch_size"})
 
@@ -82,33 +85,39 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the field, what was expected and what was given."""
-        positive = ("epochs", "batch_size", "cluster_every", "cluster_images", "average_last",
-                    "eval_batch_size")  # fmt: skip
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} should be a positive int, but got {value!r}")
-        if not 0.0 < self.train_fraction <= 1.0:
-            raise ValueError(f"train_fraction should be in (0, 1], but got {self.train_fraction}")
-        if not 0.0 <= self.p < 1.0:
-            raise ValueError(f"p should be in [0, 1), but got {self.p}")
-        if self.lr <= 0 or self.resolved_weight_decay() < 0 or not 0 <= self.momentum < 1:
-            raise ValueError(
-                "expected lr > 0, weight_decay >= 0 and momentum in [0, 1), but got "
-                f"lr={self.lr}, weight_decay={self.weight_decay}, momentum={self.momentum}"
-            )
-        try:
-            if self.device != "auto":
-                torch.device(self.device)
-        except (RuntimeError, TypeError) as error:
-            raise ValueError(
-                f"device should be 'auto', 'cpu', 'cuda', 'cuda:N', ..., but got {self.device!r}"
-            ) from error
-        if self.amp_dtype not in ("bfloat16", "float16"):
-            raise ValueError(f"amp_dtype should be bfloat16 or float16, but got {self.amp_dtype!r}")
+        """Raise ValueError naming the field, what was expected and what was given.
+
+        Types are checked against the annotations (``"p": "0.1"`` or ``"seed": 1.5`` are
+        refused), numbers must be finite, names must be known. Whether a CUDA device exists is
+        checked later, by :meth:`resolved_device`, so a config written on a GPU machine still
+        loads on a CPU-only one.
+        """
+        from dropcluster.data.datasets import DATASET_NAMES
+        from dropcluster.models import MODELS
+        from dropcluster.nn import REGULARIZERS
+
+        check_fields(self)
+        check_choice("dataset", self.dataset, DATASET_NAMES)
+        check_choice("model", self.model, MODELS)
+        check_choice("stem", self.stem, (None, "imagenet", "cifar"))
+        check_choice("regularizer", self.regularizer, REGULARIZERS)
+        for name in ("epochs", "batch_size", "cluster_every", "cluster_images", "average_last",
+                     "eval_batch_size"):  # fmt: skip
+            check_int(name, getattr(self, name), minimum=1)
+        check_int("seed", self.seed, minimum=0)
+        check_float("train_fraction", self.train_fraction, above=0.0, maximum=1.0)
+        check_float("p", self.p, minimum=0.0, below=1.0)
+        check_float("lr", self.lr, above=0.0)
+        check_float("momentum", self.momentum, minimum=0.0, below=1.0)
+        if self.weight_decay is not None:
+            check_float("weight_decay", self.weight_decay, minimum=0.0)
+        check_float("lr_gamma", self.lr_gamma, above=0.0)
+        for milestone in self.lr_milestones:
+            check_int("lr_milestones entries", milestone, minimum=1)
         if sorted(self.lr_milestones) != list(self.lr_milestones):
             raise ValueError(f"lr_milestones should be increasing, but got {self.lr_milestones}")
+        check_choice("amp_dtype", self.amp_dtype, ("bfloat16", "float16"))
+        parse_device(self.device)
 
     def resolved_weight_decay(self) -> float:
         """The weight decay in force: the given one, or the paper's for the data set."""
@@ -117,10 +126,8 @@ class TrainConfig:
         return PAPER_WEIGHT_DECAY.get(self.dataset, 5e-4)
 
     def resolved_device(self) -> torch.device:
-        """The device in force ("auto": the first CUDA device when there is one, else CPU)."""
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        """The device in force (see :func:`resolve_device`)."""
+        return resolve_device(self.device)
 
     def same_run_as(self, other: TrainConfig) -> bool:
         """Equal in every field that changes results (the device and eval batch size do not)."""
@@ -137,6 +144,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """A config from a mapping of field names to values (unknown keys are refused)."""
+        if not isinstance(values, dict):
+            raise ValueError(f"a config should be a mapping of keys, but got {values!r}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -145,8 +155,15 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
-        """Load a JSON file, or a YAML file (``.yaml``/``.yml``, needs PyYAML)."""
+        """Load a JSON file, or a YAML file (``.yaml``/``.yml``, needs PyYAML).
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            ValueError: unparsable, not a mapping, or a bad value; the message names the file.
+        """
         path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no config file at {path}")
         text = path.read_text()
         if path.suffix in (".yaml", ".yml"):
             try:
@@ -155,20 +172,65 @@ class TrainConfig:
                 raise ValueError(
                     f"{path} is YAML, which needs PyYAML: pip install pyyaml (or use JSON)"
                 ) from error
-            values = yaml.safe_load(text) or {}
+            try:
+                values = yaml.safe_load(text) or {}
+            except yaml.YAMLError as error:
+                detail = " ".join(str(error).split())
+                raise ValueError(f"{path} is not valid YAML: {detail}") from error
         else:
-            values = json.loads(text)
+            try:
+                values = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} is not valid JSON: {error}") from error
         if not isinstance(values, dict):
             raise ValueError(f"{path} should hold a mapping of config keys, but got {values!r}")
-        return cls.from_dict(values)
+        try:
+            return cls.from_dict(values)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from error
 
     def save(self, path: str | Path) -> None:
         """Write the config as JSON, atomically."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some fields changed (validated)."""
         return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+def parse_device(device: str) -> str:
+    """Check that ``device`` names a device torch knows ("auto", "cpu", "cuda", "cuda:1", ...)."""
+    if device == "auto":
+        return device
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(
+            f"device should be 'auto', 'cpu', 'cuda', 'cuda:N', ..., but got {device!r}"
+        ) from error
+    return device
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The device to use: "auto" is the first CUDA device when there is one, else the CPU.
+
+    Raises:
+        ValueError: a CUDA (or other accelerator) device that this machine does not have.
+    """
+    if isinstance(device, str):
+        if device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(parse_device(device))
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = "a CPU-only build" if torch.version.cuda is None else "no visible GPU"
+            raise ValueError(
+                f"device {str(device)!r} was asked for, but this torch ({torch.__version__}) "
+                f"has {build}: use --device cpu or --device auto"
+            )
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"device {str(device)!r} was asked for, but only {count} CUDA device(s) exist"
+            )
+    return device

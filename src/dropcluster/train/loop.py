@@ -11,10 +11,12 @@ separate functions for that reason.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -23,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dropcluster.errors import DivergedError
+from dropcluster.files import FolderLock, atomic_write_json, atomic_write_text
 from dropcluster.nn import DropCluster2d
 from dropcluster.train.checkpoint import (
     CHECKPOINT_NAME,
@@ -185,20 +189,28 @@ def train(
 ) -> RunResult:
     """Run (or continue) one training run and write its results under ``out``.
 
+    One process at a time writes a run folder: ``train`` holds the folder's lock (``.lock``)
+    while it runs, and a second writer (a ``--resume`` beside a sweep's worker, say) is refused
+    with :class:`~dropcluster.errors.RunBusyError`.
+
     Args:
         config: the run.
         out: folder for config.json, log.jsonl, checkpoint.pt and result.json.
         resume: continue from ``out/checkpoint.pt`` if it exists (a finished run returns its
             result at once). Without it, an existing checkpoint is an error (nothing is
-            overwritten).
+            overwritten). A run stopped by a diverging loss may resume with other optimisation
+            settings (:data:`RETUNABLE_AFTER_DIVERGENCE`); any other run only with its own.
         stop_after_epoch: stop after this many epochs in total (for tests of resumption).
         progress_stream: where the progress display goes (default: stderr).
 
     Returns:
         The :class:`RunResult`.
-    """
-    from dropcluster.train.setup import build_run
 
+    Raises:
+        DivergedError: the training loss became NaN, infinite or above
+            :data:`DIVERGENCE_LOSS`; the last good epoch's checkpoint is kept and no result is
+            written.
+    """
     out = Path(out)
     checkpoint_path = out / CHECKPOINT_NAME
     if checkpoint_path.exists() and not resume:
@@ -207,113 +219,234 @@ def train(
             f"choose another output folder"
         )
     out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out, RUN_LOCK_NAME, "training run"):
+        return _train_locked(config, out, resume, stop_after_epoch, progress_stream)
+
+
+#: A mean training loss above this (cross-entropy in nats: the true class's probability below
+#: e^-10000) only comes from a run whose weights have blown up; it is treated as divergence.
+DIVERGENCE_LOSS = 1e4
+#: Steps between two divergence checks inside an epoch (each check reads the loss: a GPU sync).
+DIVERGENCE_CHECK_STEPS = 64
+#: Settings a diverged run may resume with changed: they steer the optimiser only.
+RETUNABLE_AFTER_DIVERGENCE = frozenset(
+    {"lr", "momentum", "weight_decay", "lr_milestones", "lr_gamma", "amp", "amp_dtype"}
+)
+#: Written into a run folder when its loss diverged; removed when the run resumes.
+DIVERGED_NAME = "diverged.json"
+RUN_LOCK_NAME = ".lock"
+
+
+def _train_locked(config, out, resume, stop_after_epoch, progress_stream) -> RunResult:
+    from dropcluster.train.setup import build_run
+
+    checkpoint_path = out / CHECKPOINT_NAME
     device = config.resolved_device()
+    state = load_checkpoint(checkpoint_path, map_location=device) if (
+        resume and checkpoint_path.exists()) else None  # fmt: skip
+    if state is not None:
+        _check_resumable(config, state, out)
     torch.manual_seed(config.seed)
     run = build_run(config, device)
-    model, optimizer, scheduler, loader = run.model, run.optimizer, run.scheduler, run.loader
-    result = RunResult()
-    start_epoch = 0
-    if resume and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path, map_location=device)
-        saved = TrainConfig.from_dict(state["config"])
-        if not saved.same_run_as(config):
-            raise ValueError(
-                f"{checkpoint_path} belongs to a different config; differences (saved, given): "
-                f"{saved.run_differences(config)}"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
-        result.history = list(state["history"])
-        start_epoch = int(state["epoch"]) + 1
-        # The log may hold an epoch written after the last checkpoint: rewrite it.
-        log_tmp = out / (LOG_NAME + ".tmp")
-        log_tmp.write_text("".join(json.dumps(r) + "\n" for r in result.history))
-        log_tmp.replace(out / LOG_NAME)
-    else:
-        config.save(out / "config.json")
-        (out / LOG_NAME).unlink(missing_ok=True)
-
-    last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
-    progress = Progress(config.epochs, progress_stream)
     autocast = device.type == "cuda" and config.amp
     amp_dtype = getattr(torch, config.amp_dtype)
     # float16 needs loss scaling; bfloat16 has float32's range and does not.
     scaler = torch.amp.GradScaler(device.type, enabled=autocast and amp_dtype == torch.float16)
-    if resume and checkpoint_path.exists() and "scaler" in state:
-        scaler.load_state_dict(state["scaler"])
+    result = RunResult()
+    start_epoch = 0
+    if state is not None:
+        start_epoch = _restore(run, scaler, state, config)
+        result.history = list(state["history"])
+        # The log may hold an epoch written after the last checkpoint: rewrite it.
+        atomic_write_text(out / LOG_NAME, "".join(json.dumps(r) + "\n" for r in result.history))
+    else:
+        (out / LOG_NAME).unlink(missing_ok=True)
+    config.save(out / "config.json")
+    (out / DIVERGED_NAME).unlink(missing_ok=True)
+
+    last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
+    progress = Progress(config.epochs, progress_stream)
     for epoch in range(start_epoch, last_epoch):
         record: dict[str, Any] = {"epoch": epoch}
         if epoch > 0 and epoch % config.cluster_every == 0 and run.has_dropcluster:
             record.update(
-                refit_clusters(model, run.cluster_images, run.prepare_eval, config.eval_batch_size)
+                refit_clusters(
+                    run.model, run.cluster_images, run.prepare_eval, config.eval_batch_size
+                )  # fmt: skip
             )
-        epoch_start = time.perf_counter()
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.int64)
-        seen = 0
-        steps = len(loader)
-        for step, (images, labels) in enumerate(loader, start=1):
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=autocast):
-                logits = model(images)
-                loss = F.cross_entropy(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach() * labels.shape[0]
-            correct += (logits.detach().argmax(1) == labels).sum()
-            seen += labels.shape[0]
-            elapsed = time.perf_counter() - epoch_start
-            rate = seen / max(elapsed, 1e-9)
-            remaining = (steps - step) * elapsed / step + (
-                last_epoch - epoch - 1
-            ) * elapsed * steps / step
-            progress.step(epoch, step, steps, loss.detach(), rate, remaining)
-        scheduler.step()
-        train_seconds = time.perf_counter() - epoch_start
-        top1, top5 = evaluate(
-            model, run.test_images, run.test_labels, run.prepare_eval, config.eval_batch_size
-        )
-        record.update(
-            loss=float(loss_sum) / max(seen, 1),
-            train_top1=100.0 * float(correct) / max(seen, 1),
-            top1=top1,
-            top5=top5,
-            lr=optimizer.param_groups[0]["lr"],
-            seconds=train_seconds,
-            images_per_s=seen / max(train_seconds, 1e-9),
+        try:
+            record.update(_train_epoch(run, scaler, device, autocast, amp_dtype, progress, epoch,
+                                       last_epoch))  # fmt: skip
+        except DivergedError as error:
+            atomic_write_json(out / DIVERGED_NAME, {"epoch": epoch, "message": str(error)})
+            raise DivergedError(f"{error}; {_divergence_advice(out, epoch)}") from None
+        record["top1"], record["top5"] = evaluate(
+            run.model, run.test_images, run.test_labels, run.prepare_eval, config.eval_batch_size
         )
         result.history.append(record)
         _append_log(out / LOG_NAME, record)
         save_checkpoint(checkpoint_path, {
-            "config": config.to_dict(), "epoch": epoch, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "loader": loader.state_dict(), "rng": rng_state(), "history": result.history,
+            "config": config.to_dict(), "epoch": epoch, "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "loader": run.loader.state_dict(), "rng": rng_state(), "history": result.history,
             "scaler": scaler.state_dict(),
         })  # fmt: skip
-        progress.epoch(record, (last_epoch - epoch - 1) * train_seconds)
+        progress.epoch(record, (last_epoch - epoch - 1) * record["seconds"])
 
     tail = result.history[-config.average_last :]
     if tail:
         result.top1 = sum(r["top1"] for r in tail) / len(tail)
         result.top5 = sum(r["top5"] for r in tail) / len(tail)
     if len(result.history) == config.epochs:
-        summary = {"top1": result.top1, "top5": result.top5, "average_last": len(tail),
-                   "epochs": config.epochs}  # fmt: skip
-        result_path = out / RESULT_NAME
-        if result_path.is_file():
-            # Resuming a finished run: keep what later steps added (corrupted-test results).
-            summary = {**json.loads(result_path.read_text()), **summary}
-        tmp = out / (RESULT_NAME + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        tmp.replace(out / RESULT_NAME)
+        _write_result(out, result, config)
     return result
+
+
+def _check_resumable(config: TrainConfig, state: dict[str, Any], out: Path) -> None:
+    """Refuse to resume ``state`` with a config that would change the run's results, except
+    optimisation settings of a run that diverged."""
+    saved = TrainConfig.from_dict(state["config"])
+    differences = saved.run_differences(config)
+    if not differences:
+        return
+    diverged = (out / DIVERGED_NAME).is_file()
+    if diverged and set(differences) <= RETUNABLE_AFTER_DIVERGENCE:
+        return
+    hint = (
+        f"after a divergence only {sorted(RETUNABLE_AFTER_DIVERGENCE)} may change"
+        if diverged
+        else "resume with the run's own settings, or start a new run in another folder"
+    )
+    raise ValueError(
+        f"{out / CHECKPOINT_NAME} belongs to a different config; differences (saved, given): "
+        f"{differences}; {hint}"
+    )
+
+
+def _restore(run, scaler, state: dict[str, Any], config: TrainConfig) -> int:
+    """Load the checkpoint's states into the run's objects; returns the next epoch."""
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.loader.load_state_dict(state["loader"])
+    set_rng_state(state["rng"])
+    if "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    _apply_optimizer_settings(run.optimizer, run.scheduler, config)
+    return int(state["epoch"]) + 1
+
+
+def _apply_optimizer_settings(optimizer, scheduler, config: TrainConfig) -> None:
+    """Put the config's lr schedule, momentum and weight decay into restored optimiser states
+    (a no-op when resuming with the same config; the new settings after a divergence)."""
+    scheduler.milestones = Counter(config.lr_milestones)
+    scheduler.gamma = config.lr_gamma
+    scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
+    passed = bisect.bisect_right(sorted(config.lr_milestones), scheduler.last_epoch)
+    lr = config.lr * config.lr_gamma**passed
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        group["initial_lr"] = config.lr
+        group["momentum"] = config.momentum
+    # build_run puts the decayed parameters in the first group, the others in the second.
+    optimizer.param_groups[0]["weight_decay"] = config.resolved_weight_decay()
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _train_epoch(run, scaler, device, autocast: bool, amp_dtype, progress: Progress, epoch: int,
+                 last_epoch: int) -> dict[str, Any]:  # fmt: skip
+    """One pass over the training set; returns the epoch's training metrics.
+
+    Raises:
+        DivergedError: the running mean loss is not finite or above DIVERGENCE_LOSS.
+    """
+    model, optimizer, loader = run.model, run.optimizer, run.loader
+    lr = optimizer.param_groups[0]["lr"]  # the rate of this epoch (the scheduler steps after)
+    epoch_start = time.perf_counter()
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    steps = len(loader)
+    for step, (images, labels) in enumerate(loader, start=1):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=autocast):
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.detach() * labels.shape[0]
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += labels.shape[0]
+        if step % DIVERGENCE_CHECK_STEPS == 0 or step == steps:
+            _check_loss(float(loss_sum) / seen, epoch, step)
+        elapsed = time.perf_counter() - epoch_start
+        rate = seen / max(elapsed, 1e-9)
+        remaining = (steps - step) * elapsed / step + (
+            last_epoch - epoch - 1
+        ) * elapsed * steps / step
+        progress.step(epoch, step, steps, loss.detach(), rate, remaining)
+    run.scheduler.step()
+    train_seconds = time.perf_counter() - epoch_start
+    return {
+        "loss": float(loss_sum) / max(seen, 1),
+        "train_top1": 100.0 * float(correct) / max(seen, 1),
+        "lr": lr,
+        "seconds": train_seconds,
+        "images_per_s": seen / max(train_seconds, 1e-9),
+    }
+
+
+def _check_loss(mean_loss: float, epoch: int, step: int) -> None:
+    if not math.isfinite(mean_loss) or mean_loss > DIVERGENCE_LOSS:
+        raise DivergedError(
+            f"training diverged in epoch {epoch + 1} (mean loss {mean_loss:.4g} after {step} steps)"
+        )
+
+
+def _divergence_advice(out: Path, epoch: int) -> str:
+    kept = f"the checkpoint of epoch {epoch} is kept" if epoch else "no epoch was saved"
+    return (
+        f"{kept}; nothing was recorded as finished. Resume with a smaller learning rate, e.g. "
+        f"dropcluster train --resume --out {out} --lr 0.01 (lr, momentum, weight decay and the "
+        f"lr schedule may change)"
+    )
+
+
+def _write_result(out: Path, result: RunResult, config: TrainConfig) -> None:
+    """``result.json``: the final metrics (kept additions of later steps, e.g. corruptions)."""
+    summary = {"top1": result.top1, "top5": result.top5,
+               "average_last": min(config.average_last, len(result.history)),
+               "epochs": config.epochs}  # fmt: skip
+    result_path = out / RESULT_NAME
+    if result_path.is_file():
+        # Resuming a finished run: keep what later steps added (corrupted-test results).
+        summary = {**json.loads(result_path.read_text()), **summary}
+    atomic_write_json(result_path, summary)
 
 
 def _append_log(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as handle:
         handle.write(json.dumps(record) + "\n")
+
+
+def read_log(path: str | Path) -> list[dict[str, Any]]:
+    """The per-epoch records of a run's ``log.jsonl``, one per epoch, in epoch order.
+
+    Tolerant of what a crash or a second writer leaves: an unreadable (half-written) line is
+    skipped and an epoch logged twice keeps its last record. The checkpoint holds the true
+    history; ``train(..., resume=True)`` rewrites the log from it.
+
+    Raises:
+        FileNotFoundError: no log at ``path``.
+    """
+    records: dict[int, dict[str, Any]] = {}
+    for line in Path(path).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+            records[record["epoch"]] = record
+    return [records[epoch] for epoch in sorted(records)]

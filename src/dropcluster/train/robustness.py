@@ -22,8 +22,10 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor, nn
 
-from dropcluster.data.corruptions import CORRUPTIONS, corrupt, family_for_size
-from dropcluster.train.loop import topk_correct
+from dropcluster.data.corruptions import CORRUPTIONS, FAMILIES, corrupt, family_for_size
+from dropcluster.files import FolderLock, atomic_write_json
+from dropcluster.train.loop import RUN_LOCK_NAME, topk_correct
+from dropcluster.validation import check_choice, check_int
 
 #: Images corrupted together (and seeded together): fixed, so results never depend on batch size.
 CHUNK_IMAGES = 1000
@@ -58,10 +60,13 @@ class CorruptionSettings:
     def __post_init__(self) -> None:
         self.corruptions = parse_corruptions(self.corruptions)
         self.severities = parse_severities(self.severities)
-        if self.limit is not None and (isinstance(self.limit, bool) or self.limit < 1):
-            raise ValueError(f"limit should be a positive int or None, but got {self.limit!r}")
-        if self.jpeg_quality is not None and not 1 <= self.jpeg_quality <= 95:
-            raise ValueError(f"jpeg_quality should be in 1..95 or None, got {self.jpeg_quality!r}")
+        if self.limit is not None:
+            check_int("limit", self.limit, minimum=1)
+        check_int("seed", self.seed, minimum=0)
+        if self.jpeg_quality is not None:
+            check_int("jpeg_quality", self.jpeg_quality, minimum=1, maximum=95)
+        if self.family is not None:
+            check_choice("family", self.family, FAMILIES)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -96,8 +101,13 @@ def parse_severities(value: str | Sequence[int]) -> list[int]:
         try:
             for part in value.split(","):
                 low, dash, high = part.strip().partition("-")
-                severities.extend(range(int(low), int(high if dash else low) + 1))
+                low, high = int(low), int(high if dash else low)
+                if not 1 <= low <= high <= 5:
+                    raise ValueError(f"severities should be ints in 1..5, but got {value!r}")
+                severities.extend(range(low, high + 1))
         except ValueError as error:
+            if "1..5" in str(error):
+                raise
             raise ValueError(
                 f"severities should look like 1-5 or 1,3,5, but got {value!r}"
             ) from error
@@ -148,6 +158,9 @@ def evaluate_corruptions(
         One dict per row: ``{"corruption", "severity", "top1", "top5", "images"}``; the first is
         the clean baseline (``"clean"``, severity 0).
     """
+    check_int("batch_size", batch_size, minimum=1)
+    if images.shape[0] == 0:
+        raise ValueError("the test set is empty: there is nothing to evaluate")
     stream = progress if progress is not None else sys.stderr
     was_training = model.training
     model.eval()
@@ -161,7 +174,10 @@ def evaluate_corruptions(
                 c1, c5 = topk_correct(logits, batch_labels[start : start + batch_size])
                 correct1, correct5 = correct1 + c1, correct5 + c5
             total += batch_images.shape[0]
-        return 100.0 * correct1 / max(total, 1), 100.0 * correct5 / max(total, 1), total
+        if total == 0:
+            # Never report 0 % for "no predictions": that would overwrite good results.
+            raise ValueError("an evaluation produced no predictions (no images were scored)")
+        return 100.0 * correct1 / total, 100.0 * correct5 / total, total
 
     def generated(corruption: str, severity: int):
         for chunk, start in enumerate(range(0, images.shape[0], CHUNK_IMAGES)):
@@ -292,6 +308,9 @@ def write_corruption_results(
     are stored with them).
     """
     run_dir = Path(run_dir)
+    empty = [(r["corruption"], r["severity"]) for r in rows if not r.get("images")]
+    if not rows or empty:
+        raise ValueError(f"refusing to store corruption results with no scored images: {empty}")
     document = {
         **evaluation_identity(settings, checkpoint_epochs, device),
         "source": source,
@@ -299,7 +318,7 @@ def write_corruption_results(
         "mean_over_corruptions": mean_over_corruptions(rows),
     }
     path = run_dir / CORRUPTIONS_NAME
-    _write_json(path, document)
+    atomic_write_json(path, document)
     result_path = run_dir / RESULT_NAME
     result = json.loads(result_path.read_text()) if result_path.is_file() else {}
     result["corruptions"] = {
@@ -307,14 +326,8 @@ def write_corruption_results(
         "mean_over_corruptions": document["mean_over_corruptions"],
         "file": CORRUPTIONS_NAME,
     }
-    _write_json(result_path, result)
+    atomic_write_json(result_path, result)
     return path
-
-
-def _write_json(path: Path, document: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(document, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def evaluate_run(
@@ -333,6 +346,17 @@ def evaluate_run(
     Returns:
         The rows (see :func:`evaluate_corruptions`).
     """
+    if batch_size is not None:
+        check_int("batch_size", batch_size, minimum=1)
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(f"no run folder at {run_dir}")
+    # The run's lock: a training process or another evaluation must not write beside us.
+    with FolderLock(run_dir, RUN_LOCK_NAME, "training run"):
+        return _evaluate_run_locked(Path(run_dir), settings, device, batch_size, progress)
+
+
+def _evaluate_run_locked(run_dir: Path, settings: CorruptionSettings, device, batch_size,
+                         progress) -> list[dict[str, Any]]:  # fmt: skip
     from dropcluster.data.subsets import stratified_subset
     from dropcluster.train.restore import load_run
 
@@ -341,7 +365,7 @@ def evaluate_run(
         warnings.warn(
             f"{run_dir} is not finished ({loaded.epochs_done} of {loaded.config.epochs} epochs): "
             f"evaluating its last checkpoint",
-            stacklevel=2,
+            stacklevel=3,
         )
     test_set = loaded.test_set
     images, labels = test_set.images, test_set.labels

@@ -43,6 +43,13 @@ def build_run(config: TrainConfig, device: torch.device) -> Run:
     """
     train_set = load_dataset(config.dataset, "train", root=config.data_dir)
     test_set = load_dataset(config.dataset, "test", root=config.data_dir)
+    for split, images in (("training", train_set.images), ("test", test_set.images)):
+        if images.shape[0] == 0:
+            # A run on no data would "finish" with 0 % and be recorded as a result.
+            raise ValueError(
+                f"the {config.dataset} {split} set (data_dir={config.data_dir!r}) holds no "
+                f"images: check the data set's files"
+            )
     index = stratified_subset(train_set.labels, config.train_fraction, seed=config.seed)
     train_images = train_set.images[index]
     train_labels = train_set.labels[index]

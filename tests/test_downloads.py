@@ -1,0 +1,507 @@
+"""Reliability of `dropcluster.data.datasets` downloads and loaders on hostile or broken input.
+
+Interrupted extractions, unsafe archive members, files of the wrong type and decompression
+bombs, all generated small in tmp_path in the official on-disk formats.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import pickle
+import re
+import stat
+import struct
+import tarfile
+import threading
+import urllib.request
+import zipfile
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_corrupted_sets import write_tiny_imagenet_c
+from test_data_datasets import CIFAR_NAMES, write_cifar100
+
+from dropcluster.data import datasets
+from dropcluster.data.corrupted_sets import load_tiny_imagenet_c
+from dropcluster.data.datasets import (
+    COMPLETE_MARKER,
+    download_cifar100,
+    download_tiny_imagenet,
+    load_dataset,
+    tiny_imagenet_wnids,
+    write_completion_marker,
+)
+
+TINY_WNIDS = ("n01", "n02")
+
+
+def cifar_archive(tmp_path, n_train=3, n_test=2):
+    """``cifar-100-python.tar.gz`` as released: the three pickles, no completion marker."""
+    source = tmp_path / "source"
+    folder, _ = write_cifar100(source, n_train=n_train, n_test=n_test)
+    (folder / COMPLETE_MARKER).unlink()
+    archive = tmp_path / "cifar-100-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-100-python")
+    return archive
+
+
+def write_tiny_imagenet(root, per_class=2, marked=True):
+    """``root/tiny-imagenet-200``: 2 classes of ``per_class`` 64x64 JPEGs, 2 validation images."""
+    folder = root / "tiny-imagenet-200"
+    (folder / "val" / "images").mkdir(parents=True)
+    (folder / "wnids.txt").write_text("\n".join(TINY_WNIDS) + "\n")
+    lines = []
+    for index, wnid in enumerate(TINY_WNIDS):
+        images = folder / "train" / wnid / "images"
+        images.mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (64, 64), (40 * index, 90, 10 * i)).save(images / f"{wnid}_{i}.JPEG")
+        Image.new("RGB", (64, 64), (40 * index, 0, 0)).save(
+            folder / "val" / "images" / f"v{index}.JPEG"
+        )
+        lines.append(f"v{index}.JPEG\t{wnid}\t0\t0\t63\t63")
+    (folder / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    if marked:
+        counts = {"classes": len(TINY_WNIDS), "train": per_class * len(TINY_WNIDS), "test": 2}
+        write_completion_marker(folder, "tiny-imagenet", counts)
+    return folder
+
+
+def tiny_archive(tmp_path):
+    """``tiny-imagenet-200.zip`` as released: folders and files, no completion marker."""
+    source = tmp_path / "source"
+    folder = write_tiny_imagenet(source, marked=False)
+    archive = tmp_path / "tiny-imagenet-200.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in sorted(folder.rglob("*")):
+            zipped.write(path, path.relative_to(source).as_posix())
+    return archive
+
+
+def leftovers(root):
+    """Temporary files and folders a download may leave in ``root``."""
+    return sorted(
+        path.name
+        for path in root.iterdir()
+        if ".partial-" in path.name or path.name.endswith(".part")
+    )
+
+
+def enospc(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+# ---------------------------------------------------------------------------------------------
+# Interrupted extraction, full or read-only disk
+
+
+def test_interrupted_cifar100_extraction_leaves_nothing_and_is_redone(tmp_path, monkeypatch):
+    archive = cifar_archive(tmp_path)
+    root = tmp_path / "data"
+    extractall = tarfile.TarFile.extractall
+
+    def fill_the_disk(self, path=".", members=None, **kwargs):
+        # Writes the folder and its first file, then the disk is full.
+        for member in list(members)[:2]:
+            self.extract(member, path, **kwargs)
+        assert any(path_.is_file() for path_ in root.rglob("*") if ".partial-" in str(path_))
+        enospc()
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", fill_the_disk)
+    with pytest.raises(OSError, match="No space left"):
+        download_cifar100(root, url=archive.as_uri(), md5=None)
+    assert not (root / "cifar-100-python").exists()
+    assert leftovers(root) == []
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", extractall)
+    folder = download_cifar100(root, url=archive.as_uri(), md5=None)
+    assert len(load_dataset("cifar100", "train", root)) == 3
+    marker = json.loads((folder / COMPLETE_MARKER).read_text())
+    assert marker["counts"] == {"classes": 100, "train": 3, "test": 2}
+    assert marker["archive_md5"] == datasets._md5(archive)
+    assert leftovers(root) == []
+
+
+def test_interrupted_tiny_imagenet_extraction_leaves_nothing_and_is_redone(tmp_path, monkeypatch):
+    archive = tiny_archive(tmp_path)
+    root = tmp_path / "data"
+    extractall = zipfile.ZipFile.extractall
+
+    def fill_the_disk(self, path=None, members=None, pwd=None):
+        for member in list(members)[:6]:
+            self.extract(member, path, pwd)
+        enospc()
+
+    monkeypatch.setattr(zipfile.ZipFile, "extractall", fill_the_disk)
+    with pytest.raises(OSError, match="No space left"):
+        download_tiny_imagenet(root, url=archive.as_uri(), md5=None)
+    assert not (root / "tiny-imagenet-200").exists()
+    assert leftovers(root) == []
+
+    monkeypatch.setattr(zipfile.ZipFile, "extractall", extractall)
+    download_tiny_imagenet(root, url=archive.as_uri(), md5=None)
+    assert load_dataset("tiny-imagenet", "train", root).labels.tolist() == [0, 0, 1, 1]
+    assert leftovers(root) == []
+
+
+def test_read_only_destination_leaves_nothing(tmp_path, monkeypatch):
+    archive = cifar_archive(tmp_path)
+    root = tmp_path / "data"
+
+    def read_only(*_args):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(datasets.os, "rename", read_only)
+    with pytest.raises(OSError, match="Read-only"):
+        download_cifar100(root, url=archive.as_uri(), md5=None)
+    assert not (root / "cifar-100-python").exists()
+    assert leftovers(root) == []
+
+
+def test_interrupted_download_leaves_no_part_file(tmp_path, monkeypatch):
+    class FailingResponse(io.BytesIO):
+        def read(self, size=-1):
+            if self.tell():
+                enospc()
+            return super().read(10)
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url: FailingResponse(b"x" * 100))
+    root = tmp_path / "data"
+    with pytest.raises(OSError, match="No space left"):
+        download_cifar100(root, url="https://example.invalid/cifar.tar.gz", md5=None)
+    assert list(root.iterdir()) == []
+
+
+def test_folder_left_incomplete_by_an_older_version_is_refused_then_replaced(tmp_path):
+    archive = tiny_archive(tmp_path)
+    root = tmp_path / "data"
+    # As an older version left it: wnids.txt and part of the images, no marker.
+    partial = write_tiny_imagenet(root, marked=False)
+    (partial / "train" / "n02" / "images" / "n02_1.JPEG").unlink()
+    (partial / "leftover.txt").write_text("from the interrupted extraction")
+    with pytest.raises(
+        ValueError, match=r"expected 200 classes \(the official release.*found 2.*look incomplete"
+    ):
+        load_dataset("tiny-imagenet", "train", root)
+    with pytest.raises(ValueError, match="look incomplete"):
+        tiny_imagenet_wnids(root)
+
+    folder = download_tiny_imagenet(root, url=archive.as_uri(), md5=None)
+    assert not (folder / "leftover.txt").exists()
+    assert len(load_dataset("tiny-imagenet", "train", root)) == 4
+    assert leftovers(root) == []
+
+
+def test_unmarked_folder_holding_the_official_counts_is_kept_and_marked(tmp_path, monkeypatch):
+    folder, _ = write_cifar100(tmp_path, n_train=4, n_test=2)
+    (folder / COMPLETE_MARKER).unlink()
+    # As if 4 + 2 images were the official sizes (the real ones are too big for a test).
+    monkeypatch.setitem(
+        datasets.OFFICIAL_COUNTS, "cifar100", {"classes": 100, "train": 4, "test": 2}
+    )
+    assert download_cifar100(tmp_path, url="file:///nonexistent") == folder
+    marker = json.loads((folder / COMPLETE_MARKER).read_text())
+    assert marker["counts"] == {"classes": 100, "train": 4, "test": 2}
+
+
+def test_concurrent_downloads_wait_for_each_other(tmp_path):
+    archive = cifar_archive(tmp_path)
+    root = tmp_path / "data"
+    results, errors = [], []
+
+    def download():
+        try:
+            results.append(download_cifar100(root, url=archive.as_uri(), md5=None))
+        except Exception as error:  # reported by the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=download) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert results == [root / "cifar-100-python"] * 3
+    assert leftovers(root) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Expected counts
+
+
+def test_cifar100_split_smaller_than_its_marker_says_is_refused(tmp_path):
+    folder, _ = write_cifar100(tmp_path, n_train=12, n_test=5)
+    entry = {b"data": np.zeros((7, 3072), np.uint8), b"fine_labels": [0] * 7}
+    (folder / "train").write_bytes(pickle.dumps(entry))
+    with pytest.raises(ValueError) as info:
+        load_dataset("cifar100", "train", tmp_path)
+    message = str(info.value)
+    assert "expected 12 images" in message and "found 7" in message
+    assert "look incomplete" in message and f"download_cifar100({str(tmp_path)!r})" in message
+    assert len(load_dataset("cifar100", "test", tmp_path)) == 5
+
+
+def test_unmarked_cifar100_must_hold_the_official_counts(tmp_path, monkeypatch):
+    folder, _ = write_cifar100(tmp_path, n_train=12, n_test=5)
+    (folder / COMPLETE_MARKER).unlink()
+    with pytest.raises(ValueError, match=r"expected 50000 images \(the official release.*found 12"):
+        load_dataset("cifar100", "train", tmp_path)
+    monkeypatch.setitem(datasets.CIFAR100_COUNTS, "train", 12)
+    assert len(load_dataset("cifar100", "train", tmp_path)) == 12
+
+
+def test_tiny_imagenet_images_missing_from_its_marker_are_refused_before_decoding(
+    tmp_path, monkeypatch
+):
+    folder = write_tiny_imagenet(tmp_path)
+    (folder / "train" / "n01" / "images" / "n01_0.JPEG").unlink()
+    monkeypatch.setattr(datasets, "_decode_jpegs", pytest.fail)
+    with pytest.raises(ValueError, match=r"train: expected 4 images .*found 3.*look incomplete"):
+        load_dataset("tiny-imagenet", "train", tmp_path)
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"dataset": "cifar100", "counts": {}}'])
+def test_unreadable_marker_is_reported(tmp_path, content):
+    folder = write_tiny_imagenet(tmp_path)
+    (folder / COMPLETE_MARKER).write_text(content)
+    with pytest.raises(ValueError, match="unreadable completion marker.*download_tiny_imagenet"):
+        load_dataset("tiny-imagenet", "test", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Unsafe archive members
+
+
+def add_file(tar, name, data=b"evil", mode=0o644):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = mode
+    tar.addfile(info, io.BytesIO(data))
+
+
+def unsafe_tar(tmp_path, kind, outside):
+    """A CIFAR-100 archive with one unsafe member; returns it and that member's name."""
+    source = tmp_path / "source"
+    folder, _ = write_cifar100(source, n_train=2, n_test=1)
+    archive = tmp_path / "cifar-100-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-100-python")
+        if kind == "absolute":
+            name = str(outside / "evil.txt")
+            add_file(tar, name)
+        elif kind == "traversal":
+            name = "cifar-100-python/../../../outside/evil.txt"
+            add_file(tar, name)
+        elif kind in ("symlink", "hardlink"):
+            name = "cifar-100-python/link"
+            link = tarfile.TarInfo(name)
+            link.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
+            link.linkname = str(outside if kind == "symlink" else outside / "victim.txt")
+            tar.addfile(link)
+            # Then written through the link: outside/evil.txt, or the victim's content.
+            add_file(tar, name + ("/evil.txt" if kind == "symlink" else ""))
+        else:
+            name = "cifar-100-python/null"
+            device = tarfile.TarInfo(name)
+            device.type, device.devmajor, device.devminor = tarfile.CHRTYPE, 1, 3
+            tar.addfile(device)
+    return archive, name
+
+
+@pytest.mark.parametrize("has_filter", [True, False], ids=["data-filter", "no-filter"])
+@pytest.mark.parametrize("kind", ["absolute", "traversal", "symlink", "hardlink", "device"])
+def test_unsafe_tar_members_are_refused(tmp_path, monkeypatch, kind, has_filter):
+    if not has_filter:  # as on Python 3.10.0-3.10.11 and 3.11.0-3.11.3
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    elif not hasattr(tarfile, "data_filter"):
+        pytest.skip("this Python's tarfile has no extraction filters")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim.txt").write_text("untouched")
+    archive, name = unsafe_tar(tmp_path, kind, outside)
+    root = tmp_path / "data"
+    with pytest.raises(ValueError, match=f"refusing the member {re.escape(repr(name))}"):
+        download_cifar100(root, url=archive.as_uri(), md5=None)
+    assert sorted(path.name for path in outside.iterdir()) == ["victim.txt"]
+    assert (outside / "victim.txt").read_text() == "untouched"
+    assert not (tmp_path / "evil.txt").exists()
+    assert not (root / "cifar-100-python").exists()
+    assert leftovers(root) == []
+
+
+@pytest.mark.skipif(not hasattr(tarfile, "data_filter"), reason="no extraction filters")
+def test_data_filter_still_refuses_when_the_own_checks_are_bypassed(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "_check_member_name", lambda archive, name: None)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    archive, _ = unsafe_tar(tmp_path, "traversal", outside)
+    with pytest.raises(ValueError, match="refusing an unsafe member"):
+        download_cifar100(tmp_path / "data", url=archive.as_uri(), md5=None)
+    assert list(outside.iterdir()) == []
+
+
+def test_extraction_without_filters_drops_unsafe_permissions(tmp_path, monkeypatch):
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    source = tmp_path / "source"
+    folder, _ = write_cifar100(source, n_train=2, n_test=1)
+    (folder / COMPLETE_MARKER).unlink()
+    archive = tmp_path / "cifar-100-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in ("train", "test"):
+            tar.add(folder / name, arcname=f"cifar-100-python/{name}")
+        add_file(tar, "cifar-100-python/meta", (folder / "meta").read_bytes(), mode=0o6777)
+    extracted = download_cifar100(tmp_path / "data", url=archive.as_uri(), md5=None)
+    assert stat.S_IMODE((extracted / "meta").stat().st_mode) == 0o755  # no setuid, no o+w
+    assert load_dataset("cifar100", "test", tmp_path / "data").classes == CIFAR_NAMES
+
+
+@pytest.mark.parametrize("kind", ["traversal", "absolute", "symlink"])
+def test_unsafe_zip_members_are_refused(tmp_path, kind):
+    source = tmp_path / "source"
+    folder = write_tiny_imagenet(source, marked=False)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    archive = tmp_path / "tiny-imagenet-200.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in sorted(folder.rglob("*")):
+            zipped.write(path, path.relative_to(source).as_posix())
+        if kind == "traversal":
+            name = "tiny-imagenet-200/../../../outside/evil.txt"
+            zipped.writestr(zipfile.ZipInfo(name), b"evil")
+        elif kind == "absolute":
+            name = str(outside / "evil.txt")
+            zipped.writestr(zipfile.ZipInfo(name), b"evil")
+        else:
+            name = "tiny-imagenet-200/link"
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zipped.writestr(info, str(outside))
+    root = tmp_path / "data"
+    with pytest.raises(ValueError, match=f"refusing the member {re.escape(repr(name))}"):
+        download_tiny_imagenet(root, url=archive.as_uri(), md5=None)
+    assert list(outside.iterdir()) == []
+    assert not (root / "tiny-imagenet-200").exists()
+    assert leftovers(root) == []
+
+
+def test_damaged_archive_is_reported_and_deleted(tmp_path):
+    archive = cifar_archive(tmp_path)
+    archive.write_bytes(archive.read_bytes()[:-100])  # truncated
+    root = tmp_path / "data"
+    with pytest.raises(ValueError, match="not a readable archive.*downloads it again"):
+        download_cifar100(root, url=archive.as_uri(), md5=None)
+    assert list(root.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Files of the wrong type
+
+
+def cifar_meta_variants():
+    names = [name.encode() for name in CIFAR_NAMES]
+    return {
+        "meta-list": ("meta", [b"fine_label_names"], "should hold a dict, but holds a list"),
+        "names-int": ("meta", {b"fine_label_names": 7}, "should be a list of class names"),
+        "names-items": ("meta", {b"fine_label_names": list(range(100))}, "item 0 is an int"),
+        "labels-dict": (
+            "train",
+            {b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": {b"a": 1}},
+            "'fine_labels' should be a list of integer labels",
+        ),
+        "labels-float": (
+            "train",
+            {b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [0.5, 1.5]},
+            "'fine_labels' should be a list of integer labels",
+        ),
+        "names-ok": ("meta", {b"fine_label_names": names}, None),
+    }
+
+
+@pytest.mark.parametrize("variant", list(cifar_meta_variants()))
+def test_cifar100_files_of_the_wrong_type_give_a_one_line_error(tmp_path, variant):
+    file_name, content, expected = cifar_meta_variants()[variant]
+    folder, _ = write_cifar100(tmp_path)
+    (folder / file_name).write_bytes(pickle.dumps(content, protocol=2))
+    if expected is None:
+        assert load_dataset("cifar100", "train", tmp_path).classes == CIFAR_NAMES
+        return
+    with pytest.raises(ValueError) as info:
+        load_dataset("cifar100", "train", tmp_path)
+    message = str(info.value)
+    assert expected in message
+    assert str(folder / file_name) in message
+    assert "\n" not in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Decompression bombs
+
+
+def png_header(width, height):
+    """A tiny 1-bit PNG that claims width x height pixels (its pixel data is a few bytes)."""
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 16)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize(
+    ("width", "expected"),
+    [
+        (20000, "is not a readable image .*decompression bomb"),  # Pillow refuses to open it
+        (10000, "should be a 64x64 image, but is 10000x10000"),  # Pillow only warns
+        (9000, "should be a 64x64 image, but is 9000x9000"),  # under Pillow's limit
+    ],
+)
+def test_decompression_bomb_in_tiny_imagenet_is_refused_without_decoding(tmp_path, width, expected):
+    folder = write_tiny_imagenet(tmp_path)
+    bomb = folder / "val" / "images" / "v1.JPEG"
+    bomb.write_bytes(png_header(width, width))
+    assert bomb.stat().st_size < 200
+    # Decoding the 9000x9000 one would fail as truncated: the size is refused before.
+    with pytest.raises(ValueError, match=re.escape(str(bomb)) + " " + expected):
+        load_dataset("tiny-imagenet", "test", tmp_path)
+
+
+@pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")
+def test_decompression_bomb_warning_as_error_is_a_clear_error(tmp_path):
+    folder = write_tiny_imagenet(tmp_path)
+    bomb = folder / "train" / "n02" / "images" / "n02_0.JPEG"
+    bomb.write_bytes(png_header(10000, 10000))
+    with pytest.raises(ValueError, match=re.escape(str(bomb)) + " is not a readable image"):
+        load_dataset("tiny-imagenet", "train", tmp_path)
+
+
+def test_images_over_pillows_pixel_limit_are_a_clear_error(tmp_path, monkeypatch):
+    write_tiny_imagenet(tmp_path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 > 2 x 1000
+    with pytest.raises(ValueError, match=r"v0.JPEG is not a readable image .*exceeds limit"):
+        load_dataset("tiny-imagenet", "test", tmp_path)
+
+
+def test_decompression_bomb_in_tiny_imagenet_c_is_refused(tmp_path):
+    folder = write_tiny_imagenet_c(tmp_path, {"zoom_blur": [2]})
+    bomb = folder / "zoom_blur" / "2" / "n01629819" / "ILSVRC2012_val_00000001.JPEG"
+    bomb.write_bytes(png_header(20000, 20000))
+    with pytest.raises(ValueError, match=re.escape(str(bomb)) + " is not a readable image"):
+        load_tiny_imagenet_c(
+            tmp_path, "zoom_blur", 2, sorted(path.name for path in bomb.parents[1].iterdir())
+        )
+    bomb.write_bytes(png_header(9000, 9000))
+    with pytest.raises(ValueError, match=re.escape(str(bomb)) + " should be a 64x64 image"):
+        load_tiny_imagenet_c(
+            tmp_path, "zoom_blur", 2, sorted(path.name for path in bomb.parents[1].iterdir())
+        )
