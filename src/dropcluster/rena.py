@@ -324,10 +324,11 @@ def _check_arguments(
         raise ValueError(f"x has no pixels: H={height}, W={width}")
     low = high = None
     if x.numel() > 0:
-        # One pass: min/max per image and channel, then over the images. They propagate NaN and
-        # expose infinities without a full-size boolean temporary, and give the channel scales.
-        per_image = torch.aminmax(x.detach().reshape(n_samples, x.shape[1], -1), dim=2)
-        low, high = per_image.min.amin(dim=0), per_image.max.amax(dim=0)
+        # Per-channel min/max: they propagate NaN and expose infinities without a full-size
+        # boolean temporary, and give the channel scales (two reductions over the channel
+        # dimension are several times faster here than one aminmax per image and channel).
+        detached = x.detach()
+        low, high = detached.amin(dim=(0, 2, 3)), detached.amax(dim=(0, 2, 3))
         if x.is_floating_point():
             finite = torch.isfinite(low) & torch.isfinite(high)
             if not bool(finite.all()):
