@@ -26,7 +26,7 @@ def test_version_and_help_from_the_console_script():
     help_text = subprocess.run(
         [sys.executable, "-m", "dropcluster.cli", "--help"], capture_output=True, text=True
     ).stdout
-    assert "cluster-analysis" in help_text
+    assert "probe" in help_text and "cluster-analysis" in help_text
 
 
 def test_cluster_analysis_on_real_images_prints_a_summary_and_writes_json(tmp_path, capsys):
@@ -35,7 +35,7 @@ def test_cluster_analysis_on_real_images_prints_a_summary_and_writes_json(tmp_pa
     require_fashion_mnist()
     path = tmp_path / "analysis.json"
     code = main(
-        ["cluster-analysis", "--n-images", "32", "--channels", "6", "--train-steps", "3",
+        ["probe", "--n-images", "32", "--channels", "6", "--train-steps", "3",
          "--json", str(path)]
     )  # fmt: skip
     assert code == 0

@@ -22,18 +22,18 @@ import torch
 from dropcluster.cli import main
 from dropcluster.data.datasets import ImageDataset
 from dropcluster.errors import DivergedError, RunBusyError
+from dropcluster.experiments.corruption_eval import (
+    CorruptionSettings,
+    evaluate_corruptions,
+    evaluate_run,
+    parse_severities,
+)
 from dropcluster.experiments.presets import expand_grid
 from dropcluster.experiments.store import ResultsStore
 from dropcluster.experiments.sweep import RUNS_FOLDER, run_sweep
 from dropcluster.train import loop
 from dropcluster.train.config import TrainConfig
 from dropcluster.train.loop import DIVERGED_NAME, read_log, train
-from dropcluster.train.robustness import (
-    CorruptionSettings,
-    evaluate_corruptions,
-    evaluate_run,
-    parse_severities,
-)
 
 
 def _config(**changes) -> TrainConfig:

@@ -322,8 +322,8 @@ def _evaluating_preset(**evaluate) -> dict:
 
 
 def test_results_of_an_unfinished_checkpoint_are_replaced_once_the_run_finishes(tmp_path):
+    from dropcluster.experiments.corruption_eval import CorruptionSettings, evaluate_run
     from dropcluster.train.loop import train
-    from dropcluster.train.robustness import CorruptionSettings, evaluate_run
 
     preset = _evaluating_preset()
     out = tmp_path / "out"

@@ -26,8 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     analysis = commands.add_parser(
-        "cluster-analysis",
-        help="ReNA clusters and Spatial Hopkins of a first conv layer on Fashion-MNIST images",
+        "probe",
+        aliases=["cluster-analysis"],
+        help="ReNA clusters and Spatial Hopkins of a probe network's first conv layer on "
+        "Fashion-MNIST images (alias: cluster-analysis)",
         description=(
             "Train a small probe network for a few steps on Fashion-MNIST, pass a minibatch of "
             "test images through its first conv layer, cluster every channel with ReNA under "
@@ -262,8 +264,8 @@ def _positive(name: str, value: int) -> None:
 def _run_cluster_analysis(args: argparse.Namespace) -> int:
     import torch
 
-    from dropcluster.analysis import FirstConvProbe, analyze_activations, train_probe
     from dropcluster.data.fashion_mnist import load_fashion_mnist
+    from dropcluster.experiments.probe import FirstConvProbe, analyze_activations, train_probe
 
     _positive("n-images", args.n_images)
     _positive("n-clusters", args.n_clusters)

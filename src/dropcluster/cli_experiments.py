@@ -194,7 +194,11 @@ def add_experiment_parsers(commands) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from dropcluster.train.robustness import CorruptionSettings, evaluate_run, format_table
+    from dropcluster.experiments.corruption_eval import (
+        CorruptionSettings,
+        evaluate_run,
+        format_table,
+    )
 
     settings = CorruptionSettings(
         corruptions=args.corruptions,
@@ -306,7 +310,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
 def _analyze_dropcluster_run(out: Path) -> None:
     """Cluster analysis of the sweep's best finished DropCluster run on its largest training
     fraction (first seed), once: the report links it."""
-    from dropcluster.experiments.analyze import analyze_run
+    from dropcluster.experiments.run_analysis import analyze_run
     from dropcluster.experiments.store import ResultsStore
     from dropcluster.experiments.sweep import RUNS_FOLDER
 
@@ -375,7 +379,7 @@ def _run_results(args: argparse.Namespace) -> int:
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
-    from dropcluster.experiments.analyze import analyze_run
+    from dropcluster.experiments.run_analysis import analyze_run
 
     path = analyze_run(
         args.checkpoint,

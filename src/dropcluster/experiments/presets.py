@@ -127,7 +127,7 @@ def _validate_evaluate(preset: dict[str, Any], origin: str) -> None:
             f"{origin}: evaluate.train_fraction {missing} is in no grid (grids have "
             f"{sorted(fractions)})"
         )
-    from dropcluster.train.robustness import CorruptionSettings
+    from dropcluster.experiments.corruption_eval import CorruptionSettings
 
     # Raises ValueError naming a bad corruption, severity, limit or JPEG quality.
     CorruptionSettings(**{k: v for k, v in evaluate.items() if k != "train_fraction"})

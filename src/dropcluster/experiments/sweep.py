@@ -133,7 +133,7 @@ def estimate_seconds(
     eval_images = config.epochs * n_test
     seconds = train_images / rate + eval_images / (3 * rate)
     if spec.evaluate_corruptions and evaluate:
-        from dropcluster.train.robustness import CorruptionSettings
+        from dropcluster.experiments.corruption_eval import CorruptionSettings
 
         settings = CorruptionSettings(**evaluate)
         images = min(n_test, settings.limit or n_test)

@@ -55,7 +55,7 @@ def run_job(run_dir: Path) -> int:
         torch.set_num_threads(int(threads))
     train(config, run_dir, resume=True)
     if job.get("evaluate"):
-        from dropcluster.train.robustness import (
+        from dropcluster.experiments.corruption_eval import (
             CorruptionSettings,
             evaluate_run,
             evaluation_identity,

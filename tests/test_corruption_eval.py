@@ -11,11 +11,8 @@ from torch import nn
 
 from dropcluster.cli import main
 from dropcluster.data.corruptions import CORRUPTIONS, corrupt
-from dropcluster.train import robustness
-from dropcluster.train.config import TrainConfig
-from dropcluster.train.loop import evaluate, train
-from dropcluster.train.restore import load_run
-from dropcluster.train.robustness import (
+from dropcluster.experiments import corruption_eval
+from dropcluster.experiments.corruption_eval import (
     CorruptionSettings,
     evaluate_corruptions,
     format_table,
@@ -23,6 +20,9 @@ from dropcluster.train.robustness import (
     parse_corruptions,
     parse_severities,
 )
+from dropcluster.train.config import TrainConfig
+from dropcluster.train.loop import evaluate, train
+from dropcluster.train.restore import load_run
 
 
 def test_severities_and_corruptions_parse_ranges_lists_and_all():
@@ -100,15 +100,15 @@ def test_clean_row_equals_plain_evaluation_and_rows_are_deterministic(monkeypatc
 
 def test_chunks_are_corrupted_with_generators_seeded_by_their_coordinates(monkeypatch):
     images, labels = _two_class_set(n=250)
-    monkeypatch.setattr(robustness, "CHUNK_IMAGES", 100)
+    monkeypatch.setattr(corruption_eval, "CHUNK_IMAGES", 100)
     seen = []
-    real_corrupt = robustness.corrupt
+    real_corrupt = corruption_eval.corrupt
 
     def spy(chunk, corruption, severity, *, family, generator):
         seen.append((chunk.shape[0], family, generator.initial_seed()))
         return real_corrupt(chunk, corruption, severity, family=family, generator=generator)
 
-    monkeypatch.setattr(robustness, "corrupt", spy)
+    monkeypatch.setattr(corruption_eval, "corrupt", spy)
     settings = CorruptionSettings(corruptions="shot_noise", severities="2")
     evaluate_corruptions(
         MeanIntensityClassifier(), images, labels, _prepare, settings, progress=io.StringIO()
@@ -117,9 +117,9 @@ def test_chunks_are_corrupted_with_generators_seeded_by_their_coordinates(monkey
     assert {s[1] for s in seen} == {"cifar"}  # 28x28 images use the CIFAR family
     assert len({s[2] for s in seen}) == 3
     # Chunk 1 is corrupted exactly as a direct call with its generator would do it.
-    generator = robustness.chunk_generator(0, "shot_noise", 2, 1, torch.device("cpu"))
+    generator = corruption_eval.chunk_generator(0, "shot_noise", 2, 1, torch.device("cpu"))
     expected = corrupt(images[100:200], "shot_noise", 2, generator=generator)
-    generator = robustness.chunk_generator(0, "shot_noise", 2, 1, torch.device("cpu"))
+    generator = corruption_eval.chunk_generator(0, "shot_noise", 2, 1, torch.device("cpu"))
     assert torch.equal(
         real_corrupt(images[100:200], "shot_noise", 2, generator=generator), expected
     )

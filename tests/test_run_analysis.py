@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dropcluster.experiments.analysis_figures import LayerHopkins, plot_cluster_maps
-from dropcluster.experiments.analyze import FIGURE_NAMES, analyze_run
+from dropcluster.experiments.run_analysis import FIGURE_NAMES, analyze_run
+from dropcluster.experiments.run_analysis_figures import LayerHopkins, plot_cluster_maps
 from dropcluster.nn import DropCluster2d
 from dropcluster.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from dropcluster.train.config import TrainConfig
@@ -213,7 +213,7 @@ def test_unstructured_channels_are_framed_in_red(tmp_path):
 
 
 def test_layer_hopkins_keeps_a_panel_for_maps_too_small(tmp_path):
-    from dropcluster.experiments.analysis_figures import plot_layer_hopkins
+    from dropcluster.experiments.run_analysis_figures import plot_layer_hopkins
 
     layers = [
         LayerHopkins("stem", 4, 16, 16, np.array([0.6, 0.7, 0.8, 0.5])),

@@ -1,7 +1,7 @@
 """Figures of a run's cluster analysis (the paper's Figures 1-4 and 8), drawn from plain arrays.
 
 Each function takes NumPy arrays (or CPU tensors), draws one figure and writes it as a PNG;
-:func:`dropcluster.experiments.analyze.analyze_run` computes what they show. matplotlib is an
+:func:`dropcluster.experiments.run_analysis.analyze_run` computes what they show. matplotlib is an
 optional extra, imported only when a figure is drawn.
 
 Colours are shared by all figures: clusters use a categorical palette of 18 colours (``tab20``

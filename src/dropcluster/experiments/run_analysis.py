@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from dropcluster.experiments._plotting import pyplot
-from dropcluster.experiments.analysis_figures import (
+from dropcluster.experiments.run_analysis_figures import (
     LOW_STRUCTURE,
     LayerHopkins,
     plot_channel_hopkins,
