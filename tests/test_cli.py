@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import dropcluster
 from dropcluster.cli import main
 
@@ -70,3 +72,57 @@ def test_train_command_runs_and_refuses_to_overwrite(tmp_path, capsys):
 def test_train_command_rejects_a_bad_option(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path), "--option", "block_size"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_train_flags_are_derived_from_the_config_fields():
+    import dataclasses
+
+    from dropcluster.cli import add_config_flags, build_parser
+    from dropcluster.train.config import TrainConfig
+
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    flags = {option for action in train._actions for option in action.option_strings}
+    for spec in dataclasses.fields(TrainConfig):
+        if spec.name != "regularizer_options":  # a dict: --option KEY=VALUE or --set
+            assert "--" + spec.name.replace("_", "-") in flags, spec.name
+    assert {"--no-amp", "--no-channels-last", "--compile"} <= flags  # booleans both ways
+
+    @dataclasses.dataclass
+    class Extra:
+        """A config.
+
+        Attributes:
+            warmup_epochs: epochs of linear warm-up
+                (a second line).
+            label_smoothing: smoothing of the targets.
+        """
+
+        warmup_epochs: int = 0
+        label_smoothing: float | None = None
+        tags: list[str] = dataclasses.field(default_factory=list)
+
+    import argparse
+
+    extra = argparse.ArgumentParser()
+    add_config_flags(extra, Extra)
+    args = extra.parse_args(["--warmup-epochs", "3", "--label-smoothing", "0.1", "--tags", "a"])
+    assert (args.warmup_epochs, args.label_smoothing, args.tags) == (3, 0.1, ["a"])
+    assert "epochs of linear warm-up (a second line)." in extra.format_help().replace("\n", " ")
+
+
+def test_train_settings_come_from_config_then_set_then_flags(tmp_path):
+    from dropcluster.cli import _train_config, build_parser
+
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"epochs": 3, "lr": 0.2, "seed": 4}))
+    args = build_parser().parse_args(
+        ["train", "--out", str(tmp_path), "--config", str(path), "--set", "lr=0.3",
+         "--set", "lr_milestones=[1,2]", "--seed", "5", "--no-amp", "--option", "block_size=3"]
+    )  # fmt: skip
+    config = _train_config(args)
+    assert (config.epochs, config.lr, config.seed, config.lr_milestones) == (3, 0.3, 5, [1, 2])
+    assert config.amp is False and config.regularizer_options == {"block_size": 3}
+    args = build_parser().parse_args(["train", "--out", str(tmp_path), "--set", "epoch=3"])
+    with pytest.raises(ValueError, match="unknown config keys \\['epoch'\\]"):
+        _train_config(args)

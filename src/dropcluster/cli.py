@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
-import json
+import inspect
 import sys
 import time
 import traceback
+import types
+import typing
 from pathlib import Path
 
 from dropcluster import __version__
@@ -83,45 +86,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# (flag, config field, type, help) for `dropcluster train`; unset flags keep the config's value.
-_TRAIN_FLAGS = [
-    ("--dataset", "dataset", str, "cifar100, tiny-imagenet, fashion-mnist or synthetic"),
-    ("--data-dir", "data_dir", str, "folder with the data set's files"),
-    ("--model", "model", str, "resnet50, resnet18, resnet20 or lenet5"),
-    ("--stem", "stem", str, "imagenet (the paper's) or cifar"),
-    ("--regularizer", "regularizer", str,
-     "none, dropout, spatial_dropout, dropblock, dropcluster or stochastic_depth"),
-    ("--p", "p", float, "drop rate"),
-    ("--epochs", "epochs", int, "number of epochs"),
-    ("--batch-size", "batch_size", int, "training batch size"),
-    ("--lr", "lr", float, "initial learning rate"),
-    ("--weight-decay", "weight_decay", float, "weight decay"),
-    ("--cluster-every", "cluster_every", int, "refit DropCluster every s epochs"),
-    ("--cluster-images", "cluster_images", int, "training images whose activations are clustered"),
-    ("--train-fraction", "train_fraction", float, "stratified fraction of the training set"),
-    ("--average-last", "average_last", int, "final metric: mean over the last K epochs"),
-    ("--seed", "seed", int, "random seed"),
-    ("--device", "device", str, "cpu, cuda, cuda:1, ..."),
-]  # fmt: skip
-
-
 def _add_train_parser(commands) -> None:
+    from dropcluster.train.config import TrainConfig
+
     train = commands.add_parser(
         "train",
         help="train one model with one regularizer, resumable",
-        description="Train one run. Settings come from --config (JSON or YAML), then flags.",
+        description=(
+            "Train one run. Settings come from --config (JSON or YAML), then --set KEY=VALUE, "
+            "then the flags below (one per TrainConfig field)."
+        ),
     )
     train.add_argument("--out", type=Path, required=True, help="output folder of the run")
     train.add_argument("--config", type=Path, help="a JSON or YAML config file")
-    for flag, _, kind, text in _TRAIN_FLAGS:
-        train.add_argument(flag, type=kind, default=None, help=text)
     train.add_argument(
-        "--lr-milestones",
-        type=int,
-        nargs="*",
-        default=None,
-        help="epochs where the learning rate is multiplied by 0.1",
+        "--set",
+        action="append",
+        default=[],
+        dest="assignments",
+        metavar="KEY=VALUE",
+        help="set any config field, JSON values (e.g. --set lr_milestones=[150,200]); repeatable",
     )
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    add_config_flags(train.add_argument_group("config fields"), TrainConfig)
     train.add_argument(
         "--option",
         action="append",
@@ -129,46 +116,83 @@ def _add_train_parser(commands) -> None:
         metavar="KEY=VALUE",
         help="regularizer option, e.g. --option block_size=5 (repeatable)",
     )
-    train.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
-    train.add_argument(
-        "--amp-dtype",
-        choices=("bfloat16", "float16"),
-        default=None,
-        help="mixed-precision type on CUDA (default bfloat16)",
-    )
-    train.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory format")
-    train.add_argument("--compile", action="store_true", help="use torch.compile")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out")
     train.set_defaults(handler=_run_train)
 
 
+def add_config_flags(parser, config_class) -> None:
+    """One flag per field of a config dataclass, typed and documented from the class itself.
+
+    ``--name-with-dashes`` for each field (``--amp/--no-amp`` for booleans, several values for
+    lists); dict fields are left to ``--set``. A flag that is not given keeps the config's
+    value, so adding a field to the dataclass adds its flag.
+    """
+    hints = typing.get_type_hints(config_class)
+    docs = attribute_docs(config_class)
+    for spec in dataclasses.fields(config_class):
+        hint = hints[spec.name]
+        kind = hint
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None -> X
+            (kind,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        flag = "--" + spec.name.replace("_", "-")
+        text = docs.get(spec.name, "")
+        if typing.get_origin(kind) is dict:
+            continue
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                dest=spec.name, help=text)  # fmt: skip
+        elif typing.get_origin(kind) is list:
+            (item,) = typing.get_args(kind)
+            parser.add_argument(flag, type=item, nargs="*", default=None, dest=spec.name,
+                                metavar=item.__name__.upper(), help=text)  # fmt: skip
+        else:
+            parser.add_argument(flag, type=kind, default=None, dest=spec.name,
+                                metavar=kind.__name__.upper(), help=text)  # fmt: skip
+
+
+def attribute_docs(config_class) -> dict[str, str]:
+    """``{field: text}`` from the ``Attributes:`` section of a class docstring.
+
+    An entry may name several fields (``epochs, batch_size: ...``); indented lines continue it.
+    """
+    docs: dict[str, str] = {}
+    names: list[str] = []
+    entry_indent = None
+    for line in inspect.cleandoc(config_class.__doc__ or "").splitlines():
+        stripped = line.strip()
+        if stripped == "Attributes:":
+            entry_indent = -1
+            continue
+        if entry_indent is None or not stripped:
+            continue
+        indent = len(line) - len(line.lstrip())
+        if entry_indent == -1:
+            entry_indent = indent
+        if indent < entry_indent:
+            break  # the section ended
+        head, colon, text = stripped.partition(":")
+        entry = [name.strip() for name in head.split(",")]
+        if indent == entry_indent and colon and all(name.isidentifier() for name in entry):
+            names = entry
+            for name in names:
+                docs[name] = text.strip()
+        else:
+            for name in names:
+                docs[name] += " " + stripped
+    return {name: text.replace("%", "%%") for name, text in docs.items()}
+
+
 def _train_config(args: argparse.Namespace):
-    from dropcluster.train.config import TrainConfig
+    from dropcluster.train.config import TrainConfig, parse_assignments
 
     values = TrainConfig.from_file(args.config).to_dict() if args.config else {}
-    for _, name, _, _ in _TRAIN_FLAGS:
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
-    if args.lr_milestones is not None:
-        values["lr_milestones"] = args.lr_milestones
+    values.update(parse_assignments(args.assignments, "--set"))
+    for spec in dataclasses.fields(TrainConfig):
+        given = getattr(args, spec.name, None)
+        if given is not None:
+            values[spec.name] = given
     options = dict(values.get("regularizer_options", {}))
-    for item in args.option:
-        key, separator, raw = item.partition("=")
-        if not separator or not key:
-            raise ValueError(f"--option should look like KEY=VALUE, but got {item!r}")
-        try:
-            options[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            options[key] = raw
+    options.update(parse_assignments(args.option, "--option"))
     values["regularizer_options"] = options
-    if args.no_amp:
-        values["amp"] = False
-    if args.amp_dtype is not None:
-        values["amp_dtype"] = args.amp_dtype
-    if args.no_channels_last:
-        values["channels_last"] = False
-    if args.compile:
-        values["compile"] = True
     return TrainConfig.from_dict(values)
 
 

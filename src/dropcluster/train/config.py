@@ -35,11 +35,15 @@ class TrainConfig:
             "stochastic_depth", placed as the paper did (``dropcluster.models.placement``).
         p: drop rate.
         regularizer_options: extra options of the regularizer (e.g. {"block_size": 5}).
-        epochs, batch_size, lr, momentum: SGD with momentum (paper: 250 epochs, lr 0.1,
-            momentum 0.9).
+        epochs: number of training epochs (paper: 250).
+        batch_size: training minibatch size (the paper does not state it).
+        lr: initial learning rate of SGD (paper: 0.1).
+        momentum: SGD momentum (paper: 0.9).
         weight_decay: None: the paper's value for the data set (5e-4 on CIFAR-100, 1e-4 on
             Tiny ImageNet; 5e-4 for the others), see :meth:`resolved_weight_decay`.
-        lr_milestones, lr_gamma: step decay (paper: x0.1 at epochs 150 and 200).
+        lr_milestones: epochs at which the learning rate is multiplied by ``lr_gamma``
+            (paper: 150 and 200).
+        lr_gamma: factor of the step decay (paper: 0.1).
         cluster_every: refit DropCluster's clusters at epochs s, 2s, ... (paper: 50).
         cluster_images: training images whose activations are clustered (more than one
             minibatch: the paper's unstructured rule depends on the batch size).
@@ -234,3 +238,21 @@ def resolve_device(device: str | torch.device) -> torch.device:
                 f"device {str(device)!r} was asked for, but only {count} CUDA device(s) exist"
             )
     return device
+
+
+def parse_assignments(items: list[str], flag: str = "--set") -> dict[str, Any]:
+    """``["epochs=10", "stem=cifar"]`` -> ``{"epochs": 10, "stem": "cifar"}``.
+
+    Values are read as JSON (numbers, lists, true/false/null), else kept as text; the keys are
+    checked where the values are used (``TrainConfig.from_dict``).
+    """
+    values: dict[str, Any] = {}
+    for item in items:
+        key, separator, raw = item.partition("=")
+        if not separator or not key.strip():
+            raise ValueError(f"{flag} should look like KEY=VALUE, but got {item!r}")
+        try:
+            values[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key.strip()] = raw
+    return values

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ from torch import Tensor, nn
 
 from dropcluster.data import ImageDataset, load_dataset
 from dropcluster.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from dropcluster.train.config import TrainConfig
+from dropcluster.train.config import TrainConfig, resolve_device
 from dropcluster.train.setup import build_configured_model, eval_preparer
 
 
@@ -67,10 +66,8 @@ def load_run(
         raise FileNotFoundError(
             f"{run_dir} has no config.json: expected a folder written by `dropcluster train`"
         )
-    config = TrainConfig.from_dict(json.loads(config_path.read_text()))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    config = TrainConfig.from_file(config_path)
+    device = resolve_device(device)
     state = load_checkpoint(run_dir / CHECKPOINT_NAME, map_location=device)
     if test_set is None:
         test_set = load_dataset(config.dataset, "test", root=config.data_dir)
