@@ -23,6 +23,7 @@ import time
 import torch
 
 from dropcluster.nn import DropBlock2d
+from dropcluster.nn import _dropblock_sampler as sampler
 from dropcluster.nn import dropblock as db
 
 HEIGHTS = (4, 8, 16, 32, 64)
@@ -44,8 +45,8 @@ def realised_fraction(
         batch = min(draws_per_batch, left)
         shape = (64 * batch, 16, height, height)
         if device.type == "cpu":
-            corners = db._sample_block_corners(shape, gamma, *block, generator)
-            dropped += int(db._dropped_pixels(corners, shape, block)[2].sum())
+            corners = sampler.sample_block_corners(shape, gamma, *block, generator)
+            dropped += int(sampler.dropped_pixels(corners, shape, block)[2].sum())
         else:
             keep = db._dense_keep(shape, gamma, *block, generator, torch.float32, device)
             dropped += keep.numel() - int(keep.sum(dtype=torch.float64))

@@ -5,7 +5,7 @@ import it. nilearn, nibabel, scipy and scikit-learn are imported here, never by 
 
 The reference is `nilearn.regions.rena_clustering.recursive_neighbor_agglomeration` on one
 channel at a time: X is (S, H*W) with feature j = pixel h*W + w, and the mask is a 3-D image of
-ones of shape (H, W, 1), so the graph is the 4-neighbour grid (design/rena.md §1).
+ones of shape (H, W, 1), so the graph is the 4-neighbour grid (docs/design.md, "ReNA, exactly").
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ FASHION_MNIST_TEST_IMAGES = Path("/usr/share/datasets/fashion-mnist/t10k-images-
 #: The paper ran ReNA with at most 1000 rounds (Algorithm 1).
 PAPER_ROUNDS = 1000
 
-#: Rounds given to nilearn on a channel that cannot converge (c0 > k, design/rena.md §6). nilearn
-#: has no early exit, so such a channel costs ~1.3 ms per round for all of `n_iter`; it reaches
-#: its final state (one cluster per G0 component) within a few rounds, and `reference_rena`
-#: checks that it did before trusting the shortcut.
+#: Rounds given to nilearn on a channel that cannot converge (c0 > k, docs/design.md,
+#: "Unstructured channels"). nilearn has no early exit, so such a channel pays for every round of
+#: `n_iter`; it reaches its final state (one cluster per G0 component) within a few rounds, and
+#: `reference_rena` checks that it did before trusting the shortcut.
 STUCK_ROUNDS = 40
 
 
@@ -48,8 +48,8 @@ class NilearnRun(NamedTuple):
     n_found: int
     #: (H, W) int64 in [0, n_found), numbered by each cluster's smallest row-major pixel index.
     labels: np.ndarray
-    #: Some cut round (design/rena.md §3d) had equal index gaps on both sides of its keep
-    #: boundary, so which links it kept depends on how the sort breaks ties.
+    #: Some cut round (docs/design.md, "ReNA, exactly") had equal index gaps on both sides of its
+    #: keep boundary, so which links it kept depends on how the sort breaks ties.
     ambiguous_cut: bool
 
 
@@ -134,9 +134,9 @@ def level0_components(x_channel) -> int:
     """c0: connected components of the 4-grid without the edges between identical pixels.
 
     Two neighbouring pixels whose values are equal in every sample have level-0 weight 0, and
-    nilearn drops that edge for good (design/rena.md §1, §6). No cluster can span two of these
-    components, so ReNA ends with at least max(c0, k) clusters, and exactly that many given
-    enough rounds.
+    nilearn drops that edge for good (docs/design.md, "ReNA, exactly" and "Unstructured
+    channels"). No cluster can span two of these components, so ReNA ends with at least
+    max(c0, k) clusters, and exactly that many given enough rounds.
     """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
@@ -328,7 +328,7 @@ def parity_battery(seed: int = 0) -> list[ParityCase]:
     add("conv5_12x20_k40", conv_activations(48, 6, (12, 20), 5, g), 40, "conv")
     add("conv3_56x56_k15", conv_activations(32, 3, (56, 56), 3, g), 15, "conv")
 
-    # White noise: converges despite having no structure (design/rena.md §6).
+    # White noise: converges despite having no structure (docs/design.md, "Unstructured channels").
     add("noise_8x8_k2", torch.randn(16, 4, 8, 8, generator=g), 2, "noise", True)
     add("noise_16x16_k15", torch.randn(32, 6, 16, 16, generator=g), 15, "noise", True)
     add("noise_32x32_k40", torch.randn(32, 4, 32, 32, generator=g), 40, "noise", True)
@@ -390,7 +390,7 @@ def parity_battery(seed: int = 0) -> list[ParityCase]:
     add("tiny_s3_relu_16x16_k40", relu_fields((3, 4, 16, 16), 2.0, 0.5, g), 40, "tiny")
 
     # Data scale: with squared differences below the threshold every later edge is floored to
-    # it and all edges tie (design/rena.md §3g); large values stress float32 rounding.
+    # it and all edges tie (docs/design.md, "ReNA, exactly"); large values stress float32 rounding.
     add("tiny_scale_16x16_k15", 1e-4 * smooth_fields((32, 4, 16, 16), 2.0, g), 15, "scale")
     add("large_scale_16x16_k15", 1e3 * conv_activations(32, 4, (16, 16), 3, g), 15, "scale")
     add(

@@ -131,9 +131,13 @@ def test_cifar100_c_rejects_malformed_arrays(tmp_path):
 @pytest.mark.parametrize("severity", [0, 6, True, 2.0, "3"])
 def test_severity_outside_one_to_five_is_rejected(tmp_path, severity):
     write_cifar100_c(tmp_path)
-    with pytest.raises(ValueError, match=r"severity should be an int in 1\.\.5, but got"):
+    with pytest.raises(
+        ValueError, match=r"severity should be an integer( >= 1 and <= 5)?, but got"
+    ):
         load_cifar100_c(tmp_path, "zoom_blur", severity)
-    with pytest.raises(ValueError, match=r"severity should be an int in 1\.\.5"):
+    with pytest.raises(
+        ValueError, match=r"severity should be an integer( >= 1 and <= 5)?, but got"
+    ):
         load_tiny_imagenet_c(tmp_path, "zoom_blur", severity, ["n01443537"])
 
 
@@ -236,7 +240,9 @@ def test_data_sets_without_a_release_are_refused(tmp_path, dataset):
         load_released(tmp_path, dataset, "zoom_blur", 1)
     with pytest.raises(ValueError, match="no released corrupted test set"):
         available_released(tmp_path, dataset)
-    with pytest.raises(ValueError, match=r"dataset should be one of \('cifar100'"):
+    with pytest.raises(
+        ValueError, match="dataset should be one of 'cifar100', 'tiny-imagenet', but got 'imagenet'"
+    ):
         load_released(tmp_path, "imagenet", "zoom_blur", 1)
 
 
@@ -301,7 +307,9 @@ def test_greyscale_stays_greyscale():
 
 @pytest.mark.parametrize("quality", [0, 96, 85.0, True])
 def test_jpeg_quality_outside_one_to_ninety_five_is_rejected(quality):
-    with pytest.raises(ValueError, match=r"quality should be an int in 1\.\.95, but got"):
+    with pytest.raises(
+        ValueError, match=r"quality should be an integer( >= 1 and <= 95)?, but got"
+    ):
         jpeg_round_trip(textured_images(1), quality)
 
 

@@ -189,9 +189,9 @@ def test_bad_inputs_are_rejected():
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"crop_padding": -1}, "crop_padding should be an int >= 0"),
-        ({"crop_padding": 1.5}, "crop_padding should be an int >= 0"),
-        ({"rotation_degrees": 200.0}, r"rotation_degrees should be in \[0, 180\]"),
+        ({"crop_padding": -1}, "crop_padding should be an integer >= 0, but got -1"),
+        ({"crop_padding": 1.5}, "crop_padding should be an integer, but got 1.5"),
+        ({"rotation_degrees": 200.0}, "rotation_degrees should be a number >= 0.0 and <= 180.0"),
         ({"scale_range": (0.9, 0.8)}, "0 < low <= high"),
         ({"scale_range": (0.0, 1.0)}, "0 < low <= high"),
         ({"mean": (0.5, 0.5), "std": (0.2,)}, "same length"),

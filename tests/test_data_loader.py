@@ -161,7 +161,7 @@ def test_bad_arguments_are_rejected():
         DeviceLoader(images.float(), labels, 8)
     with pytest.raises(ValueError, match=r"shape \(50,\)"):
         DeviceLoader(images, labels[:3], 8)
-    with pytest.raises(ValueError, match="batch_size should be a positive int"):
+    with pytest.raises(ValueError, match="batch_size should be an integer >= 1, but got 0"):
         DeviceLoader(images, labels, 0)
     with pytest.raises(ValueError, match="pass drop_last=False"):
         DeviceLoader(images, labels, 64)

@@ -1,4 +1,4 @@
-"""Reliability of `dropcluster.data.datasets` downloads and loaders on hostile or broken input.
+"""Reliability of `dropcluster.data.downloads` and the loaders on hostile or broken input.
 
 Interrupted extractions, unsafe archive members, files of the wrong type and decompression
 bombs, all generated small in tmp_path in the official on-disk formats.
@@ -25,16 +25,15 @@ from PIL import Image
 from test_corrupted_sets import write_tiny_imagenet_c
 from test_data_datasets import CIFAR_NAMES, write_cifar100
 
-from dropcluster.data import datasets
+from dropcluster.data import datasets, downloads
 from dropcluster.data.corrupted_sets import load_tiny_imagenet_c
 from dropcluster.data.datasets import (
     COMPLETE_MARKER,
-    download_cifar100,
-    download_tiny_imagenet,
     load_dataset,
     tiny_imagenet_wnids,
     write_completion_marker,
 )
+from dropcluster.data.downloads import download_cifar100, download_tiny_imagenet
 
 TINY_WNIDS = ("n01", "n02")
 
@@ -123,7 +122,7 @@ def test_interrupted_cifar100_extraction_leaves_nothing_and_is_redone(tmp_path, 
     assert len(load_dataset("cifar100", "train", root)) == 3
     marker = json.loads((folder / COMPLETE_MARKER).read_text())
     assert marker["counts"] == {"classes": 100, "train": 3, "test": 2}
-    assert marker["archive_md5"] == datasets._md5(archive)
+    assert marker["archive_md5"] == downloads._md5(archive)
     assert leftovers(root) == []
 
 
@@ -156,7 +155,7 @@ def test_read_only_destination_leaves_nothing(tmp_path, monkeypatch):
     def read_only(*_args):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(datasets.os, "rename", read_only)
+    monkeypatch.setattr(downloads.os, "rename", read_only)
     with pytest.raises(OSError, match="Read-only"):
         download_cifar100(root, url=archive.as_uri(), md5=None)
     assert not (root / "cifar-100-python").exists()
@@ -336,7 +335,7 @@ def test_unsafe_tar_members_are_refused(tmp_path, monkeypatch, kind, has_filter)
 
 @pytest.mark.skipif(not hasattr(tarfile, "data_filter"), reason="no extraction filters")
 def test_data_filter_still_refuses_when_the_own_checks_are_bypassed(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets, "_check_member_name", lambda archive, name: None)
+    monkeypatch.setattr(downloads, "_check_member_names", lambda archive, names, folder: None)
     outside = tmp_path / "outside"
     outside.mkdir()
     archive, _ = unsafe_tar(tmp_path, "traversal", outside)

@@ -303,7 +303,7 @@ def test_paper_rule_masks_channels_with_a_constant_region():
     [
         (lambda: DropCluster2d(1.0), r"\[0, 1\)"),
         (lambda: DropCluster2d(-0.1), r"\[0, 1\)"),
-        (lambda: DropCluster2d(0.1, 0), "positive int"),
+        (lambda: DropCluster2d(0.1, 0), "n_clusters should be an integer >= 1, but got 0"),
         (lambda: DropCluster2d(0.1, unstructured="x"), "unstructured"),
         (lambda: DropCluster2d(0.1).set_p(1.5), r"\[0, 1\)"),
         (lambda: DropCluster2d(0.1).fit(torch.ones(4, 5, 5)), "4 dimensional"),

@@ -177,7 +177,7 @@ def test_missing_default_folder_says_how_to_install(tmp_path, monkeypatch):
 
 
 def test_unknown_split_is_rejected():
-    with pytest.raises(ValueError, match=r"one of \('train', 'test'\), but got 'valid'"):
+    with pytest.raises(ValueError, match="split should be one of 'train', 'test', but got 'valid'"):
         load_fashion_mnist("valid")
 
 

@@ -298,9 +298,9 @@ def test_unknown_slot_raises_with_the_valid_names():
 
 
 def test_unknown_model_and_regularizer_raise_with_the_valid_names():
-    with pytest.raises(ValueError, match="valid names are " + ", ".join(MODELS)):
+    with pytest.raises(ValueError, match="model should be one of " + ", ".join(map(repr, MODELS))):
         build_model("resnet34", n_classes=10)
-    with pytest.raises(ValueError, match="valid names are none, dropout"):
+    with pytest.raises(ValueError, match="regularizer should be one of 'none', 'dropout'"):
         place_regularizer(tiny_resnet(), "cutout", 0.1)
     with pytest.raises(ValueError, match="stem should be one of"):
         build_model("resnet20", n_classes=10, stem="tiny")

@@ -47,7 +47,9 @@ def test_options_reach_the_module():
 
 
 def test_unknown_name_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="valid names are none, dropout, spatial_dropout"):
+    with pytest.raises(
+        ValueError, match="regularizer should be one of 'none', 'dropout', 'spatial_dropout'"
+    ):
         build_regularizer("dropconnect", 0.1)
 
 

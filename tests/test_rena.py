@@ -189,7 +189,8 @@ def test_one_pixel_maps_are_dead_only_without_variation_across_the_batch():
 
 def test_zero_patch_of_7x7_breaks_the_paper_rule_but_not_the_default():
     # The patch's 5x5 interior pixels are isolated in the reference graph (all 4 neighbours
-    # identical): 25 singletons + the rest = 26 pieces > 15 (shared/design/rena.md §6).
+    # identical): 25 singletons + the rest = 26 pieces > 15 (docs/design.md, "Unstructured
+    # channels").
     x = _field_with_zero_patch(7)
     paper = rena(x, 15, unstructured="rena", identical_neighbours="split")
     assert paper.n_found.tolist() == [26]
@@ -286,8 +287,8 @@ def test_no_channels_gives_an_empty_result():
         (torch.zeros(3, 2, 0, 5), {}, "no pixels"),
         (torch.full((3, 1, 4, 4), float("nan")), {}, "NaN"),
         (torch.full((3, 1, 4, 4), float("inf")), {}, "infinite"),
-        (torch.zeros(3, 1, 4, 4), {"n_clusters": 0}, "at least 1"),
-        (torch.zeros(3, 1, 4, 4), {"n_clusters": 2.5}, "should be an int"),
+        (torch.zeros(3, 1, 4, 4), {"n_clusters": 0}, "should be an integer >= 1, but got 0"),
+        (torch.zeros(3, 1, 4, 4), {"n_clusters": 2.5}, "should be an integer, but got 2.5"),
         (torch.zeros(3, 1, 4, 4), {"max_rounds": 0}, "max_rounds"),
         (torch.zeros(3, 1, 4, 4), {"threshold": 1.5}, "threshold"),
         (torch.zeros(3, 1, 4, 4), {"unstructured": "paper"}, "unstructured should be one of"),

@@ -3,9 +3,9 @@
 Every channel of every case of `nilearn_reference.parity_battery()` is clustered by both, nilearn
 one channel at a time as it ships (numpy's default argsort in the cut) and once more with the
 cut's index-gap ties broken by a stable sort, the deterministic rule `dropcluster.rena` documents
-(design/rena.md §3d). nilearn's own tie order depends on the CPU's SIMD sort, so exact equality
-with it is only expected where no tie decides the cut; elsewhere the partitions are compared by
-ARI and reconstruction error.
+(docs/design.md, "ReNA, exactly"). nilearn's own tie order depends on the CPU's SIMD sort, so
+exact equality with it is only expected where no tie decides the cut; elsewhere the partitions
+are compared by ARI and reconstruction error.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ pytest.importorskip("nilearn")
 
 CASES = {case.name: case for case in parity_battery()}
 # c0 per channel: components of the grid without edges between identical neighbours. ReNA
-# converges to k clusters iff c0 <= k, and otherwise ends at c0 (design/rena.md §6).
+# converges to k clusters iff c0 <= k, and otherwise ends at c0 (docs/design.md, "Unstructured
+# channels").
 C0 = {
     name: [level0_components(case.x[:, c].numpy()) for c in range(case.x.shape[1])]
     for name, case in CASES.items()
@@ -219,7 +220,7 @@ def _converged_aris(names) -> tuple[list[float], list[float], list[str]]:
 def _assert_mean_ari(label: str, names) -> None:
     ours, stable, where = _converged_aris(names)
     # Where nilearn's tie order alone already moves the partition further than the budget
-    # (design/rena.md §3d: 0.94 between two CPUs), the bar is that variation, not 0.95.
+    # (docs/design.md, "ReNA, exactly": 0.94 between two CPUs), the bar is that variation, not 0.95.
     bound = min(MIN_MEAN_ARI, float(np.mean(stable))) - 1e-12
     worst = sorted(zip(ours, where, strict=True))[:3]
     assert np.mean(ours) >= bound, (

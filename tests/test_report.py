@@ -24,6 +24,8 @@ DEMO_PRESET = {
     "paper_command": "dropcluster reproduce --preset paper-tiny-imagenet",
     "paper": None,
     "average_last": 2,
+    "base": {"dataset": "fashion-mnist", "model": "resnet20", "epochs": 4},
+    "grids": [{"regularizer": ["none"], "p": [0.0], "train_fraction": [1.0], "seed": [0]}],
 }
 
 # (regularizer, p, fraction) -> per seed, the test (top-1, top-5) of the last two of 4 epochs.
@@ -155,7 +157,7 @@ def test_run_metric_is_mean_of_last_k_epochs(sweep):
     # K = 3 reaches back into epoch 1 (top-1 20): (20 + 60 + 62) / 3.
     last_three = {run.run_id: run for run in summarize(store, 3, preset_name=PRESET_NAME).runs}
     assert last_three[_run_id("none", 0.0, 1.0, 0)].top1 == pytest.approx(142 / 3)
-    with pytest.raises(ValueError, match="positive integer"):
+    with pytest.raises(ValueError, match="average_last \\(K\\) should be an integer >= 1"):
         summarize(store, 0)
 
 
@@ -361,7 +363,7 @@ def test_missing_matplotlib_still_writes_tables(tmp_path, monkeypatch):
 
 
 def test_figure_functions_check_their_input(tmp_path):
-    with pytest.raises(ValueError, match="'top1' or 'top5'"):
+    with pytest.raises(ValueError, match="metric should be one of 'top1', 'top5'"):
         report_figures.plot_training_fraction({"none": {1.0: (1.0, None)}}, tmp_path / "x.png",
                                               metric="top-1")  # fmt: skip
     with pytest.raises(ValueError, match="nothing to plot"):

@@ -175,11 +175,11 @@ def test_default_output_folder_is_inside_the_run(lenet_run):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"n_images": 0}, "n_images should be an int >= 1"),
+        ({"n_images": 0}, "n_images should be an integer >= 1"),
         ({"n_images": 17}, "n_images should be at most 16"),
-        ({"sample_images": 1}, "sample_images should be an int >= 2"),
+        ({"sample_images": 1}, "sample_images should be an integer >= 2"),
         ({"n_images": 8, "sample_images": 4}, r"n_images \(8\) should be at most sample_images"),
-        ({"seed": -1}, "seed should be an int >= 0"),
+        ({"seed": -1}, "seed should be an integer >= 0"),
         ({"n_images": 2.0}, "n_images should be an int"),
     ],
 )

@@ -321,8 +321,8 @@ def test_channels_last_is_kept_by_the_layer_and_both_residual_variants():
 
 
 def test_compiled_layer_does_not_recompile_when_p_changes():
-    # aot_eager traces forward and backward through AOTAutograd but skips inductor's C++ build
-    # (3 s here for this layer); fullgraph=True fails on any graph break.
+    # aot_eager traces forward and backward through AOTAutograd but skips inductor's C++ build;
+    # fullgraph=True fails on any graph break.
     torch._dynamo.reset()
     layer = StochasticDepth(0.1)
     counter = CompileCounterWithBackend("aot_eager")
@@ -380,8 +380,8 @@ def test_compiled_skip_variant_breaks_the_graph_but_matches_eager():
         (lambda: StochasticDepth(-0.1), r"has to be in \[0, 1\), but got -0.1"),
         (lambda: StochasticDepth(0.1).set_p(1.5), r"has to be in \[0, 1\), but got 1.5"),
         (lambda: stochastic_depth(torch.ones(3), -0.1), r"has to be in \[0, 1\)"),
-        (lambda: stochastic_depth(torch.ones(3), float("nan")), r"has to be in \[0, 1\)"),
-        (lambda: stochastic_depth(torch.ones(3), "0.1"), "real number"),
+        (lambda: stochastic_depth(torch.ones(3), float("nan")), "finite number, but got nan"),
+        (lambda: stochastic_depth(torch.ones(3), "0.1"), "p should be a number, but got '0.1'"),
         (lambda: stochastic_depth(torch.ones(3), torch.ones(2)), "1-element float tensor"),
         (lambda: stochastic_depth(torch.ones(3), torch.tensor(0)), "1-element float tensor"),
         (lambda: stochastic_depth(torch.ones(3), 0.1, "channel"), "mode should be one of"),

@@ -148,10 +148,12 @@ def test_record_epochs_replaces_the_history(store):
     store.record_epochs("dc-p0.1-s0", HISTORY[:1])
     assert [row["epoch"] for row in store.epochs()] == [0]
     assert store.run("dc-p0.1-s0").epochs_done == 1
-    with pytest.raises(ValueError, match="epoch 0 more than once"):
+    # The table's keys refuse what no history can hold, and the failed write changes nothing.
+    with pytest.raises(sqlite3.IntegrityError, match="UNIQUE constraint failed"):
         store.record_epochs("dc-p0.1-s0", [HISTORY[0], HISTORY[0]])
-    with pytest.raises(ValueError, match="no 'epoch' key"):
+    with pytest.raises(sqlite3.IntegrityError, match="NOT NULL constraint failed: epochs.epoch"):
         store.record_epochs("dc-p0.1-s0", [{"loss": 1.0}])
+    assert [row["epoch"] for row in store.epochs()] == [0]
     with pytest.raises(KeyError, match="no run 'missing'"):
         store.record_epochs("missing", HISTORY)
 
@@ -170,11 +172,7 @@ def test_corruptions_replace_same_corruption_and_severity(store):
     assert rows["gaussian_noise", 5]["top5"] is None
     assert rows["gaussian_noise", 5]["source"] == "released"
     assert rows["clean", 0]["source"] == "generated"
-    with pytest.raises(ValueError, match="clean baseline has severity 0"):
-        store.record_corruptions(
-            "dc-p0.1-s0", [{"corruption": "clean", "severity": 1, "top1": 1.0, "top5": 1.0}]
-        )
-    with pytest.raises(ValueError, match="source has to be one of"):
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint failed"):
         store.record_corruptions("dc-p0.1-s0", CORRUPTIONS, source="downloaded")
 
 
@@ -187,10 +185,6 @@ def test_clusters_replace_same_epoch_and_layer(store):
     stats = store.cluster_stats()
     assert [row["layer"] for row in stats] == ["layer2.0", "layer10.0"]
     assert stats[0]["structured"] == 7 and stats[0]["refit_seconds"] is None
-    with pytest.raises(ValueError, match="0 <= structured <= channels"):
-        store.record_clusters(
-            "dc-p0.1-s0", [{"epoch": 2, "layer": "x", "channels": 4, "structured": 5}]
-        )
 
 
 def test_add_run_is_idempotent_and_keeps_status_and_results(store):
@@ -215,18 +209,6 @@ def test_add_run_with_changed_config_names_the_keys(store):
     with pytest.raises(ValueError, match="seed: 0 -> 1"):
         add(store, seed=1)
     assert store.run("dc-p0.1-s0").config == CONFIG
-
-
-def test_add_run_validates_its_arguments(store):
-    with pytest.raises(ValueError, match="p has to be between 0 and 1, but got 1.5"):
-        add(store, p=1.5)
-    with pytest.raises(ValueError, match=r"train_fraction has to be in \(0, 1\], but got 0.0"):
-        add(store, train_fraction=0.0)
-    with pytest.raises(TypeError, match="seed has to be an int"):
-        add(store, seed=1.0)
-    with pytest.raises(ValueError, match="JSON-serialisable"):
-        add(store, config={"data_dir": object()})
-    assert store.runs() == []
 
 
 def test_record_finished_is_atomic(store, monkeypatch):
@@ -309,7 +291,7 @@ def test_runs_are_ordered_and_filtered(store):
     ]  # fmt: skip
     assert [r.run_id for r in store.runs(preset="other")] == ["other-preset"]
     assert len(store.runs(status="pending", preset="fmnist")) == 5
-    with pytest.raises(ValueError, match="status has to be one of"):
+    with pytest.raises(ValueError, match="status should be one of 'pending'"):
         store.runs(status="done")
 
 

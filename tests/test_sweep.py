@@ -16,6 +16,7 @@ from test_data_datasets import write_cifar100
 
 from dropcluster.cli import main
 from dropcluster.experiments.presets import (
+    Preset,
     apply_overrides,
     expand_grid,
     filter_runs,
@@ -148,7 +149,7 @@ def test_overrides_and_bad_presets_give_clear_errors(tmp_path):
     path.write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="unknown regularizers \\['dropclustr'\\]"):
         load_preset(path)
-    with pytest.raises(ValueError, match="--set expects key=value"):
+    with pytest.raises(ValueError, match="--set should look like KEY=VALUE"):
         parse_overrides(["stem"])
 
 
@@ -277,7 +278,7 @@ def test_jobs_run_side_by_side_and_share_the_cores(tmp_path, monkeypatch):
     # Both runs were started at once, in different slots, with half the cores each.
     assert sorted(slot for _, slot, _ in launches) == [0, 1]
     assert {threads for _, _, threads in launches} == {2}
-    with pytest.raises(ValueError, match="jobs should be a positive int"):
+    with pytest.raises(ValueError, match="jobs should be an integer >= 1, but got 0"):
         run_sweep(preset, tmp_path / "out", jobs=0)
 
 
@@ -371,16 +372,60 @@ def test_sweep_settings_are_checked_but_the_device_may_change(tmp_path):
 
 
 def test_bad_evaluate_blocks_are_refused_when_the_preset_loads(tmp_path):
-    from dropcluster.experiments.presets import validate_preset
-
     with pytest.raises(ValueError, match="unknown \\['severity'\\]"):
-        validate_preset(_evaluating_preset(severity=[1]))
+        Preset.from_dict(_evaluating_preset(severity=[1]))
     with pytest.raises(ValueError, match="evaluate.train_fraction \\[1.0\\] is in no grid"):
-        validate_preset(_evaluating_preset(train_fraction=[1.0]))
+        Preset.from_dict(_evaluating_preset(train_fraction=[1.0]))
     with pytest.raises(ValueError, match="unknown corruption"):
-        validate_preset(_evaluating_preset(corruptions="fog"))
+        Preset.from_dict(_evaluating_preset(corruptions="fog"))
     with pytest.raises(ValueError, match="but the data set is 'synthetic'"):
-        validate_preset(_evaluating_preset(corrupted_from=str(tmp_path)))
+        Preset.from_dict(_evaluating_preset(corrupted_from=str(tmp_path)))
+
+
+def test_preset_is_typed_and_round_trips_through_its_json_form():
+    preset = Preset.from_dict(_evaluating_preset())
+    assert preset.grids[0].regularizer == ["none"] and preset.average_last == 1
+    assert preset.evaluate.train_fraction == [0.25]
+    assert preset.evaluate.corruption.corruptions == ["gaussian_noise"]
+    assert Preset.from_dict(preset.to_dict()) == preset
+    assert Preset.from_dict(json.loads(json.dumps(preset.to_dict()))) == preset
+    for name in preset_names():
+        shipped = load_preset(name)
+        assert Preset.from_dict(shipped.to_dict()) == shipped
+    with pytest.raises(ValueError, match="tiny-test: unknown keys \\['evalute'\\]"):
+        Preset.from_dict({**tiny_preset(), "evalute": None}, "tiny-test")
+    with pytest.raises(ValueError, match="lacks the keys \\['grids'\\]"):
+        Preset.from_dict({k: v for k, v in tiny_preset().items() if k != "grids"})
+    with pytest.raises(ValueError, match="grid 0: a grid should have exactly the keys"):
+        Preset.from_dict({**tiny_preset(), "grids": [{"regularizer": ["none"]}]})
+    with pytest.raises(ValueError, match="scale should be one of 'demo', 'paper'"):
+        Preset.from_dict({**tiny_preset(), "scale": "huge"})
+    # Every run's config is checked, not only the first of each grid.
+    bad_seed = tiny_preset()
+    bad_seed["grids"][0]["seed"] = [0, -1]
+    with pytest.raises(ValueError, match="seed should be an integer >= 0, but got -1"):
+        Preset.from_dict(bad_seed)
+
+
+def test_a_sweep_folder_written_before_the_typed_presets_continues(tmp_path):
+    out = tmp_path / "out"
+    run_sweep(_evaluating_preset(), out, stream=io.StringIO())
+    # The preset.json of an older sweep: corruptions as text, a key left out.
+    old = _evaluating_preset(corruptions="gaussian_noise")
+    del old["paper"]
+    (out / "preset.json").write_text(json.dumps(old))
+    again = run_sweep(_evaluating_preset(), out, stream=io.StringIO())
+    assert again.finished == 1 and again.ran == []
+    assert load_preset(out / "preset.json") == Preset.from_dict(_evaluating_preset())
+
+
+def test_a_missing_corrupted_from_folder_is_refused_before_any_run(tmp_path):
+    preset = _evaluating_preset()
+    preset["base"]["dataset"] = preset["dataset"] = "cifar100"
+    preset["evaluate"]["corrupted_from"] = str(tmp_path / "missing")
+    with pytest.raises(ValueError, match="corrupted_from .*missing is no folder"):
+        run_sweep(preset, tmp_path / "out", stream=io.StringIO())
+    assert not (tmp_path / "out").exists()
 
 
 def test_released_results_keep_their_source(tmp_path):

@@ -9,9 +9,23 @@ from pathlib import Path
 
 from dropcluster.validation import int_argument
 
+_DEVICE_HELP = "auto (CUDA when there is one), cpu, cuda, cuda:1, ..."
+
 
 def add_experiment_parsers(commands) -> None:
     """Register the experiment subcommands on the ``dropcluster`` parser."""
+    _add_evaluate_parser(commands)
+    for name, text in (
+        ("sweep", "train every run of a preset's grid that is not finished yet (resumable)"),
+        ("reproduce", "sweep + report: reproduce the paper's comparisons (default: the demo)"),
+    ):
+        _add_sweep_parser(commands, name, text)
+    _add_results_parser(commands)
+    _add_report_parser(commands)
+    _add_analyze_parser(commands)
+
+
+def _add_evaluate_parser(commands) -> None:
     evaluate = commands.add_parser(
         "evaluate",
         help="accuracy of a trained run on corrupted test sets (7 corruptions x 5 severities)",
@@ -61,70 +75,70 @@ def add_experiment_parsers(commands) -> None:
         metavar="DIR",
         help="folder of the released CIFAR-100-C or Tiny-ImageNet-C files",
     )
-    evaluate.add_argument(
-        "--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:1, ..."
-    )
+    evaluate.add_argument("--device", default="auto", help=_DEVICE_HELP)
     evaluate.add_argument(
         "--batch-size", type=int_argument(1), default=None, help="evaluation batch size"
     )
     evaluate.set_defaults(handler=_run_evaluate)
 
-    for name, text in (
-        ("sweep", "train every run of a preset's grid that is not finished yet (resumable)"),
-        ("reproduce", "sweep + report: reproduce the paper's comparisons (default: the demo)"),
-    ):
-        sub = commands.add_parser(name, help=text, description=text)
-        sub.add_argument(
-            "--preset",
-            default="demo",
-            help="demo (default), paper-cifar100, paper-tiny-imagenet, or a .json",
-        )
-        sub.add_argument(
-            "--out", type=Path, default=None, help="output folder (default: runs/<preset>)"
-        )
-        sub.add_argument(
-            "--jobs",
-            type=int_argument(1),
-            default=1,
-            help="runs at once (one per GPU, or CPU processes sharing the cores)",
-        )
-        sub.add_argument(
-            "--only",
-            action="append",
-            default=[],
-            metavar="FILTER",
-            help="keep matching runs: regularizer=dropcluster,dropblock, p=0.1, "
-            "fraction=1, seed=0 or a run-id pattern (repeatable)",
-        )
-        sub.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            dest="overrides",
-            metavar="KEY=VALUE",
-            help="override a base config value, e.g. --set stem=cifar (repeatable)",
-        )
-        sub.add_argument(
-            "--stem",
-            choices=("imagenet", "cifar"),
-            default=None,
-            help="ResNet stem: imagenet (the paper's) or cifar (the stronger model on 32x32)",
-        )
-        sub.add_argument(
-            "--device", default=None, help="shorthand for --set device=...: auto, cpu, cuda, cuda:1"
-        )
-        sub.add_argument(
-            "--corrupted-from",
-            default=None,
-            metavar="DIR",
-            help="evaluate corruptions on the released files in DIR",
-        )
-        sub.add_argument(
-            "--dry-run",
-            action="store_true",
-            help="list the grid with its status and estimated cost; run nothing",
-        )
-        sub.set_defaults(handler=_run_sweep, report=name == "reproduce")
+
+def _add_sweep_parser(commands, name: str, text: str) -> None:
+    sub = commands.add_parser(name, help=text, description=text)
+    sub.add_argument(
+        "--preset",
+        default="demo",
+        help="demo (default), paper-cifar100, paper-tiny-imagenet, or a .json",
+    )
+    sub.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: runs/<preset>)"
+    )
+    sub.add_argument(
+        "--jobs",
+        type=int_argument(1),
+        default=1,
+        help="runs at once (one per GPU, or CPU processes sharing the cores)",
+    )
+    sub.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="FILTER",
+        help="keep matching runs: regularizer=dropcluster,dropblock, p=0.1, "
+        "fraction=1, seed=0 or a run-id pattern (repeatable)",
+    )
+    sub.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="KEY=VALUE",
+        help="override a base config value, e.g. --set stem=cifar (repeatable)",
+    )
+    sub.add_argument(
+        "--stem",
+        choices=("imagenet", "cifar"),
+        default=None,
+        help="ResNet stem: imagenet (the paper's) or cifar (the stronger model on 32x32)",
+    )
+    sub.add_argument(
+        "--device", default=None, help=f"shorthand for --set device=...: {_DEVICE_HELP}"
+    )
+    sub.add_argument(
+        "--corrupted-from",
+        default=None,
+        metavar="DIR",
+        help="evaluate corruptions on the released files in DIR",
+    )
+    sub.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the grid with its status and estimated cost; run nothing",
+    )
+    sub.set_defaults(handler=_run_sweep, report=name == "reproduce")
+
+
+def _add_results_parser(commands) -> None:
+    from dropcluster.experiments.store import RUN_STATUSES
 
     results = commands.add_parser(
         "results",
@@ -133,10 +147,7 @@ def add_experiment_parsers(commands) -> None:
     )
     results.add_argument("--out", type=Path, required=True, help="the sweep's output folder")
     results.add_argument(
-        "--status",
-        choices=("pending", "running", "finished", "failed"),
-        default=None,
-        help="only runs with this status",
+        "--status", choices=RUN_STATUSES, default=None, help="only runs with this status"
     )
     results.add_argument(
         "--csv",
@@ -147,6 +158,8 @@ def add_experiment_parsers(commands) -> None:
     )
     results.set_defaults(handler=_run_results)
 
+
+def _add_report_parser(commands) -> None:
     report = commands.add_parser(
         "report",
         help="regenerate the Markdown + PNG report of a sweep",
@@ -169,6 +182,8 @@ def add_experiment_parsers(commands) -> None:
     )
     report.set_defaults(handler=_run_report)
 
+
+def _add_analyze_parser(commands) -> None:
     analyze = commands.add_parser(
         "analyze",
         help="cluster maps and Spatial Hopkins statistics of a trained run (PNG + Markdown)",
@@ -186,9 +201,7 @@ def add_experiment_parsers(commands) -> None:
         default=256,
         help="test images whose activations are analysed",
     )
-    analyze.add_argument(
-        "--device", default="auto", help="auto (CUDA when there is one), cpu, cuda"
-    )
+    analyze.add_argument("--device", default="auto", help=_DEVICE_HELP)
     analyze.add_argument("--seed", type=int_argument(0), default=0, help="random seed")
     analyze.set_defaults(handler=_run_analyze)
 
@@ -229,9 +242,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 def _update_sweep_database(run_dir: Path, rows, source: str) -> None:
     """A run inside a sweep folder (OUT/runs/<id>) also gets its rows in OUT's database."""
     from dropcluster.experiments.store import DATABASE_NAME, ResultsStore
+    from dropcluster.experiments.sweep import RUNS_FOLDER
 
-    sweep_dir = run_dir.resolve().parent.parent
-    if not (sweep_dir / DATABASE_NAME).is_file():
+    runs_folder = run_dir.resolve().parent
+    sweep_dir = runs_folder.parent
+    if runs_folder.name != RUNS_FOLDER or not (sweep_dir / DATABASE_NAME).is_file():
         return
     with ResultsStore.in_folder(sweep_dir) as store:
         try:
@@ -247,7 +262,7 @@ def _load_sweep_preset(args: argparse.Namespace):
         apply_overrides,
         load_preset,
         parse_overrides,
-        validate_preset,
+        with_corrupted_from,
     )
 
     preset = load_preset(args.preset)
@@ -259,23 +274,25 @@ def _load_sweep_preset(args: argparse.Namespace):
     if overrides:
         preset = apply_overrides(preset, overrides)
     if args.corrupted_from is not None:
-        if not preset.get("evaluate"):
-            raise ValueError(f"preset {preset['name']} evaluates no corruptions")
-        preset["evaluate"] = {**preset["evaluate"], "corrupted_from": args.corrupted_from}
-        validate_preset(preset, f"preset {preset['name']} with --corrupted-from")
+        preset = with_corrupted_from(preset, args.corrupted_from)
     return preset
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    from dropcluster.experiments.sweep import dry_run, format_duration, run_sweep
+    from dropcluster.experiments.sweep import (
+        DEFAULT_OUT_PARENT,
+        dry_run,
+        format_duration,
+        run_sweep,
+    )
 
     preset = _load_sweep_preset(args)
-    out = args.out if args.out is not None else Path("runs") / preset["name"]
+    out = args.out if args.out is not None else DEFAULT_OUT_PARENT / preset.name
     if args.dry_run:
         dry_run(preset, out, args.only, sys.stdout)
         return 0
     print(
-        f"dropcluster {args.command}: preset {preset['name']} ({preset['scale']} scale) -> {out}",
+        f"dropcluster {args.command}: preset {preset.name} ({preset.scale} scale) -> {out}",
         file=sys.stderr,
     )
     try:
@@ -308,26 +325,11 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
 
 def _analyze_dropcluster_run(out: Path) -> None:
-    """Cluster analysis of the sweep's best finished DropCluster run on its largest training
-    fraction (first seed), once: the report links it."""
-    from dropcluster.experiments.run_analysis import analyze_run
-    from dropcluster.experiments.store import ResultsStore
-    from dropcluster.experiments.sweep import RUNS_FOLDER
+    """The cluster analysis the report links (see ``analyze_best_dropcluster_run``)."""
+    from dropcluster.experiments.run_analysis import analyze_best_dropcluster_run
 
-    with ResultsStore.in_folder(out, readonly=True) as store:
-        runs = [r for r in store.runs(status="finished") if r.regularizer == "dropcluster"]
-    if not runs:
-        return
-    largest = max(r.train_fraction for r in runs)
-    candidates = [r for r in runs if r.train_fraction == largest]
-    first_seed = min(r.seed for r in candidates)
-    best = max((r for r in candidates if r.seed == first_seed), key=lambda r: r.top1 or 0.0)
-    run_dir = out / RUNS_FOLDER / best.run_id
-    if (run_dir / "analysis" / "analysis.md").is_file():
-        return
-    print(f"cluster analysis of {best.run_id}", file=sys.stderr)
     try:
-        analyze_run(run_dir)
+        analyze_best_dropcluster_run(out, progress=lambda message: print(message, file=sys.stderr))
     except ImportError as error:
         print(f"no cluster analysis: {error}", file=sys.stderr)
 
@@ -341,22 +343,19 @@ def _write_report(out: Path, preset, average_last, report_dir: Path | None = Non
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    import json
-
+    from dropcluster.experiments.presets import load_preset
     from dropcluster.experiments.sweep import PRESET_NAME
 
     preset_path = args.out / PRESET_NAME
     if not preset_path.is_file():
         raise FileNotFoundError(f"{args.out} has no {PRESET_NAME}: is it a sweep's output folder?")
-    path = _write_report(
-        args.out, json.loads(preset_path.read_text()), args.average_last, args.report_dir
-    )
+    path = _write_report(args.out, load_preset(preset_path), args.average_last, args.report_dir)
     print(f"report: {path}")
     return 0
 
 
 def _run_results(args: argparse.Namespace) -> int:
-    from dropcluster.experiments.store import ResultsStore
+    from dropcluster.experiments.store import FAILED, ResultsStore
 
     with ResultsStore.in_folder(args.out, readonly=True) as store:
         runs = store.runs(status=args.status)
@@ -369,7 +368,7 @@ def _run_results(args: argparse.Namespace) -> int:
                 f"{record.run_id:<40} {record.status:>9} {record.epochs_done:>6} {top1:>7} "
                 f"{top5:>7} {record.attempts:>5}"
             )
-            if record.status == "failed" and record.error:
+            if record.status == FAILED and record.error:
                 print(f"    error: {record.error.strip().splitlines()[-1]}")
         print(", ".join(f"{count} {status}" for status, count in counts.items()))
         if args.csv is not None:

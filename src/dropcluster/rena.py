@@ -6,7 +6,8 @@ channel, using the N images of a minibatch as the samples that describe each pix
 4-neighbour pixel grid as the graph. DropCluster (paper, Algorithm 1) runs it on every channel of
 the first conv layer's output. This module runs all channels in lock-step rounds of tensor
 operations, on any device, with the semantics of the reference implementation (nilearn's
-``recursive_neighbor_agglomeration``; ``shared/design/rena.md`` describes it step by step):
+``recursive_neighbor_agglomeration``; ``docs/design.md``, "ReNA, exactly", describes it step by
+step):
 
 * level 0: 4-neighbour edges weighted by *half* the squared distance between the two pixels'
   sample vectors, computed in float64; edges of weight exactly 0 (neighbours identical in every
@@ -40,9 +41,12 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from dropcluster.validation import check_choice, check_float, check_int, check_tensor
 
 UNSTRUCTURED_MODES = ("rena", "dead", "hopkins", "none")
 IDENTICAL_NEIGHBOUR_MODES = ("merge", "split")
@@ -152,88 +156,25 @@ def rena(
     Raises:
         ValueError: wrong rank, fewer than 2 samples, no pixels, non-finite values, bad options.
     """
-    n_clusters, low, high = _check_arguments(
+    n_clusters, max_rounds, threshold, low, high = _check_arguments(
         x, n_clusters, max_rounds, threshold, unstructured, identical_neighbours, hopkins_threshold
     )
-    n_samples, n_channels, height, width = x.shape
-    n_pixels = height * width
-    device = x.device
+    n_channels, height, width = x.shape[1:]
     if n_channels == 0:
-        return ReNAResult(
-            labels=torch.zeros(0, height, width, dtype=torch.int64, device=device),
-            n_found=torch.zeros(0, dtype=torch.int64, device=device),
-            structured=torch.zeros(0, dtype=torch.bool, device=device),
-            sizes=torch.zeros(0, n_clusters, dtype=torch.int64, device=device),
-            n_clusters=n_clusters,
-            n_rounds=0,
-        )
-
-    feature_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    samples = x.detach().reshape(n_samples, n_channels, n_pixels).to(feature_dtype)
-    factor, floor = _channel_scaling(low, high, feature_dtype, threshold)
-    if factor is not None:
-        samples = samples * factor.to(feature_dtype).view(1, n_channels, 1)
-    grid_u, grid_v = grid_edges(height, width, device)
-    level0_weights = _level0_weights(x.detach(), height, width, factor)
-    has_identical_neighbours = (level0_weights == 0).any(dim=1)
-
+        return _empty_result(height, width, n_clusters, x.device)
+    graphs = _level0_graphs(x.detach(), low, high, threshold)
     if unstructured == "rena":
-        labels, n_found, n_rounds = _agglomerate(
-            samples, level0_weights, grid_u, grid_v, None, n_clusters, max_rounds, threshold,
-            floor,
-        )  # fmt: skip
-        structured = n_found <= n_clusters
-        if identical_neighbours == "merge":
-            redo = structured & has_identical_neighbours
-            if bool(redo.any()):
-                redo_idx = redo.nonzero().squeeze(1)
-                contract = torch.ones(redo_idx.numel(), dtype=torch.bool, device=device)
-                redo_labels, redo_found, redo_rounds = _agglomerate(
-                    samples[:, redo_idx], level0_weights[redo_idx], grid_u, grid_v, contract,
-                    n_clusters, max_rounds, threshold, None if floor is None else floor[redo_idx],
-                )  # fmt: skip
-                labels[redo_idx] = redo_labels
-                n_found[redo_idx] = redo_found
-                n_rounds = max(n_rounds, redo_rounds)
+        labels, n_found, structured, n_rounds = _cluster_by_paper_rule(
+            graphs, n_clusters, max_rounds, threshold, identical_neighbours
+        )
     else:
         structured = _structured_without_rena(
-            x, level0_weights, unstructured, hopkins_threshold, generator
+            x, graphs.weights, unstructured, hopkins_threshold, generator
         )
-        contract = None
-        if identical_neighbours == "merge":
-            contract = structured & has_identical_neighbours
-        labels, n_found, n_rounds = _agglomerate(
-            samples,
-            level0_weights,
-            grid_u,
-            grid_v,
-            contract,
-            n_clusters,
-            max_rounds,
-            threshold,
-            floor,
+        labels, n_found, n_rounds = _cluster_with_verdict(
+            graphs, structured, n_clusters, max_rounds, threshold, identical_neighbours
         )
-        overfull = structured & (n_found > n_clusters)
-        if bool(overfull.any()):
-            warnings.warn(
-                f"{int(overfull.sum())} structured channel(s) ended with more than "
-                f"n_clusters={n_clusters} clusters (identical_neighbours={identical_neighbours!r}, "
-                f"max_rounds={max_rounds}); their labels go up to n_found - 1",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-
-    n_columns = max(n_clusters, int(n_found.max()))
-    sizes = torch.zeros(n_channels, n_columns, dtype=torch.int64, device=device)
-    sizes.scatter_add_(1, labels, torch.ones_like(labels))
-    return ReNAResult(
-        labels=labels.view(n_channels, height, width),
-        n_found=n_found,
-        structured=structured,
-        sizes=sizes,
-        n_clusters=n_clusters,
-        n_rounds=n_rounds,
-    )
+    return _result(labels, n_found, structured, n_clusters, n_rounds, height, width)
 
 
 def grid_edges(
@@ -285,15 +226,8 @@ def connected_components(n_nodes: int, a: Tensor, b: Tensor) -> Tensor:
 
 def check_modes(unstructured: str, identical_neighbours: str) -> None:
     """Raise ValueError unless both are valid option values of :func:`rena`."""
-    if unstructured not in UNSTRUCTURED_MODES:
-        raise ValueError(
-            f"unstructured should be one of {UNSTRUCTURED_MODES}, but got {unstructured!r}"
-        )
-    if identical_neighbours not in IDENTICAL_NEIGHBOUR_MODES:
-        raise ValueError(
-            f"identical_neighbours should be one of {IDENTICAL_NEIGHBOUR_MODES}, "
-            f"but got {identical_neighbours!r}"
-        )
+    check_choice("unstructured", unstructured, UNSTRUCTURED_MODES)
+    check_choice("identical_neighbours", identical_neighbours, IDENTICAL_NEIGHBOUR_MODES)
 
 
 def _check_arguments(
@@ -304,17 +238,14 @@ def _check_arguments(
     unstructured: str,
     identical_neighbours: str,
     hopkins_threshold: float,
-) -> tuple[int, Tensor | None, Tensor | None]:
-    """Check the arguments of :func:`rena`.
+) -> tuple[int, int, float, Tensor | None, Tensor | None]:
+    """Check the arguments of :func:`rena`, the one place they are checked.
 
     Returns:
-        n_clusters clamped to ``H * W``, and the (C,) smallest and largest value of each channel
-        (None when x is empty).
+        n_clusters clamped to ``H * W``, max_rounds, threshold, and the (C,) smallest and
+        largest value of each channel (None when x has no channels).
     """
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x should be a torch.Tensor of shape (N, C, H, W), but got {type(x)}")
-    if x.dim() != 4:
-        raise ValueError(f"x should be 4 dimensional (N, C, H, W), but got shape {tuple(x.shape)}")
+    check_tensor("x", x, 4, "(N, C, H, W)")
     if x.is_complex() or x.dtype == torch.bool:
         raise ValueError(f"x should hold real numbers, but got dtype {x.dtype}")
     n_samples, _, height, width = x.shape
@@ -326,7 +257,7 @@ def _check_arguments(
     if x.numel() > 0:
         # Per-channel min/max: they propagate NaN and expose infinities without a full-size
         # boolean temporary, and give the channel scales (two reductions over the channel
-        # dimension are several times faster here than one aminmax per image and channel).
+        # dimension, not one aminmax per image and channel).
         detached = x.detach()
         low, high = detached.amin(dim=(0, 2, 3)), detached.amax(dim=(0, 2, 3))
         if x.is_floating_point():
@@ -337,20 +268,12 @@ def _check_arguments(
                     f"x should hold finite values, but it contains NaN or infinite values in "
                     f"channel(s) {bad[:10]}{' ...' if len(bad) > 10 else ''}"
                 )
-    if isinstance(n_clusters, bool) or not isinstance(n_clusters, int):
-        raise ValueError(f"n_clusters should be an int, but got {n_clusters!r}")
-    if n_clusters < 1:
-        raise ValueError(f"n_clusters should be at least 1, but got {n_clusters}")
-    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
-        raise ValueError(f"max_rounds should be a positive int, but got {max_rounds!r}")
-    if not (isinstance(threshold, (int, float)) and 0.0 < threshold < 1.0):
-        raise ValueError(f"threshold should be in the open interval (0, 1), but got {threshold!r}")
+    n_clusters = check_int("n_clusters", n_clusters, minimum=1)
+    max_rounds = check_int("max_rounds", max_rounds, minimum=1)
+    threshold = check_float("threshold", threshold, above=0.0, below=1.0)
     check_modes(unstructured, identical_neighbours)
     if unstructured == "hopkins":
-        if not (isinstance(hopkins_threshold, (int, float)) and 0.0 <= hopkins_threshold <= 1.0):
-            raise ValueError(
-                f"hopkins_threshold should be in [0, 1], but got {hopkins_threshold!r}"
-            )
+        check_float("hopkins_threshold", hopkins_threshold, minimum=0.0, maximum=1.0)
         if height < 3 or width < 3:
             raise ValueError(
                 f'unstructured="hopkins" needs maps of at least 3x3, but got {height}x{width}'
@@ -364,11 +287,163 @@ def _check_arguments(
             stacklevel=3,
         )
         n_clusters = n_pixels
-    return n_clusters, low, high
+    return n_clusters, max_rounds, threshold, low, high
+
+
+def _empty_result(height: int, width: int, n_clusters: int, device: torch.device) -> ReNAResult:
+    """The result for an input without channels."""
+    return ReNAResult(
+        labels=torch.zeros(0, height, width, dtype=torch.int64, device=device),
+        n_found=torch.zeros(0, dtype=torch.int64, device=device),
+        structured=torch.zeros(0, dtype=torch.bool, device=device),
+        sizes=torch.zeros(0, n_clusters, dtype=torch.int64, device=device),
+        n_clusters=n_clusters,
+        n_rounds=0,
+    )
+
+
+@dataclass(frozen=True)
+class _ChannelGraphs:
+    """The level-0 graph of every channel: its nodes' features and its weighted grid edges.
+
+    Attributes:
+        samples: (N, C, P) pixel values, float32 (float64 for float64 input), each channel
+            multiplied by its power of two (see :func:`_channel_scaling`).
+        weights: (C, E0) float64 level-0 weights, edges in the order of :func:`grid_edges`.
+        grid_u, grid_v: (E0,) int64 grid edges.
+        floor: (C,) floor of the edge weights of each channel, in the features' dtype, when some
+            channel is scaled; None: ``threshold`` everywhere.
+        has_identical_neighbours: (C,) bool, channels with an edge of weight 0.
+    """
+
+    samples: Tensor
+    weights: Tensor
+    grid_u: Tensor
+    grid_v: Tensor
+    floor: Tensor | None
+    has_identical_neighbours: Tensor
+
+    def select(self, channels: Tensor) -> _ChannelGraphs:
+        """The graphs of the channels at the (K,) int64 indices ``channels``."""
+        return _ChannelGraphs(
+            samples=self.samples[:, channels],
+            weights=self.weights[channels],
+            grid_u=self.grid_u,
+            grid_v=self.grid_v,
+            floor=None if self.floor is None else self.floor[channels],
+            has_identical_neighbours=self.has_identical_neighbours[channels],
+        )
+
+
+def _level0_graphs(x: Tensor, low: Tensor, high: Tensor, threshold: float) -> _ChannelGraphs:
+    """Features, grid edges and level-0 weights of every channel of the (N, C, H, W) ``x``.
+
+    ``low``/``high`` are the (C,) extremes of each channel, which set its scaling.
+    """
+    n_samples, n_channels, height, width = x.shape
+    feature_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    samples = x.reshape(n_samples, n_channels, height * width).to(feature_dtype)
+    factor, floor = _channel_scaling(low, high, feature_dtype, threshold)
+    if factor is not None:
+        samples = samples * factor.to(feature_dtype).view(1, n_channels, 1)
+    grid_u, grid_v = grid_edges(height, width, x.device)
+    weights = _level0_weights(x, height, width, factor)
+    return _ChannelGraphs(
+        samples=samples,
+        weights=weights,
+        grid_u=grid_u,
+        grid_v=grid_v,
+        floor=floor,
+        has_identical_neighbours=(weights == 0).any(dim=1),
+    )
+
+
+def _cluster_by_paper_rule(
+    graphs: _ChannelGraphs,
+    n_clusters: int,
+    max_rounds: int,
+    threshold: float,
+    identical_neighbours: str,
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """ReNA with the reference semantics, and the paper's verdict: more than k clusters is
+    unstructured. Under ``"merge"`` the structured channels with identical neighbours are
+    clustered again with those neighbours contracted.
+
+    Returns:
+        labels (C, P) int64, n_found (C,) int64, structured (C,) bool, number of rounds run.
+    """
+    labels, n_found, n_rounds = _agglomerate(graphs, None, n_clusters, max_rounds, threshold)
+    structured = n_found <= n_clusters
+    if identical_neighbours == "merge":
+        redo = structured & graphs.has_identical_neighbours
+        if bool(redo.any()):
+            redo_idx = redo.nonzero().squeeze(1)
+            contract = torch.ones(redo_idx.numel(), dtype=torch.bool, device=labels.device)
+            redo_labels, redo_found, redo_rounds = _agglomerate(
+                graphs.select(redo_idx), contract, n_clusters, max_rounds, threshold
+            )
+            labels[redo_idx] = redo_labels
+            n_found[redo_idx] = redo_found
+            n_rounds = max(n_rounds, redo_rounds)
+    return labels, n_found, structured, n_rounds
+
+
+def _cluster_with_verdict(
+    graphs: _ChannelGraphs,
+    structured: Tensor,
+    n_clusters: int,
+    max_rounds: int,
+    threshold: float,
+    identical_neighbours: str,
+) -> tuple[Tensor, Tensor, int]:
+    """ReNA on every channel once the (C,) bool ``structured`` verdict is known. Under
+    ``"merge"`` identical neighbours are contracted in the structured channels.
+
+    Returns:
+        labels (C, P) int64, n_found (C,) int64, number of rounds run.
+    """
+    contract = None
+    if identical_neighbours == "merge":
+        contract = structured & graphs.has_identical_neighbours
+    labels, n_found, n_rounds = _agglomerate(graphs, contract, n_clusters, max_rounds, threshold)
+    overfull = structured & (n_found > n_clusters)
+    if bool(overfull.any()):
+        warnings.warn(
+            f"{int(overfull.sum())} structured channel(s) ended with more than "
+            f"n_clusters={n_clusters} clusters (identical_neighbours={identical_neighbours!r}, "
+            f"max_rounds={max_rounds}); their labels go up to n_found - 1",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return labels, n_found, n_rounds
+
+
+def _result(
+    labels: Tensor,
+    n_found: Tensor,
+    structured: Tensor,
+    n_clusters: int,
+    n_rounds: int,
+    height: int,
+    width: int,
+) -> ReNAResult:
+    """The :class:`ReNAResult` of (C, P) labels, with the cluster sizes counted."""
+    n_channels = n_found.numel()
+    n_columns = max(n_clusters, int(n_found.max()))
+    sizes = torch.zeros(n_channels, n_columns, dtype=torch.int64, device=labels.device)
+    sizes.scatter_add_(1, labels, torch.ones_like(labels))
+    return ReNAResult(
+        labels=labels.view(n_channels, height, width),
+        n_found=n_found,
+        structured=structured,
+        sizes=sizes,
+        n_clusters=n_clusters,
+        n_rounds=n_rounds,
+    )
 
 
 def _channel_scaling(
-    low: Tensor | None, high: Tensor | None, dtype: torch.dtype, threshold: float
+    low: Tensor, high: Tensor, dtype: torch.dtype, threshold: float
 ) -> tuple[Tensor | None, Tensor | None]:
     """Powers of two that bring each channel's largest magnitude into the safe range.
 
@@ -384,8 +459,6 @@ def _channel_scaling(
         above every weight of its channel (an upscaled channel has weights below ``N * 2**-62``),
         so every weight is floored to the same value either way.
     """
-    if low is None or high is None:
-        return None, None
     peak = torch.maximum(low.double().abs(), high.double().abs()).tolist()
     info = torch.finfo(dtype)
     lowest, highest = round(math.log2(info.tiny)), math.floor(math.log2(info.max))
@@ -447,7 +520,7 @@ def _level0_weights(x: Tensor, height: int, width: int, factor: Tensor | None = 
         (C, E) float64, edges in the order of :func:`grid_edges`.
     """
     n_samples, n_channels = x.shape[:2]
-    # Blocks of about 2**20 values (8 MB in float64) measured fastest here.
+    # Blocks of about 2**20 values (8 MB in float64) bound the float64 temporaries.
     chunk = max(1, (1 << 20) // max(1, n_samples * height * width))
     parts = []
     for start in range(0, n_channels, chunk):
@@ -462,64 +535,35 @@ def _level0_weights(x: Tensor, height: int, width: int, factor: Tensor | None = 
 
 
 def _agglomerate(
-    samples: Tensor,
-    level0_weights: Tensor,
-    grid_u: Tensor,
-    grid_v: Tensor,
+    graphs: _ChannelGraphs,
     contract: Tensor | None,
     n_clusters: int,
     max_rounds: int,
     threshold: float,
-    floor: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, int]:
     """Run ReNA rounds on a stack of channels.
 
     Nodes of all channels live in one flat index space, sorted by (channel, smallest pixel), so
-    that a node's rank inside its channel is its reference cluster number at every level.
+    that a node's rank inside its channel is its reference cluster number at every level. Each
+    round links nearest neighbours (:func:`_nearest_neighbour_links`, cut by
+    :func:`_overshoot_guard`), merges the connected components of the links, averages their
+    features (:func:`_reduce_features`) and weights the edges between the new nodes
+    (:func:`_reduced_edges`).
 
     Args:
-        samples: (N, C, P) pixel values, float32 or float64.
-        level0_weights: (C, E0) float64 from :func:`_level0_weights`.
-        grid_u, grid_v: (E0,) int64 grid edges.
+        graphs: the level-0 graphs of the C channels.
         contract: (C,) bool or None. Channels where neighbours with weight 0 are contracted
             into one node before the first round (``identical_neighbours="merge"``); elsewhere
             such edges are deleted, as in the reference.
-        floor: (C,) floor of the edge weights of each channel, in the features' dtype, for
-            scaled channels (see :func:`_channel_scaling`); None: ``threshold`` everywhere.
 
     Returns:
         labels (C, P) int64, n_found (C,) int64, number of rounds run.
     """
-    n_samples, n_channels, n_pixels = samples.shape
-    device = samples.device
-    channel_offset = torch.arange(n_channels, device=device).mul_(n_pixels).unsqueeze(1)
-    all_a = (grid_u + channel_offset).reshape(-1)
-    all_b = (grid_v + channel_offset).reshape(-1)
-    all_w = level0_weights.reshape(-1)
-
+    n_samples, n_channels, n_pixels = graphs.samples.shape
     # Level-0 features are read straight from the sample-major input, (N, pixels), which spares
-    # a transposed copy of it; `node_pixel` maps a level-0 node to its pixel column (None when
-    # they coincide). The first reduction writes node-major features, (nodes, N).
-    features = samples.reshape(n_samples, n_channels * n_pixels)
-    node_pixel = None
-    sample_major = True
-    node_channel = torch.arange(n_channels, device=device).repeat_interleave(n_pixels)
-    pixel_node = torch.arange(n_channels * n_pixels, device=device)
-    nonzero = all_w != 0
-    a, b, weights = all_a[nonzero], all_b[nonzero], all_w[nonzero]
-
-    if contract is not None:
-        identical = (~nonzero) & contract.repeat_interleave(grid_u.numel())
-        if bool(identical.any()):
-            root = connected_components(features.shape[1], all_a[identical], all_b[identical])
-            is_root = root == torch.arange(root.numel(), device=device)
-            new_id = torch.cumsum(is_root, 0).sub_(1)[root]
-            # Contracted pixels are bit-identical, so the root's vector is every member's vector.
-            node_pixel = is_root.nonzero().squeeze(1)
-            node_channel = node_channel[is_root]
-            pixel_node = new_id
-            a, b, weights = _merge_edges(new_id[a], new_id[b], weights, node_pixel.numel())
-
+    # a transposed copy of it; the first reduction writes node-major features, (nodes, N).
+    features = graphs.samples.reshape(n_samples, n_channels * n_pixels)
+    node_pixel, node_channel, pixel_node, a, b, weights = _level0_nodes(graphs, contract)
     n_nodes = torch.bincount(node_channel, minlength=n_channels)
     n_rounds = 0
     for _ in range(max_rounds):
@@ -534,44 +578,146 @@ def _agglomerate(
         n_current = node_channel.numel()
         links = _nearest_neighbour_links(a, b, weights, n_current, threshold)
         links = links & _overshoot_guard(a, b, links, edge_channel, n_nodes, n_clusters)
-        root = connected_components(n_current, a[links], b[links])
-        is_root = root == torch.arange(root.numel(), device=device)
-        new_id = torch.cumsum(is_root, 0).sub_(1)[root]
-        n_new = int(is_root.sum())
-
-        children = torch.bincount(new_id, minlength=n_new).to(features.dtype)
-        if sample_major:
-            column_target = new_id
-            if node_pixel is not None:
-                # Pixels that are not a node's root add into a spare column, dropped after.
-                column_target = torch.full_like(pixel_node, n_new)
-                column_target[node_pixel] = new_id
-            reduced = torch.zeros(n_samples, n_new + 1, dtype=features.dtype, device=device)
-            reduced.index_add_(1, column_target, features)
-            reduced = reduced[:, :n_new].t().contiguous()
-            sample_major = False
-        else:
-            reduced = torch.zeros(n_new, n_samples, dtype=features.dtype, device=device)
-            reduced.index_add_(0, new_id, features)
-        # Mean of the children's means, not of their pixels: the reference's reduction.
-        features = reduced.div_(children.unsqueeze(1))
+        new_id, is_root = _component_ids(n_current, a[links], b[links])
+        first = n_rounds == 1  # features are still the sample-major level-0 ones
+        features = _reduce_features(
+            features, new_id, int(is_root.sum()), first, node_pixel if first else None
+        )
         node_channel = node_channel[is_root]
         pixel_node = new_id[pixel_node]
         n_nodes = torch.bincount(node_channel, minlength=n_channels)
-
-        a, b = new_id[a], new_id[b]
-        distinct = a != b
-        a, b = _unique_edges(a[distinct], b[distinct], n_new)
-        difference = features.index_select(0, a).sub_(features.index_select(0, b))
-        weights = difference.square_().sum(dim=1)
-        if floor is None:
-            weights.clamp_(min=threshold)
-        else:
-            weights = torch.maximum(weights, floor[node_channel[a]])
+        a, b, weights = _reduced_edges(
+            features, new_id[a], new_id[b], node_channel, threshold, graphs.floor
+        )
 
     node_offset = torch.cumsum(n_nodes, 0) - n_nodes
     labels = pixel_node - node_offset[node_channel[pixel_node]]
     return labels.view(n_channels, n_pixels), n_nodes, n_rounds
+
+
+class _Level0Nodes(NamedTuple):
+    """The level-0 nodes of all channels in one flat index space, and their edges.
+
+    Attributes:
+        node_pixel: (nodes,) int64 pixel column of each node in the flat (N, C * P) features,
+            or None when the nodes are the pixels themselves (nothing was contracted).
+        node_channel: (nodes,) int64 channel of each node.
+        pixel_node: (C * P,) int64 node of each pixel.
+        a, b, weights: (E,) edges between the nodes (int64) and their float64 weights.
+    """
+
+    node_pixel: Tensor | None
+    node_channel: Tensor
+    pixel_node: Tensor
+    a: Tensor
+    b: Tensor
+    weights: Tensor
+
+
+def _level0_nodes(graphs: _ChannelGraphs, contract: Tensor | None) -> _Level0Nodes:
+    """The grid edges of every channel in the flat index space, edges of weight 0 deleted, or
+    contracted in the ``contract`` channels (their two pixels become one node)."""
+    n_channels, n_pixels = graphs.samples.shape[1:]
+    device = graphs.samples.device
+    channel_offset = torch.arange(n_channels, device=device).mul_(n_pixels).unsqueeze(1)
+    all_a = (graphs.grid_u + channel_offset).reshape(-1)
+    all_b = (graphs.grid_v + channel_offset).reshape(-1)
+    all_w = graphs.weights.reshape(-1)
+    node_channel = torch.arange(n_channels, device=device).repeat_interleave(n_pixels)
+    pixel_node = torch.arange(n_channels * n_pixels, device=device)
+    nonzero = all_w != 0
+    a, b, weights = all_a[nonzero], all_b[nonzero], all_w[nonzero]
+    if contract is None:
+        return _Level0Nodes(None, node_channel, pixel_node, a, b, weights)
+    identical = (~nonzero) & contract.repeat_interleave(graphs.grid_u.numel())
+    if not bool(identical.any()):
+        return _Level0Nodes(None, node_channel, pixel_node, a, b, weights)
+    new_id, is_root = _component_ids(n_channels * n_pixels, all_a[identical], all_b[identical])
+    # Contracted pixels are bit-identical, so the root's vector is every member's vector.
+    node_pixel = is_root.nonzero().squeeze(1)
+    a, b, weights = _merge_edges(new_id[a], new_id[b], weights, node_pixel.numel())
+    return _Level0Nodes(node_pixel, node_channel[is_root], new_id, a, b, weights)
+
+
+def _component_ids(n_nodes: int, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge the nodes joined by the edges (a, b): each node's new id, components numbered by
+    their smallest node, and the (n_nodes,) bool mask of those smallest nodes."""
+    root = connected_components(n_nodes, a, b)
+    is_root = root == torch.arange(root.numel(), device=root.device)
+    return torch.cumsum(is_root, 0).sub_(1)[root], is_root
+
+
+def _reduce_features(
+    features: Tensor,
+    new_id: Tensor,
+    n_new: int,
+    sample_major: bool,
+    node_pixel: Tensor | None,
+) -> Tensor:
+    """Features of the merged nodes: the mean of their children's features.
+
+    Args:
+        features: node-major (nodes, N), or in the first round the sample-major level-0
+            features (N, C * P) (``sample_major``).
+        new_id: (nodes,) int64 merged node of each node.
+        n_new: number of merged nodes.
+        node_pixel: in the first round, the pixel column of each level-0 node when pixels were
+            contracted (see :class:`_Level0Nodes`); else None.
+
+    Returns:
+        (n_new, N) node-major features.
+    """
+    children = torch.bincount(new_id, minlength=n_new).to(features.dtype)
+    if sample_major:
+        n_samples, n_columns = features.shape
+        column_target = new_id
+        if node_pixel is not None:
+            # Pixels that are not a node's root add into a spare column, dropped after.
+            column_target = torch.full(
+                (n_columns,), n_new, dtype=new_id.dtype, device=new_id.device
+            )
+            column_target[node_pixel] = new_id
+        reduced = torch.zeros(n_samples, n_new + 1, dtype=features.dtype, device=features.device)
+        reduced.index_add_(1, column_target, features)
+        reduced = reduced[:, :n_new].t().contiguous()
+    else:
+        reduced = torch.zeros(
+            n_new, features.shape[1], dtype=features.dtype, device=features.device
+        )
+        reduced.index_add_(0, new_id, features)
+    # Mean of the children's means, not of their pixels: the reference's reduction.
+    return reduced.div_(children.unsqueeze(1))
+
+
+def _reduced_edges(
+    features: Tensor,
+    a: Tensor,
+    b: Tensor,
+    node_channel: Tensor,
+    threshold: float,
+    floor: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The edges between merged nodes, weighted by the full squared distance of their features.
+
+    Args:
+        features: (nodes, N) features of the merged nodes.
+        a, b: (E,) int64 merged endpoints of the previous edges (duplicates and self-loops
+            included).
+        node_channel: (nodes,) int64 channel of each merged node.
+        floor: (C,) per-channel floor of the weights, or None: ``threshold`` everywhere.
+
+    Returns:
+        (a, b, weights): deduplicated edges, ``a < b``, and their floored weights.
+    """
+    distinct = a != b
+    a, b = _unique_edges(a[distinct], b[distinct], features.shape[0])
+    difference = features.index_select(0, a).sub_(features.index_select(0, b))
+    weights = difference.square_().sum(dim=1)
+    if floor is None:
+        weights.clamp_(min=threshold)
+    else:
+        weights = torch.maximum(weights, floor[node_channel[a]])
+    return a, b, weights
 
 
 def _nearest_neighbour_links(

@@ -141,3 +141,23 @@ def int_argument(minimum: int):
 
     parse.__name__ = f"integer >= {minimum}"
     return parse
+
+
+def check_tensor(name: str, value: Any, dims: int | tuple[int, ...], layout: str) -> None:
+    """Raise unless ``value`` is a ``torch.Tensor`` with ``dims`` dimensions (one of them, for a
+    tuple); ``layout`` names the dimensions in the message, e.g. ``"(N, C, H, W)"``.
+
+    Raises:
+        TypeError: ``value`` is not a tensor.
+        ValueError: it has another number of dimensions.
+    """
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} should be a torch.Tensor {layout}, but got {type(value).__name__}")
+    allowed = (dims,) if isinstance(dims, int) else dims
+    if value.dim() not in allowed:
+        expected = " or ".join(str(count) for count in allowed)
+        raise ValueError(
+            f"{name} should be {expected} dimensional {layout}, but got shape {tuple(value.shape)}"
+        )

@@ -1,6 +1,7 @@
 """Data: the paper's data sets as uint8 tensors, subsets, batched augmentation, a device loader.
 
 ``fashion_mnist`` reads Fashion-MNIST's IDX files; ``datasets`` loads every data set by name;
+``downloads`` fetches and extracts CIFAR-100 and Tiny ImageNet;
 ``subsets`` draws class-balanced fractions; ``augment`` augments whole batches on the device;
 ``loader`` iterates over a data set held on the device, with exact resume.
 """
@@ -16,14 +17,8 @@ from dropcluster.data.augment import (
     channel_mean_std,
     normalize,
 )
-from dropcluster.data.datasets import (
-    DATASET_NAMES,
-    ImageDataset,
-    download_cifar100,
-    download_tiny_imagenet,
-    load_dataset,
-    make_synthetic,
-)
+from dropcluster.data.datasets import DATASET_NAMES, ImageDataset, load_dataset, make_synthetic
+from dropcluster.data.downloads import download_cifar100, download_tiny_imagenet
 from dropcluster.data.loader import DeviceLoader
 from dropcluster.data.subsets import stratified_subset
 

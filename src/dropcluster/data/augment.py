@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dropcluster.validation import check_float, check_int, check_tensor
+
 #: Per-channel mean and standard deviation of the pixels in [0, 1] of each training set.
 #: CIFAR-100 and Fashion-MNIST: computed over the whole training set (the values in
 #: common use). Tiny ImageNet: the values in common use for its 100 000 training images.
@@ -72,16 +74,8 @@ class AugmentConfig:
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         if self.scale_range is not None:
             object.__setattr__(self, "scale_range", tuple(float(v) for v in self.scale_range))
-        if (
-            isinstance(self.crop_padding, bool)
-            or not isinstance(self.crop_padding, int)
-            or self.crop_padding < 0
-        ):
-            raise ValueError(f"crop_padding should be an int >= 0, but got {self.crop_padding!r}")
-        if not (math.isfinite(self.rotation_degrees) and 0 <= self.rotation_degrees <= 180):
-            raise ValueError(
-                f"rotation_degrees should be in [0, 180], but got {self.rotation_degrees!r}"
-            )
+        check_int("crop_padding", self.crop_padding, minimum=0)
+        check_float("rotation_degrees", self.rotation_degrees, minimum=0.0, maximum=180.0)
         if self.scale_range is not None:
             if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
                 raise ValueError(
@@ -222,10 +216,8 @@ def channel_mean_std(images: Tensor, batch_size: int = 4096) -> tuple[tuple[floa
 
 
 def _check_images(images: Tensor, mean: tuple[float, ...]) -> None:
-    if images.dim() != 4:
-        raise ValueError(
-            f"images should be 4 dimensional (N, C, H, W), but got shape {tuple(images.shape)}"
-        )
+    """The input rule of the public functions: (N, C, H, W) uint8 whose C ``mean`` fits."""
+    check_tensor("images", images, 4, "(N, C, H, W)")
     if images.dtype != torch.uint8:
         raise ValueError(f"images should have dtype uint8, but got {images.dtype}")
     if len(mean) not in (1, images.shape[1]):

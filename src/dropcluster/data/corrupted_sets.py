@@ -31,7 +31,6 @@ else ``~/.cache/dropcluster/data``). Only the corruptions of
 from __future__ import annotations
 
 import io
-import numbers
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,6 +41,7 @@ from torch import Tensor
 
 from dropcluster.data.corruptions import CORRUPTIONS
 from dropcluster.data.datasets import _decode_jpegs, _default_root, _describe_folder
+from dropcluster.validation import check_choice, check_int
 
 #: The data sets with a released corrupted test set, as named by :func:`load_dataset`.
 RELEASED_DATASETS = ("cifar100", "tiny-imagenet")
@@ -83,39 +83,11 @@ def load_cifar100_c(
             dtype.
         FileNotFoundError: the folder or a file is missing; the message says what was expected.
     """
-    _check_corruption(corruption)
-    _check_severity(severity)
+    check_choice("corruption", corruption, CORRUPTIONS)
+    severity = check_int("severity", severity, minimum=1, maximum=5)
     folder = _cifar100_c_folder(_root_or_default(root))
-    images_path = folder / f"{corruption}.npy"
-    labels_path = folder / "labels.npy"
-    for path in (images_path, labels_path):
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"no {path.name} in {folder}; expected the CIFAR-100-C files "
-                f"({CIFAR100_C_URL}): one <corruption>.npy of shape (50000, 32, 32, 3) uint8 "
-                f"per corruption, and labels.npy; {_describe_folder(folder)}"
-            )
-    stacked_images = _load_npy(images_path)
-    stacked_labels = _load_npy(labels_path)
-    n_stacked = stacked_images.shape[0] if stacked_images.ndim else 0
-    if (
-        stacked_images.dtype != np.uint8
-        or stacked_images.ndim != 4
-        or stacked_images.shape[1:] != CIFAR100_C_IMAGE_SHAPE
-        or n_stacked == 0
-        or n_stacked % len(SEVERITIES)
-    ):
-        raise ValueError(
-            f"{images_path} should be uint8 of shape (5 n, 32, 32, 3), the five severities "
-            f"stacked, but is {stacked_images.dtype} of shape {stacked_images.shape}"
-        )
-    if stacked_labels.shape != (n_stacked,) or not np.issubdtype(stacked_labels.dtype, np.integer):
-        raise ValueError(
-            f"{labels_path} should hold {n_stacked} integer labels, one per image of "
-            f"{images_path.name}, but is {stacked_labels.dtype} of shape {stacked_labels.shape}"
-        )
-    per_severity = n_stacked // len(SEVERITIES)
-    severity = int(severity)
+    stacked_images, stacked_labels = _open_cifar100_c(folder, corruption)
+    per_severity = stacked_images.shape[0] // len(SEVERITIES)
     rows = slice((severity - 1) * per_severity, severity * per_severity)
     # Copying the slice reads just that block of the memory map.
     images = torch.from_numpy(np.ascontiguousarray(stacked_images[rows].transpose(0, 3, 1, 2)))
@@ -123,8 +95,9 @@ def load_cifar100_c(
     labels = torch.from_numpy(np.array(stacked_labels[rows], dtype=np.int64))
     if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < CIFAR100_NUM_CLASSES:
         raise ValueError(
-            f"{labels_path} should hold CIFAR-100 fine labels in 0..{CIFAR100_NUM_CLASSES - 1}, "
-            f"but severity {severity} spans {int(labels.min())}..{int(labels.max())}"
+            f"{folder / 'labels.npy'} should hold CIFAR-100 fine labels in "
+            f"0..{CIFAR100_NUM_CLASSES - 1}, but severity {severity} spans "
+            f"{int(labels.min())}..{int(labels.max())}"
         )
     return images, labels
 
@@ -158,8 +131,8 @@ def load_tiny_imagenet_c(
             expected.
         ImportError: without Pillow.
     """
-    _check_corruption(corruption)
-    _check_severity(severity)
+    check_choice("corruption", corruption, CORRUPTIONS)
+    severity = check_int("severity", severity, minimum=1, maximum=5)
     wnids = list(wnids)
     if not wnids or not all(isinstance(wnid, str) for wnid in wnids):
         raise ValueError(f"wnids should be a non-empty list of class ids, but got {wnids!r}")
@@ -273,8 +246,8 @@ def load_released(
     if dataset == "cifar100":
         return load_cifar100_c(root, corruption, severity)
     if classes is None:
-        _check_corruption(corruption)
-        _check_severity(severity)
+        check_choice("corruption", corruption, CORRUPTIONS)
+        severity = check_int("severity", severity, minimum=1, maximum=5)
         severity_folder = _tiny_imagenet_c_severity_folder(root, corruption, severity)
         classes = sorted(child.name for child in severity_folder.iterdir() if child.is_dir())
     return load_tiny_imagenet_c(root, corruption, severity, classes)
@@ -306,10 +279,7 @@ def jpeg_round_trip(images: Tensor, quality: int = TINY_IMAGENET_C_JPEG_QUALITY)
             f"images should be a 4 dimensional uint8 tensor (N, C, H, W) with C = 1 or 3, but "
             f"got shape {tuple(images.shape)} and dtype {images.dtype}"
         )
-    if isinstance(quality, bool) or not isinstance(quality, numbers.Integral):
-        raise ValueError(f"quality should be an int in 1..95, but got {quality!r}")
-    if not 1 <= quality <= 95:
-        raise ValueError(f"quality should be an int in 1..95, but got {quality}")
+    quality = check_int("quality", quality, minimum=1, maximum=95)
     try:
         from PIL import Image
     except ImportError as error:
@@ -323,7 +293,7 @@ def jpeg_round_trip(images: Tensor, quality: int = TINY_IMAGENET_C_JPEG_QUALITY)
     def round_trip(index: int) -> None:
         image = Image.fromarray(pixels[index, :, :, 0] if greyscale else pixels[index])
         buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=int(quality))
+        image.save(buffer, format="JPEG", quality=quality)
         buffer.seek(0)
         with Image.open(buffer) as reloaded:
             array = np.asarray(reloaded.convert("L" if greyscale else "RGB"))
@@ -387,25 +357,48 @@ def _tiny_imagenet_c_severity_folder(
     return severity_folder
 
 
+def _open_cifar100_c(folder: Path, corruption: str) -> tuple[np.ndarray, np.ndarray]:
+    """Memory maps of ``<corruption>.npy`` and ``labels.npy``, after checking their shapes.
+
+    Returns:
+        (5 n, 32, 32, 3) uint8 images, the five severities stacked, and (5 n,) integer labels.
+    """
+    images_path = folder / f"{corruption}.npy"
+    labels_path = folder / "labels.npy"
+    for path in (images_path, labels_path):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no {path.name} in {folder}; expected the CIFAR-100-C files "
+                f"({CIFAR100_C_URL}): one <corruption>.npy of shape (50000, 32, 32, 3) uint8 "
+                f"per corruption, and labels.npy; {_describe_folder(folder)}"
+            )
+    stacked_images = _load_npy(images_path)
+    stacked_labels = _load_npy(labels_path)
+    n_stacked = stacked_images.shape[0] if stacked_images.ndim else 0
+    if (
+        stacked_images.dtype != np.uint8
+        or stacked_images.ndim != 4
+        or stacked_images.shape[1:] != CIFAR100_C_IMAGE_SHAPE
+        or n_stacked == 0
+        or n_stacked % len(SEVERITIES)
+    ):
+        raise ValueError(
+            f"{images_path} should be uint8 of shape (5 n, 32, 32, 3), the five severities "
+            f"stacked, but is {stacked_images.dtype} of shape {stacked_images.shape}"
+        )
+    if stacked_labels.shape != (n_stacked,) or not np.issubdtype(stacked_labels.dtype, np.integer):
+        raise ValueError(
+            f"{labels_path} should hold {n_stacked} integer labels, one per image of "
+            f"{images_path.name}, but is {stacked_labels.dtype} of shape {stacked_labels.shape}"
+        )
+    return stacked_images, stacked_labels
+
+
 def _load_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as error:
         raise ValueError(f"{path} is not a readable .npy file ({error})") from error
-
-
-def _check_corruption(corruption: str) -> None:
-    if corruption not in CORRUPTIONS:
-        raise ValueError(f"corruption should be one of {CORRUPTIONS}, but got {corruption!r}")
-
-
-def _check_severity(severity: int) -> None:
-    if (
-        isinstance(severity, bool)
-        or not isinstance(severity, numbers.Integral)
-        or severity not in SEVERITIES
-    ):
-        raise ValueError(f"severity should be an int in 1..5, but got {severity!r}")
 
 
 def _check_released_dataset(dataset: str) -> None:
@@ -414,5 +407,4 @@ def _check_released_dataset(dataset: str) -> None:
             f"{dataset!r} has no released corrupted test set (only {RELEASED_DATASETS} do); "
             f"corrupt its test images with dropcluster.data.corruptions.corrupt instead"
         )
-    if dataset not in RELEASED_DATASETS:
-        raise ValueError(f"dataset should be one of {RELEASED_DATASETS}, but got {dataset!r}")
+    check_choice("dataset", dataset, RELEASED_DATASETS)

@@ -61,12 +61,13 @@ re-runs of their formulas: float outputs agree to about 1e-4 grey levels unless 
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from dropcluster.validation import check_choice, check_int, check_tensor
 
 #: The corruptions this module implements, in the order of the paper's tables.
 CORRUPTIONS: tuple[str, ...] = (
@@ -143,10 +144,7 @@ def family_for_size(height: int, width: int) -> str:
     Returns:
         One of :data:`FAMILIES`.
     """
-    for name, value in (("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{name} should be an int >= 1, but got {value!r}")
-    side = max(height, width)
+    side = max(check_int("height", height, minimum=1), check_int("width", width, minimum=1))
     if side <= 32:
         return "cifar"
     if side <= 64:
@@ -185,30 +183,44 @@ def corrupt(
         ValueError: for an unknown corruption or family, a severity outside 1..5, images that
             are not a 4-D uint8 or floating tensor (or floating values outside [0, 1]), or a
             generator on another device.
+        TypeError: ``images`` is not a tensor.
     """
-    if corruption not in CORRUPTIONS:
-        raise ValueError(f"corruption should be one of {CORRUPTIONS}, but got {corruption!r}")
+    check_choice("corruption", corruption, CORRUPTIONS)
     _check_images(images)
-    if (
-        isinstance(severity, bool)
-        or not isinstance(severity, numbers.Integral)
-        or not 1 <= severity <= 5
-    ):
-        raise ValueError(f"severity should be an int in 1..5, but got {severity!r}")
-    if family is None:
-        family = family_for_size(images.shape[-2], images.shape[-1])
-    elif family not in FAMILIES:
-        raise ValueError(f"family should be None or one of {FAMILIES}, but got {family!r}")
+    severity = check_int("severity", severity, minimum=1, maximum=5)
+    check_choice("family", family, (None, *FAMILIES))
     if generator is not None and generator.device.type != images.device.type:
         raise ValueError(
             f"generator should be on the images' device {images.device}, but is on "
             f"{generator.device}"
         )
+    if family is None:
+        family = family_for_size(images.shape[-2], images.shape[-1])
     if images.numel() == 0:
         return images.clone()
+    apply = _corruption_function(corruption, SEVERITY_PARAMETERS[family][corruption][severity - 1])
+    # The reference gets motion blur back from ImageMagick as a PNG, which rounds; the others
+    # are truncated (see "Quantisation" in the module docstring).
+    slack = 0.5 if corruption == "motion_blur" else _TRUNCATION_SLACK
+    return _corrupt_in_chunks(images, apply, slack, generator)
 
-    parameter = SEVERITY_PARAMETERS[family][corruption][int(severity) - 1]
-    apply = _corruption_function(corruption, parameter)
+
+def _corrupt_in_chunks(
+    images: Tensor,
+    apply: Callable[[Tensor, torch.Generator | None], Tensor],
+    slack: float,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """``apply`` to pixels in [0, 1], chunk after chunk of images (see "Randomness").
+
+    Args:
+        images (Tensor[N, C, H, W]): uint8 or floating in [0, 1], N >= 1.
+        apply: the corruption at one severity, as ``f(pixels, generator)``.
+        slack: added to ``255 y`` before truncating a uint8 output.
+
+    Returns:
+        Tensor[N, C, H, W] of the dtype of ``images``.
+    """
     work_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
     n, c, h, w = images.shape
     images_per_chunk = max(1, _CHUNK_ELEMENTS // (c * h * w))
@@ -222,93 +234,9 @@ def corrupt(
                 pixels = chunk.to(work_dtype)
             corrupted = apply(pixels, generator).clamp(0, 1)
             if images.dtype == torch.uint8:
-                slack = 0.5 if corruption == "motion_blur" else _TRUNCATION_SLACK
                 corrupted = _quantise(corrupted, slack)
             corrupted_images[start : start + images_per_chunk] = corrupted
     return corrupted_images
-
-
-def gaussian_noise(
-    images: Tensor,
-    severity: int,
-    *,
-    family: str | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Additive Gaussian noise, ``clip(x + N(0, s^2))``; see :func:`corrupt` for the arguments."""
-    return corrupt(images, "gaussian_noise", severity, family=family, generator=generator)
-
-
-def shot_noise(
-    images: Tensor,
-    severity: int,
-    *,
-    family: str | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Poisson (photon) noise, ``clip(Poisson(x c) / c)``; see :func:`corrupt`."""
-    return corrupt(images, "shot_noise", severity, family=family, generator=generator)
-
-
-def impulse_noise(
-    images: Tensor,
-    severity: int,
-    *,
-    family: str | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Salt-and-pepper noise on each element independently; see :func:`corrupt`."""
-    return corrupt(images, "impulse_noise", severity, family=family, generator=generator)
-
-
-def defocus_blur(
-    images: Tensor,
-    severity: int,
-    *,
-    family: str | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Blur with an anti-aliased disk (:func:`defocus_kernel`); see :func:`corrupt`.
-
-    Deterministic: ``generator`` is accepted for a uniform signature and not used.
-    """
-    return corrupt(images, "defocus_blur", severity, family=family, generator=generator)
-
-
-def glass_blur(
-    images: Tensor,
-    severity: int,
-    *,
-    family: str | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Gaussian blur, local pixel shuffle (:func:`glass_shuffle`), blur; see :func:`corrupt`."""
-    return corrupt(images, "glass_blur", severity, family=family, generator=generator)
-
-
-def motion_blur(
-    images: Tensor,
-    severity: int,
-    *,
-    family: str | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Line blur along a random angle per image (:func:`motion_blur_at`); see :func:`corrupt`."""
-    return corrupt(images, "motion_blur", severity, family=family, generator=generator)
-
-
-def zoom_blur(
-    images: Tensor,
-    severity: int,
-    *,
-    family: str | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Mean of the image and its centred zooms (:func:`zoom_factors`); see :func:`corrupt`.
-
-    Deterministic: ``generator`` is accepted for a uniform signature and not used.
-    """
-    return corrupt(images, "zoom_blur", severity, family=family, generator=generator)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -708,12 +636,8 @@ def _quantise(pixels: Tensor, slack: float) -> Tensor:
 
 
 def _check_images(images: Tensor) -> None:
-    if not isinstance(images, Tensor):
-        raise ValueError(f"images should be a torch.Tensor, but got {type(images).__name__}")
-    if images.dim() != 4:
-        raise ValueError(
-            f"images should be 4 dimensional (N, C, H, W), but got shape {tuple(images.shape)}"
-        )
+    """The input rule of :func:`corrupt`: 4-D, uint8 or floating in [0, 1]."""
+    check_tensor("images", images, 4, "(N, C, H, W)")
     if images.dtype != torch.uint8 and not images.is_floating_point():
         raise ValueError(f"images should be uint8 or floating, but got dtype {images.dtype}")
     if images.is_floating_point() and images.numel() > 0:

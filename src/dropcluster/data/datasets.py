@@ -32,8 +32,8 @@ and no conversion step, and returns an :class:`ImageDataset` on the CPU:
 ``"synthetic"``: :func:`make_synthetic`, generated from a fixed seed; ``root`` is ignored.
 
 Without ``root``, CIFAR-100 and Tiny ImageNet are looked up in ``$DROPCLUSTER_DATA``, else in
-``~/.cache/dropcluster/data`` (where :func:`download_cifar100` and
-:func:`download_tiny_imagenet` put them by default).
+``~/.cache/dropcluster/data`` (where :func:`~dropcluster.data.downloads.download_cifar100` and
+:func:`~dropcluster.data.downloads.download_tiny_imagenet` put them by default).
 
 Completeness. An interrupted download or extraction must never load as a smaller data set, so
 CIFAR-100 and Tiny ImageNet are counted before they are used:
@@ -52,23 +52,13 @@ Any other count is a ValueError saying the files look incomplete and how to down
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import json
 import os
 import pickle
-import shutil
-import stat
-import tarfile
-import tempfile
-import urllib.request
-import zipfile
-import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path, PureWindowsPath
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -76,19 +66,17 @@ from torch import Tensor
 
 from dropcluster.data import fashion_mnist
 from dropcluster.files import atomic_write_json
+from dropcluster.validation import check_choice, check_int
 
 DATASET_NAMES = ("cifar100", "tiny-imagenet", "fashion-mnist", "synthetic")
 SPLITS = ("train", "test")
 
 CIFAR100_FOLDER = "cifar-100-python"
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
-CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 CIFAR100_SPLIT_SIZES = {"train": 50000, "test": 10000}
 
 TINY_IMAGENET_FOLDER = "tiny-imagenet-200"
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
-#: MD5 of the official zip, as published by torchvision-style loaders of the data set.
-TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 TINY_IMAGENET_SIZE = 64
 
 #: Numbers of classes and of images per split of the official releases (see "Completeness").
@@ -183,12 +171,10 @@ def load_dataset(name: str, split: str = "train", root: str | Path | None = None
             folder holds.
         ImportError: Tiny ImageNet without Pillow.
     """
-    if name not in DATASET_NAMES:
-        raise ValueError(f"name should be one of {DATASET_NAMES}, but got {name!r}")
+    check_choice("name", name, DATASET_NAMES)
     if name == "tiny-imagenet" and split == "val":
         split = "test"
-    if split not in SPLITS:
-        raise ValueError(f"split should be one of {SPLITS}, but got {split!r}")
+    check_choice("split", split, SPLITS)
     if name == "cifar100":
         return _load_cifar100(split, _default_root() if root is None else Path(root))
     if name == "tiny-imagenet":
@@ -221,10 +207,9 @@ def make_synthetic(
     Returns:
         ``images`` Tensor[N, channels, size, size] uint8 and ``labels`` Tensor[N] int64.
     """
-    if channels not in (1, 3):
-        raise ValueError(f"channels should be 1 or 3, but got {channels}")
-    if n_examples < 0 or size < 4:
-        raise ValueError(f"expected n_examples >= 0 and size >= 4, but got {n_examples} and {size}")
+    check_int("n_examples", n_examples, minimum=0)
+    check_choice("channels", channels, (1, 3))
+    check_int("size", size, minimum=4)
     generator = torch.Generator().manual_seed(seed)
     n_classes = len(SYNTHETIC_CLASSES)
     labels = (torch.arange(n_examples) % n_classes)[torch.randperm(n_examples, generator=generator)]
@@ -257,10 +242,10 @@ def write_completion_marker(
 ) -> Path:
     """Mark ``folder`` as a complete copy of ``dataset`` holding ``counts`` (atomically).
 
-    :func:`download_cifar100` and :func:`download_tiny_imagenet` call this once an archive is
-    fully extracted; :func:`load_dataset` then expects each split to hold the recorded counts
-    instead of the official ones. Call it yourself only for a deliberately smaller set in the
-    official layout (a subset, a test fixture).
+    :mod:`dropcluster.data.downloads` calls this once an archive is fully extracted;
+    :func:`load_dataset` then expects each split to hold the recorded counts instead of the
+    official ones. Call it yourself only for a deliberately smaller set in the official layout
+    (a subset, a test fixture).
 
     Args:
         folder: the ``cifar-100-python`` or ``tiny-imagenet-200`` folder.
@@ -272,8 +257,7 @@ def write_completion_marker(
     Returns:
         The marker's path, ``folder / COMPLETE_MARKER``.
     """
-    if dataset not in OFFICIAL_COUNTS:
-        raise ValueError(f"dataset should be one of {tuple(OFFICIAL_COUNTS)}, but got {dataset!r}")
+    check_choice("dataset", dataset, OFFICIAL_COUNTS)
     _check_count_dict(counts, f"counts of {dataset}")
     document = {
         "format": _MARKER_FORMAT,
@@ -360,8 +344,18 @@ def _read_cifar100_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarr
     meta = _read_pickle(meta_path, "CIFAR-100 meta file")
     data = _required_key(entry, "data", path)
     fine_labels = _required_key(entry, "fine_labels", path)
-    names = _required_key(meta, "fine_label_names", meta_path)
+    classes = _cifar100_class_names(_required_key(meta, "fine_label_names", meta_path), meta_path)
+    data = np.asarray(data)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(
+            f"{path}: 'data' should be a uint8 array of shape (N, 3072), one 32x32 RGB image "
+            f"per row, but is {data.dtype} of shape {data.shape}"
+        )
+    return data, _cifar100_labels(fine_labels, data.shape[0], len(classes), path), classes
 
+
+def _cifar100_class_names(names: object, meta_path: Path) -> list[str]:
+    """The ``fine_label_names`` of the meta file as text, after checking what they are."""
     if not isinstance(names, (list, tuple, np.ndarray)) or np.ndim(names) != 1:
         raise ValueError(
             f"{meta_path}: 'fine_label_names' should be a list of class names, but is "
@@ -373,14 +367,11 @@ def _read_cifar100_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarr
                 f"{meta_path}: 'fine_label_names' should hold str or bytes names, but item "
                 f"{index} is {_describe_value(label_name)}"
             )
-    classes = [_as_text(label_name) for label_name in names]
+    return [_as_text(label_name) for label_name in names]
 
-    data = np.asarray(data)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise ValueError(
-            f"{path}: 'data' should be a uint8 array of shape (N, 3072), one 32x32 RGB image "
-            f"per row, but is {data.dtype} of shape {data.shape}"
-        )
+
+def _cifar100_labels(fine_labels: object, n_rows: int, n_classes: int, path: Path) -> np.ndarray:
+    """The ``fine_labels`` of a split as (N,) int64, one per row of ``data``, in range."""
     raw_labels = (
         np.asarray(fine_labels) if isinstance(fine_labels, (list, tuple, np.ndarray)) else None
     )
@@ -390,17 +381,17 @@ def _read_cifar100_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarr
             f"{_describe_value(fine_labels)}"
         )
     labels = raw_labels.astype(np.int64)
-    if labels.shape != (data.shape[0],):
+    if labels.shape != (n_rows,):
         raise ValueError(
-            f"{path}: 'fine_labels' should hold {data.shape[0]} labels, one per row of 'data', "
+            f"{path}: 'fine_labels' should hold {n_rows} labels, one per row of 'data', "
             f"but has shape {labels.shape}"
         )
-    if labels.size and not 0 <= int(labels.min()) <= int(labels.max()) < len(classes):
+    if labels.size and not 0 <= int(labels.min()) <= int(labels.max()) < n_classes:
         raise ValueError(
-            f"{path}: 'fine_labels' should be in 0..{len(classes) - 1} (the {len(classes)} "
+            f"{path}: 'fine_labels' should be in 0..{n_classes - 1} (the {n_classes} "
             f"names of 'fine_label_names'), but span {int(labels.min())}..{int(labels.max())}"
         )
-    return data, labels, classes
+    return labels
 
 
 def _cifar100_counts(folder: Path) -> dict[str, int]:
@@ -700,321 +691,6 @@ def _decode_jpegs(paths: Sequence[Path]) -> Tensor:
         # list() re-raises the first error of any image.
         list(pool.map(decode, enumerate(paths), chunksize=256))
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-
-
-# ---------------------------------------------------------------------------------------------
-# Downloads
-
-
-def download_cifar100(
-    root: str | Path | None = None, *, url: str = CIFAR100_URL, md5: str | None = CIFAR100_MD5
-) -> Path:
-    """Download and extract CIFAR-100 (python version) into ``root``, unless it is there.
-
-    The archive is extracted into a temporary folder in ``root`` (``.cifar-100-python.partial-*``),
-    checked, marked complete (:data:`COMPLETE_MARKER`, recording its counts) and only then
-    renamed to ``root/cifar-100-python``; any failure (a full disk included) removes the
-    temporary folder, so an interrupted extraction never looks complete. An existing folder
-    counts as complete when it holds the marker, or, without one (extracted by hand or by an
-    older version), when it holds the official counts (100 classes, 50000 + 10000 images; the
-    marker is then added). Any other folder there is replaced. Concurrent calls on the same
-    ``root`` wait for each other.
-
-    Args:
-        root: destination folder (created); None: the default data folder.
-        url: where the ``.tar.gz`` archive is (any URL urllib opens, ``file://`` included).
-        md5: expected MD5 of the archive; None skips the check. An archive whose MD5 is the
-            official one must also hold the official counts.
-
-    Returns:
-        The path of the ``cifar-100-python`` folder.
-
-    Raises:
-        ValueError: checksum mismatch (the download is deleted), an unreadable archive (deleted
-            too), an archive member that is not a plain file or folder inside the destination
-            (absolute paths, ``..``, links, devices), or an archive without a complete
-            ``cifar-100-python/``.
-        OSError: the disk is full or read-only; nothing partial is left behind.
-    """
-    return _download_dataset(
-        _default_root() if root is None else Path(root),
-        "cifar100",
-        url,
-        md5,
-        official_md5=CIFAR100_MD5,
-        folder_name=CIFAR100_FOLDER,
-        suffix=".tar.gz",
-        extract=_extract_tar,
-        count=_cifar100_counts,
-    )
-
-
-def download_tiny_imagenet(
-    root: str | Path | None = None,
-    *,
-    url: str = TINY_IMAGENET_URL,
-    md5: str | None = TINY_IMAGENET_MD5,
-) -> Path:
-    """Download and extract Tiny ImageNet (about 240 MB) into ``root``, unless it is there.
-
-    As :func:`download_cifar100`: extracted into a temporary folder, marked complete and
-    renamed into place only on success. An existing ``tiny-imagenet-200`` folder without the
-    marker counts as complete when it holds the official counts (200 classes of 500 training
-    images, 10000 validation images); any other is replaced.
-
-    Args:
-        root: destination folder (created); None: the default data folder.
-        url: where the ``.zip`` archive is (any URL urllib opens, ``file://`` included).
-        md5: expected MD5 of the archive; None skips the check.
-
-    Returns:
-        The path of the ``tiny-imagenet-200`` folder.
-
-    Raises:
-        ValueError: as :func:`download_cifar100`.
-        OSError: the disk is full or read-only; nothing partial is left behind.
-    """
-    return _download_dataset(
-        _default_root() if root is None else Path(root),
-        "tiny-imagenet",
-        url,
-        md5,
-        official_md5=TINY_IMAGENET_MD5,
-        folder_name=TINY_IMAGENET_FOLDER,
-        suffix=".zip",
-        extract=_extract_zip,
-        count=_tiny_imagenet_counts,
-    )
-
-
-def _download_dataset(
-    root: Path,
-    dataset: str,
-    url: str,
-    md5: str | None,
-    *,
-    official_md5: str,
-    folder_name: str,
-    suffix: str,
-    extract: Callable[[Path, Path, str], None],
-    count: Callable[[Path], dict[str, int]],
-) -> Path:
-    """Download, extract into a temporary folder, check, mark complete, rename into place."""
-    root.mkdir(parents=True, exist_ok=True)
-    folder = root / folder_name
-    with _download_lock(root):
-        # Holding the lock, any temporary file or folder left here is a killed process's.
-        for stale in [*root.glob(f".{folder_name}.partial-*"), *root.glob(f".{folder_name}*.part")]:
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink(missing_ok=True)
-        if _is_complete(folder, dataset, count):
-            return folder
-        archive, digest = _download(url, root / (folder_name + suffix), md5)
-        partial = Path(tempfile.mkdtemp(dir=root, prefix=f".{folder_name}.partial-"))
-        try:
-            extract(archive, partial, folder_name)
-            extracted = partial / folder_name
-            try:
-                counts = count(extracted)
-            except (FileNotFoundError, ValueError) as error:
-                raise ValueError(
-                    f"{archive} should hold a complete {folder_name}/, but: {error}"
-                ) from error
-            official = OFFICIAL_COUNTS[dataset]
-            if digest == official_md5 and counts != official:
-                raise ValueError(
-                    f"{archive} has the official MD5 but holds {counts}, not the official "
-                    f"{official}: delete it and download it again"
-                )
-            write_completion_marker(extracted, dataset, counts, archive_md5=digest, source=url)
-            if os.path.lexists(folder):
-                # Incomplete (_is_complete said so): moved into the temporary folder, so that
-                # it is deleted with it once the complete one is in place.
-                os.rename(folder, partial / "incomplete")
-            os.rename(extracted, folder)
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
-    return folder
-
-
-def _is_complete(folder: Path, dataset: str, count: Callable[[Path], dict[str, int]]) -> bool:
-    """Whether ``folder`` is a complete copy: marked, or holding the official counts."""
-    if not folder.is_dir():
-        return False
-    try:
-        if _read_completion_marker(folder, dataset) is not None:
-            return True
-    except ValueError:  # an unreadable marker: extract again
-        return False
-    try:
-        counts = count(folder)
-    except (OSError, ValueError):
-        return False
-    if counts != OFFICIAL_COUNTS[dataset]:
-        return False
-    try:
-        write_completion_marker(folder, dataset, counts, source="verified in place")
-    except OSError:
-        pass  # a read-only folder: without the marker the loaders check the official counts
-    return True
-
-
-@contextlib.contextmanager
-def _download_lock(root: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the folder ``root`` itself (no lock file is left behind)."""
-    descriptor = os.open(root, os.O_RDONLY)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(descriptor)  # closing drops the lock
-
-
-def _download(url: str, destination: Path, md5: str | None) -> tuple[Path, str]:
-    """Fetch ``url`` into ``destination`` through a temporary file; verify its MD5.
-
-    Returns the path and the archive's MD5 (an archive already there is reused when its MD5
-    is the expected one, or when no MD5 is expected).
-    """
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    if destination.is_file():
-        existing = _md5(destination)
-        if md5 is None or existing == md5:
-            return destination, existing
-    digest = hashlib.md5(usedforsecurity=False)
-    handle, temporary = tempfile.mkstemp(
-        dir=destination.parent, prefix=f".{destination.name}.", suffix=".part"
-    )
-    try:
-        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url) as response:
-            while chunk := response.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-        if md5 is not None and digest.hexdigest() != md5:
-            raise ValueError(
-                f"{url}: MD5 {digest.hexdigest()} differs from the expected {md5}; the "
-                f"download was deleted"
-            )
-        os.replace(temporary, destination)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return destination, digest.hexdigest()
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-_UNREADABLE_ARCHIVE = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error)
-#: tarfile.FilterError exists where tarfile has extraction filters (Python 3.10.12+, 3.11.4+).
-_TAR_FILTER_ERRORS: tuple[type[Exception], ...] = (
-    (tarfile.FilterError,) if hasattr(tarfile, "FilterError") else ()
-)
-
-
-def _extract_tar(archive: Path, target: Path, folder_name: str) -> None:
-    """Extract a (compressed) tar archive into ``target``, refusing unsafe members first.
-
-    Every member is checked whatever the Python version (:func:`_check_member_name`, and only
-    regular files and folders), so the rule is the same where ``tarfile`` lacks extraction
-    filters (Python 3.10.0-3.10.11, 3.11.0-3.11.3); where it has them, the ``"data"`` filter
-    checks again.
-    """
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            members = tar.getmembers()
-            _check_top_folder(archive, [member.name for member in members], folder_name)
-            for member in members:
-                _check_member_name(archive, member.name)
-                if member.issym() or member.islnk():
-                    kind = "symbolic" if member.issym() else "hard"
-                    raise ValueError(
-                        f"{archive}: refusing the member {member.name!r}, a {kind} link to "
-                        f"{member.linkname!r}: a data set archive should hold only files and "
-                        f"folders"
-                    )
-                if not (member.isreg() or member.isdir()):
-                    raise ValueError(
-                        f"{archive}: refusing the member {member.name!r}, a device, FIFO or "
-                        f"other special file: a data set archive should hold only files and "
-                        f"folders"
-                    )
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(target, members=members, filter="data")
-            else:
-                # No filters here: drop the permission bits the "data" filter drops too.
-                for member in members:
-                    member.mode = _data_filter_mode(member)
-                tar.extractall(target, members=members)
-    except _TAR_FILTER_ERRORS as error:
-        raise ValueError(f"{archive}: refusing an unsafe member ({error})") from error
-    except _UNREADABLE_ARCHIVE as error:
-        _unreadable_archive(archive, error)
-
-
-def _extract_zip(archive: Path, target: Path, folder_name: str) -> None:
-    """Extract a zip archive into ``target``, refusing unsafe member names first.
-
-    zipfile itself drops absolute paths and ``..`` components; refusing them gives an error
-    instead of files written somewhere unexpected. Symbolic links (which zipfile would write
-    as small text files) are refused as in tar archives.
-    """
-    try:
-        with zipfile.ZipFile(archive) as zipped:
-            infos = zipped.infolist()
-            _check_top_folder(archive, [info.filename for info in infos], folder_name)
-            for info in infos:
-                _check_member_name(archive, info.filename)
-                if stat.S_ISLNK(info.external_attr >> 16):
-                    raise ValueError(
-                        f"{archive}: refusing the member {info.filename!r}, a symbolic link: "
-                        f"a data set archive should hold only files and folders"
-                    )
-            zipped.extractall(target, members=infos)
-    except _UNREADABLE_ARCHIVE as error:
-        _unreadable_archive(archive, error)
-
-
-def _check_top_folder(archive: Path, names: list[str], folder_name: str) -> None:
-    if not any(name.replace("\\", "/").split("/")[0] == folder_name for name in names):
-        raise ValueError(f"{archive} should hold {folder_name}/, but holds {sorted(names)[:5]}")
-
-
-def _check_member_name(archive: Path, name: str) -> None:
-    """Refuse a member path that is absolute or climbs out of the extraction folder."""
-    posix = name.replace("\\", "/")
-    if posix.startswith("/") or PureWindowsPath(name).drive or ".." in posix.split("/"):
-        raise ValueError(
-            f"{archive}: refusing the member {name!r}: a member path should be relative and "
-            f"stay inside the extraction folder (no leading '/', drive or '..')"
-        )
-
-
-def _data_filter_mode(member: tarfile.TarInfo) -> int:
-    """The permissions tarfile's "data" filter keeps: no setuid/setgid/sticky, no group or
-    other write, owner read/write always, executable only when the owner could execute."""
-    if member.isdir():
-        return 0o755
-    mode = (member.mode & 0o755) | 0o600
-    if not member.mode & 0o100:
-        mode &= ~0o111
-    return mode
-
-
-def _unreadable_archive(archive: Path, error: BaseException) -> None:
-    # A damaged archive would otherwise be reused by every later call (with md5=None).
-    archive.unlink(missing_ok=True)
-    raise ValueError(
-        f"{archive} is not a readable archive ({error}); it was deleted, so the next call "
-        f"downloads it again"
-    ) from error
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dropcluster.validation import check_choice
+
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 
 FASHION_MNIST_CLASSES = (
@@ -77,7 +79,7 @@ def load_fashion_mnist(
             ``dataset-fashion-mnist`` installs them. Each file may be gzipped (``name.gz``) or
             raw (``name``); the raw file is read when both exist.
         verify: check the SHA-256 of the decompressed bytes against :data:`SHA256` when a file
-            holds the official number of examples (about 0.1 s for the training images).
+            holds the official number of examples.
             Smaller files, such as the ones tests generate with :func:`write_idx`, cannot be
             the official data and skip the check for that reason only; every file still gets
             the full format checks.
@@ -93,8 +95,7 @@ def load_fashion_mnist(
         FileNotFoundError: the folder or one of the two files of the split is missing; the
             message lists the expected layout and what the folder holds.
     """
-    if split not in SPLIT_FILES:
-        raise ValueError(f"split should be one of {tuple(SPLIT_FILES)}, but got {split!r}")
+    check_choice("split", split, SPLIT_FILES)
     folder = DEFAULT_ROOT if root is None else Path(root)
     image_stem, label_stem = SPLIT_FILES[split]
     image_path = _find_file(folder, image_stem, split, root is None)

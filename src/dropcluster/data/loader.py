@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from dropcluster.data.augment import AugmentConfig, augment_batch
+from dropcluster.validation import check_int
 
 
 class DeviceLoader:
@@ -68,8 +69,7 @@ class DeviceLoader:
             )
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise ValueError(f"labels should hold integers, but got dtype {labels.dtype}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size should be a positive int, but got {batch_size!r}")
+        check_int("batch_size", batch_size, minimum=1)
         if drop_last and images.shape[0] < batch_size:
             raise ValueError(
                 f"with drop_last=True, {images.shape[0]} examples make no batch of "

@@ -7,10 +7,10 @@ class, reproducibly from a seed.
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import Tensor
+
+from dropcluster.validation import check_float
 
 
 def stratified_subset(labels: Tensor, fraction: float, seed: int = 0) -> Tensor:
@@ -34,12 +34,7 @@ def stratified_subset(labels: Tensor, fraction: float, seed: int = 0) -> Tensor:
         ValueError: fraction outside (0, 1] (or not a real number), labels not one-dimensional,
             not integers, or negative.
     """
-    if (
-        isinstance(fraction, bool)
-        or not isinstance(fraction, numbers.Real)
-        or not 0.0 < float(fraction) <= 1.0
-    ):
-        raise ValueError(f"fraction should be a number in (0, 1], but got {fraction!r}")
+    fraction = check_float("fraction", fraction, above=0.0, maximum=1.0)
     if labels.dim() != 1:
         raise ValueError(f"labels should be 1 dimensional, but got shape {tuple(labels.shape)}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -47,14 +42,14 @@ def stratified_subset(labels: Tensor, fraction: float, seed: int = 0) -> Tensor:
     n_examples = labels.numel()
     if n_examples and int(labels.min()) < 0:
         raise ValueError(f"labels should be >= 0, but the smallest is {int(labels.min())}")
-    if float(fraction) == 1.0:
+    if fraction == 1.0:
         return torch.arange(n_examples, device=labels.device)
 
     # Work on the CPU so the indices do not depend on the device's random number generator.
     labels_cpu = labels.detach().to("cpu", torch.int64)
     counts = torch.bincount(labels_cpu)
     keep_per_class = torch.tensor(
-        [max(1, round(float(fraction) * int(count))) if count else 0 for count in counts],
+        [max(1, round(fraction * int(count))) if count else 0 for count in counts],
         dtype=torch.int64,
     )
     generator = torch.Generator().manual_seed(int(seed))

@@ -1,8 +1,15 @@
-"""matplotlib, imported only when a figure is drawn (it is an optional extra)."""
+"""matplotlib, imported only when a figure is drawn (it is an optional extra), and figure files."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import ModuleType
+from typing import Any
+
+from dropcluster.files import atomic_write
+
+#: Resolution of every figure the package writes.
+DPI = 110
 
 
 def pyplot() -> ModuleType:
@@ -17,3 +24,17 @@ def pyplot() -> ModuleType:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(figure: Any, path: str | Path, **options: Any) -> Path:
+    """Write ``figure`` to ``path`` (format from the suffix, PNG by default) atomically, so a
+    reader never sees half an image, then close it; ``options`` go to ``savefig``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file_format = path.suffix.lstrip(".") or "png"
+    try:
+        atomic_write(path, lambda stream: figure.savefig(stream, format=file_format, dpi=DPI,
+                                                         **options))  # fmt: skip
+    finally:
+        pyplot().close(figure)
+    return path

@@ -24,13 +24,13 @@ from torch import Tensor, nn
 
 from dropcluster.data.corruptions import CORRUPTIONS, FAMILIES, corrupt, family_for_size
 from dropcluster.files import FolderLock, atomic_write_json
-from dropcluster.train.loop import RUN_LOCK_NAME, topk_correct
+from dropcluster.train.config import resolve_device
+from dropcluster.train.loop import RESULT_NAME, RUN_LOCK_NAME, topk_correct
 from dropcluster.validation import check_choice, check_int
 
 #: Images corrupted together (and seeded together): fixed, so results never depend on batch size.
 CHUNK_IMAGES = 1000
 CORRUPTIONS_NAME = "corruptions.json"
-RESULT_NAME = "result.json"
 
 
 @dataclass
@@ -343,11 +343,15 @@ def evaluate_run(
     Writes ``run_dir/corruptions.json`` (every row, the settings, the source) and adds the clean
     baseline and the per-severity means to ``run_dir/result.json``.
 
+    Args:
+        device: where the model runs ("auto": CUDA when there is one, else the CPU).
+
     Returns:
         The rows (see :func:`evaluate_corruptions`).
     """
     if batch_size is not None:
         check_int("batch_size", batch_size, minimum=1)
+    device = resolve_device(device)
     if not Path(run_dir).is_dir():
         raise FileNotFoundError(f"no run folder at {run_dir}")
     # The run's lock: a training process or another evaluation must not write beside us.

@@ -1,11 +1,12 @@
 """Experiment presets (JSON data in ``presets/``) and their expansion into a grid of runs.
 
-A preset holds a base :class:`~dropcluster.train.config.TrainConfig` (as a mapping), one or more
-*grids* (each the product regularizer x p x training fraction x seed; the union of the grids is
-the sweep), which runs are evaluated on corrupted test sets, and what the report needs (scale,
-the paper's table to compare with, K for "averaged over the last K epochs"). Presets are data:
-``demo`` (the embedded default), ``paper-cifar100`` and ``paper-tiny-imagenet`` ship with the
-package, and any JSON file of the same shape can be given by path.
+A :class:`Preset` holds a base :class:`~dropcluster.train.config.TrainConfig` (as a mapping), one
+or more :class:`Grid` (each the product regularizer x p x training fraction x seed; the union of
+the grids is the sweep), which runs are evaluated on corrupted test sets
+(:class:`EvaluateSettings`), and what the report needs (scale, the paper's table to compare
+with, K for "averaged over the last K epochs"). Presets are data: ``demo`` (the embedded
+default), ``paper-cifar100`` and ``paper-tiny-imagenet`` ship with the package, and any JSON file
+of the same shape can be given by path (:func:`load_preset`).
 """
 
 from __future__ import annotations
@@ -13,17 +14,234 @@ from __future__ import annotations
 import copy
 import fnmatch
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from dropcluster.experiments.corruption_eval import CorruptionSettings
+from dropcluster.experiments.paper_results import PAPER_DATASETS
 from dropcluster.nn import REGULARIZERS
-from dropcluster.train.config import TrainConfig
+from dropcluster.train.config import TrainConfig, parse_assignments
+from dropcluster.validation import check_choice, check_fields, check_int, check_type
 
 DEFAULT_PRESET = "demo"
+#: "demo": small and fast, not comparable with the paper; "paper": the paper's protocol.
+SCALES = ("demo", "paper")
 GRID_KEYS = ("regularizer", "p", "train_fraction", "seed")
-_REQUIRED = ("name", "scale", "description", "dataset", "base", "grids")
+#: Data sets released as corrupted files (CIFAR-100-C, Tiny-ImageNet-C).
+_RELEASED_CORRUPTED = ("cifar100", "tiny-imagenet")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One product of runs: every regularizer x p x training fraction x seed.
+
+    A run without a regularizer (``"none"``) has no rate: it is one run per training fraction
+    and seed, whatever ``p`` lists.
+    """
+
+    regularizer: list[str]
+    p: list[float]
+    train_fraction: list[float]
+    seed: list[int]
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for key in GRID_KEYS:
+            if not getattr(self, key):
+                raise ValueError(f"{key} should be a non-empty list")
+        unknown = [r for r in self.regularizer if r not in REGULARIZERS]
+        if unknown:
+            raise ValueError(f"unknown regularizers {unknown}; valid: {', '.join(REGULARIZERS)}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Grid:
+        """A grid from its JSON form: exactly the keys of :data:`GRID_KEYS`, each a list."""
+        check_type("a grid", values, dict[str, Any])
+        missing = [key for key in GRID_KEYS if key not in values]
+        extra = sorted(set(values) - set(GRID_KEYS))
+        if missing or extra:
+            raise ValueError(
+                f"a grid should have exactly the keys {list(GRID_KEYS)}; missing {missing}, "
+                f"unknown {extra}"
+            )
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, list]:
+        return {key: list(getattr(self, key)) for key in GRID_KEYS}
+
+
+#: The keys of a preset's ``evaluate`` block: the training fractions, then CorruptionSettings'.
+EVALUATE_KEYS = ("train_fraction", *(f.name for f in fields(CorruptionSettings)))
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """Which runs of a sweep are evaluated on corrupted test sets, and how.
+
+    Attributes:
+        train_fraction: the runs with these training fractions are evaluated.
+        corruption: the corrupted test sets they are evaluated on.
+    """
+
+    train_fraction: list[float]
+    corruption: CorruptionSettings
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not self.train_fraction:
+            raise ValueError("evaluate.train_fraction should be a non-empty list")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> EvaluateSettings:
+        """From the JSON form: ``train_fraction`` and any of CorruptionSettings' fields."""
+        check_type("evaluate", values, dict[str, Any])
+        unknown = sorted(set(values) - set(EVALUATE_KEYS))
+        if unknown or "train_fraction" not in values:
+            raise ValueError(
+                f"evaluate needs train_fraction and takes only {list(EVALUATE_KEYS)}; "
+                f"unknown {unknown}"
+            )
+        # CorruptionSettings raises ValueError naming a bad corruption, severity, limit, ...
+        corruption = CorruptionSettings(
+            **{key: value for key, value in values.items() if key != "train_fraction"}
+        )
+        return cls(values["train_fraction"], corruption)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"train_fraction": list(self.train_fraction), **self.corruption.to_dict()}
+
+
+#: Keys a preset's JSON form has to have; the others default to None.
+REQUIRED_KEYS = ("name", "scale", "description", "dataset", "base", "grids")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A sweep: a base config, the grids of runs, and what the report needs.
+
+    Build one with :meth:`from_dict` (the JSON form of a preset file) or :func:`load_preset`;
+    :meth:`to_dict` gives the JSON form back (a sweep writes it as ``preset.json``). Every run's
+    config is checked when the preset is made, so a bad value fails now, not hours into a sweep.
+
+    Attributes:
+        name: the preset's name (a sweep folder holds the runs of one preset).
+        scale: "demo" (small, not comparable with the paper) or "paper".
+        description: one paragraph, shown at the top of the report.
+        dataset: the data set the report names.
+        base: ``TrainConfig`` values shared by every run; the grids set regularizer, p,
+            train_fraction and seed.
+        grids: the runs, as the union of the grids' products.
+        evaluate: which runs get the corrupted-test evaluation (None: none).
+        paper: the data set whose paper numbers the report shows ("cifar100",
+            "tiny-imagenet"; None: none).
+        paper_command: the command of the paper-scale sweep, quoted by demo-scale reports.
+        average_last: K of the report's "mean over the last K epochs" (None: give it to the
+            report).
+    """
+
+    name: str
+    scale: str
+    description: str
+    dataset: str
+    base: dict[str, Any]
+    grids: list[Grid]
+    evaluate: EvaluateSettings | None = None
+    paper: str | None = None
+    paper_command: str | None = None
+    average_last: int | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        check_choice("scale", self.scale, SCALES)
+        check_choice("paper", self.paper, (None, *PAPER_DATASETS))
+        if self.average_last is not None:
+            check_int("average_last", self.average_last, minimum=1)
+        if not self.grids:
+            raise ValueError("grids should be a non-empty list of grids")
+        if self.evaluate is not None:
+            self._check_evaluate(self.evaluate)
+        _run_specs(self)  # builds (and so checks) every run's TrainConfig
+
+    def _check_evaluate(self, evaluate: EvaluateSettings) -> None:
+        fractions = {f for grid in self.grids for f in grid.train_fraction}
+        missing = [f for f in evaluate.train_fraction if f not in fractions]
+        if missing:
+            raise ValueError(
+                f"evaluate.train_fraction {missing} is in no grid (grids have {sorted(fractions)})"
+            )
+        dataset = self.base.get("dataset")
+        if evaluate.corruption.corrupted_from is not None and dataset not in _RELEASED_CORRUPTED:
+            raise ValueError(
+                f"corrupted_from reads released CIFAR-100-C / Tiny-ImageNet-C files, but the "
+                f"data set is {dataset!r}"
+            )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], origin: str = "preset") -> Preset:
+        """A preset from its JSON form, validated.
+
+        Args:
+            values: the keys of :data:`REQUIRED_KEYS`, and optionally ``evaluate``, ``paper``,
+                ``paper_command`` and ``average_last``; ``grids`` is a list of grid objects,
+                ``evaluate`` an object (see :class:`EvaluateSettings`) or null.
+            origin: how error messages name the preset (a file, a preset name).
+
+        Raises:
+            ValueError: a missing or unknown key, or a bad value; the message starts with
+                ``origin``.
+        """
+        try:
+            return cls._from_dict(values)
+        except ValueError as error:
+            raise ValueError(f"{origin}: {error}") from error
+
+    @classmethod
+    def _from_dict(cls, values: Mapping[str, Any]) -> Preset:
+        if not isinstance(values, Mapping):
+            raise ValueError(f"a preset should be a JSON object, but got {type(values).__name__}")
+        values = copy.deepcopy(dict(values))  # the caller's lists stay theirs
+        missing = [key for key in REQUIRED_KEYS if key not in values]
+        if missing:
+            raise ValueError(f"lacks the keys {missing}; a preset needs {list(REQUIRED_KEYS)}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown keys {unknown}; a preset takes {sorted(known)}")
+        check_type("grids", values["grids"], list[dict[str, Any]])
+        grids = []
+        for index, grid in enumerate(values["grids"]):
+            try:
+                grids.append(Grid.from_dict(grid))
+            except ValueError as error:
+                raise ValueError(f"grid {index}: {error}") from error
+        evaluate = values.get("evaluate")
+        return cls(
+            **{**values, "grids": grids,
+               "evaluate": None if evaluate is None else EvaluateSettings.from_dict(evaluate)}
+        )  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (what :meth:`from_dict` reads)."""
+        return {
+            "name": self.name,
+            "scale": self.scale,
+            "description": self.description,
+            "dataset": self.dataset,
+            "paper": self.paper,
+            "paper_command": self.paper_command,
+            "base": copy.deepcopy(self.base),
+            "grids": [grid.to_dict() for grid in self.grids],
+            "evaluate": None if self.evaluate is None else self.evaluate.to_dict(),
+            "average_last": self.average_last,
+        }
+
+
+def as_preset(preset: Preset | Mapping[str, Any]) -> Preset:
+    """``preset`` itself, or the :class:`Preset` of its JSON form (validated)."""
+    return preset if isinstance(preset, Preset) else Preset.from_dict(preset)
 
 
 def preset_names() -> list[str]:
@@ -34,7 +252,7 @@ def preset_names() -> list[str]:
     )
 
 
-def load_preset(name_or_path: str | Path) -> dict[str, Any]:
+def load_preset(name_or_path: str | Path) -> Preset:
     """A preset by name (see :func:`preset_names`) or from a JSON file, validated.
 
     Raises:
@@ -55,90 +273,10 @@ def load_preset(name_or_path: str | Path) -> dict[str, Any]:
         text = (folder / f"{name_or_path}.json").read_text()
         origin = f"preset {name_or_path}"
     try:
-        preset = json.loads(text)
+        values = json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"{origin} is not valid JSON: {error}") from error
-    validate_preset(preset, origin)
-    return preset
-
-
-def validate_preset(preset: dict[str, Any], origin: str = "preset") -> None:
-    """Raise ValueError naming what is missing or wrong in ``preset``."""
-    if not isinstance(preset, dict):
-        raise ValueError(f"{origin} should be a JSON object, but got {type(preset).__name__}")
-    missing = [key for key in _REQUIRED if key not in preset]
-    if missing:
-        raise ValueError(f"{origin} lacks the keys {missing}; a preset needs {list(_REQUIRED)}")
-    if preset["scale"] not in ("demo", "paper"):
-        raise ValueError(f"{origin}: scale should be 'demo' or 'paper', got {preset['scale']!r}")
-    if not isinstance(preset["grids"], list) or not preset["grids"]:
-        raise ValueError(f"{origin}: grids should be a non-empty list of grids")
-    for index, grid in enumerate(preset["grids"]):
-        missing = [key for key in GRID_KEYS if key not in grid]
-        extra = sorted(set(grid) - set(GRID_KEYS))
-        if missing or extra:
-            raise ValueError(
-                f"{origin}: grid {index} should have exactly the keys {list(GRID_KEYS)}; "
-                f"missing {missing}, unknown {extra}"
-            )
-        for key in GRID_KEYS:
-            if not isinstance(grid[key], list) or not grid[key]:
-                raise ValueError(f"{origin}: grid {index} {key} should be a non-empty list")
-        unknown = [r for r in grid["regularizer"] if r not in REGULARIZERS]
-        if unknown:
-            raise ValueError(
-                f"{origin}: grid {index} has unknown regularizers {unknown}; valid: "
-                f"{', '.join(REGULARIZERS)}"
-            )
-    _validate_evaluate(preset, origin)
-    # Every run's config must be valid: build one per grid to fail now, not hours later.
-    for grid in preset["grids"]:
-        TrainConfig.from_dict(
-            {
-                **preset["base"],
-                "regularizer": grid["regularizer"][0],
-                "p": grid["p"][0],
-                "train_fraction": grid["train_fraction"][0],
-                "seed": grid["seed"][0],
-            }
-        )
-
-
-EVALUATE_KEYS = ("train_fraction", "corruptions", "severities", "limit", "seed", "jpeg_quality",
-                 "family", "corrupted_from")  # fmt: skip
-
-
-def _validate_evaluate(preset: dict[str, Any], origin: str) -> None:
-    evaluate = preset.get("evaluate")
-    if evaluate is None:
-        return
-    if not isinstance(evaluate, dict):
-        raise ValueError(f"{origin}: evaluate should be an object or null, got {evaluate!r}")
-    unknown = sorted(set(evaluate) - set(EVALUATE_KEYS))
-    if unknown or "train_fraction" not in evaluate:
-        raise ValueError(
-            f"{origin}: evaluate needs train_fraction and takes only {list(EVALUATE_KEYS)}; "
-            f"unknown {unknown}"
-        )
-    fractions = {f for grid in preset["grids"] for f in grid["train_fraction"]}
-    missing = [f for f in evaluate["train_fraction"] if f not in fractions]
-    if missing:
-        raise ValueError(
-            f"{origin}: evaluate.train_fraction {missing} is in no grid (grids have "
-            f"{sorted(fractions)})"
-        )
-    from dropcluster.experiments.corruption_eval import CorruptionSettings
-
-    # Raises ValueError naming a bad corruption, severity, limit or JPEG quality.
-    CorruptionSettings(**{k: v for k, v in evaluate.items() if k != "train_fraction"})
-    if evaluate.get("corrupted_from") is not None:
-        if preset["base"].get("dataset") not in ("cifar100", "tiny-imagenet"):
-            raise ValueError(
-                f"{origin}: corrupted_from reads released CIFAR-100-C / Tiny-ImageNet-C files, "
-                f"but the data set is {preset['base'].get('dataset')!r}"
-            )
-        if not Path(evaluate["corrupted_from"]).is_dir():
-            raise ValueError(f"{origin}: corrupted_from {evaluate['corrupted_from']} is no folder")
+    return Preset.from_dict(values, origin)
 
 
 @dataclass(frozen=True)
@@ -171,43 +309,53 @@ def run_id(regularizer: str, p: float, train_fraction: float, seed: int) -> str:
     return f"{regularizer}-p{p:g}-f{train_fraction:g}-s{seed}"
 
 
-def apply_overrides(preset: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+def apply_overrides(preset: Preset | Mapping[str, Any], overrides: dict[str, Any]) -> Preset:
     """A copy of ``preset`` whose base config has ``overrides`` (``--set key=value``) applied."""
-    result = copy.deepcopy(preset)
-    result["base"] = {**result["base"], **overrides}
-    if "average_last" in overrides:
-        result["average_last"] = overrides["average_last"]
-    validate_preset(result, f"preset {preset['name']} with {overrides}")
-    return result
+    preset = as_preset(preset)
+    try:
+        return replace(
+            preset,
+            base={**preset.base, **overrides},
+            average_last=overrides.get("average_last", preset.average_last),
+        )
+    except ValueError as error:
+        raise ValueError(f"preset {preset.name} with {overrides}: {error}") from error
 
 
-def expand_grid(preset: dict[str, Any]) -> list[RunSpec]:
+def with_corrupted_from(preset: Preset, folder: str) -> Preset:
+    """A copy of ``preset`` that reads the released corrupted files in ``folder``."""
+    if preset.evaluate is None:
+        raise ValueError(f"preset {preset.name} evaluates no corruptions")
+    corruption = replace(preset.evaluate.corruption, corrupted_from=folder)
+    try:
+        return replace(preset, evaluate=replace(preset.evaluate, corruption=corruption))
+    except ValueError as error:
+        raise ValueError(f"preset {preset.name} with --corrupted-from: {error}") from error
+
+
+def expand_grid(preset: Preset | Mapping[str, Any]) -> list[RunSpec]:
     """Every run of the preset, once, in a stable order (grid order, then product order)."""
-    evaluate = preset.get("evaluate") or None
-    evaluated_fractions = set(evaluate["train_fraction"]) if evaluate else set()
+    return _run_specs(as_preset(preset))
+
+
+def _run_specs(preset: Preset) -> list[RunSpec]:
+    evaluated = set(preset.evaluate.train_fraction) if preset.evaluate else set()
     specs: dict[str, RunSpec] = {}
-    for grid in preset["grids"]:
-        for regularizer in grid["regularizer"]:
+    for grid in preset.grids:
+        for regularizer in grid.regularizer:
             # A run without a regularizer has no rate: one run, whatever the p list says.
-            rates = [0.0] if regularizer == "none" else grid["p"]
+            rates = [0.0] if regularizer == "none" else grid.p
             for p in rates:
-                for fraction in grid["train_fraction"]:
-                    for seed in grid["seed"]:
+                for fraction in grid.train_fraction:
+                    for seed in grid.seed:
                         identifier = run_id(regularizer, p, fraction, seed)
                         if identifier in specs:
                             continue
                         config = TrainConfig.from_dict(
-                            {
-                                **preset["base"],
-                                "regularizer": regularizer,
-                                "p": float(p),
-                                "train_fraction": float(fraction),
-                                "seed": int(seed),
-                            }
-                        )
-                        specs[identifier] = RunSpec(
-                            identifier, config, float(fraction) in evaluated_fractions
-                        )
+                            {**preset.base, "regularizer": regularizer, "p": float(p),
+                             "train_fraction": float(fraction), "seed": int(seed)}
+                        )  # fmt: skip
+                        specs[identifier] = RunSpec(identifier, config, fraction in evaluated)
     return list(specs.values())
 
 
@@ -245,15 +393,6 @@ def filter_runs(specs: list[RunSpec], only: list[str]) -> list[RunSpec]:
 
 
 def parse_overrides(assignments: list[str]) -> dict[str, Any]:
-    """``["stem=cifar", "epochs=10"]`` -> ``{"stem": "cifar", "epochs": 10}`` (JSON values)."""
-    overrides: dict[str, Any] = {}
-    for assignment in assignments:
-        key, sep, text = assignment.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set expects key=value, but got {assignment!r}")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
-        overrides[key.strip()] = value
-    return overrides
+    """``["stem=cifar", "epochs=10"]`` -> ``{"stem": "cifar", "epochs": 10}`` (JSON values), the
+    same ``--set KEY=VALUE`` syntax as ``dropcluster train``."""
+    return parse_assignments(assignments, "--set")

@@ -24,14 +24,13 @@ from typing import Any
 
 from dropcluster.experiments import report_figures
 from dropcluster.experiments.paper_results import CORRUPTIONS, paper_tables
+from dropcluster.experiments.presets import Preset, as_preset
 from dropcluster.experiments.report_figures import display_name, ordered_regularizers
-from dropcluster.experiments.store import CLEAN, RUN_STATUSES, ResultsStore
+from dropcluster.experiments.store import CLEAN, FAILED, FINISHED, RUN_STATUSES, ResultsStore
 from dropcluster.experiments.sweep import RUNS_FOLDER
 from dropcluster.files import atomic_write_text
+from dropcluster.validation import check_int
 
-#: The status a run has once its results are recorded; only these runs are aggregated.
-FINISHED = "finished"
-FAILED = "failed"
 #: Figures this module writes; stale ones are removed so a rerun leaves no outdated image.
 FIGURE_NAMES = (
     "corruption_top1.png",
@@ -234,8 +233,7 @@ def summarize(store: ResultsStore, average_last: int, *, preset_name: str | None
     Raises:
         ValueError: ``average_last`` is not a positive integer.
     """
-    if isinstance(average_last, bool) or not isinstance(average_last, int) or average_last < 1:
-        raise ValueError(f"average_last (K) has to be a positive integer, but got {average_last!r}")
+    check_int("average_last (K)", average_last, minimum=1)
     records = store.runs(preset=preset_name) if preset_name else store.runs()
     status_counts = dict.fromkeys(RUN_STATUSES, 0)
     for record in records:
@@ -452,23 +450,22 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _header(summary: Summary, preset: dict[str, Any]) -> list[str]:
-    name = preset.get("name", "?")
-    lines = [f"# DropCluster sweep report: preset `{name}`", ""]
-    command = preset.get("paper_command") or "(none given in the preset)"
-    if preset.get("scale") == "paper":
+def _header(summary: Summary, preset: Preset) -> list[str]:
+    lines = [f"# DropCluster sweep report: preset `{preset.name}`", ""]
+    command = preset.paper_command or "(none given in the preset)"
+    if preset.scale == "paper":
         lines.append(
-            f"**Paper scale** ({_dataset_name(preset.get('dataset'))}): the paper's protocol; "
+            f"**Paper scale** ({_dataset_name(preset.dataset)}): the paper's protocol; "
             "where the preset names one of the paper's data sets, its reported numbers stand "
             "beside the measured ones."
         )
     else:
         lines.append(
-            f"**{preset.get('scale', 'demo')} scale: small model, short schedule, "
-            f"{_dataset_name(preset.get('dataset'))} — numbers are not comparable with the paper; "
+            f"**{preset.scale} scale: small model, short schedule, "
+            f"{_dataset_name(preset.dataset)} — numbers are not comparable with the paper; "
             f"the paper-scale command is `{command}`.**"
         )
-    lines += ["", preset.get("description", ""), ""]
+    lines += ["", preset.description, ""]
     counts = ", ".join(f"{status} {n}" for status, n in summary.status_counts.items())
     total = sum(summary.status_counts.values())
     lines.append(f"- Runs: {total} in the database ({counts or 'none'}).")
@@ -612,6 +609,61 @@ def _fraction_section(summary: Summary, paper: dict | None, table_name: str) -> 
     return lines
 
 
+@dataclass(frozen=True)
+class _CorruptionComparison:
+    """The numbers of the corruption table at one severity, before they are formatted.
+
+    Attributes:
+        severity: the severity of the corrupted rows (the lowest evaluated).
+        columns: ``(regularizer, p)`` per column, p of the runs measured (None: none).
+        rows: ``(test set, cells)``: the clean set, each corruption, then "mean"; one cell per
+            column: the measured top-1 over seeds (None: not measured) and the paper's (None:
+            the paper reports none here).
+        with_paper: the paper's numbers stand beside the measured ones.
+        other_corruptions: the paper's mean covers other corruptions than the measured mean.
+    """
+
+    severity: int
+    columns: list[tuple[str, float | None]]
+    rows: list[tuple[str, list[tuple[SeedStats | None, float | None]]]]
+    with_paper: bool
+    other_corruptions: bool
+
+
+def _corruption_comparison(
+    summary: Summary, paper: dict | None, severity: int
+) -> _CorruptionComparison:
+    """The measured (and, at severity 1, the paper's) top-1 per test set and regularizer."""
+    paper_rows = paper["corruption"] if paper and severity == 1 else {}
+    regularizers = ordered_regularizers(set(summary.corruption) | set(paper_rows))
+    measured = {name for result in summary.corruption.values() for (name, _) in result.cells} - {
+        CLEAN,
+        "mean",
+    }
+    reported = {name for per_reg in paper_rows.values() for name in per_reg}
+    corruptions = sorted(measured | reported, key=_paper_order)
+    rows = []
+    for name, level in [(CLEAN, 0), *((c, severity) for c in corruptions), ("mean", severity)]:
+        cells = []
+        for regularizer in regularizers:
+            result = summary.corruption.get(regularizer)
+            cell = result.cells.get((name, level)) if result else None
+            reported_top1 = _paper_corruption(paper, regularizer, name) if paper_rows else None
+            cells.append((cell[0] if cell else None, reported_top1))
+        rows.append((name, cells))
+    columns = [(r, summary.corruption[r].p if r in summary.corruption else None)
+               for r in regularizers]  # fmt: skip
+    return _CorruptionComparison(
+        severity, columns, rows, bool(paper_rows), bool(paper_rows) and measured != reported
+    )
+
+
+def _paper_order(corruption: str) -> tuple[int, str]:
+    """The paper's order of the corruptions; others after them, by name."""
+    index = CORRUPTIONS.index(corruption) if corruption in CORRUPTIONS else len(CORRUPTIONS)
+    return index, corruption
+
+
 def _corruption_section(summary: Summary, paper: dict | None, table_name: str) -> list[str]:
     lines = ["", f"## Corrupted test sets ({table_name})", ""]
     if not summary.corruption:
@@ -626,76 +678,70 @@ def _corruption_section(summary: Summary, paper: dict | None, table_name: str) -
     if not severities:
         lines.append("Only clean evaluations so far: no corrupted test set has been evaluated.")
         return lines
-    lowest = severities[0]
-    regularizers = ordered_regularizers(summary.corruption)
-    paper_rows = paper["corruption"] if paper and lowest == 1 else {}
-    if paper_rows:
-        regularizers = ordered_regularizers(set(regularizers) | set(paper_rows))
-    lines.append(
-        f"Top-1 (%) at severity {lowest} (the lowest evaluated), each regularizer at its best p "
-        f"on the full training fraction ({_fmt_fraction(summary.full_fraction)}); clean = the "
-        "uncorrupted test set; mean = per-seed mean over the corruptions, then over seeds."
-    )
-    if paper_rows:
-        lines.append("The paper's clean row is its Table 3 (uncorrupted validation set).")
-    if paper and not paper_rows:
-        lines.append("The paper reports no corruption numbers to compare with here.")
+    comparison = _corruption_comparison(summary, paper, severities[0])
+    lines += _corruption_notes(summary, paper, comparison)
+    lines += ["", _corruption_table(comparison)]
+    lines += ["", "### Mean over corruptions per severity (top-1 %)", ""]
+    lines.append(_severity_means_table(summary, severities))
+    return lines
+
+
+def _corruption_notes(
+    summary: Summary, paper: dict | None, comparison: _CorruptionComparison
+) -> list[str]:
+    notes = [
+        f"Top-1 (%) at severity {comparison.severity} (the lowest evaluated), each regularizer at "
+        f"its best p on the full training fraction ({_fmt_fraction(summary.full_fraction)}); "
+        "clean = the uncorrupted test set; mean = per-seed mean over the corruptions, then over "
+        "seeds."
+    ]
+    if comparison.with_paper:
+        notes.append("The paper's clean row is its Table 3 (uncorrupted validation set).")
+    if paper and not comparison.with_paper:
+        notes.append("The paper reports no corruption numbers to compare with here.")
     if any(result.clean_from_runs for result in summary.corruption.values()):
-        lines.append(
+        notes.append(
             "Where no clean evaluation is stored, the clean row is the runs' last-K test accuracy."
         )
-    lines.append("")
-    headers = ["corruption"]
-    for regularizer in regularizers:
-        result = summary.corruption.get(regularizer)
-        label = display_name(regularizer) + (f" (p={result.p:g})" if result else "")
-        headers += (
-            [f"{label} measured", f"{display_name(regularizer)} paper"] if paper_rows else [label]
-        )
-    measured_corruptions = {
-        name for result in summary.corruption.values() for (name, _) in result.cells
-    } - {CLEAN, "mean"}
-    paper_corruptions = {name for per_reg in paper_rows.values() for name in per_reg}
-    if paper_rows and measured_corruptions != paper_corruptions:
-        lines.insert(
-            -1,
+    if comparison.other_corruptions:
+        notes.append(
             "The measured mean covers only the corruptions measured here; the paper's covers its "
-            "seven.",
+            "seven."
         )
-    corruptions = sorted(
-        measured_corruptions | paper_corruptions,
-        key=lambda name: (
-            CORRUPTIONS.index(name) if name in CORRUPTIONS else len(CORRUPTIONS),
-            name,
-        ),
-    )
+    return notes
+
+
+def _corruption_table(comparison: _CorruptionComparison) -> str:
+    headers = ["corruption"]
+    for regularizer, p in comparison.columns:
+        label = display_name(regularizer) + ("" if p is None else f" (p={p:g})")
+        if comparison.with_paper:
+            headers += [f"{label} measured", f"{display_name(regularizer)} paper"]
+        else:
+            headers.append(label)
     rows = []
-    for name, severity in [(CLEAN, 0)] + [(c, lowest) for c in corruptions] + [("mean", lowest)]:
-        row = [name.replace("_", " ") if name != "mean" else "**mean over corruptions**"]
-        for regularizer in regularizers:
-            result = summary.corruption.get(regularizer)
-            cell = result.cells.get((name, severity)) if result else None
-            row.append(_fmt_stats(cell[0] if cell else None))
-            if paper_rows:
-                row.append(_fmt_paper(_paper_corruption(paper, regularizer, name)))
+    for name, cells in comparison.rows:
+        row = ["**mean over corruptions**" if name == "mean" else name.replace("_", " ")]
+        for measured, reported in cells:
+            row.append(_fmt_stats(measured))
+            if comparison.with_paper:
+                row.append(_fmt_paper(reported))
         rows.append(row)
-    lines.append(_table(headers, rows))
-    lines += ["", "### Mean over corruptions per severity (top-1 %)", ""]
-    mean_rows = []
-    for severity in [0] + severities:
+    return _table(headers, rows)
+
+
+def _severity_means_table(summary: Summary, severities: list[int]) -> str:
+    """Top-1 of the clean set and the mean over corruptions at each severity."""
+    regularizers = ordered_regularizers(summary.corruption)
+    rows = []
+    for severity in [0, *severities]:
         cell_name = CLEAN if severity == 0 else "mean"
         row = ["0 (clean)" if severity == 0 else str(severity)]
-        for regularizer in ordered_regularizers(summary.corruption):
+        for regularizer in regularizers:
             cell = summary.corruption[regularizer].cells.get((cell_name, severity))
             row.append(_fmt_stats(cell[0] if cell else None))
-        mean_rows.append(row)
-    lines.append(
-        _table(
-            ["severity"] + [display_name(r) for r in ordered_regularizers(summary.corruption)],
-            mean_rows,
-        )
-    )
-    return lines
+        rows.append(row)
+    return _table(["severity"] + [display_name(r) for r in regularizers], rows)
 
 
 def _paper_corruption(paper: dict, regularizer: str, name: str) -> float | None:
@@ -830,7 +876,7 @@ def _analysis_section(out_dir: Path, summary: Summary, report_dir: Path) -> list
 def write_report(
     store: ResultsStore,
     out_dir: str | Path,
-    preset: dict[str, Any],
+    preset: Preset | dict[str, Any],
     *,
     average_last: int | None = None,
     report_dir: str | Path | None = None,
@@ -843,10 +889,11 @@ def write_report(
     Args:
         store: the results database.
         out_dir: the sweep's output folder; the report goes to ``out_dir/report/``.
-        preset: the sweep's preset (reads ``name``, ``scale``, ``description``, ``dataset``,
-            ``paper_command``, ``paper`` and ``average_last``).
+        preset: the sweep's :class:`~dropcluster.experiments.presets.Preset`, or its JSON form
+            (the report shows its name, scale, description, data set, paper command and the
+            paper's numbers for ``paper``).
         average_last: K, the number of last finished epochs averaged per run (default:
-            ``preset["average_last"]``).
+            ``preset.average_last``).
         report_dir: where the report goes instead of ``out_dir/report`` (a sweep folder on a
             read-only mount, say).
 
@@ -854,14 +901,15 @@ def write_report(
         The path of ``report.md``.
 
     Raises:
-        ValueError: no K given and none in the preset, a bad K, or an unknown ``preset["paper"]``.
+        ValueError: a bad preset, no K given and none in the preset, or a bad K.
     """
+    preset = as_preset(preset)
     if average_last is None:
-        average_last = preset.get("average_last")
+        average_last = preset.average_last
         if average_last is None:
             raise ValueError("average_last (K) is neither given nor set in the preset")
-    paper = paper_tables(preset["paper"]) if preset.get("paper") else None
-    summary = summarize(store, average_last, preset_name=preset.get("name"))
+    paper = paper_tables(preset.paper) if preset.paper else None
+    summary = summarize(store, average_last, preset_name=preset.name)
     folder = Path(out_dir) / "report" if report_dir is None else Path(report_dir)
     folder.mkdir(parents=True, exist_ok=True)
     for name in FIGURE_NAMES:
@@ -870,7 +918,7 @@ def write_report(
     if paper:
         lines += [
             "",
-            f"Paper columns: the numbers the paper reports for {_dataset_name(preset['paper'])} "
+            f"Paper columns: the numbers the paper reports for {_dataset_name(preset.paper)} "
             "(4 seeds, last 50 epochs); blank where the paper reports nothing.",
         ]
     if not summary.runs:
@@ -879,15 +927,13 @@ def write_report(
         tables = {
             "cifar100": ("Table 1", "Table 2"),
             "tiny-imagenet": ("Table 3", "Table 4"),
-        }.get(
-            preset.get("paper"), ("as the paper's Tables 1 and 3", "as the paper's Tables 2 and 4")
-        )
+        }.get(preset.paper, ("as the paper's Tables 1 and 3", "as the paper's Tables 2 and 4"))
         lines += _full_set_section(summary, paper, tables[0])
         lines += _fraction_section(summary, paper, tables[1])
-        table_5 = "Table 5" if preset.get("paper") else "as the paper's Table 5"
+        table_5 = "Table 5" if preset.paper else "as the paper's Table 5"
         lines += _corruption_section(summary, paper, table_5)
         lines += _cluster_section(summary)
-        figure_lines, missing = _draw_figures(summary, folder, preset.get("name", "sweep"))
+        figure_lines, missing = _draw_figures(summary, folder, preset.name)
         lines += ["", "## Figures", ""]
         if missing:
             lines.append(f"No figures: {missing}.")

@@ -13,8 +13,9 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from dropcluster.experiments._plotting import pyplot
+from dropcluster.experiments._plotting import pyplot, save_figure
 from dropcluster.experiments.paper_results import CORRUPTIONS
+from dropcluster.validation import check_choice
 
 #: A mean over seeds and its sample standard deviation (None with a single seed), in percent.
 MeanStd = tuple[float, float | None]
@@ -80,11 +81,6 @@ def _style(regularizer: str) -> dict:
     }
 
 
-def _check_metric(metric: str) -> None:
-    if metric not in _METRIC_LABELS:
-        raise ValueError(f"metric has to be 'top1' or 'top5', but got {metric!r}")
-
-
 def _check_not_empty(name: str, data: Mapping) -> None:
     if not any(data.values()):
         raise ValueError(f"{name} has nothing to plot: every regularizer's data is empty")
@@ -92,14 +88,6 @@ def _check_not_empty(name: str, data: Mapping) -> None:
 
 def _std_or_zero(std: float | None) -> float:
     return 0.0 if std is None or math.isnan(std) else std
-
-
-def _save(figure, out_path: str | Path) -> Path:
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_path, dpi=110, bbox_inches="tight")
-    pyplot().close(figure)
-    return out_path
 
 
 def plot_corruption_severity(
@@ -125,7 +113,7 @@ def plot_corruption_severity(
     Raises:
         ValueError: bad metric, or no data at all.
     """
-    _check_metric(metric)
+    check_choice("metric", metric, _METRIC_LABELS)
     _check_not_empty("the corruption figure", accuracy)
     # The paper's order (noises, then blurs), unknown names after them, the mean last.
     order = (*CORRUPTIONS, "mean")
@@ -175,7 +163,7 @@ def plot_corruption_severity(
         "(mean over seeds, bars: std)",
     )
     figure.tight_layout(rect=(0, 0.06, 1, 1))
-    return _save(figure, out_path)
+    return save_figure(figure, out_path, bbox_inches="tight")
 
 
 def plot_training_fraction(
@@ -199,7 +187,7 @@ def plot_training_fraction(
     Raises:
         ValueError: bad metric, or no data at all.
     """
-    _check_metric(metric)
+    check_choice("metric", metric, _METRIC_LABELS)
     _check_not_empty("the training-fraction figure", accuracy)
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
@@ -226,7 +214,7 @@ def plot_training_fraction(
     axis.set_title(title or "Accuracy against training-set size (mean over seeds, bars: std)")
     axis.grid(alpha=0.3)
     axis.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
-    return _save(figure, out_path)
+    return save_figure(figure, out_path, bbox_inches="tight")
 
 
 def plot_learning_curves(
@@ -254,7 +242,7 @@ def plot_learning_curves(
     Raises:
         ValueError: bad metric, or no data at all.
     """
-    _check_metric(metric)
+    check_choice("metric", metric, _METRIC_LABELS)
     _check_not_empty("the learning-curve figure", curves)
     if average_last is not None and (isinstance(average_last, bool) or average_last < 1):
         raise ValueError(f"average_last has to be a positive integer, but got {average_last!r}")
@@ -299,7 +287,7 @@ def plot_learning_curves(
     axis.set_title(title or "Learning curves (mean over seeds, band: ±1 std)")
     axis.grid(alpha=0.3)
     axis.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
-    return _save(figure, out_path)
+    return save_figure(figure, out_path, bbox_inches="tight")
 
 
 def _figure_legend(figure, axes) -> None:

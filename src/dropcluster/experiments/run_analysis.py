@@ -40,13 +40,17 @@ from dropcluster.experiments.run_analysis_figures import (
     plot_examples,
     plot_layer_hopkins,
 )
+from dropcluster.experiments.store import FINISHED, ResultsStore, RunRecord
+from dropcluster.experiments.sweep import RUNS_FOLDER
 from dropcluster.files import atomic_write_json, atomic_write_text
 from dropcluster.hopkins import spatial_hopkins
 from dropcluster.models import SlottedModel, placement_for
 from dropcluster.models.slots import Slot
 from dropcluster.nn import DropCluster2d, drop_cluster2d
 from dropcluster.rena import rena
+from dropcluster.train.config import resolve_device
 from dropcluster.train.restore import LoadedRun, load_run
+from dropcluster.validation import check_int
 
 #: Default output folder, inside the run folder.
 ANALYSIS_DIR = "analysis"
@@ -101,6 +105,29 @@ class _Captured:
     hopkins: dict[str, Tensor | None]
 
 
+@dataclass
+class _Measured:
+    """Everything the figures and the report show, measured on the sample images.
+
+    sample_index: (N,) int64 test-set indices of the sample (the examples are its first
+    ``n_images``); examples: (n_images, C, H, W) float32 activations of the clustered slot;
+    hopkins: (C,) float64 Spatial Hopkins per channel there; masks: (n_images, C, H, W) 0/1
+    float32 sampled DropCluster mask of the examples, with rate ``mask_p`` and description
+    ``mask_note``; channels: the example channels; layers: Spatial Hopkins at each depth.
+    """
+
+    slot_name: str
+    sample_index: Tensor
+    clusters: _Clusters
+    hopkins: Tensor
+    examples: Tensor
+    masks: Tensor
+    mask_p: float
+    mask_note: str
+    channels: list[int]
+    layers: list[LayerHopkins]
+
+
 def analyze_run(
     run_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -137,14 +164,86 @@ def analyze_run(
     Raises:
         FileNotFoundError: ``run_dir`` is missing or holds no run (from
             :func:`~dropcluster.train.restore.load_run`).
-        ValueError: bad ``n_images``, ``sample_images`` or ``seed``; a model without slots.
+        ValueError: bad ``n_images``, ``sample_images``, ``seed`` or ``device``; a model
+            without slots.
         ImportError: matplotlib (the ``plot`` extra) is not installed.
     """
     _check_arguments(n_images, sample_images, seed)
     pyplot()  # fail before the forward passes when matplotlib is missing
     say = progress if progress is not None else _silent
     say(f"loading the run in {run_dir}")
-    run = load_run(run_dir, device=device)
+    run = load_run(run_dir, device=resolve_device(device))
+    n_sample = _sample_size(run, run_dir, sample_images, n_images)
+    out_dir = Path(out_dir) if out_dir is not None else run.run_dir / ANALYSIS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    measured = _measure(run, n_sample, n_images, seed, say)
+    say(f"drawing the figures into {out_dir}")
+    _draw_figures(run, measured, out_dir)
+    report = _report(run, measured, seed)
+    atomic_write_json(out_dir / JSON_NAME, report)
+    markdown_path = atomic_write_text(out_dir / MARKDOWN_NAME, _markdown(report))
+    say(f"wrote {markdown_path}")
+    return markdown_path
+
+
+def _silent(message: str) -> None:
+    """The default progress callback: says nothing."""
+
+
+def best_dropcluster_run(store: ResultsStore) -> RunRecord | None:
+    """The sweep's DropCluster run a report analyses: among the finished DropCluster runs on
+    the largest training fraction, the first seed's with the highest top-1 (None: no such
+    run)."""
+    runs = [r for r in store.runs(status=FINISHED) if r.regularizer == "dropcluster"]
+    if not runs:
+        return None
+    largest = max(r.train_fraction for r in runs)
+    candidates = [r for r in runs if r.train_fraction == largest]
+    first_seed = min(r.seed for r in candidates)
+    return max((r for r in candidates if r.seed == first_seed), key=lambda r: r.top1 or 0.0)
+
+
+def analyze_best_dropcluster_run(
+    out_dir: str | Path, *, progress: Callable[[str], None] | None = None
+) -> Path | None:
+    """Analyse the :func:`best_dropcluster_run` of the sweep in ``out_dir``, once: a run with an
+    analysis keeps it. Returns the path of its ``analysis.md`` (None: no finished DropCluster
+    run); ``progress`` hears which run is analysed.
+
+    Raises:
+        ImportError: matplotlib (the ``plot`` extra) is not installed.
+    """
+    with ResultsStore.in_folder(out_dir, readonly=True) as store:
+        best = best_dropcluster_run(store)
+    if best is None:
+        return None
+    run_dir = Path(out_dir) / RUNS_FOLDER / best.run_id
+    markdown_path = run_dir / ANALYSIS_DIR / MARKDOWN_NAME
+    if markdown_path.is_file():
+        return markdown_path
+    if progress is not None:
+        progress(f"cluster analysis of {best.run_id}")
+    return analyze_run(run_dir)
+
+
+def _check_arguments(n_images: int, sample_images: int, seed: int) -> None:
+    check_int("n_images", n_images, minimum=1)
+    check_int("sample_images", sample_images, minimum=2)
+    check_int("seed", seed, minimum=0)
+    if n_images > MAX_EXAMPLE_IMAGES:
+        raise ValueError(
+            f"n_images should be at most {MAX_EXAMPLE_IMAGES} (one figure row each), but got "
+            f"{n_images}"
+        )
+    if n_images > sample_images:
+        raise ValueError(
+            f"n_images ({n_images}) should be at most sample_images ({sample_images}): the "
+            f"example images are taken from the sample"
+        )
+
+
+def _sample_size(run: LoadedRun, run_dir: str | Path, sample_images: int, n_images: int) -> int:
+    """The number of sample images (at most the test set); checks the model can be analysed."""
     model = run.model
     if not isinstance(model, SlottedModel) or "stem" not in model.slots:
         raise ValueError(
@@ -160,38 +259,42 @@ def analyze_run(
             f"n_images should be at most the number of sample images ({n_sample}), but got "
             f"{n_images}"
         )
-    out_dir = Path(out_dir) if out_dir is not None else run.run_dir / ANALYSIS_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
+    return n_sample
 
-    sample_index = torch.randperm(n_test, generator=torch.Generator().manual_seed(seed))
+
+@torch.no_grad()
+def _measure(
+    run: LoadedRun, n_sample: int, n_images: int, seed: int, say: Callable[[str], None]
+) -> _Measured:
+    """Pass a seeded sample of test images through the model; cluster, measure, sample a mask."""
+    model = run.model
+    sample_index = torch.randperm(len(run.test_set), generator=torch.Generator().manual_seed(seed))
     sample_index = sample_index[:n_sample]
-    cluster_slot_name, cluster_slot, layer = _clustered_slot(model)
+    slot_name, cluster_slot, layer = _clustered_slot(model)
     layer_names = _depth_slot_names(model)
     say(f"capturing activations of {n_sample} test images at {', '.join(layer_names)}")
-    with torch.no_grad():
-        captured = _capture(
-            model,
-            run.test_set.images[sample_index],
-            run.prepare_eval,
-            {**{name: model.slot(name) for name in layer_names}, cluster_slot_name: cluster_slot},
-            cluster_slot_name,
-            run.config.eval_batch_size,
-            next(model.parameters()).device,
-            seed,
+    captured = _capture(
+        model,
+        run.test_set.images[sample_index],
+        run.prepare_eval,
+        {**{name: model.slot(name) for name in layer_names}, slot_name: cluster_slot},
+        slot_name,
+        run.config.eval_batch_size,
+        next(model.parameters()).device,
+        seed,
+    )
+    activations = captured.activations
+    say("reading the clusters" if layer is not None and layer.fitted else "fitting ReNA")
+    clusters = _clusters(layer, activations, run, slot_name, n_sample, seed)
+    hopkins = captured.hopkins[slot_name]
+    if hopkins is None:
+        raise ValueError(
+            f"the maps at slot {slot_name!r} are {tuple(activations.shape[2:])}, too small for "
+            f"Spatial Hopkins (3x3 at least)"
         )
-        activations = captured.activations
-        say("reading the clusters" if layer is not None and layer.fitted else "fitting ReNA")
-        clusters = _clusters(layer, activations, run, cluster_slot_name, n_sample, seed)
-        hopkins = captured.hopkins[cluster_slot_name]
-        if hopkins is None:
-            raise ValueError(
-                f"the maps at slot {cluster_slot_name!r} are {tuple(activations.shape[2:])}, "
-                f"too small for Spatial Hopkins (3x3 at least)"
-            )
-        say("sampling a DropCluster mask")
-        examples = activations[:n_images]
-        masks, mask_p, mask_note = _sample_masks(layer, clusters, examples, seed)
-    channels = _example_channels(clusters.structured, hopkins)
+    say("sampling a DropCluster mask")
+    examples = activations[:n_images]
+    masks, mask_p, mask_note = _sample_masks(layer, clusters, examples, seed)
     layers = [
         LayerHopkins(
             name,
@@ -200,62 +303,39 @@ def analyze_run(
         )
         for name in layer_names
     ]
+    channels = _example_channels(clusters.structured, hopkins)
+    return _Measured(slot_name, sample_index, clusters, hopkins, examples, masks, mask_p,
+                     mask_note, channels, layers)  # fmt: skip
 
-    say(f"drawing the figures into {out_dir}")
+
+def _draw_figures(run: LoadedRun, measured: _Measured, out_dir: Path) -> None:
+    """The four figures of :data:`FIGURE_NAMES`, in ``out_dir``."""
     run_name = run.run_dir.resolve().name
-    example_index = sample_index[:n_images]
+    slot, clusters, hopkins = measured.slot_name, measured.clusters, measured.hopkins
+    n_sample = len(measured.sample_index)
+    example_index = measured.sample_index[: len(measured.examples)]
     class_names = run.test_set.classes
     plot_cluster_maps(
         clusters.labels.numpy(), clusters.structured.numpy(), clusters.n_found.numpy(),
         hopkins.numpy(), out_dir / FIGURE_NAMES["cluster_maps"],
-        title=f"{run_name}: clusters at '{cluster_slot_name}' ({clusters.source})",
+        title=f"{run_name}: clusters at '{slot}' ({clusters.source})",
     )  # fmt: skip
     plot_examples(
         run.test_set.images[example_index].numpy(),
         [f"test #{int(i)}\n{class_names[int(run.test_set.labels[i])]}" for i in example_index],
-        examples.numpy(), clusters.labels.numpy(), clusters.structured.numpy(), masks.numpy(),
-        channels, out_dir / FIGURE_NAMES["examples"],
-        title=f"{run_name}: activations at '{cluster_slot_name}', clusters, and {mask_note}",
+        measured.examples.numpy(), clusters.labels.numpy(), clusters.structured.numpy(),
+        measured.masks.numpy(), measured.channels, out_dir / FIGURE_NAMES["examples"],
+        title=f"{run_name}: activations at '{slot}', clusters, and {measured.mask_note}",
     )  # fmt: skip
     plot_channel_hopkins(
         hopkins.numpy(), clusters.structured.numpy(), out_dir / FIGURE_NAMES["channel_hopkins"],
-        title=f"{run_name}: Spatial Hopkins per channel at '{cluster_slot_name}' "
+        title=f"{run_name}: Spatial Hopkins per channel at '{slot}' "
         f"(mean over {n_sample} test images)",
     )  # fmt: skip
     plot_layer_hopkins(
-        layers, out_dir / FIGURE_NAMES["layer_hopkins"],
+        measured.layers, out_dir / FIGURE_NAMES["layer_hopkins"],
         title=f"{run_name}: per-channel Spatial Hopkins by depth ({n_sample} test images)",
     )  # fmt: skip
-
-    report = _report(
-        run, cluster_slot_name, clusters, hopkins, layers, n_sample, sample_index, n_images,
-        channels, mask_p, mask_note, masks, seed,
-    )  # fmt: skip
-    atomic_write_json(out_dir / JSON_NAME, report)
-    markdown_path = atomic_write_text(out_dir / MARKDOWN_NAME, _markdown(report))
-    say(f"wrote {markdown_path}")
-    return markdown_path
-
-
-def _silent(message: str) -> None:
-    """The default progress callback: says nothing."""
-
-
-def _check_arguments(n_images: int, sample_images: int, seed: int) -> None:
-    for name, value, low in (("n_images", n_images, 1), ("sample_images", sample_images, 2),
-                             ("seed", seed, 0)):  # fmt: skip
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} should be an int >= {low}, but got {value!r}")
-    if n_images > MAX_EXAMPLE_IMAGES:
-        raise ValueError(
-            f"n_images should be at most {MAX_EXAMPLE_IMAGES} (one figure row each), but got "
-            f"{n_images}"
-        )
-    if n_images > sample_images:
-        raise ValueError(
-            f"n_images ({n_images}) should be at most sample_images ({sample_images}): the "
-            f"example images are taken from the sample"
-        )
 
 
 def _clustered_slot(model: SlottedModel) -> tuple[str, Slot, DropCluster2d | None]:
@@ -430,23 +510,10 @@ def _summary(values: np.ndarray | None) -> dict[str, float | None]:
     }
 
 
-def _report(
-    run: LoadedRun,
-    slot_name: str,
-    clusters: _Clusters,
-    hopkins: Tensor,
-    layers: list[LayerHopkins],
-    n_sample: int,
-    sample_index: Tensor,
-    n_images: int,
-    channels: list[int],
-    mask_p: float,
-    mask_note: str,
-    masks: Tensor,
-    seed: int,
-) -> dict[str, Any]:
+def _report(run: LoadedRun, measured: _Measured, seed: int) -> dict[str, Any]:
     """Every number of the analysis, as JSON-ready values."""
     config = run.config
+    clusters = measured.clusters
     structured = clusters.structured.tolist()
     n_channels, height, width = clusters.labels.shape
     last = run.history[-1] if run.history else {}
@@ -467,10 +534,10 @@ def _report(
             "last_top1": last.get("top1"),
         },
         "seed": seed,
-        "sample_images": n_sample,
-        "example_images": [int(i) for i in sample_index[:n_images]],
+        "sample_images": len(measured.sample_index),
+        "example_images": [int(i) for i in measured.sample_index[: len(measured.examples)]],
         "clusters": {
-            "slot": slot_name,
+            "slot": measured.slot_name,
             "source": clusters.source,
             "description": clusters.description,
             "n_clusters": clusters.n_clusters,
@@ -483,12 +550,12 @@ def _report(
             "structured": structured,
             "n_found": clusters.n_found.tolist(),
         },
-        "channel_hopkins": [round(float(v), DIGITS) for v in hopkins],
-        "example_channels": channels,
+        "channel_hopkins": [round(float(v), DIGITS) for v in measured.hopkins],
+        "example_channels": measured.channels,
         "mask": {
-            "p": mask_p,
-            "description": mask_note,
-            "dropped_fraction": round(float(1.0 - masks.mean()), DIGITS),
+            "p": measured.mask_p,
+            "description": measured.mask_note,
+            "dropped_fraction": round(float(1.0 - measured.masks.mean()), DIGITS),
         },
         "layers": [
             {
@@ -501,7 +568,7 @@ def _report(
                 else [round(float(v), DIGITS) for v in layer.values],
                 **_summary(layer.values),
             }
-            for layer in layers
+            for layer in measured.layers
         ],
         "figures": dict(FIGURE_NAMES),
     }

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dropcluster.experiments._plotting import pyplot
+from dropcluster.experiments._plotting import pyplot, save_figure
 
 STRUCTURED_COLOUR = "tab:blue"
 UNSTRUCTURED_COLOUR = "tab:red"
@@ -132,7 +132,7 @@ def plot_cluster_maps(
         fontsize=9,
     )
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_examples(
@@ -227,7 +227,7 @@ def plot_examples(
         fontsize=10,
     )
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_channel_hopkins(
@@ -281,7 +281,7 @@ def plot_channel_hopkins(
     # Outside the axes: inside, it would hide bars whatever the corner.
     axis.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_layer_hopkins(layers: Sequence[LayerHopkins], path: str | Path, *, title: str) -> Path:
@@ -336,11 +336,4 @@ def plot_layer_hopkins(layers: Sequence[LayerHopkins], path: str | Path, *, titl
         axis.set_ylabel("channels", fontsize=9)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    return _save(figure, path)
-
-
-def _save(figure, path: str | Path) -> Path:
-    path = Path(path)
-    figure.savefig(path, dpi=110)
-    pyplot().close(figure)
-    return path
+    return save_figure(figure, path)

@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,13 +27,18 @@ from dropcluster.errors import DropClusterError, SchemaVersionError
 
 # SchemaVersionError lives in dropcluster.errors; importing it from here keeps working.
 from dropcluster.files import atomic_write_text
+from dropcluster.validation import check_choice
 
 #: Version of the tables below; a database from a newer version is refused.
 SCHEMA_VERSION = 1
 #: File name of the database in a sweep's output folder.
 DATABASE_NAME = "results.sqlite"
+PENDING = "pending"
+RUNNING = "running"
+FINISHED = "finished"
+FAILED = "failed"
 #: Life cycle of a run: pending -> running -> finished or failed (a failed run is retried).
-RUN_STATUSES = ("pending", "running", "finished", "failed")
+RUN_STATUSES = (PENDING, RUNNING, FINISHED, FAILED)
 #: Where corruption results come from: corruptions applied here, or the released files
 #: (CIFAR-100-C, Tiny-ImageNet-C).
 CORRUPTION_SOURCES = ("generated", "released")
@@ -513,21 +517,7 @@ class ResultsStore:
             ValueError: the run exists with a different config or grid coordinates (the grid
                 changed under an existing run id); the message lists what differs.
         """
-        _check_run_id(run_id)
-        if not isinstance(config, dict):
-            raise TypeError(f"config has to be a dict, but got {type(config).__name__}")
-        if preset is not None and not isinstance(preset, str):
-            raise TypeError(f"preset has to be a str or None, but got {type(preset).__name__}")
-        if not isinstance(regularizer, str) or not regularizer:
-            raise ValueError(f"regularizer has to be a non-empty str, but got {regularizer!r}")
-        p = _check_real("p", p)
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"p has to be between 0 and 1, but got {p}")
-        seed = _check_int("seed", seed)
-        train_fraction = _check_real("train_fraction", train_fraction)
-        if not 0.0 < train_fraction <= 1.0:
-            raise ValueError(f"train_fraction has to be in (0, 1], but got {train_fraction}")
-        config_text = _json_text(config, what="config")
+        config_text = _json_text(config)
         new = {"preset": preset, "regularizer": regularizer, "p": p, "seed": seed,
                "train_fraction": train_fraction}  # fmt: skip
         with self._write() as connection:
@@ -539,8 +529,8 @@ class ResultsStore:
             if row is None:
                 connection.execute(
                     "INSERT INTO runs (run_id, preset, regularizer, p, seed, train_fraction, "
-                    "config, status, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
-                    (run_id, preset, regularizer, p, seed, train_fraction, config_text,
+                    "config, status, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (run_id, preset, regularizer, p, seed, train_fraction, config_text, PENDING,
                      time.time()),
                 )  # fmt: skip
                 return True
@@ -559,20 +549,16 @@ class ResultsStore:
     @_database_errors(writing=True)
     def mark_running(self, run_id: str) -> None:
         """Mark a run as started: status running, one more attempt, no error."""
-        _check_run_id(run_id)
         with self._write() as connection:
             self._update_run(
-                connection, run_id, "status = 'running', attempts = attempts + 1, error = NULL"
+                connection, run_id, "status = ?, attempts = attempts + 1, error = NULL", (RUNNING,)
             )
 
     @_database_errors(writing=True)
     def mark_failed(self, run_id: str, error: str) -> None:
         """Mark a run as failed and keep the error text (e.g. the traceback's last lines)."""
-        _check_run_id(run_id)
-        if not isinstance(error, str):
-            raise TypeError(f"error has to be a str, but got {type(error).__name__}")
         with self._write() as connection:
-            self._update_run(connection, run_id, "status = 'failed', error = ?", (error,))
+            self._update_run(connection, run_id, "status = ?, error = ?", (FAILED, error))
 
     @_database_errors(writing=True)
     def reset_interrupted(self) -> list[str]:
@@ -585,12 +571,12 @@ class ResultsStore:
             run_ids = [
                 row["run_id"]
                 for row in connection.execute(
-                    "SELECT run_id FROM runs WHERE status = 'running' ORDER BY run_id"
+                    "SELECT run_id FROM runs WHERE status = ? ORDER BY run_id", (RUNNING,)
                 )
             ]
             connection.execute(
-                "UPDATE runs SET status = 'pending', updated_at = ? WHERE status = 'running'",
-                (time.time(),),
+                "UPDATE runs SET status = ?, updated_at = ? WHERE status = ?",
+                (PENDING, time.time(), RUNNING),
             )
         return run_ids
 
@@ -604,7 +590,6 @@ class ResultsStore:
                 other keys (``structured``, ``channels``, ``refit_seconds``, ...) are kept as
                 JSON and come back from :meth:`epochs`.
         """
-        _check_run_id(run_id)
         epoch_rows = _epoch_rows(run_id, history)
         with self._write() as connection:
             self._require_run(connection, run_id)
@@ -640,16 +625,7 @@ class ResultsStore:
                 any, says where it comes from (default "generated").
             clusters: rows as in :meth:`record_clusters`.
         """
-        _check_run_id(run_id)
         epoch_rows = _epoch_rows(run_id, history)
-        top1 = _nullable_real("top1", top1)
-        top5 = _nullable_real("top5", top5)
-        average_last = _check_int("average_last", average_last)
-        if average_last < 0:
-            raise ValueError(f"average_last has to be >= 0, but got {average_last}")
-        seconds = _check_real("seconds", seconds)
-        if not seconds >= 0.0:
-            raise ValueError(f"seconds has to be >= 0, but got {seconds}")
         corruption_rows = None
         if corruptions is not None:
             corruption_rows = _corruption_rows(run_id, corruptions, "generated")
@@ -666,9 +642,9 @@ class ResultsStore:
             self._update_run(
                 connection,
                 run_id,
-                "status = 'finished', error = NULL, top1 = ?, top5 = ?, average_last = ?, "
-                "seconds = ?, epochs_done = ?",
-                (top1, top5, average_last, seconds, len(epoch_rows)),
+                "status = ?, error = NULL, top1 = ?, top5 = ?, average_last = ?, seconds = ?, "
+                "epochs_done = ?",
+                (FINISHED, _metric(top1), _metric(top5), average_last, seconds, len(epoch_rows)),
             )
 
     @_database_errors(writing=True)
@@ -688,8 +664,6 @@ class ResultsStore:
             source: "generated" (corruptions applied here) or "released" (the CIFAR-100-C /
                 Tiny-ImageNet-C files); a row's own ``source`` key takes precedence.
         """
-        _check_run_id(run_id)
-        _check_source(source)
         corruption_rows = _corruption_rows(run_id, rows, source)
         with self._write() as connection:
             self._require_run(connection, run_id)
@@ -707,7 +681,6 @@ class ResultsStore:
                 "refit_seconds": float | None}``: at the refit of ``epoch``, ``structured`` of
                 the layer's ``channels`` channels were found structured.
         """
-        _check_run_id(run_id)
         cluster_rows = _cluster_rows(run_id, rows)
         with self._write() as connection:
             self._require_run(connection, run_id)
@@ -736,7 +709,6 @@ class ResultsStore:
     @_database_errors(writing=False)
     def run(self, run_id: str) -> RunRecord:
         """The stored state of one run (KeyError if there is no such run)."""
-        _check_run_id(run_id)
         row = self._connection.execute(
             f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs WHERE run_id = ?", (run_id,)
         ).fetchone()
@@ -750,8 +722,8 @@ class ResultsStore:
 
         Ordered by regularizer, p, train_fraction (largest first), seed.
         """
-        if status is not None and status not in RUN_STATUSES:
-            raise ValueError(f"status has to be one of {RUN_STATUSES}, but got {status!r}")
+        if status is not None:
+            check_choice("status", status, RUN_STATUSES)
         conditions, parameters = [], []
         if status is not None:
             conditions.append("status = ?")
@@ -892,42 +864,17 @@ class ResultsStore:
         return paths
 
 
-# -- validation and conversion ----------------------------------------------------------------
+# -- conversion ---------------------------------------------------------------------------------
+# The rows come from this package's sweep (a run's log and result files): they are converted,
+# not checked; the tables' constraints (keys, NOT NULL, CHECK) refuse what cannot be stored.
 
 
-def _check_run_id(run_id: object) -> None:
-    if not isinstance(run_id, str) or not run_id:
-        raise ValueError(f"run_id has to be a non-empty str, but got {run_id!r}")
-
-
-def _check_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} has to be an int, but got {value!r}")
-    return int(value)
-
-
-def _check_real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} has to be a real number, but got {value!r}")
-    return float(value)
-
-
-def _nullable_real(name: str, value: object) -> float | None:
+def _metric(value: Any) -> float | None:
     """A metric as stored: a float, or None for a missing value or NaN (SQLite has no NaN)."""
     if value is None:
         return None
-    if isinstance(value, bool):
-        raise TypeError(f"{name} has to be a real number or None, but got {value!r}")
-    try:
-        number = float(value)  # also takes numpy scalars and 0-d tensors
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} has to be a real number or None, but got {value!r}") from None
+    number = float(value)  # also takes numpy scalars and 0-d tensors
     return None if math.isnan(number) else number
-
-
-def _check_source(source: object) -> None:
-    if source not in CORRUPTION_SOURCES:
-        raise ValueError(f"source has to be one of {CORRUPTION_SOURCES}, but got {source!r}")
 
 
 def _plain(value: Any) -> Any:
@@ -944,11 +891,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _json_text(value: Any, *, what: str) -> str:
-    try:
-        return json.dumps(_plain(value), sort_keys=True)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{what} has to be JSON-serialisable: {error}") from error
+def _json_text(value: Any) -> str:
+    return json.dumps(_plain(value), sort_keys=True)
 
 
 def _prefixed(config: dict) -> dict:
@@ -969,93 +913,28 @@ def _differences(stored: dict, given: dict) -> list[str]:
 
 
 def _epoch_rows(run_id: str, history: Sequence[dict]) -> list[tuple]:
-    if isinstance(history, (str, bytes, dict)) or not isinstance(history, Sequence):
-        raise TypeError(f"history has to be a list of dicts, but got {type(history).__name__}")
-    rows, seen = [], set()
-    for index, record in enumerate(history):
-        if not isinstance(record, dict):
-            raise TypeError(f"history[{index}] has to be a dict, but got {type(record).__name__}")
-        if "epoch" not in record:
-            raise ValueError(f"history[{index}] has no 'epoch' key (keys: {sorted(record)})")
-        epoch = _check_int(f"history[{index}]['epoch']", record["epoch"])
-        if epoch < 0:
-            raise ValueError(f"history[{index}]['epoch'] has to be >= 0, but got {epoch}")
-        if epoch in seen:
-            raise ValueError(f"history has epoch {epoch} more than once")
-        seen.add(epoch)
-        if "run_id" in record:
-            raise ValueError(f"history[{index}] has a 'run_id' key; the run is given apart")
-        metrics = [
-            _nullable_real(f"history[{index}][{name!r}]", record.get(name))
-            for name in EPOCH_METRICS
-        ]
-        extra = {
-            key: value for key, value in record.items() if key not in ("epoch", *EPOCH_METRICS)
-        }
-        extra_text = _json_text(extra, what=f"history[{index}]") if extra else None
-        rows.append((run_id, epoch, *metrics, extra_text))
+    rows = []
+    for record in history:
+        metrics = [_metric(record.get(name)) for name in EPOCH_METRICS]
+        extra = {key: value for key, value in record.items() if key not in _EPOCH_KEYS}
+        rows.append((run_id, record.get("epoch"), *metrics, _json_text(extra) if extra else None))
     return rows
 
 
 def _corruption_rows(run_id: str, rows: Sequence[dict], source: str) -> list[tuple]:
-    if isinstance(rows, (str, bytes, dict)) or not isinstance(rows, Sequence):
-        raise TypeError(f"corruption rows have to be a list of dicts, got {type(rows).__name__}")
-    converted, seen = [], set()
-    for index, row in enumerate(rows):
-        where = f"corruption row {index}"
-        if not isinstance(row, dict):
-            raise TypeError(f"{where} has to be a dict, but got {type(row).__name__}")
-        missing = {"corruption", "severity", "top1", "top5"} - row.keys()
-        if missing:
-            raise ValueError(f"{where} lacks {sorted(missing)} (keys: {sorted(row)})")
-        corruption = row["corruption"]
-        if not isinstance(corruption, str) or not corruption:
-            raise ValueError(f"{where}: corruption has to be a non-empty str, got {corruption!r}")
-        severity = _check_int(f"{where}: severity", row["severity"])
-        if corruption == CLEAN and severity != 0:
-            raise ValueError(f"{where}: the clean baseline has severity 0, but got {severity}")
-        if corruption != CLEAN and severity < 1:
-            raise ValueError(f"{where}: {corruption!r} needs a severity >= 1, but got {severity}")
-        if (corruption, severity) in seen:
-            raise ValueError(f"corruption rows have ({corruption!r}, {severity}) more than once")
-        seen.add((corruption, severity))
-        row_source = row.get("source", source)
-        _check_source(row_source)
-        converted.append((
-            run_id, corruption, severity, _nullable_real(f"{where}: top1", row["top1"]),
-            _nullable_real(f"{where}: top5", row["top5"]), row_source,
-        ))  # fmt: skip
-    return converted
+    return [
+        (run_id, row["corruption"], row["severity"], _metric(row["top1"]), _metric(row["top5"]),
+         row.get("source", source))
+        for row in rows
+    ]  # fmt: skip
 
 
 def _cluster_rows(run_id: str, rows: Sequence[dict]) -> list[tuple]:
-    if isinstance(rows, (str, bytes, dict)) or not isinstance(rows, Sequence):
-        raise TypeError(f"cluster rows have to be a list of dicts, but got {type(rows).__name__}")
-    converted, seen = [], set()
-    for index, row in enumerate(rows):
-        where = f"cluster row {index}"
-        if not isinstance(row, dict):
-            raise TypeError(f"{where} has to be a dict, but got {type(row).__name__}")
-        missing = {"epoch", "layer", "channels", "structured"} - row.keys()
-        if missing:
-            raise ValueError(f"{where} lacks {sorted(missing)} (keys: {sorted(row)})")
-        epoch = _check_int(f"{where}: epoch", row["epoch"])
-        layer = row["layer"]
-        if not isinstance(layer, str) or not layer:
-            raise ValueError(f"{where}: layer has to be a non-empty str, but got {layer!r}")
-        channels = _check_int(f"{where}: channels", row["channels"])
-        structured = _check_int(f"{where}: structured", row["structured"])
-        if epoch < 0 or channels < 0 or not 0 <= structured <= channels:
-            raise ValueError(
-                f"{where}: expected epoch >= 0 and 0 <= structured <= channels, but got "
-                f"epoch={epoch}, structured={structured}, channels={channels}"
-            )
-        if (epoch, layer) in seen:
-            raise ValueError(f"cluster rows have epoch {epoch}, layer {layer!r} more than once")
-        seen.add((epoch, layer))
-        refit_seconds = _nullable_real(f"{where}: refit_seconds", row.get("refit_seconds"))
-        converted.append((run_id, epoch, layer, channels, structured, refit_seconds))
-    return converted
+    return [
+        (run_id, row["epoch"], row["layer"], row["channels"], row["structured"],
+         _metric(row.get("refit_seconds")))
+        for row in rows
+    ]  # fmt: skip
 
 
 # -- writing rows (inside a transaction) -------------------------------------------------------
@@ -1097,7 +976,6 @@ def _upsert_clusters(connection: sqlite3.Connection, rows: list[tuple]) -> None:
 def _run_filter(run_id: str | None) -> tuple[str, tuple]:
     if run_id is None:
         return "", ()
-    _check_run_id(run_id)
     return "WHERE run_id = ?", (run_id,)
 
 

@@ -27,16 +27,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from dropcluster.experiments.presets import RunSpec, expand_grid, filter_runs
-from dropcluster.experiments.store import ResultsStore
+from dropcluster.experiments.corruption_eval import CORRUPTIONS_NAME, CorruptionSettings
+from dropcluster.experiments.presets import (
+    Preset,
+    RunSpec,
+    as_preset,
+    expand_grid,
+    filter_runs,
+    load_preset,
+)
+from dropcluster.experiments.store import DATABASE_NAME, FAILED, FINISHED, ResultsStore
 from dropcluster.experiments.worker import write_job
 from dropcluster.files import atomic_write_json
-from dropcluster.train.config import NOT_IDENTITY
-from dropcluster.train.loop import LOG_NAME, read_log
+from dropcluster.train.config import NOT_IDENTITY, resolve_device
+from dropcluster.train.loop import LOG_NAME, RESULT_NAME, read_log
+from dropcluster.validation import check_int
 
 PRESET_NAME = "preset.json"
 SWEEP_LOCK_NAME = ".sweep.lock"
+#: A worker's output (its last line is the run's error when it fails), in the run folder.
+WORKER_LOG_NAME = "worker.log"
+#: The folder of a sweep's run folders: ``OUT/runs/<run id>/``.
 RUNS_FOLDER = "runs"
+#: Where sweeps go when no output folder is given: ``runs/<preset name>`` in the working folder.
+DEFAULT_OUT_PARENT = Path("runs")
 
 #: Training set and test set sizes, for cost estimates.
 DATASET_SIZES = {
@@ -67,30 +81,30 @@ class SweepSummary:
     seconds: float = 0.0
 
 
-def prepare_folder(preset: dict[str, Any], out: Path) -> None:
+def prepare_folder(preset: Preset, out: Path) -> None:
     """Create ``out`` and record the preset; refuse a folder that holds another preset's sweep,
     or this preset's with other settings (which would mix runs made differently)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / PRESET_NAME
     if path.is_file():
-        existing = json.loads(path.read_text())
-        if existing.get("name") != preset["name"]:
+        existing = load_preset(path)
+        if existing.name != preset.name:
             raise ValueError(
-                f"{out} holds a sweep of preset {existing.get('name')!r}, not {preset['name']!r}: "
+                f"{out} holds a sweep of preset {existing.name!r}, not {preset.name!r}: "
                 f"choose another --out"
             )
-        old_base, new_base = _identity_base(existing["base"]), _identity_base(preset["base"])
+        old_base, new_base = _identity_base(existing.base), _identity_base(preset.base)
         changed = sorted(k for k in set(old_base) | set(new_base)
                          if old_base.get(k) != new_base.get(k))  # fmt: skip
-        if existing.get("evaluate") != preset.get("evaluate"):
+        if existing.evaluate != preset.evaluate:
             changed.append("evaluate")
         if changed:
             raise ValueError(
-                f"{out} holds a sweep of {preset['name']!r} with other settings ({changed} "
+                f"{out} holds a sweep of {preset.name!r} with other settings ({changed} "
                 f"differ): rerun with the same --set/--stem/--corrupted-from options, or choose "
                 f"another --out"
             )
-    atomic_write_json(path, preset)
+    atomic_write_json(path, preset.to_dict())
 
 
 def _identity_base(base: dict[str, Any]) -> dict[str, Any]:
@@ -98,29 +112,20 @@ def _identity_base(base: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in base.items() if key not in NOT_IDENTITY}
 
 
-def evaluate_settings(preset: dict[str, Any]) -> dict[str, Any] | None:
-    """The CorruptionSettings arguments of the preset's corruption evaluation (None: none)."""
-    evaluate = preset.get("evaluate")
-    if not evaluate:
-        return None
-    settings = {
-        key: evaluate[key] for key in ("corruptions", "severities", "limit") if key in evaluate
-    }
-    for key in ("jpeg_quality", "corrupted_from", "seed", "family"):
-        if evaluate.get(key) is not None:
-            settings[key] = evaluate[key]
-    return settings
+def _corruption_settings(preset: Preset) -> CorruptionSettings | None:
+    """The corrupted test sets of the preset's evaluated runs (None: no evaluation)."""
+    return preset.evaluate.corruption if preset.evaluate else None
 
 
 def estimate_seconds(
     spec: RunSpec,
     measured: dict[tuple[str, str], float] | None = None,
-    evaluate: dict[str, Any] | None = None,
+    evaluate: CorruptionSettings | None = None,
 ) -> float:
     """Rough CPU seconds for one run: images processed / a measured throughput.
 
     ``measured`` maps (model, data set) to images/s seen in this sweep's finished runs and takes
-    precedence over the reference-CPU table; ``evaluate`` is the preset's corruption settings.
+    precedence over the reference-CPU table; ``evaluate`` is the preset's corrupted test sets.
     NaN when neither knows the model.
     """
     config = spec.config
@@ -133,11 +138,8 @@ def estimate_seconds(
     eval_images = config.epochs * n_test
     seconds = train_images / rate + eval_images / (3 * rate)
     if spec.evaluate_corruptions and evaluate:
-        from dropcluster.experiments.corruption_eval import CorruptionSettings
-
-        settings = CorruptionSettings(**evaluate)
-        images = min(n_test, settings.limit or n_test)
-        tasks = 1 + len(settings.corruptions) * len(settings.severities)
+        images = min(n_test, evaluate.limit or n_test)
+        tasks = 1 + len(evaluate.corruptions) * len(evaluate.severities)
         seconds += tasks * images / (3 * rate)
     return seconds
 
@@ -162,17 +164,24 @@ def format_duration(seconds: float) -> str:
     return f"{days}d {text}" if days else text
 
 
-def plan(preset: dict[str, Any], out: Path, only: list[str]) -> tuple[list[RunSpec], ResultsStore]:
-    """The runs selected by ``only``, registered in the database (as pending when new)."""
-    specs = filter_runs(expand_grid(preset), only)
+def _selected_runs(preset: Preset, only: list[str]) -> list[RunSpec]:
+    """The runs of the preset that ``only`` selects; ValueError when it selects none."""
+    every_run = expand_grid(preset)
+    specs = filter_runs(every_run, only)
     if not specs:
-        raise ValueError(f"--only {only} selects none of the {len(expand_grid(preset))} runs")
+        raise ValueError(f"--only {only} selects none of the {len(every_run)} runs")
+    return specs
+
+
+def plan(preset: Preset, out: Path, only: list[str]) -> tuple[list[RunSpec], ResultsStore]:
+    """The runs selected by ``only``, registered in the database (as pending when new)."""
+    specs = _selected_runs(preset, only)
     store = ResultsStore.in_folder(out)
     for spec in specs:
         store.add_run(
             spec.run_id,
             _identity_base(spec.config.to_dict()),
-            preset=preset["name"],
+            preset=preset.name,
             regularizer=spec.regularizer,
             p=spec.p,
             seed=spec.seed,
@@ -181,27 +190,31 @@ def plan(preset: dict[str, Any], out: Path, only: list[str]) -> tuple[list[RunSp
     return specs, store
 
 
-def dry_run(preset: dict[str, Any], out: Path, only: list[str], stream: TextIO) -> list[RunSpec]:
-    """Print the grid, each run's status and the estimated cost; write nothing."""
-    specs = filter_runs(expand_grid(preset), only)
-    if not specs:
-        raise ValueError(f"--only {only} selects none of the {len(expand_grid(preset))} runs")
+def dry_run(
+    preset: Preset | dict[str, Any], out: Path, only: list[str], stream: TextIO
+) -> list[RunSpec]:
+    """Print the grid, each run's status and the estimated cost; write nothing.
+
+    ``preset`` is a :class:`~dropcluster.experiments.presets.Preset` or its JSON form.
+    """
+    preset = as_preset(preset)
+    specs = _selected_runs(preset, only)
     status: dict[str, str] = {}
     rates: dict[tuple[str, str], float] = {}
-    database = out / "results.sqlite"
+    database = out / DATABASE_NAME
     if database.is_file():
         with ResultsStore(database, readonly=True) as store:
             status = {r.run_id: r.status for r in store.runs()}
             rates = measured_rates(store)
     total = remaining = 0.0
-    stream.write(f"preset {preset['name']}: {len(specs)} runs\n")
+    stream.write(f"preset {preset.name}: {len(specs)} runs\n")
     stream.write(f"{'run':<40} {'epochs':>6} {'corrupt':>7} {'status':>9} {'estimate':>12}\n")
-    evaluate = evaluate_settings(preset)
+    evaluate = _corruption_settings(preset)
     for spec in specs:
         seconds = estimate_seconds(spec, rates, evaluate)
         state = status.get(spec.run_id, "new")
         total += seconds
-        if state != "finished":
+        if state != FINISHED:
             remaining += seconds
         stream.write(
             f"{spec.run_id:<40} {spec.config.epochs:>6} "
@@ -220,9 +233,9 @@ def dry_run(preset: dict[str, Any], out: Path, only: list[str], stream: TextIO) 
 def collect_results(run_dir: Path) -> dict[str, Any]:
     """Read a finished run's files into the arguments of ``ResultsStore.record_finished``."""
     history = read_log(run_dir / LOG_NAME)
-    result = json.loads((run_dir / "result.json").read_text())
+    result = json.loads((run_dir / RESULT_NAME).read_text())
     corruptions = None
-    corruption_file = run_dir / "corruptions.json"
+    corruption_file = run_dir / CORRUPTIONS_NAME
     if corruption_file.is_file():
         document = json.loads(corruption_file.read_text())
         source = document.get("source", "generated")
@@ -285,7 +298,7 @@ class _Active:
 
 
 def run_sweep(
-    preset: dict[str, Any],
+    preset: Preset | dict[str, Any],
     out: str | Path,
     *,
     jobs: int = 1,
@@ -296,7 +309,8 @@ def run_sweep(
     """Run every unfinished run of ``preset`` (filtered by ``only``) with ``jobs`` workers.
 
     Args:
-        preset: a loaded preset (:func:`~dropcluster.experiments.presets.load_preset`).
+        preset: a :class:`~dropcluster.experiments.presets.Preset` (see
+            :func:`~dropcluster.experiments.presets.load_preset`) or its JSON form.
         out: the sweep's output folder.
         jobs: runs trained at once. On a machine with several GPUs and a CUDA device in the
             preset ("auto" or "cuda"), job i uses GPU i; on the CPU the cores are shared out.
@@ -306,9 +320,14 @@ def run_sweep(
     Returns:
         A :class:`SweepSummary`. KeyboardInterrupt stops the workers (each keeps its last
         checkpoint) and marks their runs pending again before it propagates.
+
+    Raises:
+        ValueError: a bad preset or ``jobs``, a missing ``corrupted_from`` folder, another sweep
+            running in ``out``, or ``out`` holding another preset's sweep.
     """
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs should be a positive int, but got {jobs!r}")
+    preset = as_preset(preset)
+    check_int("jobs", jobs, minimum=1)
+    _check_corrupted_from(preset)
     stream = stream if stream is not None else sys.stderr
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -326,8 +345,19 @@ def run_sweep(
         sweep_lock.close()
 
 
+def _check_corrupted_from(preset: Preset) -> None:
+    """The released corrupted files are read at the end of each evaluated run: check the folder
+    is there before the first run trains."""
+    settings = _corruption_settings(preset)
+    if settings is not None and settings.corrupted_from is not None:
+        if not Path(settings.corrupted_from).is_dir():
+            raise ValueError(
+                f"preset {preset.name}: corrupted_from {settings.corrupted_from} is no folder"
+            )
+
+
 def _run_locked(
-    preset: dict[str, Any],
+    preset: Preset,
     out: Path,
     jobs: int,
     only: list[str],
@@ -338,7 +368,7 @@ def _run_locked(
     specs, store = plan(preset, out, only)
     summary = SweepSummary(total=len(specs))
     start = time.perf_counter()
-    evaluate = evaluate_settings(preset)
+    evaluate = _corruption_settings(preset)
     with store:
         interrupted = store.reset_interrupted()
         if interrupted:
@@ -346,16 +376,16 @@ def _run_locked(
                 f"resuming {len(interrupted)} interrupted run(s): {', '.join(interrupted)}\n"
             )
         status = {r.run_id: r for r in store.runs()}
-        todo = [s for s in specs if status[s.run_id].status != "finished"]
+        todo = [s for s in specs if status[s.run_id].status != FINISHED]
         for spec in todo:
-            if status[spec.run_id].status == "failed":
+            if status[spec.run_id].status == FAILED:
                 stream.write(
                     f"retrying {spec.run_id} (failed before: "
                     f"{(status[spec.run_id].error or '').splitlines()[-1:]})\n"
                 )
         summary.finished = len(specs) - len(todo)
         stream.write(
-            f"sweep {preset['name']} in {out}: {len(specs)} runs, {summary.finished} finished, "
+            f"sweep {preset.name} in {out}: {len(specs)} runs, {summary.finished} finished, "
             f"{len(todo)} to run, {jobs} at a time\n"
         )
         devices = _job_devices(preset, jobs)
@@ -428,17 +458,20 @@ def _record_exit(
             f"({format_duration(seconds)})\n"
         )
         return
-    error = _error_tail(run_dir / "worker.log")
+    error = _error_tail(run_dir / WORKER_LOG_NAME)
     store.mark_failed(run_id, f"exit status {code}\n{error}")
     summary.failed.append(run_id)
     last = error.splitlines()[-1] if error else ""
-    stream.write(f"FAILED {run_id} (exit {code}): {last}\n  full log: {run_dir / 'worker.log'}\n")
+    stream.write(
+        f"FAILED {run_id} (exit {code}): {last}\n  full log: {run_dir / WORKER_LOG_NAME}\n"
+    )
 
 
-def _job_devices(preset: dict[str, Any], jobs: int) -> list[str | None]:
-    """The device of each job slot (None: the config's own)."""
-    device = str(preset["base"].get("device", "cpu"))
-    if device in ("auto", "cuda"):
+def _job_devices(preset: Preset, jobs: int) -> list[str | None]:
+    """The device of each job slot (None: the config's own): with several GPUs and a device
+    that names none of them ("auto", "cuda"), job i uses GPU i."""
+    device = resolve_device(preset.base.get("device", "cpu"))
+    if device.type == "cuda" and device.index is None:
         import torch
 
         count = torch.cuda.device_count()
@@ -457,19 +490,20 @@ def _threads_per_job(jobs: int) -> int | None:
 def _launch(
     spec: RunSpec,
     out: Path,
-    evaluate: dict[str, Any] | None,
+    evaluate: CorruptionSettings | None,
     slot: int,
     devices: list[str | None],
     threads: int | None,
 ) -> _Active:
     run_dir = out / RUNS_FOLDER / spec.run_id
-    write_job(run_dir, spec.config.to_dict(), evaluate if spec.evaluate_corruptions else None)
+    settings = evaluate.to_dict() if evaluate and spec.evaluate_corruptions else None
+    write_job(run_dir, spec.config.to_dict(), settings)
     env = dict(os.environ)
     if devices[slot] is not None:
         env["DROPCLUSTER_DEVICE"] = devices[slot]
     if threads is not None:
         env["DROPCLUSTER_THREADS"] = str(threads)
-    log = open(run_dir / "worker.log", "a")  # noqa: SIM115 - closed when the job ends
+    log = open(run_dir / WORKER_LOG_NAME, "a")  # noqa: SIM115 - closed when the job ends
     log.write(f"--- attempt started {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n")
     log.flush()
     process = subprocess.Popen(

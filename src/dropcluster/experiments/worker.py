@@ -72,7 +72,9 @@ def run_job(run_dir: Path) -> int:
 
 
 def _result(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "result.json"
+    from dropcluster.train.loop import RESULT_NAME
+
+    path = run_dir / RESULT_NAME
     return json.loads(path.read_text()) if path.is_file() else {}
 
 

@@ -17,6 +17,7 @@ from dropcluster.models.placement import (
 )
 from dropcluster.models.resnet import PreActResNet, resnet18, resnet20, resnet50
 from dropcluster.models.slots import Slot, SlottedModel
+from dropcluster.validation import check_choice
 
 MODELS = ("resnet50", "resnet18", "resnet20", "lenet5")
 
@@ -37,8 +38,7 @@ def build_model(
     Raises:
         ValueError: unknown name (the message lists the valid ones) or stem.
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid names are {', '.join(MODELS)}")
+    check_choice("model", name, MODELS)
     if name == "lenet5":
         if stem is not None:
             raise ValueError(f"lenet5 has no stem choice, but got stem={stem!r}")

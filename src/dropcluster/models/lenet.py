@@ -17,6 +17,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from dropcluster.models.slots import Slot, SlottedModel
+from dropcluster.validation import check_int
 
 
 class LeNet5(SlottedModel):
@@ -34,9 +35,8 @@ class LeNet5(SlottedModel):
 
     def __init__(self, in_channels: int = 1, n_classes: int = 10) -> None:
         super().__init__()
-        for name, value in (("n_classes", n_classes), ("in_channels", in_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} should be a positive int, but got {value!r}")
+        check_int("in_channels", in_channels, minimum=1)
+        check_int("n_classes", n_classes, minimum=1)
         self.conv1 = nn.Conv2d(in_channels, 6, 5, padding=2)
         self.stem = Slot("stem")
         self.pool1 = nn.MaxPool2d(2)

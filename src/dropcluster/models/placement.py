@@ -22,6 +22,7 @@ from torch import nn
 
 from dropcluster.models.slots import SlottedModel
 from dropcluster.nn import REGULARIZERS, build_regularizer
+from dropcluster.validation import check_choice
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,8 @@ def placement_for(name: str, dataset: str) -> Placement:
     Raises:
         ValueError: unknown regularizer name (the message lists the valid ones).
     """
-    row = PAPER_PLACEMENTS.get(dataset, PAPER_PLACEMENTS[DEFAULT_FAMILY])
-    if name not in row:
-        raise ValueError(f"unknown regularizer {name!r}; valid names are {', '.join(REGULARIZERS)}")
-    return row[name]
+    check_choice("regularizer", name, REGULARIZERS)
+    return PAPER_PLACEMENTS.get(dataset, PAPER_PLACEMENTS[DEFAULT_FAMILY])[name]
 
 
 def place_regularizer(
@@ -107,8 +106,7 @@ def place_regularizer(
     """
     if not isinstance(model, SlottedModel):
         raise TypeError(f"model should be a SlottedModel, but got {type(model).__name__}")
-    if depth_rule not in DEPTH_RULES:
-        raise ValueError(f"depth_rule should be one of {DEPTH_RULES}, but got {depth_rule!r}")
+    check_choice("depth_rule", depth_rule, DEPTH_RULES)
     placement = placement_for(name, dataset)
     target = slot if slot is not None else placement.slot
     if name == "none":

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from dropcluster.models.slots import Slot, SlottedModel
+from dropcluster.validation import check_choice, check_int
 
 STEMS = ("imagenet", "cifar")
 BLOCKS = ("basic", "bottleneck")
@@ -122,6 +123,34 @@ class PreActBottleneck(nn.Module):
 _BLOCK_CLASSES = {"basic": PreActBasicBlock, "bottleneck": PreActBottleneck}
 
 
+def _stem(stem: str, in_channels: int, width: int) -> tuple[nn.Conv2d, nn.Module]:
+    """The first conv and the pooling after it (see "Stems" in the module docstring)."""
+    if stem == "imagenet":
+        conv = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
+        return conv, nn.MaxPool2d(3, stride=2, padding=1)
+    return _conv3x3(in_channels, width), nn.Identity()
+
+
+def _groups(
+    block_class: type[nn.Module], depths: Sequence[int], widths: Sequence[int], channels: int
+) -> tuple[nn.ModuleList, int]:
+    """The groups of residual blocks, each ending in its slot, and their output channels.
+
+    The first block of every group but the first has stride 2.
+    """
+    groups = []
+    for index, (depth, width) in enumerate(zip(depths, widths, strict=True)):
+        group_name = f"group{index + 1}"
+        blocks = []
+        for block_index in range(depth):
+            stride = 2 if index > 0 and block_index == 0 else 1
+            blocks.append(block_class(channels, width, stride, group_name))
+            channels = width * block_class.expansion
+        # The group's slot is its last module: slots are listed in forward order.
+        groups.append(nn.Sequential(*blocks, Slot(group_name)))
+    return nn.ModuleList(groups), channels
+
+
 class PreActResNet(SlottedModel):
     """A pre-activation ResNet with named regularizer slots (see the module docstring).
 
@@ -134,7 +163,6 @@ class PreActResNet(SlottedModel):
         in_channels: image channels (1 grayscale, 3 colour).
         stem: ``"imagenet"`` (7x7 stride-2 conv and 3x3 stride-2 max-pool) or ``"cifar"``
             (3x3 stride-1 conv, no pooling).
-        stem_width: channels of the first conv (default ``widths[0]``).
 
     Shape:
         input (N, in_channels, H, W) float, any memory format -> logits (N, n_classes).
@@ -148,51 +176,27 @@ class PreActResNet(SlottedModel):
         n_classes: int,
         in_channels: int = 3,
         stem: str = "imagenet",
-        stem_width: int | None = None,
     ) -> None:
         super().__init__()
-        if block not in BLOCKS:
-            raise ValueError(f"block should be one of {BLOCKS}, but got {block!r}")
-        if stem not in STEMS:
-            raise ValueError(f"stem should be one of {STEMS}, but got {stem!r}")
+        check_choice("block", block, BLOCKS)
+        check_choice("stem", stem, STEMS)
         if len(depths) != len(widths) or not depths:
             raise ValueError(
                 f"depths and widths should be non-empty and of equal length, but got {depths} "
                 f"and {widths}"
             )
-        for name, values in (("depths", depths), ("widths", widths)):
-            if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-                raise ValueError(f"{name} should be positive ints, but got {values}")
-        for name, value in (("n_classes", n_classes), ("in_channels", in_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} should be a positive int, but got {value!r}")
-        block_class = _BLOCK_CLASSES[block]
-        stem_width = widths[0] if stem_width is None else stem_width
+        for index, (depth, width) in enumerate(zip(depths, widths, strict=True)):
+            check_int(f"depths[{index}]", depth, minimum=1)
+            check_int(f"widths[{index}]", width, minimum=1)
+        check_int("n_classes", n_classes, minimum=1)
+        check_int("in_channels", in_channels, minimum=1)
         self.block = block
         self.stem_kind = stem
         self.depths = tuple(depths)
         self.widths = tuple(widths)
-
-        if stem == "imagenet":
-            self.conv1 = nn.Conv2d(in_channels, stem_width, 7, stride=2, padding=3, bias=False)
-            self.stem_pool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1)
-        else:
-            self.conv1 = _conv3x3(in_channels, stem_width)
-            self.stem_pool = nn.Identity()
+        self.conv1, self.stem_pool = _stem(stem, in_channels, widths[0])
         self.stem = Slot("stem")
-
-        groups = []
-        channels = stem_width
-        for index, (depth, width) in enumerate(zip(depths, widths, strict=True)):
-            group_name = f"group{index + 1}"
-            blocks = []
-            for block_index in range(depth):
-                stride = 2 if index > 0 and block_index == 0 else 1
-                blocks.append(block_class(channels, width, stride, group_name))
-                channels = width * block_class.expansion
-            # The group's slot is its last module: slots are listed in forward order.
-            groups.append(nn.Sequential(*blocks, Slot(group_name)))
-        self.groups = nn.ModuleList(groups)
+        self.groups, channels = _groups(_BLOCK_CLASSES[block], depths, widths, widths[0])
 
         self.final_norm = nn.BatchNorm2d(channels)
         self.relu = nn.ReLU(inplace=True)

@@ -8,17 +8,20 @@ sees a new constant (no recompilation when the rate changes).
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import Tensor, nn
+
+from dropcluster.validation import check_float
 
 
 def check_drop_rate(p: float | Tensor, name: str = "p") -> float:
     """Return ``p`` as a float after checking that it lies in [0, 1).
 
+    The one check of a drop rate: every layer, functional form and schedule calls it.
+
     Raises:
-        ValueError: p is not a real number in [0, 1) (1 would drop everything and divide by 0).
+        ValueError: p is not a finite number (or a 1-element tensor holding one) in [0, 1)
+            (1 would drop everything and divide by 0).
     """
     if isinstance(p, Tensor):
         if p.numel() != 1:
@@ -26,12 +29,10 @@ def check_drop_rate(p: float | Tensor, name: str = "p") -> float:
                 f"{name} should be a number or a 1-element tensor, but got shape {tuple(p.shape)}"
             )
         p = float(p)
-    if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise ValueError(f"{name} should be a real number in [0, 1), but got {p!r}")
-    p = float(p)
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"drop probability {name} has to be in [0, 1), but got {p}")
-    return p
+    value = check_float(name, p)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"drop probability {name} has to be in [0, 1), but got {value}")
+    return value
 
 
 def uniform(
@@ -48,13 +49,6 @@ def uniform(
     if generator is None:
         return torch.rand(shape, device=device, dtype=dtype)
     return torch.rand(shape, generator=generator, device=device, dtype=dtype)
-
-
-def check_positive_int(name: str, value: int) -> int:
-    """Return ``value`` after checking that it is an int >= 1 (bool excluded)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} should be a positive int, but got {value!r}")
-    return value
 
 
 class DropRateModule(nn.Module):

@@ -18,21 +18,16 @@ gamma (also torchvision's and timm's), ``p * H * W / (b**2 * (H - b + 1) * (W - 
 the first-order solution of ``f(gamma) = p``: it ignores overlapping blocks, and the realised
 fraction falls short of p (0.244 instead of 0.3 for 7 x 7 blocks on a 16 x 16 map). Here
 ``f(gamma) = p`` is solved by Newton's method (:func:`solve_gamma`), so the expected dropped
-fraction is p for every map and block size. Kept values are rescaled per sample by
-``count(mask) / count_ones(mask)`` (the paper's normalisation).
+fraction is p for every map and block size (``docs/design.md``, "DropBlock's drop rate", works
+it through). Kept values are rescaled per sample by ``count(mask) / count_ones(mask)`` (the
+paper's normalisation).
 
-Two samplers draw the same centre process:
-
-- *sparse* (CPU, eager): the gaps between successive centres of a Bernoulli process are
-  geometric, so only the ~``gamma * N * C * Hv * Wv`` centres are drawn (about 1 % of the valid
-  positions for p = 0.1, b = 3) instead of one uniform number per position, and the output is
-  ``x * scale`` with the dropped pixels zeroed by index, forward and backward, one cache-sized
-  group of samples at a time (a dense mask would cost a mask pass and a three-operand multiply
-  each way). It knows the number of centres on the host, which on the CPU is a memory read, not
-  a synchronisation.
-- *dense* (accelerators and ``torch.compile``): one uniform number per valid position, a
-  max-pool that grows centres into blocks (:func:`_blocks_from_centres`), and one multiplier;
-  no host synchronisation and no data-dependent shapes, and ``p`` may be a tensor.
+The mask is drawn as the paper draws it: one uniform number per valid position, a max-pool that
+grows the centres into blocks (:func:`_blocks_from_centres`), and one multiplier; no host
+synchronisation and no data-dependent shapes, and ``p`` may be a tensor (accelerators and
+``torch.compile``). On the CPU in eager mode the same centre process is drawn sparsely instead,
+only the centres that fire, and the blocks are zeroed by index
+(:mod:`dropcluster.nn._dropblock_sampler`).
 """
 
 from __future__ import annotations
@@ -46,23 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dropcluster.nn._drop_rate import (
-    DropRateModule,
-    check_drop_rate,
-    check_positive_int,
-    uniform,
-)
+from dropcluster.nn._drop_rate import DropRateModule, check_drop_rate, uniform
+from dropcluster.nn._dropblock_sampler import drop_block_sparse
+from dropcluster.validation import check_int, check_tensor
 
 # Newton from the first-order gamma reaches f(gamma) = p to 1e-12 in at most 12 steps for every
 # map up to 224 x 224, block up to 11 and p up to 0.999 (tests check a grid); 20 leave a margin.
 _NEWTON_STEPS = 20
-
-# Bytes of a 0/1 uint8 row summed as int64 words, 64 words at a time: see _count_ones.
-_WORDS_PER_PARTIAL_SUM = 64
-_BYTES_PER_PARTIAL_SUM = 8 * _WORDS_PER_PARTIAL_SUM
-
-# Elements per group of samples multiplied and zeroed together (4 MB of float32, in L2/L3).
-_GROUP_ELEMENTS = 1 << 20
 
 
 def effective_block(block_size: int, height: int, width: int) -> tuple[int, int]:
@@ -184,10 +169,8 @@ def drop_block2d(
 
     Under torch.compile pass no ``generator`` (dynamo does not trace generator objects).
     """
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"input should be 4 dimensional (N, C, H, W), but got {got}")
-    check_positive_int("block_size", block_size)
+    check_tensor("input", x, 4, "(N, C, H, W)")
+    check_int("block_size", block_size, minimum=1)
     if not isinstance(p, Tensor):
         p = check_drop_rate(p)
     n_samples, n_channels = x.shape[:2]
@@ -204,7 +187,8 @@ def drop_block2d(
         if rate == 0.0:
             return identity
         gamma = solve_gamma(rate, height, width, block_size)
-        return _drop_block_sparse(x, gamma, block_size, per_channel, generator, return_mask)
+        block = effective_block(block_size, height, width)
+        return drop_block_sparse(x, gamma, block, per_channel, generator, return_mask)
     if gamma is None and not isinstance(p, Tensor) and not compiling:
         gamma = solve_gamma(p, height, width, block_size)  # a float: no copy to the device
     elif gamma is None:
@@ -263,210 +247,6 @@ def _drop_block_dense(x, gamma, block_size, per_channel, generator, return_mask)
     return (out, keep) if return_mask else out
 
 
-def _bernoulli_positions(n_positions: int, gamma: float, generator) -> Tensor:
-    """Sorted indices of the successes of i.i.d. Bernoulli(gamma) on ``range(n_positions)``.
-
-    The gaps between successive successes are geometric, ``1 + floor(log(1 - U) / log(1 -
-    gamma))`` for U uniform on [0, 1): one uniform number per success. U is drawn in float32
-    (2**-24 steps, like the dense sampler's), the rest in float64.
-
-    Returns:
-        float64 tensor of exact integers (< 2**53), so that the index arithmetic that follows
-        runs as vectorised float operations (integer division is not vectorised on the CPU).
-    """
-    if gamma >= 1.0:
-        return torch.arange(n_positions, dtype=torch.float64)
-    if gamma <= 0.0:
-        return torch.empty(0, dtype=torch.float64)
-    log_miss = math.log1p(-gamma)
-    expected = n_positions * gamma
-    # Enough gaps to pass the end with probability ~1 - 1e-9 in one round.
-    chunk = int(expected + 6.0 * math.sqrt(expected) + 16)
-    parts, last = [], -1.0
-    while last < n_positions - 1:
-        uniform = torch.rand(chunk, generator=generator).to(torch.float64)
-        gaps = torch.log1p(uniform.neg_()).div_(log_miss).floor_().add_(1.0)
-        positions = gaps.cumsum_(0).add_(last)
-        parts.append(positions)
-        last = float(positions[-1])
-    positions = torch.cat(parts) if len(parts) > 1 else parts[0]
-    return positions[: int(torch.searchsorted(positions, float(n_positions)))]
-
-
-def _floor_div(a: Tensor, b: int) -> tuple[Tensor, Tensor]:
-    """(a // b, a % b) for float64 tensors of integers below 2**53: exact, since the correctly
-    rounded a / b never reaches the next integer when a < 2**53."""
-    quotient = torch.floor(a / b)
-    return quotient, a - quotient * b
-
-
-def _sample_block_corners(shape, gamma: float, block_h: int, block_w: int, generator):
-    """Top-left corners of the dropped blocks of an (N, C, H, W) mask, from sparse centres.
-
-    A valid centre at index (r, c) of the (H - bh + 1) x (W - bw + 1) valid region is pixel
-    (r + (bh - 1) // 2, c + (bw - 1) // 2), and its block's top-left pixel is (r, c).
-
-    Returns:
-        (sample, channel, row, col): four float64 tensors of integers, one entry per block.
-    """
-    n_samples, n_channels, height, width = shape
-    rows, cols = height - block_h + 1, width - block_w + 1
-    positions = _bernoulli_positions(n_samples * n_channels * rows * cols, gamma, generator)
-    plane, rest = _floor_div(positions, rows * cols)
-    row, col = _floor_div(rest, cols)
-    sample, channel = _floor_div(plane, n_channels)
-    return sample, channel, row, col
-
-
-def _block_pixel_indices(corners, block_h: int, block_w: int, strides) -> Tensor:
-    """int64 flat memory indices of every pixel of every block, for a tensor with ``strides``."""
-    sample, channel, row, col = corners
-    s_sample, s_channel, s_row, s_col = strides
-    top_left = (sample * s_sample + channel * s_channel + row * s_row + col * s_col).to(torch.int64)
-    offsets = torch.arange(block_h).mul_(s_row).view(-1, 1) + torch.arange(block_w).mul_(s_col)
-    return (top_left.view(-1, 1) + offsets.view(1, -1)).view(-1)
-
-
-def _count_ones(flags: Tensor) -> Tensor:
-    """Per-row count of a (R, L) contiguous 0/1 uint8 tensor, as int64 (R,).
-
-    Summing the bytes as int64 words adds 8 rows' lanes at once (about 50x faster than a uint8
-    sum here); 64 words per partial sum keep every byte lane <= 64, so no carry crosses a lane
-    and no partial sum reaches the sign bit; the bytes of the partial sums are then added.
-    """
-    n_rows, length = flags.shape
-    if length % _BYTES_PER_PARTIAL_SUM:
-        return flags.sum(dim=1, dtype=torch.int64)
-    words = flags.view(torch.int64).view(n_rows, -1, _WORDS_PER_PARTIAL_SUM)
-    partial = words.sum(dim=2)
-    return partial.view(torch.uint8).view(n_rows, -1).sum(dim=1, dtype=torch.int64)
-
-
-def _dropped_pixels(corners, mask_shape, block) -> tuple[Tensor, Tensor, Tensor]:
-    """The pixels covered by the blocks at ``corners`` in an (N, C, H, W) mask.
-
-    Returns:
-        (indices, dropped, n_dropped): int64 flat indices of the covered pixels in the
-        contiguous layout (with repeats where blocks overlap); the (N, C * H * W) uint8 0/1 map
-        of dropped pixels; the number of dropped pixels per sample, int64 (N,).
-    """
-    n_samples, n_channels, height, width = mask_shape
-    per_sample = n_channels * height * width
-    strides = (per_sample, height * width, width, 1)
-    indices = _block_pixel_indices(corners, *block, strides)
-    dropped = torch.zeros(n_samples, per_sample, dtype=torch.uint8)
-    dropped.view(-1).index_fill_(0, indices, 1)
-    return indices, dropped, _count_ones(dropped)
-
-
-class _BlockPixels:
-    """The pixels of sampled blocks, as flat indices for each memory layout they meet.
-
-    Indices run corner by corner and corners are sorted by sample, so the indices of a group of
-    samples are one slice; ``groups`` lists (sample slice, index slice) pairs of about
-    ``_GROUP_ELEMENTS`` elements each.
-    """
-
-    def __init__(self, corners, block, indices: Tensor, strides, groups) -> None:
-        self.corners, self.block, self.groups = corners, block, groups
-        self._indices = {tuple(strides): indices}
-
-    def indices(self, strides) -> Tensor:
-        strides = tuple(strides)
-        if strides not in self._indices:
-            self._indices[strides] = _block_pixel_indices(self.corners, *self.block, strides)
-        return self._indices[strides]
-
-
-def _sample_groups(sample: Tensor, n_samples: int, group_size: int, pixels_per_block: int):
-    """(sample slice, index slice) per group of ``group_size`` samples; ``sample`` sorted."""
-    starts = list(range(0, n_samples, group_size)) + [n_samples]
-    bounds = torch.searchsorted(sample, torch.tensor(starts, dtype=sample.dtype))
-    bounds = (bounds * pixels_per_block).tolist()
-    return [
-        (slice(starts[i], starts[i + 1]), slice(bounds[i], bounds[i + 1]))
-        for i in range(len(starts) - 1)
-    ]
-
-
-def _scale_and_zero(t: Tensor, scale: Tensor, pixels: _BlockPixels) -> Tensor:
-    """``t * scale`` with the blocks' pixels set to 0, one cache-sized group of samples at a time.
-
-    Zeroing a group right after multiplying it finds its memory still in cache: forward and
-    backward on (128, 64, 32, 32) float32 took about 15 % less time than with one multiply and
-    one zeroing pass over the whole tensor (this project's 2-core CPU).
-    """
-    out = torch.empty_like(t)  # dense, in t's layout when t is dense
-    indices = pixels.indices(out.stride())
-    flat = out.as_strided((out.numel(),), (1,))
-    for samples, block_pixels in pixels.groups:
-        torch.mul(t[samples], scale[samples], out=out[samples])
-        flat.index_fill_(0, indices[block_pixels], 0)
-    return out
-
-
-class _ScaleAndZero(torch.autograd.Function):
-    """``x * scale`` with the pixels of the dropped blocks set to 0; linear, so its own adjoint.
-
-    A multiply and index writes of about p * x.numel() pixels, forward and backward, where a
-    dense mask costs a mask pass and a three-operand multiply each way; autograd keeps the
-    blocks' corners and indices, not an (N, C, H, W) mask.
-    """
-
-    @staticmethod
-    def forward(ctx, x, scale, pixels):
-        ctx.save_for_backward(scale)
-        ctx.pixels = pixels
-        return _scale_and_zero(x, scale, pixels)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (scale,) = ctx.saved_tensors
-        return _ScaleAndZero.apply(grad_out, scale, ctx.pixels), None, None
-
-
-def _drop_block_sparse(x, gamma: float, block_size, per_channel, generator, return_mask):
-    """DropBlock from sparse centres (CPU): see the module docstring."""
-    n_samples, n_channels, height, width = x.shape
-    block = effective_block(block_size, height, width)
-    mask_shape = (n_samples, n_channels if per_channel else 1, height, width)
-    with torch.no_grad():
-        corners = _sample_block_corners(mask_shape, gamma, *block, generator)
-    return _drop_blocks_at(x, corners, block, per_channel, return_mask)
-
-
-def _drop_blocks_at(x, corners, block, per_channel: bool, return_mask: bool):
-    """Drop the blocks with the given top-left ``corners`` and rescale each sample.
-
-    Args:
-        x: (N, C, H, W) tensor on the CPU.
-        corners: (sample, channel, row, col) tensors of integers, as from
-            :func:`_sample_block_corners`; channel is 0 when ``per_channel`` is False.
-        block: (block_h, block_w).
-    """
-    n_samples, n_channels, height, width = x.shape
-    mask_channels = n_channels if per_channel else 1
-    mask_shape = (n_samples, mask_channels, height, width)
-    per_sample = mask_channels * height * width
-    with torch.no_grad():
-        mask_indices, dropped, n_dropped = _dropped_pixels(corners, mask_shape, block)
-        kept = (per_sample - n_dropped).to(torch.float32).clamp_(min=1.0)
-        scale = (per_sample / kept).to(x.dtype).view(n_samples, 1, 1, 1)
-        keep = None
-        if return_mask or not per_channel:
-            keep = (1 - dropped).view(mask_shape).to(x.dtype)
-    if per_channel:
-        group_size = max(1, _GROUP_ELEMENTS // per_sample)
-        groups = _sample_groups(corners[0], n_samples, group_size, block[0] * block[1])
-        strides = (per_sample, height * width, width, 1)
-        pixels = _BlockPixels(corners, block, mask_indices, strides, groups)
-        out = _ScaleAndZero.apply(x, scale, pixels)
-    else:
-        # One (N, 1, H, W) multiplier broadcast over the channels: a single pass over x.
-        out = x * (keep * scale)
-    return (out, keep) if return_mask else out
-
-
 class DropBlock2d(DropRateModule):
     """DropBlock as a layer, with the exact drop rate; see :func:`drop_block2d`.
 
@@ -495,7 +275,7 @@ class DropBlock2d(DropRateModule):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(p)
-        self.block_size = check_positive_int("block_size", block_size)
+        self.block_size = check_int("block_size", block_size, minimum=1)
         self.per_channel = per_channel
         self.generator = generator
         self._gamma_key: tuple | None = None

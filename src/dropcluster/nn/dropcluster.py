@@ -13,13 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dropcluster.nn._drop_rate import (
-    DropRateModule,
-    check_drop_rate,
-    check_positive_int,
-    uniform,
-)
+from dropcluster.nn._drop_rate import DropRateModule, check_drop_rate, uniform
 from dropcluster.rena import check_modes, rena
+from dropcluster.validation import check_int, check_tensor
 
 # floor(p * n) with p stored in float32: 0.7 is 0.69999999 there and 0.7 * 10 would floor to
 # 6. This relative slack restores the value intended in decimal for any n below 10**5.
@@ -68,9 +64,7 @@ def drop_cluster2d(
     Raises:
         ValueError: a shape, dtype or label value that does not fit the description above.
     """
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x)
-        raise ValueError(f"input should be 4 dimensional (N, C, H, W), but got {shape}")
+    check_tensor("input", x, 4, "(N, C, H, W)")
     if labels.dim() != 3 or tuple(labels.shape) != tuple(x.shape[1:]):
         raise ValueError(
             f"labels should have shape (C, H, W) = {tuple(x.shape[1:])} to match the input, "
@@ -84,17 +78,7 @@ def drop_cluster2d(
     if not isinstance(p, Tensor):
         check_drop_rate(p)
     n_channels = x.shape[1]
-    if isinstance(n_clusters, Tensor):
-        integer = not (n_clusters.is_floating_point() or n_clusters.is_complex())
-        if n_clusters.shape != (n_channels,) or not integer or n_clusters.dtype == torch.bool:
-            raise ValueError(
-                f"n_clusters should be an int or a ({n_channels},) integer tensor, but got "
-                f"shape {tuple(n_clusters.shape)} {n_clusters.dtype}"
-            )
-        counts = n_clusters.to(device=x.device, dtype=torch.int64)
-    else:
-        check_positive_int("n_clusters", n_clusters)
-        counts = torch.full((n_channels,), n_clusters, dtype=torch.int64, device=x.device)
+    counts = _cluster_counts(n_clusters, n_channels, x.device)
     if cluster_sizes is not None and (
         cluster_sizes.dim() != 2 or cluster_sizes.shape[0] != n_channels
     ):
@@ -104,14 +88,34 @@ def drop_cluster2d(
         )
     labels = _checked_labels(labels, counts, structured, cluster_sizes)
     if cluster_sizes is None:
-        n_columns = max(int(counts.max()), int(labels.max()) + 1) if n_channels else 1
-        cluster_sizes = torch.zeros(n_channels, n_columns, dtype=torch.int64, device=x.device)
-        flat_labels = labels.reshape(n_channels, -1).to(x.device)
-        cluster_sizes.scatter_add_(1, flat_labels, torch.ones_like(flat_labels))
+        cluster_sizes = _sizes_of_clusters(labels, counts, x.device)
     return _DropClusterFunction.apply(
         x, labels, counts, p, structured, cluster_sizes, training, per_sample, generator,
         return_mask,
     )  # fmt: skip
+
+
+def _cluster_counts(n_clusters: int | Tensor, n_channels: int, device: torch.device) -> Tensor:
+    """``n_clusters`` (an int >= 1 or a (C,) integer tensor) as (C,) int64 on ``device``."""
+    if not isinstance(n_clusters, Tensor):
+        check_int("n_clusters", n_clusters, minimum=1)
+        return torch.full((n_channels,), n_clusters, dtype=torch.int64, device=device)
+    integer = not (n_clusters.is_floating_point() or n_clusters.is_complex())
+    if n_clusters.shape != (n_channels,) or not integer or n_clusters.dtype == torch.bool:
+        raise ValueError(
+            f"n_clusters should be an int or a ({n_channels},) integer tensor, but got "
+            f"shape {tuple(n_clusters.shape)} {n_clusters.dtype}"
+        )
+    return n_clusters.to(device=device, dtype=torch.int64)
+
+
+def _sizes_of_clusters(labels: Tensor, counts: Tensor, device: torch.device) -> Tensor:
+    """(C, K) int64 pixels per cluster of the (C, H, W) int64 ``labels``, K >= every count."""
+    n_channels = labels.shape[0]
+    n_columns = max(int(counts.max()), int(labels.max()) + 1) if n_channels else 1
+    sizes = torch.zeros(n_channels, n_columns, dtype=torch.int64, device=device)
+    flat_labels = labels.reshape(n_channels, -1).to(device)
+    return sizes.scatter_add_(1, flat_labels, torch.ones_like(flat_labels))
 
 
 def _checked_labels(
@@ -282,9 +286,8 @@ class DropCluster2d(DropRateModule):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(p)
-        check_positive_int("n_clusters", n_clusters)
         check_modes(unstructured, identical_neighbours)
-        self.n_clusters = n_clusters
+        self.n_clusters = check_int("n_clusters", n_clusters, minimum=1)
         self.per_sample = per_sample
         self.unstructured = unstructured
         self.identical_neighbours = identical_neighbours

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from dropcluster.nn._drop_rate import check_drop_rate
+from dropcluster.validation import check_choice
 
 REGULARIZERS = (
     "none",
@@ -30,8 +31,7 @@ def build_regularizer(name: str, p: float = 0.0, **options) -> nn.Module:
         ValueError: unknown name (the message lists the valid ones), bad p, or options the
             module does not take.
     """
-    if name not in REGULARIZERS:
-        raise ValueError(f"unknown regularizer {name!r}; valid names are {', '.join(REGULARIZERS)}")
+    check_choice("regularizer", name, REGULARIZERS)
     check_drop_rate(p)
     if name == "none":
         _no_options(name, options)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from dropcluster.nn._drop_rate import DropRateModule, check_drop_rate
+from dropcluster.validation import check_choice, check_float
 
 SCHEDULE_KINDS = ("constant", "linear")
 _TORCH_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
@@ -43,9 +44,10 @@ class DropRateSchedule:
     def __post_init__(self) -> None:
         check_drop_rate(self.p)
         check_drop_rate(self.start_p, "start_p")
-        if self.kind not in SCHEDULE_KINDS:
-            raise ValueError(f"kind should be one of {SCHEDULE_KINDS}, but got {self.kind!r}")
-        if not 0 <= self.start_epoch <= self.end_epoch:
+        check_choice("kind", self.kind, SCHEDULE_KINDS)
+        check_float("start_epoch", self.start_epoch, minimum=0.0)
+        check_float("end_epoch", self.end_epoch)
+        if self.start_epoch > self.end_epoch:
             raise ValueError(
                 "epochs should satisfy 0 <= start_epoch <= end_epoch, but got "
                 f"start_epoch={self.start_epoch}, end_epoch={self.end_epoch}"

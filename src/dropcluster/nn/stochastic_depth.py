@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from dropcluster.nn._drop_rate import DropRateModule, check_drop_rate, uniform
+from dropcluster.validation import check_choice
 
 MODES = ("row", "batch")
 
@@ -65,33 +66,24 @@ def stochastic_depth(
             not a 1-element float tensor, or mode is unknown.
     """
     _check_input(x)
-    _check_mode(mode)
-    p = _check_rate(p)
+    check_choice("mode", mode, MODES)
+    if not isinstance(p, Tensor):
+        p = check_drop_rate(p)
+    elif p.numel() != 1 or not p.is_floating_point():
+        raise ValueError(
+            f"p should be a float or a 1-element float tensor, but got a {p.dtype} tensor of "
+            f"shape {tuple(p.shape)}"
+        )
     return _stochastic_depth(x, p, mode, training, generator, return_mask)
 
 
 def _check_input(x: Tensor) -> None:
+    """The input rule of the functional form and of both modules' ``forward``."""
     if not isinstance(x, Tensor) or x.dim() < 1 or not x.is_floating_point():
         got = f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(
             f"input should be a floating tensor with a batch dimension (N, ...), but got {got}"
         )
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode should be one of {MODES}, but got {mode!r}")
-
-
-def _check_rate(p: float | Tensor) -> float | Tensor:
-    if not isinstance(p, Tensor):
-        return check_drop_rate(p)
-    if p.numel() != 1 or not p.is_floating_point():
-        raise ValueError(
-            f"p should be a float or a 1-element float tensor, but got a {p.dtype} tensor of "
-            f"shape {tuple(p.shape)}"
-        )
-    return p
 
 
 def _stochastic_depth(
@@ -147,7 +139,7 @@ def _channels_last_order(x: Tensor) -> tuple[int, ...] | None:
     """The dims of a channels_last(_3d) tensor in memory order (its contiguous view), else None.
 
     index_select and index_add_ along dim 0 are fast on contiguous tensors only: on a
-    channels_last one they are 3-4x slower than on its contiguous (N, H, W, C) view, and
+    channels_last one they are slower than on its contiguous (N, H, W, C) view, and
     index_select returns a contiguous (N, C, H, W) tensor that the convolutions would convert.
     """
     if x.is_contiguous():
@@ -197,7 +189,7 @@ class StochasticDepth(DropRateModule):
         self, p: float = 0.1, mode: str = "row", *, generator: torch.Generator | None = None
     ) -> None:
         super().__init__(p)
-        _check_mode(mode)
+        check_choice("mode", mode, MODES)
         self.mode = mode
         self.generator = generator
 
@@ -265,7 +257,7 @@ class StochasticDepthResidual(DropRateModule):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(p)
-        _check_mode(mode)
+        check_choice("mode", mode, MODES)
         self.branch = branch
         self.shortcut = shortcut if shortcut is not None else nn.Identity()
         self.mode = mode

@@ -1,0 +1,351 @@
+"""Download and extract CIFAR-100 and Tiny ImageNet into the layout :func:`load_dataset` reads.
+
+:func:`download_cifar100` and :func:`download_tiny_imagenet` fetch an official archive (any URL
+urllib opens, ``file://`` included), check its MD5, extract it into a temporary folder next to
+the destination while refusing unsafe members (absolute paths, ``..``, links, devices), count
+what it holds, mark it complete (:func:`~dropcluster.data.datasets.write_completion_marker`) and
+only then rename it into place. Concurrent calls on one folder wait for each other, and any
+failure leaves nothing partial behind. See "Completeness" in :mod:`dropcluster.data.datasets`
+for what a loader then expects of the folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import stat
+import tarfile
+import tempfile
+import urllib.request
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path, PureWindowsPath
+
+from dropcluster.data.datasets import (
+    CIFAR100_FOLDER,
+    CIFAR100_URL,
+    OFFICIAL_COUNTS,
+    TINY_IMAGENET_FOLDER,
+    TINY_IMAGENET_URL,
+    _cifar100_counts,
+    _default_root,
+    _read_completion_marker,
+    _tiny_imagenet_counts,
+    write_completion_marker,
+)
+
+CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+#: MD5 of the official zip, as published by torchvision-style loaders of the data set.
+TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
+
+
+def download_cifar100(
+    root: str | Path | None = None, *, url: str = CIFAR100_URL, md5: str | None = CIFAR100_MD5
+) -> Path:
+    """Download and extract CIFAR-100 (python version) into ``root``, unless it is there.
+
+    The archive is extracted into a temporary folder in ``root`` (``.cifar-100-python.partial-*``),
+    checked, marked complete (:data:`~dropcluster.data.datasets.COMPLETE_MARKER`, recording its
+    counts) and only then renamed to ``root/cifar-100-python``; any failure (a full disk
+    included) removes the temporary folder, so an interrupted extraction never looks complete.
+    An existing folder counts as complete when it holds the marker, or, without one (extracted
+    by hand or by an older version), when it holds the official counts (100 classes, 50000 +
+    10000 images; the marker is then added). Any other folder there is replaced. Concurrent
+    calls on the same ``root`` wait for each other.
+
+    Args:
+        root: destination folder (created); None: the default data folder.
+        url: where the ``.tar.gz`` archive is (any URL urllib opens, ``file://`` included).
+        md5: expected MD5 of the archive; None skips the check. An archive whose MD5 is the
+            official one must also hold the official counts.
+
+    Returns:
+        The path of the ``cifar-100-python`` folder.
+
+    Raises:
+        ValueError: checksum mismatch (the download is deleted), an unreadable archive (deleted
+            too), an archive member that is not a plain file or folder inside the destination
+            (absolute paths, ``..``, links, devices), or an archive without a complete
+            ``cifar-100-python/``.
+        OSError: the disk is full or read-only; nothing partial is left behind.
+    """
+    return _download_dataset(
+        _default_root() if root is None else Path(root),
+        "cifar100",
+        url,
+        md5,
+        official_md5=CIFAR100_MD5,
+        folder_name=CIFAR100_FOLDER,
+        suffix=".tar.gz",
+        extract=_extract_tar,
+        count=_cifar100_counts,
+    )
+
+
+def download_tiny_imagenet(
+    root: str | Path | None = None,
+    *,
+    url: str = TINY_IMAGENET_URL,
+    md5: str | None = TINY_IMAGENET_MD5,
+) -> Path:
+    """Download and extract Tiny ImageNet (about 240 MB) into ``root``, unless it is there.
+
+    As :func:`download_cifar100`: extracted into a temporary folder, marked complete and
+    renamed into place only on success. An existing ``tiny-imagenet-200`` folder without the
+    marker counts as complete when it holds the official counts (200 classes of 500 training
+    images, 10000 validation images); any other is replaced.
+
+    Args:
+        root: destination folder (created); None: the default data folder.
+        url: where the ``.zip`` archive is (any URL urllib opens, ``file://`` included).
+        md5: expected MD5 of the archive; None skips the check.
+
+    Returns:
+        The path of the ``tiny-imagenet-200`` folder.
+
+    Raises:
+        ValueError: as :func:`download_cifar100`.
+        OSError: the disk is full or read-only; nothing partial is left behind.
+    """
+    return _download_dataset(
+        _default_root() if root is None else Path(root),
+        "tiny-imagenet",
+        url,
+        md5,
+        official_md5=TINY_IMAGENET_MD5,
+        folder_name=TINY_IMAGENET_FOLDER,
+        suffix=".zip",
+        extract=_extract_zip,
+        count=_tiny_imagenet_counts,
+    )
+
+
+def _download_dataset(
+    root: Path,
+    dataset: str,
+    url: str,
+    md5: str | None,
+    *,
+    official_md5: str,
+    folder_name: str,
+    suffix: str,
+    extract: Callable[[Path, Path, str], None],
+    count: Callable[[Path], dict[str, int]],
+) -> Path:
+    """Download, extract into a temporary folder, check, mark complete, rename into place."""
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / folder_name
+    with _download_lock(root):
+        # Holding the lock, any temporary file or folder left here is a killed process's.
+        for stale in [*root.glob(f".{folder_name}.partial-*"), *root.glob(f".{folder_name}*.part")]:
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+        if _is_complete(folder, dataset, count):
+            return folder
+        archive, digest = _download(url, root / (folder_name + suffix), md5)
+        partial = Path(tempfile.mkdtemp(dir=root, prefix=f".{folder_name}.partial-"))
+        try:
+            extract(archive, partial, folder_name)
+            extracted = partial / folder_name
+            try:
+                counts = count(extracted)
+            except (FileNotFoundError, ValueError) as error:
+                raise ValueError(
+                    f"{archive} should hold a complete {folder_name}/, but: {error}"
+                ) from error
+            official = OFFICIAL_COUNTS[dataset]
+            if digest == official_md5 and counts != official:
+                raise ValueError(
+                    f"{archive} has the official MD5 but holds {counts}, not the official "
+                    f"{official}: delete it and download it again"
+                )
+            write_completion_marker(extracted, dataset, counts, archive_md5=digest, source=url)
+            if os.path.lexists(folder):
+                # Incomplete (_is_complete said so): moved into the temporary folder, so that
+                # it is deleted with it once the complete one is in place.
+                os.rename(folder, partial / "incomplete")
+            os.rename(extracted, folder)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    return folder
+
+
+def _is_complete(folder: Path, dataset: str, count: Callable[[Path], dict[str, int]]) -> bool:
+    """Whether ``folder`` is a complete copy: marked, or holding the official counts."""
+    if not folder.is_dir():
+        return False
+    try:
+        if _read_completion_marker(folder, dataset) is not None:
+            return True
+    except ValueError:  # an unreadable marker: extract again
+        return False
+    try:
+        counts = count(folder)
+    except (OSError, ValueError):
+        return False
+    if counts != OFFICIAL_COUNTS[dataset]:
+        return False
+    try:
+        write_completion_marker(folder, dataset, counts, source="verified in place")
+    except OSError:
+        pass  # a read-only folder: without the marker the loaders check the official counts
+    return True
+
+
+@contextlib.contextmanager
+def _download_lock(root: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the folder ``root`` itself (no lock file is left behind)."""
+    descriptor = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # closing drops the lock
+
+
+def _download(url: str, destination: Path, md5: str | None) -> tuple[Path, str]:
+    """Fetch ``url`` into ``destination`` through a temporary file; verify its MD5.
+
+    Returns the path and the archive's MD5 (an archive already there is reused when its MD5
+    is the expected one, or when no MD5 is expected).
+    """
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    if destination.is_file():
+        existing = _md5(destination)
+        if md5 is None or existing == md5:
+            return destination, existing
+    digest = hashlib.md5(usedforsecurity=False)
+    handle, temporary = tempfile.mkstemp(
+        dir=destination.parent, prefix=f".{destination.name}.", suffix=".part"
+    )
+    try:
+        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url) as response:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        if md5 is not None and digest.hexdigest() != md5:
+            raise ValueError(
+                f"{url}: MD5 {digest.hexdigest()} differs from the expected {md5}; the "
+                f"download was deleted"
+            )
+        os.replace(temporary, destination)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return destination, digest.hexdigest()
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+_UNREADABLE_ARCHIVE = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error)
+#: tarfile.FilterError exists where tarfile has extraction filters (Python 3.10.12+, 3.11.4+).
+_TAR_FILTER_ERRORS: tuple[type[Exception], ...] = (
+    (tarfile.FilterError,) if hasattr(tarfile, "FilterError") else ()
+)
+
+
+def _extract_tar(archive: Path, target: Path, folder_name: str) -> None:
+    """Extract a (compressed) tar archive into ``target``, refusing unsafe members first.
+
+    Every member is checked whatever the Python version (:func:`_check_member_names`, and only
+    regular files and folders), so the rule is the same where ``tarfile`` lacks extraction
+    filters (Python 3.10.0-3.10.11, 3.11.0-3.11.3); where it has them, the ``"data"`` filter
+    checks again.
+    """
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = tar.getmembers()
+            _check_member_names(archive, [member.name for member in members], folder_name)
+            for member in members:
+                if member.issym() or member.islnk():
+                    kind = "symbolic" if member.issym() else "hard"
+                    raise ValueError(
+                        f"{archive}: refusing the member {member.name!r}, a {kind} link to "
+                        f"{member.linkname!r}: a data set archive should hold only files and "
+                        f"folders"
+                    )
+                if not (member.isreg() or member.isdir()):
+                    raise ValueError(
+                        f"{archive}: refusing the member {member.name!r}, a device, FIFO or "
+                        f"other special file: a data set archive should hold only files and "
+                        f"folders"
+                    )
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(target, members=members, filter="data")
+            else:
+                # No filters here: drop the permission bits the "data" filter drops too.
+                for member in members:
+                    member.mode = _data_filter_mode(member)
+                tar.extractall(target, members=members)
+    except _TAR_FILTER_ERRORS as error:
+        raise ValueError(f"{archive}: refusing an unsafe member ({error})") from error
+    except _UNREADABLE_ARCHIVE as error:
+        _unreadable_archive(archive, error)
+
+
+def _extract_zip(archive: Path, target: Path, folder_name: str) -> None:
+    """Extract a zip archive into ``target``, refusing unsafe member names first.
+
+    zipfile itself drops absolute paths and ``..`` components; refusing them gives an error
+    instead of files written somewhere unexpected. Symbolic links (which zipfile would write
+    as small text files) are refused as in tar archives.
+    """
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            infos = zipped.infolist()
+            _check_member_names(archive, [info.filename for info in infos], folder_name)
+            for info in infos:
+                if stat.S_ISLNK(info.external_attr >> 16):
+                    raise ValueError(
+                        f"{archive}: refusing the member {info.filename!r}, a symbolic link: "
+                        f"a data set archive should hold only files and folders"
+                    )
+            zipped.extractall(target, members=infos)
+    except _UNREADABLE_ARCHIVE as error:
+        _unreadable_archive(archive, error)
+
+
+def _check_member_names(archive: Path, names: list[str], folder_name: str) -> None:
+    """Refuse an archive without ``folder_name/``, or with a member path that is absolute or
+    climbs out of the extraction folder."""
+    if not any(name.replace("\\", "/").split("/")[0] == folder_name for name in names):
+        raise ValueError(f"{archive} should hold {folder_name}/, but holds {sorted(names)[:5]}")
+    for name in names:
+        posix = name.replace("\\", "/")
+        if posix.startswith("/") or PureWindowsPath(name).drive or ".." in posix.split("/"):
+            raise ValueError(
+                f"{archive}: refusing the member {name!r}: a member path should be relative and "
+                f"stay inside the extraction folder (no leading '/', drive or '..')"
+            )
+
+
+def _data_filter_mode(member: tarfile.TarInfo) -> int:
+    """The permissions tarfile's "data" filter keeps: no setuid/setgid/sticky, no group or
+    other write, owner read/write always, executable only when the owner could execute."""
+    if member.isdir():
+        return 0o755
+    mode = (member.mode & 0o755) | 0o600
+    if not member.mode & 0o100:
+        mode &= ~0o111
+    return mode
+
+
+def _unreadable_archive(archive: Path, error: BaseException) -> None:
+    # A damaged archive would otherwise be reused by every later call (with md5=None).
+    archive.unlink(missing_ok=True)
+    raise ValueError(
+        f"{archive} is not a readable archive ({error}); it was deleted, so the next call "
+        f"downloads it again"
+    ) from error
