@@ -1,5 +1,6 @@
 """DropCluster2d and drop_cluster2d: Algorithm 2 on hand-made clusters, statistics, state."""
 
+import copy
 import io
 
 import pytest
@@ -214,10 +215,10 @@ def test_state_dict_round_trip_predicts_identically(tmp_path):
     torch.save(layer.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    assert set(state) == {"p", "labels", "structured", "cluster_counts", "cluster_sizes"}
-    restored = DropCluster2d(0.1, 15)
+    assert set(state) == {"labels", "structured", "cluster_counts", "cluster_sizes", "is_fitted"}
+    restored = DropCluster2d(0.25, 15)  # p is a setting, not state
     restored.load_state_dict(state)
-    assert float(restored.p) == 0.25
+    assert restored.fitted
     x = _smooth(4, 6, 12, seed=10)
     layer.eval()
     restored.eval()
@@ -284,7 +285,7 @@ def test_fit_with_nan_raises_and_keeps_the_previous_clusters():
 
 def test_input_of_another_shape_than_fitted_fails_clearly():
     layer = _fitted_layer(size=12)
-    with pytest.raises(ValueError, match="fitted on"):
+    with pytest.raises(ValueError, match=r"holds clusters for \(C, H, W\) = \(6, 12, 12\)"):
         layer(torch.ones(2, 6, 10, 10))
 
 
@@ -402,3 +403,157 @@ def test_compiled_layer_keeps_masks_independent_and_does_not_recompile_on_new_p(
             assert same < 0.25, (first, second, float(same))
     same_image = (dropped_label[1:] == dropped_label[:-1]).float().mean()
     assert same_image < 0.2  # samples draw independently too
+
+
+# ---------------------------------------------------------------- fixed-shape state, checkpoints
+
+
+def _with_dead_channels(n_samples=32, n_channels=6, size=12, seed=0):
+    """Smooth ReLU maps with channels 1 and 4 dead (all zero), as after a ReLU that died."""
+    x = torch.relu(_smooth(n_samples, n_channels, size, seed=seed))
+    x[:, [1, 4]] = 0
+    return x
+
+
+@pytest.mark.parametrize(
+    ("unstructured", "identical"),
+    [("dead", "merge"), ("rena", "merge"), ("rena", "split"), ("hopkins", "merge"),
+     ("none", "merge")],
+)  # fmt: skip
+def test_refits_write_the_same_buffers_in_place_under_every_rule(unstructured, identical):
+    layer = DropCluster2d(0.2, 15, input_shape=(6, 12, 12), unstructured=unstructured,
+                          identical_neighbours=identical)  # fmt: skip
+    buffers = {name: getattr(layer, name) for name in DropCluster2d.STATE}
+    shapes = {name: tuple(t.shape) for name, t in buffers.items()}
+    assert shapes == {"labels": (6, 12, 12), "structured": (6,), "cluster_counts": (6,),
+                      "cluster_sizes": (6, 15), "is_fitted": ()}  # fmt: skip
+    pointers = {name: t.data_ptr() for name, t in buffers.items()}
+    for seed in (0, 1):
+        x = _with_dead_channels(seed=seed)
+        layer.fit(x, generator=_generator(seed))
+        for name, tensor in buffers.items():
+            assert getattr(layer, name) is tensor and tensor.data_ptr() == pointers[name]
+            assert tuple(tensor.shape) == shapes[name]
+    # The tables agree with each other: counts are the sizes' non-zero columns, unstructured
+    # channels have no clusters, and every pixel of a structured channel has a real cluster.
+    sizes, counts = layer.cluster_sizes, layer.cluster_counts
+    assert torch.equal((sizes > 0).sum(1), counts)
+    assert torch.equal(counts > 0, layer.structured)
+    assert torch.equal(sizes.sum(1), layer.structured.long() * 144)
+    if unstructured in ("dead", "rena", "hopkins"):
+        assert not layer.structured[[1, 4]].any()
+
+
+def test_an_unfitted_layer_is_the_identity_and_takes_its_shapes_at_the_first_forward():
+    layer = DropCluster2d(0.5, 15)
+    assert layer.input_shape is None
+    labels = layer.labels
+    x = torch.randn(3, 6, 10, 10)
+    assert torch.equal(layer(x), x)
+    assert layer.input_shape == (6, 10, 10) and layer.labels is labels and not layer.fitted
+    layer.fit(_smooth(16, 6, 10))
+    assert layer.labels is labels
+    with pytest.raises(ValueError, match=r"holds clusters for \(C, H, W\) = \(6, 10, 10\).*refit"):
+        layer(torch.randn(3, 6, 12, 12))
+    with pytest.raises(ValueError, match=r"call reset\(input_shape=\(6, 12, 12\)\)"):
+        layer.fit(_smooth(16, 6, 12))
+    layer.reset(input_shape=(6, 12, 12))
+    layer.fit(_smooth(16, 6, 12))
+    assert layer.input_shape == (6, 12, 12) and layer.labels is labels
+
+
+def test_a_channel_rena_cannot_bring_to_k_clusters_is_unstructured():
+    from dropcluster.nn.dropcluster import fixed_tables
+
+    labels = torch.tensor([[[0, 1], [2, 3]], [[0, 0], [1, 1]]])
+    structured = torch.tensor([True, True])
+    n_found = torch.tensor([4, 2])
+    sizes = torch.tensor([[1, 1, 1, 1], [2, 2, 0, 0]])
+    out_labels, out_structured, counts, table = fixed_tables(labels, structured, n_found, sizes, 3)
+    assert out_structured.tolist() == [False, True]
+    assert counts.tolist() == [0, 2]
+    assert table.tolist() == [[0, 0, 0], [2, 2, 0]]
+    assert out_labels.tolist() == [[[0, 0], [0, 0]], [[0, 0], [1, 1]]]
+
+
+class _Backbone(torch.nn.Module):
+    """A stem whose optional regularizer sits beside the weights (as `attach` puts it)."""
+
+    def __init__(self, regularizer=None):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(6)
+        if regularizer is not None:
+            self.regularizer = regularizer
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.regularizer(x) if hasattr(self, "regularizer") else x
+
+
+@pytest.mark.parametrize(
+    "build",
+    [lambda: DropCluster2d(0.1), lambda: DropCluster2d(0.1, input_shape=(6, 8, 8)),
+     lambda: DropBlock2d(0.1, 3), lambda: StochasticDepth(0.1)],
+    ids=["DropCluster2d", "DropCluster2d-materialized", "DropBlock2d", "StochasticDepth"],
+)  # fmt: skip
+def test_a_checkpoint_saved_without_regularizers_loads_strictly(build):
+    torch.manual_seed(0)
+    pretrained = _Backbone().state_dict()
+    model = _Backbone(build())
+    result = model.load_state_dict(pretrained, strict=True)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert torch.equal(model.conv.weight, pretrained["conv.weight"])
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(model(x), torch.relu(model.bn(model.conv(x))))  # still the identity
+    extra = set(model.state_dict()) - set(pretrained)
+    stateful = isinstance(model.regularizer, DropCluster2d)
+    assert extra == ({f"regularizer.{n}" for n in DropCluster2d.STATE} if stateful else set())
+
+
+def test_a_fitted_layer_keeps_its_clusters_when_the_checkpoint_has_none():
+    model = _Backbone(DropCluster2d(0.1))
+    model.regularizer.fit(torch.relu(_smooth(16, 6, 8)))
+    labels = model.regularizer.labels.clone()
+    model.load_state_dict(_Backbone().state_dict())
+    assert model.regularizer.fitted and torch.equal(model.regularizer.labels, labels)
+
+
+def test_an_ema_copy_made_before_the_first_fit_keeps_updating():
+    from torch.optim.swa_utils import AveragedModel
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(),
+                                DropCluster2d(0.2, input_shape=(6, 8, 8)))  # fmt: skip
+    ema = AveragedModel(model, use_buffers=True)
+    hand_made = copy.deepcopy(model)  # timm's ModelEma copies every state_dict entry in place
+    with torch.no_grad():
+        model[2].fit(model[:2](torch.rand(16, 3, 8, 8)))
+    ema.update_parameters(model)
+    with torch.no_grad():
+        for mine, theirs in zip(hand_made.state_dict().values(), model.state_dict().values(),
+                                strict=True):  # fmt: skip
+            mine.copy_(theirs)
+    assert torch.equal(ema.module[2].labels, model[2].labels)
+    assert torch.equal(hand_made[2].labels, model[2].labels)
+
+
+def test_checkpoints_of_dropcluster_0_1_still_load():
+    """0.1 saved p, and tables as wide as the largest cluster count, without is_fitted."""
+    from dropcluster.rena import rena
+
+    x = _with_dead_channels()
+    result = rena(x, 15, unstructured="rena", identical_neighbours="split")
+    legacy = {"p": torch.tensor(0.25), "labels": result.labels, "structured": result.structured,
+              "cluster_counts": result.n_found, "cluster_sizes": result.sizes}  # fmt: skip
+    assert result.sizes.shape[1] > 15  # the unstructured channels reached more than k
+    layer = DropCluster2d(0.1, 15, unstructured="rena", identical_neighbours="split")
+    layer.load_state_dict(legacy)
+    fresh = DropCluster2d(0.25, 15, unstructured="rena", identical_neighbours="split").fit(x)
+    assert float(layer.p) == 0.25 and layer.fitted
+    for name in DropCluster2d.STATE:
+        assert torch.equal(getattr(layer, name), getattr(fresh, name)), name
+    unfitted = {name: torch.zeros(0) for name in ("labels", "structured", "cluster_counts")}
+    empty = DropCluster2d(0.1)
+    empty.load_state_dict({**unfitted, "cluster_sizes": torch.zeros(0, 0)})
+    assert not empty.fitted

@@ -178,13 +178,14 @@ def test_short_fashion_mnist_training_with_dropcluster_learns(tmp_path):
 
 def test_clusters_are_refitted_in_a_compiled_model():
     from dropcluster.models import build_model, place_regularizer
-    from dropcluster.nn import DropCluster2d
-    from dropcluster.train.loop import refit_clusters
+    from dropcluster.nn import DropCluster2d, fit_clusters
 
     model = build_model("lenet5", n_classes=10, in_channels=1)
     place_regularizer(model, "dropcluster", 0.1, "fashion-mnist")
     compiled = torch.compile(model, backend="eager")
     images = torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8)
-    info = refit_clusters(compiled, images, lambda batch: batch.float() / 255, 16)
+    info = fit_clusters(
+        compiled, images, 32, prepare=lambda batch: batch.float() / 255, batch_size=16
+    ).record()
     layer = next(m for m in model.modules() if isinstance(m, DropCluster2d))
     assert layer.fitted and info["channels"] == [6]

@@ -4,6 +4,7 @@
 from dropcluster.nn._drop_rate import DropRateModule, check_drop_rate
 from dropcluster.nn.dropblock import DropBlock2d, drop_block2d
 from dropcluster.nn.dropcluster import DropCluster2d, drop_cluster2d
+from dropcluster.nn.fitting import ClusterFit, RefitSchedule, fit_clusters
 from dropcluster.nn.registry import REGULARIZERS, build_regularizer
 from dropcluster.nn.schedule import DropRateSchedule
 from dropcluster.nn.stochastic_depth import (
@@ -14,6 +15,8 @@ from dropcluster.nn.stochastic_depth import (
 
 __all__ = [
     "REGULARIZERS",
+    "ClusterFit",
+    "RefitSchedule",
     "DropBlock2d",
     "DropCluster2d",
     "DropRateModule",
@@ -24,5 +27,6 @@ __all__ = [
     "check_drop_rate",
     "drop_block2d",
     "drop_cluster2d",
+    "fit_clusters",
     "stochastic_depth",
 ]

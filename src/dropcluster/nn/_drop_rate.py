@@ -1,9 +1,11 @@
 """What every regularizer module shares: the drop rate held in a buffer, and mask recording.
 
 The current drop rate ``p`` lives in a 0-d float32 buffer, not a Python float: a schedule that
-changes it (see :mod:`dropcluster.nn.schedule`) writes into the buffer in place, so
-``state_dict``, checkpoints and DataParallel replicas carry it, and ``torch.compile`` never
-sees a new constant (no recompilation when the rate changes).
+changes it (see :mod:`dropcluster.nn.schedule`) writes into the buffer in place, so the module's
+device moves and DataParallel replicas carry it, and ``torch.compile`` never sees a new
+constant (no recompilation when the rate changes). The buffer is not persistent: a state_dict
+holds no ``p``, so adding a regularizer to a model keeps its checkpoints loadable strictly (a
+schedule sets the rate again from the epoch when a run resumes).
 """
 
 from __future__ import annotations
@@ -68,7 +70,9 @@ class DropRateModule(nn.Module):
 
     def __init__(self, p: float) -> None:
         super().__init__()
-        self.register_buffer("p", torch.tensor(check_drop_rate(p), dtype=torch.float32))
+        # Not persistent: a model saved without regularizers loads strictly into one with them.
+        rate = torch.tensor(check_drop_rate(p), dtype=torch.float32)
+        self.register_buffer("p", rate, persistent=False)
         self.record_mask = False
         self.last_mask: Tensor | None = None
 
@@ -78,18 +82,23 @@ class DropRateModule(nn.Module):
         with torch.no_grad():
             self.p.fill_(value)
 
-    def _check_loaded_p(self, state_dict, prefix: str) -> None:
-        """Refuse a stored drop rate outside [0, 1) before anything of this layer is loaded.
+    def _check_loaded_p(self, state_dict, prefix: str) -> float | None:
+        """The drop rate a state_dict holds for this layer (None: none), refused outside [0, 1).
 
-        A NaN or out-of-range ``p`` would otherwise be copied into the buffer silently and fail
-        later, far from its cause (a NaN rate turns into a garbage cluster count, an index error
-        on the CPU and a device-side assert on CUDA).
+        ``p`` is not saved any more (a setting, not state), but checkpoints of dropcluster 0.1
+        hold it: such a value is checked and loaded. A NaN or out-of-range ``p`` would
+        otherwise fail later, far from its cause (a NaN rate turns into a garbage cluster
+        count, an index error on the CPU and a device-side assert on CUDA).
         """
         key = prefix + "p"
         stored = state_dict.get(key)
-        # Shape mismatches are left to torch's own message; meta tensors hold no value.
-        if not isinstance(stored, Tensor) or stored.numel() != 1 or stored.is_meta:
-            return
+        if stored is None:
+            return None
+        if not isinstance(stored, Tensor) or stored.numel() != 1:
+            shape = tuple(stored.shape) if isinstance(stored, Tensor) else type(stored).__name__
+            raise ValueError(f"cannot load {key!r}: expected a 1-element tensor, got {shape}")
+        if stored.is_meta:
+            return None
         if stored.is_complex() or stored.dtype == torch.bool:
             raise ValueError(
                 f"cannot load {key!r}: the drop rate should be a real number in [0, 1), but the "
@@ -101,10 +110,19 @@ class DropRateModule(nn.Module):
                 f"cannot load {key!r}: the drop rate should be a finite number in [0, 1), but the "
                 f"state_dict holds {value}"
             )
+        return value
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self._check_loaded_p(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):  # fmt: skip
+        rate = self._check_loaded_p(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)  # fmt: skip
+        key = prefix + "p"
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        if rate is not None:
+            with torch.no_grad():
+                self.p.fill_(rate)
 
     def _apply(self, fn, recurse=True):
         # `.half()`/`.to(bfloat16)` would round p (0.2 becomes 0.19995 in float16, and

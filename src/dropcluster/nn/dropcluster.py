@@ -244,14 +244,31 @@ class DropCluster2d(DropRateModule):
     """DropCluster as a layer: fit clusters with :meth:`fit`, then use it like a dropout layer.
 
     Before the first :meth:`fit` the layer is the identity (its repr says "not fitted"). The
-    fitted clusters live in buffers (``labels``, ``structured``, ``cluster_counts``,
-    ``cluster_sizes``), so ``state_dict()`` carries them and a loaded model predicts
-    identically. The drop rate is the 0-d buffer ``p`` (see :mod:`dropcluster.nn.schedule`).
+    fitted clusters live in buffers, so ``state_dict()`` carries them and a loaded model
+    predicts identically:
+
+    - ``labels`` (C, H, W) int64: the cluster of each pixel (0 in unstructured channels);
+    - ``structured`` (C,) bool: the channels DropCluster clusters, the others are masked;
+    - ``cluster_counts`` (C,) int64: clusters of each structured channel (0 for the others);
+    - ``cluster_sizes`` (C, n_clusters) int64: pixels per cluster;
+    - ``is_fitted`` () bool.
+
+    The buffers get their final shapes once, when the layer learns its input's (C, H, W): from
+    ``input_shape``, or at the first forward pass or fit. Every refit then writes them in place,
+    so references to them (an EMA copy of the model, DistributedDataParallel's buffer list, an
+    optimizer's state) stay valid and every process holds the same shapes. A channel that ReNA
+    leaves with more than ``n_clusters`` clusters is unstructured (the paper's rule for
+    channels where ReNA does not converge), so the tables are ``n_clusters`` wide whatever the
+    rule. An unfitted layer loads a ``state_dict`` that lacks its keys (a pretrained model's)
+    and stays the identity. The drop rate ``p`` is a non-persistent buffer: it is a setting
+    (see :mod:`dropcluster.nn.schedule`), not state.
 
     Args:
         p: fraction of each structured channel's clusters dropped per step, in [0, 1)
             (``floor(p * n)`` clusters).
         n_clusters: clusters per channel fitted by ReNA (paper: 15).
+        input_shape: (C, H, W) of the layer's input, to give the buffers their shapes now
+            (before a model copy or a DDP wrapper is made); None: at the first forward or fit.
         per_sample: each image draws its own clusters (default), like every dropout layer in
             torch, so the images of a batch see different perturbations and the gradient
             averages over them; ``False`` shares one draw across the batch, as in the paper
@@ -262,7 +279,8 @@ class DropCluster2d(DropRateModule):
         max_rounds: ReNA rounds (paper: 1000).
         sample_in_eval: keep dropping clusters in evaluation (Monte Carlo DropCluster, for
             uncertainty estimates); default False.
-        generator: random source for the cluster draws (on the input's device).
+        generator: random source for the cluster draws (on the input's device); None: torch's
+            global generator, as ``nn.Dropout`` (each process of a DDP run draws its own).
 
     Shape:
         input (N, C, H, W) -> output (N, C, H, W), any float dtype and memory format.
@@ -272,12 +290,17 @@ class DropCluster2d(DropRateModule):
     structured: Tensor
     cluster_counts: Tensor
     cluster_sizes: Tensor
+    is_fitted: Tensor
+
+    #: The buffers that hold the fitted clusters (all persistent).
+    STATE = ("labels", "structured", "cluster_counts", "cluster_sizes", "is_fitted")
 
     def __init__(
         self,
         p: float = 0.1,
         n_clusters: int = 15,
         *,
+        input_shape: tuple[int, int, int] | None = None,
         per_sample: bool = True,
         unstructured: str = "dead",
         identical_neighbours: str = "merge",
@@ -294,12 +317,51 @@ class DropCluster2d(DropRateModule):
         self.max_rounds = max_rounds
         self.sample_in_eval = sample_in_eval
         self.generator = generator
-        self.reset()
+        self._fitted = False
+        device = self.p.device
+        self.register_buffer("labels", torch.zeros(0, 0, 0, dtype=torch.int64, device=device))
+        self.register_buffer("structured", torch.zeros(0, dtype=torch.bool, device=device))
+        self.register_buffer("cluster_counts", torch.zeros(0, dtype=torch.int64, device=device))
+        self.register_buffer(
+            "cluster_sizes", torch.zeros(0, self.n_clusters, dtype=torch.int64, device=device)
+        )
+        self.register_buffer("is_fitted", torch.zeros((), dtype=torch.bool, device=device))
+        if input_shape is not None:
+            self.materialize(_check_shape(input_shape))
 
     @property
     def fitted(self) -> bool:
         """True once clusters have been fitted or loaded."""
-        return self.labels.numel() > 0
+        return self._fitted
+
+    @property
+    def input_shape(self) -> tuple[int, int, int] | None:
+        """(C, H, W) the buffers are shaped for; None before the layer has seen its input."""
+        return tuple(self.labels.shape) if self.labels.numel() else None
+
+    @torch.no_grad()
+    def materialize(self, input_shape: tuple[int, int, int]) -> None:
+        """Give the buffers their shapes for inputs of (C, H, W) = ``input_shape``, in place.
+
+        Nothing happens when they have those shapes already. The tensors keep their identity
+        (they are resized, not replaced), so references to them stay valid.
+
+        Raises:
+            ValueError: the layer holds clusters fitted for another shape.
+        """
+        channels, height, width = input_shape
+        if self.input_shape == (channels, height, width):
+            return
+        if self._fitted:
+            raise ValueError(
+                f"DropCluster2d holds clusters for (C, H, W) = {self.input_shape}, not "
+                f"{tuple(input_shape)}: call reset(input_shape={tuple(input_shape)}) to forget "
+                f"them, then fit again"
+            )
+        self.labels.resize_(channels, height, width).zero_()
+        self.structured.resize_(channels).zero_()
+        self.cluster_counts.resize_(channels).zero_()
+        self.cluster_sizes.resize_(channels, self.n_clusters).zero_()
 
     @torch.no_grad()
     def fit(self, activations: Tensor, *, generator: torch.Generator | None = None):
@@ -311,9 +373,13 @@ class DropCluster2d(DropRateModule):
             generator: random source for the ``"hopkins"`` rule.
 
         Returns:
-            self. On invalid input (NaN, wrong rank, ...) a ``ValueError`` is raised and the
-            previously fitted clusters are kept unchanged.
+            self. On invalid input (NaN, wrong rank, another (C, H, W) than the layer's, ...)
+            a ``ValueError`` is raised and the previously fitted clusters are kept unchanged.
         """
+        check_tensor("activations", activations, dims=4, layout="(N, C, H, W)")
+        shape = tuple(activations.shape[1:])
+        if self._fitted and shape != self.input_shape:
+            self.materialize(shape)  # raises: says how to change the shape
         result = rena(
             activations,
             self.n_clusters,
@@ -322,32 +388,46 @@ class DropCluster2d(DropRateModule):
             identical_neighbours=self.identical_neighbours,
             generator=generator,
         )
-        device = self.p.device
-        self._set_clusters(
-            result.labels.to(device),
-            result.structured.to(device),
-            result.n_found.to(device),
-            result.sizes.to(device),
-        )
+        self.materialize(shape)
+        self.load_clusters(*fixed_tables(
+            result.labels, result.structured, result.n_found, result.sizes, self.n_clusters
+        ))  # fmt: skip
         return self
 
-    def reset(self) -> None:
-        """Forget the fitted clusters: the layer becomes the identity again."""
-        self._set_clusters(
-            torch.zeros(0, 0, 0, dtype=torch.int64, device=self.p.device),
-            torch.zeros(0, dtype=torch.bool, device=self.p.device),
-            torch.zeros(0, dtype=torch.int64, device=self.p.device),
-            torch.zeros(0, 0, dtype=torch.int64, device=self.p.device),
-        )
+    @torch.no_grad()
+    def load_clusters(self, labels: Tensor, structured: Tensor, counts: Tensor,
+                      sizes: Tensor) -> None:  # fmt: skip
+        """Write fitted tables (see :func:`fixed_tables`) into the buffers, in place."""
+        self.labels.copy_(labels)
+        self.structured.copy_(structured)
+        self.cluster_counts.copy_(counts)
+        self.cluster_sizes.copy_(sizes)
+        self.is_fitted.fill_(True)
+        self._fitted = True
+
+    @torch.no_grad()
+    def reset(self, input_shape: tuple[int, int, int] | None = None) -> None:
+        """Forget the fitted clusters: the layer becomes the identity again.
+
+        The buffers keep their shapes (and identity), unless ``input_shape`` gives new ones.
+        """
+        for name in self.STATE:
+            getattr(self, name).zero_()
+        self._fitted = False
+        if input_shape is not None:
+            self.materialize(_check_shape(input_shape))
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.fitted:
+        if not self._fitted:
+            if self.labels.numel() == 0 and x.dim() == 4 and not _compiling():
+                self.materialize(tuple(x.shape[1:]))
             self._remember(None)
             return x
         if x.dim() != 4 or tuple(x.shape[1:]) != tuple(self.labels.shape):
             raise ValueError(
-                f"DropCluster2d was fitted on (C, H, W) = {tuple(self.labels.shape)} maps, but "
-                f"got input of shape {tuple(x.shape)}"
+                f"DropCluster2d holds clusters for (C, H, W) = {tuple(self.labels.shape)} maps, "
+                f"but got input of shape {tuple(x.shape)}: refit it on activations of the new "
+                f"size (reset(input_shape=...), then fit)"
             )
         sampling = self.training or self.sample_in_eval
         result = _DropClusterFunction.apply(
@@ -357,37 +437,100 @@ class DropCluster2d(DropRateModule):
         return self._unpack(result)
 
     def extra_repr(self) -> str:
-        state = (
-            f"fitted on {tuple(self.labels.shape)}, {int(self.structured.sum())} structured"
-            if self.fitted
-            else "not fitted: identity"
-        )
+        if self._fitted:
+            state = f"fitted on {self.input_shape}, {int(self.structured.sum())} structured"
+        else:
+            state = "not fitted: identity"
         return (
             f"p={float(self.p):g}, n_clusters={self.n_clusters}, per_sample={self.per_sample}, "
             f"unstructured={self.unstructured!r}, {state}"
         )
 
-    def _set_clusters(self, labels, structured, counts, sizes) -> None:
-        self.register_buffer("labels", labels)
-        self.register_buffer("structured", structured)
-        self.register_buffer("cluster_counts", counts)
-        self.register_buffer("cluster_sizes", sizes)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):  # fmt: skip
+        self._check_loaded_p(state_dict, prefix)  # before anything of the layer changes
+        keys = {name: prefix + name for name in self.STATE}
+        present = [name for name, key in keys.items() if key in state_dict]
+        if present:
+            if "is_fitted" not in present and "labels" in present:
+                _convert_legacy_state(self, state_dict, keys)
+            self._check_loaded_shapes(state_dict, keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)  # fmt: skip
+        if not present:
+            # A state_dict without this layer (a pretrained backbone): nothing is missing, the
+            # layer keeps what it has.
+            for key in keys.values():
+                if key in missing_keys:
+                    missing_keys.remove(key)
+        self._fitted = bool(self.is_fitted)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, *args):
-        # Before the cluster buffers are resized below, so a refused p leaves the layer intact.
-        self._check_loaded_p(state_dict, prefix)
-        incoming = state_dict.get(prefix + "labels")
-        if incoming is not None:
-            incoming_shape = tuple(incoming.shape)
-            if self.fitted and incoming.numel() > 0 and incoming_shape != tuple(self.labels.shape):
-                raise ValueError(
-                    f"cannot load DropCluster2d clusters fitted on (C, H, W) = {incoming_shape} "
-                    f"into a layer fitted on {tuple(self.labels.shape)}; call reset() first to "
-                    f"replace them"
-                )
-            # An unfitted layer (or a matching one) takes the stored shapes as they are.
-            for name in ("labels", "structured", "cluster_counts", "cluster_sizes"):
-                stored = state_dict.get(prefix + name)
-                if stored is not None:
-                    setattr(self, name, torch.empty_like(stored, device=self.p.device))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, *args)
+    def _check_loaded_shapes(self, state_dict, keys: dict[str, str]) -> None:
+        labels = state_dict.get(keys["labels"])
+        sizes = state_dict.get(keys["cluster_sizes"])
+        if sizes is not None and sizes.dim() == 2 and sizes.shape[1] != self.n_clusters:
+            raise ValueError(
+                f"cannot load {keys['cluster_sizes']!r}: its clusters were fitted with "
+                f"n_clusters={sizes.shape[1]}, this layer has n_clusters={self.n_clusters}"
+            )
+        if labels is None or labels.dim() != 3 or labels.numel() == 0:
+            return
+        incoming = tuple(labels.shape)
+        if self._fitted and incoming != self.input_shape:
+            raise ValueError(
+                f"cannot load DropCluster2d clusters fitted on (C, H, W) = {incoming} into a "
+                f"layer fitted on {self.input_shape}; call reset(input_shape={incoming}) first"
+            )
+        # An unfitted layer takes the stored shapes (resized in place).
+        self.materialize(incoming)
+
+
+def fixed_tables(labels: Tensor, structured: Tensor, n_found: Tensor, sizes: Tensor,
+                 n_clusters: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """A ReNA result as the layer stores it: tables ``n_clusters`` wide.
+
+    A structured channel with more than ``n_clusters`` clusters (ReNA stopped before reaching
+    k) becomes unstructured, as the paper treats channels where ReNA does not converge.
+    Unstructured channels get label 0, count 0 and no sizes: they are masked whole.
+
+    Args:
+        labels: (C, H, W) int64; structured: (C,) bool; n_found: (C,) int64; sizes: (C, K)
+            int64 (``ReNAResult``'s fields).
+
+    Returns:
+        labels (C, H, W), structured (C,), counts (C,), sizes (C, n_clusters), on the inputs'
+        device.
+    """
+    structured = structured & (n_found <= n_clusters)
+    counts = torch.where(structured, n_found, torch.zeros_like(n_found))
+    labels = torch.where(structured.view(-1, 1, 1), labels, torch.zeros_like(labels))
+    width = min(sizes.shape[1], n_clusters)
+    table = torch.zeros(sizes.shape[0], n_clusters, dtype=torch.int64, device=sizes.device)
+    table[:, :width] = sizes[:, :width]
+    table *= structured.view(-1, 1)
+    return labels, structured, counts, table
+
+
+def _convert_legacy_state(layer: DropCluster2d, state_dict, keys: dict[str, str]) -> None:
+    """State of dropcluster 0.1 (tables as wide as the largest cluster count, no ``is_fitted``)
+    in today's form, in the (copied) state_dict torch passes to loading."""
+    names = ("labels", "structured", "cluster_counts", "cluster_sizes")
+    fitted = state_dict[keys["labels"]].numel() > 0
+    if fitted:
+        tables = fixed_tables(*(state_dict[keys[name]] for name in names), layer.n_clusters)
+    else:  # an unfitted 0.1 layer: nothing to load, the layer keeps its (empty) tables
+        tables = tuple(getattr(layer, name).clone() for name in names)
+    for name, value in zip(names, tables, strict=True):
+        state_dict[keys[name]] = value
+    state_dict[keys["is_fitted"]] = torch.tensor(fitted)
+
+
+def _check_shape(shape) -> tuple[int, int, int]:
+    if not isinstance(shape, (tuple, list)) or len(shape) != 3:
+        raise ValueError(f"input_shape should be (C, H, W), but got {shape!r}")
+    return tuple(check_int("input_shape entries", size, minimum=1) for size in shape)
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())

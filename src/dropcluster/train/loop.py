@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from dropcluster.errors import DivergedError
 from dropcluster.files import FolderLock, atomic_write_json, atomic_write_text
-from dropcluster.nn import DropCluster2d
+from dropcluster.nn import RefitSchedule, fit_clusters
 from dropcluster.train.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
@@ -81,55 +81,6 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, prepare, batch_si
     model.train(was_training)
     total = max(1, images.shape[0])
     return 100.0 * correct1 / total, 100.0 * correct5 / total
-
-
-@torch.no_grad()
-def refit_clusters(model: nn.Module, images: Tensor, prepare, batch_size: int) -> dict[str, Any]:
-    """Refit every DropCluster2d in ``model`` on its inputs for ``images`` (Algorithm 1).
-
-    Returns the number of structured channels and of channels per layer, the layers' module
-    names, and the time taken.
-    """
-    # Hooks added after torch.compile are not seen by the compiled graph: capture eagerly.
-    model = getattr(model, "_orig_mod", model)
-    named = [(name, m) for name, m in model.named_modules() if isinstance(m, DropCluster2d)]
-    layers = [m for _, m in named]
-    if not layers:
-        return {}
-    start = time.perf_counter()
-    captured: dict[int, list[Tensor]] = {id(layer): [] for layer in layers}
-
-    def capture(module, inputs):
-        captured[id(module)].append(inputs[0].detach().float())
-        if all(len(batches) == len(captured[id(layers[0])]) for batches in captured.values()):
-            # Every layer has its input for this batch: the rest of the forward is not needed.
-            raise _AllCaptured
-
-    hooks = [layer.register_forward_pre_hook(capture) for layer in layers]
-    was_training = model.training
-    model.eval()
-    try:
-        for offset in range(0, images.shape[0], batch_size):
-            try:
-                model(prepare(images[offset : offset + batch_size]))
-            except _AllCaptured:
-                pass
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
-    structured = []
-    for layer in layers:
-        activations = torch.cat(captured[id(layer)]).contiguous()
-        layer.fit(activations)
-        structured.append(int(layer.structured.sum()))
-    return {"structured": structured, "channels": [int(layer.labels.shape[0]) for layer in layers],
-            "layers": [name for name, _ in named],
-            "refit_seconds": time.perf_counter() - start}  # fmt: skip
-
-
-class _AllCaptured(Exception):
-    """Raised by the capture hook to end a forward pass early."""
 
 
 class Progress:
@@ -266,14 +217,18 @@ def _train_locked(config, out, resume, stop_after_epoch, progress_stream) -> Run
 
     last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
     progress = Progress(config.epochs, progress_stream)
+    refits = RefitSchedule(every=config.cluster_every)  # first at epoch s, then every s
     for epoch in range(start_epoch, last_epoch):
         record: dict[str, Any] = {"epoch": epoch}
-        if epoch > 0 and epoch % config.cluster_every == 0 and run.has_dropcluster:
-            record.update(
-                refit_clusters(
-                    run.model, run.cluster_images, run.prepare_eval, config.eval_batch_size
-                )  # fmt: skip
+        if run.has_dropcluster and refits.due(epoch):
+            fit = fit_clusters(
+                run.model,
+                run.cluster_images,
+                run.cluster_images.shape[0],
+                prepare=run.prepare_eval,
+                batch_size=config.eval_batch_size,
             )
+            record.update(fit.record())
         try:
             record.update(_train_epoch(run, scaler, device, autocast, amp_dtype, progress, epoch,
                                        last_epoch))  # fmt: skip
