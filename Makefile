@@ -32,8 +32,8 @@ demo: venv data
 	$(VENV)/bin/dropcluster reproduce --preset demo --out runs/demo
 
 lint: venv
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
 
 test: venv data lint
 	$(PY) -m pytest -q

@@ -368,6 +368,42 @@ def test_evaluation_and_zero_rate_are_the_identity():
     assert torch.equal(db._drop_block_dense(x, zero_gamma, 3, True, None, False), x)
 
 
+def test_torchvision_positional_arguments_mean_the_same_here():
+    # torchvision: drop_block2d(input, p, block_size, inplace=False, eps=1e-06, training=True)
+    x = torch.randn(4, 3, 8, 8)
+    assert drop_block2d(x, 0.3, 3, False, 1e-6, False) is x
+    positional = drop_block2d(x, 0.3, 3, False, 1e-6, True, generator=_generator(3))
+    keyword = drop_block2d(x, 0.3, 3, training=True, generator=_generator(3))
+    assert torch.equal(positional, keyword)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_inplace_writes_the_same_result_into_the_input_and_keeps_gradients(per_channel):
+    source = torch.randn(4, 3, 8, 8, requires_grad=True)
+    expected = drop_block2d(source, 0.3, 3, per_channel=per_channel, generator=_generator(5))
+    (expected_grad,) = torch.autograd.grad(expected.sum(), source)
+    x = source * 1.0  # not a leaf: autograd allows writing into it
+    out, keep = drop_block2d(x, 0.3, 3, True, per_channel=per_channel,
+                             generator=_generator(5), return_mask=True)  # fmt: skip
+    assert out is x and torch.equal(out, expected)
+    assert int((keep == 0).sum()) > 0
+    (grad,) = torch.autograd.grad(out.sum(), source)
+    assert torch.equal(grad, expected_grad)
+
+
+def test_inplace_writes_the_dense_samplers_result_into_the_input_under_compile():
+    x = torch.randn(4, 3, 8, 8)
+    target = x.clone()
+    inplace = torch.compile(lambda t: drop_block2d(t, 0.3, 3, True), backend="eager")
+    plain = torch.compile(lambda t: drop_block2d(t, 0.3, 3), backend="eager")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        out = inplace(target)
+        torch.manual_seed(0)
+        expected = plain(x)
+    assert out is target and torch.equal(target, expected) and not torch.equal(target, x)
+
+
 def test_same_generator_seed_gives_the_same_output_and_another_seed_does_not():
     x = torch.randn(4, 3, 12, 12)
     first = DropBlock2d(0.2, 3, generator=_generator(5))(x)
@@ -497,11 +533,11 @@ def test_bad_arguments_raise_errors_that_say_what_was_expected_and_given(build, 
         build()
 
 
-def test_state_dict_carries_p_through_save_and_load_and_repr_shows_the_settings():
+def test_state_dict_holds_no_p_a_saved_p_loads_and_repr_shows_the_settings():
     layer = DropBlock2d(0.1, 5, per_channel=False)
     layer.set_p(0.25)
-    state = layer.state_dict()
-    assert list(state) == ["p"]
+    assert list(layer.state_dict()) == []  # p is a setting: adding the layer adds no state
+    state = {"p": layer.p.clone()}  # what a dropcluster 0.1 checkpoint holds, still loaded
     buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)

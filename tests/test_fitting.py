@@ -105,6 +105,7 @@ def test_bad_data_and_layers_never_called_are_clear_errors():
         fit_clusters(_model(), _images(1), 8)
     with pytest.raises(ValueError, match="n_images should be an integer >= 2"):
         fit_clusters(_model(), _images(), 1)
+
     class Unused(nn.Module):
         def __init__(self):
             super().__init__()

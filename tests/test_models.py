@@ -311,7 +311,7 @@ def test_unknown_model_and_regularizer_raise_with_the_valid_names():
 def test_bad_rate_or_option_leaves_the_model_unchanged():
     model = tiny_resnet()
     with pytest.raises(ValueError):
-        place_regularizer(model, "stochastic_depth", 1.0)
+        place_regularizer(model, "stochastic_depth", 1.5)
     with pytest.raises(ValueError, match="bad options"):
         place_regularizer(model, "dropblock", 0.1, block_sizes=3)
     assert model.slot_modules() == []

@@ -1,6 +1,7 @@
 """Every Python example in the README and in docs/ runs as written, and every link resolves."""
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,9 +34,29 @@ def test_readme_example_runs(index, tmp_path, monkeypatch):
     exec(compile(EXAMPLES[index], f"README example {index}", "exec"), {"__name__": "readme"})
 
 
+def _torchvision_layout(monkeypatch) -> None:
+    """``torchvision.models.resnet18``: the real one when installed, else the hand-written copy
+    of its layout (torchvision's wheels do not import beside this project's CPU torch)."""
+    try:
+        import torchvision.models  # noqa: F401
+    except ImportError:
+        import types
+
+        from reference_models import ResNet18
+
+        models = types.ModuleType("torchvision.models")
+        models.resnet18 = lambda num_classes=1000: ResNet18(n_classes=num_classes)
+        package = types.ModuleType("torchvision")
+        package.models = models
+        monkeypatch.setitem(sys.modules, "torchvision", package)
+        monkeypatch.setitem(sys.modules, "torchvision.models", models)
+
+
 @pytest.mark.parametrize("code", DOC_EXAMPLES)
 def test_docs_example_runs(code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    if "from torchvision" in code:
+        _torchvision_layout(monkeypatch)
     exec(compile(code, "docs example", "exec"), {"__name__": "docs"})
 
 

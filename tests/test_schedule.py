@@ -34,12 +34,16 @@ def test_apply_sets_buffers_in_place_and_torch_dropout_attributes():
     assert model[2].p == pytest.approx(0.2)
 
 
-def test_current_rate_travels_with_the_state_dict():
+def test_a_resumed_run_gets_its_rate_from_the_schedule_not_the_state_dict():
+    schedule = DropRateSchedule(0.3, "linear", 0, 10)
     layer = DropCluster2d(0.3)
-    DropRateSchedule(0.3, "linear", 0, 10).apply(layer, 5)
+    schedule.apply(layer, 5)
+    assert "p" not in layer.state_dict()  # a setting, not state: checkpoints stay loadable
     restored = DropCluster2d(0.3)
     restored.load_state_dict(layer.state_dict())
-    assert float(restored.p) == pytest.approx(0.15)
+    assert float(restored.p) == pytest.approx(0.3)
+    schedule.apply(restored, 5)  # what a resuming loop does at the epoch it resumes
+    assert float(restored.p) == pytest.approx(0.15) == float(layer.p)
 
 
 def test_set_p_does_not_recompile():

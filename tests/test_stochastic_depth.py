@@ -111,6 +111,35 @@ def test_evaluation_and_zero_rate_are_the_identity():
     assert torch.equal(StochasticDepth(0.0)(x), x)  # a 0 buffer draws a mask that keeps all
 
 
+def test_torchvision_positional_arguments_mean_the_same_here():
+    # torchvision: stochastic_depth(input, p, mode, training=True)
+    x = torch.randn(64, 3)
+    assert stochastic_depth(x, 0.5, "row", False) is x
+    positional = stochastic_depth(x, 0.3, "batch", True, generator=_generator(2))
+    keyword = stochastic_depth(x, 0.3, mode="batch", training=True, generator=_generator(2))
+    assert torch.equal(positional, keyword)
+
+
+@pytest.mark.parametrize("mode", ["row", "batch"])
+def test_rate_one_drops_every_branch_in_training_as_torchvision(mode):
+    x = torch.randn(6, 3, 4, 4)
+    for rate in (1.0, torch.tensor(1.0)):
+        out, keep = stochastic_depth(x, rate, mode, generator=_generator(), return_mask=True)
+        assert torch.equal(out, torch.zeros_like(x))  # zeros, not 0 * inf = NaN
+        assert int(keep.sum()) == 0
+    layer = StochasticDepth(1.0, mode)
+    assert torch.equal(layer(x), torch.zeros_like(x))
+    assert layer.eval()(x) is x
+    layer.set_p(0.5)
+    layer.set_p(1.0)  # a schedule may end at 1
+    assert float(layer.p) == 1.0
+    x = torch.randn(6, 4, 4, 4)
+    for skip in (False, True):
+        block = StochasticDepthResidual(_CountingBranch(), 1.0, mode, skip_dropped=skip)
+        assert torch.equal(block(x), x)  # the shortcut alone
+        assert block.branch.batch_sizes == ([] if skip else [6])
+
+
 def test_evaluation_of_the_residual_block_uses_the_branch_as_is():
     for skip in (False, True):
         block = StochasticDepthResidual(_CountingBranch(), 0.5, skip_dropped=skip).eval()
@@ -376,10 +405,11 @@ def test_compiled_skip_variant_breaks_the_graph_but_matches_eager():
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (lambda: StochasticDepth(1.0), r"has to be in \[0, 1\), but got 1.0"),
-        (lambda: StochasticDepth(-0.1), r"has to be in \[0, 1\), but got -0.1"),
-        (lambda: StochasticDepth(0.1).set_p(1.5), r"has to be in \[0, 1\), but got 1.5"),
-        (lambda: stochastic_depth(torch.ones(3), -0.1), r"has to be in \[0, 1\)"),
+        (lambda: StochasticDepth(1.01), r"has to be in \[0, 1\], but got 1.01"),
+        (lambda: StochasticDepth(-0.1), r"has to be in \[0, 1\], but got -0.1"),
+        (lambda: StochasticDepth(0.1).set_p(1.5), r"has to be in \[0, 1\], but got 1.5"),
+        (lambda: stochastic_depth(torch.ones(3), -0.1), r"has to be in \[0, 1\]"),
+        (lambda: stochastic_depth(torch.ones(3), 1.5), r"has to be in \[0, 1\], but got 1.5"),
         (lambda: stochastic_depth(torch.ones(3), float("nan")), "finite number, but got nan"),
         (lambda: stochastic_depth(torch.ones(3), "0.1"), "p should be a number, but got '0.1'"),
         (lambda: stochastic_depth(torch.ones(3), torch.ones(2)), "1-element float tensor"),
@@ -387,7 +417,7 @@ def test_compiled_skip_variant_breaks_the_graph_but_matches_eager():
         (lambda: stochastic_depth(torch.ones(3), 0.1, "channel"), "mode should be one of"),
         (lambda: StochasticDepth(0.1, "channel"), "mode should be one of"),
         (lambda: StochasticDepthResidual(nn.Identity(), 0.1, "x"), "mode should be one of"),
-        (lambda: StochasticDepthResidual(nn.Identity(), 1.0), r"\[0, 1\)"),
+        (lambda: StochasticDepthResidual(nn.Identity(), 1.1), r"\[0, 1\]"),
         (lambda: stochastic_depth(torch.tensor(1.0), 0.1), "batch dimension"),
         (lambda: stochastic_depth(torch.ones(3, dtype=torch.int64), 0.1), "floating tensor"),
         (lambda: StochasticDepth(0.1)(torch.ones(3, dtype=torch.int64)), "floating tensor"),
@@ -404,18 +434,19 @@ def test_modules_print_their_settings():
     assert "p=0.2, mode='row', skip_dropped=True" in text
 
 
-def test_state_dict_carries_p_through_save_and_load():
+def test_p_is_a_setting_not_state_but_a_saved_p_still_loads():
     layer = StochasticDepth(0.1)
     layer.set_p(0.3)
     block = StochasticDepthResidual(nn.Linear(2, 2), 0.1)
     block.set_p(0.4)
+    assert "p" not in layer.state_dict() and "p" not in block.state_dict()
     for module, fresh, rate in (
         (layer, StochasticDepth(0.1), 0.3),
         (block, StochasticDepthResidual(nn.Linear(2, 2), 0.1), 0.4),
     ):
-        assert "p" in module.state_dict()
+        state = {**module.state_dict(), "p": module.p.clone()}  # a dropcluster 0.1 checkpoint
         buffer = io.BytesIO()
-        torch.save(module.state_dict(), buffer)
+        torch.save(state, buffer)
         buffer.seek(0)
         fresh.load_state_dict(torch.load(buffer, weights_only=True))
         assert float(fresh.p) == pytest.approx(rate)

@@ -2,6 +2,7 @@
 
 # Imported eagerly: `stochastic_depth` must name the function, not its module.
 from dropcluster.nn._drop_rate import DropRateModule, check_drop_rate
+from dropcluster.nn.attach import attach, detach
 from dropcluster.nn.dropblock import DropBlock2d, drop_block2d
 from dropcluster.nn.dropcluster import DropCluster2d, drop_cluster2d
 from dropcluster.nn.fitting import ClusterFit, RefitSchedule, fit_clusters
@@ -23,8 +24,10 @@ __all__ = [
     "DropRateSchedule",
     "StochasticDepth",
     "StochasticDepthResidual",
+    "attach",
     "build_regularizer",
     "check_drop_rate",
+    "detach",
     "drop_block2d",
     "drop_cluster2d",
     "fit_clusters",

@@ -16,14 +16,15 @@ from torch import Tensor, nn
 from dropcluster.validation import check_float
 
 
-def check_drop_rate(p: float | Tensor, name: str = "p") -> float:
-    """Return ``p`` as a float after checking that it lies in [0, 1).
+def check_drop_rate(p: float | Tensor, name: str = "p", *, allow_one: bool = False) -> float:
+    """Return ``p`` as a float after checking that it lies in [0, 1) ([0, 1] with ``allow_one``).
 
-    The one check of a drop rate: every layer, functional form and schedule calls it.
+    The one check of a drop rate: every layer, functional form and schedule calls it. Only
+    stochastic depth allows 1 (every branch dropped, scale 0); the other regularizers' rescaling
+    would divide by 0 there.
 
     Raises:
-        ValueError: p is not a finite number (or a 1-element tensor holding one) in [0, 1)
-            (1 would drop everything and divide by 0).
+        ValueError: p is not a finite number (or a 1-element tensor holding one) in the range.
     """
     if isinstance(p, Tensor):
         if p.numel() != 1:
@@ -32,8 +33,9 @@ def check_drop_rate(p: float | Tensor, name: str = "p") -> float:
             )
         p = float(p)
     value = check_float(name, p)
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"drop probability {name} has to be in [0, 1), but got {value}")
+    if not (0.0 <= value <= 1.0 if allow_one else 0.0 <= value < 1.0):
+        interval = "[0, 1]" if allow_one else "[0, 1)"
+        raise ValueError(f"drop probability {name} has to be in {interval}, but got {value}")
     return value
 
 
@@ -67,18 +69,20 @@ class DropRateModule(nn.Module):
     """
 
     p: Tensor
+    #: Whether p = 1 is a valid rate (stochastic depth: every branch dropped).
+    ALLOWS_ONE = False
 
     def __init__(self, p: float) -> None:
         super().__init__()
         # Not persistent: a model saved without regularizers loads strictly into one with them.
-        rate = torch.tensor(check_drop_rate(p), dtype=torch.float32)
+        rate = torch.tensor(check_drop_rate(p, allow_one=self.ALLOWS_ONE), dtype=torch.float32)
         self.register_buffer("p", rate, persistent=False)
         self.record_mask = False
         self.last_mask: Tensor | None = None
 
     def set_p(self, p: float) -> None:
         """Set the drop rate in place (no new tensor, so compiled graphs stay valid)."""
-        value = check_drop_rate(p)
+        value = check_drop_rate(p, allow_one=self.ALLOWS_ONE)
         with torch.no_grad():
             self.p.fill_(value)
 
@@ -105,10 +109,11 @@ class DropRateModule(nn.Module):
                 f"state_dict holds a {stored.dtype} tensor"
             )
         value = float(stored)
-        if not 0.0 <= value < 1.0:
+        if not (0.0 <= value <= 1.0 if self.ALLOWS_ONE else 0.0 <= value < 1.0):
+            interval = "[0, 1]" if self.ALLOWS_ONE else "[0, 1)"
             raise ValueError(
-                f"cannot load {key!r}: the drop rate should be a finite number in [0, 1), but the "
-                f"state_dict holds {value}"
+                f"cannot load {key!r}: the drop rate should be a finite number in {interval}, but "
+                f"the state_dict holds {value}"
             )
         return value
 

@@ -132,8 +132,10 @@ def drop_block2d(
     x: Tensor,
     p: float | Tensor,
     block_size: int,
-    *,
+    inplace: bool = False,
+    eps: float = 1e-6,
     training: bool = True,
+    *,
     per_channel: bool = True,
     generator: torch.Generator | None = None,
     return_mask: bool = False,
@@ -148,6 +150,11 @@ def drop_block2d(
         block_size: side of the square blocks, >= 1; clamped per dimension to the map
             (:func:`effective_block`). Even sizes are exact: a block covers ``block_size`` rows
             and columns.
+        inplace: write the result into ``x`` and return ``x``, as torchvision's ``inplace``
+            (the result is computed first, so it saves no memory).
+        eps: unused; the position of torchvision's ``eps``, so that its positional calls work
+            here. The kept count is clamped to 1 instead of adding eps: a sample with
+            everything dropped gives zeros either way.
         training: identity (``x`` itself is returned) when False.
         per_channel: independent masks per channel (the paper's Algorithm 1); False shares one
             mask across the channels of each image. Masks are always independent per sample.
@@ -167,7 +174,9 @@ def drop_block2d(
     ``count(M) / count_ones(M)`` is for one mask; per batch, an image that lost more than the
     average would come out too small). It costs the same as a batch-wide count.
 
-    Under torch.compile pass no ``generator`` (dynamo does not trace generator objects).
+    The first six arguments are torchvision's (``drop_block2d(input, p, block_size, inplace,
+    eps, training)``), in its order. Under torch.compile pass no ``generator`` (dynamo does not
+    trace generator objects).
     """
     check_tensor("input", x, 4, "(N, C, H, W)")
     check_int("block_size", block_size, minimum=1)
@@ -188,13 +197,18 @@ def drop_block2d(
             return identity
         gamma = solve_gamma(rate, height, width, block_size)
         block = effective_block(block_size, height, width)
-        return drop_block_sparse(x, gamma, block, per_channel, generator, return_mask)
-    if gamma is None and not isinstance(p, Tensor) and not compiling:
-        gamma = solve_gamma(p, height, width, block_size)  # a float: no copy to the device
-    elif gamma is None:
-        p_tensor = p if isinstance(p, Tensor) else torch.tensor(p, dtype=torch.float64)
-        gamma = _solve_gamma_tensor(p_tensor.to(x.device), height, width, block_size)
-    return _drop_block_dense(x, gamma, block_size, per_channel, generator, return_mask)
+        result = drop_block_sparse(x, gamma, block, per_channel, generator, return_mask)
+    else:
+        if gamma is None and not isinstance(p, Tensor) and not compiling:
+            gamma = solve_gamma(p, height, width, block_size)  # a float: no copy to the device
+        elif gamma is None:
+            p_tensor = p if isinstance(p, Tensor) else torch.tensor(p, dtype=torch.float64)
+            gamma = _solve_gamma_tensor(p_tensor.to(x.device), height, width, block_size)
+        result = _drop_block_dense(x, gamma, block_size, per_channel, generator, return_mask)
+    if not inplace:
+        return result
+    x.copy_(result[0] if return_mask else result)
+    return (x, result[1]) if return_mask else x
 
 
 def _blocks_from_centres(centres: Tensor, block_h: int, block_w: int) -> Tensor:

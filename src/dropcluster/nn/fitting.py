@@ -79,7 +79,7 @@ def fit_clusters(
     Args:
         model: any module, possibly compiled or wrapped in (Distributed)DataParallel; it runs
             in evaluation mode for the capture (batch norm uses its running statistics), and
-            its training mode is restored afterwards.
+            the training mode of each of its submodules is restored afterwards.
         data: a (N, ...) tensor of model inputs, or an iterable of batches (a DataLoader): each
             batch a tensor, or a tuple/list whose first item is the input (``(images,
             labels)``).
@@ -90,7 +90,8 @@ def fit_clusters(
         batch_size: images per forward pass when ``data`` is a tensor.
         generator: random source for the ``"hopkins"`` rule.
         process_group: the group to broadcast in under distributed training (None: the
-            default group, when one is initialised).
+            default group, when one is initialised). Every rank of the group must call
+            ``fit_clusters`` (it ends with collectives); when one rank fails, all raise.
 
     Returns:
         A :class:`ClusterFit`; empty when the model has no DropCluster2d.
@@ -106,16 +107,25 @@ def fit_clusters(
     named = [(name, m) for name, m in module.named_modules() if isinstance(m, DropCluster2d)]
     if not named:
         return ClusterFit()
-    captured, images = _capture(module, [m for _, m in named], data, n_images, prepare,
-                                batch_size)  # fmt: skip
     rank, world = _distributed(process_group)
-    for _, layer in named:
-        activations = torch.cat(captured[id(layer)])[:n_images]
-        if rank == 0:
-            layer.fit(activations, generator=generator)
-        else:
-            layer.materialize(tuple(activations.shape[1:]))
+    error = None
+    try:
+        captured, images = _capture(module, [m for _, m in named], data, n_images, prepare,
+                                    batch_size)  # fmt: skip
+        for _, layer in named:
+            activations = torch.cat(captured[id(layer)])[:n_images]
+            if rank == 0:
+                layer.fit(activations, generator=generator)
+            else:
+                layer.materialize(tuple(activations.shape[1:]))
+    except Exception as raised:  # noqa: BLE001 - re-raised below, after the other ranks know
+        if world == 1:
+            raise
+        error = raised
     if world > 1:
+        # One small collective first: a rank that failed must not leave the others waiting in
+        # the broadcast until the process group times out.
+        _agree_or_raise(error, rank, module, process_group)
         _broadcast(named, process_group)
     return ClusterFit(
         layers=[name for name, _ in named],
@@ -145,7 +155,9 @@ def _capture(module, layers, data, n_images, prepare, batch_size):
 
     device = next((t.device for t in module.parameters()), None)
     handles = [layer.register_forward_pre_hook(hook) for layer in layers]
-    was_training = module.training
+    # Each submodule's own mode, not the root's: a frozen (eval) part of a training model
+    # must stay frozen after the refit.
+    modes = [(submodule, submodule.training) for submodule in module.modules()]
     module.eval()
     images = 0
     try:
@@ -162,7 +174,8 @@ def _capture(module, layers, data, n_images, prepare, batch_size):
     finally:
         for handle in handles:
             handle.remove()
-        module.train(was_training)
+        for submodule, training in modes:
+            submodule.training = training
     if images < 2:
         raise ValueError(f"fit_clusters needs at least 2 images, but the data gave {images}")
     missing = [i for i, layer in enumerate(layers) if seen[id(layer)] < images]
@@ -200,6 +213,23 @@ def _distributed(process_group) -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     return dist.get_rank(process_group), dist.get_world_size(process_group)
+
+
+def _agree_or_raise(error: Exception | None, rank: int, module: nn.Module, process_group) -> None:
+    """Raise on every rank when any rank failed (its own error where it failed)."""
+    import torch.distributed as dist
+
+    device = next((t.device for t in module.buffers()), torch.device("cpu"))
+    if dist.get_backend(process_group) == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    failed = torch.tensor([0 if error is None else 1], device=device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=process_group)
+    if error is not None:
+        raise error
+    if int(failed):
+        raise RuntimeError(
+            f"fit_clusters failed on another rank (this is rank {rank}); its error says why"
+        )
 
 
 def _broadcast(named, process_group) -> None:

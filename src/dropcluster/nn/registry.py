@@ -23,7 +23,7 @@ def build_regularizer(name: str, p: float = 0.0, **options) -> nn.Module:
     Args:
         name: one of :data:`REGULARIZERS`. ``"dropout"`` and ``"spatial_dropout"`` are torch's
             ``nn.Dropout`` and ``nn.Dropout2d``; ``"none"`` is ``nn.Identity``.
-        p: drop rate in [0, 1).
+        p: drop rate in [0, 1) ([0, 1] for stochastic depth).
         **options: keyword arguments of the module (e.g. ``block_size`` for DropBlock2d,
             ``n_clusters``/``per_sample`` for DropCluster2d, ``mode`` for StochasticDepth).
 
@@ -32,7 +32,7 @@ def build_regularizer(name: str, p: float = 0.0, **options) -> nn.Module:
             module does not take.
     """
     check_choice("regularizer", name, REGULARIZERS)
-    check_drop_rate(p)
+    check_drop_rate(p, allow_one=name == "stochastic_depth")
     if name == "none":
         _no_options(name, options)
         return nn.Identity()

@@ -4,7 +4,8 @@ A residual block computes ``shortcut(x) + branch(x)``. In training, stochastic d
 whole branch with probability p, per sample (``mode="row"``, as timm and torchvision do by
 default) or for the whole batch (``mode="batch"``, the paper's section 3 draws one Bernoulli
 variable per block and minibatch), and rescales the kept branches by ``1 / (1 - p)`` so that
-the expected output is unchanged; evaluation uses every branch as is. (The paper rescales at
+the expected output is unchanged; evaluation uses every branch as is. p = 1 drops every branch
+in training (the output is zeros), as torchvision allows. (The paper rescales at
 test time instead, by the survival probability; the two are equivalent in expectation.) The
 paper's rates grow linearly with depth, ``p_l = l / L * p_L`` for block l of L: give each
 block its own p.
@@ -35,8 +36,8 @@ def stochastic_depth(
     x: Tensor,
     p: float | Tensor,
     mode: str = "row",
-    *,
     training: bool = True,
+    *,
     generator: torch.Generator | None = None,
     return_mask: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -44,7 +45,7 @@ def stochastic_depth(
 
     Args:
         x: (N, ...) output of a residual branch: any floating dtype, device and memory format.
-        p: drop rate in [0, 1): a float (checked) or a 1-element float tensor (its shape is
+        p: drop rate in [0, 1]: a float (checked) or a 1-element float tensor (its shape is
             checked, its value trusted as the modules' buffers are: reading it would be a host
             synchronisation on accelerators and a graph break under ``torch.compile``).
         mode: ``"row"``: each sample keeps its branch with probability 1 - p, independently;
@@ -59,16 +60,18 @@ def stochastic_depth(
         mode (all ones when nothing is dropped), in x's dtype.
 
     The factor ``1 / (1 - p)`` is applied in x's dtype, as timm and torchvision do: in
-    bfloat16 it is rounded by at most 2**-9 relative.
+    bfloat16 it is rounded by at most 2**-9 relative. With p = 1 every branch is dropped and the
+    output is zeros (torchvision's rule). The first four arguments are torchvision's
+    (``stochastic_depth(input, p, mode, training)``), in its order.
 
     Raises:
-        ValueError: x is not a floating tensor with a batch dimension, p is outside [0, 1) or
+        ValueError: x is not a floating tensor with a batch dimension, p is outside [0, 1] or
             not a 1-element float tensor, or mode is unknown.
     """
     _check_input(x)
     check_choice("mode", mode, MODES)
     if not isinstance(p, Tensor):
-        p = check_drop_rate(p)
+        p = check_drop_rate(p, allow_one=True)
     elif p.numel() != 1 or not p.is_floating_point():
         raise ValueError(
             f"p should be a float or a 1-element float tensor, but got a {p.dtype} tensor of "
@@ -123,11 +126,13 @@ def _draw_keep(
 
 
 def _keep_scale(p: float | Tensor, dtype: torch.dtype) -> float | Tensor:
-    """``1 / (1 - p)``: a Python float for a float p, a 0-d tensor in ``dtype`` for a tensor."""
+    """``1 / (1 - p)``, and 0 for p = 1 (nothing is kept, and 0 * inf would be NaN): a Python
+    float for a float p, a 0-d tensor in ``dtype`` for a tensor."""
     if isinstance(p, Tensor):
         with torch.no_grad():
-            return (1.0 / (1.0 - p.reshape(()))).to(dtype)
-    return 1.0 / (1.0 - p)
+            rate = p.reshape(())
+            return torch.where(rate < 1.0, 1.0 / (1.0 - rate), 0.0).to(dtype)
+    return 1.0 / (1.0 - p) if p < 1.0 else 0.0
 
 
 def _broadcastable(keep: Tensor, n_dims: int, dtype: torch.dtype) -> Tensor:
@@ -177,13 +182,15 @@ class StochasticDepth(DropRateModule):
     (``set_p`` changes it without recompiling a compiled model).
 
     Args:
-        p: drop rate in [0, 1).
+        p: drop rate in [0, 1] (1 drops every branch in training: the output is zeros).
         mode: ``"row"`` (per sample, default) or ``"batch"`` (whole batch).
         generator: random source on the input's device (default: the global one).
 
     Shape:
         input (N, ...) floating tensor; output the same shape, dtype and memory format.
     """
+
+    ALLOWS_ONE = True  # p = 1 drops every branch (scale 0), as torchvision allows
 
     def __init__(
         self, p: float = 0.1, mode: str = "row", *, generator: torch.Generator | None = None
@@ -234,7 +241,7 @@ class StochasticDepthResidual(DropRateModule):
 
     Args:
         branch: the residual branch, mapping (N, ...) to the shortcut's output shape.
-        p: drop rate in [0, 1).
+        p: drop rate in [0, 1] (1: the block is the shortcut in training).
         mode: ``"row"`` (per sample, default) or ``"batch"`` (whole batch).
         skip_dropped: run the branch on the kept samples only (see above).
         shortcut: the identity path (default :class:`torch.nn.Identity`), e.g. a strided 1x1
@@ -245,6 +252,8 @@ class StochasticDepthResidual(DropRateModule):
         input (N, ...) floating tensor; output the shape of ``shortcut(x)``. A recorded mask
         (``record_mask``) is (N or 1, 1, ..., 1) with the rank of x, before rescaling.
     """
+
+    ALLOWS_ONE = True  # p = 1 drops every branch (scale 0), as torchvision allows
 
     def __init__(
         self,

@@ -1,0 +1,150 @@
+"""Put a regularizer after any submodule of any model, without renaming its weights.
+
+``attach(model, "layer1.0.relu", DropCluster2d(0.1))`` makes the regularizer a child of the
+named submodule (under :data:`ATTACHED_NAME`) and registers a forward hook there that returns
+``regularizer(output)``. Nothing of the model moves: every existing parameter and buffer keeps
+its name, so a state_dict saved before (a pretrained checkpoint) loads strictly after, as long
+as the regularizer adds no state of its own or accepts a state_dict without it (DropCluster2d
+before its first fit, DropBlock2d, StochasticDepth and torch's dropouts).
+
+Wrapping the target in a new ``nn.Sequential`` would rename its weights (``relu`` becoming
+``relu.0``), and editing the model's ``forward`` is not possible for a model one did not write;
+the hook needs neither.
+
+The hook is an instance of a module-level class that looks the regularizer up on the module it
+is called with, not a closure over it: ``copy.deepcopy(model)`` (an EMA copy) and
+``torch.save(model)`` give a model whose hook uses its own copy of the regularizer.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from torch import nn
+
+from dropcluster.nn.fitting import unwrap
+
+#: The attribute of the target module that holds the attached regularizer; its persistent
+#: buffers appear in the model's state_dict as ``<target>.attached_regularizer.<buffer>``.
+ATTACHED_NAME = "attached_regularizer"
+
+
+class _ApplyAttached:
+    """Forward hook: the module's output passed through the regularizer attached to it.
+
+    Stateless: it finds the regularizer on the module it is called with, so a copied or
+    unpickled model applies its own regularizer.
+    """
+
+    def __call__(self, module: nn.Module, inputs, output):
+        return module._modules[ATTACHED_NAME](output)
+
+
+def attach(model: nn.Module, after: str, regularizer: nn.Module) -> nn.Module:
+    """Apply ``regularizer`` to the output of the submodule named ``after``.
+
+    The regularizer becomes the child ``ATTACHED_NAME`` of that submodule, so it follows the
+    model's ``train()``/``eval()``, ``to()`` and ``state_dict``, and :func:`fit_clusters`,
+    drop-rate schedules and ``named_modules()`` find it. The existing parameter and buffer
+    names do not change.
+
+    The hook runs at every call of the target. A module called several times in one forward is
+    regularized at each call: torchvision's ``BasicBlock``/``Bottleneck`` use one ``relu`` for
+    all their activations, so ``"layer1.0.relu"`` regularizes each of them (a DropCluster2d
+    there is fitted on the inputs of every call, and refuses a Bottleneck's differently shaped
+    ones); attach to a module called once (``"layer1.0.bn1"``, ``"layer1.0"``) to regularize
+    one place. The top-level ``relu`` of a
+    torchvision ResNet (the stem) is called once. Forward hooks registered on the target before
+    ``attach`` see its output before the regularizer, those registered after see it after.
+
+    Attach before wrapping the model: before ``DistributedDataParallel``, which broadcasts the
+    buffers it found when it was built, and preferably before ``torch.compile`` (torch 2.13
+    notices a hook added or removed later and recompiles; that costs a compilation). A wrapped
+    model is accepted: the name is looked up in the wrapped module (``"layer1"``; the wrapper's
+    own spelling ``"module.layer1"`` works too).
+
+    Args:
+        model: any module, possibly compiled or wrapped in (Distributed)DataParallel.
+        after: dotted name of the submodule, as ``named_modules()`` gives it (``"layer1.0.relu"``,
+            ``"features.3"`` for an ``nn.Sequential`` index).
+        regularizer: the module applied to the target's output (it must accept that output).
+
+    Returns:
+        ``regularizer`` itself.
+
+    Raises:
+        ValueError: ``after`` names no submodule (the message lists close names), the target
+            has a regularizer attached already, or ``regularizer`` is not an ``nn.Module``.
+    """
+    if not isinstance(regularizer, nn.Module):
+        raise ValueError(
+            f"regularizer should be an nn.Module, but got {type(regularizer).__name__}"
+        )
+    target = _submodule(model, after)
+    if _hook_keys(target) or ATTACHED_NAME in target._modules:
+        raise ValueError(
+            f"{after!r} has a regularizer attached already "
+            f"({target._modules.get(ATTACHED_NAME)!r}): detach(model, {after!r}) first"
+        )
+    if hasattr(target, ATTACHED_NAME):
+        raise ValueError(
+            f"{after!r} ({type(target).__name__}) has its own attribute {ATTACHED_NAME!r}: "
+            f"attach after another module"
+        )
+    target.add_module(ATTACHED_NAME, regularizer)
+    target.register_forward_hook(_ApplyAttached())
+    return regularizer
+
+
+def detach(model: nn.Module, after: str) -> nn.Module:
+    """Undo :func:`attach`: remove the hook and the regularizer from the submodule ``after``.
+
+    The model then computes exactly what it did before ``attach``, with the same state_dict
+    keys.
+
+    Returns:
+        The regularizer that was attached.
+
+    Raises:
+        ValueError: ``after`` names no submodule, or nothing is attached there.
+    """
+    target = _submodule(model, after)
+    keys = _hook_keys(target)
+    if not keys or ATTACHED_NAME not in target._modules:
+        raise ValueError(f"{after!r} has no regularizer attached")
+    for key in keys:
+        for hooks in _hook_dicts(target):
+            hooks.pop(key, None)
+    return target._modules.pop(ATTACHED_NAME)
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    """The submodule ``name`` of the wrapped module, or of ``model`` as spelled through it."""
+    if not isinstance(name, str):
+        raise ValueError(f"after should be a module name (a str), but got {name!r}")
+    inner = unwrap(model)
+    for root in (inner, model):
+        try:
+            return root.get_submodule(name)
+        except AttributeError:
+            continue
+    names = [found for found, _ in inner.named_modules() if found]
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+    shown = ", ".join(close or names[:5]) or "none"
+    hint = f"close names: {shown}" if close else f"its first: {shown}"
+    raise ValueError(
+        f"{type(inner).__name__} has no submodule {name!r} (names are those of "
+        f"named_modules(); {hint})"
+    )
+
+
+def _hook_keys(module: nn.Module) -> list[int]:
+    """Keys of the :class:`_ApplyAttached` hooks registered on ``module``."""
+    return [key for key, hook in module._forward_hooks.items() if isinstance(hook, _ApplyAttached)]
+
+
+def _hook_dicts(module: nn.Module) -> list[dict]:
+    """The dicts a forward hook's key lives in (what ``RemovableHandle.remove`` clears)."""
+    extra = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+    return [module._forward_hooks] + [getattr(module, name) for name in extra
+                                      if hasattr(module, name)]  # fmt: skip
