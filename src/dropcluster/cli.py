@@ -197,18 +197,39 @@ def _train_config(args: argparse.Namespace):
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    import os
+
+    from dropcluster.train import distributed
     from dropcluster.train.loop import train
 
     config = _train_config(args)
-    print(
-        f"dropcluster {__version__}: training {config.model} on {config.dataset} with "
-        f"{config.regularizer} (p={config.p}), {config.epochs} epochs -> {args.out}"
-    )
-    result = train(config, args.out, resume=args.resume)
-    print(
-        f"final (mean of the last {min(config.average_last, len(result.history))} epochs): "
-        f"top-1 {result.top1:.2f}%, top-5 {result.top5:.2f}%; results in {args.out}"
-    )
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if rank == 0:
+        processes = f" on {world} processes (DistributedDataParallel)" if world > 1 else ""
+        print(
+            f"dropcluster {__version__}: training {config.model} on {config.dataset} with "
+            f"{config.regularizer} (p={config.p}), {config.epochs} epochs{processes} -> "
+            f"{args.out}"
+        )
+    try:
+        result = train(config, args.out, resume=args.resume)
+    except Exception:
+        if world > 1:
+            # torchrun stops the other processes; say how to continue the run.
+            print(
+                f"dropcluster: process {rank} of {world} stopped; the run continues from its "
+                f"last finished epoch with the same torchrun command plus --resume",
+                file=sys.stderr,
+            )
+        raise
+    finally:
+        distributed.close_group()
+    if rank == 0:
+        print(
+            f"final (mean of the last {min(config.average_last, len(result.history))} epochs): "
+            f"top-1 {result.top1:.2f}%, top-5 {result.top5:.2f}%; results in {args.out}"
+        )
     return 0
 
 

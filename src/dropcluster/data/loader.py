@@ -40,6 +40,11 @@ class DeviceLoader:
             from the global RNG (so ``torch.manual_seed`` fixes it).
         drop_last: drop the last, incomplete batch of each epoch.
         device: where the data and batches live; None is the device of ``images``.
+        rank, world: under distributed training, this process yields its share of each batch
+            (``batch_size / world`` examples; ``batch_size`` is the global batch). Every
+            process draws the same order and augments the whole batch from the same
+            generator before taking its share, so ``world`` processes see exactly the batches
+            one process would, and the position (``state_dict``) is the same on all of them.
 
     Yields:
         ``(images, labels)``: Tensor[B, C, H, W] float32 and Tensor[B] int64 on ``device``.
@@ -56,6 +61,8 @@ class DeviceLoader:
         generator: torch.Generator | None = None,
         drop_last: bool = True,
         device: torch.device | str | None = None,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         if images.dim() != 4 or images.dtype != torch.uint8:
             raise ValueError(
@@ -70,6 +77,13 @@ class DeviceLoader:
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise ValueError(f"labels should hold integers, but got dtype {labels.dtype}")
         check_int("batch_size", batch_size, minimum=1)
+        check_int("world", world, minimum=1)
+        check_int("rank", rank, minimum=0, maximum=world - 1)
+        if batch_size % world:
+            raise ValueError(
+                f"batch_size {batch_size} (the global batch) should be a multiple of the "
+                f"{world} processes, so each takes an equal share"
+            )
         if drop_last and images.shape[0] < batch_size:
             raise ValueError(
                 f"with drop_last=True, {images.shape[0]} examples make no batch of "
@@ -91,6 +105,7 @@ class DeviceLoader:
         self.generator = generator
         self.drop_last = drop_last
         self.device = device
+        self.rank, self.world = rank, world
         # Position: the epoch, the next batch in it, and the generator's state when the
         # epoch began (the epoch's permutation is redrawn from it to resume mid-epoch).
         self.epoch = 0
@@ -121,7 +136,11 @@ class DeviceLoader:
                 self._next_batch = 0
             else:
                 self._next_batch = batch + 1
-            yield batch_images, self.labels[index]
+            labels = self.labels[index]
+            if self.world > 1:  # this process's share of the global batch
+                batch_images = batch_images.tensor_split(self.world)[self.rank]
+                labels = labels.tensor_split(self.world)[self.rank]
+            yield batch_images, labels
 
     def _epoch_order(self) -> Tensor:
         """The current epoch's order, drawn from the generator when the epoch begins.

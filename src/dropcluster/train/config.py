@@ -36,7 +36,8 @@ class TrainConfig:
         p: drop rate.
         regularizer_options: extra options of the regularizer (e.g. {"block_size": 5}).
         epochs: number of training epochs (paper: 250).
-        batch_size: training minibatch size (the paper does not state it).
+        batch_size: training minibatch size, over all processes under distributed training
+            (the paper does not state it).
         lr: initial learning rate of SGD (paper: 0.1).
         momentum: SGD momentum (paper: 0.9).
         weight_decay: None: the paper's value for the data set (5e-4 on CIFAR-100, 1e-4 on
@@ -56,6 +57,8 @@ class TrainConfig:
         amp_dtype: "bfloat16" (default) or "float16" (with gradient scaling).
         channels_last: NHWC memory format (faster convolutions on CPU and recent GPUs).
         compile: wrap the model in torch.compile.
+        sync_batchnorm: under distributed training (torchrun), batch norm statistics over the
+            whole batch of all processes (SyncBatchNorm, CUDA) instead of each process's share.
         eval_batch_size: batch size for evaluation.
     """
 
@@ -83,6 +86,7 @@ class TrainConfig:
     amp_dtype: str = "bfloat16"
     channels_last: bool = True
     compile: bool = False
+    sync_batchnorm: bool = False
     eval_batch_size: int = 500
 
     def __post_init__(self) -> None:

@@ -12,6 +12,7 @@ separate functions for that reason.
 from __future__ import annotations
 
 import bisect
+import io
 import json
 import math
 import sys
@@ -27,7 +28,8 @@ from torch import Tensor, nn
 
 from dropcluster.errors import DivergedError
 from dropcluster.files import FolderLock, atomic_write_json, atomic_write_text
-from dropcluster.nn import RefitSchedule, fit_clusters
+from dropcluster.nn import DropCluster2d, RefitSchedule, fit_clusters
+from dropcluster.nn.fitting import unwrap
 from dropcluster.train.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
@@ -36,6 +38,7 @@ from dropcluster.train.checkpoint import (
     set_rng_state,
 )
 from dropcluster.train.config import TrainConfig
+from dropcluster.train.distributed import SINGLE, Ranks, all_sum, from_environment, gather
 
 LOG_NAME = "log.jsonl"
 RESULT_NAME = "result.json"
@@ -68,16 +71,28 @@ def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images: Tensor, labels: Tensor, prepare, batch_size: int):
-    """Top-1 and top-5 accuracy (%) of ``model`` on uint8 ``images``, in evaluation mode."""
+def evaluate(model: nn.Module, images: Tensor, labels: Tensor, prepare, batch_size: int,
+             ranks: Ranks = SINGLE):  # fmt: skip
+    """Top-1 and top-5 accuracy (%) of ``model`` on uint8 ``images``, in evaluation mode.
+
+    Under distributed training each process scores every ``world``-th image and the counts are
+    summed, so every process returns the accuracy on the whole set.
+    """
     was_training = model.training
     model.eval()
+    if ranks.distributed:
+        images, labels = images[ranks.rank :: ranks.world], labels[ranks.rank :: ranks.world]
     correct1 = correct5 = 0
     for start in range(0, images.shape[0], batch_size):
         batch = prepare(images[start : start + batch_size])
         c1, c5 = topk_correct(model(batch), labels[start : start + batch_size])
         correct1 += c1
         correct5 += c5
+    if ranks.distributed:
+        correct1, correct5, total = all_sum([correct1, correct5, images.shape[0]], ranks,
+                                            labels.device)  # fmt: skip
+        model.train(was_training)
+        return 100.0 * correct1 / max(1.0, total), 100.0 * correct5 / max(1.0, total)
     model.train(was_training)
     total = max(1, images.shape[0])
     return 100.0 * correct1 / total, 100.0 * correct5 / total
@@ -169,9 +184,13 @@ def train(
             f"{checkpoint_path} exists: pass resume=True (--resume) to continue that run, or "
             f"choose another output folder"
         )
+    device, ranks = from_environment(config.resolved_device())
+    if not ranks.main:  # rank 0 writes the run's files and holds its lock
+        return _train_locked(config, out, resume, stop_after_epoch, io.StringIO(), device, ranks)
     out.mkdir(parents=True, exist_ok=True)
     with FolderLock(out, RUN_LOCK_NAME, "training run"):
-        return _train_locked(config, out, resume, stop_after_epoch, progress_stream)
+        return _train_locked(config, out, resume, stop_after_epoch, progress_stream, device,
+                             ranks)  # fmt: skip
 
 
 #: A mean training loss above this (cross-entropy in nats: the true class's probability below
@@ -188,17 +207,21 @@ DIVERGED_NAME = "diverged.json"
 RUN_LOCK_NAME = ".lock"
 
 
-def _train_locked(config, out, resume, stop_after_epoch, progress_stream) -> RunResult:
+def _train_locked(config, out, resume, stop_after_epoch, progress_stream, device,
+                  ranks: Ranks) -> RunResult:  # fmt: skip
     from dropcluster.train.setup import build_run
 
     checkpoint_path = out / CHECKPOINT_NAME
-    device = config.resolved_device()
     state = load_checkpoint(checkpoint_path, map_location=device) if (
         resume and checkpoint_path.exists()) else None  # fmt: skip
     if state is not None:
-        _check_resumable(config, state, out)
+        _check_resumable(config, state, out, ranks)
     torch.manual_seed(config.seed)
-    run = build_run(config, device)
+    run = build_run(config, device, ranks)
+    if ranks.distributed:
+        # The same weights and data order on every process (drawn above), but each process
+        # draws its own dropout masks, as torch's dropout does under DDP.
+        torch.manual_seed(config.seed * 1_000_003 + ranks.rank)
     autocast = device.type == "cuda" and config.amp
     amp_dtype = getattr(torch, config.amp_dtype)
     # float16 needs loss scaling; bfloat16 has float32's range and does not.
@@ -206,14 +229,17 @@ def _train_locked(config, out, resume, stop_after_epoch, progress_stream) -> Run
     result = RunResult()
     start_epoch = 0
     if state is not None:
-        start_epoch = _restore(run, scaler, state, config)
+        start_epoch = _restore(run, scaler, state, config, ranks)
         result.history = list(state["history"])
-        # The log may hold an epoch written after the last checkpoint: rewrite it.
-        atomic_write_text(out / LOG_NAME, "".join(json.dumps(r) + "\n" for r in result.history))
-    else:
-        (out / LOG_NAME).unlink(missing_ok=True)
-    config.save(out / "config.json")
-    (out / DIVERGED_NAME).unlink(missing_ok=True)
+    if ranks.main:
+        if state is not None:
+            # The log may hold an epoch written after the last checkpoint: rewrite it.
+            log = "".join(json.dumps(r) + "\n" for r in result.history)
+            atomic_write_text(out / LOG_NAME, log)
+        else:
+            (out / LOG_NAME).unlink(missing_ok=True)
+        config.save(out / "config.json")
+        (out / DIVERGED_NAME).unlink(missing_ok=True)
 
     last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
     progress = Progress(config.epochs, progress_stream)
@@ -229,37 +255,64 @@ def _train_locked(config, out, resume, stop_after_epoch, progress_stream) -> Run
                 batch_size=config.eval_batch_size,
             )
             record.update(fit.record())
+            if ranks.distributed:  # the broadcast made them equal: check it, it is cheap
+                record["clusters_agree"] = len(set(gather(_cluster_digest(run.model), ranks))) == 1
         try:
             record.update(_train_epoch(run, scaler, device, autocast, amp_dtype, progress, epoch,
-                                       last_epoch))  # fmt: skip
+                                       last_epoch, ranks))  # fmt: skip
         except DivergedError as error:
-            atomic_write_json(out / DIVERGED_NAME, {"epoch": epoch, "message": str(error)})
+            if ranks.main:
+                atomic_write_json(out / DIVERGED_NAME, {"epoch": epoch, "message": str(error)})
             raise DivergedError(f"{error}; {_divergence_advice(out, epoch)}") from None
         record["top1"], record["top5"] = evaluate(
-            run.model, run.test_images, run.test_labels, run.prepare_eval, config.eval_batch_size
-        )
+            run.model, run.test_images, run.test_labels, run.prepare_eval, config.eval_batch_size,
+            ranks,
+        )  # fmt: skip
         result.history.append(record)
-        _append_log(out / LOG_NAME, record)
-        save_checkpoint(checkpoint_path, {
-            "config": config.to_dict(), "epoch": epoch, "model": run.model.state_dict(),
-            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-            "loader": run.loader.state_dict(), "rng": rng_state(), "history": result.history,
-            "scaler": scaler.state_dict(),
-        })  # fmt: skip
+        rng = gather(rng_state(), ranks)  # every process's random state, for an exact resume
+        if ranks.main:
+            _append_log(out / LOG_NAME, record)
+            save_checkpoint(checkpoint_path, {
+                "config": config.to_dict(), "epoch": epoch, "model": unwrap(run.model).state_dict(),
+                "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                "loader": run.loader.state_dict(), "rng": rng[0], "rng_ranks": rng,
+                "world_size": ranks.world, "history": result.history,
+                "scaler": scaler.state_dict(),
+            })  # fmt: skip
         progress.epoch(record, (last_epoch - epoch - 1) * record["seconds"])
 
     tail = result.history[-config.average_last :]
     if tail:
         result.top1 = sum(r["top1"] for r in tail) / len(tail)
         result.top5 = sum(r["top5"] for r in tail) / len(tail)
-    if len(result.history) == config.epochs:
+    if len(result.history) == config.epochs and ranks.main:
         _write_result(out, result, config)
     return result
 
 
-def _check_resumable(config: TrainConfig, state: dict[str, Any], out: Path) -> None:
+def _cluster_digest(model: nn.Module) -> int:
+    """A number that differs when two processes hold different DropCluster clusters."""
+    total = 0
+    for module in unwrap(model).modules():
+        if isinstance(module, DropCluster2d) and module.fitted:
+            weights = torch.arange(1, module.labels.numel() + 1, device=module.labels.device)
+            total += int((module.labels.flatten() * weights).sum())
+            total += int(module.cluster_sizes.sum()) * 7 + int(module.structured.sum()) * 13
+    return total
+
+
+def _check_resumable(config: TrainConfig, state: dict[str, Any], out: Path,
+                     ranks: Ranks) -> None:  # fmt: skip
     """Refuse to resume ``state`` with a config that would change the run's results, except
-    optimisation settings of a run that diverged."""
+    optimisation settings of a run that diverged, or with another number of processes."""
+    saved_world = int(state.get("world_size", 1))
+    if saved_world != ranks.world:
+        raise ValueError(
+            f"{out / CHECKPOINT_NAME} was trained by {saved_world} process(es), this is "
+            f"{ranks.world}: resume it with the same number (torchrun --nproc-per-node "
+            f"{saved_world}, or plain `dropcluster train` for 1), since each process's random "
+            f"draws are part of the run"
+        )
     saved = TrainConfig.from_dict(state["config"])
     differences = saved.run_differences(config)
     if not differences:
@@ -278,13 +331,13 @@ def _check_resumable(config: TrainConfig, state: dict[str, Any], out: Path) -> N
     )
 
 
-def _restore(run, scaler, state: dict[str, Any], config: TrainConfig) -> int:
+def _restore(run, scaler, state: dict[str, Any], config: TrainConfig, ranks: Ranks) -> int:
     """Load the checkpoint's states into the run's objects; returns the next epoch."""
-    run.model.load_state_dict(state["model"])
+    unwrap(run.model).load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.loader.load_state_dict(state["loader"])
-    set_rng_state(state["rng"])
+    set_rng_state(state["rng_ranks"][ranks.rank] if "rng_ranks" in state else state["rng"])
     if "scaler" in state:
         scaler.load_state_dict(state["scaler"])
     _apply_optimizer_settings(run.optimizer, run.scheduler, config)
@@ -309,7 +362,7 @@ def _apply_optimizer_settings(optimizer, scheduler, config: TrainConfig) -> None
 
 
 def _train_epoch(run, scaler, device, autocast: bool, amp_dtype, progress: Progress, epoch: int,
-                 last_epoch: int) -> dict[str, Any]:  # fmt: skip
+                 last_epoch: int, ranks: Ranks = SINGLE) -> dict[str, Any]:  # fmt: skip
     """One pass over the training set; returns the epoch's training metrics.
 
     Raises:
@@ -335,7 +388,9 @@ def _train_epoch(run, scaler, device, autocast: bool, amp_dtype, progress: Progr
         correct += (logits.detach().argmax(1) == labels).sum()
         seen += labels.shape[0]
         if step % DIVERGENCE_CHECK_STEPS == 0 or step == steps:
-            _check_loss(float(loss_sum) / seen, epoch, step)
+            # Summed over the processes, so that every one takes the same decision.
+            total_loss, total_seen = all_sum([float(loss_sum), seen], ranks, device)
+            _check_loss(total_loss / total_seen, epoch, step)
         elapsed = time.perf_counter() - epoch_start
         rate = seen / max(elapsed, 1e-9)
         remaining = (steps - step) * elapsed / step + (
@@ -344,9 +399,12 @@ def _train_epoch(run, scaler, device, autocast: bool, amp_dtype, progress: Progr
         progress.step(epoch, step, steps, loss.detach(), rate, remaining)
     run.scheduler.step()
     train_seconds = time.perf_counter() - epoch_start
+    # Metrics of the whole batch stream: every process's sums added up.
+    loss_total, correct_total, seen = all_sum([float(loss_sum), float(correct), seen], ranks,
+                                              device)  # fmt: skip
     return {
-        "loss": float(loss_sum) / max(seen, 1),
-        "train_top1": 100.0 * float(correct) / max(seen, 1),
+        "loss": loss_total / max(seen, 1),
+        "train_top1": 100.0 * correct_total / max(seen, 1),
         "lr": lr,
         "seconds": train_seconds,
         "images_per_s": seen / max(train_seconds, 1e-9),

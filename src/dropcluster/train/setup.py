@@ -18,6 +18,7 @@ from dropcluster.data import (
 from dropcluster.models import build_model, place_regularizer
 from dropcluster.nn import DropCluster2d
 from dropcluster.train.config import TrainConfig
+from dropcluster.train.distributed import SINGLE, Ranks
 
 
 @dataclass
@@ -35,11 +36,16 @@ class Run:
     has_dropcluster: bool
 
 
-def build_run(config: TrainConfig, device: torch.device) -> Run:
+def build_run(config: TrainConfig, device: torch.device, ranks: Ranks = SINGLE) -> Run:
     """Data (uint8, on ``device``), the model with its regularizer in the paper's slot, SGD.
 
     Randomness: the caller seeds torch's global generator with ``config.seed`` first; the
-    model's initialisation and the loader's generator are drawn from it, in this order.
+    model's initialisation and the loader's generator are drawn from it, in this order (the
+    same on every process of a distributed run).
+
+    Under distributed training (``ranks.world > 1``) the model is wrapped in
+    DistributedDataParallel (its batch norms made SyncBatchNorm first when
+    ``config.sync_batchnorm``), and the loader yields this process's share of each batch.
     """
     train_set = load_dataset(config.dataset, "train", root=config.data_dir)
     test_set = load_dataset(config.dataset, "test", root=config.data_dir)
@@ -56,6 +62,16 @@ def build_run(config: TrainConfig, device: torch.device) -> Run:
     augment = AUGMENT_PRESETS[config.dataset]
     model = build_configured_model(config, len(train_set.classes), train_images.shape[1], device)
     has_dropcluster = any(isinstance(m, DropCluster2d) for m in model.modules())
+    if ranks.distributed:
+        if config.sync_batchnorm:
+            if device.type != "cuda":
+                raise ValueError(
+                    "sync_batchnorm needs CUDA devices (torch's SyncBatchNorm works on GPUs "
+                    "only): train without --sync-batchnorm on the CPU"
+                )
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if config.compile:
         model = torch.compile(model)
 
@@ -77,6 +93,7 @@ def build_run(config: TrainConfig, device: torch.device) -> Run:
     loader = DeviceLoader(
         train_images, train_labels, config.batch_size, augment=augment, generator=generator,
         device=device, drop_last=train_images.shape[0] >= config.batch_size,
+        rank=ranks.rank, world=ranks.world,
     )  # fmt: skip
 
     prepare_eval = eval_preparer(config)

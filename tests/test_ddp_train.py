@@ -1,0 +1,145 @@
+"""One run on several processes: ``torchrun -m dropcluster train`` with DistributedDataParallel.
+
+Two CPU processes (gloo) train LeNet-5 (no batch norm) on the synthetic set; the runs are
+compared with one process on the same global batch, with themselves after a kill and a resume,
+and their DropCluster clusters across the processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dropcluster.data import DeviceLoader
+from dropcluster.train.loop import read_log
+
+TIMING_KEYS = {"seconds", "images_per_s", "refit_seconds"}
+ARGS = ["train", "--dataset", "synthetic", "--model", "lenet5", "--train-fraction", "0.25",
+        "--batch-size", "64", "--no-channels-last", "--lr", "0.05", "--seed", "3"]  # fmt: skip
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def _torchrun(*args: str, processes: int = 2, **kwargs) -> subprocess.Popen:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={processes}", "-m", "dropcluster", *args]  # fmt: skip
+    return subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **kwargs)  # fmt: skip
+
+
+def _finish(process: subprocess.Popen, timeout: float = 240) -> str:
+    output = process.communicate(timeout=timeout)[0]
+    assert process.returncode == 0, output
+    return output
+
+
+def _history(run_dir: Path) -> list[dict]:
+    return [
+        {k: v for k, v in r.items() if k not in TIMING_KEYS}
+        for r in read_log(run_dir / "log.jsonl")
+    ]
+
+
+def test_two_processes_train_as_one_process_on_the_whole_batch(tmp_path):
+    single = subprocess.run([sys.executable, "-m", "dropcluster", *ARGS, "--regularizer", "none",
+                             "--epochs", "3", "--out", str(tmp_path / "one")], env=ENV,
+                            capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert single.returncode == 0, single.stderr
+    output = _finish(_torchrun(*ARGS, "--regularizer", "none", "--epochs", "3", "--out",
+                               str(tmp_path / "two")))  # fmt: skip
+    assert "on 2 processes (DistributedDataParallel)" in output
+    one, two = _history(tmp_path / "one"), _history(tmp_path / "two")
+    assert [r["epoch"] for r in two] == [0, 1, 2]
+    for first, second in zip(one, two, strict=True):
+        for key in ("loss", "train_top1", "top1", "top5", "lr"):
+            assert second[key] == pytest.approx(first[key], rel=1e-5, abs=1e-6), key
+    result = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert result["epochs"] == 3
+    # Rank 0 alone wrote the folder.
+    assert sorted(p.name for p in (tmp_path / "two").iterdir() if not p.name.startswith(".")) == [
+        "checkpoint.pt",
+        "config.json",
+        "log.jsonl",
+        "result.json",
+    ]
+
+
+def test_killed_ddp_run_resumes_to_the_metrics_of_an_uninterrupted_one(tmp_path):
+    # Enough short epochs that the kill below lands mid-run.
+    dropcluster = [*ARGS, "--regularizer", "dropcluster", "--p", "0.2", "--cluster-every", "2",
+                   "--cluster-images", "64", "--epochs", "20"]  # fmt: skip
+    straight = tmp_path / "straight"
+    _finish(_torchrun(*dropcluster, "--out", str(straight)))
+    history = _history(straight)
+    # DropCluster refits under DDP: rank 0 fitted, every process holds the same clusters.
+    refits = [epoch for epoch in range(20) if epoch >= 2 and epoch % 2 == 0]
+    assert [r["epoch"] for r in history if r.get("clusters_agree")] == refits
+    assert all(r["structured"][0] > 0 for r in history if "structured" in r)
+
+    killed = tmp_path / "killed"
+    process = _torchrun(*dropcluster, "--out", str(killed))
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if (killed / "log.jsonl").is_file() and len(read_log(killed / "log.jsonl")) >= 2:
+            break
+        time.sleep(0.05)
+    # kill -9 of torchrun and of both training processes (torchrun starts them in sessions of
+    # their own: they are found by the run folder on their command line).
+    subprocess.run(["pkill", "-KILL", "-f", str(killed)], check=False)
+    process.communicate(timeout=60)
+    assert not (killed / "result.json").exists()
+    # Another number of processes cannot continue it exactly: refused with the fix.
+    wrong = subprocess.run([sys.executable, "-m", "dropcluster", *dropcluster, "--out",
+                            str(killed), "--resume"], env=ENV, capture_output=True, text=True,
+                           timeout=240)  # fmt: skip
+    assert wrong.returncode == 2
+    assert "was trained by 2 process(es), this is 1" in wrong.stderr
+    _finish(_torchrun(*dropcluster, "--out", str(killed), "--resume"))
+    assert _history(killed) == history
+
+
+def test_loader_shares_make_up_the_single_process_batches():
+    images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(40)
+
+    def batches(rank, world):
+        generator = torch.Generator().manual_seed(5)
+        loader = DeviceLoader(images, labels, 8, generator=generator, rank=rank, world=world)
+        return [batch for _ in range(2) for batch in loader]
+
+    whole = batches(0, 1)
+    shares = [batches(rank, 4) for rank in range(4)]
+    for index, (batch_images, batch_labels) in enumerate(whole):
+        assert torch.equal(torch.cat([s[index][0] for s in shares]), batch_images)
+        assert torch.equal(torch.cat([s[index][1] for s in shares]), batch_labels)
+    with pytest.raises(ValueError, match="should be a multiple of the 3 processes"):
+        DeviceLoader(images, labels, 8, rank=0, world=3)
+
+
+def test_sync_batchnorm_is_refused_on_the_cpu_before_training(tmp_path):
+    import torch.distributed as dist
+
+    from dropcluster.train.config import TrainConfig
+    from dropcluster.train.distributed import Ranks
+    from dropcluster.train.setup import build_run
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0,
+                            world_size=1)  # fmt: skip
+    try:
+        config = TrainConfig(dataset="synthetic", model="resnet20", regularizer="none", p=0.0,
+                             batch_size=64, train_fraction=0.1, sync_batchnorm=True)  # fmt: skip
+        # A group of one standing in for two processes: only the set-up is looked at.
+        with pytest.raises(ValueError, match="sync_batchnorm needs CUDA devices"):
+            build_run(config, torch.device("cpu"), Ranks(rank=0, world=2))
+        run = build_run(config.replace(sync_batchnorm=False), torch.device("cpu"),
+                        Ranks(rank=0, world=2))  # fmt: skip
+        assert isinstance(run.model, torch.nn.parallel.DistributedDataParallel)
+        assert run.loader.world == 2
+    finally:
+        dist.destroy_process_group()
