@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 TORCH_VERSION := 2.13.0
+# Where pip takes torch from; e.g. https://download.pytorch.org/whl/cpu where the default index
+# serves the CUDA build.
+TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # The VM's allocator hands big blocks back to the OS after each use; keeping them is 2x faster.
@@ -14,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	@echo "setting up $(VENV): torch $(TORCH_VERSION) (CPU build) and the package with its extras (a minute or two)"
 	$(PYTHON) -m venv $(VENV)
 	# Pinned CPU build: an unpinned torch pulls a multi-GB CUDA build.
-	$(VENV)/bin/pip install --quiet torch==$(TORCH_VERSION)
+	$(VENV)/bin/pip install --quiet torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(VENV)/bin/pip install --quiet -e '.[test]'
 	touch $@
 

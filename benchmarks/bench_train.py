@@ -1,6 +1,6 @@
 """Training-step throughput: device-resident loader versus a pre-made batch, and refit cost.
 
-The issue's demo configuration (Fashion-MNIST, resnet20, DropCluster p = 0.1, batch 128,
+A demo-like configuration (Fashion-MNIST, resnet20, DropCluster p = 0.1, batch 128,
 20 % of the training set): images/s of training steps fed by ``DeviceLoader`` (shuffling and
 batched augmentation included) against the same steps fed one pre-made batch, measured
 alternately in one run; and the time of one DropCluster refit (capture + ReNA on 512 images)

@@ -1,6 +1,6 @@
 """Realised DropBlock drop fraction against the nominal p, for ours and the first-order gamma.
 
-The protocol of the layers issue: for each map size H in {4, 8, 16, 32, 64}, block size 1..7
+The protocol: for each map size H in {4, 8, 16, 32, 64}, block size 1..7
 and p in {0.05, 0.1, 0.3}, average the dropped fraction over 200 draws of a (64, 16, H, H)
 input (masks independent per sample and channel). On the CPU the masks come from the sparse
 sampler of ``drop_block2d`` (many draws per call, dropped pixels counted without building the

@@ -167,7 +167,7 @@ def test_missing_lightning_is_an_import_error_naming_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "dropcluster.integrations.lightning")
     for name in ("lightning", "lightning.pytorch"):
         monkeypatch.setitem(sys.modules, name, None)  # what an absent package looks like
-    with pytest.raises(ImportError, match=r"pip install 'dropcluster\[lightning\]'"):
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[lightning\]'"):
         importlib.import_module("dropcluster.integrations.lightning")
 
 

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import errno
 import inspect
+import re
 import sys
 import time
 import traceback
@@ -178,7 +179,10 @@ def attribute_docs(config_class) -> dict[str, str]:
         else:
             for name in names:
                 docs[name] += " " + stripped
-    return {name: text.replace("%", "%%") for name, text in docs.items()}
+    # Help is plain text: Sphinx roles and literals lose their markup, % is argparse's escape.
+    plain = {name: re.sub(r":\w+:`([^`]+)`", r"\1", text).replace("``", "") for name, text in
+             docs.items()}  # fmt: skip
+    return {name: text.replace("%", "%%") for name, text in plain.items()}
 
 
 def _train_config(args: argparse.Namespace):

@@ -1,5 +1,6 @@
-"""The experiment subcommands of ``dropcluster``: evaluate, sweep, reproduce, results, report,
-analyze. Kept apart from :mod:`dropcluster.cli` so each file stays one screenful of concerns."""
+"""The experiment subcommands of ``dropcluster``: evaluate, sweep, reproduce, collect, results,
+report, analyze. Kept apart from :mod:`dropcluster.cli` so each file stays one screenful of
+concerns."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def add_experiment_parsers(commands) -> None:
         ("reproduce", "sweep + report: reproduce the paper's comparisons (default: the demo)"),
     ):
         _add_sweep_parser(commands, name, text)
+    _add_collect_parser(commands)
     _add_results_parser(commands)
     _add_report_parser(commands)
     _add_analyze_parser(commands)
@@ -95,8 +97,9 @@ def _add_sweep_parser(commands, name: str, text: str) -> None:
     sub.add_argument(
         "--jobs",
         type=int_argument(1),
-        default=1,
-        help="runs at once (one per GPU, or CPU processes sharing the cores)",
+        default=None,
+        help="runs at once (default: 1 on this machine, one per GPU or CPU processes sharing "
+        "the cores; every pending run on Ray or Slurm)",
     )
     sub.add_argument(
         "--only",
@@ -134,7 +137,94 @@ def _add_sweep_parser(commands, name: str, text: str) -> None:
         action="store_true",
         help="list the grid with its status and estimated cost; run nothing",
     )
+    _add_backend_arguments(sub)
     sub.set_defaults(handler=_run_sweep, report=name == "reproduce")
+
+
+def _add_backend_arguments(sub) -> None:
+    """The flags of :class:`~dropcluster.experiments.backends.BackendSettings`."""
+    engines = sub.add_argument_group("where the runs train (docs/scaling.md)")
+    engines.add_argument(
+        "--backend",
+        choices=("local", "ray", "slurm"),
+        default="local",
+        help="local: worker processes on this machine (default); ray: one Ray task per run; "
+        "slurm: one Slurm job per run (through submitit). The sweep folder has to be on a "
+        "filesystem every node sees",
+    )
+    engines.add_argument(
+        "--address",
+        default=None,
+        help="Ray: the cluster to join ('auto': the one this machine belongs to; default: "
+        "start Ray here)",
+    )
+    engines.add_argument(
+        "--gpus-per-run",
+        type=int_argument(0),
+        default=None,
+        metavar="N",
+        help="GPUs per run; above 1 the run trains under torchrun, one process per GPU "
+        "(default: one when the device is CUDA; on this machine only values above 1 matter)",
+    )
+    engines.add_argument(
+        "--cpus-per-run",
+        type=int_argument(1),
+        default=None,
+        metavar="N",
+        help="Ray, Slurm: CPU cores per run, also its torch threads (default 1)",
+    )
+    engines.add_argument("--partition", default=None, help="Slurm: the partition")
+    engines.add_argument(
+        "--time",
+        type=int_argument(1),
+        default=None,
+        dest="time_minutes",
+        metavar="MINUTES",
+        help="Slurm: time limit of each job; a run that reaches it is requeued and resumes "
+        "(default 240)",
+    )
+    engines.add_argument(
+        "--mem", type=int_argument(1), default=None, dest="mem_gb", metavar="GB",
+        help="Slurm: memory per job in GB",
+    )  # fmt: skip
+    engines.add_argument(
+        "--no-wait",
+        action="store_false",
+        dest="wait",
+        help="Slurm: submit and return; `dropcluster collect OUT` (or this command again) "
+        "records the runs that finished",
+    )
+
+
+def _backend_settings(args: argparse.Namespace):
+    from dropcluster.experiments.backends import BackendSettings
+
+    values = {"name": args.backend, "gpus_per_run": args.gpus_per_run,
+              "cpus_per_run": args.cpus_per_run, "address": args.address,
+              "partition": args.partition, "time_minutes": args.time_minutes,
+              "mem_gb": args.mem_gb, "wait": args.wait}  # fmt: skip
+    # Flags left out keep the settings' defaults.
+    return BackendSettings(**{k: v for k, v in values.items() if v is not None})
+
+
+def _add_collect_parser(commands) -> None:
+    text = (
+        "record the finished runs of a sweep folder in its database without training: after "
+        "--no-wait, after losing the database, or to merge sweeps of one preset (--from)"
+    )
+    collect = commands.add_parser("collect", help=text, description=text)
+    collect.add_argument("out", type=Path, metavar="DIR", help="the sweep's output folder")
+    collect.add_argument(
+        "--from",
+        action="append",
+        default=[],
+        type=Path,
+        dest="sources",
+        metavar="OTHER_DIR",
+        help="first copy in the finished runs of this sweep folder of the same preset and "
+        "settings (repeatable); runs finished in DIR are never replaced",
+    )
+    collect.set_defaults(handler=_run_collect)
 
 
 def _add_results_parser(commands) -> None:
@@ -291,12 +381,13 @@ def _run_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         dry_run(preset, out, args.only, sys.stdout)
         return 0
+    backend = _backend_settings(args)
     print(
         f"dropcluster {args.command}: preset {preset.name} ({preset.scale} scale) -> {out}",
         file=sys.stderr,
     )
     try:
-        summary = run_sweep(preset, out, jobs=args.jobs, only=args.only)
+        summary = run_sweep(preset, out, jobs=args.jobs, only=args.only, backend=backend)
     except KeyboardInterrupt:
         print(
             "\ndropcluster: interrupted; finished runs are kept and the interrupted ones "
@@ -309,6 +400,14 @@ def _run_sweep(args: argparse.Namespace) -> int:
         f"invocation, {format_duration(summary.seconds)})",
         file=sys.stderr,
     )
+    if summary.submitted:
+        print(
+            f"{len(summary.submitted)} run(s) submitted (job ids in {out / 'slurm' / 'jobs.json'}"
+            f"); when they are done, `dropcluster collect {out}` or this command again records "
+            f"them",
+            file=sys.stderr,
+        )
+        return 0
     status = 0
     if summary.failed:
         print(
@@ -322,6 +421,13 @@ def _run_sweep(args: argparse.Namespace) -> int:
         path = _write_report(out, preset, None)
         print(f"report: {path}")
     return status
+
+
+def _run_collect(args: argparse.Namespace) -> int:
+    from dropcluster.experiments.collect import collect
+
+    collect(args.out, args.sources)
+    return 0
 
 
 def _analyze_dropcluster_run(out: Path) -> None:

@@ -284,7 +284,8 @@ def jpeg_round_trip(images: Tensor, quality: int = TINY_IMAGENET_C_JPEG_QUALITY)
         from PIL import Image
     except ImportError as error:
         raise ImportError(
-            "jpeg_round_trip needs Pillow: pip install pillow (or pip install 'dropcluster[data]')"
+            "jpeg_round_trip needs Pillow: pip install pillow (or pip install -e '.[data]' in the "
+            "dropcluster checkout)"
         ) from error
     greyscale = images.shape[1] == 1
     pixels = images.detach().to("cpu").permute(0, 2, 3, 1).contiguous().numpy()

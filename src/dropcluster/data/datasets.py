@@ -668,7 +668,7 @@ def _decode_jpegs(paths: Sequence[Path]) -> Tensor:
     except ImportError as error:
         raise ImportError(
             "Tiny ImageNet's JPEG files need Pillow: pip install pillow "
-            "(or pip install 'dropcluster[data]')"
+            "(or pip install -e '.[data]' in the dropcluster checkout)"
         ) from error
     size = TINY_IMAGENET_SIZE
     images = np.empty((len(paths), size, size, 3), dtype=np.uint8)

@@ -18,7 +18,8 @@ def pyplot() -> ModuleType:
         import matplotlib
     except ImportError as error:
         raise ImportError(
-            "figures need matplotlib, an optional extra: pip install 'dropcluster[plot]'"
+            "figures need matplotlib, an optional extra: pip install -e '.[plot]' (in the "
+            "dropcluster checkout)"
         ) from error
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt

@@ -247,7 +247,8 @@ class RunRecord:
         top1, top5: final metrics in percent (mean over the last ``average_last`` epochs).
         average_last: number of epochs the final metrics average over.
         epochs_done: number of epochs recorded.
-        seconds: wall time of the finished attempt.
+        seconds: wall time of the finished attempt, from its start (or its submission to a
+            cluster) to its end; None when the run was recorded from its folder.
         updated_at: ``time.time()`` of the last change.
     """
 
@@ -416,7 +417,7 @@ class ResultsStore:
         if version > SCHEMA_VERSION:
             raise SchemaVersionError(
                 f"database {self.path} has schema version {version}, this dropcluster reads up "
-                f"to {SCHEMA_VERSION}: upgrade dropcluster (pip install -U dropcluster)"
+                f"to {SCHEMA_VERSION}: upgrade dropcluster (git pull, then make venv)"
             )
         connection.execute("PRAGMA foreign_keys = ON")
         if not self.readonly:
@@ -605,7 +606,7 @@ class ResultsStore:
         top1: float,
         top5: float,
         average_last: int,
-        seconds: float,
+        seconds: float | None,
         corruptions: Sequence[dict] | None = None,
         clusters: Sequence[dict] | None = None,
     ) -> None:
@@ -620,7 +621,8 @@ class ResultsStore:
             history: as in :meth:`record_epochs`.
             top1, top5: final metrics in percent.
             average_last: number of epochs the final metrics average over.
-            seconds: wall time of the finished attempt.
+            seconds: wall time of the finished attempt (None: unknown, e.g. a run recorded
+                from its folder by ``dropcluster collect``).
             corruptions: rows as in :meth:`record_corruptions`; a row's ``source`` key, if
                 any, says where it comes from (default "generated").
             clusters: rows as in :meth:`record_clusters`.

@@ -12,6 +12,13 @@ from the run's own checkpoint, so the sweep can be killed at any moment and star
 the same command: finished runs are never repeated, an interrupted run continues from its last
 finished epoch, and a failed run (its error is kept in the database) is retried. Only this
 process writes the database, each run's results in one transaction.
+
+Where the workers run is a backend's business (:mod:`dropcluster.experiments.backends`):
+processes on this machine (the default, ``jobs`` at a time), Ray tasks or Slurm jobs. Whatever
+the backend, a run writes only its own folder, and this process records its results from there
+(:func:`collect_results`); a run found finished in its folder (a Slurm job that ended after a
+``--no-wait`` submission, a worker that finished after its sweep died) is recorded without
+training again.
 """
 
 from __future__ import annotations
@@ -19,15 +26,32 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from dropcluster.experiments.corruption_eval import CORRUPTIONS_NAME, CorruptionSettings
+from dropcluster.errors import RunBusyError
+from dropcluster.experiments.backends import (
+    WORKER_LOG_NAME,
+    Backend,
+    BackendSettings,
+    Finished,
+    LocalBackend,
+    RunTask,
+    cluster_backend,
+    start_worker,
+    worker_command,
+)
+from dropcluster.experiments.corruption_eval import (
+    CORRUPTIONS_NAME,
+    CorruptionSettings,
+    stored_identity,
+)
 from dropcluster.experiments.presets import (
     Preset,
     RunSpec,
@@ -37,16 +61,14 @@ from dropcluster.experiments.presets import (
     load_preset,
 )
 from dropcluster.experiments.store import DATABASE_NAME, FAILED, FINISHED, ResultsStore
-from dropcluster.experiments.worker import write_job
-from dropcluster.files import atomic_write_json
+from dropcluster.experiments.worker import JOB_NAME, write_job
+from dropcluster.files import FolderLock, atomic_write_json
 from dropcluster.train.config import NOT_IDENTITY, resolve_device
-from dropcluster.train.loop import LOG_NAME, RESULT_NAME, read_log
+from dropcluster.train.loop import LOG_NAME, RESULT_NAME, RUN_LOCK_NAME, read_log
 from dropcluster.validation import check_int
 
 PRESET_NAME = "preset.json"
 SWEEP_LOCK_NAME = ".sweep.lock"
-#: A worker's output (its last line is the run's error when it fails), in the run folder.
-WORKER_LOG_NAME = "worker.log"
 #: The folder of a sweep's run folders: ``OUT/runs/<run id>/``.
 RUNS_FOLDER = "runs"
 #: Where sweeps go when no output folder is given: ``runs/<preset name>`` in the working folder.
@@ -72,12 +94,24 @@ CPU_IMAGES_PER_SECOND = {
 
 @dataclass
 class SweepSummary:
-    """What a sweep invocation did."""
+    """What a sweep invocation did.
+
+    Attributes:
+        total: runs selected.
+        finished: of them, finished (before or during this invocation).
+        failed: runs that failed in this invocation.
+        ran: runs trained (or finished training) in this invocation.
+        collected: runs found finished in their folders and recorded without training.
+        submitted: runs left queued or running on the cluster (Slurm ``--no-wait``).
+        seconds: wall time of the invocation.
+    """
 
     total: int = 0
     finished: int = 0
     failed: list[str] = field(default_factory=list)
     ran: list[str] = field(default_factory=list)
+    collected: list[str] = field(default_factory=list)
+    submitted: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -93,11 +127,7 @@ def prepare_folder(preset: Preset, out: Path) -> None:
                 f"{out} holds a sweep of preset {existing.name!r}, not {preset.name!r}: "
                 f"choose another --out"
             )
-        old_base, new_base = _identity_base(existing.base), _identity_base(preset.base)
-        changed = sorted(k for k in set(old_base) | set(new_base)
-                         if old_base.get(k) != new_base.get(k))  # fmt: skip
-        if existing.evaluate != preset.evaluate:
-            changed.append("evaluate")
+        changed = changed_settings(existing, preset)
         if changed:
             raise ValueError(
                 f"{out} holds a sweep of {preset.name!r} with other settings ({changed} "
@@ -107,7 +137,40 @@ def prepare_folder(preset: Preset, out: Path) -> None:
     atomic_write_json(path, preset.to_dict())
 
 
-def _identity_base(base: dict[str, Any]) -> dict[str, Any]:
+def changed_settings(first: Preset, second: Preset) -> list[str]:
+    """The base config keys (and "evaluate") whose values differ between two presets, leaving
+    out those that do not change results (device, evaluation batch size)."""
+    old_base, new_base = identity_base(first.base), identity_base(second.base)
+    changed = sorted(k for k in set(old_base) | set(new_base)
+                     if old_base.get(k) != new_base.get(k))  # fmt: skip
+    if first.evaluate != second.evaluate:
+        changed.append("evaluate")
+    return changed
+
+
+@contextmanager
+def sweep_lock(out: Path) -> Iterator[None]:
+    """Hold ``out``'s sweep lock: one process at a time runs or collects a sweep folder (the
+    database has one writer).
+
+    Raises:
+        ValueError: another process holds it.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / SWEEP_LOCK_NAME, "w")  # noqa: SIM115 - held until the block ends
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"another sweep is running in {out}: wait for it, or stop it (Ctrl-C) first"
+            ) from None
+        yield
+    finally:
+        handle.close()
+
+
+def identity_base(base: dict[str, Any]) -> dict[str, Any]:
     """The base config without the keys that do not change results (device, eval batch size)."""
     return {key: value for key, value in base.items() if key not in NOT_IDENTITY}
 
@@ -180,7 +243,7 @@ def plan(preset: Preset, out: Path, only: list[str]) -> tuple[list[RunSpec], Res
     for spec in specs:
         store.add_run(
             spec.run_id,
-            _identity_base(spec.config.to_dict()),
+            identity_base(spec.config.to_dict()),
             preset=preset.name,
             regularizer=spec.regularizer,
             p=spec.p,
@@ -224,8 +287,8 @@ def dry_run(
     source = "this sweep's finished runs" if rates else "the reference 2-core CPU"
     stream.write(
         f"estimated time, one job at a time, at the speed of {source}: total "
-        f"{format_duration(total)}, still to run {format_duration(remaining)} (a GPU is "
-        f"typically 20-100x faster for ResNet-50)\n"
+        f"{format_duration(total)}, still to run {format_duration(remaining)} (the speed of "
+        f"this sweep's own runs replaces the reference once some have finished)\n"
     )
     return specs
 
@@ -270,6 +333,59 @@ def collect_results(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def finished_results(run_dir: Path) -> dict[str, Any] | None:
+    """The results of a run folder whose run is finished, as :func:`collect_results` reads
+    them; None while it is not (or while a process writes it).
+
+    Finished: ``result.json`` counts the config's epochs, the log holds them all, and, when the
+    run's job asks for the corrupted test sets, ``corruptions.json`` scored the finished model
+    with the job's settings. The config comes from ``job.json``, else ``config.json`` (a run
+    trained with ``dropcluster train``).
+    """
+    try:
+        config, evaluate = run_folder_config(run_dir)
+        result = json.loads((run_dir / RESULT_NAME).read_text())
+    except (OSError, ValueError, KeyError):
+        return None
+    epochs = config["epochs"]
+    if result.get("epochs", epochs) != epochs:
+        return None
+    if evaluate:
+        stored = stored_identity(run_dir)
+        wanted = CorruptionSettings(**evaluate).to_dict()
+        if (stored is None or stored["settings"] != wanted or stored["checkpoint_epochs"] != epochs
+                or "corruptions" not in result):  # fmt: skip
+            return None
+    lock = FolderLock(run_dir, RUN_LOCK_NAME, "training run")
+    try:
+        lock.acquire()
+    except RunBusyError:
+        return None
+    except OSError:
+        pass  # a read-only folder: nobody writes it either
+    try:
+        results = collect_results(run_dir)
+    except (OSError, ValueError, KeyError):
+        return None
+    finally:
+        lock.release()
+    return results if len(results["history"]) == epochs else None
+
+
+def run_folder_config(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A run folder's config (a ``TrainConfig`` dict) and corruption settings (None: none), from
+    its ``job.json``, else its ``config.json``.
+
+    Raises:
+        OSError: neither file is there; ValueError: one is not valid JSON.
+    """
+    try:
+        job = json.loads((run_dir / JOB_NAME).read_text())
+    except FileNotFoundError:
+        return json.loads((run_dir / "config.json").read_text()), None
+    return job["config"], job.get("evaluate")
+
+
 def _logged_history(run_dir: Path) -> list[dict[str, Any]] | None:
     """The epochs a running worker has logged (a half-written line is read at the next poll);
     None while there is no log yet."""
@@ -289,60 +405,64 @@ def _error_tail(log_path: Path, lines: int = 15) -> str:
 
 @dataclass
 class _Active:
+    """A run handed to the backend: what the progress display and the records need."""
+
     spec: RunSpec
-    process: subprocess.Popen
+    run_dir: Path
     started: float
-    log: Any
-    slot: int
     epochs_seen: int = 0
+    #: (modification time, size) of the log when last read; None: no log yet.
+    log_state: tuple[int, int] | None = None
 
 
 def run_sweep(
     preset: Preset | dict[str, Any],
     out: str | Path,
     *,
-    jobs: int = 1,
+    jobs: int | None = None,
     only: list[str] | None = None,
     stream: TextIO | None = None,
-    poll_seconds: float = 0.5,
+    poll_seconds: float | None = None,
+    backend: BackendSettings | None = None,
 ) -> SweepSummary:
-    """Run every unfinished run of ``preset`` (filtered by ``only``) with ``jobs`` workers.
+    """Run every unfinished run of ``preset`` (filtered by ``only``) on ``backend``.
 
     Args:
         preset: a :class:`~dropcluster.experiments.presets.Preset` (see
             :func:`~dropcluster.experiments.presets.load_preset`) or its JSON form.
-        out: the sweep's output folder.
-        jobs: runs trained at once. On a machine with several GPUs and a CUDA device in the
-            preset ("auto" or "cuda"), job i uses GPU i; on the CPU the cores are shared out.
+        out: the sweep's output folder; with Ray or Slurm, on a filesystem every node sees.
+        jobs: runs in flight at once. None: one on this machine; every pending run on Ray or
+            Slurm, whose scheduler queues them. On a machine with several GPUs and a CUDA device
+            in the preset ("auto" or "cuda"), local job i uses GPU i (GPUs i*N to i*N+N-1 with
+            N GPUs per run); on the CPU the cores are shared out.
         only: filters (see :func:`~dropcluster.experiments.presets.filter_runs`).
         stream: progress display (default stderr).
+        poll_seconds: time between two looks at the runs (default 0.5 s here, 2 s on a
+            cluster).
+        backend: where the runs train (default: :class:`BackendSettings`, this machine).
 
     Returns:
-        A :class:`SweepSummary`. KeyboardInterrupt stops the workers (each keeps its last
-        checkpoint) and marks their runs pending again before it propagates.
+        A :class:`SweepSummary`. KeyboardInterrupt stops the runs in flight (each keeps its last
+        checkpoint) and marks them pending again before it propagates.
 
     Raises:
-        ValueError: a bad preset or ``jobs``, a missing ``corrupted_from`` folder, another sweep
-            running in ``out``, or ``out`` holding another preset's sweep.
+        ValueError: a bad preset, ``jobs`` or backend setting, a missing ``corrupted_from``
+            folder, another sweep running in ``out``, or ``out`` holding another preset's sweep.
+        ImportError: the backend's engine (Ray, submitit) is not installed.
     """
     preset = as_preset(preset)
-    check_int("jobs", jobs, minimum=1)
+    if jobs is not None:
+        check_int("jobs", jobs, minimum=1)
+    settings = backend if backend is not None else BackendSettings()
+    if not settings.wait and jobs is not None:
+        raise ValueError("--no-wait submits every pending run at once: leave out --jobs")
+    if poll_seconds is None:
+        poll_seconds = 0.5 if settings.name == "local" else 2.0
     _check_corrupted_from(preset)
     stream = stream if stream is not None else sys.stderr
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    sweep_lock = open(out / SWEEP_LOCK_NAME, "w")  # noqa: SIM115 - held until the sweep returns
-    try:
-        fcntl.flock(sweep_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        sweep_lock.close()
-        raise ValueError(
-            f"another sweep is running in {out}: wait for it, or stop it (Ctrl-C) first"
-        ) from None
-    try:
-        return _run_locked(preset, out, jobs, list(only or []), stream, poll_seconds)
-    finally:
-        sweep_lock.close()
+    with sweep_lock(out):
+        return _run_locked(preset, out, jobs, list(only or []), stream, poll_seconds, settings)
 
 
 def _check_corrupted_from(preset: Preset) -> None:
@@ -359,90 +479,179 @@ def _check_corrupted_from(preset: Preset) -> None:
 def _run_locked(
     preset: Preset,
     out: Path,
-    jobs: int,
+    jobs: int | None,
     only: list[str],
     stream: TextIO,
     poll_seconds: float,
+    settings: BackendSettings,
 ) -> SweepSummary:
     prepare_folder(preset, out)
     specs, store = plan(preset, out, only)
     summary = SweepSummary(total=len(specs))
     start = time.perf_counter()
-    evaluate = _corruption_settings(preset)
     with store:
         interrupted = store.reset_interrupted()
         if interrupted:
             stream.write(
                 f"resuming {len(interrupted)} interrupted run(s): {', '.join(interrupted)}\n"
             )
-        status = {r.run_id: r for r in store.runs()}
-        todo = [s for s in specs if status[s.run_id].status != FINISHED]
-        for spec in todo:
-            if status[spec.run_id].status == FAILED:
-                stream.write(
-                    f"retrying {spec.run_id} (failed before: "
-                    f"{(status[spec.run_id].error or '').splitlines()[-1:]})\n"
-                )
+        todo = _record_finished_folders(store, specs, out, summary, stream)
         summary.finished = len(specs) - len(todo)
         stream.write(
             f"sweep {preset.name} in {out}: {len(specs)} runs, {summary.finished} finished, "
-            f"{len(todo)} to run, {jobs} at a time\n"
+            f"{len(todo)} to run, {_where(settings, jobs)}\n"
         )
-        devices = _job_devices(preset, jobs)
-        threads = _threads_per_job(jobs)
-        rates = measured_rates(store)
-        estimates = {s.run_id: estimate_seconds(s, rates, evaluate) for s in todo}
-        queue = list(todo)
-        active: list[_Active] = []
-        display = _Display(stream)
-        try:
-            while queue or active:
-                free_slots = [i for i in range(jobs) if i not in {a.slot for a in active}]
-                while queue and free_slots:
-                    spec = queue.pop(0)
-                    active.append(_launch(spec, out, evaluate, free_slots.pop(0), devices, threads))
-                    store.mark_running(spec.run_id)
-                time.sleep(poll_seconds)
-                for job in list(active):
-                    run_dir = out / RUNS_FOLDER / job.spec.run_id
-                    history = _logged_history(run_dir)
-                    if history is not None and len(history) != job.epochs_seen:
-                        # Copied as they come, so `dropcluster results` shows runs in progress.
-                        job.epochs_seen = len(history)
-                        store.record_epochs(job.spec.run_id, history)
-                    code = job.process.poll()
-                    if code is None:
-                        continue
-                    active.remove(job)
-                    job.log.close()
-                    display.clear()
-                    _record_exit(store, job, code, run_dir, summary, estimates, stream)
-                display.show(_status_line(summary, active, queue, estimates, start, jobs))
-        except BaseException:
-            display.clear()
-            for job in active:
-                _stop(job.process)
-                job.log.close()
-            store.reset_interrupted()
-            raise
-        display.clear()
+        if todo:
+            engine = _make_engine(settings, preset, out, jobs)
+            try:
+                _drive(engine, store, todo, out, _corruption_settings(preset), settings,
+                       summary, stream, poll_seconds, start)  # fmt: skip
+            except BaseException:
+                engine.stop()
+                store.reset_interrupted()
+                raise
+            finally:
+                engine.close()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _record_finished_folders(
+    store: ResultsStore, specs: list[RunSpec], out: Path, summary: SweepSummary, stream: TextIO
+) -> list[RunSpec]:
+    """Record the runs the database does not have as finished but whose folders do; returns
+    the runs left to train (failed runs are retried, with a word)."""
+    status = {r.run_id: r for r in store.runs()}
+    todo = []
+    for spec in specs:
+        record = status[spec.run_id]
+        if record.status == FINISHED:
+            continue
+        results = finished_results(out / RUNS_FOLDER / spec.run_id)
+        if results is not None:
+            store.record_finished(spec.run_id, seconds=None, **results)
+            summary.collected.append(spec.run_id)
+            continue
+        if record.status == FAILED:
+            stream.write(
+                f"retrying {spec.run_id} (failed before: "
+                f"{(record.error or '').splitlines()[-1:]})\n"
+            )
+        todo.append(spec)
+    if summary.collected:
+        stream.write(
+            f"recorded {len(summary.collected)} run(s) found finished in their folders: "
+            f"{', '.join(summary.collected)}\n"
+        )
+    return todo
+
+
+def _where(settings: BackendSettings, jobs: int | None) -> str:
+    if settings.name == "local":
+        return f"{jobs or 1} at a time"
+    limit = f"{jobs} at a time" if jobs else "all at once"
+    return f"on {settings.name} ({limit}; the cluster schedules them)"
+
+
+def _make_engine(settings: BackendSettings, preset: Preset, out: Path, jobs: int | None) -> Backend:
+    """The backend; for this machine, with each job slot's device and share of the cores."""
+    if settings.name != "local":
+        return cluster_backend(settings, out, jobs)
+    slots = jobs or 1
+    procs = settings.procs_per_run
+    devices = _job_devices(preset, slots, procs)
+    threads = _threads_per_job(slots, procs)
+
+    def launch(task: RunTask, slot: int) -> subprocess.Popen:
+        return _launch(task.spec, out, task.procs, slot, devices, threads)
+
+    return LocalBackend(slots, launch)
+
+
+def _drive(
+    engine: Backend,
+    store: ResultsStore,
+    todo: list[RunSpec],
+    out: Path,
+    evaluate: CorruptionSettings | None,
+    settings: BackendSettings,
+    summary: SweepSummary,
+    stream: TextIO,
+    poll_seconds: float,
+    start: float,
+) -> None:
+    """Hand the runs to ``engine`` as it has room, copy their epochs as they come, and record
+    each run when it ends (the loop of :func:`run_sweep`)."""
+    rates = measured_rates(store)
+    estimates = {s.run_id: estimate_seconds(s, rates, evaluate) for s in todo}
+    queue = list(todo)
+    active: dict[str, _Active] = {}
+    display = _Display(stream)
+    try:
+        while queue or active:
+            while queue and (engine.capacity is None or len(active) < engine.capacity):
+                spec = queue.pop(0)
+                task = _task(spec, out, evaluate, settings)
+                engine.submit(task)
+                store.mark_running(spec.run_id)
+                active[spec.run_id] = _Active(spec, task.run_dir, time.perf_counter())
+            if not settings.wait:
+                summary.submitted = list(active)
+                return
+            time.sleep(poll_seconds)
+            for job in active.values():
+                _copy_new_epochs(store, job)
+            for finished in engine.poll():
+                job = active.pop(finished.task.run_id)
+                display.clear()
+                _record_exit(store, job, finished, summary, estimates, stream)
+            display.show(_status_line(summary, list(active.values()), queue, estimates, start,
+                                      engine.capacity))  # fmt: skip
+    finally:
+        display.clear()
+
+
+def _task(
+    spec: RunSpec, out: Path, evaluate: CorruptionSettings | None, settings: BackendSettings
+) -> RunTask:
+    """Write the run's job file and describe the run for the backend."""
+    run_dir = out / RUNS_FOLDER / spec.run_id
+    corruption = evaluate.to_dict() if evaluate and spec.evaluate_corruptions else None
+    write_job(run_dir, spec.config.to_dict(), corruption)
+    return RunTask(spec, run_dir.resolve(), settings.procs_per_run, settings.gpus_per_run,
+                   settings.cpus_per_run)  # fmt: skip
+
+
+def _copy_new_epochs(store: ResultsStore, job: _Active) -> None:
+    """Copy a run's newly logged epochs into the database, so `dropcluster results` shows runs
+    in progress (the log is read only when it changed: it may lie on a network filesystem)."""
+    try:
+        stat = (job.run_dir / LOG_NAME).stat()
+    except OSError:
+        return
+    state = (stat.st_mtime_ns, stat.st_size)
+    if state == job.log_state:
+        return
+    job.log_state = state
+    history = _logged_history(job.run_dir)
+    if history is not None and len(history) != job.epochs_seen:
+        job.epochs_seen = len(history)
+        store.record_epochs(job.spec.run_id, history)
 
 
 def _record_exit(
     store: ResultsStore,
     job: _Active,
-    code: int,
-    run_dir: Path,
+    finished: Finished,
     summary: SweepSummary,
     estimates: dict[str, float],
     stream: TextIO,
 ) -> None:
-    """Record a worker's end: the run's results in one transaction, or its failure."""
+    """Record a run's end: its results in one transaction, or its failure."""
     run_id = job.spec.run_id
+    run_dir = job.run_dir
     seconds = time.perf_counter() - job.started
-    if code == 0:
+    if finished.status == 0:
         try:
             results = collect_results(run_dir)
         except (OSError, ValueError, KeyError) as error:
@@ -459,18 +668,37 @@ def _record_exit(
         )
         return
     error = _error_tail(run_dir / WORKER_LOG_NAME)
-    store.mark_failed(run_id, f"exit status {code}\n{error}")
+    if finished.message:
+        error = f"{error}\n{finished.message}"
+    store.mark_failed(run_id, f"exit status {finished.status}\n{error}")
     summary.failed.append(run_id)
     last = error.splitlines()[-1] if error else ""
     stream.write(
-        f"FAILED {run_id} (exit {code}): {last}\n  full log: {run_dir / WORKER_LOG_NAME}\n"
+        f"FAILED {run_id} (exit {finished.status}): {last}\n"
+        f"  full log: {run_dir / WORKER_LOG_NAME}\n"
     )
 
 
-def _job_devices(preset: Preset, jobs: int) -> list[str | None]:
-    """The device of each job slot (None: the config's own): with several GPUs and a device
-    that names none of them ("auto", "cuda"), job i uses GPU i."""
+def _job_devices(preset: Preset, jobs: int, procs: int = 1) -> list[str | None]:
+    """The device of each local job slot (None: the config's own): with several GPUs and a
+    device that names none of them ("auto", "cuda"), job i uses GPU i; with ``procs`` GPUs per
+    run, job i's first GPU is i * procs (see :func:`_launch`).
+
+    Raises:
+        ValueError: ``procs`` > 1 without enough CUDA devices for every slot.
+    """
     device = resolve_device(preset.base.get("device", "cpu"))
+    if procs > 1:
+        import torch
+
+        count = torch.cuda.device_count() if device.type == "cuda" else 0
+        if jobs * procs > count:
+            raise ValueError(
+                f"--gpus-per-run {procs} with {jobs} job(s) at a time needs {jobs * procs} CUDA "
+                f"devices; this machine offers {count} to the preset's device "
+                f"{preset.base.get('device', 'cpu')!r}"
+            )
+        return [f"cuda:{slot * procs}" for slot in range(jobs)]
     if device.type == "cuda" and device.index is None:
         import torch
 
@@ -480,54 +708,45 @@ def _job_devices(preset: Preset, jobs: int) -> list[str | None]:
     return [None] * jobs
 
 
-def _threads_per_job(jobs: int) -> int | None:
-    """CPU threads per worker: the cores shared out when several runs train at once."""
-    if jobs == 1:
+def _threads_per_job(jobs: int, procs: int = 1) -> int | None:
+    """CPU threads per worker process: the cores shared out when several train at once
+    (``jobs`` runs of ``procs`` processes each)."""
+    if jobs * procs == 1:
         return None
-    return max(1, (os.cpu_count() or 1) // jobs)
+    return max(1, (os.cpu_count() or 1) // (jobs * procs))
 
 
 def _launch(
     spec: RunSpec,
     out: Path,
-    evaluate: CorruptionSettings | None,
+    procs: int,
     slot: int,
     devices: list[str | None],
     threads: int | None,
-) -> _Active:
+) -> subprocess.Popen:
+    """Start the worker of ``spec``'s run folder in local job slot ``slot``: on the slot's
+    device, or under torchrun on the slot's ``procs`` GPUs, with ``threads`` torch threads in
+    each process (None: torch's default)."""
     run_dir = out / RUNS_FOLDER / spec.run_id
-    settings = evaluate.to_dict() if evaluate and spec.evaluate_corruptions else None
-    write_job(run_dir, spec.config.to_dict(), settings)
-    env = dict(os.environ)
-    if devices[slot] is not None:
-        env["DROPCLUSTER_DEVICE"] = devices[slot]
+    env = {}
+    device = devices[slot]
+    if device is not None and procs > 1:
+        # Each rank takes the GPU of its local rank among the slot's GPUs.
+        first = int(device.split(":")[1])
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(first + procs)]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[first : first + procs])
+    elif device is not None:
+        env["DROPCLUSTER_DEVICE"] = device
     if threads is not None:
         env["DROPCLUSTER_THREADS"] = str(threads)
-    log = open(run_dir / WORKER_LOG_NAME, "a")  # noqa: SIM115 - closed when the job ends
-    log.write(f"--- attempt started {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n")
-    log.flush()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dropcluster.experiments.worker", str(run_dir)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    return _Active(spec, process, time.perf_counter(), log, slot)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    return start_worker(worker_command(run_dir, procs), run_dir, env)
 
 
 def _phase(job: _Active) -> str:
     epochs = job.spec.config.epochs
+    if job.log_state is None:
+        return "starting"
     if job.epochs_seen < epochs:
         return f"epoch {job.epochs_seen + 1}/{epochs}"
     return "corrupted test sets" if job.spec.evaluate_corruptions else "finishing"
@@ -542,21 +761,31 @@ def _rescale_estimates(estimates: dict[str, float], run_id: str, seconds: float)
             estimates[key] *= ratio
 
 
+#: Runs named on the status line; the others are counted.
+_SHOWN_RUNS = 3
+
+
 def _status_line(
     summary: SweepSummary,
     active: list[_Active],
     queue: list[RunSpec],
     estimates: dict[str, float],
     start: float,
-    jobs: int,
+    capacity: int | None,
 ) -> str:
     elapsed = time.perf_counter() - start
     left = sum(estimates.get(s.run_id, 0.0) for s in queue)
     for job in active:
         done = job.epochs_seen / max(1, job.spec.config.epochs)
         left += estimates.get(job.spec.run_id, 0.0) * (1.0 - done)
-    left /= max(1, jobs)
-    running = ", ".join(f"{j.spec.run_id} {_phase(j)}" for j in active)
+    left /= max(1, capacity or len(active))
+    started = [job for job in active if job.log_state is not None]
+    running = ", ".join(f"{j.spec.run_id} {_phase(j)}" for j in started[:_SHOWN_RUNS])
+    if len(started) > _SHOWN_RUNS:
+        running += f" and {len(started) - _SHOWN_RUNS} more"
+    waiting = len(active) - len(started)
+    if waiting:
+        running += f"{', ' if running else ''}{waiting} starting or queued"
     failed = f", {len(summary.failed)} failed" if summary.failed else ""
     return (
         f"[{summary.finished}/{summary.total} done{failed}] {running or 'idle'} | "

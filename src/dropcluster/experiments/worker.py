@@ -6,6 +6,11 @@ evaluates on corrupted test sets when asked, and exits 0. Its own files (``log.j
 ``result.json``, ``corruptions.json``) are the source of truth the sweep copies into the results
 database. A lock file keeps two processes (say, an orphan of a killed sweep and a new sweep)
 from training the same run at once.
+
+Under ``torchrun`` (a run on several GPUs) every rank runs this module; rank 0 holds the lock
+and evaluates the corrupted test sets. Started by a Ray task or a Slurm job, the worker ends
+when that task's process is gone (:data:`OWNER_PID_VARIABLE`), so an engine that lost a task
+never has its run training on unseen.
 """
 
 from __future__ import annotations
@@ -13,12 +18,16 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from dropcluster.files import FolderLock, atomic_write_json
 
 JOB_NAME = "job.json"
+#: The process that owns this worker (a Ray task, a Slurm job): the worker ends when it is gone.
+OWNER_PID_VARIABLE = "DROPCLUSTER_OWNER_PID"
 
 
 def write_job(run_dir: Path, config: dict[str, Any], evaluate: dict[str, Any] | None) -> Path:
@@ -33,16 +42,19 @@ def run_job(run_dir: Path) -> int:
     from dropcluster.train.config import TrainConfig
     from dropcluster.train.loop import RUN_LOCK_NAME, train
 
-    # Held until the process ends; train() and evaluate_run() take it again (re-entrant).
-    lock = FolderLock(run_dir, RUN_LOCK_NAME, "training run")
-    try:
-        lock.acquire()
-    except RunBusyError:
-        # Another process (an orphan of a killed sweep, a hand-started `train --resume`) is
-        # writing this run: let it finish, then resume (a finished run returns at once).
-        print(f"{run_dir} is being written by another process; waiting for it", file=sys.stderr,
-              flush=True)  # fmt: skip
-        lock.acquire(wait=True)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        # Held until the process ends; train() and evaluate_run() take it again (re-entrant).
+        # Under torchrun rank 0 holds it for the whole group.
+        lock = FolderLock(run_dir, RUN_LOCK_NAME, "training run")
+        try:
+            lock.acquire()
+        except RunBusyError:
+            # Another process (an orphan of a killed sweep, a hand-started `train --resume`)
+            # is writing this run: let it finish, then resume (a finished run returns at once).
+            print(f"{run_dir} is being written by another process; waiting for it",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            lock.acquire(wait=True)
     job = json.loads((run_dir / JOB_NAME).read_text())
     config = TrainConfig.from_dict(job["config"])
     device = os.environ.get("DROPCLUSTER_DEVICE")
@@ -54,7 +66,7 @@ def run_job(run_dir: Path) -> int:
 
         torch.set_num_threads(int(threads))
     train(config, run_dir, resume=True)
-    if job.get("evaluate"):
+    if job.get("evaluate") and rank == 0:
         from dropcluster.experiments.corruption_eval import (
             CorruptionSettings,
             evaluate_run,
@@ -78,12 +90,37 @@ def _result(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def watch_owner(pid: int, interval: float = 1.0) -> None:
+    """End this process as soon as process ``pid`` is gone.
+
+    Every file a run writes is replaced atomically, so ending mid-epoch loses that epoch only.
+    """
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                print(f"the task that started this worker (pid {pid}) is gone; stopping",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                os._exit(3)
+            except PermissionError:
+                pass  # alive, another user's process
+
+    threading.Thread(target=watch, name="owner-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m dropcluster.experiments.worker RUN_DIR", file=sys.stderr)
         return 2
     from dropcluster.errors import DropClusterError
+
+    owner = os.environ.get(OWNER_PID_VARIABLE)
+    if owner:
+        watch_owner(int(owner))
 
     try:
         return run_job(Path(args[0]))

@@ -3,5 +3,5 @@
 Nothing in the package imports these modules: ``import dropcluster`` never needs a framework.
 
 - :mod:`dropcluster.integrations.lightning`: :class:`DropClusterRefit`, a PyTorch Lightning
-  callback (``pip install 'dropcluster[lightning]'``).
+  callback (``pip install -e '.[lightning]'`` in the dropcluster checkout).
 """

@@ -1,6 +1,7 @@
 """PyTorch Lightning callback that refits a LightningModule's DropCluster layers on schedule.
 
-Install the extra: ``pip install 'dropcluster[lightning]'``. The callback only calls the core
+Install the extra: ``pip install -e '.[lightning]'`` in the dropcluster checkout. The callback
+only calls the core
 functions (:class:`~dropcluster.nn.RefitSchedule`, :func:`~dropcluster.nn.fit_clusters`), so a
 run under Lightning fits exactly what a plain loop fits. Under a distributed strategy (DDP),
 ``fit_clusters`` fits on rank 0 and broadcasts the clusters, so every rank holds the same ones.
@@ -28,7 +29,7 @@ try:
 except ImportError as error:  # the optional extra is missing
     raise ImportError(
         "dropcluster.integrations.lightning needs PyTorch Lightning: "
-        "pip install 'dropcluster[lightning]'"
+        "pip install -e '.[lightning]' (in the dropcluster checkout)"
     ) from error
 
 __all__ = ["DropClusterRefit"]

@@ -55,7 +55,7 @@ class TrainConfig:
             Not part of a run's identity: a run may resume on another device.
         amp: mixed precision on CUDA; ignored on the CPU.
         amp_dtype: "bfloat16" (default) or "float16" (with gradient scaling).
-        channels_last: NHWC memory format (faster convolutions on CPU and recent GPUs).
+        channels_last: NHWC memory format for the model and its inputs.
         compile: wrap the model in torch.compile.
         sync_batchnorm: under distributed training (torchrun), batch norm statistics over the
             whole batch of all processes (SyncBatchNorm, CUDA) instead of each process's share.

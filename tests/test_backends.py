@@ -1,0 +1,285 @@
+"""Sweeps on Ray and on Slurm (through submitit's local executor), the worker command line and
+the backend settings: every run lands once in the database, a killed sweep completes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from test_sweep import tiny_preset
+
+from dropcluster.cli import main
+from dropcluster.experiments import sweep
+from dropcluster.experiments.backends import (
+    BackendSettings,
+    RunTask,
+    task_environment,
+    worker_command,
+)
+from dropcluster.experiments.presets import expand_grid
+from dropcluster.experiments.store import ResultsStore
+from dropcluster.experiments.sweep import finished_results, run_sweep
+
+#: The local stand-in for Slurm: submitit runs the jobs on this machine.
+SLURM_HERE = BackendSettings("slurm", cluster="local", time_minutes=10)
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """One local Ray instance for the module (starting one takes seconds); its address."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def _assert_recorded_once(out: Path, runs: int, epochs: int) -> None:
+    """Every run finished, with exactly one row per epoch and its final metrics."""
+    with ResultsStore.in_folder(out, readonly=True) as store:
+        records = store.runs()
+        rows = store.epochs()
+    assert len(records) == runs and {r.status for r in records} == {"finished"}
+    assert len(rows) == runs * epochs
+    assert len({(row["run_id"], row["epoch"]) for row in rows}) == len(rows)
+    for record in records:
+        result = json.loads((out / "runs" / record.run_id / "result.json").read_text())
+        assert record.top1 == pytest.approx(result["top1"]) and record.epochs_done == epochs
+
+
+def _sweep_process(preset: dict, out: Path, backend: dict) -> subprocess.Popen:
+    """A sweep in its own process (and session, so it can be killed as a crash would)."""
+    code = (
+        "import json, sys; from dropcluster.experiments.sweep import run_sweep; "
+        "from dropcluster.experiments.backends import BackendSettings; "
+        "preset, out, backend = json.loads(sys.argv[1]); "
+        "run_sweep(preset, out, backend=BackendSettings(**backend), poll_seconds=0.1)"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps([preset, str(out), backend])],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _kill_when_a_checkpoint_appears(process: subprocess.Popen, out: Path) -> Path:
+    """Kill the sweep (as a crash would) once a run has finished an epoch; that run's folder."""
+    deadline = time.time() + 120
+    while not (checkpoints := list(out.glob("runs/*/checkpoint.pt"))):
+        assert process.poll() is None, "the sweep ended before it could be killed"
+        assert time.time() < deadline, "no run started"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    return checkpoints[0].parent
+
+
+def _killed_then_restarted(out: Path, backend: dict, restart: BackendSettings) -> None:
+    preset = tiny_preset(epochs=3)
+    interrupted = _kill_when_a_checkpoint_appears(_sweep_process(preset, out, backend), out)
+    first_epoch = (interrupted / "log.jsonl").read_text().splitlines()[0]
+    with ResultsStore.in_folder(out, readonly=True) as store:
+        assert "running" in {r.status for r in store.runs()}  # what the crash left behind
+    summary = run_sweep(preset, out, backend=restart, stream=io.StringIO(), poll_seconds=0.1)
+    assert summary.finished == summary.total == 2 and not summary.failed
+    _assert_recorded_once(out, runs=2, epochs=3)
+    # The interrupted run continued from its checkpoint (a fresh start would log new timings).
+    assert (interrupted / "log.jsonl").read_text().splitlines()[0] == first_epoch
+    again = run_sweep(preset, out, backend=restart, stream=io.StringIO())
+    assert again.ran == [] and again.collected == [] and again.finished == 2
+
+
+def _stop_a_running_task(backend, out: Path) -> Path:
+    """Start a long run on ``backend``, stop it after its first epoch; its folder."""
+    spec = expand_grid(tiny_preset(epochs=500))[0]
+    task = sweep._task(spec, out, None, BackendSettings())
+    backend.submit(task)
+    deadline = time.time() + 120
+    while not (task.run_dir / "checkpoint.pt").is_file():
+        assert time.time() < deadline, "the run did not start"
+        time.sleep(0.05)
+    backend.stop()
+    return task.run_dir
+
+
+def _assert_interrupted_not_killed(run_dir: Path) -> None:
+    """The worker stopped on SIGINT, as on Ctrl-C (a killed one leaves no traceback)."""
+    deadline = time.time() + 30
+    while not (run_dir / "worker.log").read_text().rstrip().endswith("KeyboardInterrupt"):
+        assert time.time() < deadline, "the worker was not interrupted"
+        time.sleep(0.1)
+    assert not (run_dir / "result.json").exists() and (run_dir / "checkpoint.pt").is_file()
+
+
+# -- the worker command and the settings -------------------------------------------------------
+
+
+def test_worker_command_is_the_worker_module_or_torchrun_with_one_process_per_gpu(tmp_path):
+    assert worker_command(tmp_path, 1, python="py") == [
+        "py", "-m", "dropcluster.experiments.worker", str(tmp_path)]  # fmt: skip
+    assert worker_command(tmp_path, 4, python="py") == [
+        "py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+        "-m", "dropcluster.experiments.worker", str(tmp_path)]  # fmt: skip
+    assert BackendSettings("ray", gpus_per_run=4).procs_per_run == 4
+    assert BackendSettings("ray", gpus_per_run=1).procs_per_run == 1
+    spec = expand_grid(tiny_preset())[0]
+    # One process takes the task's GPU (or the CPU); under torchrun each rank picks its own.
+    task = RunTask(spec, tmp_path, procs=1, cpus=4)
+    assert task_environment(task, gpus=1) == {"DROPCLUSTER_DEVICE": "cuda",
+                                              "DROPCLUSTER_THREADS": "4"}  # fmt: skip
+    assert task_environment(task, gpus=0)["DROPCLUSTER_DEVICE"] == "cpu"
+    assert task_environment(RunTask(spec, tmp_path, procs=2, cpus=4), gpus=2) == {
+        "DROPCLUSTER_THREADS": "2"}  # fmt: skip
+
+
+def test_a_worker_ends_when_the_task_that_started_it_is_gone():
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    code = ("import sys, time; from dropcluster.experiments.worker import watch_owner; "
+            "watch_owner(int(sys.argv[1]), interval=0.1); time.sleep(60)")  # fmt: skip
+    orphan = subprocess.Popen([sys.executable, "-c", code, str(owner.pid)],
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    owner.wait()
+    _, err = orphan.communicate(timeout=30)
+    assert orphan.returncode == 3 and f"(pid {owner.pid}) is gone" in err
+
+
+def test_local_run_on_several_gpus_launches_torchrun_on_its_slots_gpus(tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(sweep, "start_worker", lambda *args: started.append(args))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    spec = expand_grid(tiny_preset())[0]
+    sweep._launch(spec, tmp_path, 2, 1, ["cuda:0", "cuda:2"], 3)
+    command, run_dir, env = started[0]
+    assert command[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                            "2"] and command[-1] == str(run_dir)  # fmt: skip
+    assert env == {"CUDA_VISIBLE_DEVICES": "2,3", "DROPCLUSTER_THREADS": "3"}
+    # A CPU preset has no GPUs to give out: refused before anything runs.
+    with pytest.raises(ValueError, match="--gpus-per-run 2 with 1 job\\(s\\) at a time needs 2"):
+        run_sweep(tiny_preset(), tmp_path / "out", backend=BackendSettings(gpus_per_run=2))
+
+
+def test_backend_flags_become_settings_and_bad_combinations_are_one_line(tmp_path, capsys,
+                                                                         monkeypatch):  # fmt: skip
+    seen = {}
+
+    def fake_run_sweep(preset, out, **kwargs):
+        seen.update(kwargs)
+        return sweep.SweepSummary(total=1, finished=1)
+
+    monkeypatch.setattr(sweep, "run_sweep", fake_run_sweep)
+    assert main(["sweep", "--preset", "demo", "--out", str(tmp_path), "--backend", "slurm",
+                 "--partition", "gpu", "--time", "90", "--mem", "16", "--gpus-per-run", "2",
+                 "--cpus-per-run", "8"]) == 0  # fmt: skip
+    wanted = BackendSettings("slurm", gpus_per_run=2, cpus_per_run=8, partition="gpu",
+                             time_minutes=90, mem_gb=16)  # fmt: skip
+    assert seen["backend"] == wanted and seen["jobs"] is None
+    refused = [(["--no-wait"], "--no-wait needs --backend slurm"),
+               (["--backend", "slurm", "--address", "auto"], "--address is for")]  # fmt: skip
+    for flags, message in refused:
+        assert main(["sweep", "--preset", "demo", "--out", str(tmp_path), *flags]) == 2
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("backend", "extra"), [("ray", "ray"), ("slurm", "slurm")])
+def test_a_missing_engine_names_the_extra_to_install(backend, extra, tmp_path, capsys,
+                                                     monkeypatch):  # fmt: skip
+    engine = {"ray": "ray", "slurm": "submitit"}[backend]
+    monkeypatch.setitem(sys.modules, engine, None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, f"dropcluster.experiments.backends.{backend}", raising=False)
+    preset = tmp_path / "tiny.json"
+    preset.write_text(json.dumps(tiny_preset()))
+    args = ["sweep", "--preset", str(preset), "--out", str(tmp_path / "out"), "--backend",
+            backend, "--gpus-per-run", "0"]  # fmt: skip
+    assert main(args) == 2
+    assert f"pip install -e '.[{extra}]'" in capsys.readouterr().err
+
+
+def test_slurm_asks_for_gpus_explicitly_when_the_device_is_auto(tmp_path):
+    # A Slurm job has GPUs only when it asks: "auto" would quietly train on CPUs.
+    with pytest.raises(ValueError, match="pass --gpus-per-run 1"):
+        run_sweep(tiny_preset(device="auto"), tmp_path, backend=SLURM_HERE, stream=io.StringIO())
+    with ResultsStore.in_folder(tmp_path, readonly=True) as store:
+        assert {r.status for r in store.runs()} == {"pending"}
+    assert not (tmp_path / "slurm" / "jobs.json").exists()
+
+
+# -- Ray ---------------------------------------------------------------------------------------
+
+
+def test_ray_sweep_records_every_run_once(ray_address, tmp_path):
+    out = tmp_path / "out"
+    preset = tiny_preset(epochs=1)
+    summary = run_sweep(preset, out, backend=BackendSettings("ray"), stream=io.StringIO(),
+                        poll_seconds=0.1)  # fmt: skip
+    assert sorted(summary.ran) == sorted(s.run_id for s in expand_grid(preset))
+    _assert_recorded_once(out, runs=2, epochs=1)
+    log = (out / "runs" / summary.ran[0] / "worker.log").read_text()
+    assert log.startswith("--- attempt started") and "epoch 1/1" in log
+
+
+def test_ray_sweep_killed_mid_way_completes_without_duplicates(ray_address, tmp_path):
+    out = tmp_path / "out"
+    _killed_then_restarted(out, {"name": "ray", "address": ray_address}, BackendSettings("ray"))
+
+
+def test_stopping_a_ray_sweep_interrupts_its_workers(ray_address, tmp_path):
+    from dropcluster.experiments.backends.ray import RayBackend
+
+    # Ray's workers block SIGINT, and a child inherits that: the task unblocks it for the worker.
+    _assert_interrupted_not_killed(_stop_a_running_task(RayBackend(BackendSettings("ray")),
+                                                        tmp_path))  # fmt: skip
+
+
+# -- Slurm through submitit --------------------------------------------------------------------
+
+
+def test_slurm_sweep_records_every_run_once_and_keeps_the_job_ids(tmp_path):
+    out = tmp_path / "out"
+    summary = run_sweep(tiny_preset(epochs=1), out, backend=SLURM_HERE, stream=io.StringIO(),
+                        poll_seconds=0.1)  # fmt: skip
+    assert len(summary.ran) == 2 and not summary.failed
+    _assert_recorded_once(out, runs=2, epochs=1)
+    job_ids = json.loads((out / "slurm" / "jobs.json").read_text())
+    assert sorted(job_ids) == sorted(summary.ran)
+
+
+def test_slurm_sweep_killed_mid_way_completes_without_duplicates(tmp_path):
+    out = tmp_path / "out"
+    backend = {"name": "slurm", "cluster": "local", "time_minutes": 10}
+    _killed_then_restarted(out, backend, SLURM_HERE)
+
+
+def test_stopping_a_slurm_sweep_interrupts_its_workers(tmp_path):
+    from dropcluster.experiments.backends.slurm import SlurmBackend
+
+    backend = SlurmBackend(SLURM_HERE, tmp_path / "slurm")
+    _assert_interrupted_not_killed(_stop_a_running_task(backend, tmp_path))
+
+
+def test_slurm_no_wait_returns_at_once_and_collect_records_the_runs(tmp_path, capsys):
+    out = tmp_path / "out"
+    preset = tiny_preset(epochs=1)
+    no_wait = BackendSettings("slurm", cluster="local", time_minutes=10, wait=False)
+    summary = run_sweep(preset, out, backend=no_wait, stream=io.StringIO())
+    assert len(summary.submitted) == 2 and summary.ran == []
+    with ResultsStore.in_folder(out, readonly=True) as store:
+        assert {r.status for r in store.runs()} == {"running"}
+    deadline = time.time() + 120
+    while not all(finished_results(out / "runs" / run_id) for run_id in summary.submitted):
+        assert time.time() < deadline, "the submitted jobs did not finish"
+        time.sleep(0.2)
+    assert main(["collect", str(out)]) == 0
+    assert "2 run(s) recorded" in capsys.readouterr().err
+    _assert_recorded_once(out, runs=2, epochs=1)
+    # The same sweep command afterwards has nothing to train.
+    again = run_sweep(preset, out, backend=SLURM_HERE, stream=io.StringIO())
+    assert again.ran == [] and again.finished == 2
