@@ -316,7 +316,7 @@ def test_newer_schema_version_is_refused(tmp_path):
             ResultsStore(path, readonly=readonly)
         message = str(raised.value)
         assert "schema version 2" in message and f"up to {SCHEMA_VERSION}" in message
-        assert str(path) in message and "pip install -U dropcluster" in message
+        assert str(path) in message and "git pull, then make venv" in message
 
 
 def test_non_sqlite_file_is_refused_and_left_alone(tmp_path):
