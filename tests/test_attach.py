@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+from datetime import timedelta
 
 import pytest
 import torch
@@ -317,8 +318,9 @@ def test_attach_reaches_the_module_inside_data_parallel_and_ddp_wrappers(tmp_pat
     layer = attach(parallel, "relu", DropBlock2d(0.1, 3))
     assert model.relu.attached_regularizer is layer
     assert detach(parallel, "module.relu") is layer  # the wrapper's spelling works too
+    # A bounded wait: a stuck rendezvous fails the test instead of holding the suite.
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)  # fmt: skip
+                            world_size=1, timeout=timedelta(seconds=120))  # fmt: skip
     try:
         # Attached before wrapping: DDP sees the layer's buffers from the start.
         layer = attach(model, "relu", DropCluster2d(0.2))

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -130,7 +131,7 @@ def test_sync_batchnorm_is_refused_on_the_cpu_before_training(tmp_path):
     from dropcluster.train.setup import build_run
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0,
-                            world_size=1)  # fmt: skip
+                            world_size=1, timeout=timedelta(seconds=120))  # fmt: skip
     try:
         config = TrainConfig(dataset="synthetic", model="resnet20", regularizer="none", p=0.0,
                              batch_size=64, train_fraction=0.1, sync_batchnorm=True)  # fmt: skip
