@@ -44,13 +44,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     run = build_run(config, device)
     model, optimizer, loader = run.model, run.optimizer, run.loader
-    fit_clusters(
-        model,
-        run.cluster_images,
-        run.cluster_images.shape[0],
-        prepare=run.prepare_eval,
-        batch_size=config.eval_batch_size,
-    )
+    _refit(run, config)
     batches = iter(loader)
     fixed_images, fixed_labels = next(batches)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -93,13 +87,7 @@ def main(argv=None) -> int:
     for _ in range(3):
         sync()
         start = time.perf_counter()
-        fit_clusters(
-            model,
-            run.cluster_images,
-            run.cluster_images.shape[0],
-            prepare=run.prepare_eval,
-            batch_size=config.eval_batch_size,
-        )
+        _refit(run, config)
         sync()
         refits.append(time.perf_counter() - start)
     refit = statistics.median(refits)

@@ -88,14 +88,11 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, prepare, batch_si
         c1, c5 = topk_correct(model(batch), labels[start : start + batch_size])
         correct1 += c1
         correct5 += c5
-    if ranks.distributed:
-        correct1, correct5, total = all_sum([correct1, correct5, images.shape[0]], ranks,
-                                            labels.device)  # fmt: skip
-        model.train(was_training)
-        return 100.0 * correct1 / max(1.0, total), 100.0 * correct5 / max(1.0, total)
     model.train(was_training)
-    total = max(1, images.shape[0])
-    return 100.0 * correct1 / total, 100.0 * correct5 / total
+    # Summed over the processes (the counts themselves when alone).
+    correct1, correct5, total = all_sum([correct1, correct5, images.shape[0]], ranks,
+                                        labels.device)  # fmt: skip
+    return 100.0 * correct1 / max(1.0, total), 100.0 * correct5 / max(1.0, total)
 
 
 class Progress:
