@@ -548,3 +548,172 @@ def test_state_dict_holds_no_p_a_saved_p_loads_and_repr_shows_the_settings():
     half = restored.half()
     assert half.p.dtype == torch.float32
     assert half(torch.ones(2, 3, 8, 8, dtype=torch.float16)).dtype == torch.float16
+
+
+# --- mode="reference": PyPI dropblock 0.3.0's DropBlock2D, the DropCluster paper's baseline ---
+
+REFERENCE_CASES = [
+    ((8, 64, 2, 2), 7),  # Tiny ImageNet's group 4: a map smaller than the block
+    ((4, 16, 16, 16), 5),
+    ((4, 16, 16, 16), 4),  # even: the package crops its padded max-pool's last row and column
+    ((3, 5, 9, 7), 6),  # even, non-square
+    ((5, 4, 13, 11), 3),
+    ((64, 3, 1, 1), 7),  # one-pixel maps
+]
+PARITY_SEEDS = range(40)
+
+
+def _seeded(seed, forward, x):
+    """``forward(x)`` with the global CPU RNG seeded, leaving the caller's RNG state alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return forward(x)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize(("shape", "block_size"), REFERENCE_CASES)
+def test_reference_mode_matches_pypi_dropblock_0_3_0_bit_for_bit(shape, block_size, p):
+    dropblock = pytest.importorskip("dropblock")  # in the test extra; skips a bare checkout
+    theirs = dropblock.DropBlock2D(p, block_size)
+    layer = DropBlock2d(p, block_size, mode="reference")  # p in a float32 buffer
+
+    def functional(x):
+        return drop_block2d(x, p, block_size, mode="reference")
+
+    x = torch.randn(shape, generator=_generator(1))
+    seeds_with_drops = 0
+    for seed in PARITY_SEEDS:
+        expected = _seeded(seed, theirs, x)
+        for ours in (layer, functional):
+            out = _seeded(seed, ours, x)
+            assert out.dtype == expected.dtype and torch.equal(out, expected), seed
+        seeds_with_drops += bool((expected == 0).any())
+    # Not vacuous: blocks were dropped for some seeds (the rarest case, (8, 64, 2, 2) at p = 0.1,
+    # drops something with probability 1 - (1 - p / 49) ** 32 = 0.063 a batch: 2.5 of 40 seeds).
+    assert seeds_with_drops > 0
+
+
+def test_reference_mode_with_a_generator_draws_what_the_package_draws_from_the_same_seed():
+    dropblock = pytest.importorskip("dropblock")
+    x = torch.randn(6, 4, 10, 10, generator=_generator(2))
+    expected = _seeded(3, dropblock.DropBlock2D(0.3, 3), x)
+    out = DropBlock2d(0.3, 3, generator=_generator(3), mode="reference")(x)
+    assert torch.equal(out, expected) and (expected == 0).any()
+
+
+def test_reference_mode_gives_zeros_where_the_package_divides_by_zero():
+    dropblock = pytest.importorskip("dropblock")
+    # One 1 x 1 map, gamma 0.99: the seed's draw drops the batch's only pixel.
+    x = torch.ones(1, 3, 1, 1)
+    theirs = _seeded(0, dropblock.DropBlock2D(0.99, 1), x)
+    out, keep = _seeded(
+        0, lambda t: drop_block2d(t, 0.99, 1, mode="reference", return_mask=True), x
+    )
+    assert int(keep.sum()) == 0 and theirs.isnan().all()
+    assert torch.equal(out, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_reference_mode_drops_whole_2x2_maps_with_the_probability_worked_out_by_hand(p):
+    # 7 x 7 blocks on 2 x 2 maps: every pixel is a possible centre (the package draws centres
+    # everywhere), and a block centred anywhere in the map covers all 4 pixels (3 pixels of
+    # padding on each side). So a map is dropped whole iff any of its 4 centres fires, each with
+    # gamma = p / 49: q = 1 - (1 - p / 49) ** 4 (0.00813 for p = 0.1, 0.0402 for p = 0.5).
+    n_maps = 200_000
+    q = 1 - (1 - p / 49) ** 4
+    out, keep = drop_block2d(torch.ones(n_maps, 3, 2, 2), p, 7, mode="reference",
+                             generator=_generator(11), return_mask=True)  # fmt: skip
+    per_map = keep.view(n_maps, 4).sum(1)
+    assert ((per_map == 0) | (per_map == 4)).all()
+    # Maps are independent Bernoulli(q): standard error sqrt(q (1 - q) / n), 5 of them allowed.
+    dropped = 1 - float(keep.mean())
+    assert abs(dropped - q) < 5 * math.sqrt(q * (1 - q) / n_maps), (dropped, q)
+    # One rescaling for the whole batch, shared by the channels.
+    assert torch.allclose(out, keep.expand(-1, 3, -1, -1) * keep.numel() / keep.sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_reference_mode_keeps_the_input_dtype_and_shares_the_mask_across_channels(dtype):
+    # 64 x 32 x 32 = 65536 pixels: a float16 product with the count would overflow (inf).
+    x = torch.randn(64, 3, 32, 32, generator=_generator()).to(dtype)
+    out, keep = drop_block2d(x, 0.3, 3, mode="reference", generator=_generator(), return_mask=True)
+    assert out.dtype == keep.dtype == dtype and keep.shape == (64, 1, 32, 32)
+    assert torch.isfinite(out).all() and 0 < float(keep.float().mean()) < 1
+    expected = x.double() * keep.double() * keep.numel() / keep.double().sum()
+    tolerance = 1e-12 if dtype == torch.float64 else torch.finfo(dtype).eps
+    assert torch.allclose(out.double(), expected, rtol=tolerance, atol=0)
+
+
+def test_reference_mode_gradient_is_the_mask_times_the_batch_scale():
+    layer = DropBlock2d(0.3, 3, mode="reference", generator=_generator(4))
+    layer.record_mask = True
+    x = torch.randn(4, 3, 10, 10, requires_grad=True)
+    layer(x).sum().backward()
+    keep = layer.last_mask
+    assert keep.shape == (4, 1, 10, 10)
+    assert torch.allclose(x.grad, keep.expand_as(x) * keep.numel() / keep.sum())
+
+
+def test_reference_mode_is_the_identity_in_evaluation_and_at_rate_zero():
+    x = torch.randn(2, 3, 8, 8)
+    assert DropBlock2d(0.3, mode="reference").eval()(x) is x
+    assert drop_block2d(x, 0.3, 3, training=False, mode="reference") is x
+    assert drop_block2d(x, 0.0, 3, mode="reference") is x
+    state = torch.random.get_rng_state()
+    assert DropBlock2d(0.0, mode="reference")(x) is x
+    assert drop_block2d(x, torch.tensor(0.0), 3, mode="reference") is x
+    assert torch.equal(torch.random.get_rng_state(), state)  # nothing drawn, as the package
+
+
+def test_reference_mode_inplace_writes_the_result_into_the_input():
+    source = torch.randn(4, 3, 8, 8)
+    expected = drop_block2d(source, 0.3, 3, mode="reference", generator=_generator(5))
+    x = source.clone()
+    out = drop_block2d(x, 0.3, 3, True, mode="reference", generator=_generator(5))
+    assert out is x and torch.equal(out, expected) and not torch.equal(out, source)
+
+
+def test_reference_mode_runs_compiled_with_p_as_a_tensor():
+    torch._dynamo.reset()
+    compiled = torch.compile(DropBlock2d(0.3, 3, mode="reference"), backend="eager")
+    x = torch.ones(16, 4, 9, 9)
+    torch.manual_seed(0)
+    out = compiled(x)
+    keep = (out[:, :1] != 0).float()
+    assert (out == out[:, :1]).all() and 0 < float(keep.mean()) < 1
+    assert torch.allclose(out, keep.expand_as(out) * keep.numel() / keep.sum())
+    torch._dynamo.reset()
+
+
+def test_mode_is_a_setting_reachable_by_name_shown_in_repr_and_not_in_the_state_dict():
+    from dropcluster.nn import build_regularizer
+
+    layer = build_regularizer("dropblock", 0.1, block_size=7, mode="reference")
+    assert isinstance(layer, DropBlock2d) and layer.mode == "reference"
+    assert repr(layer) == "DropBlock2d(p=0.1, block_size=7, mode='reference')"
+    assert repr(DropBlock2d(0.1, 7)) == "DropBlock2d(p=0.1, block_size=7, per_channel=True)"
+    assert list(layer.state_dict()) == []
+    exact = DropBlock2d(0.2, 7)
+    exact.load_state_dict(layer.state_dict())
+    layer.load_state_dict({"p": torch.tensor(0.25)})  # a dropcluster 0.1 checkpoint
+    assert float(layer.p) == 0.25 and layer.mode == "reference"
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=False).mode == "reference"
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: DropBlock2d(0.1, 3, mode="Reference"),
+        lambda: drop_block2d(torch.ones(1, 3, 8, 8), 0.1, 3, mode="Reference"),
+        lambda: __import__("dropcluster.nn", fromlist=["x"]).build_regularizer(
+            "dropblock", 0.1, block_size=7, mode="Reference"
+        ),
+    ],
+)
+def test_bad_mode_says_what_was_expected_and_given(build):
+    with pytest.raises(ValueError, match="mode should be one of 'exact', 'reference', but got "
+                                         "'Reference'"):  # fmt: skip
+        build()

@@ -95,15 +95,54 @@ def test_cifar_stem_keeps_32x32_maps():
 
 
 @pytest.mark.parametrize("name", ["resnet20", "lenet5"])
-def test_stem_slot_input_is_exactly_the_first_conv_output(name):
+def test_stem_slot_input_is_exactly_the_first_conv_layers_activations(name):
     model = build_model(name, n_classes=10, in_channels=1).eval()
+    if name == "resnet20":  # BN with non-trivial statistics, so that the BN is really applied
+        with torch.no_grad():
+            model.stem_norm.running_mean.uniform_(-0.5, 0.5)
+            model.stem_norm.running_var.uniform_(0.5, 2.0)
+            model.stem_norm.weight.uniform_(0.5, 1.5)
+            model.stem_norm.bias.uniform_(-0.5, 0.5)
     conv_out, slot_in = [], []
     model.conv1.register_forward_hook(lambda m, i, o: conv_out.append(o.clone()))
     model.slot("stem").register_forward_pre_hook(lambda m, i: slot_in.append(i[0].detach()))
     with torch.no_grad():
         model(torch.randn(2, 1, 28, 28))
-    # A later in-place op would have changed the kept tensor after the hook ran.
-    torch.testing.assert_close(slot_in[0], conv_out[0], rtol=0, atol=0)
+        expected = conv_out[0]
+        if name == "resnet20":
+            norm = model.stem_norm
+            expected = (expected - norm.running_mean[:, None, None]) / torch.sqrt(
+                norm.running_var[:, None, None] + norm.eps
+            ) * norm.weight[:, None, None] + norm.bias[:, None, None]
+        expected = expected.clamp_min(0)
+    # Compared after the whole forward: a later in-place op would have changed the kept tensor.
+    torch.testing.assert_close(slot_in[0], expected, rtol=1e-5, atol=1e-6)
+    assert (slot_in[0] == 0).any() and (slot_in[0] > 0).any()  # really after a ReLU
+
+
+@pytest.mark.parametrize("stem", ["imagenet", "cifar"])
+def test_stem_is_conv_bn_relu_and_the_first_block_does_not_preactivate_again(stem):
+    model = build_model("resnet50", n_classes=100, stem=stem)
+    first, second = model.groups[0][0], model.groups[0][1]
+    assert isinstance(first.norm1, torch.nn.Identity)  # the reference's "no_preact" block
+    assert isinstance(second.norm1, torch.nn.BatchNorm2d)
+    assert all(isinstance(g[0].norm1, torch.nn.BatchNorm2d) for g in model.groups[1:])
+    assert model.stem_norm.num_features == 64
+
+
+def test_a_channel_silenced_through_its_batch_norm_is_exactly_zero_at_the_stem_slot():
+    # A dead ReLU channel: scale 0 and a negative shift make the BN output negative everywhere.
+    model = build_model("resnet20", n_classes=10, in_channels=1).eval()
+    with torch.no_grad():
+        model.stem_norm.weight[[2, 5]] = 0.0
+        model.stem_norm.bias[[2, 5]] = -0.1
+    kept = []
+    model.slot("stem").register_forward_pre_hook(lambda m, i: kept.append(i[0].detach().clone()))
+    with torch.no_grad():
+        model(torch.randn(4, 1, 28, 28))
+    per_channel_max = kept[0].amax(dim=(0, 2, 3))
+    assert per_channel_max[[2, 5]].tolist() == [0.0, 0.0]
+    assert (per_channel_max[[0, 1, 3, 4]] > 0).all()
 
 
 def test_resnet50_parameter_count(resnet50_cifar100):

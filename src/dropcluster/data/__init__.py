@@ -1,13 +1,14 @@
 """Data: the paper's data sets as uint8 tensors, subsets, batched augmentation, a device loader.
 
 ``fashion_mnist`` reads Fashion-MNIST's IDX files; ``datasets`` loads every data set by name;
-``downloads`` fetches and extracts CIFAR-100 and Tiny ImageNet;
+``downloads`` fetches and extracts CIFAR-10, CIFAR-100 and Tiny ImageNet;
 ``subsets`` draws class-balanced fractions; ``augment`` augments whole batches on the device;
 ``loader`` iterates over a data set held on the device, with exact resume.
 """
 
 from dropcluster.data.augment import (
     AUGMENT_PRESETS,
+    CIFAR10_AUGMENT,
     CIFAR_AUGMENT,
     FASHION_MNIST_AUGMENT,
     SYNTHETIC_AUGMENT,
@@ -18,12 +19,13 @@ from dropcluster.data.augment import (
     normalize,
 )
 from dropcluster.data.datasets import DATASET_NAMES, ImageDataset, load_dataset, make_synthetic
-from dropcluster.data.downloads import download_cifar100, download_tiny_imagenet
+from dropcluster.data.downloads import download_cifar10, download_cifar100, download_tiny_imagenet
 from dropcluster.data.loader import DeviceLoader
 from dropcluster.data.subsets import stratified_subset
 
 __all__ = [
     "AUGMENT_PRESETS",
+    "CIFAR10_AUGMENT",
     "CIFAR_AUGMENT",
     "DATASET_NAMES",
     "FASHION_MNIST_AUGMENT",
@@ -34,6 +36,7 @@ __all__ = [
     "ImageDataset",
     "augment_batch",
     "channel_mean_std",
+    "download_cifar10",
     "download_cifar100",
     "download_tiny_imagenet",
     "load_dataset",

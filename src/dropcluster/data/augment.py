@@ -3,7 +3,8 @@
 The paper's protocol (section "Experimental protocol"): CIFAR-100 gets a random horizontal
 flip, a random rotation and a 32x32 random crop after 4-pixel padding, then normalisation;
 Tiny ImageNet gets a flip, a random scale and a random crop, then normalisation; test images
-are only normalised. :func:`augment_batch` does all of it for a whole uint8 batch:
+are only normalised. CIFAR-10 (the paper's Figure 1) gets CIFAR-100's augmentation with its
+own statistics. :func:`augment_batch` does all of it for a whole uint8 batch:
 
 1. crop after zero padding and horizontal flip: one ``torch.gather`` on the uint8 batch with
    per-image offsets (a flipped image reads its window's columns backwards);
@@ -33,6 +34,12 @@ from dropcluster.validation import check_float, check_int, check_tensor
 #: CIFAR-100 and Fashion-MNIST: computed over the whole training set (the values in
 #: common use). Tiny ImageNet: the values in common use for its 100 000 training images.
 #: Synthetic: rough values for :func:`dropcluster.data.datasets.make_synthetic`.
+#: CIFAR-10: mean and standard deviation over all pixels of its 50 000 training images (what
+#: :func:`channel_mean_std` gives), the values in common use. Not the std (0.2023, 0.1994,
+#: 0.2010) that also circulates, which is not the pixels' (it matches the mean of per-image
+#: standard deviations).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 TINY_IMAGENET_MEAN = (0.4802, 0.4481, 0.3975)
@@ -113,6 +120,9 @@ class AugmentConfig:
 CIFAR_AUGMENT = AugmentConfig(
     crop_padding=4, flip=True, rotation_degrees=15.0, mean=CIFAR100_MEAN, std=CIFAR100_STD
 )
+#: CIFAR-10 (the paper's Figure 1, LeNet-5): the same 32x32 natural images as CIFAR-100, so
+#: CIFAR-100's augmentation, with CIFAR-10's own statistics.
+CIFAR10_AUGMENT = dataclasses.replace(CIFAR_AUGMENT, mean=CIFAR10_MEAN, std=CIFAR10_STD)
 #: Tiny ImageNet (paper: flip, scale, random crop): a window of 80-100 % of the side at a
 #: random position, resized to 64x64. Its test pipeline (a single 64x64 crop) is the whole
 #: image, i.e. ``TINY_IMAGENET_AUGMENT.for_evaluation()``.
@@ -131,6 +141,7 @@ FASHION_MNIST_AUGMENT = AugmentConfig(
 SYNTHETIC_AUGMENT = AugmentConfig(crop_padding=2, flip=True, mean=SYNTHETIC_MEAN, std=SYNTHETIC_STD)
 #: The training augmentation of each data set, by the names of ``load_dataset``.
 AUGMENT_PRESETS = {
+    "cifar10": CIFAR10_AUGMENT,
     "cifar100": CIFAR_AUGMENT,
     "tiny-imagenet": TINY_IMAGENET_AUGMENT,
     "fashion-mnist": FASHION_MNIST_AUGMENT,

@@ -1,4 +1,4 @@
-"""The paper's data sets as uint8 tensors: CIFAR-100, Tiny ImageNet, Fashion-MNIST, synthetic.
+"""The paper's data sets as uint8 tensors: CIFAR-10/100, Tiny ImageNet, Fashion-MNIST, synthetic.
 
 :func:`load_dataset` reads each data set from its official on-disk layout, with no download
 and no conversion step, and returns an :class:`ImageDataset` on the CPU:
@@ -12,6 +12,17 @@ and no conversion step, and returns an :class:`ImageDataset` on the CPU:
     Each row of b"data" is one 32x32 image, row-major, the red plane, then green, then blue.
     ``root`` may also be the ``cifar-100-python`` folder itself. Labels are the 100 fine
     classes, the ones the paper reports.
+
+``"cifar10"`` (Krizhevsky 2009; the paper's Figure 1), the "python version" archive
+``cifar-10-python.tar.gz``, extracted::
+
+    root/cifar-10-batches-py/data_batch_1   pickle: b"data" (10000, 3072) uint8, b"labels", ...
+    ...                                     (data_batch_1 to data_batch_5: the training set)
+    root/cifar-10-batches-py/test_batch     the same, the 10000 test images
+    root/cifar-10-batches-py/batches.meta   pickle: b"label_names" (10 names), ...
+
+    Rows of b"data" as in CIFAR-100. The training split is the five batches concatenated in
+    order. ``root`` may also be the ``cifar-10-batches-py`` folder itself.
 
 ``"tiny-imagenet"`` (the CS231n release), the official zip, extracted::
 
@@ -31,12 +42,13 @@ and no conversion step, and returns an :class:`ImageDataset` on the CPU:
 
 ``"synthetic"``: :func:`make_synthetic`, generated from a fixed seed; ``root`` is ignored.
 
-Without ``root``, CIFAR-100 and Tiny ImageNet are looked up in ``$DROPCLUSTER_DATA``, else in
-``~/.cache/dropcluster/data`` (where :func:`~dropcluster.data.downloads.download_cifar100` and
+Without ``root``, CIFAR-10, CIFAR-100 and Tiny ImageNet are looked up in ``$DROPCLUSTER_DATA``,
+else in ``~/.cache/dropcluster/data`` (where :func:`~dropcluster.data.downloads.download_cifar10`,
+:func:`~dropcluster.data.downloads.download_cifar100` and
 :func:`~dropcluster.data.downloads.download_tiny_imagenet` put them by default).
 
 Completeness. An interrupted download or extraction must never load as a smaller data set, so
-CIFAR-100 and Tiny ImageNet are counted before they are used:
+CIFAR-10, CIFAR-100 and Tiny ImageNet are counted before they are used:
 
 - A folder holding the completion marker :data:`COMPLETE_MARKER` (``.dropcluster-complete.json``)
   must hold the numbers of classes and of images per split that it records. The downloaders
@@ -44,7 +56,8 @@ CIFAR-100 and Tiny ImageNet are counted before they are used:
   then), with the counts they found; :func:`write_completion_marker` marks a deliberately
   smaller set in the official layout (a subset, a test fixture).
 - A folder without it (extracted by hand, or by an older dropcluster) must hold the official
-  counts, :data:`OFFICIAL_COUNTS`: CIFAR-100 100 classes, 50000 training and 10000 test images;
+  counts, :data:`OFFICIAL_COUNTS`: CIFAR-10 10 classes, 50000 training and 10000 test images
+  (5000 and 1000 per class); CIFAR-100 100 classes, 50000 training and 10000 test images;
   Tiny ImageNet 200 classes, 100000 training images (500 per class) and 10000 validation images.
 
 Any other count is a ValueError saying the files look incomplete and how to download them again.
@@ -68,12 +81,24 @@ from dropcluster.data import fashion_mnist
 from dropcluster.files import atomic_write_json
 from dropcluster.validation import check_choice, check_int
 
-DATASET_NAMES = ("cifar100", "tiny-imagenet", "fashion-mnist", "synthetic")
+# "cifar10", added last: error messages listing the names still begin as before.
+DATASET_NAMES = ("cifar100", "tiny-imagenet", "fashion-mnist", "synthetic", "cifar10")
 SPLITS = ("train", "test")
 
 CIFAR100_FOLDER = "cifar-100-python"
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_SPLIT_SIZES = {"train": 50000, "test": 10000}
+
+CIFAR10_FOLDER = "cifar-10-batches-py"
+#: The official archive's name, not ``CIFAR10_FOLDER + ".tar.gz"`` as for CIFAR-100.
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/" + CIFAR10_ARCHIVE
+#: The pickles of each split, concatenated in this order.
+CIFAR10_SPLIT_FILES = {
+    "train": tuple(f"data_batch_{number}" for number in range(1, 6)),
+    "test": ("test_batch",),
+}
+CIFAR10_META = "batches.meta"
 
 TINY_IMAGENET_FOLDER = "tiny-imagenet-200"
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -81,14 +106,29 @@ TINY_IMAGENET_SIZE = 64
 
 #: Numbers of classes and of images per split of the official releases (see "Completeness").
 CIFAR100_COUNTS = {"classes": 100, **CIFAR100_SPLIT_SIZES}
+CIFAR10_TRAIN_PER_CLASS = 5000
+CIFAR10_TEST_PER_CLASS = 1000
+CIFAR10_COUNTS = {
+    "classes": 10,
+    "train": 10 * CIFAR10_TRAIN_PER_CLASS,
+    "test": 10 * CIFAR10_TEST_PER_CLASS,
+}
 TINY_IMAGENET_TRAIN_PER_CLASS = 500
 TINY_IMAGENET_COUNTS = {"classes": 200, "train": 200 * TINY_IMAGENET_TRAIN_PER_CLASS, "test": 10000}
-OFFICIAL_COUNTS = {"cifar100": CIFAR100_COUNTS, "tiny-imagenet": TINY_IMAGENET_COUNTS}
+OFFICIAL_COUNTS = {
+    "cifar10": CIFAR10_COUNTS,
+    "cifar100": CIFAR100_COUNTS,
+    "tiny-imagenet": TINY_IMAGENET_COUNTS,
+}
 #: The file, inside an extracted data set folder, that marks it complete (see "Completeness").
 COMPLETE_MARKER = ".dropcluster-complete.json"
 _MARKER_FORMAT = 1
 _COUNT_KEYS = ("classes", "train", "test")
-_DOWNLOADERS = {"cifar100": "download_cifar100", "tiny-imagenet": "download_tiny_imagenet"}
+_DOWNLOADERS = {
+    "cifar10": "download_cifar10",
+    "cifar100": "download_cifar100",
+    "tiny-imagenet": "download_tiny_imagenet",
+}
 
 #: Environment variable naming the default data folder.
 DATA_ENV = "DROPCLUSTER_DATA"
@@ -153,20 +193,22 @@ def load_dataset(name: str, split: str = "train", root: str | Path | None = None
     """Load one split of a data set as uint8 tensors on the CPU.
 
     Args:
-        name: ``"cifar100"``, ``"tiny-imagenet"``, ``"fashion-mnist"`` or ``"synthetic"``.
+        name: ``"cifar10"``, ``"cifar100"``, ``"tiny-imagenet"``, ``"fashion-mnist"`` or
+            ``"synthetic"``.
         split: ``"train"`` or ``"test"`` (Tiny ImageNet: its validation set; ``"val"`` is
             accepted as a synonym).
         root: the folder holding the data set (see the module docstring for each layout);
             None: the default place of each data set.
 
     Returns:
-        :class:`ImageDataset` with images of shape (N, 3, 32, 32) for CIFAR-100, (N, 3, 64, 64)
-        for Tiny ImageNet, (N, 1, 28, 28) for Fashion-MNIST and (N, 3, 32, 32) for synthetic.
+        :class:`ImageDataset` with uint8 images of shape (N, 3, 32, 32) for CIFAR-10 and
+        CIFAR-100, (N, 3, 64, 64) for Tiny ImageNet, (N, 1, 28, 28) for Fashion-MNIST and
+        (N, 3, 32, 32) for synthetic, and (N,) int64 labels.
 
     Raises:
-        ValueError: unknown name or split, a malformed file, or CIFAR-100 / Tiny ImageNet files
-            that look incomplete (other counts than expected: see "Completeness" in the module
-            docstring).
+        ValueError: unknown name or split, a malformed file, or CIFAR-10 / CIFAR-100 / Tiny
+            ImageNet files that look incomplete (other counts than expected: see "Completeness"
+            in the module docstring).
         FileNotFoundError: missing files; the message gives the expected layout and what the
             folder holds.
         ImportError: Tiny ImageNet without Pillow.
@@ -175,6 +217,8 @@ def load_dataset(name: str, split: str = "train", root: str | Path | None = None
     if name == "tiny-imagenet" and split == "val":
         split = "test"
     check_choice("split", split, SPLITS)
+    if name == "cifar10":
+        return _load_cifar10(split, _default_root() if root is None else Path(root))
     if name == "cifar100":
         return _load_cifar100(split, _default_root() if root is None else Path(root))
     if name == "tiny-imagenet":
@@ -248,8 +292,9 @@ def write_completion_marker(
     (a subset, a test fixture).
 
     Args:
-        folder: the ``cifar-100-python`` or ``tiny-imagenet-200`` folder.
-        dataset: ``"cifar100"`` or ``"tiny-imagenet"``.
+        folder: the ``cifar-10-batches-py``, ``cifar-100-python`` or ``tiny-imagenet-200``
+            folder.
+        dataset: ``"cifar10"``, ``"cifar100"`` or ``"tiny-imagenet"``.
         counts: ``{"classes": ..., "train": ..., "test": ...}``, numbers of classes and images.
         archive_md5: MD5 of the archive the folder was extracted from, if any.
         source: where the files came from (a URL), for people reading the marker.
@@ -344,54 +389,13 @@ def _read_cifar100_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarr
     meta = _read_pickle(meta_path, "CIFAR-100 meta file")
     data = _required_key(entry, "data", path)
     fine_labels = _required_key(entry, "fine_labels", path)
-    classes = _cifar100_class_names(_required_key(meta, "fine_label_names", meta_path), meta_path)
-    data = np.asarray(data)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise ValueError(
-            f"{path}: 'data' should be a uint8 array of shape (N, 3072), one 32x32 RGB image "
-            f"per row, but is {data.dtype} of shape {data.shape}"
-        )
-    return data, _cifar100_labels(fine_labels, data.shape[0], len(classes), path), classes
-
-
-def _cifar100_class_names(names: object, meta_path: Path) -> list[str]:
-    """The ``fine_label_names`` of the meta file as text, after checking what they are."""
-    if not isinstance(names, (list, tuple, np.ndarray)) or np.ndim(names) != 1:
-        raise ValueError(
-            f"{meta_path}: 'fine_label_names' should be a list of class names, but is "
-            f"{_describe_value(names)}"
-        )
-    for index, label_name in enumerate(names):
-        if not isinstance(label_name, (str, bytes)):
-            raise ValueError(
-                f"{meta_path}: 'fine_label_names' should hold str or bytes names, but item "
-                f"{index} is {_describe_value(label_name)}"
-            )
-    return [_as_text(label_name) for label_name in names]
-
-
-def _cifar100_labels(fine_labels: object, n_rows: int, n_classes: int, path: Path) -> np.ndarray:
-    """The ``fine_labels`` of a split as (N,) int64, one per row of ``data``, in range."""
-    raw_labels = (
-        np.asarray(fine_labels) if isinstance(fine_labels, (list, tuple, np.ndarray)) else None
+    names = _required_key(meta, "fine_label_names", meta_path)
+    classes = _cifar_class_names(names, "fine_label_names", meta_path)
+    data = _cifar_data(data, path)
+    labels = _cifar_labels(
+        fine_labels, "fine_labels", "fine_label_names", data.shape[0], len(classes), path
     )
-    if raw_labels is None or (raw_labels.size and not np.issubdtype(raw_labels.dtype, np.integer)):
-        raise ValueError(
-            f"{path}: 'fine_labels' should be a list of integer labels, but is "
-            f"{_describe_value(fine_labels)}"
-        )
-    labels = raw_labels.astype(np.int64)
-    if labels.shape != (n_rows,):
-        raise ValueError(
-            f"{path}: 'fine_labels' should hold {n_rows} labels, one per row of 'data', "
-            f"but has shape {labels.shape}"
-        )
-    if labels.size and not 0 <= int(labels.min()) <= int(labels.max()) < n_classes:
-        raise ValueError(
-            f"{path}: 'fine_labels' should be in 0..{n_classes - 1} (the {n_classes} "
-            f"names of 'fine_label_names'), but span {int(labels.min())}..{int(labels.max())}"
-        )
-    return labels
+    return data, labels, classes
 
 
 def _cifar100_counts(folder: Path) -> dict[str, int]:
@@ -423,6 +427,134 @@ def _cifar100_folder(root: Path) -> Path:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# CIFAR-10
+
+
+def _load_cifar10(split: str, root: Path) -> ImageDataset:
+    folder = _cifar10_folder(root)
+    expected, source = _expected_counts(folder, "cifar10")
+    classes, batches = _read_cifar10_split(folder, split)
+    # Checked after the format, as for CIFAR-100: a malformed file gets the specific message.
+    meta = folder / CIFAR10_META
+    _check_count("cifar10", folder, meta, "class names", len(classes), expected["classes"], source)
+    found = sum(len(data) for data, _ in batches)
+    files = ", ".join(CIFAR10_SPLIT_FILES[split])
+    what = f"images in {files}"
+    _check_count("cifar10", folder, folder, what, found, expected[split], source)
+    # np.concatenate copies, so the tensor owns writable memory (the pickles' may be read-only).
+    data = np.concatenate([data for data, _ in batches])
+    labels = np.concatenate([labels for _, labels in batches])
+    images = torch.from_numpy(data.reshape(-1, 3, 32, 32))
+    return ImageDataset(images, torch.from_numpy(labels), classes, "cifar10")
+
+
+def _read_cifar10_split(
+    folder: Path, split: str
+) -> tuple[list[str], list[tuple[np.ndarray, np.ndarray]]]:
+    """The class names, and ``data`` (n, 3072) uint8 and labels (n,) int64 of each of the
+    split's files, in the order of :data:`CIFAR10_SPLIT_FILES`."""
+    meta_path = folder / CIFAR10_META
+    meta = _read_pickle(meta_path, "CIFAR-10 meta file")
+    names = _required_key(meta, "label_names", meta_path)
+    classes = _cifar_class_names(names, "label_names", meta_path)
+    batches = []
+    for file_name in CIFAR10_SPLIT_FILES[split]:
+        path = folder / file_name
+        entry = _read_pickle(path, f"CIFAR-10 {split!r} split")
+        data = _cifar_data(_required_key(entry, "data", path), path)
+        raw_labels = _required_key(entry, "labels", path)
+        labels = _cifar_labels(
+            raw_labels, "labels", "label_names", data.shape[0], len(classes), path
+        )
+        batches.append((data, labels))
+    return classes, batches
+
+
+def _cifar10_counts(folder: Path) -> dict[str, int]:
+    """Classes and images per split that a CIFAR-10 folder holds; reads every file."""
+    counts = {"classes": 0}
+    for split in SPLITS:
+        classes, batches = _read_cifar10_split(folder, split)
+        counts["classes"] = len(classes)
+        counts[split] = sum(len(data) for data, _ in batches)
+    return counts
+
+
+def _cifar10_folder(root: Path) -> Path:
+    """``root/cifar-10-batches-py``, or ``root`` itself when it holds the files."""
+    nested = root / CIFAR10_FOLDER
+    if nested.is_dir():
+        return nested
+    if root.name == CIFAR10_FOLDER or (root / CIFAR10_META).is_file():
+        return root
+    archive = root / CIFAR10_ARCHIVE
+    hint = (
+        f"; {archive.name} is there: extract it (tar xzf) or call download_cifar10({str(root)!r})"
+        if archive.is_file()
+        else f"; download_cifar10({str(root)!r}) fetches and extracts it"
+    )
+    raise FileNotFoundError(
+        f"CIFAR-10: expected {root / CIFAR10_FOLDER}/ holding the files data_batch_1 to "
+        f"data_batch_5, test_batch and batches.meta (the extracted python version, "
+        f"{CIFAR10_URL}), but {_describe_folder(root)}{hint}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR pickles (both data sets)
+
+
+def _cifar_data(data: object, path: Path) -> np.ndarray:
+    """The ``data`` of a CIFAR pickle as (N, 3072) uint8, after checking what it is."""
+    data = np.asarray(data)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(
+            f"{path}: 'data' should be a uint8 array of shape (N, 3072), one 32x32 RGB image "
+            f"per row, but is {data.dtype} of shape {data.shape}"
+        )
+    return data
+
+
+def _cifar_class_names(names: object, key: str, meta_path: Path) -> list[str]:
+    """The class names stored under ``key`` in a CIFAR meta file, as text, after checking."""
+    if not isinstance(names, (list, tuple, np.ndarray)) or np.ndim(names) != 1:
+        raise ValueError(
+            f"{meta_path}: {key!r} should be a list of class names, but is {_describe_value(names)}"
+        )
+    for index, label_name in enumerate(names):
+        if not isinstance(label_name, (str, bytes)):
+            raise ValueError(
+                f"{meta_path}: {key!r} should hold str or bytes names, but item "
+                f"{index} is {_describe_value(label_name)}"
+            )
+    return [_as_text(label_name) for label_name in names]
+
+
+def _cifar_labels(
+    raw: object, key: str, names_key: str, n_rows: int, n_classes: int, path: Path
+) -> np.ndarray:
+    """The labels stored under ``key`` as (N,) int64, one per row of ``data``, each indexing
+    the ``n_classes`` names of ``names_key`` in the meta file."""
+    raw_labels = np.asarray(raw) if isinstance(raw, (list, tuple, np.ndarray)) else None
+    if raw_labels is None or (raw_labels.size and not np.issubdtype(raw_labels.dtype, np.integer)):
+        raise ValueError(
+            f"{path}: {key!r} should be a list of integer labels, but is {_describe_value(raw)}"
+        )
+    labels = raw_labels.astype(np.int64)
+    if labels.shape != (n_rows,):
+        raise ValueError(
+            f"{path}: {key!r} should hold {n_rows} labels, one per row of 'data', "
+            f"but has shape {labels.shape}"
+        )
+    if labels.size and not 0 <= int(labels.min()) <= int(labels.max()) < n_classes:
+        raise ValueError(
+            f"{path}: {key!r} should be in 0..{n_classes - 1} (the {n_classes} "
+            f"names of {names_key!r}), but span {int(labels.min())}..{int(labels.max())}"
+        )
+    return labels
+
+
 _NUMPY_MAJOR = int(np.__version__.split(".")[0])
 
 
@@ -445,7 +577,7 @@ class _ArrayUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(
-                f"a CIFAR-100 file should hold only lists and numpy arrays, but refers to "
+                f"a CIFAR file should hold only lists and numpy arrays, but refers to "
                 f"{module}.{name}"
             )
         if module.startswith("numpy.core.") and _NUMPY_MAJOR >= 2:

@@ -1,12 +1,13 @@
-"""Download and extract CIFAR-100 and Tiny ImageNet into the layout :func:`load_dataset` reads.
+"""Download and extract CIFAR-10/100 and Tiny ImageNet into the layout :func:`load_dataset` reads.
 
-:func:`download_cifar100` and :func:`download_tiny_imagenet` fetch an official archive (any URL
-urllib opens, ``file://`` included), check its MD5, extract it into a temporary folder next to
-the destination while refusing unsafe members (absolute paths, ``..``, links, devices), count
-what it holds, mark it complete (:func:`~dropcluster.data.datasets.write_completion_marker`) and
-only then rename it into place. Concurrent calls on one folder wait for each other, and any
-failure leaves nothing partial behind. See "Completeness" in :mod:`dropcluster.data.datasets`
-for what a loader then expects of the folder.
+:func:`download_cifar10`, :func:`download_cifar100` and :func:`download_tiny_imagenet` fetch an
+official archive (any URL urllib opens, ``file://`` included), check its MD5, extract it into a
+temporary folder next to the destination while refusing unsafe members (absolute paths, ``..``,
+links, devices), count what it holds, mark it complete
+(:func:`~dropcluster.data.datasets.write_completion_marker`) and only then rename it into place.
+Concurrent calls on one folder wait for each other, and any failure leaves nothing partial
+behind. See "Completeness" in :mod:`dropcluster.data.datasets` for what a loader then expects
+of the folder.
 """
 
 from __future__ import annotations
@@ -26,11 +27,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path, PureWindowsPath
 
 from dropcluster.data.datasets import (
+    CIFAR10_ARCHIVE,
+    CIFAR10_FOLDER,
+    CIFAR10_URL,
     CIFAR100_FOLDER,
     CIFAR100_URL,
     OFFICIAL_COUNTS,
     TINY_IMAGENET_FOLDER,
     TINY_IMAGENET_URL,
+    _cifar10_counts,
     _cifar100_counts,
     _default_root,
     _read_completion_marker,
@@ -38,6 +43,8 @@ from dropcluster.data.datasets import (
     write_completion_marker,
 )
 
+#: MD5 of the official archives, as published on https://www.cs.toronto.edu/~kriz/cifar.html.
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 #: MD5 of the official zip, as published by torchvision-style loaders of the data set.
 TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
@@ -83,6 +90,47 @@ def download_cifar100(
         suffix=".tar.gz",
         extract=_extract_tar,
         count=_cifar100_counts,
+    )
+
+
+def download_cifar10(
+    root: str | Path | None = None, *, url: str = CIFAR10_URL, md5: str | None = CIFAR10_MD5
+) -> Path:
+    """Download and extract CIFAR-10 (python version, about 163 MB) into ``root``, unless it is
+    there.
+
+    As :func:`download_cifar100`: the archive is saved as ``root/cifar-10-python.tar.gz`` (its
+    official name; one already there is reused when its MD5 is the expected one), extracted
+    into a temporary folder, marked complete and renamed to ``root/cifar-10-batches-py`` only on
+    success. An existing folder without the marker counts as complete when it holds the
+    official counts (10 classes, 50000 training images in ``data_batch_1`` to ``data_batch_5``,
+    10000 in ``test_batch``); any other is replaced.
+
+    Args:
+        root: destination folder (created); None: the default data folder.
+        url: where the ``.tar.gz`` archive is (any URL urllib opens, ``file://`` included).
+        md5: expected MD5 of the archive; None skips the check. An archive whose MD5 is the
+            official one must also hold the official counts.
+
+    Returns:
+        The path of the ``cifar-10-batches-py`` folder.
+
+    Raises:
+        ValueError: as :func:`download_cifar100`, for an archive without a complete
+            ``cifar-10-batches-py/``.
+        OSError: the disk is full or read-only; nothing partial is left behind.
+    """
+    return _download_dataset(
+        _default_root() if root is None else Path(root),
+        "cifar10",
+        url,
+        md5,
+        official_md5=CIFAR10_MD5,
+        folder_name=CIFAR10_FOLDER,
+        suffix=".tar.gz",
+        extract=_extract_tar,
+        count=_cifar10_counts,
+        archive_name=CIFAR10_ARCHIVE,
     )
 
 
@@ -135,20 +183,31 @@ def _download_dataset(
     suffix: str,
     extract: Callable[[Path, Path, str], None],
     count: Callable[[Path], dict[str, int]],
+    archive_name: str | None = None,
 ) -> Path:
-    """Download, extract into a temporary folder, check, mark complete, rename into place."""
+    """Download, extract into a temporary folder, check, mark complete, rename into place.
+
+    The archive is saved as ``root/archive_name`` (None: ``folder_name + suffix``).
+    """
     root.mkdir(parents=True, exist_ok=True)
     folder = root / folder_name
+    archive_name = archive_name or folder_name + suffix
     with _download_lock(root):
         # Holding the lock, any temporary file or folder left here is a killed process's.
-        for stale in [*root.glob(f".{folder_name}.partial-*"), *root.glob(f".{folder_name}*.part")]:
+        # (A set: for CIFAR-100 the two .part patterns match the same files.)
+        stale_paths = {
+            *root.glob(f".{folder_name}.partial-*"),
+            *root.glob(f".{folder_name}*.part"),
+            *root.glob(f".{archive_name}*.part"),
+        }
+        for stale in sorted(stale_paths):
             if stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale, ignore_errors=True)
             else:
                 stale.unlink(missing_ok=True)
         if _is_complete(folder, dataset, count):
             return folder
-        archive, digest = _download(url, root / (folder_name + suffix), md5)
+        archive, digest = _download(url, root / archive_name, md5)
         partial = Path(tempfile.mkdtemp(dir=root, prefix=f".{folder_name}.partial-"))
         try:
             extract(archive, partial, folder_name)

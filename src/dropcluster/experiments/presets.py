@@ -15,7 +15,7 @@ import copy
 import fnmatch
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -34,18 +34,46 @@ GRID_KEYS = ("regularizer", "p", "train_fraction", "seed")
 _RELEASED_CORRUPTED = ("cifar100", "tiny-imagenet")
 
 
+#: Optional keys of a grid: a variant name and config values for its runs.
+GRID_OPTIONAL_KEYS = ("variant", "options")
+_VARIANT_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+def check_variant(variant: str | None) -> None:
+    """A variant name is lower-case letters, digits, ``-``, ``_`` and ``.`` (it goes into run
+    ids and folder names); None means no variant."""
+    if variant is None:
+        return
+    check_type("variant", variant, str)
+    if not variant or not set(variant) <= _VARIANT_CHARACTERS:
+        raise ValueError(
+            f"variant should be a non-empty name of a-z, 0-9, '-', '_' and '.', but got "
+            f"{variant!r}"
+        )
+
+
 @dataclass(frozen=True)
 class Grid:
     """One product of runs: every regularizer x p x training fraction x seed.
 
     A run without a regularizer (``"none"``) has no rate: it is one run per training fraction
     and seed, whatever ``p`` lists.
+
+    Attributes:
+        regularizer, p, train_fraction, seed: the lists whose product are the runs.
+        variant: a name for this grid's settings (e.g. ``"ours"``): its runs are compared as
+            ``regularizer:variant`` in the report, and their ids carry it. None: the preset's.
+        options: ``TrainConfig`` values of this grid's runs, over the preset's ``base``;
+            its ``regularizer_options`` are merged over the preset's ``options`` for the
+            regularizer.
     """
 
     regularizer: list[str]
     p: list[float]
     train_fraction: list[float]
     seed: list[int]
+    variant: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -55,22 +83,32 @@ class Grid:
         unknown = [r for r in self.regularizer if r not in REGULARIZERS]
         if unknown:
             raise ValueError(f"unknown regularizers {unknown}; valid: {', '.join(REGULARIZERS)}")
+        check_variant(self.variant)
+        reserved = sorted(set(self.options) & {*GRID_KEYS, "variant"})
+        if reserved:
+            raise ValueError(f"a grid's options cannot set {reserved}: the grid itself sets them")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Grid:
-        """A grid from its JSON form: exactly the keys of :data:`GRID_KEYS`, each a list."""
+        """A grid from its JSON form: the keys of :data:`GRID_KEYS`, each a list, and optionally
+        ``variant`` (a name) and ``options`` (config values)."""
         check_type("a grid", values, dict[str, Any])
         missing = [key for key in GRID_KEYS if key not in values]
-        extra = sorted(set(values) - set(GRID_KEYS))
+        extra = sorted(set(values) - set(GRID_KEYS) - set(GRID_OPTIONAL_KEYS))
         if missing or extra:
             raise ValueError(
-                f"a grid should have exactly the keys {list(GRID_KEYS)}; missing {missing}, "
-                f"unknown {extra}"
+                f"a grid should have the keys {list(GRID_KEYS)} and may have "
+                f"{list(GRID_OPTIONAL_KEYS)}; missing {missing}, unknown {extra}"
             )
         return cls(**values)
 
-    def to_dict(self) -> dict[str, list]:
-        return {key: list(getattr(self, key)) for key in GRID_KEYS}
+    def to_dict(self) -> dict[str, Any]:
+        values: dict[str, Any] = {key: list(getattr(self, key)) for key in GRID_KEYS}
+        if self.variant is not None:
+            values["variant"] = self.variant
+        if self.options:
+            values["options"] = copy.deepcopy(self.options)
+        return values
 
 
 #: The keys of a preset's ``evaluate`` block: the training fractions, then CorruptionSettings'.
@@ -140,6 +178,11 @@ class Preset:
         paper_command: the command of the paper-scale sweep, quoted by demo-scale reports.
         average_last: K of the report's "mean over the last K epochs" (None: give it to the
             report).
+        options: regularizer name -> its ``regularizer_options`` in every run of that
+            regularizer (e.g. the paper's DropCluster layer, the paper's DropBlock package).
+        variant: the variant name of every grid that names none (see :class:`Grid`).
+        assumptions: the settings the paper does not state, with the value chosen here (shown
+            by the dry run and the report, so that no guess passes for the paper's).
     """
 
     name: str
@@ -152,10 +195,17 @@ class Preset:
     paper: str | None = None
     paper_command: str | None = None
     average_last: int | None = None
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    variant: str | None = None
+    assumptions: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_fields(self)
         check_choice("scale", self.scale, SCALES)
+        check_variant(self.variant)
+        unknown = sorted(set(self.options) - set(REGULARIZERS))
+        if unknown:
+            raise ValueError(f"options of unknown regularizers {unknown}")
         check_choice("paper", self.paper, (None, *PAPER_DATASETS))
         if self.average_last is not None:
             check_int("average_last", self.average_last, minimum=1)
@@ -236,6 +286,9 @@ class Preset:
             "grids": [grid.to_dict() for grid in self.grids],
             "evaluate": None if self.evaluate is None else self.evaluate.to_dict(),
             "average_last": self.average_last,
+            "options": copy.deepcopy(self.options),
+            "variant": self.variant,
+            "assumptions": list(self.assumptions),
         }
 
 
@@ -304,9 +357,17 @@ class RunSpec:
         return self.config.train_fraction
 
 
-def run_id(regularizer: str, p: float, train_fraction: float, seed: int) -> str:
-    """A readable, unique id: ``dropcluster-p0.1-f1-s0``."""
-    return f"{regularizer}-p{p:g}-f{train_fraction:g}-s{seed}"
+def run_id(
+    regularizer: str, p: float, train_fraction: float, seed: int, variant: str | None = None
+) -> str:
+    """A readable, unique id: ``dropcluster-p0.1-f1-s0``, ``dropcluster-ours-p0.1-f1-s0``."""
+    name = regularizer if variant is None else f"{regularizer}-{variant}"
+    return f"{name}-p{p:g}-f{train_fraction:g}-s{seed}"
+
+
+def arm_name(regularizer: str, variant: str | None) -> str:
+    """What a report compares: ``"dropcluster"``, or ``"dropcluster:ours"`` for a variant."""
+    return regularizer if not variant else f"{regularizer}:{variant}"
 
 
 def apply_overrides(preset: Preset | Mapping[str, Any], overrides: dict[str, Any]) -> Preset:
@@ -341,22 +402,43 @@ def expand_grid(preset: Preset | Mapping[str, Any]) -> list[RunSpec]:
 def _run_specs(preset: Preset) -> list[RunSpec]:
     evaluated = set(preset.evaluate.train_fraction) if preset.evaluate else set()
     specs: dict[str, RunSpec] = {}
-    for grid in preset.grids:
+    for index, grid in enumerate(preset.grids):
+        variant = grid.variant if grid.variant is not None else preset.variant
         for regularizer in grid.regularizer:
+            values = _grid_config(preset, grid, regularizer, variant)
             # A run without a regularizer has no rate: one run, whatever the p list says.
             rates = [0.0] if regularizer == "none" else grid.p
             for p in rates:
                 for fraction in grid.train_fraction:
                     for seed in grid.seed:
-                        identifier = run_id(regularizer, p, fraction, seed)
+                        identifier = run_id(regularizer, p, fraction, seed, variant)
                         if identifier in specs:
                             continue
-                        config = TrainConfig.from_dict(
-                            {**preset.base, "regularizer": regularizer, "p": float(p),
-                             "train_fraction": float(fraction), "seed": int(seed)}
-                        )  # fmt: skip
+                        try:
+                            config = TrainConfig.from_dict(
+                                {**values, "p": float(p), "train_fraction": float(fraction),
+                                 "seed": int(seed)}
+                            )  # fmt: skip
+                        except ValueError as error:
+                            raise ValueError(f"grid {index}, run {identifier}: {error}") from error
                         specs[identifier] = RunSpec(identifier, config, fraction in evaluated)
     return list(specs.values())
+
+
+def _grid_config(
+    preset: Preset, grid: Grid, regularizer: str, variant: str | None
+) -> dict[str, Any]:
+    """The config values of a grid's runs of ``regularizer``, before p, fraction and seed."""
+    options = {
+        **preset.base.get("regularizer_options", {}),
+        **preset.options.get(regularizer, {}),
+        **grid.options.get("regularizer_options", {}),
+    }
+    values = {**preset.base, **grid.options, "regularizer": regularizer,
+              "regularizer_options": options if regularizer != "none" else {}}  # fmt: skip
+    if variant is not None:
+        values["variant"] = variant
+    return values
 
 
 def filter_runs(specs: list[RunSpec], only: list[str]) -> list[RunSpec]:

@@ -6,10 +6,11 @@ max-pool to 5x5 -> fc 120 -> fc 84 -> fc n_classes. The second pooling is adapti
 original's 32x32 input) it is the classic 2x2 pool (10x10 -> 5x5); on 32x32 images it pools
 12x12 maps to 5x5 with overlapping 3x3 windows.
 
-Slots: ``"stem"`` (the first conv's output, before its ReLU: where DropCluster goes) and
-``"group1"`` (after the second conv's ReLU, before its pooling). The paper's ``"group4"`` and
-``"group4_inner"`` placements go to ``"group1"``; LeNet has no residual blocks. (Its ReLUs are
-not in place: a hook that keeps the stem slot's input must see the conv output, not its ReLU.)
+Slots: ``"stem"`` (the first conv layer's activations, after its ReLU and before its pooling:
+where DropCluster goes, as in the ResNets) and ``"group1"`` (after the second conv's ReLU, before
+its pooling). The paper's ``"group4"`` and ``"group4_inner"`` placements go to ``"group1"``;
+LeNet has no residual blocks. (Its ReLUs are not in place: a hook that keeps a slot's input
+must keep it unchanged.)
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class LeNet5(SlottedModel):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.pool1(self.relu(self.stem(self.conv1(x))))
+        x = self.pool1(self.stem(self.relu(self.conv1(x))))
         x = self.pool2(self.group1(self.relu(self.conv2(x))))
         return self.classifier(x.flatten(1))
 

@@ -5,7 +5,7 @@ Dropout and SpatialDropout after the conv layer in the fourth group of blocks; D
 5x5 blocks after the first group on CIFAR-100, 7x7 blocks after the fourth group on Tiny
 ImageNet; StochasticDepth on every residual branch, rate p.
 
-Data sets without a row of their own (``"fashion-mnist"``, ``"synthetic"``, ...) use the
+Data sets without a row of their own (``"cifar10"``, ``"fashion-mnist"``, ``"synthetic"``) use the
 ``"cifar100"`` row (:data:`DEFAULT_FAMILY`): small images, like CIFAR-100's. Models without
 a fourth group (``resnet20``, ``lenet5``) map ``"group4"`` and ``"group4_inner"`` to their last
 group (their ``slot_aliases``).
@@ -13,7 +13,7 @@ group (their ``slot_aliases``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -76,7 +76,7 @@ def place_regularizer(
     p: float,
     dataset: str = DEFAULT_FAMILY,
     *,
-    slot: str | None = None,
+    slot: str | Sequence[str] | None = None,
     depth_rule: str = "constant",
     **options: Any,
 ) -> list[nn.Module]:
@@ -90,7 +90,9 @@ def place_regularizer(
         p: drop rate in [0, 1).
         dataset: picks the row of :data:`PAPER_PLACEMENTS` (others: the ``"cifar100"`` row).
         slot: a slot to use instead of the paper's (paper names are mapped through the
-            model's ``slot_aliases``, e.g. ``"group4"`` -> ``"group3"`` on ResNet-20).
+            model's ``slot_aliases``, e.g. ``"group4"`` -> ``"group3"`` on ResNet-20), or a
+            list of slots to install it in each (e.g. ``["group3", "group4"]``: DropBlock
+            after the third and the fourth group, the paper's ablation).
         depth_rule: for per-block slots (``"residual"``, ``"group4_inner"``): ``"constant"``
             gives every block rate p; ``"linear"`` gives block l of L the rate ``p * l / L``
             (Huang et al. 2016's linear decay of survival, p being the last block's rate).
@@ -109,18 +111,29 @@ def place_regularizer(
     check_choice("depth_rule", depth_rule, DEPTH_RULES)
     placement = placement_for(name, dataset)
     target = slot if slot is not None else placement.slot
+    if isinstance(target, str) or target is None:
+        targets = [] if target is None else [target]
+    else:
+        targets = list(target)
+        if not targets or not all(isinstance(name_, str) for name_ in targets):
+            raise ValueError(f"slot should be a slot name or a non-empty list of names, got {slot!r}")
     if name == "none":
         build_regularizer(name, p, **options)  # the same checks as the other names
-        if target is not None:
-            model.set_regularizer(model.resolve_slot(target), None)
+        for target_name in targets:
+            model.set_regularizer(model.resolve_slot(target_name), None)
         return []
-    target = model.resolve_slot(target)
+    resolved = list(dict.fromkeys(model.resolve_slot(target_name) for target_name in targets))
     merged = {**placement.options, **options}
-    n_places = len(model.slots[target])
-    if depth_rule == "linear":
-        rates = [p * (index + 1) / n_places for index in range(n_places)]
-    else:
-        rates = [p] * n_places
     # All built before any slot changes, so that a bad p or option leaves the model as it was.
-    modules = [build_regularizer(name, rate, **merged) for rate in rates]
-    return model.set_regularizer(target, iter(modules).__next__)
+    built = []
+    for target_name in resolved:
+        n_places = len(model.slots[target_name])
+        if depth_rule == "linear":
+            rates = [p * (index + 1) / n_places for index in range(n_places)]
+        else:
+            rates = [p] * n_places
+        built.append([build_regularizer(name, rate, **merged) for rate in rates])
+    installed = []
+    for target_name, modules in zip(resolved, built, strict=True):
+        installed += model.set_regularizer(target_name, iter(modules).__next__)
+    return installed

@@ -8,15 +8,28 @@ the paper's Fig. 5 and timm's ``ResNetV2``.
 
 Stems:
 
-- ``"imagenet"``: 7x7 stride-2 conv, then 3x3 stride-2 max-pool (no BN-ReLU in between: the
-  first block pre-activates, as timm's pre-activation stem). The paper's: on 32x32 CIFAR-100
-  images the first conv output is 64 x 16 x 16 (paper text), 64 x 32 x 32 on Tiny ImageNet.
-- ``"cifar"``: 3x3 stride-1 conv, no max-pool.
+- ``"imagenet"``: 7x7 stride-2 conv -> BN -> ReLU -> 3x3 stride-2 max-pool, the stem of the
+  pre-activation ResNet's reference implementation (``models/preresnet.lua`` in
+  facebook/fb.resnet.torch, which the paper's ResNet citation points to). On 32x32 CIFAR-100
+  images the first conv layer's activations are 64 x 16 x 16 (as the paper states), 64 x 32 x 32
+  on Tiny ImageNet; after the max-pool the groups see 8 x 8 (CIFAR) and 16 x 16 (Tiny
+  ImageNet), so the fourth group's maps are 1 x 1 and 2 x 2.
+- ``"cifar"``: 3x3 stride-1 conv -> BN -> ReLU, no max-pool. The reference's CIFAR network has
+  no BN-ReLU in its stem but pre-activates the first block's input for both of its paths
+  ("both_preact"), which computes the same function; putting the BN-ReLU in the stem gives both
+  stems the same DropCluster input: activations after a ReLU.
+
+Because the stem ends in BN-ReLU, the first block of the first group does not pre-activate its
+input again (the reference's "no_preact" block): its branch and its shortcut both take the stem's
+activations. The parameter count is the same as with a plain conv stem: the stem's BN replaces
+that block's first BN.
 
 Slots (see :mod:`dropcluster.models.slots`):
 
-- ``"stem"``: right after the first conv, before the max-pool; its input is exactly the first
-  conv's output (where DropCluster goes and what ReNA is fitted on).
+- ``"stem"``: after the stem's ReLU, before the max-pool; its input is the first conv layer's
+  activations (where DropCluster goes and what ReNA is fitted on). A channel whose BN output is
+  negative everywhere is exactly zero there: a dead channel, which DropCluster finds
+  unstructured.
 - ``"group1"`` ... ``"groupG"``: after each group of blocks.
 - ``"group1_inner"`` ... ``"groupG_inner"``: in every block of that group, right after its 3x3
   conv (bottleneck: the only 3x3 conv; basic block: the first of its two 3x3 convs), before the
@@ -53,16 +66,21 @@ def _conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
 class PreActBasicBlock(nn.Module):
     """BN-ReLU-conv3x3 (stride) -> inner slot -> BN-ReLU-conv3x3 -> residual slot, + shortcut.
 
+    With ``preact=False`` the first BN-ReLU is left out: the input is already activated (the
+    first block after a BN-ReLU stem).
+
     Shape:
         input (N, in_channels, H, W) -> output (N, width, H / stride, W / stride).
     """
 
     expansion = 1
 
-    def __init__(self, in_channels: int, width: int, stride: int, group_name: str) -> None:
+    def __init__(
+        self, in_channels: int, width: int, stride: int, group_name: str, preact: bool = True
+    ) -> None:
         super().__init__()
         out_channels = width * self.expansion
-        self.norm1 = nn.BatchNorm2d(in_channels)
+        self.norm1 = nn.BatchNorm2d(in_channels) if preact else nn.Identity()
         self.conv1 = _conv3x3(in_channels, width, stride)
         self.inner = Slot(f"{group_name}_inner")
         self.norm2 = nn.BatchNorm2d(width)
@@ -76,7 +94,7 @@ class PreActBasicBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        activated = self.relu(self.norm1(x))
+        activated = x if isinstance(self.norm1, nn.Identity) else self.relu(self.norm1(x))
         shortcut = x if self.shortcut is None else self.shortcut(activated)
         out = self.inner(self.conv1(activated))
         out = self.conv2(self.relu(self.norm2(out)))
@@ -87,16 +105,21 @@ class PreActBottleneck(nn.Module):
     """BN-ReLU-conv1x1 -> BN-ReLU-conv3x3 (stride) -> inner slot -> BN-ReLU-conv1x1 (x4) ->
     residual slot, + shortcut. The stride is on the 3x3 conv (as torchvision's ResNet v1.5).
 
+    With ``preact=False`` the first BN-ReLU is left out: the input is already activated (the
+    first block after a BN-ReLU stem).
+
     Shape:
         input (N, in_channels, H, W) -> output (N, 4 * width, H / stride, W / stride).
     """
 
     expansion = 4
 
-    def __init__(self, in_channels: int, width: int, stride: int, group_name: str) -> None:
+    def __init__(
+        self, in_channels: int, width: int, stride: int, group_name: str, preact: bool = True
+    ) -> None:
         super().__init__()
         out_channels = width * self.expansion
-        self.norm1 = nn.BatchNorm2d(in_channels)
+        self.norm1 = nn.BatchNorm2d(in_channels) if preact else nn.Identity()
         self.conv1 = _conv1x1(in_channels, width)
         self.norm2 = nn.BatchNorm2d(width)
         self.conv2 = _conv3x3(width, width, stride)
@@ -112,7 +135,7 @@ class PreActBottleneck(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        activated = self.relu(self.norm1(x))
+        activated = x if isinstance(self.norm1, nn.Identity) else self.relu(self.norm1(x))
         shortcut = x if self.shortcut is None else self.shortcut(activated)
         out = self.conv1(activated)
         out = self.inner(self.conv2(self.relu(self.norm2(out))))
@@ -124,7 +147,7 @@ _BLOCK_CLASSES = {"basic": PreActBasicBlock, "bottleneck": PreActBottleneck}
 
 
 def _stem(stem: str, in_channels: int, width: int) -> tuple[nn.Conv2d, nn.Module]:
-    """The first conv and the pooling after it (see "Stems" in the module docstring)."""
+    """The first conv and the pooling after the stem's BN-ReLU (see "Stems" above)."""
     if stem == "imagenet":
         conv = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
         return conv, nn.MaxPool2d(3, stride=2, padding=1)
@@ -144,7 +167,9 @@ def _groups(
         blocks = []
         for block_index in range(depth):
             stride = 2 if index > 0 and block_index == 0 else 1
-            blocks.append(block_class(channels, width, stride, group_name))
+            # The stem ends in BN-ReLU: the very first block takes activations already.
+            preact = index > 0 or block_index > 0
+            blocks.append(block_class(channels, width, stride, group_name, preact))
             channels = width * block_class.expansion
         # The group's slot is its last module: slots are listed in forward order.
         groups.append(nn.Sequential(*blocks, Slot(group_name)))
@@ -161,8 +186,8 @@ class PreActResNet(SlottedModel):
             block of every group but the first has stride 2.
         n_classes: outputs of the classifier.
         in_channels: image channels (1 grayscale, 3 colour).
-        stem: ``"imagenet"`` (7x7 stride-2 conv and 3x3 stride-2 max-pool) or ``"cifar"``
-            (3x3 stride-1 conv, no pooling).
+        stem: ``"imagenet"`` (7x7 stride-2 conv, BN-ReLU, 3x3 stride-2 max-pool) or
+            ``"cifar"`` (3x3 stride-1 conv, BN-ReLU, no pooling).
 
     Shape:
         input (N, in_channels, H, W) float, any memory format -> logits (N, n_classes).
@@ -195,6 +220,7 @@ class PreActResNet(SlottedModel):
         self.depths = tuple(depths)
         self.widths = tuple(widths)
         self.conv1, self.stem_pool = _stem(stem, in_channels, widths[0])
+        self.stem_norm = nn.BatchNorm2d(widths[0])
         self.stem = Slot("stem")
         self.groups, channels = _groups(_BLOCK_CLASSES[block], depths, widths, widths[0])
 
@@ -222,7 +248,7 @@ class PreActResNet(SlottedModel):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(N, in_channels, H, W) images -> (N, n_features) pooled features."""
-        x = self.stem_pool(self.stem(self.conv1(x)))
+        x = self.stem_pool(self.stem(self.relu(self.stem_norm(self.conv1(x)))))
         for group in self.groups:
             x = group(x)
         x = self.relu(self.final_norm(x))

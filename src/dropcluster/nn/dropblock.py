@@ -28,6 +28,11 @@ synchronisation and no data-dependent shapes, and ``p`` may be a tensor (acceler
 ``torch.compile``). On the CPU in eager mode the same centre process is drawn sparsely instead,
 only the centres that fire, and the blocks are zeroed by index
 (:mod:`dropcluster.nn._dropblock_sampler`).
+
+``mode="reference"`` instead reproduces the PyPI package ``dropblock`` 0.3.0's ``DropBlock2D``
+(the DropCluster paper's DropBlock baseline): gamma ``p / b**2``, centres on every pixel, one
+mask per image shared by the channels, one rescaling for the whole batch
+(:func:`_drop_block_reference`). Its dropped fraction is below p.
 """
 
 from __future__ import annotations
@@ -43,11 +48,15 @@ from torch import Tensor
 
 from dropcluster.nn._drop_rate import DropRateModule, check_drop_rate, uniform
 from dropcluster.nn._dropblock_sampler import drop_block_sparse
-from dropcluster.validation import check_int, check_tensor
+from dropcluster.validation import check_choice, check_int, check_tensor
 
 # Newton from the first-order gamma reaches f(gamma) = p to 1e-12 in at most 12 steps for every
 # map up to 224 x 224, block up to 11 and p up to 0.999 (tests check a grid); 20 leave a margin.
 _NEWTON_STEPS = 20
+
+#: Values of ``mode``: ``"exact"`` (expected dropped fraction p, the default) or ``"reference"``
+#: (PyPI ``dropblock`` 0.3.0, as the DropCluster paper ran its DropBlock baseline).
+MODES = ("exact", "reference")
 
 
 def effective_block(block_size: int, height: int, width: int) -> tuple[int, int]:
@@ -140,6 +149,7 @@ def drop_block2d(
     generator: torch.Generator | None = None,
     return_mask: bool = False,
     gamma: float | Tensor | None = None,
+    mode: str = "exact",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """DropBlock (Ghiasi et al. 2018, Algorithm 1) with the expected dropped fraction equal to p.
 
@@ -161,7 +171,11 @@ def drop_block2d(
         generator: random source on x's device.
         return_mask: also return the 0/1 keep mask, before rescaling.
         gamma: the centre rate for this ``p`` and map size if already solved (a float or a 0-d
-            tensor on x's device); :class:`DropBlock2d` caches it on accelerators.
+            tensor on x's device); :class:`DropBlock2d` caches it on accelerators. Exact mode
+            only.
+        mode: ``"exact"`` (default) as described here, or ``"reference"``: PyPI ``dropblock``
+            0.3.0's ``DropBlock2D(p, block_size)`` (see :func:`_drop_block_reference`; it
+            ignores ``per_channel`` and ``gamma``, and its dropped fraction is below p).
 
     Returns:
         (N, C, H, W) tensor in x's dtype, ``x * mask * count(mask) / count_ones(mask)`` with the
@@ -180,18 +194,29 @@ def drop_block2d(
     """
     check_tensor("input", x, 4, "(N, C, H, W)")
     check_int("block_size", block_size, minimum=1)
+    check_choice("mode", mode, MODES)
     if not isinstance(p, Tensor):
         p = check_drop_rate(p)
     n_samples, n_channels = x.shape[:2]
     # The map size fixes the coverage histogram and the block geometry: under torch.compile with
     # dynamic shapes, operator.index specialises it (a guard), while N and C can stay dynamic.
     height, width = operator.index(x.shape[2]), operator.index(x.shape[3])
-    mask_shape = (n_samples, n_channels if per_channel else 1, height, width)
+    reference = mode == "reference"
+    mask_channels = n_channels if per_channel and not reference else 1
+    mask_shape = (n_samples, mask_channels, height, width)
     identity = (x, x.new_ones(1, 1, 1, 1).expand(mask_shape)) if return_mask else x
     if not training or (not isinstance(p, Tensor) and p == 0.0) or x.numel() == 0:
         return identity
     compiling = torch.compiler.is_compiling()
-    if x.device.type == "cpu" and not compiling:
+    if reference:
+        if isinstance(p, Tensor) and p.device.type == "cpu" and not compiling:
+            # A memory read. As a float p, it gives the package's gamma bit for bit, and p = 0
+            # returns x without drawing, as the package does.
+            p = float(p)
+            if p == 0.0:
+                return identity
+        result = _drop_block_reference(x, p, block_size, generator, return_mask)
+    elif x.device.type == "cpu" and not compiling:
         rate = float(p)  # a CPU scalar: a memory read, not a synchronisation
         if rate == 0.0:
             return identity
@@ -261,6 +286,54 @@ def _drop_block_dense(x, gamma, block_size, per_channel, generator, return_mask)
     return (out, keep) if return_mask else out
 
 
+def _drop_block_reference(x, p, block_size, generator, return_mask):
+    """PyPI ``dropblock`` 0.3.0's ``DropBlock2D(p, block_size)`` in training, NaN-free.
+
+    Centres are drawn with rate ``gamma = p / block_size**2`` on every pixel, one (H, W) map per
+    image shared by all channels, and grown into ``block_size`` squares clipped at the border
+    (rows ``i - (b - 1) // 2 .. i + b // 2`` around centre row i, as the package's padded
+    max-pool and its crop for even sizes place them; no clamping is needed: a block larger than
+    the map covers all of it). The kept values are rescaled by one factor for the whole batch,
+    ``count(mask) / count_ones(mask)``, in the package's order of operations.
+
+    The draw is ``torch.rand((N, H, W))`` in float32 from ``generator`` (the global RNG when
+    None), the package's only use of the RNG, so on the CPU with the same seed the output is the
+    package's bit for bit. The package draws on the CPU and copies the mask to x's device; here
+    it is drawn on x's device (no copy; a different stream off the CPU).
+
+    Where the package divides by zero (every pixel of the batch dropped: NaN), this returns
+    zeros.
+
+    Args:
+        x: (N, C, H, W) floating tensor.
+        p: float, or 0-d tensor (used as a tensor: no host synchronisation).
+        block_size: block side, >= 1.
+        generator: random source on x's device, or None.
+        return_mask: also return the 0/1 keep mask.
+
+    Returns:
+        (N, C, H, W) tensor in x's dtype (computed in float32, or float64 for float64 input:
+        the package's float32 mask promotes half inputs, and a half product with the batch's
+        pixel count would overflow); with ``return_mask``, also the (N, 1, H, W) mask in x's
+        dtype.
+    """
+    n_samples, _, height, width = x.shape
+    with torch.no_grad():
+        if isinstance(p, Tensor):
+            gamma = p.to(device=x.device, dtype=torch.float32) / block_size**2
+        else:
+            gamma = p / block_size**2  # Python floats: the package's rounding exactly
+        draws = uniform((n_samples, height, width), generator, x.device)
+        centres = (draws < gamma).to(torch.float32)[:, None]
+        keep = 1 - _blocks_from_centres(centres, block_size, block_size)
+        # float32 counts are exact up to 2**24 pixels per batch (a 1024 x 128 x 128 batch).
+        kept = keep.sum().clamp(min=1.0)
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)
+    # (x * mask) * count / count_ones, as the package computes it, so that rounding matches.
+    out = (x.to(compute_dtype) * keep * keep.numel() / kept).to(x.dtype)
+    return (out, keep.to(x.dtype)) if return_mask else out
+
+
 class DropBlock2d(DropRateModule):
     """DropBlock as a layer, with the exact drop rate; see :func:`drop_block2d`.
 
@@ -275,10 +348,18 @@ class DropBlock2d(DropRateModule):
             CIFAR-100); clamped per dimension to the map size.
         per_channel: independent masks per channel (default), or one per image.
         generator: random source on the input's device.
+        mode: ``"exact"`` (default): the expected dropped fraction is p. ``"reference"``: PyPI
+            ``dropblock`` 0.3.0's ``DropBlock2D(p, block_size)``, the DropCluster paper's
+            DropBlock baseline (one mask per image whatever ``per_channel`` says, gamma
+            ``p / block_size**2``, one rescaling per batch; zeros where the package gives NaN).
+            A constructor setting, not state: state dicts are the same in both modes.
 
     Shape:
-        input (N, C, H, W) -> output (N, C, H, W).
+        input (N, C, H, W) -> output (N, C, H, W), same dtype.
     """
+
+    #: Class default, so that a layer pickled before ``mode`` existed unpickles as exact.
+    mode = "exact"
 
     def __init__(
         self,
@@ -287,9 +368,11 @@ class DropBlock2d(DropRateModule):
         *,
         per_channel: bool = True,
         generator: torch.Generator | None = None,
+        mode: str = "exact",
     ) -> None:
         super().__init__(p)
         self.block_size = check_int("block_size", block_size, minimum=1)
+        self.mode = check_choice("mode", mode, MODES)
         self.per_channel = per_channel
         self.generator = generator
         self._gamma_key: tuple | None = None
@@ -312,10 +395,11 @@ class DropBlock2d(DropRateModule):
         return self._gamma
 
     def forward(self, x: Tensor) -> Tensor:
-        gamma = self._cached_gamma(x) if self.training else None
+        exact = self.mode == "exact"
+        gamma = self._cached_gamma(x) if self.training and exact else None
         result = drop_block2d(
             x, self.p, self.block_size, training=self.training, per_channel=self.per_channel,
-            generator=self.generator, return_mask=self.record_mask, gamma=gamma,
+            generator=self.generator, return_mask=self.record_mask, gamma=gamma, mode=self.mode,
         )  # fmt: skip
         if self.record_mask:
             result, mask = result
@@ -323,4 +407,8 @@ class DropBlock2d(DropRateModule):
         return result
 
     def extra_repr(self) -> str:
-        return f"p={float(self.p):g}, block_size={self.block_size}, per_channel={self.per_channel}"
+        settings = f"p={float(self.p):g}, block_size={self.block_size}"
+        if self.mode == "exact":
+            return f"{settings}, per_channel={self.per_channel}"
+        # The reference mode shares one mask across channels: per_channel does not apply.
+        return f"{settings}, mode={self.mode!r}"

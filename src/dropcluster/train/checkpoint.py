@@ -61,6 +61,28 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+def load_model_state(model: torch.nn.Module, state: dict[str, Any], path: str | Path) -> None:
+    """``model.load_state_dict(state)``, with a one-line error naming the checkpoint ``path``.
+
+    Raises:
+        CheckpointError: the state does not fit the model; a checkpoint of a ResNet from
+            dropcluster 0.1 (whose stem had no batch norm) says so.
+    """
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        if any(key.startswith("stem_norm.") for key in model.state_dict()) and not any(
+            key.startswith("stem_norm.") for key in state
+        ):
+            raise CheckpointError(
+                f"{path} holds a ResNet of dropcluster 0.1, whose stem was a bare conv; since "
+                f"0.2 the stem is conv -> batch norm -> ReLU (the paper's reference network), "
+                f"so the run cannot continue with this version: train it again"
+            ) from error
+        detail = " ".join(str(error).split())[:300]
+        raise CheckpointError(f"{path} does not fit the run's model: {detail}") from error
+
+
 def rng_state() -> dict[str, Any]:
     """The global random states a run consumes (torch CPU, and CUDA where present)."""
     state = {"torch": torch.get_rng_state()}

@@ -13,7 +13,13 @@ from dropcluster.files import atomic_write_text
 from dropcluster.validation import check_choice, check_fields, check_float, check_int
 
 #: Fields that do not change a run's results: a run may resume with other values.
-NOT_IDENTITY = frozenset({"device", "eval_batch_size"})
+NOT_IDENTITY = frozenset({"device", "eval_batch_size", "variant"})
+
+#: Keys of ``regularizer_options`` that say where the regularizer goes, not how it works.
+PLACEMENT_OPTIONS = ("slot", "depth_rule")
+
+#: Which parameters weight decay applies to: conv/linear weights only, or every parameter.
+WEIGHT_DECAY_ON = ("weights", "all")
 
 #: Weight decay of the paper's protocol per data set.
 PAPER_WEIGHT_DECAY = {"cifar100": 5e-4, "tiny-imagenet": 1e-4}
@@ -27,14 +33,18 @@ class TrainConfig:
     :meth:`from_file` (JSON, or YAML when PyYAML is installed).
 
     Attributes:
-        dataset: "cifar100", "tiny-imagenet", "fashion-mnist" or "synthetic".
+        dataset: "cifar10", "cifar100", "tiny-imagenet", "fashion-mnist" or "synthetic".
         data_dir: where the data set's files are (None: the loader's default place).
         model: "resnet50", "resnet18", "resnet20" or "lenet5".
         stem: "imagenet" (the paper's) or "cifar"; None: the model's default.
         regularizer: "none", "dropout", "spatial_dropout", "dropblock", "dropcluster" or
             "stochastic_depth", placed as the paper did (``dropcluster.models.placement``).
         p: drop rate.
-        regularizer_options: extra options of the regularizer (e.g. {"block_size": 5}).
+        regularizer_options: extra options of the regularizer (e.g. {"block_size": 5}), and
+            ``slot`` / ``depth_rule`` of :func:`dropcluster.models.place_regularizer`; checked
+            by building the regularizer once.
+        variant: a name for these settings in reports (a sweep compares
+            ``regularizer:variant`` arms, e.g. ``dropcluster:ours``); no effect on training.
         epochs: number of training epochs (paper: 250).
         batch_size: training minibatch size, over all processes under distributed training
             (the paper does not state it).
@@ -42,6 +52,10 @@ class TrainConfig:
         momentum: SGD momentum (paper: 0.9).
         weight_decay: None: the paper's value for the data set (5e-4 on CIFAR-100, 1e-4 on
             Tiny ImageNet; 5e-4 for the others), see :meth:`resolved_weight_decay`.
+        weight_decay_on: ``"weights"`` (default, this project's choice): conv and linear weights
+            only, batch-norm scales and shifts and biases are not decayed; ``"all"``: plain
+            weight decay on every parameter (the paper's presets: the paper gives a weight decay
+            and no exclusion).
         lr_milestones: epochs at which the learning rate is multiplied by ``lr_gamma``
             (paper: 150 and 200).
         lr_gamma: factor of the step decay (paper: 0.1).
@@ -69,11 +83,13 @@ class TrainConfig:
     regularizer: str = "dropcluster"
     p: float = 0.1
     regularizer_options: dict[str, Any] = field(default_factory=dict)
+    variant: str | None = None
     epochs: int = 15
     batch_size: int = 128
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float | None = None
+    weight_decay_on: str = "weights"
     lr_milestones: list[int] = field(default_factory=list)
     lr_gamma: float = 0.1
     cluster_every: int = 5
@@ -109,6 +125,8 @@ class TrainConfig:
         check_choice("model", self.model, MODELS)
         check_choice("stem", self.stem, (None, "imagenet", "cifar"))
         check_choice("regularizer", self.regularizer, REGULARIZERS)
+        if self.variant is not None and not self.variant:
+            raise ValueError("variant should be a non-empty name or None, but got ''")
         for name in ("epochs", "batch_size", "cluster_every", "cluster_images", "average_last",
                      "eval_batch_size"):  # fmt: skip
             check_int(name, getattr(self, name), minimum=1)
@@ -119,6 +137,7 @@ class TrainConfig:
         check_float("momentum", self.momentum, minimum=0.0, below=1.0)
         if self.weight_decay is not None:
             check_float("weight_decay", self.weight_decay, minimum=0.0)
+        check_choice("weight_decay_on", self.weight_decay_on, WEIGHT_DECAY_ON)
         check_float("lr_gamma", self.lr_gamma, above=0.0)
         for milestone in self.lr_milestones:
             check_int("lr_milestones entries", milestone, minimum=1)
@@ -126,12 +145,29 @@ class TrainConfig:
             raise ValueError(f"lr_milestones should be increasing, but got {self.lr_milestones}")
         check_choice("amp_dtype", self.amp_dtype, ("bfloat16", "float16"))
         parse_device(self.device)
+        self._check_regularizer_options()
+
+    def _check_regularizer_options(self) -> None:
+        from dropcluster.nn import build_regularizer
+
+        # The placement keys go to place_regularizer, the rest to the module: build it once
+        # (cheap: no fitting) so that a bad option fails now, not when the run starts.
+        module_options = {key: value for key, value in self.regularizer_options.items()
+                          if key not in PLACEMENT_OPTIONS}  # fmt: skip
+        try:
+            build_regularizer(self.regularizer, self.p, **module_options)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"regularizer_options {self.regularizer_options}: {error}") from error
 
     def resolved_weight_decay(self) -> float:
         """The weight decay in force: the given one, or the paper's for the data set."""
         if self.weight_decay is not None:
             return self.weight_decay
         return PAPER_WEIGHT_DECAY.get(self.dataset, 5e-4)
+
+    def decay_of_norms_and_biases(self) -> float:
+        """The weight decay of batch-norm parameters and biases (0 unless ``"all"``)."""
+        return self.resolved_weight_decay() if self.weight_decay_on == "all" else 0.0
 
     def resolved_device(self) -> torch.device:
         """The device in force (see :func:`resolve_device`)."""

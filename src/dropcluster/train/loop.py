@@ -33,6 +33,7 @@ from dropcluster.nn.fitting import unwrap
 from dropcluster.train.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
+    load_model_state,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -197,7 +198,8 @@ DIVERGENCE_LOSS = 1e4
 DIVERGENCE_CHECK_STEPS = 64
 #: Settings a diverged run may resume with changed: they steer the optimiser only.
 RETUNABLE_AFTER_DIVERGENCE = frozenset(
-    {"lr", "momentum", "weight_decay", "lr_milestones", "lr_gamma", "amp", "amp_dtype"}
+    {"lr", "momentum", "weight_decay", "weight_decay_on", "lr_milestones", "lr_gamma", "amp",
+     "amp_dtype"}
 )
 #: Written into a run folder when its loss diverged; removed when the run resumes.
 DIVERGED_NAME = "diverged.json"
@@ -226,7 +228,7 @@ def _train_locked(config, out, resume, stop_after_epoch, progress_stream, device
     result = RunResult()
     start_epoch = 0
     if state is not None:
-        start_epoch = _restore(run, scaler, state, config, ranks)
+        start_epoch = _restore(run, scaler, state, config, ranks, out / CHECKPOINT_NAME)
         result.history = list(state["history"])
     if ranks.main:
         if state is not None:
@@ -328,9 +330,11 @@ def _check_resumable(config: TrainConfig, state: dict[str, Any], out: Path,
     )
 
 
-def _restore(run, scaler, state: dict[str, Any], config: TrainConfig, ranks: Ranks) -> int:
+def _restore(
+    run, scaler, state: dict[str, Any], config: TrainConfig, ranks: Ranks, path: Path
+) -> int:
     """Load the checkpoint's states into the run's objects; returns the next epoch."""
-    unwrap(run.model).load_state_dict(state["model"])
+    load_model_state(unwrap(run.model), state["model"], path)
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.loader.load_state_dict(state["loader"])
@@ -355,6 +359,7 @@ def _apply_optimizer_settings(optimizer, scheduler, config: TrainConfig) -> None
         group["momentum"] = config.momentum
     # build_run puts the decayed parameters in the first group, the others in the second.
     optimizer.param_groups[0]["weight_decay"] = config.resolved_weight_decay()
+    optimizer.param_groups[1]["weight_decay"] = config.decay_of_norms_and_biases()
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from dropcluster.data import ImageDataset, load_dataset
-from dropcluster.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from dropcluster.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_model_state
 from dropcluster.train.config import TrainConfig, resolve_device
 from dropcluster.train.setup import build_configured_model, eval_preparer
 
@@ -72,7 +72,7 @@ def load_run(
     if test_set is None:
         test_set = load_dataset(config.dataset, "test", root=config.data_dir)
     model = build_configured_model(config, len(test_set.classes), test_set.images.shape[1], device)
-    model.load_state_dict(state["model"])
+    load_model_state(model, state["model"], run_dir / CHECKPOINT_NAME)
     model.eval()
     return LoadedRun(
         run_dir=run_dir,

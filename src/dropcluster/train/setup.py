@@ -77,11 +77,12 @@ def build_run(config: TrainConfig, device: torch.device, ranks: Ranks = SINGLE) 
 
     decay, no_decay = [], []
     for parameter in model.parameters():
-        # Batch-norm scales and biases are not decayed (the usual ResNet practice).
+        # Batch-norm scales and shifts and biases (the 1-d parameters) are a group of their own:
+        # not decayed by default (the usual ResNet practice), decayed under weight_decay_on="all".
         (no_decay if parameter.ndim <= 1 else decay).append(parameter)
     optimizer = torch.optim.SGD(
         [{"params": decay, "weight_decay": config.resolved_weight_decay()},
-         {"params": no_decay, "weight_decay": 0.0}],
+         {"params": no_decay, "weight_decay": config.decay_of_norms_and_biases()}],
         lr=config.lr, momentum=config.momentum,
     )  # fmt: skip
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
