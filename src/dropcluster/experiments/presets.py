@@ -47,8 +47,7 @@ def check_variant(variant: str | None) -> None:
     check_type("variant", variant, str)
     if not variant or not set(variant) <= _VARIANT_CHARACTERS:
         raise ValueError(
-            f"variant should be a non-empty name of a-z, 0-9, '-', '_' and '.', but got "
-            f"{variant!r}"
+            f"variant should be a non-empty name of a-z, 0-9, '-', '_' and '.', but got {variant!r}"
         )
 
 

@@ -116,7 +116,7 @@ def place_regularizer(
     else:
         targets = list(target)
         if not targets or not all(isinstance(name_, str) for name_ in targets):
-            raise ValueError(f"slot should be a slot name or a non-empty list of names, got {slot!r}")
+            raise ValueError(f"slot should be a slot name or a non-empty list, but got {slot!r}")
     if name == "none":
         build_regularizer(name, p, **options)  # the same checks as the other names
         for target_name in targets:

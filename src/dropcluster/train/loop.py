@@ -198,8 +198,16 @@ DIVERGENCE_LOSS = 1e4
 DIVERGENCE_CHECK_STEPS = 64
 #: Settings a diverged run may resume with changed: they steer the optimiser only.
 RETUNABLE_AFTER_DIVERGENCE = frozenset(
-    {"lr", "momentum", "weight_decay", "weight_decay_on", "lr_milestones", "lr_gamma", "amp",
-     "amp_dtype"}
+    {
+        "lr",
+        "momentum",
+        "weight_decay",
+        "weight_decay_on",
+        "lr_milestones",
+        "lr_gamma",
+        "amp",
+        "amp_dtype",
+    }
 )
 #: Written into a run folder when its loss diverged; removed when the run resumes.
 DIVERGED_NAME = "diverged.json"
