@@ -7,10 +7,11 @@ from the hand-chosen epoch values in the comments.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
-from dropcluster.experiments import paper_results, report_figures
+from dropcluster.experiments import paper_results, presets, report, report_figures
 from dropcluster.experiments.report import summarize, write_report
 from dropcluster.experiments.store import ResultsStore
 
@@ -129,9 +130,13 @@ def _section(markdown: str, heading: str) -> str:
     return markdown[start : end if end >= 0 else None]
 
 
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
 def _row(text: str, first_cell: str) -> list[str]:
     for line in text.splitlines():
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        cells = _cells(line)
         if line.startswith("|") and cells[0] == first_cell:
             return cells
     raise AssertionError(f"no table row starting with {first_cell!r} in:\n{text}")
@@ -256,8 +261,9 @@ def test_corruption_tables_at_lowest_severity_and_per_severity(sweep):
 def test_cluster_statistics(sweep):
     _, _, report_path = sweep
     section = _section(report_path.read_text(), "## DropCluster: structured channels")
-    assert _row(section, "0.1") == [
-        "0.1", "100 %", "2", "stem", "13.00 ± 1.41", "16", "81.2 %", "0.50 ± 0.00", "2"
+    assert _row(section, "DropCluster") == [
+        "DropCluster", "0.1", "100 %", "2", "stem", "13.00 ± 1.41", "16", "81.2 %", "0.50 ± 0.00",
+        "2",
     ]  # fmt: skip
 
 
@@ -380,3 +386,297 @@ def test_paper_tables_lookup():
     )
     with pytest.raises(ValueError, match="cifar100, tiny-imagenet"):
         paper_results.paper_tables("imagenet")
+
+
+# -- arms (regularizer + variant), the paired comparison, top-5 tables, assumptions ----------
+
+# (arm, p, fraction) -> per seed 0, 1, 2: the (top-1, top-5) of both of the last two epochs, so
+# a run's metric is that pair. Paired with no dropout of the same seed (Δ = arm − none):
+ARM_RUNS = {
+    ("none", 0.0, 1.0): [(60, 80), (61, 80), (62, 80)],
+    ("none", 0.0, 0.5): [(50, 70), (50, 70), (50, 70)],
+    ("none:ours", 0.0, 1.0): [(62, 82), (62, 82), (62, 82)],
+    # Top-1 Δ 1, 2, 3: mean 2, sd 1, t = 2 / (1 / √3) = 2√3, df 2 -> p = 1 − √(6/7) = 0.074.
+    # Top-5 Δ 1, 2, 3 too.
+    ("dropcluster", 0.1, 1.0): [(61, 81), (63, 82), (65, 83)],
+    # Top-1 Δ 1, −1, 3: mean 1, sd 2, t = √3 / 2, p = 1 − √(3/11) = 0.478; top-5 Δ all 0.
+    ("dropcluster", 0.1, 0.5): [(51, 70), (49, 70), (53, 70)],
+    # Paired with none:ours: top-1 Δ 0, 1, 2: mean 1, sd 1, t = √3, p = 1 − √(3/5) = 0.225;
+    # top-5 Δ 3, 3, 3: sd 0, so t = ∞ and p = 0.
+    ("dropcluster:ours", 0.1, 1.0): [(62, 85), (63, 85), (64, 85)],
+    # No dead-variant none runs: paired with plain none; top-1 Δ 2, 2, 2 -> t = ∞, p = 0.
+    ("dropcluster:dead", 0.1, 1.0): [(62, 82), (63, 82), (64, 82)],
+}
+
+# Top-1 on corrupted test sets at severity 1 (top-5 = top-1 + 10), per seed.
+ARM_CORRUPTIONS = {
+    # Mean over the two corruptions: 45 for every seed.
+    "none": [{"clean": 60, ("gaussian_noise", 1): 50, ("defocus_blur", 1): 40}] * 3,
+    "none:ours": [{"clean": 62, ("gaussian_noise", 1): 53, ("defocus_blur", 1): 43}] * 3,
+    # Means 47, 48, 49: Δ 2, 3, 4 vs none -> mean 3, sd 1, t = 3√3, p = 1 − √(27/29) = 0.035.
+    "dropcluster": [
+        {"clean": 61 + 2 * s, ("gaussian_noise", 1): 52 + s, ("defocus_blur", 1): 42 + s}
+        for s in range(3)
+    ],
+    # Means 49, 50, 51: Δ 1, 2, 3 vs none:ours (48).
+    "dropcluster:ours": [
+        {"clean": 63, ("gaussian_noise", 1): 54 + s, ("defocus_blur", 1): 44 + s} for s in range(3)
+    ],
+}
+
+ASSUMPTIONS = ["DropCluster refits its clusters every 5 epochs", "ReNA k = 15"]
+ARMS_PRESET = {**DEMO_PRESET, "scale": "paper", "paper": "tiny-imagenet",
+               "dataset": "tiny-imagenet", "assumptions": ASSUMPTIONS}  # fmt: skip
+
+
+def _build_arms_store(path) -> ResultsStore:
+    """Runs stored as the sweep stores them: the config without ``variant``, the id with it."""
+    store = ResultsStore(path / "results.sqlite")
+    for (arm, p, fraction), seeds in ARM_RUNS.items():
+        regularizer, _, variant = arm.partition(":")
+        for seed, (top1, top5) in enumerate(seeds):
+            run_id = presets.run_id(regularizer, p, fraction, seed, variant or None)
+            store.add_run(run_id, {"epochs": 4}, preset=PRESET_NAME, regularizer=regularizer,
+                          p=p, seed=seed, train_fraction=fraction)  # fmt: skip
+            store.mark_running(run_id)
+            clusters = None
+            if regularizer == "dropcluster" and fraction == 1.0:
+                structured = 9 if variant == "ours" else 8
+                clusters = [{"epoch": 2, "layer": "stem", "channels": 16,
+                             "structured": structured, "refit_seconds": 0.5}]  # fmt: skip
+            store.record_finished(run_id, history=_history([(top1, top5)] * 2), top1=1.0,
+                                  top5=1.0, average_last=2, seconds=1.0,
+                                  clusters=clusters)  # fmt: skip
+            if fraction == 1.0 and arm in ARM_CORRUPTIONS:
+                store.record_corruptions(run_id, _corruption_rows(ARM_CORRUPTIONS[arm][seed]))
+    return store
+
+
+@pytest.fixture(scope="module")
+def arms_sweep(tmp_path_factory):
+    """The arms database and its paper-preset report; the figure functions are wrapped to
+    record the arms and styles they get (and still draw)."""
+    folder = tmp_path_factory.mktemp("arms")
+    store = _build_arms_store(folder)
+    calls = {}
+
+    def spy(name):
+        draw = getattr(report_figures, name)
+
+        def recording(data, out_path, **options):
+            calls[name] = (data, options["styles"])
+            return draw(data, out_path, **options)
+
+        return recording
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("plot_corruption_severity", "plot_training_fraction", "plot_learning_curves"):
+            patch.setattr(report_figures, name, spy(name))
+        markdown = write_report(store, folder, ARMS_PRESET).read_text()
+    yield store, markdown, calls
+    store.close()
+
+
+def test_student_t_two_sided_tail():
+    p_value = report.student_t_two_sided_p
+    # Two-sided 5 % critical values of the t tables.
+    assert p_value(2.776, 4) == pytest.approx(0.0500, abs=1e-4)
+    assert p_value(4.303, 2) == pytest.approx(0.0500, abs=1e-4)
+    assert p_value(2.262, 9) == pytest.approx(0.0500, abs=1e-4)
+    # df 1 is the Cauchy distribution: P(|T| >= 1) = 1/2 exactly.
+    assert p_value(1.0, 1) == pytest.approx(0.5, abs=1e-15)
+    assert p_value(-1.0, 1) == p_value(1.0, 1)
+    # df 2 has the closed form 1 − t / √(2 + t²).
+    assert p_value(2 * math.sqrt(3), 2) == pytest.approx(1 - math.sqrt(6 / 7), rel=1e-12)
+    assert p_value(0.0, 1) == 1.0 and p_value(0.0, 6) == 1.0
+    assert p_value(math.inf, 3) == 0.0
+    with pytest.raises(ValueError, match="df"):
+        p_value(1.0, 0)
+
+
+def test_paired_t_test_by_hand():
+    test = report.paired_t_test([1.0, 2.0, 3.0])
+    assert (test.n, test.stats.mean, test.stats.std, test.better) == (3, 2.0, 1.0, 3)
+    assert test.t == pytest.approx(2 * math.sqrt(3))
+    assert test.p_value == pytest.approx(1 - math.sqrt(6 / 7))
+    same = report.paired_t_test([-2.0, -2.0])
+    assert (same.t, same.p_value, same.better) == (-math.inf, 0.0, 0)
+    zero = report.paired_t_test([0.0, 0.0, 0.0])
+    assert (zero.t, zero.p_value) == (None, None)
+    with pytest.raises(ValueError, match="2 or more"):
+        report.paired_t_test([1.0])
+
+
+def test_arm_of_a_run_record(arms_sweep):
+    store, _, _ = arms_sweep
+    arms = {record.run_id: record.arm for record in store.runs()}
+    assert arms["dropcluster-ours-p0.1-f1-s0"] == "dropcluster:ours"
+    assert arms["dropcluster-p0.1-f1-s0"] == "dropcluster"
+    assert arms["none-ours-p0-f1-s2"] == "none:ours"
+    record = store.runs()[0]
+    assert replace(record, config={"variant": "dead"}).arm == f"{record.regularizer}:dead"
+    assert replace(record, run_id="custom-name").arm == record.regularizer
+
+
+def test_arm_names_and_order():
+    assert report_figures.display_name("dropcluster:ours") == "DropCluster (ours)"
+    assert report_figures.display_name("dropcluster") == "DropCluster"
+    arms = ["dropcluster:ours", "none", "zeta", "dropcluster", "dropblock", "dropcluster:dead"]
+    assert report_figures.ordered_regularizers(arms) == [
+        "none", "dropblock", "dropcluster", "dropcluster:dead", "dropcluster:ours", "zeta"
+    ]  # fmt: skip
+    styles = report_figures.arm_styles(arms)
+    assert styles == report_figures.arm_styles(reversed(arms))  # deterministic
+    dropcluster = [styles[a] for a in ("dropcluster", "dropcluster:dead", "dropcluster:ours")]
+    assert dropcluster[0]["color"] == report_figures.REGULARIZER_COLOURS["dropcluster"]
+    assert len({s["color"] for s in dropcluster}) == 3
+    assert len({s["marker"] for s in dropcluster}) == 3
+    assert [s["linestyle"] for s in dropcluster] == ["-", "--", "--"]
+
+
+def test_arms_are_rows_with_paper_numbers_beside_the_plain_arm_only(arms_sweep):
+    _, markdown, _ = arms_sweep
+    full = _section(markdown, "## Full training set")
+    table = full[: full.index("### Every p")]
+    assert [row[0] for row in _rows(table)] == [
+        "No dropout", "No dropout (ours)", "Dropout", "SpatialDropout", "DropBlock",
+        "StochasticDepth", "DropCluster", "DropCluster (dead)", "DropCluster (ours)",
+    ]  # fmt: skip
+    # Plain: 61, 63, 65 -> 63 ± 2; the paper's Table 3 beside it. The variant: no paper numbers.
+    assert _row(full, "DropCluster") == [
+        "DropCluster", "0.1", "0.1", "63.00 ± 2.00", "66.26", "82.00 ± 1.00", "84.35", "3"
+    ]  # fmt: skip
+    assert _row(full, "DropCluster (ours)") == [
+        "DropCluster (ours)", "0.1", "", "63.00 ± 1.00", "", "85.00 ± 0.00", "", "3"
+    ]  # fmt: skip
+    fractions = _section(markdown, "## Training-set size")
+    header = _row(fractions, "training set")
+    assert "DropCluster paper" in header and "DropCluster (ours) (p=0.1) measured" in header
+    assert not any("(ours) paper" in cell or "(dead) paper" in cell for cell in header)
+
+
+def test_fraction_top5_table_has_paper_columns(arms_sweep):
+    _, markdown, _ = arms_sweep
+    top5 = _section(markdown, "### Top-5 (%) per training fraction")
+    header = _row(top5, "training set")
+    half = dict(zip(header, _row(top5, "50 %"), strict=True))
+    # Table 4's top-5 at 50 % of the data; none's top-5 at half the data is 70 for every seed.
+    assert half["DropCluster paper"] == "79.83" and half["DropBlock paper"] == "78.99"
+    assert half["DropCluster (p=0.1) measured"] == "70.00 ± 0.00 (n=3)"
+    assert half["No dropout (p=0) measured"] == "70.00 ± 0.00 (n=3)"
+    full = dict(zip(header, _row(top5, "100 %"), strict=True))
+    assert full["DropCluster (ours) (p=0.1) measured"] == "85.00 ± 0.00 (n=3)"
+
+
+def test_corruption_top5_tables_with_paper_columns(arms_sweep):
+    _, markdown, _ = arms_sweep
+    top1 = _section(markdown, "## Corrupted test sets")
+    top1_gaussian = dict(zip(_row(top1, "corruption"), _row(top1, "gaussian noise"), strict=True))
+    assert top1_gaussian["DropCluster paper"] == "62.57"  # Table 5, top-1
+    top5 = _section(markdown, "### Top-5 (%) at severity 1")
+    header = _row(top5, "corruption")
+    gaussian = dict(zip(header, _row(top5, "gaussian noise"), strict=True))
+    # Measured top-5 = top-1 + 10: seeds 62, 63, 64 -> 63 ± 1; the paper's top-5 is 83.31.
+    assert gaussian["DropCluster (p=0.1) measured"] == "63.00 ± 1.00 (n=3)"
+    assert gaussian["DropCluster paper"] == "83.31" and gaussian["DropBlock paper"] == "82.53"
+    assert gaussian["DropCluster (ours) (p=0.1) measured"] == "65.00 ± 1.00 (n=3)"
+    assert "DropCluster (ours) paper" not in header
+    clean = dict(zip(header, _row(top5, "clean"), strict=True))
+    assert clean["DropCluster paper"] == "84.35"  # Table 3's top-5
+    means = _section(markdown, "### Mean over corruptions per severity (top-5 %)")
+    # none: (60 + 50) / 2 = 55 per seed.
+    assert _row(means, "1")[1] == "55.00 ± 0.00 (n=3)"
+
+
+def test_paired_comparison_by_hand(arms_sweep):
+    _, markdown, _ = arms_sweep
+    section = _section(markdown, "## Paired comparison with no dropout")
+    top1 = section[: section.index("### Top-5")]
+    rows = {(row[0], row[2]): row for row in _rows(top1)}
+    assert rows[("DropCluster", "100 %")] == [
+        "DropCluster", "0.1", "100 %", "63.00 ± 2.00", "+2.00 ± 1.00", "3.46", "0.074", "3 of 3"
+    ]  # fmt: skip
+    assert rows[("DropCluster", "50 %")][4:] == ["+1.00 ± 2.00", "0.87", "0.478", "2 of 3"]
+    assert rows[("DropCluster (ours)", "100 %")][4:] == ["+1.00 ± 1.00", "1.73", "0.225", "2 of 3"]
+    assert rows[("DropCluster (dead)", "100 %")][4:] == ["+2.00 ± 0.00", "∞", "0", "3 of 3"]
+    assert not any(name.startswith("No dropout") for name, _ in rows)
+    top5 = section[section.index("### Top-5") : section.index("### Mean top-1")]
+    rows5 = {(row[0], row[2]): row for row in _rows(top5)}
+    assert rows5[("DropCluster", "50 %")][4:] == ["+0.00 ± 0.00", "—", "—", "0 of 3"]
+    assert rows5[("DropCluster (ours)", "100 %")][4:] == ["+3.00 ± 0.00", "∞", "0", "3 of 3"]
+    corrupted = {row[0]: row for row in _rows(section[section.index("### Mean top-1") :])}
+    assert corrupted["DropCluster"] == [
+        "DropCluster", "0.1", "48.00 ± 1.00", "+3.00 ± 1.00", "5.20", "0.035", "3 of 3"
+    ]  # fmt: skip
+    assert corrupted["DropCluster (ours)"][3:6] == ["+2.00 ± 1.00", "3.46", "0.074"]
+    # Which no-dropout runs each variant is paired with, and how to read the p values.
+    assert "DropCluster (dead) with No dropout; DropCluster (ours) with No dropout (ours)." in (
+        section.replace("\n", " ")
+    )
+    assert "p < 0.05 means" in section and "no correction for multiple comparisons" in section
+
+
+def test_paired_section_needs_two_seeds_and_no_dropout(tmp_path):
+    store = _build_store(tmp_path, corruptions=False)  # two seeds, none on the full set only
+    markdown = write_report(store, tmp_path, DEMO_PRESET).read_text()
+    # DropCluster at p 0.1: 70, 72 against none's 61, 65 -> Δ 9, 7: mean 8, sd √2, t = 8.
+    row = _row(_section(markdown, "## Paired comparison"), "DropCluster")
+    assert row[2:] == ["100 %", "71.00 ± 1.41", "+8.00 ± 1.41", "8.00", "0.079", "2 of 2"]
+    one_seed = ResultsStore(tmp_path / "one" / "results.sqlite")
+    for regularizer, p, top1 in (("none", 0.0, 60), ("dropout", 0.1, 61)):
+        run_id = _add(one_seed, regularizer, p, 1.0, 0)
+        one_seed.record_finished(run_id, history=_history([(top1, 80)] * 2), top1=1.0, top5=1.0,
+                                 average_last=2, seconds=1.0)  # fmt: skip
+    markdown = write_report(one_seed, tmp_path / "one", DEMO_PRESET).read_text()
+    assert "No arm has 2 or more seeds paired" in _section(markdown, "## Paired comparison")
+    store.close()
+    one_seed.close()
+
+
+def test_no_assumptions_heading_without_assumptions(sweep):
+    _, _, report_path = sweep
+    markdown = report_path.read_text()
+    assert "Assumptions" not in markdown
+
+
+def test_assumptions_listed_in_the_header(arms_sweep):
+    _, markdown, _ = arms_sweep
+    header = markdown.split("\n## ")[0]
+    heading = "### Assumptions (settings the paper does not state; values chosen here)"
+    assert heading in header
+    bullets = header.split(heading)[1].split("\n\n")[1].splitlines()
+    assert bullets == [f"- {assumption}" for assumption in ASSUMPTIONS]
+
+
+def test_cluster_rows_per_dropcluster_arm(arms_sweep):
+    _, markdown, _ = arms_sweep
+    section = _section(markdown, "## DropCluster: structured channels")
+    rows = [row[:6] for row in _rows(section)]
+    assert rows == [
+        ["DropCluster", "0.1", "100 %", "2", "stem", "8.00 ± 0.00"],
+        ["DropCluster (dead)", "0.1", "100 %", "2", "stem", "8.00 ± 0.00"],
+        ["DropCluster (ours)", "0.1", "100 %", "2", "stem", "9.00 ± 0.00"],
+    ]
+
+
+def test_figures_get_every_arm_with_its_own_style(arms_sweep):
+    _, markdown, calls = arms_sweep
+    assert set(calls) == {"plot_corruption_severity", "plot_training_fraction",
+                          "plot_learning_curves"}  # fmt: skip
+    curves, styles = calls["plot_learning_curves"]
+    assert set(curves) == {"none", "none:ours", "dropcluster", "dropcluster:ours",
+                           "dropcluster:dead"}  # fmt: skip
+    # One style table for the whole report: the same arm looks the same in every figure.
+    assert all(options is styles for _, options in calls.values())
+    colours = {styles[arm]["color"] for arm in curves}
+    assert len(colours) == len(curves)
+    assert styles["dropcluster:ours"]["label"] == "DropCluster (ours)"
+    assert "](learning_curves_top1.png)" in markdown
+
+
+def _rows(text: str) -> list[list[str]]:
+    """The body rows of the markdown tables in ``text``: neither a rule nor a header (the line
+    before a rule)."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    rule = [line.startswith("|---") for line in lines] + [False]
+    return [_cells(line) for i, line in enumerate(lines) if not rule[i] and not rule[i + 1]]

@@ -282,7 +282,10 @@ def _add_analyze_parser(commands) -> None:
     )
     analyze.add_argument("--checkpoint", type=Path, required=True, help="the run's folder")
     analyze.add_argument(
-        "--out", type=Path, default=None, help="output folder (default: <run>/analysis)"
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: <run>/analysis, or <run>/analysis-epochE with --epoch)",
     )
     analyze.add_argument("--images", type=int_argument(1), default=4, help="example images to show")
     analyze.add_argument(
@@ -293,6 +296,21 @@ def _add_analyze_parser(commands) -> None:
     )
     analyze.add_argument("--device", default="auto", help=_DEVICE_HELP)
     analyze.add_argument("--seed", type=int_argument(0), default=0, help="random seed")
+    analyze.add_argument(
+        "--epoch",
+        type=int_argument(1),
+        default=None,
+        help="analyse the checkpoint kept after this many epochs (train with "
+        "keep_checkpoints=[E]); default: the last checkpoint",
+    )
+    analyze.add_argument(
+        "--unstructured",
+        choices=("rena", "dead"),
+        default=None,
+        help="rule for runs without a fitted DropCluster layer: rena (the paper's: ReNA "
+        "does not reach the number of clusters) or dead (constant channels); default: the "
+        "run's layer's rule, else dead",
+    )
     analyze.set_defaults(handler=_run_analyze)
 
 
@@ -417,7 +435,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
         )
         status = 1
     if args.report:
-        _analyze_dropcluster_run(out)
+        _analyze_runs(out, preset)
         path = _write_report(out, preset, None)
         print(f"report: {path}")
     return status
@@ -430,12 +448,15 @@ def _run_collect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _analyze_dropcluster_run(out: Path) -> None:
-    """The cluster analysis the report links (see ``analyze_best_dropcluster_run``)."""
-    from dropcluster.experiments.run_analysis import analyze_best_dropcluster_run
+def _analyze_runs(out: Path, preset) -> None:
+    """The cluster analyses the report links: the preset's ``analyze`` settings, by default the
+    best DropCluster run (see ``analyze_sweep_runs``)."""
+    from dropcluster.experiments.presets import AnalyzeSettings
+    from dropcluster.experiments.run_analysis import analyze_sweep_runs
 
+    settings = preset.analyze if preset.analyze is not None else AnalyzeSettings()
     try:
-        analyze_best_dropcluster_run(out, progress=lambda message: print(message, file=sys.stderr))
+        analyze_sweep_runs(out, settings, progress=lambda message: print(message, file=sys.stderr))
     except ImportError as error:
         print(f"no cluster analysis: {error}", file=sys.stderr)
 
@@ -494,6 +515,8 @@ def _run_analyze(args: argparse.Namespace) -> int:
         device=args.device,
         seed=args.seed,
         progress=lambda message: print(message, file=sys.stderr),
+        epoch=args.epoch,
+        unstructured=args.unstructured,
     )
     print(f"analysis: {path}")
     return 0

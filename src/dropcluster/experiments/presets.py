@@ -151,6 +151,50 @@ class EvaluateSettings:
         return {"train_fraction": list(self.train_fraction), **self.corruption.to_dict()}
 
 
+#: Which finished runs of a sweep ``reproduce`` analyses (``dropcluster analyze``).
+ANALYZE_RUNS = ("best-dropcluster", "all")
+
+
+@dataclass(frozen=True)
+class AnalyzeSettings:
+    """The cluster analysis ``dropcluster reproduce`` runs after a sweep.
+
+    Attributes:
+        runs: ``"best-dropcluster"`` (the DropCluster run the report shows) or ``"all"``
+            (every finished run: the figures presets).
+        epoch: analyse the checkpoint kept after this many epochs (the runs'
+            ``keep_checkpoints`` must hold it); None: the last checkpoint.
+        unstructured: the rule for runs without a fitted DropCluster layer (``"rena"``, the
+            paper's, or ``"dead"``); None: ``dropcluster analyze``'s default.
+        sample_images: test images whose activations are clustered.
+    """
+
+    runs: str = "best-dropcluster"
+    epoch: int | None = None
+    unstructured: str | None = None
+    sample_images: int = 256
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        check_choice("analyze.runs", self.runs, ANALYZE_RUNS)
+        check_choice("analyze.unstructured", self.unstructured, (None, "rena", "dead"))
+        if self.epoch is not None:
+            check_int("analyze.epoch", self.epoch, minimum=1)
+        check_int("analyze.sample_images", self.sample_images, minimum=2)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> AnalyzeSettings:
+        check_type("analyze", values, dict[str, Any])
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            names = [f.name for f in fields(cls)]
+            raise ValueError(f"analyze takes only {names}; unknown {unknown}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
 #: Keys a preset's JSON form has to have; the others default to None.
 REQUIRED_KEYS = ("name", "scale", "description", "dataset", "base", "grids")
 
@@ -182,6 +226,8 @@ class Preset:
         variant: the variant name of every grid that names none (see :class:`Grid`).
         assumptions: the settings the paper does not state, with the value chosen here (shown
             by the dry run and the report, so that no guess passes for the paper's).
+        analyze: the cluster analysis ``reproduce`` runs after the sweep (None: the DropCluster
+            run the report shows, with ``dropcluster analyze``'s defaults).
     """
 
     name: str
@@ -197,6 +243,7 @@ class Preset:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     variant: str | None = None
     assumptions: list[str] = field(default_factory=list)
+    analyze: AnalyzeSettings | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -212,6 +259,14 @@ class Preset:
             raise ValueError("grids should be a non-empty list of grids")
         if self.evaluate is not None:
             self._check_evaluate(self.evaluate)
+        if self.analyze is not None and self.analyze.epoch is not None:
+            epoch = self.analyze.epoch
+            for spec in _run_specs(self):
+                if epoch not in spec.config.keep_checkpoints:
+                    raise ValueError(
+                        f"analyze.epoch is {epoch}, but run {spec.run_id} does not keep that "
+                        f"epoch's checkpoint (keep_checkpoints {spec.config.keep_checkpoints})"
+                    )
         _run_specs(self)  # builds (and so checks) every run's TrainConfig
 
     def _check_evaluate(self, evaluate: EvaluateSettings) -> None:
@@ -267,9 +322,11 @@ class Preset:
             except ValueError as error:
                 raise ValueError(f"grid {index}: {error}") from error
         evaluate = values.get("evaluate")
+        analyze = values.get("analyze")
         return cls(
             **{**values, "grids": grids,
-               "evaluate": None if evaluate is None else EvaluateSettings.from_dict(evaluate)}
+               "evaluate": None if evaluate is None else EvaluateSettings.from_dict(evaluate),
+               "analyze": None if analyze is None else AnalyzeSettings.from_dict(analyze)}
         )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
@@ -288,6 +345,7 @@ class Preset:
             "options": copy.deepcopy(self.options),
             "variant": self.variant,
             "assumptions": list(self.assumptions),
+            "analyze": None if self.analyze is None else self.analyze.to_dict(),
         }
 
 

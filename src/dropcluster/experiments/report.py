@@ -9,6 +9,12 @@ last K finished epochs; a regularizer's result is the mean and sample standard d
 that metric over seeds, at the drop rate p with the highest mean top-1 on the full training set.
 Only finished runs count; failed runs are listed with their error and never aggregated. The
 report never fails on a partial sweep: sections without data say so.
+
+What the report compares are *arms*: a regularizer, or a regularizer under a variant of the
+settings (``"dropcluster:ours"``, see :attr:`~dropcluster.experiments.store.RunRecord.arm`),
+each shown side by side as "DropCluster", "DropCluster (ours)". The paper's numbers, which are
+the paper's settings, stand beside the plain arm only. Beyond the paper's tables the report
+pairs every arm's runs with the no-dropout runs of the same seed (:func:`paired_t_test`).
 """
 
 from __future__ import annotations
@@ -24,8 +30,13 @@ from typing import Any
 
 from dropcluster.experiments import report_figures
 from dropcluster.experiments.paper_results import CORRUPTIONS, paper_tables
-from dropcluster.experiments.presets import Preset, as_preset
-from dropcluster.experiments.report_figures import display_name, ordered_regularizers
+from dropcluster.experiments.presets import Preset, arm_name, as_preset
+from dropcluster.experiments.report_figures import (
+    arm_styles,
+    display_name,
+    ordered_regularizers,
+    split_arm,
+)
 from dropcluster.experiments.store import CLEAN, FAILED, FINISHED, RUN_STATUSES, ResultsStore
 from dropcluster.experiments.sweep import RUNS_FOLDER
 from dropcluster.files import atomic_write_text
@@ -39,6 +50,8 @@ FIGURE_NAMES = (
     "learning_curves_top1.png",
 )
 _DASH = "—"
+#: The arm every other arm is paired with (or its variant, see :func:`_baseline_arm`).
+_BASELINE = "none"
 
 
 @dataclass(frozen=True)
@@ -76,12 +89,14 @@ class RunMetric:
     """The metric of one finished run: its accuracy averaged over its last K finished epochs.
 
     Attributes:
+        arm: what the report compares the run under (``"dropcluster"``, ``"dropcluster:ours"``).
         epochs_averaged: how many epochs went into the mean (fewer than K when the run has
             fewer epochs; 0 when the epochs table had none and the run's own summary is used).
     """
 
     run_id: str
     regularizer: str
+    arm: str
     p: float
     seed: int
     train_fraction: float
@@ -92,9 +107,9 @@ class RunMetric:
 
 @dataclass(frozen=True)
 class GroupResult:
-    """The runs of one (regularizer, p, training fraction) cell, aggregated over seeds."""
+    """The runs of one (arm, p, training fraction) cell, aggregated over seeds."""
 
-    regularizer: str
+    arm: str
     p: float
     train_fraction: float
     top1: SeedStats
@@ -108,6 +123,7 @@ class FailedRun:
 
     run_id: str
     regularizer: str
+    arm: str
     p: float
     seed: int
     train_fraction: float
@@ -117,7 +133,7 @@ class FailedRun:
 
 @dataclass(frozen=True)
 class CorruptionResult:
-    """One regularizer's accuracy on corrupted test sets, at one p, aggregated over seeds.
+    """One arm's accuracy on corrupted test sets, at one p, aggregated over seeds.
 
     Attributes:
         p: the drop rate of the runs aggregated.
@@ -126,17 +142,25 @@ class CorruptionResult:
             severity ``s``, then aggregated over seeds.
         clean_from_runs: True when the clean row is the runs' own last-K metric because the
             database holds no ``"clean"`` evaluation for them.
+        corrupted_top1: ``corrupted_top1[seed][(corruption, severity)]``: each run's top-1 on
+            every corrupted test set (not the clean one), for the paired comparison.
     """
 
     p: float
     cells: dict[tuple[str, int], tuple[SeedStats, SeedStats]]
     clean_from_runs: bool = False
+    corrupted_top1: dict[int, dict[tuple[str, int], float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class ClusterRow:
-    """DropCluster's structured channels at one refit, averaged over the seeds of a group."""
+    """DropCluster's structured channels at one refit, averaged over the seeds of a group.
 
+    Attributes:
+        arm: the DropCluster arm of the runs (``"dropcluster"``, ``"dropcluster:ours"``, ...).
+    """
+
+    arm: str
     p: float
     train_fraction: float
     epoch: int
@@ -155,18 +179,19 @@ class Summary:
         status_counts: number of runs per status.
         failed: failed runs with the first line of their error.
         runs: the metric of every finished run.
-        groups: ``groups[(regularizer, p, fraction)]`` over seeds.
+        groups: ``groups[(arm, p, fraction)]`` over seeds; an arm is a regularizer or
+            ``regularizer:variant`` (:attr:`~dropcluster.experiments.store.RunRecord.arm`), and
+            every mapping below is keyed by arm too.
         full_fraction: the largest training fraction with a finished run (1.0 for a full sweep),
             where p is chosen; None when nothing finished.
-        best: ``best[regularizer]``: the group at the best p on ``full_fraction``.
-        fraction_p: ``fraction_p[regularizer]``: the p of that regularizer's row in the
-            training-fraction table (the best p unless the smaller fractions were run at
-            another p only).
-        fractions: ``fractions[regularizer][fraction]``: groups at ``fraction_p``.
-        corruption: ``corruption[regularizer]`` on the full training fraction.
-        curves: ``curves[regularizer] = [(epoch, top1 over seeds), ...]`` at the best p on the
-            full fraction.
-        clusters: DropCluster refit statistics of finished runs.
+        best: ``best[arm]``: the group at the best p on ``full_fraction``.
+        fraction_p: ``fraction_p[arm]``: the p of that arm's row in the training-fraction
+            table (the best p unless the smaller fractions were run at another p only).
+        fractions: ``fractions[arm][fraction]``: groups at ``fraction_p``.
+        corruption: ``corruption[arm]`` on the full training fraction.
+        curves: ``curves[arm] = [(epoch, top1 over seeds), ...]`` at the best p on the full
+            fraction.
+        clusters: DropCluster refit statistics of finished runs, of every DropCluster arm.
         short_runs: finished runs that averaged fewer than K epochs.
         runs_without_epochs: finished runs with no epoch rows, whose metric is the one the
             runner stored with the run.
@@ -242,6 +267,7 @@ def summarize(store: ResultsStore, average_last: int, *, preset_name: str | None
         FailedRun(
             record.run_id,
             record.regularizer,
+            record.arm,
             record.p,
             record.seed,
             record.train_fraction,
@@ -267,6 +293,7 @@ def summarize(store: ResultsStore, average_last: int, *, preset_name: str | None
             RunMetric(
                 record.run_id,
                 record.regularizer,
+                record.arm,
                 _key(record.p),
                 record.seed,
                 _key(record.train_fraction),
@@ -291,7 +318,7 @@ def summarize(store: ResultsStore, average_last: int, *, preset_name: str | None
 def _aggregate_groups(summary: Summary) -> None:
     members: dict[tuple[str, float, float], list[RunMetric]] = defaultdict(list)
     for run in summary.runs:
-        members[(run.regularizer, run.p, run.train_fraction)].append(run)
+        members[(run.arm, run.p, run.train_fraction)].append(run)
     for key, runs in sorted(members.items()):
         runs.sort(key=lambda run: run.seed)
         summary.groups[key] = GroupResult(
@@ -302,24 +329,22 @@ def _aggregate_groups(summary: Summary) -> None:
         )
     full = max(run.train_fraction for run in summary.runs)
     summary.full_fraction = full
-    for regularizer in ordered_regularizers({key[0] for key in summary.groups}):
-        on_full = [g for (r, _, f), g in summary.groups.items() if r == regularizer and f == full]
+    for arm in ordered_regularizers({key[0] for key in summary.groups}):
+        on_full = [g for (a, _, f), g in summary.groups.items() if a == arm and f == full]
         if on_full:
             # Highest mean top-1; a tie goes to the smaller p (the milder regularizer).
-            summary.best[regularizer] = max(on_full, key=lambda g: (g.top1.mean, -g.p))
-        smaller = {p for (r, p, f) in summary.groups if r == regularizer and f != full}
-        best_p = summary.best[regularizer].p if regularizer in summary.best else None
+            summary.best[arm] = max(on_full, key=lambda g: (g.top1.mean, -g.p))
+        smaller = {p for (a, p, f) in summary.groups if a == arm and f != full}
+        best_p = summary.best[arm].p if arm in summary.best else None
         if smaller:
             row_p = _choose_p(smaller, best_p) if best_p is not None else min(smaller)
         elif best_p is not None:
             row_p = best_p
         else:
             continue
-        summary.fraction_p[regularizer] = row_p
-        summary.fractions[regularizer] = {
-            f: group
-            for (r, p, f), group in summary.groups.items()
-            if r == regularizer and p == row_p
+        summary.fraction_p[arm] = row_p
+        summary.fractions[arm] = {
+            f: group for (a, p, f), group in summary.groups.items() if a == arm and p == row_p
         }
 
 
@@ -329,58 +354,59 @@ def _aggregate_corruptions(summary: Summary, rows: list[dict]) -> None:
     for row in rows:
         if row["run_id"] in runs and row.get("top1") is not None:
             by_run[row["run_id"]].append(row)
-    for regularizer in ordered_regularizers({runs[run_id].regularizer for run_id in by_run}):
-        evaluated = [run_id for run_id in by_run if runs[run_id].regularizer == regularizer]
-        best_p = summary.best[regularizer].p
-        p = _choose_p({runs[run_id].p for run_id in evaluated}, best_p)
-        per_seed: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
-        clean_from_runs = False
-        for run_id in sorted(run_id for run_id in evaluated if runs[run_id].p == p):
-            cells = {(row["corruption"], int(row["severity"])): row for row in by_run[run_id]}
-            for cell, row in cells.items():
-                per_seed[cell].append((row["top1"], _number(row["top5"])))
-            if (CLEAN, 0) not in cells:
-                clean_from_runs = True
-                per_seed[(CLEAN, 0)].append((runs[run_id].top1, runs[run_id].top5))
-            for severity in {s for (name, s) in cells if name != CLEAN}:
-                corrupted = [
-                    row for (name, s), row in cells.items() if s == severity and name != CLEAN
-                ]
-                per_seed[("mean", severity)].append(
-                    (
-                        statistics.fmean(row["top1"] for row in corrupted),
-                        statistics.fmean(_number(row["top5"]) for row in corrupted),
-                    )
+    for arm in ordered_regularizers({runs[run_id].arm for run_id in by_run}):
+        evaluated = [run_id for run_id in by_run if runs[run_id].arm == arm]
+        p = _choose_p({runs[run_id].p for run_id in evaluated}, summary.best[arm].p)
+        chosen = sorted(run_id for run_id in evaluated if runs[run_id].p == p)
+        summary.corruption[arm] = _corruption_result(p, [(runs[r], by_run[r]) for r in chosen])
+
+
+def _corruption_result(p: float, evaluated: list[tuple[RunMetric, list[dict]]]) -> CorruptionResult:
+    """The corruption results of one arm's runs at ``p`` (each run with its evaluation rows)."""
+    per_seed: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
+    corrupted_top1: dict[int, dict[tuple[str, int], float]] = {}
+    clean_from_runs = False
+    for run, rows in evaluated:
+        cells = {(row["corruption"], int(row["severity"])): row for row in rows}
+        for cell, row in cells.items():
+            per_seed[cell].append((row["top1"], _number(row["top5"])))
+        if (CLEAN, 0) not in cells:
+            clean_from_runs = True
+            per_seed[(CLEAN, 0)].append((run.top1, run.top5))
+        corrupted = {cell: row for cell, row in cells.items() if cell[0] != CLEAN}
+        corrupted_top1[run.seed] = {cell: row["top1"] for cell, row in corrupted.items()}
+        for severity in {s for (_, s) in corrupted}:
+            at_severity = [row for (_, s), row in corrupted.items() if s == severity]
+            per_seed[("mean", severity)].append(
+                (
+                    statistics.fmean(row["top1"] for row in at_severity),
+                    statistics.fmean(_number(row["top5"]) for row in at_severity),
                 )
-        summary.corruption[regularizer] = CorruptionResult(
-            p,
-            {
-                cell: (
-                    SeedStats(tuple(v[0] for v in values)),
-                    SeedStats(tuple(v[1] for v in values)),
-                )
-                for cell, values in per_seed.items()
-            },
-            clean_from_runs,
-        )
+            )
+    cells_over_seeds = {
+        cell: (SeedStats(tuple(v[0] for v in values)), SeedStats(tuple(v[1] for v in values)))
+        for cell, values in per_seed.items()
+    }
+    return CorruptionResult(p, cells_over_seeds, clean_from_runs, corrupted_top1)
 
 
 def _aggregate_curves(summary: Summary, epochs_by_run: dict[str, list[dict]]) -> None:
-    for regularizer, group in summary.best.items():
+    for arm, group in summary.best.items():
         by_epoch: dict[int, list[float]] = defaultdict(list)
         for run_id in group.run_ids:
             for row in epochs_by_run.get(run_id, []):
                 if row.get("top1") is not None:
                     by_epoch[int(row["epoch"])].append(row["top1"])
         if by_epoch:
-            summary.curves[regularizer] = [
+            summary.curves[arm] = [
                 (epoch, SeedStats(tuple(values))) for epoch, values in sorted(by_epoch.items())
             ]
 
 
 def _aggregate_clusters(summary: Summary, rows: list[dict]) -> None:
+    # Every DropCluster arm: variants refit clusters too, under their own settings.
     runs = {run.run_id: run for run in summary.runs if run.regularizer == "dropcluster"}
-    cells: dict[tuple[float, float, int, str], list[dict]] = defaultdict(list)
+    cells: dict[tuple[str, float, float, int, str], list[dict]] = defaultdict(list)
     # The store returns layers in network order; sorting by name would put "layer10" first.
     layer_order: dict[str, int] = {}
     for row in rows:
@@ -388,15 +414,17 @@ def _aggregate_clusters(summary: Summary, rows: list[dict]) -> None:
         if run is not None:
             layer = str(row["layer"])
             layer_order.setdefault(layer, len(layer_order))
-            cells[(run.p, run.train_fraction, int(row["epoch"]), layer)].append(row)
+            cells[(run.arm, run.p, run.train_fraction, int(row["epoch"]), layer)].append(row)
+    arm_order = {arm: i for i, arm in enumerate(ordered_regularizers({key[0] for key in cells}))}
 
     def table_order(item):
-        p, fraction, epoch, layer = item[0]
-        return (-fraction, p, epoch, layer_order[layer])
+        arm, p, fraction, epoch, layer = item[0]
+        return (arm_order[arm], -fraction, p, epoch, layer_order[layer])
 
-    for (p, fraction, epoch, layer), members in sorted(cells.items(), key=table_order):
+    for (arm, p, fraction, epoch, layer), members in sorted(cells.items(), key=table_order):
         summary.clusters.append(
             ClusterRow(
+                arm,
                 p,
                 fraction,
                 epoch,
@@ -418,6 +446,219 @@ def _error_line(error: str | None) -> str:
     """The line that says what went wrong: the last one (a traceback ends with the exception)."""
     lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
     return lines[-1] if lines else "(no error message)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired comparison with no dropout
+
+
+def student_t_two_sided_p(t: float, df: int) -> float:
+    """The two-sided tail of Student's t distribution, ``P(|T| >= |t|)`` with ``df`` degrees of
+    freedom, exact for integer ``df`` (Abramowitz & Stegun 26.7.3 and 26.7.4).
+
+    With ``theta = atan(|t| / sqrt(df))`` and ``c = cos(theta)``, A&S give the central
+    probability ``A = P(|T| < |t|)`` as a finite series: for odd ``df``,
+    ``A = 2/pi * (theta + sin(theta) * (c + 2/3 c^3 + ... + (2*4*...*(df-3)) / (1*3*...*(df-2))
+    c^(df-2)))`` (only ``2 theta / pi`` for ``df = 1``); for even ``df``,
+    ``A = sin(theta) * (1 + 1/2 c^2 + ... + (1*3*...*(df-3)) / (2*4*...*(df-2)) c^(df-2))``.
+
+    Returns:
+        ``1 - A``, in [0, 1]: 1 for ``t = 0``, 0 for an infinite ``t``.
+
+    Raises:
+        ValueError: ``df`` is not an integer >= 1, or ``t`` is NaN.
+    """
+    check_int("df", df, minimum=1)
+    if math.isnan(t):
+        raise ValueError("t is NaN")
+    theta = math.atan2(abs(t), math.sqrt(df))
+    sine, cosine_squared = math.sin(theta), math.cos(theta) ** 2
+    if df % 2:
+        term, series = math.cos(theta), 0.0
+        for k in range(1, (df - 1) // 2 + 1):
+            series += term
+            term *= cosine_squared * (2 * k) / (2 * k + 1)
+        # 1 - 2/pi * theta written as 2/pi * (pi/2 - theta): no cancellation for small p.
+        tail = 2 / math.pi * (math.atan2(math.sqrt(df), abs(t)) - sine * series)
+    else:
+        term, series = 1.0, 0.0
+        for k in range(1, df // 2 + 1):
+            series += term
+            term *= cosine_squared * (2 * k - 1) / (2 * k)
+        tail = 1.0 - sine * series
+    return min(1.0, max(0.0, tail))
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """A paired t test: one difference (arm - no dropout) per seed.
+
+    Attributes:
+        differences: one per seed, in percentage points.
+        t: mean / (sd / sqrt(n)); ``±inf`` when every difference is the same non-zero value
+            (sd 0), None when every difference is 0 (nothing to test).
+        p_value: two-sided, with n - 1 degrees of freedom; 0 when ``t`` is infinite, None when
+            ``t`` is None.
+    """
+
+    differences: tuple[float, ...]
+    t: float | None
+    p_value: float | None
+
+    @property
+    def n(self) -> int:
+        """Number of pairs (seeds)."""
+        return len(self.differences)
+
+    @property
+    def stats(self) -> SeedStats:
+        """The differences as :class:`SeedStats` (mean and sd with ddof 1)."""
+        return SeedStats(self.differences)
+
+    @property
+    def better(self) -> int:
+        """Number of seeds where the arm is ahead (a positive difference)."""
+        return sum(1 for difference in self.differences if difference > 0)
+
+
+def paired_t_test(differences: Iterable[float]) -> PairedTest:
+    """The paired t test of ``differences`` (one per seed) against a mean of 0.
+
+    Returns:
+        A :class:`PairedTest`.
+
+    Raises:
+        ValueError: fewer than 2 differences, or a NaN among them.
+    """
+    differences = tuple(float(d) for d in differences)
+    if len(differences) < 2 or any(math.isnan(d) for d in differences):
+        raise ValueError(f"a paired t test needs 2 or more numbers, but got {differences}")
+    stats = SeedStats(differences)
+    # statistics.stdev is exact (fractions): it is 0 only when every difference is the same.
+    if stats.std == 0:
+        if stats.mean == 0:
+            return PairedTest(differences, None, None)
+        return PairedTest(differences, math.copysign(math.inf, stats.mean), 0.0)
+    t = stats.mean / (stats.std / math.sqrt(stats.n))
+    return PairedTest(differences, t, student_t_two_sided_p(t, stats.n - 1))
+
+
+@dataclass(frozen=True)
+class PairedRow:
+    """One arm's runs paired by seed with no dropout's, on one training fraction (or on the
+    corrupted test sets).
+
+    Attributes:
+        arm, baseline: the arm and the no-dropout arm its runs are paired with.
+        values: the arm's metric over the paired seeds.
+        test: the paired t test of the differences arm - baseline.
+    """
+
+    arm: str
+    baseline: str
+    p: float
+    train_fraction: float
+    values: SeedStats
+    test: PairedTest
+
+
+def _baseline_arm(arm: str, arms: Iterable[str]) -> str | None:
+    """The no-dropout arm ``arm`` is paired with: no dropout under the same variant when
+    ``arms`` has it, else plain no dropout (None: neither)."""
+    arms = set(arms)
+    same_variant = arm_name(_BASELINE, split_arm(arm)[1])
+    if same_variant in arms:
+        return same_variant
+    return _BASELINE if _BASELINE in arms else None
+
+
+def _compared_arms(arms: Iterable[str]) -> list[tuple[str, str]]:
+    """``(arm, baseline)`` of every arm that is not a no-dropout arm and has a baseline."""
+    arms = set(arms)
+    pairs = []
+    for arm in ordered_regularizers(arms):
+        baseline = _baseline_arm(arm, arms)
+        if split_arm(arm)[0] != _BASELINE and baseline is not None:
+            pairs.append((arm, baseline))
+    return pairs
+
+
+def _shown_group(summary: Summary, arm: str, fraction: float) -> GroupResult | None:
+    """The group the tables show for ``arm`` on ``fraction``: the best p on the full training
+    fraction, the training-fraction table's p on the others."""
+    if fraction == summary.full_fraction:
+        return summary.best.get(arm)
+    return summary.fractions.get(arm, {}).get(fraction)
+
+
+def _paired(
+    arm: str, baseline: str, p: float, fraction: float, values: dict[int, float], base: dict
+) -> PairedRow | None:
+    """The row of ``values`` and ``base`` (seed -> metric) paired by seed; None with fewer
+    than 2 seeds where both have a number."""
+    seeds = sorted(s for s in values.keys() & base.keys()
+                   if not math.isnan(values[s]) and not math.isnan(base[s]))  # fmt: skip
+    if len(seeds) < 2:
+        return None
+    test = paired_t_test(values[s] - base[s] for s in seeds)
+    return PairedRow(arm, baseline, p, fraction, SeedStats(tuple(values[s] for s in seeds)), test)
+
+
+def paired_rows(summary: Summary, metric: str) -> list[PairedRow]:
+    """Every arm against no dropout, per training fraction, paired by seed.
+
+    Args:
+        summary: from :func:`summarize`.
+        metric: ``"top1"`` or ``"top5"``.
+
+    Returns:
+        One row per arm (in table order) and training fraction (largest first) with 2 or more
+        paired seeds; each arm at the p the tables show (:func:`_shown_group`).
+    """
+    runs = {run.run_id: run for run in summary.runs}
+    fractions = sorted({f for (_, _, f) in summary.groups}, reverse=True)
+    rows = []
+    for arm, baseline in _compared_arms(a for (a, _, _) in summary.groups):
+        for fraction in fractions:
+            group = _shown_group(summary, arm, fraction)
+            base_group = _shown_group(summary, baseline, fraction)
+            if group is None or base_group is None:
+                continue
+            values, base = (
+                {runs[r].seed: getattr(runs[r], metric) for r in g.run_ids}
+                for g in (group, base_group)
+            )
+            row = _paired(arm, baseline, group.p, fraction, values, base)
+            if row is not None:
+                rows.append(row)
+    return rows
+
+
+def paired_corruption_rows(summary: Summary) -> list[PairedRow]:
+    """Every arm against no dropout on the corrupted test sets, paired by seed: the metric is a
+    run's top-1 averaged over every corruption and severity that both runs of the pair were
+    evaluated on.
+
+    Returns:
+        One row per arm with corruption results and 2 or more paired seeds.
+    """
+    rows = []
+    arms = {a for (a, _, _) in summary.groups}
+    for arm, baseline in _compared_arms(arms):
+        result, base_result = summary.corruption.get(arm), summary.corruption.get(baseline)
+        if result is None or base_result is None:
+            continue
+        values, base = {}, {}
+        for seed in result.corrupted_top1.keys() & base_result.corrupted_top1.keys():
+            mine, theirs = result.corrupted_top1[seed], base_result.corrupted_top1[seed]
+            common = mine.keys() & theirs.keys()
+            if common:
+                values[seed] = statistics.fmean(mine[cell] for cell in common)
+                base[seed] = statistics.fmean(theirs[cell] for cell in common)
+        row = _paired(arm, baseline, result.p, summary.full_fraction, values, base)
+        if row is not None:
+            rows.append(row)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,6 +715,11 @@ def _header(summary: Summary, preset: Preset) -> list[str]:
         "epochs; per group: mean ± sample std (ddof=1) over seeds, n = number of seeds "
         f"({_DASH} with one seed). Accuracies in %. Failed runs are never counted."
     )
+    if any(split_arm(arm)[1] for (arm, _, _) in summary.groups):
+        lines.append(
+            "- Arms: a name in brackets, such as DropCluster (ours), is a variant of the "
+            "regularizer's settings, compared side by side with the plain one."
+        )
     if summary.short_runs:
         lines.append(
             f"- {len(summary.short_runs)} finished run(s) have fewer than K epochs and average all "
@@ -485,6 +731,7 @@ def _header(summary: Summary, preset: Preset) -> list[str]:
             "metric is the one stored with the run: "
             f"{', '.join(f'`{r}`' for r in summary.runs_without_epochs)}."
         )
+    lines += _assumptions(preset)
     if summary.failed:
         lines += ["", "### Failed runs", ""]
         lines.append(
@@ -493,7 +740,7 @@ def _header(summary: Summary, preset: Preset) -> list[str]:
                 [
                     [
                         f"`{run.run_id}`",
-                        display_name(run.regularizer),
+                        display_name(run.arm),
                         _fmt_p(run.p),
                         _fmt_fraction(run.train_fraction),
                         str(run.seed),
@@ -505,6 +752,14 @@ def _header(summary: Summary, preset: Preset) -> list[str]:
             )
         )
     return lines
+
+
+def _assumptions(preset: Preset) -> list[str]:
+    """The preset's assumptions as a list under a heading (nothing when it states none)."""
+    if not preset.assumptions:
+        return []
+    lines = ["", "### Assumptions (settings the paper does not state; values chosen here)", ""]
+    return lines + [f"- {assumption}" for assumption in preset.assumptions]
 
 
 def _dataset_name(dataset: str | None) -> str:
@@ -532,9 +787,11 @@ def _full_set_section(summary: Summary, paper: dict | None, table_name: str) -> 
         headers = ["regularizer", "p measured", "p paper", "top-1 measured", "top-1 paper",
                    "top-5 measured", "top-5 paper", "n"]  # fmt: skip
     rows = []
+    # The paper's tables are keyed by bare regularizer, which is the plain arm's name: a
+    # variant finds nothing there, so the paper's numbers stand beside the plain arm only.
     names = ordered_regularizers(set(summary.best) | set(paper["full"] if paper else ()))
-    for regularizer in names:
-        group = summary.best.get(regularizer)
+    for arm in names:
+        group = summary.best.get(arm)
         measured = [
             _fmt_p(group.p) if group else "",
             _fmt_stats(group.top1 if group else None, with_n=False),
@@ -542,23 +799,23 @@ def _full_set_section(summary: Summary, paper: dict | None, table_name: str) -> 
         ]
         n = str(group.top1.n) if group else "0"
         if paper:
-            reported = paper["full"].get(regularizer, {})
-            rows.append([display_name(regularizer), measured[0], _fmt_p(reported.get("p")),
+            reported = paper["full"].get(arm, {})
+            rows.append([display_name(arm), measured[0], _fmt_p(reported.get("p")),
                          measured[1], _fmt_paper(reported.get("top1")),
                          measured[2], _fmt_paper(reported.get("top5")), n])  # fmt: skip
         else:
-            rows.append([display_name(regularizer), *measured, n])
+            rows.append([display_name(arm), *measured, n])
     lines.append(_table(headers, rows))
     lines += ["", "### Every p (top-1 %, full training set)", ""]
     ps = sorted({p for (_, p, f) in summary.groups if f == full})
     grid_rows, any_bold = [], False
-    for regularizer in ordered_regularizers({r for (r, _, f) in summary.groups if f == full}):
-        row = [display_name(regularizer)]
-        n_ps = sum(1 for (r, _, f) in summary.groups if r == regularizer and f == full)
+    for arm in ordered_regularizers({a for (a, _, f) in summary.groups if f == full}):
+        row = [display_name(arm)]
+        n_ps = sum(1 for (a, _, f) in summary.groups if a == arm and f == full)
         for p in ps:
-            group = summary.groups.get((regularizer, p, full))
+            group = summary.groups.get((arm, p, full))
             cell = _fmt_stats(group.top1 if group else None)
-            if group and n_ps > 1 and summary.best[regularizer].p == p:
+            if group and n_ps > 1 and summary.best[arm].p == p:
                 cell, any_bold = f"**{cell}**", True
             row.append(cell)
         grid_rows.append(row)
@@ -579,34 +836,50 @@ def _fraction_section(summary: Summary, paper: dict | None, table_name: str) -> 
         "set (the column says which p; where the smaller fractions were run at another p only, "
         "that p is used). Blank: not run or not finished."
     )
-    lines.append("")
-    regularizers = ordered_regularizers(
-        set(summary.fractions) | set(paper["fraction"] if paper else ())
-    )
-    fractions = set(fractions_run)
+    lines += ["", _fraction_table(summary, paper, "top1")]
+    lines += ["", "### Top-5 (%) per training fraction", ""]
+    lines.append(_fraction_table(summary, paper, "top5"))
+    return lines
+
+
+def _fraction_table(summary: Summary, paper: dict | None, metric: str) -> str:
+    """The training-fraction table of ``metric`` ("top1" or "top5"), with the paper's column
+    beside each plain arm when there is a paper."""
+    arms = ordered_regularizers(set(summary.fractions) | set(paper["fraction"] if paper else ()))
+    fractions = {f for (_, _, f) in summary.groups}
     if paper:
         fractions |= {f for per_reg in paper["fraction"].values() for f in per_reg}
     headers = ["training set"]
-    for regularizer in regularizers:
-        label = display_name(regularizer)
-        if regularizer in summary.fraction_p:
-            label += f" (p={summary.fraction_p[regularizer]:g})"
-        if paper:
-            headers += [f"{label} measured", f"{display_name(regularizer)} paper"]
-        else:
-            headers.append(label)
+    for arm in arms:
+        label = display_name(arm)
+        if arm in summary.fraction_p:
+            label += f" (p={summary.fraction_p[arm]:g})"
+        # Beside a paper's columns every measured column says so, a variant's too.
+        headers.append(f"{label} measured" if paper else label)
+        if _with_paper_column(paper, arm):
+            headers.append(f"{display_name(arm)} paper")
     rows = []
     for fraction in sorted(fractions, reverse=True):
         row = [_fmt_fraction(fraction)]
-        for regularizer in regularizers:
-            group = summary.fractions.get(regularizer, {}).get(fraction)
-            row.append(_fmt_stats(group.top1 if group else None))
-            if paper:
-                reported = paper["fraction"].get(regularizer, {}).get(fraction, {})
-                row.append(_fmt_paper(reported.get("top1")))
+        for arm in arms:
+            group = summary.fractions.get(arm, {}).get(fraction)
+            row.append(_fmt_stats(getattr(group, metric) if group else None))
+            if _with_paper_column(paper, arm):
+                reported = paper["fraction"].get(arm, {}).get(fraction, {})
+                row.append(_fmt_paper(reported.get(metric)))
         rows.append(row)
-    lines.append(_table(headers, rows))
-    return lines
+    return _table(headers, rows)
+
+
+def _with_paper_column(paper: dict | None, arm: str) -> bool:
+    """Whether ``arm`` gets a paper column beside its measured one: with a paper, a plain arm
+    does; a variant never does (the paper's numbers are for the paper's settings)."""
+    return bool(paper) and split_arm(arm)[1] is None
+
+
+#: A metric's position in the (top-1, top-5) pairs of :attr:`CorruptionResult.cells`.
+_METRIC_INDEX = {"top1": 0, "top5": 1}
+_METRIC_NAMES = {"top1": "Top-1", "top5": "Top-5"}
 
 
 @dataclass(frozen=True)
@@ -615,9 +888,9 @@ class _CorruptionComparison:
 
     Attributes:
         severity: the severity of the corrupted rows (the lowest evaluated).
-        columns: ``(regularizer, p)`` per column, p of the runs measured (None: none).
+        columns: ``(arm, p)`` per column, p of the runs measured (None: none).
         rows: ``(test set, cells)``: the clean set, each corruption, then "mean"; one cell per
-            column: the measured top-1 over seeds (None: not measured) and the paper's (None:
+            column: the measured accuracy over seeds (None: not measured) and the paper's (None:
             the paper reports none here).
         with_paper: the paper's numbers stand beside the measured ones.
         other_corruptions: the paper's mean covers other corruptions than the measured mean.
@@ -631,11 +904,11 @@ class _CorruptionComparison:
 
 
 def _corruption_comparison(
-    summary: Summary, paper: dict | None, severity: int
+    summary: Summary, paper: dict | None, severity: int, metric: str = "top1"
 ) -> _CorruptionComparison:
-    """The measured (and, at severity 1, the paper's) top-1 per test set and regularizer."""
+    """The measured (and, at severity 1, the paper's) ``metric`` per test set and arm."""
     paper_rows = paper["corruption"] if paper and severity == 1 else {}
-    regularizers = ordered_regularizers(set(summary.corruption) | set(paper_rows))
+    arms = ordered_regularizers(set(summary.corruption) | set(paper_rows))
     measured = {name for result in summary.corruption.values() for (name, _) in result.cells} - {
         CLEAN,
         "mean",
@@ -645,14 +918,13 @@ def _corruption_comparison(
     rows = []
     for name, level in [(CLEAN, 0), *((c, severity) for c in corruptions), ("mean", severity)]:
         cells = []
-        for regularizer in regularizers:
-            result = summary.corruption.get(regularizer)
+        for arm in arms:
+            result = summary.corruption.get(arm)
             cell = result.cells.get((name, level)) if result else None
-            reported_top1 = _paper_corruption(paper, regularizer, name) if paper_rows else None
-            cells.append((cell[0] if cell else None, reported_top1))
+            paper_value = _paper_corruption(paper, arm, name, metric) if paper_rows else None
+            cells.append((cell[_METRIC_INDEX[metric]] if cell else None, paper_value))
         rows.append((name, cells))
-    columns = [(r, summary.corruption[r].p if r in summary.corruption else None)
-               for r in regularizers]  # fmt: skip
+    columns = [(a, summary.corruption[a].p if a in summary.corruption else None) for a in arms]
     return _CorruptionComparison(
         severity, columns, rows, bool(paper_rows), bool(paper_rows) and measured != reported
     )
@@ -681,8 +953,11 @@ def _corruption_section(summary: Summary, paper: dict | None, table_name: str) -
     comparison = _corruption_comparison(summary, paper, severities[0])
     lines += _corruption_notes(summary, paper, comparison)
     lines += ["", _corruption_table(comparison)]
-    lines += ["", "### Mean over corruptions per severity (top-1 %)", ""]
-    lines.append(_severity_means_table(summary, severities))
+    lines += ["", f"### Top-5 (%) at severity {comparison.severity}", ""]
+    lines.append(_corruption_table(_corruption_comparison(summary, paper, severities[0], "top5")))
+    for metric in ("top1", "top5"):
+        lines += ["", f"### Mean over corruptions per severity ({metric[:3]}-{metric[3:]} %)", ""]
+        lines.append(_severity_means_table(summary, severities, metric))
     return lines
 
 
@@ -693,7 +968,7 @@ def _corruption_notes(
         f"Top-1 (%) at severity {comparison.severity} (the lowest evaluated), each regularizer at "
         f"its best p on the full training fraction ({_fmt_fraction(summary.full_fraction)}); "
         "clean = the uncorrupted test set; mean = per-seed mean over the corruptions, then over "
-        "seeds."
+        "seeds. Top-5 follows in the same form."
     ]
     if comparison.with_paper:
         notes.append("The paper's clean row is its Table 3 (uncorrupted validation set).")
@@ -713,50 +988,155 @@ def _corruption_notes(
 
 def _corruption_table(comparison: _CorruptionComparison) -> str:
     headers = ["corruption"]
-    for regularizer, p in comparison.columns:
-        label = display_name(regularizer) + ("" if p is None else f" (p={p:g})")
-        if comparison.with_paper:
-            headers += [f"{label} measured", f"{display_name(regularizer)} paper"]
-        else:
-            headers.append(label)
+    paper_columns = [comparison.with_paper and split_arm(arm)[1] is None
+                     for arm, _ in comparison.columns]  # fmt: skip
+    for (arm, p), with_paper in zip(comparison.columns, paper_columns, strict=True):
+        label = display_name(arm) + ("" if p is None else f" (p={p:g})")
+        headers.append(f"{label} measured" if comparison.with_paper else label)
+        if with_paper:
+            headers.append(f"{display_name(arm)} paper")
     rows = []
     for name, cells in comparison.rows:
         row = ["**mean over corruptions**" if name == "mean" else name.replace("_", " ")]
-        for measured, reported in cells:
+        for (measured, reported), with_paper in zip(cells, paper_columns, strict=True):
             row.append(_fmt_stats(measured))
-            if comparison.with_paper:
+            if with_paper:
                 row.append(_fmt_paper(reported))
         rows.append(row)
     return _table(headers, rows)
 
 
-def _severity_means_table(summary: Summary, severities: list[int]) -> str:
-    """Top-1 of the clean set and the mean over corruptions at each severity."""
-    regularizers = ordered_regularizers(summary.corruption)
+def _severity_means_table(summary: Summary, severities: list[int], metric: str = "top1") -> str:
+    """``metric`` of the clean set and the mean over corruptions at each severity."""
+    arms = ordered_regularizers(summary.corruption)
     rows = []
     for severity in [0, *severities]:
         cell_name = CLEAN if severity == 0 else "mean"
         row = ["0 (clean)" if severity == 0 else str(severity)]
-        for regularizer in regularizers:
-            cell = summary.corruption[regularizer].cells.get((cell_name, severity))
-            row.append(_fmt_stats(cell[0] if cell else None))
+        for arm in arms:
+            cell = summary.corruption[arm].cells.get((cell_name, severity))
+            row.append(_fmt_stats(cell[_METRIC_INDEX[metric]] if cell else None))
         rows.append(row)
-    return _table(["severity"] + [display_name(r) for r in regularizers], rows)
+    return _table(["severity"] + [display_name(a) for a in arms], rows)
 
 
-def _paper_corruption(paper: dict, regularizer: str, name: str) -> float | None:
+def _paper_corruption(paper: dict, arm: str, name: str, metric: str = "top1") -> float | None:
+    """The paper's ``metric`` of ``arm`` on test set ``name`` at severity 1 (None: not
+    reported; always None for a variant, as the paper's tables are keyed by regularizer)."""
     if name == CLEAN:
-        return (
-            paper["full"].get(regularizer, {}).get("top1")
-            if regularizer in paper["corruption"]
-            else None
-        )
-    reported = paper["corruption"].get(regularizer)
+        return paper["full"].get(arm, {}).get(metric) if arm in paper["corruption"] else None
+    reported = paper["corruption"].get(arm)
     if not reported:
         return None
     if name == "mean":
-        return statistics.fmean(row["top1"] for row in reported.values())
-    return reported.get(name, {}).get("top1")
+        return statistics.fmean(row[metric] for row in reported.values())
+    return reported.get(name, {}).get(metric)
+
+
+def _paired_section(summary: Summary) -> list[str]:
+    """The paired comparison of every arm with no dropout: nothing when the sweep has no
+    finished no-dropout run; a line saying why when no cell has 2 paired seeds yet."""
+    if not any(split_arm(arm)[0] == _BASELINE for (arm, _, _) in summary.groups):
+        return []
+    lines = ["", "## Paired comparison with no dropout", ""]
+    tables = {metric: paired_rows(summary, metric) for metric in ("top1", "top5")}
+    corrupted = paired_corruption_rows(summary)
+    if not tables["top1"] and not corrupted:
+        lines.append(
+            "No arm has 2 or more seeds paired with no-dropout runs yet: this section fills in "
+            "once it has."
+        )
+        return lines
+    lines += _paired_notes(tables["top1"] + corrupted)
+    for metric, rows in tables.items():
+        if rows:
+            name = f"{metric[:3]}-{metric[3:]}"
+            lines += ["", f"### {_METRIC_NAMES[metric]} (%), paired with no dropout", ""]
+            lines.append(_paired_table(rows, name, with_fraction=True))
+    if corrupted:
+        lines += ["", "### Mean top-1 (%) over the corrupted test sets, paired with no dropout", ""]
+        lines.append(
+            "Per run, top-1 averaged over every corruption and severity that both runs of a "
+            "pair were evaluated on (the clean test set left out); full training fraction, the "
+            "p of the corruption section."
+        )
+        lines += ["", _paired_table(corrupted, "mean corrupted top-1", with_fraction=False)]
+    lines += ["", _paired_caveat(tables["top1"] + tables["top5"] + corrupted)]
+    return lines
+
+
+def _paired_notes(rows: list[PairedRow]) -> list[str]:
+    """What the paired tables show, and which no-dropout runs each variant is paired with."""
+    notes = [
+        "Each run is paired with the no-dropout run of the same seed and training fraction. "
+        "Δ = arm − no dropout per seed, in percentage points, as mean ± sd (ddof=1) over the n "
+        "pairs; t = mean Δ / (sd / √n) with n − 1 degrees of freedom; p value: two-sided, "
+        "Student's t; better in k of n: the seeds where the arm is ahead. Each arm is at the p "
+        "of the tables above; on the full training set that p is the best of the grid on these "
+        "same runs, which favours the arm. Cells with fewer than 2 paired seeds are left out."
+    ]
+    # The rows come in table order; dict.fromkeys keeps it and drops repeats.
+    variants = dict.fromkeys((row.arm, row.baseline) for row in rows if split_arm(row.arm)[1])
+    if variants:
+        pairs = "; ".join(f"{display_name(a)} with {display_name(b)}" for a, b in variants)
+        notes += [
+            "",
+            "A variant is paired with the no-dropout runs of the same variant where the sweep has "
+            f"them, else with the plain no-dropout runs: {pairs}.",
+        ]
+    return notes
+
+
+def _paired_table(rows: list[PairedRow], metric_name: str, *, with_fraction: bool) -> str:
+    """The table of paired rows: the arm's metric, the paired Δ, t, p value and the count of
+    seeds where the arm is ahead."""
+    headers = ["regularizer", "p"] + (["training set"] if with_fraction else [])
+    headers += [f"{metric_name} (%)", f"Δ {metric_name} vs none", "t", "p value", "better in"]
+    lines = []
+    for row in rows:
+        cells = [display_name(row.arm), _fmt_p(row.p)]
+        if with_fraction:
+            cells.append(_fmt_fraction(row.train_fraction))
+        cells += [_fmt_stats(row.values, with_n=False), _fmt_delta(row.test.stats),
+                  _fmt_t(row.test.t), _fmt_p_value(row.test.p_value),
+                  f"{row.test.better} of {row.test.n}"]  # fmt: skip
+        lines.append(cells)
+    return _table(headers, lines)
+
+
+def _paired_caveat(rows: list[PairedRow]) -> str:
+    """A plain-language reading of the p values, and why some small ones are expected."""
+    arms = {row.arm for row in rows}
+    seeds = max(row.test.n for row in rows)
+    return (
+        "How to read it: p < 0.05 means that a mean Δ at least this far from 0 would come up by "
+        "chance in fewer than 5 % of sweeps if the arm made no difference on average; it is not "
+        "the probability that the arm is better, and a large p does not show that the arms are "
+        f"equal (few seeds give the test little power). With up to {seeds} seeds, "
+        f"{len(arms)} arm(s) and {len(rows)} comparisons here, some small p values are expected "
+        "by chance (no correction for multiple comparisons)."
+    )
+
+
+def _fmt_delta(stats: SeedStats) -> str:
+    std = _DASH if stats.std is None else f"{stats.std:.2f}"
+    return f"{stats.mean:+.2f} ± {std}"
+
+
+def _fmt_t(t: float | None) -> str:
+    if t is None:
+        return _DASH
+    if math.isinf(t):
+        return "∞" if t > 0 else "−∞"
+    return f"{t:.2f}"
+
+
+def _fmt_p_value(p_value: float | None) -> str:
+    if p_value is None:
+        return _DASH
+    if p_value == 0:
+        return "0"
+    return "< 0.001" if p_value < 0.001 else f"{p_value:.3f}"
 
 
 def _cluster_section(summary: Summary) -> list[str]:
@@ -774,19 +1154,39 @@ def _cluster_section(summary: Summary) -> list[str]:
     for row in summary.clusters:
         share = 100 * row.structured.mean / row.channels.mean if row.channels.mean else math.nan
         rows.append([
-            _fmt_p(row.p), _fmt_fraction(row.train_fraction), str(row.epoch), row.layer,
-            _fmt_stats(row.structured, with_n=False), f"{row.channels.mean:g}",
-            f"{share:.1f} %", _fmt_stats(row.refit_seconds, with_n=False), str(row.structured.n),
+            display_name(row.arm), _fmt_p(row.p), _fmt_fraction(row.train_fraction),
+            str(row.epoch), row.layer, _fmt_stats(row.structured, with_n=False),
+            f"{row.channels.mean:g}", f"{share:.1f} %",
+            _fmt_stats(row.refit_seconds, with_n=False), str(row.structured.n),
         ])  # fmt: skip
-    headers = ["p", "training set", "epoch", "layer", "structured", "channels", "structured share",
-               "refit (s)", "n"]  # fmt: skip
+    headers = ["regularizer", "p", "training set", "epoch", "layer", "structured", "channels",
+               "structured share", "refit (s)", "n"]  # fmt: skip
     lines.append(_table(headers, rows))
     return lines
+
+
+def _corruption_figure_data(summary: Summary, index: int) -> dict:
+    """``data[arm][corruption][severity] = (mean, std)`` of the metric at ``index`` (0: top-1,
+    1: top-5), severity 0 being the clean test set."""
+    data = {}
+    for arm, result in summary.corruption.items():
+        clean = result.cells.get((CLEAN, 0))
+        per_corruption: dict[str, dict[int, tuple[float, float | None]]] = defaultdict(dict)
+        for (name, severity), stats in result.cells.items():
+            if name == CLEAN:
+                continue
+            per_corruption[name][severity] = stats[index].mean_std()
+            if clean:
+                per_corruption[name][0] = clean[index].mean_std()
+        data[arm] = dict(per_corruption)
+    return data
 
 
 def _draw_figures(summary: Summary, folder: Path, preset_name: str) -> tuple[list[str], str | None]:
     """Draw the figures; returns their markdown lines and, when matplotlib is missing, why not."""
     drawn: dict[str, Path] = {}
+    # One style per arm for the whole report: an arm looks the same in every figure.
+    styles = arm_styles({arm for (arm, _, _) in summary.groups} | set(summary.corruption))
     try:
         if summary.corruption and any(
             name not in (CLEAN,)
@@ -794,41 +1194,30 @@ def _draw_figures(summary: Summary, folder: Path, preset_name: str) -> tuple[lis
             for (name, _) in result.cells
         ):
             for metric, index in (("top1", 0), ("top5", 1)):
-                data = {}
-                for regularizer, result in summary.corruption.items():
-                    clean = result.cells.get((CLEAN, 0))
-                    per_corruption: dict[str, dict[int, tuple[float, float | None]]] = defaultdict(
-                        dict
-                    )
-                    for (name, severity), stats in result.cells.items():
-                        if name == CLEAN:
-                            continue
-                        per_corruption[name][severity] = stats[index].mean_std()
-                        if clean:
-                            per_corruption[name][0] = clean[index].mean_std()
-                    data[regularizer] = dict(per_corruption)
                 drawn[f"corruption_{metric}"] = report_figures.plot_corruption_severity(
-                    data, folder / f"corruption_{metric}.png", metric=metric,
+                    _corruption_figure_data(summary, index),
+                    folder / f"corruption_{metric}.png", metric=metric, styles=styles,
                     title=f"{preset_name}: test {metric.replace('top', 'top-')} accuracy against "
                     "corruption severity (mean over seeds, bars: std)",
                 )  # fmt: skip
-        if len({f for per_reg in summary.fractions.values() for f in per_reg}) > 1:
+        if len({f for per_arm in summary.fractions.values() for f in per_arm}) > 1:
             data = {
-                regularizer: {f: group.top1.mean_std() for f, group in per_reg.items()}
-                for regularizer, per_reg in summary.fractions.items()
+                arm: {f: group.top1.mean_std() for f, group in per_arm.items()}
+                for arm, per_arm in summary.fractions.items()
             }
             drawn["training_fraction"] = report_figures.plot_training_fraction(
-                data, folder / "training_fraction_top1.png",
+                data, folder / "training_fraction_top1.png", styles=styles,
                 title=f"{preset_name}: top-1 against training-set size "
                 "(mean over seeds, bars: std)",
             )  # fmt: skip
         if summary.curves:
             data = {
-                regularizer: [(epoch, *stats.mean_std()) for epoch, stats in points]
-                for regularizer, points in summary.curves.items()
+                arm: [(epoch, *stats.mean_std()) for epoch, stats in points]
+                for arm, points in summary.curves.items()
             }
             drawn["learning_curves"] = report_figures.plot_learning_curves(
                 data, folder / "learning_curves_top1.png", average_last=summary.average_last,
+                styles=styles,
                 title=f"{preset_name}: test top-1 per epoch, best p, "
                 f"{_fmt_fraction(summary.full_fraction)} of the training set",
             )  # fmt: skip
@@ -919,7 +1308,9 @@ def write_report(
         lines += [
             "",
             f"Paper columns: the numbers the paper reports for {_dataset_name(preset.paper)} "
-            "(4 seeds, last 50 epochs); blank where the paper reports nothing.",
+            "(4 seeds, last 50 epochs); blank where the paper reports nothing. They are the "
+            "paper's settings, so they stand beside the plain regularizer only, never beside a "
+            "variant (a name in brackets).",
         ]
     if not summary.runs:
         lines += ["", "**No run has finished yet**: tables and figures appear once runs finish."]
@@ -932,6 +1323,7 @@ def write_report(
         lines += _fraction_section(summary, paper, tables[1])
         table_5 = "Table 5" if preset.paper else "as the paper's Table 5"
         lines += _corruption_section(summary, paper, table_5)
+        lines += _paired_section(summary)
         lines += _cluster_section(summary)
         figure_lines, missing = _draw_figures(summary, folder, preset.name)
         lines += ["", "## Figures", ""]

@@ -1,10 +1,13 @@
 """Figures of a sweep report, drawn from plain aggregated numbers (never from the database).
 
-Every function takes dicts keyed by regularizer name, writes one PNG and returns its path. A
-value is ``(mean, std)`` over seeds, in percent, with ``std = None`` when only one seed
-finished (then no error bar is drawn). Each regularizer keeps the same colour, marker and legend
-position in every figure, so figures can be read side by side. matplotlib is imported only
-when a figure is drawn (:func:`dropcluster.experiments._plotting.pyplot`).
+Every function takes dicts keyed by *arm* (a regularizer, or ``regularizer:variant`` such as
+``"dropcluster:ours"``, see :func:`dropcluster.experiments.presets.arm_name`), writes one PNG and
+returns its path. A value is ``(mean, std)`` over seeds, in percent, with ``std = None`` when
+only one seed finished (then no error bar is drawn). Each arm keeps the same colour, marker and
+legend position in every figure, so figures can be read side by side: a plain arm has its
+regularizer's colour and marker and a solid line; variants get colours and markers of their own
+and a dashed line (see :func:`arm_styles`). matplotlib is imported only when a figure is drawn
+(:func:`dropcluster.experiments._plotting.pyplot`).
 """
 
 from __future__ import annotations
@@ -59,31 +62,84 @@ _MARKERS = {
     "dropcluster": "*",
 }
 
+#: Colours and markers of variant arms, none of them a regularizer's own, taken in turn by the
+#: variants of a figure (see :func:`arm_styles`).
+VARIANT_COLOURS = ("#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#393b79", "#637939", "#843c39")
+_VARIANT_MARKERS = ("P", "X", "h", "p", "<", ">", "d")
+
 _METRIC_LABELS = {"top1": "top-1 accuracy (%)", "top5": "top-5 accuracy (%)"}
 
+#: A style per arm: keyword arguments of matplotlib's ``plot``/``errorbar``.
+Styles = Mapping[str, dict]
 
-def display_name(regularizer: str) -> str:
-    """The paper's name of a regularizer (the name itself when it is not one of ours)."""
-    return DISPLAY_NAMES.get(regularizer, regularizer)
+
+def split_arm(arm: str) -> tuple[str, str | None]:
+    """``"dropcluster:ours"`` -> ``("dropcluster", "ours")``; ``"dropcluster"`` ->
+    ``("dropcluster", None)`` (the inverse of :func:`dropcluster.experiments.presets.arm_name`)."""
+    regularizer, _, variant = arm.partition(":")
+    return regularizer, variant or None
+
+
+def display_name(arm: str) -> str:
+    """The paper's name of an arm's regularizer, with the variant in brackets:
+    ``"dropcluster:ours"`` -> ``"DropCluster (ours)"`` (an unknown regularizer keeps its name)."""
+    regularizer, variant = split_arm(arm)
+    name = DISPLAY_NAMES.get(regularizer, regularizer)
+    return name if variant is None else f"{name} ({variant})"
+
+
+def _arm_order(arm: str) -> tuple[int, str, bool, str]:
+    # Known regularizers in the paper's order, unknown ones after them by name; within one
+    # regularizer the plain arm first, then its variants by name.
+    regularizer, variant = split_arm(arm)
+    known = REGULARIZER_ORDER.index(regularizer) if regularizer in REGULARIZER_ORDER else None
+    rank = len(REGULARIZER_ORDER) if known is None else known
+    return rank, regularizer if known is None else "", variant is not None, variant or ""
 
 
 def ordered_regularizers(names) -> list[str]:
-    """``names`` in :data:`REGULARIZER_ORDER`, unknown ones last in alphabetical order."""
-    known = [name for name in REGULARIZER_ORDER if name in names]
-    return known + sorted(set(names) - set(REGULARIZER_ORDER))
+    """The arms ``names`` in order: by regularizer as in :data:`REGULARIZER_ORDER` (unknown
+    ones last, alphabetically), then the plain arm before its variants, variants alphabetically.
+    """
+    return sorted(set(names), key=_arm_order)
 
 
-def _style(regularizer: str) -> dict:
-    return {
-        "color": REGULARIZER_COLOURS.get(regularizer, "#000000"),
-        "marker": _MARKERS.get(regularizer, "x"),
-        "label": display_name(regularizer),
-    }
+def arm_styles(arms) -> dict[str, dict]:
+    """A distinct, deterministic style per arm: ``{arm: {"color", "marker", "linestyle",
+    "label"}}``.
+
+    A plain arm has its regularizer's colour and marker and a solid line. The variants, in the
+    order of :func:`ordered_regularizers`, take :data:`VARIANT_COLOURS` and the variant markers
+    in turn (so two variants of one regularizer never share a colour while there are no more
+    variants than colours) and a dashed line. Give every arm of a report at once, so that an arm
+    keeps its style in every figure.
+    """
+    styles, n_variants = {}, 0
+    for arm in ordered_regularizers(arms):
+        regularizer, variant = split_arm(arm)
+        if variant is None:
+            colour = REGULARIZER_COLOURS.get(regularizer, "#000000")
+            marker, linestyle = _MARKERS.get(regularizer, "x"), "-"
+        else:
+            colour = VARIANT_COLOURS[n_variants % len(VARIANT_COLOURS)]
+            marker = _VARIANT_MARKERS[n_variants % len(_VARIANT_MARKERS)]
+            linestyle, n_variants = "--", n_variants + 1
+        styles[arm] = {"color": colour, "marker": marker, "linestyle": linestyle,
+                       "label": display_name(arm)}  # fmt: skip
+    return styles
+
+
+def _styles_for(data: Mapping, styles: Styles | None) -> Styles:
+    """``styles`` when it has every arm of ``data`` (the report gives all its arms), else the
+    styles of the arms of both (an arm missing from ``styles`` still gets one of its own)."""
+    if styles is not None and set(data) <= set(styles):
+        return styles
+    return arm_styles(set(data) | set(styles or ()))
 
 
 def _check_not_empty(name: str, data: Mapping) -> None:
     if not any(data.values()):
-        raise ValueError(f"{name} has nothing to plot: every regularizer's data is empty")
+        raise ValueError(f"{name} has nothing to plot: every arm's data is empty")
 
 
 def _std_or_zero(std: float | None) -> float:
@@ -96,16 +152,18 @@ def plot_corruption_severity(
     *,
     metric: str = "top1",
     title: str | None = None,
+    styles: Styles | None = None,
 ) -> Path:
     """Accuracy against corruption severity, one panel per corruption (paper, Figures 9-10).
 
     Args:
-        accuracy: ``accuracy[regularizer][corruption][severity] = (mean, std)``; severity 0 is
+        accuracy: ``accuracy[arm][corruption][severity] = (mean, std)``; severity 0 is
             the clean test set and is drawn at x = 0 of every panel. A corruption named
             ``"mean"`` (the mean over corruptions), if present, is drawn last.
         out_path: the PNG to write.
         metric: ``"top1"`` or ``"top5"``, for the axis label.
         title: figure title (default: says the metric and that bars are std over seeds).
+        styles: the style of each arm (default: :func:`arm_styles` of ``accuracy``'s arms).
 
     Returns:
         ``out_path`` as a Path.
@@ -115,6 +173,7 @@ def plot_corruption_severity(
     """
     check_choice("metric", metric, _METRIC_LABELS)
     _check_not_empty("the corruption figure", accuracy)
+    styles = _styles_for(accuracy, styles)
     # The paper's order (noises, then blurs), unknown names after them, the mean last.
     order = (*CORRUPTIONS, "mean")
     corruptions = sorted(
@@ -131,8 +190,8 @@ def plot_corruption_severity(
         {s for per_reg in accuracy.values() for points in per_reg.values() for s in points}
     )
     for panel, corruption in zip(axes.flat, corruptions, strict=False):
-        for regularizer in ordered_regularizers(accuracy):
-            points = accuracy[regularizer].get(corruption, {})
+        for arm in ordered_regularizers(accuracy):
+            points = accuracy[arm].get(corruption, {})
             if not points:
                 continue
             xs = sorted(points)
@@ -143,7 +202,7 @@ def plot_corruption_severity(
                 capsize=2,
                 linewidth=1.4,
                 markersize=5,
-                **_style(regularizer),
+                **styles[arm],
             )
         label = "mean over corruptions" if corruption == "mean" else corruption.replace("_", " ")
         panel.set_title(label, fontsize=10)
@@ -172,14 +231,16 @@ def plot_training_fraction(
     *,
     metric: str = "top1",
     title: str | None = None,
+    styles: Styles | None = None,
 ) -> Path:
-    """Accuracy against the fraction of the training set used, a line per regularizer.
+    """Accuracy against the fraction of the training set used, a line per arm.
 
     Args:
-        accuracy: ``accuracy[regularizer][fraction] = (mean, std)``, fraction in (0, 1].
+        accuracy: ``accuracy[arm][fraction] = (mean, std)``, fraction in (0, 1].
         out_path: the PNG to write.
         metric: ``"top1"`` or ``"top5"``, for the axis label.
         title: figure title.
+        styles: the style of each arm (default: :func:`arm_styles` of ``accuracy``'s arms).
 
     Returns:
         ``out_path`` as a Path.
@@ -189,11 +250,12 @@ def plot_training_fraction(
     """
     check_choice("metric", metric, _METRIC_LABELS)
     _check_not_empty("the training-fraction figure", accuracy)
+    styles = _styles_for(accuracy, styles)
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
     fractions = set()
-    for regularizer in ordered_regularizers(accuracy):
-        points = accuracy[regularizer]
+    for arm in ordered_regularizers(accuracy):
+        points = accuracy[arm]
         if not points:
             continue
         xs = sorted(points)
@@ -205,7 +267,7 @@ def plot_training_fraction(
             capsize=3,
             linewidth=1.6,
             markersize=6,
-            **_style(regularizer),
+            **styles[arm],
         )
     axis.set_xticks([100 * x for x in sorted(fractions)])
     axis.set_xticklabels([f"{100 * x:g}" for x in sorted(fractions)])
@@ -224,17 +286,19 @@ def plot_learning_curves(
     metric: str = "top1",
     average_last: int | None = None,
     title: str | None = None,
+    styles: Styles | None = None,
 ) -> Path:
-    """Test accuracy against epoch, a line per regularizer with a shaded band of ±1 std.
+    """Test accuracy against epoch, a line per arm with a shaded band of ±1 std.
 
     Args:
-        curves: ``curves[regularizer] = [(epoch, mean, std), ...]`` over seeds; std None (one
+        curves: ``curves[arm] = [(epoch, mean, std), ...]`` over seeds; std None (one
             seed) draws no band.
         out_path: the PNG to write.
         metric: ``"top1"`` or ``"top5"``, for the axis label.
         average_last: K; when given, the last K epochs (those the reported metric averages)
             are shaded.
         title: figure title.
+        styles: the style of each arm (default: :func:`arm_styles` of ``curves``' arms).
 
     Returns:
         ``out_path`` as a Path.
@@ -244,18 +308,19 @@ def plot_learning_curves(
     """
     check_choice("metric", metric, _METRIC_LABELS)
     _check_not_empty("the learning-curve figure", curves)
+    styles = _styles_for(curves, styles)
     if average_last is not None and (isinstance(average_last, bool) or average_last < 1):
         raise ValueError(f"average_last has to be a positive integer, but got {average_last!r}")
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(6.8, 4.2))
-    for regularizer in ordered_regularizers(curves):
-        points = sorted(curves[regularizer])
+    for arm in ordered_regularizers(curves):
+        points = sorted(curves[arm])
         if not points:
             continue
         epochs = [epoch for epoch, _, _ in points]
         means = [mean for _, mean, _ in points]
         stds = [_std_or_zero(std) for _, _, std in points]
-        style = _style(regularizer)
+        style = dict(styles[arm])
         # Markers only on short curves: on long schedules they hide the line.
         marker = style.pop("marker")
         if len(points) > 30:

@@ -47,7 +47,7 @@ from dropcluster.hopkins import spatial_hopkins
 from dropcluster.models import SlottedModel, placement_for
 from dropcluster.models.slots import Slot
 from dropcluster.nn import DropCluster2d, drop_cluster2d
-from dropcluster.rena import rena
+from dropcluster.rena import check_modes, rena
 from dropcluster.train.config import resolve_device
 from dropcluster.train.restore import LoadedRun, load_run
 from dropcluster.validation import check_int
@@ -113,7 +113,9 @@ class _Measured:
     ``n_images``); examples: (n_images, C, H, W) float32 activations of the clustered slot;
     hopkins: (C,) float64 Spatial Hopkins per channel there; masks: (n_images, C, H, W) 0/1
     float32 sampled DropCluster mask of the examples, with rate ``mask_p`` and description
-    ``mask_note``; channels: the example channels; layers: Spatial Hopkins at each depth.
+    ``mask_note``; channels: the example channels; layers: Spatial Hopkins at each depth;
+    dead: the channels that are constant over every sample image and pixel (after a ReLU: zero
+    everywhere, a channel that never fires).
     """
 
     slot_name: str
@@ -126,6 +128,7 @@ class _Measured:
     mask_note: str
     channels: list[int]
     layers: list[LayerHopkins]
+    dead: list[int]
 
 
 def analyze_run(
@@ -137,6 +140,8 @@ def analyze_run(
     device: str | torch.device = "cpu",
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    epoch: int | None = None,
+    unstructured: str | None = None,
 ) -> Path:
     """Write the cluster analysis of the run in ``run_dir``: figures, numbers and a report.
 
@@ -156,6 +161,11 @@ def analyze_run(
         device: where the model runs ("auto": CUDA when there is one, else the CPU).
         seed: seeds every random draw, an int >= 0.
         progress: called with a short message before each step (e.g. ``print``).
+        epoch: analyse the checkpoint kept after this many epochs (``keep_checkpoints``)
+            instead of the last one (the paper's figures: after 50 epochs).
+        unstructured: the unstructured rule when the clusters are fitted here (a run without a
+            fitted DropCluster layer): ``"rena"`` (the paper's: ReNA does not reach the number
+            of clusters) or ``"dead"``; None: the run's layer's rule, else ``"dead"``.
 
     Returns:
         The path of ``analysis.md``. Beside it: ``analysis.json`` (every number of the report)
@@ -172,11 +182,14 @@ def analyze_run(
     pyplot()  # fail before the forward passes when matplotlib is missing
     say = progress if progress is not None else _silent
     say(f"loading the run in {run_dir}")
-    run = load_run(run_dir, device=resolve_device(device))
+    if unstructured is not None:
+        check_modes(unstructured, "merge")
+    run = load_run(run_dir, device=resolve_device(device), epoch=epoch)
     n_sample = _sample_size(run, run_dir, sample_images, n_images)
-    out_dir = Path(out_dir) if out_dir is not None else run.run_dir / ANALYSIS_DIR
+    default_out = ANALYSIS_DIR if epoch is None else f"{ANALYSIS_DIR}-epoch{epoch}"
+    out_dir = Path(out_dir) if out_dir is not None else run.run_dir / default_out
     out_dir.mkdir(parents=True, exist_ok=True)
-    measured = _measure(run, n_sample, n_images, seed, say)
+    measured = _measure(run, n_sample, n_images, seed, say, unstructured)
     say(f"drawing the figures into {out_dir}")
     _draw_figures(run, measured, out_dir)
     report = _report(run, measured, seed)
@@ -194,6 +207,8 @@ def best_dropcluster_run(store: ResultsStore) -> RunRecord | None:
     """The sweep's DropCluster run a report analyses: among the finished DropCluster runs on
     the largest training fraction, the first seed's with the highest top-1 (None: no such
     run)."""
+    # The regularizer column is the bare name, so this takes every DropCluster arm (plain and
+    # variants such as dropcluster:ours) alike.
     runs = [r for r in store.runs(status=FINISHED) if r.regularizer == "dropcluster"]
     if not runs:
         return None
@@ -264,7 +279,12 @@ def _sample_size(run: LoadedRun, run_dir: str | Path, sample_images: int, n_imag
 
 @torch.no_grad()
 def _measure(
-    run: LoadedRun, n_sample: int, n_images: int, seed: int, say: Callable[[str], None]
+    run: LoadedRun,
+    n_sample: int,
+    n_images: int,
+    seed: int,
+    say: Callable[[str], None],
+    unstructured: str | None = None,
 ) -> _Measured:
     """Pass a seeded sample of test images through the model; cluster, measure, sample a mask."""
     model = run.model
@@ -285,7 +305,7 @@ def _measure(
     )
     activations = captured.activations
     say("reading the clusters" if layer is not None and layer.fitted else "fitting ReNA")
-    clusters = _clusters(layer, activations, run, slot_name, n_sample, seed)
+    clusters = _clusters(layer, activations, run, slot_name, n_sample, seed, unstructured)
     hopkins = captured.hopkins[slot_name]
     if hopkins is None:
         raise ValueError(
@@ -304,8 +324,10 @@ def _measure(
         for name in layer_names
     ]
     channels = _example_channels(clusters.structured, hopkins)
+    flat = activations.transpose(0, 1).flatten(1)
+    dead = torch.nonzero(flat.amax(dim=1) == flat.amin(dim=1)).flatten().tolist()
     return _Measured(slot_name, sample_index, clusters, hopkins, examples, masks, mask_p,
-                     mask_note, channels, layers)  # fmt: skip
+                     mask_note, channels, layers, dead)  # fmt: skip
 
 
 def _draw_figures(run: LoadedRun, measured: _Measured, out_dir: Path) -> None:
@@ -416,8 +438,10 @@ def _clusters(
     slot_name: str,
     n_sample: int,
     seed: int,
+    unstructured: str | None = None,
 ) -> _Clusters:
-    """The model's fitted clusters, or ReNA's on ``activations`` (N, C, H, W) float32."""
+    """The model's fitted clusters, or ReNA's on ``activations`` (N, C, H, W) float32 with the
+    ``unstructured`` rule (None: the layer's, else ``"dead"``)."""
     if layer is not None and layer.fitted:
         if tuple(layer.labels.shape) != tuple(activations.shape[1:]):
             raise ValueError(
@@ -442,14 +466,15 @@ def _clusters(
     if layer is not None:
         options = dict(
             n_clusters=layer.n_clusters, max_rounds=layer.max_rounds,
-            unstructured=layer.unstructured, identical_neighbours=layer.identical_neighbours,
+            unstructured=unstructured or layer.unstructured,
+            identical_neighbours=layer.identical_neighbours,
         )  # fmt: skip
         why = (
             "the run's `DropCluster2d` was not fitted yet (training stopped before its first refit)"
         )
     else:
         n_clusters = int(placement_for("dropcluster", run.config.dataset).options["n_clusters"])
-        options = dict(n_clusters=n_clusters)
+        options = dict(n_clusters=n_clusters, unstructured=unstructured or "dead")
         why = f"the run has no DropCluster layer (regularizer `{run.config.regularizer}`)"
     result = rena(activations, generator=torch.Generator().manual_seed(seed), **options)
     rule = options.get("unstructured", "dead")
@@ -550,6 +575,7 @@ def _report(run: LoadedRun, measured: _Measured, seed: int) -> dict[str, Any]:
             "structured": structured,
             "n_found": clusters.n_found.tolist(),
         },
+        "dead_channels": measured.dead,
         "channel_hopkins": [round(float(v), DIGITS) for v in measured.hopkins],
         "example_channels": measured.channels,
         "mask": {
@@ -622,6 +648,10 @@ def _markdown(report: dict[str, Any]) -> str:
         f"**{n_unstructured} of {n_channels} channels are unstructured** ({masked_by} in "
         f"training and evaluation); {clusters['n_structured']} are structured.",
         "",
+        f"**{len(report['dead_channels'])} dead channel(s)** (constant over every pixel of the "
+        f"{report['sample_images']} images: after a ReLU, a channel that never fires): "
+        f"{report['dead_channels'] or 'none'}.",
+        "",
         f"![cluster map of every channel]({figures['cluster_maps']})",
         "",
         f"*{figures['cluster_maps']}*: one panel per channel, colours are cluster indices; "
@@ -687,3 +717,46 @@ def _markdown(report: dict[str, Any]) -> str:
             f"| {channel} | {flag} | {clusters['n_found'][channel]} | {hopkins[channel]:.3f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def analyze_sweep_runs(
+    out_dir: str | Path,
+    settings: Any,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """Analyse the sweep's runs as its preset's ``analyze`` settings say, once per run.
+
+    Args:
+        out_dir: the sweep folder.
+        settings: the preset's :class:`~dropcluster.experiments.presets.AnalyzeSettings`.
+        progress: hears which run is analysed.
+
+    Returns:
+        The ``analysis.md`` paths, in the database's run order (a run with an analysis keeps
+        it: delete its ``analysis`` folder to redo it).
+
+    Raises:
+        ImportError: matplotlib (the ``plot`` extra) is not installed.
+    """
+    if settings.runs == "best-dropcluster":
+        path = analyze_best_dropcluster_run(out_dir, progress=progress)
+        return [] if path is None else [path]
+    with ResultsStore.in_folder(out_dir, readonly=True) as store:
+        finished = store.runs(status=FINISHED)
+    paths = []
+    for record in finished:
+        run_dir = Path(out_dir) / RUNS_FOLDER / record.run_id
+        markdown_path = run_dir / ANALYSIS_DIR / MARKDOWN_NAME
+        if not markdown_path.is_file():
+            if progress is not None:
+                progress(f"cluster analysis of {record.run_id}")
+            analyze_run(
+                run_dir,
+                run_dir / ANALYSIS_DIR,
+                sample_images=settings.sample_images,
+                epoch=settings.epoch,
+                unstructured=settings.unstructured,
+            )
+        paths.append(markdown_path)
+    return paths

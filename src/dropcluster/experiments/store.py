@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dropcluster.errors import DropClusterError, SchemaVersionError
-
 # SchemaVersionError lives in dropcluster.errors; importing it from here keeps working.
+from dropcluster.errors import DropClusterError, SchemaVersionError
+from dropcluster.experiments.presets import arm_name
+from dropcluster.experiments.presets import run_id as make_run_id
 from dropcluster.files import atomic_write_text
 from dropcluster.validation import check_choice
 
@@ -268,6 +269,26 @@ class RunRecord:
     epochs_done: int
     seconds: float | None
     updated_at: float
+
+    @property
+    def arm(self) -> str:
+        """What a report compares this run under: ``"dropcluster"``, or ``"dropcluster:ours"``
+        for a run of variant "ours" (see :func:`dropcluster.experiments.presets.arm_name`).
+
+        The variant is the config's ``variant``; a config without that key (the sweep stores
+        configs without the keys that do not change results, ``variant`` among them) takes it
+        from a run id of the form :func:`dropcluster.experiments.presets.run_id` makes,
+        ``dropcluster-ours-p0.1-f1-s0``; any other id means no variant.
+        """
+        if "variant" in self.config:
+            return arm_name(self.regularizer, self.config["variant"])
+        plain = make_run_id(self.regularizer, self.p, self.train_fraction, self.seed)
+        suffix = plain[len(self.regularizer) :]
+        prefix = f"{self.regularizer}-"
+        variant = self.run_id[len(prefix) : -len(suffix)]
+        if variant and self.run_id == f"{prefix}{variant}{suffix}":
+            return arm_name(self.regularizer, variant)
+        return self.regularizer
 
 
 class ResultsStore:

@@ -253,6 +253,50 @@ def plan(preset: Preset, out: Path, only: list[str]) -> tuple[list[RunSpec], Res
     return specs, store
 
 
+#: Settings of the paper presets that the paper does not state: marked in the dry run's listing.
+PAPER_UNSTATED = frozenset(
+    {"epochs", "batch_size", "stem", "weight_decay_on", "cluster_images", "amp", "amp_dtype",
+     "keep_checkpoints"}
+)  # fmt: skip
+#: Fields a grid sets for each run: shown with the grids, not with the shared settings.
+_PER_RUN = ("regularizer", "p", "train_fraction", "seed", "regularizer_options", "variant")
+
+
+def format_settings(preset: Preset) -> str:
+    """Every setting of the preset's runs, the per-regularizer options, the grids and the
+    assumptions, as the dry run prints them (settings the paper does not state are marked)."""
+    specs = expand_grid(preset)
+    configs = [spec.config.to_dict() for spec in specs]
+    mark = preset.scale == "paper"
+    lines = ["settings of every run" + (" (* not stated by the paper: an assumption)" if mark
+                                         else "") + ":"]  # fmt: skip
+    for name, value in configs[0].items():
+        if name in _PER_RUN:
+            continue
+        values = {json.dumps(config[name], sort_keys=True) for config in configs}
+        shown = json.dumps(value) if len(values) == 1 else "set per grid (below)"
+        star = "*" if mark and name in PAPER_UNSTATED else " "
+        lines.append(f"  {star} {name} = {shown}")
+    if preset.options:
+        lines.append("regularizer options (every run of the regularizer):")
+        for regularizer, options in preset.options.items():
+            lines.append(f"    {regularizer}: {json.dumps(options, sort_keys=True)}")
+    lines.append("grids:")
+    for index, grid in enumerate(preset.grids):
+        variant = grid.variant if grid.variant is not None else preset.variant
+        text = (f"    {index}. {', '.join(grid.regularizer)} p={grid.p} "
+                f"fractions={grid.train_fraction} seeds={grid.seed}")  # fmt: skip
+        if variant:
+            text += f" variant={variant}"
+        if grid.options:
+            text += f" options={json.dumps(grid.options, sort_keys=True)}"
+        lines.append(text)
+    if preset.assumptions:
+        lines.append("assumptions (the paper does not state these; values chosen here):")
+        lines += [f"    - {assumption}" for assumption in preset.assumptions]
+    return "\n".join(lines) + "\n"
+
+
 def dry_run(
     preset: Preset | dict[str, Any], out: Path, only: list[str], stream: TextIO
 ) -> list[RunSpec]:
@@ -270,7 +314,8 @@ def dry_run(
             status = {r.run_id: r.status for r in store.runs()}
             rates = measured_rates(store)
     total = remaining = 0.0
-    stream.write(f"preset {preset.name}: {len(specs)} runs\n")
+    stream.write(f"preset {preset.name} ({preset.scale} scale): {len(specs)} runs\n")
+    stream.write(format_settings(preset))
     stream.write(f"{'run':<40} {'epochs':>6} {'corrupt':>7} {'status':>9} {'estimate':>12}\n")
     evaluate = _corruption_settings(preset)
     for spec in specs:

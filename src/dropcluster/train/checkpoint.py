@@ -18,6 +18,11 @@ CHECKPOINT_KEYS = ("config", "epoch", "model", "optimizer", "scheduler", "loader
                    "history")  # fmt: skip
 
 
+def kept_checkpoint_name(epoch: int) -> str:
+    """The file name of the checkpoint kept after ``epoch`` epochs (``keep_checkpoints``)."""
+    return f"checkpoint-epoch{epoch}.pt"
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write ``state`` with ``torch.save`` to a temporary file, then rename it over ``path``.
 
@@ -71,8 +76,11 @@ def load_model_state(model: torch.nn.Module, state: dict[str, Any], path: str | 
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        if any(key.startswith("stem_norm.") for key in model.state_dict()) and not any(
-            key.startswith("stem_norm.") for key in state
+        # 0.1's ResNets: no stem batch norm, and the first block pre-activated its input.
+        if (
+            "stem_norm.weight" in model.state_dict()
+            and "stem_norm.weight" not in state
+            and ("groups.0.0.norm1.weight" in state)
         ):
             raise CheckpointError(
                 f"{path} holds a ResNet of dropcluster 0.1, whose stem was a bare conv; since "

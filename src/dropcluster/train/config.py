@@ -13,7 +13,7 @@ from dropcluster.files import atomic_write_text
 from dropcluster.validation import check_choice, check_fields, check_float, check_int
 
 #: Fields that do not change a run's results: a run may resume with other values.
-NOT_IDENTITY = frozenset({"device", "eval_batch_size", "variant"})
+NOT_IDENTITY = frozenset({"device", "eval_batch_size", "keep_checkpoints"})
 
 #: Keys of ``regularizer_options`` that say where the regularizer goes, not how it works.
 PLACEMENT_OPTIONS = ("slot", "depth_rule")
@@ -74,6 +74,9 @@ class TrainConfig:
         sync_batchnorm: under distributed training (torchrun), batch norm statistics over the
             whole batch of all processes (SyncBatchNorm, CUDA) instead of each process's share.
         eval_batch_size: batch size for evaluation.
+        keep_checkpoints: epochs after which a copy of the checkpoint is kept as
+            ``checkpoint-epoch{E}.pt`` beside the run's last one (e.g. ``[50]``: the model the
+            paper's Figures 1-4 analyse). Not part of a run's identity.
     """
 
     dataset: str = "fashion-mnist"
@@ -104,6 +107,7 @@ class TrainConfig:
     compile: bool = False
     sync_batchnorm: bool = False
     eval_batch_size: int = 500
+    keep_checkpoints: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -139,6 +143,8 @@ class TrainConfig:
             check_float("weight_decay", self.weight_decay, minimum=0.0)
         check_choice("weight_decay_on", self.weight_decay_on, WEIGHT_DECAY_ON)
         check_float("lr_gamma", self.lr_gamma, above=0.0)
+        for kept in self.keep_checkpoints:
+            check_int("keep_checkpoints entries", kept, minimum=1, maximum=self.epochs)
         for milestone in self.lr_milestones:
             check_int("lr_milestones entries", milestone, minimum=1)
         if sorted(self.lr_milestones) != list(self.lr_milestones):

@@ -32,6 +32,7 @@ from dropcluster.nn import DropCluster2d, RefitSchedule, fit_clusters
 from dropcluster.nn.fitting import unwrap
 from dropcluster.train.checkpoint import (
     CHECKPOINT_NAME,
+    kept_checkpoint_name,
     load_checkpoint,
     load_model_state,
     rng_state,
@@ -279,13 +280,16 @@ def _train_locked(config, out, resume, stop_after_epoch, progress_stream, device
         rng = gather(rng_state(), ranks)  # every process's random state, for an exact resume
         if ranks.main:
             _append_log(out / LOG_NAME, record)
-            save_checkpoint(checkpoint_path, {
+            checkpoint = {
                 "config": config.to_dict(), "epoch": epoch, "model": unwrap(run.model).state_dict(),
                 "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                 "loader": run.loader.state_dict(), "rng": rng[0], "rng_ranks": rng,
                 "world_size": ranks.world, "history": result.history,
                 "scaler": scaler.state_dict(),
-            })  # fmt: skip
+            }  # fmt: skip
+            save_checkpoint(checkpoint_path, checkpoint)
+            if epoch + 1 in config.keep_checkpoints:  # e.g. the paper's figures after 50 epochs
+                save_checkpoint(out / kept_checkpoint_name(epoch + 1), checkpoint)
         progress.epoch(record, (last_epoch - epoch - 1) * record["seconds"])
 
     tail = result.history[-config.average_last :]

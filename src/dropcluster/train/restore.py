@@ -11,7 +11,12 @@ import torch
 from torch import Tensor, nn
 
 from dropcluster.data import ImageDataset, load_dataset
-from dropcluster.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_model_state
+from dropcluster.train.checkpoint import (
+    CHECKPOINT_NAME,
+    kept_checkpoint_name,
+    load_checkpoint,
+    load_model_state,
+)
 from dropcluster.train.config import TrainConfig, resolve_device
 from dropcluster.train.setup import build_configured_model, eval_preparer
 
@@ -44,7 +49,11 @@ class LoadedRun:
 
 
 def load_run(
-    run_dir: str | Path, device: str | torch.device = "cpu", test_set: ImageDataset | None = None
+    run_dir: str | Path,
+    device: str | torch.device = "cpu",
+    test_set: ImageDataset | None = None,
+    *,
+    epoch: int | None = None,
 ) -> LoadedRun:
     """Rebuild the model of the run in ``run_dir`` (``config.json`` + ``checkpoint.pt``).
 
@@ -54,6 +63,8 @@ def load_run(
             own device setting is ignored, so a model trained on a GPU can be evaluated on the
             CPU.
         test_set: the test set, if the caller has it already (saves loading it again).
+        epoch: load the checkpoint kept after this many epochs (``keep_checkpoints``,
+            ``checkpoint-epoch{E}.pt``) instead of the last one.
 
     Raises:
         FileNotFoundError: the folder, its config or its checkpoint is missing.
@@ -68,11 +79,18 @@ def load_run(
         )
     config = TrainConfig.from_file(config_path)
     device = resolve_device(device)
-    state = load_checkpoint(run_dir / CHECKPOINT_NAME, map_location=device)
+    checkpoint_path = run_dir / (CHECKPOINT_NAME if epoch is None else kept_checkpoint_name(epoch))
+    if epoch is not None and not checkpoint_path.is_file():
+        kept = sorted(path.name for path in run_dir.glob("checkpoint-epoch*.pt"))
+        raise FileNotFoundError(
+            f"{run_dir} has no checkpoint kept after epoch {epoch} ({checkpoint_path.name}); "
+            f"kept: {', '.join(kept) or 'none'} (train with keep_checkpoints=[{epoch}] to keep it)"
+        )
+    state = load_checkpoint(checkpoint_path, map_location=device)
     if test_set is None:
         test_set = load_dataset(config.dataset, "test", root=config.data_dir)
     model = build_configured_model(config, len(test_set.classes), test_set.images.shape[1], device)
-    load_model_state(model, state["model"], run_dir / CHECKPOINT_NAME)
+    load_model_state(model, state["model"], checkpoint_path)
     model.eval()
     return LoadedRun(
         run_dir=run_dir,
