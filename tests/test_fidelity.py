@@ -304,3 +304,30 @@ def test_a_fitted_dropcluster_layer_masks_the_dead_stem_channels_in_evaluation()
     scale = 16 / int(layer.structured.sum())
     kept = layer.structured
     torch.testing.assert_close(out[:, kept], captured[0][:, kept] * scale)
+
+
+def test_reproduce_analyses_every_run_on_its_kept_checkpoint_when_the_preset_says_so(tmp_path):
+    pytest.importorskip("matplotlib")
+    from dropcluster.cli import main
+
+    preset = {
+        "name": "figures-test", "scale": "demo", "description": "d", "dataset": "synthetic",
+        "base": {**_tiny_config().to_dict(), "epochs": 2, "keep_checkpoints": [1]},
+        "grids": [{"regularizer": ["none"], "p": [0.0], "train_fraction": [0.25], "seed": [0],
+                   "variant": "lenet"},
+                  {"regularizer": ["none"], "p": [0.0], "train_fraction": [0.25], "seed": [0],
+                   "variant": "resnet", "options": {"model": "resnet20"}}],
+        "average_last": 1,
+        "analyze": {"runs": "all", "epoch": 1, "unstructured": "rena", "sample_images": 32},
+    }  # fmt: skip
+    path = tmp_path / "figures.json"
+    path.write_text(json.dumps(preset))
+    out = tmp_path / "out"
+    assert main(["reproduce", "--preset", str(path), "--out", str(out)]) == 0
+    for run in ("none-lenet-p0-f0.25-s0", "none-resnet-p0-f0.25-s0"):
+        report = json.loads((out / "runs" / run / "analysis" / "analysis.json").read_text())
+        assert report["run"]["epochs_done"] == 1  # the kept checkpoint, not the last one
+        assert report["clusters"]["unstructured_rule"] == "rena"
+        assert report["sample_images"] == 32
+    text = (out / "report" / "report.md").read_text()
+    assert "(../runs/none-resnet-p0-f0.25-s0/analysis/analysis.md)" in text

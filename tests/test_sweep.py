@@ -470,3 +470,9 @@ def test_reproduce_reports_and_analyses_the_dropcluster_run(tmp_path, capsys):
     stamp = analysis.stat().st_mtime_ns
     assert main(["reproduce", "--preset", str(preset_path), "--out", str(out)]) == 0
     assert analysis.stat().st_mtime_ns == stamp
+    # A report written elsewhere stands alone: it carries a copy of the analysis it links.
+    elsewhere = tmp_path / "docs"
+    assert main(["report", "--out", str(out), "--to", str(elsewhere)]) == 0
+    text = (elsewhere / "report.md").read_text()
+    assert "(analyses/dropcluster-p0.1-f0.25-s0/analysis.md)" in text
+    assert (elsewhere / "analyses" / "dropcluster-p0.1-f0.25-s0" / "cluster_maps.png").is_file()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
@@ -50,6 +51,8 @@ FIGURE_NAMES = (
     "learning_curves_top1.png",
 )
 _DASH = "—"
+#: Where a report written outside its sweep folder keeps copies of the runs' analyses.
+ANALYSES_FOLDER = "analyses"
 #: The arm every other arm is paired with (or its variant, see :func:`_baseline_arm`).
 _BASELINE = "none"
 
@@ -1237,28 +1240,39 @@ def _draw_figures(summary: Summary, folder: Path, preset_name: str) -> tuple[lis
 
 
 def _analysis_section(out_dir: Path, summary: Summary, report_dir: Path) -> list[str]:
-    """Links to the cluster analyses (``dropcluster analyze``) of this sweep's finished runs."""
+    """Links to the cluster analyses (``dropcluster analyze``) of this sweep's finished runs.
+
+    A report written outside the sweep folder (``--to``) gets a copy of each analysis in its
+    ``analyses/`` folder, so that it stands alone (a docs folder, an archive)."""
     finished = {run.run_id for run in summary.runs}
-    runs = Path(os.path.relpath(out_dir / RUNS_FOLDER, report_dir)).as_posix()
     analysed = sorted(
-        path for path in (out_dir / RUNS_FOLDER).glob("*/analysis/analysis.md")
+        path.parent for path in (out_dir / RUNS_FOLDER).glob("*/analysis/analysis.md")
         if path.parent.parent.name in finished
     )  # fmt: skip
+    copies = report_dir / ANALYSES_FOLDER
+    shutil.rmtree(copies, ignore_errors=True)  # none stale from an earlier report
     if not analysed:
         return []
+    if not report_dir.resolve().is_relative_to(out_dir.resolve()):
+        for folder in analysed:
+            shutil.copytree(folder, copies / folder.parent.name)
+        links = {folder.parent.name: f"{ANALYSES_FOLDER}/{folder.parent.name}"
+                 for folder in analysed}  # fmt: skip
+    else:
+        runs = Path(os.path.relpath(out_dir / RUNS_FOLDER, report_dir)).as_posix()
+        links = {folder.parent.name: f"{runs}/{folder.parent.name}/analysis"
+                 for folder in analysed}  # fmt: skip
     lines = ["", "## Cluster analysis (paper, Figures 1-4 and 8)", ""]
     lines.append(
         "Cluster maps of every channel of the DropCluster slot, example masks and Spatial Hopkins "
         "per channel and per layer, made by `dropcluster analyze --checkpoint RUN`:"
     )
     lines.append("")
-    for path in analysed:
-        lines.append(f"- [{path.parent.parent.name}]({runs}/{path.parent.parent.name}/analysis/"
-                     f"analysis.md)")  # fmt: skip
-    first = analysed[0].parent
-    if (first / "cluster_maps.png").is_file():
-        run_id = first.parent.name
-        lines += ["", f"![cluster maps of {run_id}]({runs}/{run_id}/analysis/cluster_maps.png)"]
+    for run_id, link in links.items():
+        lines.append(f"- [{run_id}]({link}/analysis.md)")
+    run_id, link = next(iter(links.items()))
+    if (analysed[0] / "cluster_maps.png").is_file():
+        lines += ["", f"![cluster maps of {run_id}]({link}/cluster_maps.png)"]
     return lines
 
 
