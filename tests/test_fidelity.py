@@ -331,3 +331,54 @@ def test_reproduce_analyses_every_run_on_its_kept_checkpoint_when_the_preset_say
         assert report["sample_images"] == 32
     text = (out / "report" / "report.md").read_text()
     assert "(../runs/none-resnet-p0-f0.25-s0/analysis/analysis.md)" in text
+
+
+def _sweep_folder(folder, name, variant, top1_by_seed):
+    """A sweep folder of preset ``name`` holding finished none and dropcluster runs."""
+    from dropcluster.experiments.store import ResultsStore
+    from dropcluster.experiments.sweep import PRESET_NAME
+
+    grid = {"regularizer": ["none", "dropcluster"], "p": [0.1], "train_fraction": [1.0],
+            "seed": [0, 1, 2]}  # fmt: skip
+    preset = Preset.from_dict({
+        "name": name, "scale": "demo", "description": "d", "dataset": "synthetic",
+        "base": {"dataset": "synthetic", "model": "lenet5", "epochs": 2}, "grids": [grid],
+        "variant": variant, "average_last": 1,
+    })  # fmt: skip
+    folder.mkdir()
+    (folder / PRESET_NAME).write_text(json.dumps(preset.to_dict()))
+    with ResultsStore.in_folder(folder) as store:
+        for spec in expand_grid(preset):
+            store.add_run(spec.run_id, spec.config.to_dict(), preset=name,
+                          regularizer=spec.regularizer, p=spec.p, seed=spec.seed,
+                          train_fraction=spec.train_fraction)  # fmt: skip
+            store.mark_running(spec.run_id)
+            top1 = top1_by_seed[spec.regularizer][spec.seed]
+            history = [{"epoch": 0, "loss": 1.0, "top1": top1, "top5": 99.0}]
+            store.record_finished(spec.run_id, history=history, top1=top1, top5=99.0,
+                                  average_last=1, seconds=1.0)  # fmt: skip
+    return folder
+
+
+def test_report_with_another_sweep_shows_both_presets_side_by_side(tmp_path):
+    from dropcluster.cli import main
+
+    paper = _sweep_folder(tmp_path / "paper", "p", None,
+                          {"none": [70, 71, 72], "dropcluster": [71, 73, 75]})  # fmt: skip
+    ours = _sweep_folder(tmp_path / "ours", "p-ours", "ours",
+                         {"none": [70, 70, 70], "dropcluster": [70, 70, 71]})  # fmt: skip
+    out = tmp_path / "both"
+    assert main(["report", "--out", str(paper), "--with", str(ours), "--to", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    full = text[text.index("## Full training set") : text.index("### Every p")]
+    assert "| DropCluster | 0.1 | 73.00 ± 2.00 |" in full
+    assert "| DropCluster (ours) | 0.1 | 70.33 ± 0.58 |" in full
+    paired = text[text.index("## Paired comparison") :]
+    # DropCluster - none per seed: 1, 2, 3 (mean 2, sd 1); ours against none (ours): 0, 0, 1.
+    assert "2.00 ± 1.00" in paired and "0.33 ± 0.58" in paired
+    with pytest.raises(ValueError, match="in the sweeps of both"):
+        from dropcluster.experiments.report import CombinedResults
+        from dropcluster.experiments.store import ResultsStore
+
+        with ResultsStore.in_folder(paper, readonly=True) as store:
+            CombinedResults([(store, "p"), (store, "p")])

@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-DOCS = sorted((ROOT / "docs").glob("*.md"))
+DOCS = sorted((ROOT / "docs").rglob("*.md"))
 
 
 def _examples(path: Path) -> list[str]:
@@ -17,7 +17,7 @@ def _examples(path: Path) -> list[str]:
 
 EXAMPLES = _examples(README)
 DOC_EXAMPLES = [
-    pytest.param(code, id=f"{path.name}-{index}")
+    pytest.param(code, id=f"{path.relative_to(ROOT)}-{index}")
     for path in DOCS
     for index, code in enumerate(_examples(path))
 ]
@@ -69,7 +69,7 @@ def _anchors(path: Path) -> set[str]:
     return anchors
 
 
-@pytest.mark.parametrize("path", [README, *DOCS], ids=lambda path: path.name)
+@pytest.mark.parametrize("path", [README, *DOCS], ids=lambda path: str(path.relative_to(ROOT)))
 def test_relative_links_resolve(path):
     text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
     for target in re.findall(r"\]\(([^)\s]+)\)", text):

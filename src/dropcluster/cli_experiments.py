@@ -270,6 +270,16 @@ def _add_report_parser(commands) -> None:
         metavar="DIR",
         help="write the report here instead of OUT/report (e.g. for a read-only sweep folder)",
     )
+    report.add_argument(
+        "--with",
+        type=Path,
+        action="append",
+        default=[],
+        dest="with_sweeps",
+        metavar="SWEEP",
+        help="add the runs of another sweep folder (repeatable), e.g. the -ours variant of a "
+        "paper preset, to compare side by side; the report takes OUT's preset for its header",
+    )
     report.set_defaults(handler=_run_report)
 
 
@@ -476,9 +486,35 @@ def _run_report(args: argparse.Namespace) -> int:
     preset_path = args.out / PRESET_NAME
     if not preset_path.is_file():
         raise FileNotFoundError(f"{args.out} has no {PRESET_NAME}: is it a sweep's output folder?")
-    path = _write_report(args.out, load_preset(preset_path), args.average_last, args.report_dir)
+    preset = load_preset(preset_path)
+    if args.with_sweeps:
+        path = _write_combined_report(args, preset)
+    else:
+        path = _write_report(args.out, preset, args.average_last, args.report_dir)
     print(f"report: {path}")
     return 0
+
+
+def _write_combined_report(args: argparse.Namespace, preset) -> Path:
+    """The report of OUT with the runs of the ``--with`` sweeps beside its own."""
+    from contextlib import ExitStack
+
+    from dropcluster.experiments.presets import load_preset
+    from dropcluster.experiments.report import CombinedResults, write_report
+    from dropcluster.experiments.store import ResultsStore
+    from dropcluster.experiments.sweep import PRESET_NAME
+
+    with ExitStack() as stack:
+        parts = [(stack.enter_context(ResultsStore.in_folder(args.out, readonly=True)),
+                  preset.name)]  # fmt: skip
+        for folder in args.with_sweeps:
+            if not (folder / PRESET_NAME).is_file():
+                raise FileNotFoundError(f"--with {folder}: no {PRESET_NAME}; is it a sweep folder?")
+            other = load_preset(folder / PRESET_NAME)
+            store = stack.enter_context(ResultsStore.in_folder(folder, readonly=True))
+            parts.append((store, other.name))
+        return write_report(CombinedResults(parts), args.out, preset,
+                            average_last=args.average_last, report_dir=args.report_dir)  # fmt: skip
 
 
 def _run_results(args: argparse.Namespace) -> int:

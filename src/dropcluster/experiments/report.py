@@ -1276,8 +1276,50 @@ def _analysis_section(out_dir: Path, summary: Summary, report_dir: Path) -> list
     return lines
 
 
+class CombinedResults:
+    """The databases of several sweeps read as one, for one report (``report --with``): the
+    runs of each sweep's own preset, side by side (e.g. ``paper-cifar100`` and its ``-ours``
+    variant). Run ids must not repeat across the sweeps (variants give their own ids).
+
+    Args:
+        parts: ``(store, preset name)`` per sweep, the report's own sweep first.
+
+    Raises:
+        ValueError: a run id in two of the sweeps.
+    """
+
+    def __init__(self, parts: list[tuple[ResultsStore, str]]) -> None:
+        self.parts = parts
+        seen: dict[str, str] = {}
+        for store, name in parts:
+            for record in store.runs(preset=name):
+                if record.run_id in seen:
+                    raise ValueError(
+                        f"run {record.run_id} is in the sweeps of both {seen[record.run_id]!r} "
+                        f"and {name!r}: one report can only hold each run id once"
+                    )
+                seen[record.run_id] = name
+        self.run_ids = set(seen)
+
+    def runs(self, preset: str | None = None):
+        """Every sweep's runs of its own preset (``preset`` is ignored: each part has one)."""
+        return [record for store, name in self.parts for record in store.runs(preset=name)]
+
+    def epochs(self) -> list[dict]:
+        return [row for store, _ in self.parts for row in store.epochs()
+                if row["run_id"] in self.run_ids]  # fmt: skip
+
+    def corruption_results(self) -> list[dict]:
+        return [row for store, _ in self.parts for row in store.corruption_results()
+                if row["run_id"] in self.run_ids]  # fmt: skip
+
+    def cluster_stats(self) -> list[dict]:
+        return [row for store, _ in self.parts for row in store.cluster_stats()
+                if row["run_id"] in self.run_ids]  # fmt: skip
+
+
 def write_report(
-    store: ResultsStore,
+    store: ResultsStore | CombinedResults,
     out_dir: str | Path,
     preset: Preset | dict[str, Any],
     *,
@@ -1290,7 +1332,7 @@ def write_report(
     that no longer have data. Works on a partial sweep (sections without data say so).
 
     Args:
-        store: the results database.
+        store: the results database, or several sweeps' (:class:`CombinedResults`).
         out_dir: the sweep's output folder; the report goes to ``out_dir/report/``.
         preset: the sweep's :class:`~dropcluster.experiments.presets.Preset`, or its JSON form
             (the report shows its name, scale, description, data set, paper command and the
@@ -1312,7 +1354,10 @@ def write_report(
         if average_last is None:
             raise ValueError("average_last (K) is neither given nor set in the preset")
     paper = paper_tables(preset.paper) if preset.paper else None
-    summary = summarize(store, average_last, preset_name=preset.name)
+    if isinstance(store, CombinedResults):
+        summary = summarize(store, average_last)  # each part keeps its own preset's runs
+    else:
+        summary = summarize(store, average_last, preset_name=preset.name)
     folder = Path(out_dir) / "report" if report_dir is None else Path(report_dir)
     folder.mkdir(parents=True, exist_ok=True)
     for name in FIGURE_NAMES:

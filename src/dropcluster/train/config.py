@@ -36,7 +36,8 @@ class TrainConfig:
         dataset: "cifar10", "cifar100", "tiny-imagenet", "fashion-mnist" or "synthetic".
         data_dir: where the data set's files are (None: the loader's default place).
         model: "resnet50", "resnet18", "resnet20" or "lenet5".
-        stem: "imagenet" (the paper's) or "cifar"; None: the model's default.
+        stem: "imagenet" (the paper's, inferred from the 64 x 16 x 16 first-layer output it
+            reports on CIFAR-100) or "cifar"; None: the model's default.
         regularizer: "none", "dropout", "spatial_dropout", "dropblock", "dropcluster" or
             "stochastic_depth", placed as the paper did (``dropcluster.models.placement``).
         p: drop rate.
@@ -45,7 +46,8 @@ class TrainConfig:
             by building the regularizer once.
         variant: a name for these settings in reports (a sweep compares
             ``regularizer:variant`` arms, e.g. ``dropcluster:ours``); no effect on training.
-        epochs: number of training epochs (paper: 250).
+        epochs: number of training epochs (not stated by the paper: an assumption; the paper
+            presets use 250, past its lr milestones 150 and 200 and its last-50-epoch average).
         batch_size: training minibatch size, over all processes under distributed training
             (the paper does not state it).
         lr: initial learning rate of SGD (paper: 0.1).
@@ -60,8 +62,10 @@ class TrainConfig:
             (paper: 150 and 200).
         lr_gamma: factor of the step decay (paper: 0.1).
         cluster_every: refit DropCluster's clusters at epochs s, 2s, ... (paper: 50).
-        cluster_images: training images whose activations are clustered (more than one
-            minibatch: the paper's unstructured rule depends on the batch size).
+        cluster_images: training images whose activations are clustered. The paper clusters
+            "a minibatch" without giving its size (an assumption: the paper presets use one
+            minibatch of 128); the default, 512, makes the paper's unstructured rule less
+            dependent on the batch size.
         train_fraction: stratified fraction of the training set (the small-sample runs).
         average_last: the final metric is the mean over the last K epochs (paper: 50).
         seed: seeds the model, the data order, augmentation and dropout masks.
