@@ -192,6 +192,10 @@ def test_regularizer_options_are_checked_when_the_config_is_made():
         _tiny_config(regularizer="dropblock", p=0.1, regularizer_options={"mode": "ramos"})
     # Placement keys go to place_regularizer, not to the module.
     _tiny_config(regularizer="dropblock", p=0.1, regularizer_options={"slot": ["group1"]})
+    with pytest.raises(ValueError, match="depth_rule should be one of 'constant', 'linear'"):
+        _tiny_config(regularizer="dropout", p=0.1, regularizer_options={"depth_rule": "linar"})
+    with pytest.raises(ValueError, match="slot should be a slot name or a non-empty list"):
+        _tiny_config(regularizer="dropout", p=0.1, regularizer_options={"slot": []})
 
 
 def test_a_kept_checkpoint_is_the_model_after_that_epoch(tmp_path):
@@ -206,9 +210,10 @@ def test_a_kept_checkpoint_is_the_model_after_that_epoch(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint kept after epoch 3 .*kept: "
                        "checkpoint-epoch1.pt, checkpoint-epoch2.pt"):  # fmt: skip
         load_run(tmp_path, epoch=3)
-    message = "keep_checkpoints entries should be an integer >= 1 and <= 3, but got 4"
-    with pytest.raises(ValueError, match=message):
-        _tiny_config(epochs=3, keep_checkpoints=[4])
+    # An epoch past the run's end keeps nothing (a preset's [50] under --set epochs=3).
+    assert _tiny_config(epochs=3, keep_checkpoints=[50]).keep_checkpoints == [50]
+    with pytest.raises(ValueError, match="keep_checkpoints entries should be an integer >= 1"):
+        _tiny_config(epochs=3, keep_checkpoints=[0])
 
 
 def test_a_checkpoint_of_the_old_bare_conv_stem_is_refused_with_what_changed(tmp_path):
@@ -376,9 +381,11 @@ def test_report_with_another_sweep_shows_both_presets_side_by_side(tmp_path):
     paired = text[text.index("## Paired comparison") :]
     # DropCluster - none per seed: 1, 2, 3 (mean 2, sd 1); ours against none (ours): 0, 0, 1.
     assert "2.00 ± 1.00" in paired and "0.33 ± 0.58" in paired
+    assert "## Other sweeps in this report" in text and "### Preset `p-ours`" in text
     with pytest.raises(ValueError, match="in the sweeps of both"):
         from dropcluster.experiments.report import CombinedResults
         from dropcluster.experiments.store import ResultsStore
 
         with ResultsStore.in_folder(paper, readonly=True) as store:
-            CombinedResults([(store, "p"), (store, "p")])
+            preset = load_preset(paper / "preset.json")
+            CombinedResults([(store, preset), (store, preset)])

@@ -20,7 +20,8 @@ from dropcluster.nn import DropBlock2d, DropCluster2d, StochasticDepth
 # Pre-activation bottleneck ResNet-50, 100 classes, ImageNet stem: torchvision's ResNet-50
 # without its 1000-class classifier has 23,508,032 parameters, + 2048 * 100 + 100 for this
 # classifier = 23,712,932; pre-activation moves each block's last BN to the next block's input
-# and drops the stem BN (-128) for a final BN over 2048 channels, which nets -7,680.
+# and adds a final BN over 2048 channels, which nets -7,680. The stem keeps its BN (+128) and the
+# first block, whose input it activates, has no BN of its own (-128): the reference's layout.
 RESNET50_CIFAR100_PARAMETERS = 23_705_252
 
 

@@ -89,7 +89,8 @@ def _add_sweep_parser(commands, name: str, text: str) -> None:
     sub.add_argument(
         "--preset",
         default="demo",
-        help="demo (default), paper-cifar100, paper-tiny-imagenet, or a .json",
+        help="demo (default), evidence, paper-cifar100, paper-tiny-imagenet, their -ours "
+        "variants, paper-figures, or a .json",
     )
     sub.add_argument(
         "--out", type=Path, default=None, help="output folder (default: runs/<preset>)"
@@ -506,13 +507,13 @@ def _write_combined_report(args: argparse.Namespace, preset) -> Path:
 
     with ExitStack() as stack:
         parts = [(stack.enter_context(ResultsStore.in_folder(args.out, readonly=True)),
-                  preset.name)]  # fmt: skip
+                  preset)]  # fmt: skip
         for folder in args.with_sweeps:
             if not (folder / PRESET_NAME).is_file():
                 raise FileNotFoundError(f"--with {folder}: no {PRESET_NAME}; is it a sweep folder?")
             other = load_preset(folder / PRESET_NAME)
             store = stack.enter_context(ResultsStore.in_folder(folder, readonly=True))
-            parts.append((store, other.name))
+            parts.append((store, other))
         return write_report(CombinedResults(parts), args.out, preset,
                             average_last=args.average_last, report_dir=args.report_dir)  # fmt: skip
 

@@ -4,9 +4,15 @@ A :class:`Preset` holds a base :class:`~dropcluster.train.config.TrainConfig` (a
 or more :class:`Grid` (each the product regularizer x p x training fraction x seed; the union of
 the grids is the sweep), which runs are evaluated on corrupted test sets
 (:class:`EvaluateSettings`), and what the report needs (scale, the paper's table to compare
-with, K for "averaged over the last K epochs"). Presets are data: ``demo`` (the embedded
-default), ``paper-cifar100`` and ``paper-tiny-imagenet`` ship with the package, and any JSON file
-of the same shape can be given by path (:func:`load_preset`).
+with, K for "averaged over the last K epochs"), and optionally per-regularizer options,
+variants (named settings compared side by side), the assumptions (settings the paper does not
+state) and the analysis ``reproduce`` runs. Presets are data: ``demo`` (the embedded default),
+``evidence``, ``paper-cifar100``, ``paper-tiny-imagenet``, their ``-ours`` variants and
+``paper-figures`` ship with the package (:func:`preset_names`), and any JSON file of the same
+shape can be given by path (:func:`load_preset`).
+
+Precedence in a run's config: the grid's ``options`` over the preset's ``options`` (for
+``regularizer_options``) over the ``base`` (where ``--set`` goes) over the defaults.
 """
 
 from __future__ import annotations
@@ -228,6 +234,8 @@ class Preset:
             by the dry run and the report, so that no guess passes for the paper's).
         analyze: the cluster analysis ``reproduce`` runs after the sweep (None: the DropCluster
             run the report shows, with ``dropcluster analyze``'s defaults).
+        unstated: the config fields the paper does not state, marked by the dry run (None:
+            :data:`dropcluster.experiments.sweep.PAPER_UNSTATED` for a paper-scale preset).
     """
 
     name: str
@@ -244,6 +252,7 @@ class Preset:
     variant: str | None = None
     assumptions: list[str] = field(default_factory=list)
     analyze: AnalyzeSettings | None = None
+    unstated: list[str] | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -289,8 +298,10 @@ class Preset:
 
         Args:
             values: the keys of :data:`REQUIRED_KEYS`, and optionally ``evaluate``, ``paper``,
-                ``paper_command`` and ``average_last``; ``grids`` is a list of grid objects,
-                ``evaluate`` an object (see :class:`EvaluateSettings`) or null.
+                ``paper_command``, ``average_last``, ``options``, ``variant``,
+                ``assumptions``, ``unstated`` and ``analyze``; ``grids`` is a list of grid
+                objects (see :class:`Grid`), ``evaluate`` an object (see
+                :class:`EvaluateSettings`) or null, ``analyze`` one (:class:`AnalyzeSettings`).
             origin: how error messages name the preset (a file, a preset name).
 
         Raises:
@@ -346,6 +357,7 @@ class Preset:
             "variant": self.variant,
             "assumptions": list(self.assumptions),
             "analyze": None if self.analyze is None else self.analyze.to_dict(),
+            "unstated": None if self.unstated is None else list(self.unstated),
         }
 
 
@@ -469,8 +481,6 @@ def _run_specs(preset: Preset) -> list[RunSpec]:
                 for fraction in grid.train_fraction:
                     for seed in grid.seed:
                         identifier = run_id(regularizer, p, fraction, seed, variant)
-                        if identifier in specs:
-                            continue
                         try:
                             config = TrainConfig.from_dict(
                                 {**values, "p": float(p), "train_fraction": float(fraction),
@@ -478,6 +488,15 @@ def _run_specs(preset: Preset) -> list[RunSpec]:
                             )  # fmt: skip
                         except ValueError as error:
                             raise ValueError(f"grid {index}, run {identifier}: {error}") from error
+                        if identifier in specs:
+                            # Overlapping grids name the same run once; other settings under
+                            # one id would be lost: they need a variant of their own.
+                            if not specs[identifier].config.same_run_as(config):
+                                raise ValueError(
+                                    f"grid {index} makes run {identifier} with other settings "
+                                    f"than an earlier grid: give one of them a variant"
+                                )
+                            continue
                         specs[identifier] = RunSpec(identifier, config, fraction in evaluated)
     return list(specs.values())
 
@@ -502,7 +521,8 @@ def filter_runs(specs: list[RunSpec], only: list[str]) -> list[RunSpec]:
     """Keep the runs matching every filter in ``only``.
 
     A filter is ``key=value[,value...]`` with key one of regularizer, p, train_fraction (or
-    fraction), seed; or a shell pattern on the run id (``dropcluster-*``).
+    fraction), seed, variant (``variant=none`` for the runs without one); or a shell pattern
+    on the run id (``dropcluster-*``, which also matches ``dropcluster-ours-...``).
     """
     kept = specs
     for expression in only:
@@ -512,10 +532,14 @@ def filter_runs(specs: list[RunSpec], only: list[str]) -> list[RunSpec]:
             kept = [s for s in kept if fnmatch.fnmatchcase(s.run_id, expression)]
             continue
         key = "train_fraction" if key == "fraction" else key
+        if key == "variant":
+            wanted = {v.strip() for v in values.split(",") if v.strip()}
+            kept = [s for s in kept if (s.config.variant or "none") in wanted]
+            continue
         if key not in GRID_KEYS:
             raise ValueError(
-                f"--only {expression!r}: key should be one of {', '.join(GRID_KEYS)} (or a run "
-                f"id pattern such as 'dropcluster-*'), but got {key!r}"
+                f"--only {expression!r}: key should be one of {', '.join(GRID_KEYS)}, variant "
+                f"(or a run id pattern such as 'dropcluster-*'), but got {key!r}"
             )
         wanted = [v.strip() for v in values.split(",") if v.strip()]
         if key == "regularizer":

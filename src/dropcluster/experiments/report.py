@@ -538,10 +538,10 @@ def paired_t_test(differences: Iterable[float]) -> PairedTest:
         raise ValueError(f"a paired t test needs 2 or more numbers, but got {differences}")
     stats = SeedStats(differences)
     # statistics.stdev is exact (fractions): it is 0 only when every difference is the same.
+    # The t test is undefined then (no spread to compare the mean with): no t, no p value; the
+    # table still says in how many seeds the arm was ahead.
     if stats.std == 0:
-        if stats.mean == 0:
-            return PairedTest(differences, None, None)
-        return PairedTest(differences, math.copysign(math.inf, stats.mean), 0.0)
+        return PairedTest(differences, None, None)
     t = stats.mean / (stats.std / math.sqrt(stats.n))
     return PairedTest(differences, t, student_t_two_sided_p(t, stats.n - 1))
 
@@ -768,6 +768,7 @@ def _assumptions(preset: Preset) -> list[str]:
 def _dataset_name(dataset: str | None) -> str:
     names = {
         "fashion-mnist": "Fashion-MNIST",
+        "cifar10": "CIFAR-10",
         "cifar100": "CIFAR-100",
         "tiny-imagenet": "Tiny ImageNet",
     }
@@ -1117,7 +1118,8 @@ def _paired_caveat(rows: list[PairedRow]) -> str:
         "the probability that the arm is better, and a large p does not show that the arms are "
         f"equal (few seeds give the test little power). With up to {seeds} seeds, "
         f"{len(arms)} arm(s) and {len(rows)} comparisons here, some small p values are expected "
-        "by chance (no correction for multiple comparisons)."
+        "by chance (no correction for multiple comparisons). — : every seed gave the same Δ, "
+        "where the t test is undefined."
     )
 
 
@@ -1239,6 +1241,17 @@ def _draw_figures(summary: Summary, folder: Path, preset_name: str) -> tuple[lis
     return lines, None
 
 
+def _parts_section(others: list[Preset]) -> list[str]:
+    """What the other sweeps of a combined report (``report --with``) ran: their settings."""
+    lines = ["", "## Other sweeps in this report", ""]
+    for other in others:
+        lines += [f"### Preset `{other.name}`", "", other.description, ""]
+        if other.assumptions:
+            lines.append("Its assumptions (settings the paper does not state):")
+            lines += ["", *(f"- {assumption}" for assumption in other.assumptions), ""]
+    return lines
+
+
 def _analysis_section(out_dir: Path, summary: Summary, report_dir: Path) -> list[str]:
     """Links to the cluster analyses (``dropcluster analyze``) of this sweep's finished runs.
 
@@ -1282,16 +1295,17 @@ class CombinedResults:
     variant). Run ids must not repeat across the sweeps (variants give their own ids).
 
     Args:
-        parts: ``(store, preset name)`` per sweep, the report's own sweep first.
+        parts: ``(store, preset)`` per sweep, the report's own sweep first.
 
     Raises:
         ValueError: a run id in two of the sweeps.
     """
 
-    def __init__(self, parts: list[tuple[ResultsStore, str]]) -> None:
-        self.parts = parts
+    def __init__(self, parts: list[tuple[ResultsStore, Preset]]) -> None:
+        self.presets = [preset for _, preset in parts]
+        self.parts = [(store, preset.name) for store, preset in parts]
         seen: dict[str, str] = {}
-        for store, name in parts:
+        for store, name in self.parts:
             for record in store.runs(preset=name):
                 if record.run_id in seen:
                     raise ValueError(
@@ -1363,6 +1377,8 @@ def write_report(
     for name in FIGURE_NAMES:
         (folder / name).unlink(missing_ok=True)
     lines = _header(summary, preset)
+    if isinstance(store, CombinedResults):
+        lines += _parts_section(store.presets[1:])
     if paper:
         lines += [
             "",

@@ -219,11 +219,12 @@ def best_dropcluster_run(store: ResultsStore) -> RunRecord | None:
 
 
 def analyze_best_dropcluster_run(
-    out_dir: str | Path, *, progress: Callable[[str], None] | None = None
+    out_dir: str | Path, *, progress: Callable[[str], None] | None = None, **options: Any
 ) -> Path | None:
     """Analyse the :func:`best_dropcluster_run` of the sweep in ``out_dir``, once: a run with an
     analysis keeps it. Returns the path of its ``analysis.md`` (None: no finished DropCluster
-    run); ``progress`` hears which run is analysed.
+    run); ``progress`` hears which run is analysed; ``options`` go to :func:`analyze_run`
+    (``sample_images``, ``epoch``, ``unstructured``).
 
     Raises:
         ImportError: matplotlib (the ``plot`` extra) is not installed.
@@ -238,7 +239,7 @@ def analyze_best_dropcluster_run(
         return markdown_path
     if progress is not None:
         progress(f"cluster analysis of {best.run_id}")
-    return analyze_run(run_dir)
+    return analyze_run(run_dir, **options)
 
 
 def _check_arguments(n_images: int, sample_images: int, seed: int) -> None:
@@ -474,7 +475,10 @@ def _clusters(
         )
     else:
         n_clusters = int(placement_for("dropcluster", run.config.dataset).options["n_clusters"])
-        options = dict(n_clusters=n_clusters, unstructured=unstructured or "dead")
+        rule = unstructured or "dead"
+        # The paper's rule goes with the reference's tie semantics (its cluster maps too).
+        ties = "split" if rule == "rena" else "merge"
+        options = dict(n_clusters=n_clusters, unstructured=rule, identical_neighbours=ties)
         why = f"the run has no DropCluster layer (regularizer `{run.config.regularizer}`)"
     result = rena(activations, generator=torch.Generator().manual_seed(seed), **options)
     rule = options.get("unstructured", "dead")
@@ -487,7 +491,8 @@ def _clusters(
         n_clusters=result.n_clusters,
         rule=rule,
         description=(
-            f"fitted here with ReNA (n_clusters={result.n_clusters}, unstructured rule `{rule}`) "
+            f"fitted here with ReNA (n_clusters={result.n_clusters}, unstructured rule `{rule}`, "
+            f"identical neighbours {options['identical_neighbours']}) "
             f"on the `{slot_name}` slot's input activations of the {n_sample} sample test "
             f"images, because {why}"
         ),
@@ -734,13 +739,16 @@ def analyze_sweep_runs(
 
     Returns:
         The ``analysis.md`` paths, in the database's run order (a run with an analysis keeps
-        it: delete its ``analysis`` folder to redo it).
+        it: delete its ``analysis`` folder to redo it). A run that cannot be analysed (no
+        checkpoint of the epoch asked for, say) is skipped and named to ``progress``.
 
     Raises:
         ImportError: matplotlib (the ``plot`` extra) is not installed.
     """
+    options = {"sample_images": settings.sample_images, "epoch": settings.epoch,
+               "unstructured": settings.unstructured}  # fmt: skip
     if settings.runs == "best-dropcluster":
-        path = analyze_best_dropcluster_run(out_dir, progress=progress)
+        path = analyze_best_dropcluster_run(out_dir, progress=progress, **options)
         return [] if path is None else [path]
     with ResultsStore.in_folder(out_dir, readonly=True) as store:
         finished = store.runs(status=FINISHED)
@@ -751,12 +759,11 @@ def analyze_sweep_runs(
         if not markdown_path.is_file():
             if progress is not None:
                 progress(f"cluster analysis of {record.run_id}")
-            analyze_run(
-                run_dir,
-                run_dir / ANALYSIS_DIR,
-                sample_images=settings.sample_images,
-                epoch=settings.epoch,
-                unstructured=settings.unstructured,
-            )
+            try:
+                analyze_run(run_dir, run_dir / ANALYSIS_DIR, **options)
+            except (OSError, ValueError) as error:  # one bad run does not stop the others
+                if progress is not None:
+                    progress(f"no cluster analysis of {record.run_id}: {error}")
+                continue
         paths.append(markdown_path)
     return paths

@@ -275,10 +275,10 @@ class RunRecord:
         """What a report compares this run under: ``"dropcluster"``, or ``"dropcluster:ours"``
         for a run of variant "ours" (see :func:`dropcluster.experiments.presets.arm_name`).
 
-        The variant is the config's ``variant``; a config without that key (the sweep stores
-        configs without the keys that do not change results, ``variant`` among them) takes it
-        from a run id of the form :func:`dropcluster.experiments.presets.run_id` makes,
-        ``dropcluster-ours-p0.1-f1-s0``; any other id means no variant.
+        The variant is the config's ``variant``; a config without that key (a run stored by a
+        version without variants, or a hand-made record) takes it from a run id of the form
+        :func:`dropcluster.experiments.presets.run_id` makes, ``dropcluster-ours-p0.1-f1-s0``;
+        any other id means no variant.
         """
         if "variant" in self.config:
             return arm_name(self.regularizer, self.config["variant"])
@@ -556,8 +556,16 @@ class ResultsStore:
                      time.time()),
                 )  # fmt: skip
                 return True
+            stored = json.loads(row["config"])
+            if "weight_decay_on" not in stored and "weight_decay_on" in json.loads(config_text):
+                # Every config since 0.2 has it; 0.1's ResNets had another stem.
+                raise ValueError(
+                    f"run {run_id!r} in {self.path} was made by dropcluster 0.1, whose ResNets "
+                    f"had a bare conv stem (since 0.2: conv, batch norm, ReLU): its results do "
+                    f"not compare with this version's; sweep into a new --out folder"
+                )
             differences = _differences(
-                {**{key: row[key] for key in new}, **_prefixed(json.loads(row["config"]))},
+                {**{key: row[key] for key in new}, **_prefixed(stored)},
                 {**new, **_prefixed(json.loads(config_text))},
             )
             if differences:

@@ -76,6 +76,7 @@ DEFAULT_OUT_PARENT = Path("runs")
 
 #: Training set and test set sizes, for cost estimates.
 DATASET_SIZES = {
+    "cifar10": (50_000, 10_000),
     "cifar100": (50_000, 10_000),
     "tiny-imagenet": (100_000, 10_000),
     "fashion-mnist": (60_000, 10_000),
@@ -267,7 +268,9 @@ def format_settings(preset: Preset) -> str:
     assumptions, as the dry run prints them (settings the paper does not state are marked)."""
     specs = expand_grid(preset)
     configs = [spec.config.to_dict() for spec in specs]
-    mark = preset.scale == "paper"
+    unstated = set(preset.unstated) if preset.unstated is not None else (
+        PAPER_UNSTATED if preset.scale == "paper" else set())  # fmt: skip
+    mark = bool(unstated)
     lines = ["settings of every run" + (" (* not stated by the paper: an assumption)" if mark
                                          else "") + ":"]  # fmt: skip
     for name, value in configs[0].items():
@@ -275,7 +278,7 @@ def format_settings(preset: Preset) -> str:
             continue
         values = {json.dumps(config[name], sort_keys=True) for config in configs}
         shown = json.dumps(value) if len(values) == 1 else "set per grid (below)"
-        star = "*" if mark and name in PAPER_UNSTATED else " "
+        star = "*" if name in unstated else " "
         lines.append(f"  {star} {name} = {shown}")
     if preset.options:
         lines.append("regularizer options (every run of the regularizer):")

@@ -146,7 +146,8 @@ class SlottedModel(nn.Module):
         """The regularizers installed (not ``nn.Identity``), in slot ``name`` or in every slot.
 
         ``[m for m in model.slot_modules("stem") if isinstance(m, DropCluster2d)]`` finds the
-        DropCluster layer to fit; its forward input is the first conv's output.
+        DropCluster layer to fit; its forward input is the first conv layer's activations
+        (after the stem's batch norm and ReLU).
         """
         slots = self._slots_named(name) if name is not None else self._all_slots()
         return [slot.regularizer for slot in slots if not slot.is_empty]

@@ -45,7 +45,8 @@ class TrainConfig:
             ``slot`` / ``depth_rule`` of :func:`dropcluster.models.place_regularizer`; checked
             by building the regularizer once.
         variant: a name for these settings in reports (a sweep compares
-            ``regularizer:variant`` arms, e.g. ``dropcluster:ours``); no effect on training.
+            ``regularizer:variant`` arms, e.g. ``dropcluster:ours``). It changes nothing in
+            training but is part of the run's identity (a run resumes under its own name).
         epochs: number of training epochs (not stated by the paper: an assumption; the paper
             presets use 250, past its lr milestones 150 and 200 and its last-50-epoch average).
         batch_size: training minibatch size, over all processes under distributed training
@@ -80,7 +81,8 @@ class TrainConfig:
         eval_batch_size: batch size for evaluation.
         keep_checkpoints: epochs after which a copy of the checkpoint is kept as
             ``checkpoint-epoch{E}.pt`` beside the run's last one (e.g. ``[50]``: the model the
-            paper's Figures 1-4 analyse). Not part of a run's identity.
+            paper's Figures 1-4 analyse); epochs past ``epochs`` keep nothing. Not part of a
+            run's identity.
     """
 
     dataset: str = "fashion-mnist"
@@ -147,8 +149,8 @@ class TrainConfig:
             check_float("weight_decay", self.weight_decay, minimum=0.0)
         check_choice("weight_decay_on", self.weight_decay_on, WEIGHT_DECAY_ON)
         check_float("lr_gamma", self.lr_gamma, above=0.0)
-        for kept in self.keep_checkpoints:
-            check_int("keep_checkpoints entries", kept, minimum=1, maximum=self.epochs)
+        for kept in self.keep_checkpoints:  # entries past `epochs` keep nothing (--set epochs=)
+            check_int("keep_checkpoints entries", kept, minimum=1)
         for milestone in self.lr_milestones:
             check_int("lr_milestones entries", milestone, minimum=1)
         if sorted(self.lr_milestones) != list(self.lr_milestones):
@@ -164,6 +166,19 @@ class TrainConfig:
         # (cheap: no fitting) so that a bad option fails now, not when the run starts.
         module_options = {key: value for key, value in self.regularizer_options.items()
                           if key not in PLACEMENT_OPTIONS}  # fmt: skip
+        # The slot names depend on the model: they are checked when it is built.
+        slot = self.regularizer_options.get("slot")
+        if slot is not None and not (
+            isinstance(slot, str)
+            or (isinstance(slot, list) and slot and all(isinstance(s, str) for s in slot))
+        ):
+            raise ValueError(f"regularizer_options slot should be a slot name or a non-empty "
+                             f"list of names, but got {slot!r}")  # fmt: skip
+        if "depth_rule" in self.regularizer_options:
+            from dropcluster.models.placement import DEPTH_RULES
+
+            check_choice("regularizer_options depth_rule", self.regularizer_options["depth_rule"],
+                         DEPTH_RULES)  # fmt: skip
         try:
             build_regularizer(self.regularizer, self.p, **module_options)
         except (TypeError, ValueError) as error:
@@ -184,7 +199,8 @@ class TrainConfig:
         return resolve_device(self.device)
 
     def same_run_as(self, other: TrainConfig) -> bool:
-        """Equal in every field that changes results (the device and eval batch size do not)."""
+        """Equal in every field that changes results (:data:`NOT_IDENTITY`: the device, the eval
+        batch size and the kept checkpoints do not)."""
         return self.run_differences(other) == {}
 
     def run_differences(self, other: TrainConfig) -> dict[str, Any]:
