@@ -89,12 +89,12 @@ def test_every_shipped_preset_expands():
         assert expand_grid(load_preset(name)), name
 
 
-def test_the_evidence_preset_compares_nine_arms_over_five_seeds_and_two_fractions():
+def test_the_evidence_preset_compares_ten_arms_over_five_seeds_and_two_fractions():
     specs = expand_grid(load_preset("evidence"))
     arms = {arm_name(s.regularizer, s.config.variant) for s in specs}
     assert arms == {"none", "dropout", "spatial_dropout", "dropblock", "stochastic_depth",
                     "dropcluster", "dropcluster:ours", "dropcluster:per-sample",
-                    "dropcluster:dead"}  # fmt: skip
+                    "dropcluster:dead", "dropcluster:dead-merge"}  # fmt: skip
     for arm in arms:
         runs = [s for s in specs if arm_name(s.regularizer, s.config.variant) == arm]
         assert sorted((s.train_fraction, s.seed) for s in runs) == sorted(
@@ -105,6 +105,9 @@ def test_the_evidence_preset_compares_nine_arms_over_five_seeds_and_two_fraction
     assert by_variant[None].regularizer_options == PAPER_LAYER
     assert by_variant["per-sample"].regularizer_options == {**PAPER_LAYER, "per_sample": True}
     assert by_variant["dead"].regularizer_options == {**PAPER_LAYER, "unstructured": "dead"}
+    assert by_variant["dead-merge"].regularizer_options == {
+        **PAPER_LAYER, "unstructured": "dead", "identical_neighbours": "merge"
+    }  # fmt: skip
     assert by_variant["per-sample"].cluster_images == by_variant[None].cluster_images == 128
 
 

@@ -282,13 +282,23 @@ class RunRecord:
         """
         if "variant" in self.config:
             return arm_name(self.regularizer, self.config["variant"])
-        plain = make_run_id(self.regularizer, self.p, self.train_fraction, self.seed)
-        suffix = plain[len(self.regularizer) :]
-        prefix = f"{self.regularizer}-"
-        variant = self.run_id[len(prefix) : -len(suffix)]
-        if variant and self.run_id == f"{prefix}{variant}{suffix}":
-            return arm_name(self.regularizer, variant)
-        return self.regularizer
+        variant = variant_from_run_id(
+            self.run_id, self.regularizer, self.p, self.train_fraction, self.seed
+        )
+        return arm_name(self.regularizer, variant)
+
+
+def variant_from_run_id(
+    run_id: str, regularizer: str, p: float, train_fraction: float, seed: int
+) -> str | None:
+    """The variant in a run id of the form :func:`dropcluster.experiments.presets.run_id`
+    makes (``"ours"`` in ``dropcluster-ours-p0.1-f1-s0``); None for any other id."""
+    suffix = make_run_id(regularizer, p, train_fraction, seed)[len(regularizer) :]
+    prefix = f"{regularizer}-"
+    variant = run_id[len(prefix) : -len(suffix)]
+    if variant and run_id == f"{prefix}{variant}{suffix}":
+        return variant
+    return None
 
 
 class ResultsStore:
@@ -556,8 +566,12 @@ class ResultsStore:
                      time.time()),
                 )  # fmt: skip
                 return True
-            stored = json.loads(row["config"])
-            if "weight_decay_on" not in stored and "weight_decay_on" in json.loads(config_text):
+            stored, given = json.loads(row["config"]), json.loads(config_text)
+            if "variant" not in stored and "variant" in given:
+                # Recorded before configs kept their variant: it is the one in the run id.
+                stored["variant"] = variant_from_run_id(run_id, regularizer, p, train_fraction,
+                                                        seed)  # fmt: skip
+            if "weight_decay_on" not in stored and "weight_decay_on" in given:
                 # Every config since 0.2 has it; 0.1's ResNets had another stem.
                 raise ValueError(
                     f"run {run_id!r} in {self.path} was made by dropcluster 0.1, whose ResNets "
