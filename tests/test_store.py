@@ -217,6 +217,17 @@ def test_a_run_of_a_0_1_sweep_is_refused_with_why(store):
         add(store, config={**CONFIG, "weight_decay_on": "weights"})
 
 
+def test_a_config_stored_without_its_variant_takes_the_one_in_its_run_id(store):
+    # Runs recorded before configs kept their variant: adding them again must not fail.
+    config = {**CONFIG, "weight_decay_on": "all"}
+    run_id = "dropcluster-ours-p0.1-f1-s0"
+    assert add(store, run_id, config) is True
+    assert add(store, run_id, {**config, "variant": "ours"}) is False
+    assert store.run(run_id).arm == "dropcluster:ours"
+    with pytest.raises(ValueError, match="config.variant: 'ours' -> 'theirs'"):
+        add(store, run_id, {**config, "variant": "theirs"})
+
+
 def test_record_finished_is_atomic(store, monkeypatch):
     add(store)
     store.mark_running("dc-p0.1-s0")
