@@ -118,7 +118,8 @@ def test_train_settings_come_from_config_then_set_then_flags(tmp_path):
     path.write_text(json.dumps({"epochs": 3, "lr": 0.2, "seed": 4}))
     args = build_parser().parse_args(
         ["train", "--out", str(tmp_path), "--config", str(path), "--set", "lr=0.3",
-         "--set", "lr_milestones=[1,2]", "--seed", "5", "--no-amp", "--option", "block_size=3"]
+         "--set", "lr_milestones=[1,2]", "--seed", "5", "--no-amp", "--regularizer", "dropblock",
+         "--option", "block_size=3"]
     )  # fmt: skip
     config = _train_config(args)
     assert (config.epochs, config.lr, config.seed, config.lr_milestones) == (3, 0.3, 5, [1, 2])

@@ -287,7 +287,7 @@ def test_command_line_dry_run_overrides_and_errors(tmp_path, capsys):
                  str(tmp_path / "c100"), "--only", "regularizer=dropcluster", "--only",
                  "fraction=1", "--dry-run"]) == 0  # fmt: skip
     out = capsys.readouterr().out
-    assert "preset paper-cifar100: 20 runs" in out and "dropcluster-p0.3-f1-s3" in out
+    assert "preset paper-cifar100 (paper scale): 20 runs" in out and "dropcluster-p0.3-f1-s3" in out
     assert not (tmp_path / "c100").exists()
     assert main(["reproduce", "--preset", "nope", "--dry-run"]) == 2
     assert "unknown preset 'nope'" in capsys.readouterr().err
