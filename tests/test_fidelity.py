@@ -219,6 +219,19 @@ def test_a_kept_checkpoint_is_the_model_after_that_epoch(tmp_path):
         _tiny_config(epochs=3, keep_checkpoints=[0])
 
 
+def test_a_lenet_checkpoint_of_0_1_is_refused_with_what_changed(tmp_path):
+    train(_tiny_config(epochs=2), tmp_path, stop_after_epoch=1, progress_stream=io.StringIO())
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["model_revision"] == 2
+    load_run(tmp_path)  # today's loads
+    del state["model_revision"]  # as 0.1 wrote it
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="LeNet-5 of dropcluster 0.1, whose stem slot"):
+        load_run(tmp_path)
+    with pytest.raises(CheckpointError, match="LeNet-5 of dropcluster 0.1"):
+        train(_tiny_config(epochs=2), tmp_path, resume=True, progress_stream=io.StringIO())
+
+
 def test_a_checkpoint_of_the_old_bare_conv_stem_is_refused_with_what_changed(tmp_path):
     model = build_model("resnet20", n_classes=10, in_channels=1)
     old = {k: v for k, v in model.state_dict().items() if not k.startswith("stem_norm.")}

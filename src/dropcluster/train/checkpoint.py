@@ -13,6 +13,9 @@ from dropcluster.errors import CheckpointError
 from dropcluster.files import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.pt"
+#: The layout of the models a checkpoint holds, saved with it: 2 since dropcluster 0.2 (stems end
+#: in batch norm and ReLU, LeNet-5's stem slot after its ReLU); a checkpoint without it is 0.1's.
+MODEL_REVISION = 2
 #: What a training checkpoint holds (besides the optional "scaler").
 CHECKPOINT_KEYS = ("config", "epoch", "model", "optimizer", "scheduler", "loader", "rng",
                    "history")  # fmt: skip
@@ -66,13 +69,31 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def load_model_state(model: torch.nn.Module, state: dict[str, Any], path: str | Path) -> None:
+def load_model_state(
+    model: torch.nn.Module,
+    state: dict[str, Any],
+    path: str | Path,
+    revision: int | None = None,
+) -> None:
     """``model.load_state_dict(state)``, with a one-line error naming the checkpoint ``path``.
 
+    Args:
+        revision: the checkpoint's ``model_revision`` (1 when it has none: dropcluster 0.1);
+            None: not known (a bare state dict).
+
     Raises:
-        CheckpointError: the state does not fit the model; a checkpoint of a ResNet from
-            dropcluster 0.1 (whose stem had no batch norm) says so.
+        CheckpointError: the state does not fit the model; a checkpoint of a ResNet or a
+            LeNet-5 from dropcluster 0.1 (another stem) says so.
     """
+    from dropcluster.models import LeNet5
+
+    if revision is not None and revision < MODEL_REVISION and isinstance(model, LeNet5):
+        # Same keys as today's, but DropCluster's slot then read the conv before its ReLU.
+        raise CheckpointError(
+            f"{path} holds a LeNet-5 of dropcluster 0.1, whose stem slot was before the ReLU; "
+            f"since 0.2 it reads the first conv layer's activations, so the run cannot "
+            f"continue with this version: train it again"
+        )
     try:
         model.load_state_dict(state)
     except RuntimeError as error:

@@ -32,6 +32,7 @@ from dropcluster.nn import DropCluster2d, RefitSchedule, fit_clusters
 from dropcluster.nn.fitting import unwrap
 from dropcluster.train.checkpoint import (
     CHECKPOINT_NAME,
+    MODEL_REVISION,
     kept_checkpoint_name,
     load_checkpoint,
     load_model_state,
@@ -285,7 +286,7 @@ def _train_locked(config, out, resume, stop_after_epoch, progress_stream, device
                 "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                 "loader": run.loader.state_dict(), "rng": rng[0], "rng_ranks": rng,
                 "world_size": ranks.world, "history": result.history,
-                "scaler": scaler.state_dict(),
+                "scaler": scaler.state_dict(), "model_revision": MODEL_REVISION,
             }  # fmt: skip
             save_checkpoint(checkpoint_path, checkpoint)
             if epoch + 1 in config.keep_checkpoints:  # e.g. the paper's figures after 50 epochs
@@ -346,7 +347,7 @@ def _restore(
     run, scaler, state: dict[str, Any], config: TrainConfig, ranks: Ranks, path: Path
 ) -> int:
     """Load the checkpoint's states into the run's objects; returns the next epoch."""
-    load_model_state(unwrap(run.model), state["model"], path)
+    load_model_state(unwrap(run.model), state["model"], path, state.get("model_revision", 1))
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.loader.load_state_dict(state["loader"])
