@@ -60,6 +60,28 @@ DEFAULT_FAMILY = "cifar100"
 DEPTH_RULES = ("constant", "linear")
 
 
+def check_placement(slot: str | Sequence[str] | None, depth_rule: str = "constant") -> list[str]:
+    """Check ``place_regularizer``'s placement arguments (model-independent checks only: the
+    slot names themselves are checked against a model by ``resolve_slot``).
+
+    Returns:
+        ``slot`` as a list of names (empty for None).
+
+    Raises:
+        ValueError: a slot that is neither a name nor a non-empty list of names, or an unknown
+            depth rule.
+    """
+    check_choice("depth_rule", depth_rule, DEPTH_RULES)
+    if slot is None:
+        return []
+    if isinstance(slot, str):
+        return [slot]
+    names = list(slot) if isinstance(slot, (list, tuple)) else []
+    if not names or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"slot should be a slot name or a non-empty list, but got {slot!r}")
+    return names
+
+
 def placement_for(name: str, dataset: str) -> Placement:
     """The paper's :class:`Placement` of regularizer ``name`` for ``dataset``.
 
@@ -108,15 +130,8 @@ def place_regularizer(
     """
     if not isinstance(model, SlottedModel):
         raise TypeError(f"model should be a SlottedModel, but got {type(model).__name__}")
-    check_choice("depth_rule", depth_rule, DEPTH_RULES)
     placement = placement_for(name, dataset)
-    target = slot if slot is not None else placement.slot
-    if isinstance(target, str) or target is None:
-        targets = [] if target is None else [target]
-    else:
-        targets = list(target)
-        if not targets or not all(isinstance(name_, str) for name_ in targets):
-            raise ValueError(f"slot should be a slot name or a non-empty list, but got {slot!r}")
+    targets = check_placement(slot if slot is not None else placement.slot, depth_rule)
     if name == "none":
         build_regularizer(name, p, **options)  # the same checks as the other names
         for target_name in targets:

@@ -80,6 +80,7 @@ class PreActBasicBlock(nn.Module):
     ) -> None:
         super().__init__()
         out_channels = width * self.expansion
+        self.preact = preact
         self.norm1 = nn.BatchNorm2d(in_channels) if preact else nn.Identity()
         self.conv1 = _conv3x3(in_channels, width, stride)
         self.inner = Slot(f"{group_name}_inner")
@@ -94,7 +95,7 @@ class PreActBasicBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        activated = x if isinstance(self.norm1, nn.Identity) else self.relu(self.norm1(x))
+        activated = self.relu(self.norm1(x)) if self.preact else x
         shortcut = x if self.shortcut is None else self.shortcut(activated)
         out = self.inner(self.conv1(activated))
         out = self.conv2(self.relu(self.norm2(out)))
@@ -119,6 +120,7 @@ class PreActBottleneck(nn.Module):
     ) -> None:
         super().__init__()
         out_channels = width * self.expansion
+        self.preact = preact
         self.norm1 = nn.BatchNorm2d(in_channels) if preact else nn.Identity()
         self.conv1 = _conv1x1(in_channels, width)
         self.norm2 = nn.BatchNorm2d(width)
@@ -135,7 +137,7 @@ class PreActBottleneck(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        activated = x if isinstance(self.norm1, nn.Identity) else self.relu(self.norm1(x))
+        activated = self.relu(self.norm1(x)) if self.preact else x
         shortcut = x if self.shortcut is None else self.shortcut(activated)
         out = self.conv1(activated)
         out = self.inner(self.conv2(self.relu(self.norm2(out))))

@@ -69,45 +69,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def load_model_state(
-    model: torch.nn.Module,
-    state: dict[str, Any],
-    path: str | Path,
-    revision: int | None = None,
-) -> None:
-    """``model.load_state_dict(state)``, with a one-line error naming the checkpoint ``path``.
-
-    Args:
-        revision: the checkpoint's ``model_revision`` (1 when it has none: dropcluster 0.1);
-            None: not known (a bare state dict).
+def load_model_state(model: torch.nn.Module, checkpoint: dict[str, Any], path: str | Path) -> None:
+    """Load the model weights of ``checkpoint`` (what :func:`load_checkpoint` returns) into
+    ``model``, with a one-line error naming the checkpoint ``path``.
 
     Raises:
-        CheckpointError: the state does not fit the model; a checkpoint of a ResNet or a
-            LeNet-5 from dropcluster 0.1 (another stem) says so.
+        CheckpointError: a checkpoint of dropcluster 0.1 (no ``model_revision``: its models had
+            another stem; a LeNet-5's even has the same keys), or weights that do not fit.
     """
-    from dropcluster.models import LeNet5
-
-    if revision is not None and revision < MODEL_REVISION and isinstance(model, LeNet5):
-        # Same keys as today's, but DropCluster's slot then read the conv before its ReLU.
+    if checkpoint.get("model_revision", 1) < MODEL_REVISION:
         raise CheckpointError(
-            f"{path} holds a LeNet-5 of dropcluster 0.1, whose stem slot was before the ReLU; "
-            f"since 0.2 it reads the first conv layer's activations, so the run cannot "
-            f"continue with this version: train it again"
+            f"{path} was written by dropcluster 0.1, whose ResNet stem was a bare conv and "
+            f"whose stem slot read the first conv before its ReLU; since 0.2 the stem is conv "
+            f"-> batch norm -> ReLU (the paper's reference network) and DropCluster reads the "
+            f"ReLU's output, so the run cannot continue with this version: train it again"
         )
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
-        # 0.1's ResNets: no stem batch norm, and the first block pre-activated its input.
-        if (
-            "stem_norm.weight" in model.state_dict()
-            and "stem_norm.weight" not in state
-            and ("groups.0.0.norm1.weight" in state)
-        ):
-            raise CheckpointError(
-                f"{path} holds a ResNet of dropcluster 0.1, whose stem was a bare conv; since "
-                f"0.2 the stem is conv -> batch norm -> ReLU (the paper's reference network), "
-                f"so the run cannot continue with this version: train it again"
-            ) from error
         detail = " ".join(str(error).split())[:300]
         raise CheckpointError(f"{path} does not fit the run's model: {detail}") from error
 

@@ -160,26 +160,17 @@ class TrainConfig:
         self._check_regularizer_options()
 
     def _check_regularizer_options(self) -> None:
+        from dropcluster.models.placement import check_placement
         from dropcluster.nn import build_regularizer
 
         # The placement keys go to place_regularizer, the rest to the module: build it once
-        # (cheap: no fitting) so that a bad option fails now, not when the run starts.
-        module_options = {key: value for key, value in self.regularizer_options.items()
+        # (cheap: no fitting) so that a bad option fails now, not when the run starts. The slot
+        # names depend on the model: they are checked when it is built.
+        options = self.regularizer_options
+        module_options = {key: value for key, value in options.items()
                           if key not in PLACEMENT_OPTIONS}  # fmt: skip
-        # The slot names depend on the model: they are checked when it is built.
-        slot = self.regularizer_options.get("slot")
-        if slot is not None and not (
-            isinstance(slot, str)
-            or (isinstance(slot, list) and slot and all(isinstance(s, str) for s in slot))
-        ):
-            raise ValueError(f"regularizer_options slot should be a slot name or a non-empty "
-                             f"list of names, but got {slot!r}")  # fmt: skip
-        if "depth_rule" in self.regularizer_options:
-            from dropcluster.models.placement import DEPTH_RULES
-
-            check_choice("regularizer_options depth_rule", self.regularizer_options["depth_rule"],
-                         DEPTH_RULES)  # fmt: skip
         try:
+            check_placement(options.get("slot"), options.get("depth_rule", "constant"))
             build_regularizer(self.regularizer, self.p, **module_options)
         except (TypeError, ValueError) as error:
             raise ValueError(f"regularizer_options {self.regularizer_options}: {error}") from error

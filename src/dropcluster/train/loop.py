@@ -347,7 +347,7 @@ def _restore(
     run, scaler, state: dict[str, Any], config: TrainConfig, ranks: Ranks, path: Path
 ) -> int:
     """Load the checkpoint's states into the run's objects; returns the next epoch."""
-    load_model_state(unwrap(run.model), state["model"], path, state.get("model_revision", 1))
+    load_model_state(unwrap(run.model), state, path)
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.loader.load_state_dict(state["loader"])

@@ -90,7 +90,7 @@ def load_run(
     if test_set is None:
         test_set = load_dataset(config.dataset, "test", root=config.data_dir)
     model = build_configured_model(config, len(test_set.classes), test_set.images.shape[1], device)
-    load_model_state(model, state["model"], checkpoint_path, state.get("model_revision", 1))
+    load_model_state(model, state, checkpoint_path)
     model.eval()
     return LoadedRun(
         run_dir=run_dir,
