@@ -1,11 +1,17 @@
-"""Training-step throughput: device-resident loader versus a pre-made batch, and refit cost.
+"""Training-step costs: the loader, each regularizer against none, and a DropCluster refit.
 
-A demo-like configuration (Fashion-MNIST, resnet20, DropCluster p = 0.1, batch 128,
-20 % of the training set): images/s of training steps fed by ``DeviceLoader`` (shuffling and
-batched augmentation included) against the same steps fed one pre-made batch, measured
-alternately in one run; and the time of one DropCluster refit (capture + ReNA on 512 images)
-as a fraction of one epoch. Run with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000``
-(``make bench``); the values in force are printed.
+A demo-like configuration (Fashion-MNIST, resnet20, p = 0.1, batch 128, 20 % of the training
+set), three measurements in one run:
+
+1. images/s of training steps fed by ``DeviceLoader`` (shuffling and batched augmentation
+   included) against the same steps fed one pre-made batch, alternately;
+2. the time of a training step (forward, loss, backward, SGD) with each regularizer in its
+   slot as a ratio to the same model without one, all timed round-robin on one pre-made batch
+   (every model starts from the same weights);
+3. one DropCluster refit (capture + ReNA on 512 images) as a fraction of one epoch.
+
+Run with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000`` (``make bench``); the
+values in force are printed.
 
     python benchmarks/bench_train.py [--steps 30] [--device cpu]
 """
@@ -32,6 +38,58 @@ def _refit(run, config) -> None:
                  batch_size=config.eval_batch_size)  # fmt: skip
 
 
+#: (label, regularizer, regularizer_options) of the step-cost comparison.
+ARMS = (
+    ("none", "none", {}),
+    ("dropout", "dropout", {}),
+    ("spatial_dropout", "spatial_dropout", {}),
+    ("dropblock", "dropblock", {}),
+    ("stochastic_depth", "stochastic_depth", {}),
+    ("dropcluster", "dropcluster", {}),
+    ("dropcluster, paper's layer", "dropcluster",
+     {"per_sample": False, "unstructured": "rena", "identical_neighbours": "split"}),
+)  # fmt: skip
+TARGET_DROPCLUSTER_OVERHEAD = 0.03
+
+
+def regularizer_costs(base: TrainConfig, device: torch.device, steps: int) -> dict[str, float]:
+    """Median seconds of one training step per arm of :data:`ARMS`, timed round-robin."""
+    steps_of = {}
+    for label, regularizer, options in ARMS:
+        config = TrainConfig(**{**base.to_dict(), "regularizer": regularizer,
+                                "p": 0.0 if regularizer == "none" else base.p,
+                                "regularizer_options": options})  # fmt: skip
+        torch.manual_seed(0)
+        run = build_run(config, device)
+        if run.has_dropcluster:
+            _refit(run, config)
+        images, labels = next(iter(run.loader))
+        steps_of[label] = _step_function(run.model, run.optimizer, images, labels)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for step in steps_of.values():  # warm-up
+        step()
+        step()
+    times = {label: [] for label in steps_of}
+    for _ in range(steps):
+        for label, step in steps_of.items():
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(values) for label, values in times.items()}
+
+
+def _step_function(model, optimizer, images, labels):
+    def step():
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -50,10 +108,7 @@ def main(argv=None) -> int:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step(images, labels):
-        loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        _step_function(model, optimizer, images, labels)()
 
     times = {"device loader": [], "pre-made batch": []}
     for _ in range(3):  # warm-up
@@ -95,6 +150,16 @@ def main(argv=None) -> int:
         f"  one refit: {refit * 1000:.0f} ms = {refit / epoch_seconds:.2%} of one epoch "
         f"({len(loader)} steps, {epoch_seconds:.1f} s) (target <= 1 %)"
     )
+    costs = regularizer_costs(config, device, args.steps)
+    print(f"\ntraining step per regularizer (p = {config.p}, {args.steps} rounds, round-robin):")
+    floor = costs["none"]
+    for label, seconds in costs.items():
+        verdict = ""
+        if label.startswith("dropcluster"):
+            met = seconds / floor - 1 <= TARGET_DROPCLUSTER_OVERHEAD
+            state = "met" if met else "NOT MET"
+            verdict = f"  (target <= +{TARGET_DROPCLUSTER_OVERHEAD:.0%}: {state})"
+        print(f"  {label:<28} {seconds * 1000:>7.1f} ms  {seconds / floor - 1:>+7.1%}{verdict}")
     return 0
 
 

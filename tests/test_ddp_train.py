@@ -21,7 +21,7 @@ import torch
 from dropcluster.data import DeviceLoader
 from dropcluster.train.loop import read_log
 
-TIMING_KEYS = {"seconds", "images_per_s", "refit_seconds"}
+TIMING_KEYS = {"seconds", "images_per_s", "refit_seconds", "eval_seconds"}
 ARGS = ["train", "--dataset", "synthetic", "--model", "lenet5", "--train-fraction", "0.25",
         "--batch-size", "64", "--no-channels-last", "--lr", "0.05", "--seed", "3"]  # fmt: skip
 ENV = dict(os.environ, OMP_NUM_THREADS="1")

@@ -403,6 +403,13 @@ def test_compiled_layer_keeps_masks_independent_and_does_not_recompile_on_new_p(
             assert same < 0.25, (first, second, float(same))
     same_image = (dropped_label[1:] == dropped_label[:-1]).float().mean()
     assert same_image < 0.2  # samples draw independently too
+    # Backward rebuilds the multiplier from the saved table: with x = 1 it equals the output.
+    x = torch.ones(16, 8, 8, 8, requires_grad=True)
+    weights = torch.randn(16, 8, 8, 8, generator=_generator(2))
+    out = compiled(x)
+    out.backward(weights)
+    assert torch.equal(x.grad, weights * out.detach())
+    assert 0 < int((out == 0).sum()) < out.numel()
 
 
 # ---------------------------------------------------------------- fixed-shape state, checkpoints
@@ -557,3 +564,94 @@ def test_checkpoints_of_dropcluster_0_1_still_load():
     empty = DropCluster2d(0.1)
     empty.load_state_dict({**unfitted, "cluster_sizes": torch.zeros(0, 0)})
     assert not empty.fitted
+
+
+# ---------------------------------------------------------------- memory and per-fit tables
+
+
+def _saved_tensors_of(function, x):
+    """The tensors autograd keeps for backward while ``function(x)`` runs."""
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = function(x)
+    return out, saved
+
+
+@pytest.mark.parametrize("per_sample", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_keeps_no_activation_sized_tensor(per_sample, dtype):
+    # nn.Dropout2d keeps an (N, C, 1, 1) mask; the layer may keep its (B, C, K) table and refer
+    # to its own fitted tables, but nothing of the input's size.
+    layer = _fitted_layer(0.3, per_sample=per_sample).to(dtype)
+    x = torch.ones(8, 6, 12, 12, dtype=dtype, requires_grad=True)  # the output is the multiplier
+    out, saved = _saved_tensors_of(layer, x)
+    own = {layer.labels.untyped_storage().data_ptr()}
+    if layer._tables.onehot is not None:
+        own.add(layer._tables.onehot.untyped_storage().data_ptr())
+    new = [t for t in saved if t.untyped_storage().data_ptr() not in own]
+    assert sum(t.numel() for t in new) <= (8 if per_sample else 1) * 6 * 15
+    weights = torch.randn(out.shape, generator=_generator(1), dtype=dtype)
+    (out * weights).sum().backward()
+    assert torch.equal(x.grad, weights * out.detach())
+    assert 0 < int((out == 0).sum()) < out.numel()
+
+
+def test_the_cpu_product_and_the_gather_give_identical_outputs_and_gradients():
+    layer = _fitted_layer(0.3)
+    x = _smooth(8, 6, 12, seed=3)
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        layer.generator = _generator(4)
+        xi = x.clone(memory_format=layout).requires_grad_()
+        out = layer(xi)
+        out.backward(torch.arange(out.numel(), dtype=torch.float32).view(out.shape) % 7)
+        results.append((out, xi.grad))
+    assert layer._tables.onehot is not None  # the contiguous input took the product
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
+def test_tables_follow_a_refit_a_load_and_a_move():
+    layer, other = _fitted_layer(0.2), DropCluster2d(0.2, 15).fit(_smooth(32, 6, 12, seed=9))
+    x = _smooth(4, 6, 12, seed=8)
+
+    def output(module):
+        module.generator = _generator(3)
+        return module(x)
+
+    first = output(layer)
+    assert not torch.equal(first, output(other))
+    layer.load_state_dict(other.state_dict())
+    assert torch.equal(output(layer), output(other))
+    layer.fit(_smooth(32, 6, 12, seed=0))  # back to the first clusters, written in place
+    assert torch.equal(output(layer), first)
+    layer.double()
+    assert torch.equal(output(layer), first.double())
+    with torch.no_grad():
+        layer.labels.copy_(other.labels)
+        layer.cluster_sizes.copy_(other.cluster_sizes)
+        layer.cluster_counts.copy_(other.cluster_counts)
+        layer.structured.copy_(other.structured)
+    assert torch.equal(output(layer), output(other).double())
+
+
+@pytest.mark.parametrize("columns", [4, 64])  # packed draws (Floyd's sampler), sorted scores
+def test_every_set_of_dropped_clusters_is_equally_likely(columns):
+    # Four one-pixel clusters, p = 0.5: two dropped, each of the 6 pairs in 1/6 of the images.
+    labels = torch.arange(4).view(1, 1, 4)
+    sizes = torch.zeros(1, columns, dtype=torch.int64)
+    sizes[0, :4] = 1
+    out = drop_cluster2d(torch.ones(6000, 1, 1, 4), labels, 4, 0.5, torch.tensor([True]),
+                         generator=_generator(3), cluster_sizes=sizes)  # fmt: skip
+    kept = (out[:, 0, 0] > 0).long()
+    assert (kept.sum(dim=1) == 2).all()
+    assert torch.equal(out[:, 0, 0][kept.bool()], torch.full((12000,), 2.0))  # 4 / 2 kept
+    pairs = torch.unique(kept @ torch.tensor([1, 2, 4, 8]), return_counts=True)
+    assert len(pairs[0]) == 6
+    # 1000 expected per pair, standard deviation 29: five of them.
+    assert (pairs[1] - 1000).abs().max() < 145, pairs

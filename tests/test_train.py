@@ -10,9 +10,9 @@ import torch
 from dropcluster.errors import CheckpointError
 from dropcluster.train.checkpoint import CHECKPOINT_KEYS, load_checkpoint, save_checkpoint
 from dropcluster.train.config import TrainConfig
-from dropcluster.train.loop import topk_correct, train
+from dropcluster.train.loop import read_log, topk_correct, train
 
-TIMING_KEYS = {"seconds", "images_per_s", "refit_seconds"}
+TIMING_KEYS = {"seconds", "images_per_s", "refit_seconds", "eval_seconds"}
 
 
 def _tiny_config(**changes):
@@ -51,6 +51,7 @@ def test_config_loads_yaml(tmp_path):
     ("values", "message"),
     [
         ({"epochs": 0}, "epochs should be an integer >= 1, but got 0"),
+        ({"test_every": 0}, "test_every should be an integer >= 1, but got 0"),
         ({"train_fraction": 0.0}, r"train_fraction should be a number > 0.0, but got 0.0"),
         ({"p": 1.0}, r"p should be a number < 1.0, but got 1.0"),
         ({"lr_milestones": [200, 150]}, "increasing"),
@@ -189,3 +190,19 @@ def test_clusters_are_refitted_in_a_compiled_model():
     ).record()
     layer = next(m for m in model.modules() if isinstance(m, DropCluster2d))
     assert layer.fitted and info["channels"] == [6]
+
+
+def test_test_every_skips_test_evaluations_but_not_the_averaged_epochs(tmp_path):
+    every = train(_tiny_config(epochs=4, average_last=1), tmp_path / "every")
+    sparse = train(_tiny_config(epochs=4, average_last=1, test_every=3), tmp_path / "sparse")
+    # Tested after epoch 3 (every third) and epoch 4 (averaged): 1-based, so 0-based 2 and 3.
+    assert [("top1" in record) for record in sparse.history] == [False, False, True, True]
+    assert all("eval_seconds" in record for record in sparse.history[2:])
+    # Evaluation draws no random numbers: the training and the result are the same.
+    assert _without_timings(every.history)[2:] == _without_timings(sparse.history)[2:]
+    assert [r["loss"] for r in every.history] == [r["loss"] for r in sparse.history]
+    assert (sparse.top1, sparse.top5) == (every.top1, every.top5)
+    log = read_log(tmp_path / "sparse" / "log.jsonl")
+    assert [("top1" in record) for record in log] == [False, False, True, True]
+    # Not part of the run's identity: the run resumes under another test_every.
+    assert _tiny_config(test_every=3).same_run_as(_tiny_config())

@@ -300,12 +300,13 @@ def write_corruption_results(
     *,
     checkpoint_epochs: int,
     device: torch.device | str,
+    seconds: float | None = None,
 ) -> Path:
     """Write ``corruptions.json`` in the run folder and add a summary to its ``result.json``.
 
     Both files are replaced atomically; evaluating again with other settings overwrites the
     previous corruption results (the settings, the checkpoint's epoch count and the device type
-    are stored with them).
+    are stored with them, and ``seconds``, the evaluation's wall time, when given).
     """
     run_dir = Path(run_dir)
     empty = [(r["corruption"], r["severity"]) for r in rows if not r.get("images")]
@@ -317,6 +318,8 @@ def write_corruption_results(
         "rows": rows,
         "mean_over_corruptions": mean_over_corruptions(rows),
     }
+    if seconds is not None:
+        document["seconds"] = seconds
     path = run_dir / CORRUPTIONS_NAME
     atomic_write_json(path, document)
     result_path = run_dir / RESULT_NAME
@@ -364,6 +367,7 @@ def _evaluate_run_locked(run_dir: Path, settings: CorruptionSettings, device, ba
     from dropcluster.data.subsets import stratified_subset
     from dropcluster.train.restore import load_run
 
+    start = time.perf_counter()
     loaded = load_run(run_dir, device=device)
     if not loaded.finished:
         warnings.warn(
@@ -411,6 +415,7 @@ def _evaluate_run_locked(run_dir: Path, settings: CorruptionSettings, device, ba
         progress=progress,
     )
     write_corruption_results(
-        run_dir, rows, settings, source, checkpoint_epochs=loaded.epochs_done, device=model_device
-    )
+        run_dir, rows, settings, source, checkpoint_epochs=loaded.epochs_done, device=model_device,
+        seconds=time.perf_counter() - start,
+    )  # fmt: skip
     return rows

@@ -10,6 +10,8 @@ zeroed, with the same rescaling rule.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -89,10 +91,8 @@ def drop_cluster2d(
     labels = _checked_labels(labels, counts, structured, cluster_sizes)
     if cluster_sizes is None:
         cluster_sizes = _sizes_of_clusters(labels, counts, x.device)
-    return _DropClusterFunction.apply(
-        x, labels, counts, p, structured, cluster_sizes, training, per_sample, generator,
-        return_mask,
-    )  # fmt: skip
+    tables = _ClusterTables(labels.to(x.device), counts, structured, cluster_sizes.to(x.device))
+    return _apply_clusters(x, tables, p, training, per_sample, generator, return_mask)
 
 
 def _cluster_counts(n_clusters: int | Tensor, n_channels: int, device: torch.device) -> Tensor:
@@ -157,81 +157,277 @@ def _checked_labels(
     return labels
 
 
-def _cluster_multipliers(
-    x: Tensor,
-    counts: Tensor,
+class _ClusterTables:
+    """What a step needs of the fitted clusters, computed once per fit (not once per step).
+
+    Attributes:
+        labels: (C, H, W) int64 cluster of each pixel.
+        keepable: (C, K) bool, the clusters that exist in structured channels.
+        missing: (C, K) float64, 0 for clusters that exist and 2 for the others (added to the
+            random scores of the sorting sampler so that missing clusters sort last).
+        sizes: (C, K) float32 pixels per cluster.
+        counts: (C,) int64 clusters per channel.
+        packable: K <= :data:`_MAX_PACKED_CLUSTERS`: a channel's clusters fit the bits of one
+            int64.
+        keepable_bits: (C,) int64, bit k set when cluster k is keepable (packable tables).
+        kept_total: () float32, the pixels kept when nothing is dropped.
+        onehot: (C, K, H * W) float32 one-hot of the labels, or None; built on first use by
+            the CPU's matrix-product expansion (see :func:`_expand_clusters`).
+    """
+
+    def __init__(self, labels: Tensor, counts: Tensor, structured: Tensor, cluster_sizes: Tensor):
+        device = cluster_sizes.device
+        n_columns = cluster_sizes.shape[1]
+        column = torch.arange(n_columns, device=device)
+        self.counts = counts.to(device=device, dtype=torch.int64)
+        exists = column < self.counts.unsqueeze(1)  # (C, K)
+        self.keepable = exists & structured.to(device).unsqueeze(1)
+        self.missing = (~exists).to(torch.float64) * 2.0
+        self.sizes = cluster_sizes.to(torch.float32)
+        self.kept_total = (self.keepable * self.sizes).sum()
+        self.packable = n_columns <= _MAX_PACKED_CLUSTERS
+        self.keepable_bits = (self.keepable.long() << column).sum(dim=1) if self.packable else None
+        self.labels = labels
+        self.onehot: Tensor | None = None
+
+    def onehot_of_labels(self) -> Tensor:
+        if self.onehot is None:
+            n_channels, n_columns = self.sizes.shape
+            flat = self.labels.reshape(n_channels, 1, -1)
+            column = torch.arange(n_columns, device=flat.device).view(1, -1, 1)
+            self.onehot = (flat == column).to(torch.float32)
+        return self.onehot
+
+
+#: Up to this many clusters per channel, a draw is packed as bits (one int64 per image and
+#: channel): the sampler draws only the dropped clusters, and under torch.compile the expansion
+#: is a shift and a mask, no gather.
+_MAX_PACKED_CLUSTERS = 62
+
+
+@dataclass
+class _Draw:
+    """The kept clusters of B draws (B = N, or 1 for a shared mask or in evaluation).
+
+    Attributes:
+        bits: (B, C) int64, bit k set when cluster k is kept; None when not packed.
+        keep: (B or 1, C, K) bool kept clusters; None when packed (see :meth:`keep_flags`).
+        scale: (B,) float32 count(M) / count_ones(M) per draw.
+    """
+
+    bits: Tensor | None
+    keep: Tensor | None
+    scale: Tensor
+
+    def keep_flags(self, n_columns: int) -> Tensor:
+        """(B, C, K) bool kept clusters."""
+        if self.keep is not None:
+            return self.keep
+        column = torch.arange(n_columns, device=self.bits.device)
+        return ((self.bits.unsqueeze(2) >> column) & 1).bool()
+
+
+def _drop_counts(p: float | Tensor, tables: _ClusterTables) -> Tensor:
+    """(C,) int64 clusters dropped per channel: floor(p * n) in structured channels, else 0."""
+    p_value = p if isinstance(p, Tensor) else torch.tensor(p)
+    p_value = p_value.to(device=tables.counts.device, dtype=torch.float64)
+    n_drop = torch.floor(p_value * tables.counts.double() * (1 + _FLOOR_SLACK)).long()
+    return n_drop * tables.keepable.any(dim=1)
+
+
+def _draw_clusters(
+    shape: torch.Size,
+    tables: _ClusterTables,
     p: float | Tensor,
-    structured: Tensor,
-    cluster_sizes: Tensor,
     training: bool,
     per_sample: bool,
     generator: torch.Generator | None,
-) -> tuple[Tensor, Tensor]:
-    """Per-cluster keep flags (B, C, K) float32 and per-image scales (B, 1, 1), B = N or 1."""
-    n_samples, n_channels, height, width = x.shape
-    n_columns = cluster_sizes.shape[1]
-    draws = n_samples if per_sample else 1
-    device = x.device
-    column = torch.arange(n_columns, device=device)
-    exists = column < counts.unsqueeze(1)  # (C, K)
-    keep = exists & structured.unsqueeze(1)
-    keep = keep.unsqueeze(0).expand(draws, n_channels, n_columns)
-    if training:
-        p_value = p if isinstance(p, Tensor) else torch.tensor(p)
-        p_value = p_value.to(device=device, dtype=torch.float64)
-        n_drop = torch.floor(p_value * counts.double() * (1 + _FLOOR_SLACK)).long()  # (C,)
-        # float64 scores: a tie between two clusters (which could drop one cluster too many)
-        # has probability ~1e-14 per draw, against ~1e-5 with float32's 24-bit grid.
-        scores = uniform((draws, n_channels, n_columns), generator, device, torch.float64)
-        # Clusters that do not exist sort last and are never drawn.
-        scores = scores.masked_fill_(~exists, 2.0)
-        # The n_drop smallest scores of each channel are the dropped clusters.
-        last_dropped = (n_drop - 1).clamp(min=0).view(1, n_channels, 1).expand(draws, -1, 1)
-        threshold = scores.sort(dim=2).values.gather(2, last_dropped)
-        dropped = (scores <= threshold) & (n_drop > 0).view(1, n_channels, 1)
-        keep = keep & ~dropped
-    keep = keep.to(torch.float32)
-    kept_pixels = (keep * cluster_sizes.to(torch.float32)).sum(dim=(1, 2))
+) -> _Draw:
+    """Which clusters each image keeps, and its scale (Algorithm 2, lines 12-16)."""
+    n_samples, n_channels, height, width = shape
     total = float(n_channels * height * width)
+    if not training:  # nothing drawn: every image keeps the same clusters
+        bits = tables.keepable_bits.unsqueeze(0) if tables.packable else None
+        keep = None if tables.packable else tables.keepable.unsqueeze(0)
+        kept = tables.kept_total.view(1)
+    else:
+        draws = n_samples if per_sample else 1
+        n_drop = _drop_counts(p, tables)
+        device = tables.sizes.device
+        compiling = _compiling()
+        if tables.packable and (compiling or device.type == "cpu"):
+            # Under compile the loop has a fixed length (any p) and fuses into one kernel; on
+            # the CPU its length is read from memory, no synchronisation.
+            steps = tables.sizes.shape[1] - 1 if compiling else int(n_drop.max())
+            dropped, dropped_pixels = _dropped_by_floyd(draws, tables, n_drop, steps, generator)
+            bits, keep = tables.keepable_bits & ~dropped, None
+            kept = tables.kept_total - dropped_pixels.sum(dim=1)
+        else:
+            dropped = _dropped_by_sorting(draws, tables, n_drop, generator)
+            bits, keep = None, tables.keepable & ~dropped
+            kept = (keep * tables.sizes).sum(dim=(1, 2))
     # All-dropped masks give zero output, not 0/0.
-    scale = total / kept_pixels.clamp(min=1.0)
-    return keep, scale.view(draws, 1, 1)
+    return _Draw(bits, keep, total / kept.clamp(min=1.0))
 
 
-class _DropClusterFunction(torch.autograd.Function):
-    """x * multiplier with the multiplier gathered from a per-cluster table in one pass."""
+def _dropped_by_floyd(
+    draws: int, tables: _ClusterTables, n_drop: Tensor, steps: int, generator
+) -> tuple[Tensor, Tensor]:
+    """``n_drop[c]`` distinct clusters of the ``counts[c]`` of each channel, uniformly.
 
-    @staticmethod
-    def forward(
-        ctx, x, labels, counts, p, structured, cluster_sizes, training, per_sample, generator,
-        return_mask,
-    ):  # fmt: skip
+    Floyd's algorithm, one row per (draw, channel): for j = n - m, ..., n - 1 draw t uniformly
+    in [0, j] and take t, or j when t is taken already; every m-subset is equally likely. It
+    draws m numbers per row, where sorting draws K.
+
+    Returns:
+        (B, C) int64 with bit k set when cluster k is dropped, and (B, C) float32 pixels dropped.
+    """
+    n_channels, n_columns = tables.sizes.shape
+    device = tables.sizes.device
+    counts = tables.counts.unsqueeze(0)
+    n_drop = n_drop.unsqueeze(0)
+    dropped = torch.zeros(draws, n_channels, dtype=torch.int64, device=device)
+    dropped_pixels = torch.zeros(draws, n_channels, dtype=torch.float32, device=device)
+    sizes = tables.sizes.unsqueeze(0).expand(draws, -1, -1)
+    for step in range(steps):
+        active = step < n_drop  # (1, C)
+        last = (counts - n_drop + step).clamp(0, n_columns - 1)  # j
+        # float64: u * (j + 1) stays below j + 1 (float32 could round up to it).
+        candidate = uniform((draws, n_channels), generator, device, torch.float64) * (last + 1)
+        candidate = candidate.long().clamp(max=last)  # t
+        taken = ((dropped >> candidate) & 1).bool()
+        chosen = torch.where(taken, last, candidate)
+        dropped = dropped | torch.where(active, 1 << chosen, 0)
+        chosen_pixels = sizes.gather(2, chosen.unsqueeze(2)).squeeze(2)
+        dropped_pixels = dropped_pixels + torch.where(active, chosen_pixels, 0.0)
+    return dropped, dropped_pixels
+
+
+def _dropped_by_sorting(draws: int, tables: _ClusterTables, n_drop: Tensor, generator) -> Tensor:
+    """(B, C, K) bool: the ``n_drop[c]`` clusters with the smallest random scores per channel.
+
+    The sampler of eager accelerators (a fixed handful of kernels, no host synchronisation) and
+    of tables too wide to pack.
+    """
+    n_channels, n_columns = tables.sizes.shape
+    # float64 scores: a tie between two clusters (which could drop one cluster too many) has
+    # probability ~1e-14 per draw, against ~1e-5 with float32's 24-bit grid.
+    scores = uniform((draws, n_channels, n_columns), generator, tables.sizes.device,
+                     torch.float64)  # fmt: skip
+    scores = scores + tables.missing  # clusters that do not exist sort last
+    last_dropped = (n_drop - 1).clamp(min=0).view(1, n_channels, 1).expand(draws, -1, 1)
+    threshold = scores.sort(dim=2).values.gather(2, last_dropped)
+    return (scores <= threshold) & (n_drop > 0).view(1, n_channels, 1)
+
+
+def _apply_clusters(
+    x: Tensor,
+    tables: _ClusterTables,
+    p: float | Tensor,
+    training: bool,
+    per_sample: bool,
+    generator: torch.Generator | None,
+    return_mask: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """x * M * count(M) / count_ones(M) for the clusters in ``tables`` (checked inputs)."""
+    n_columns = tables.sizes.shape[1]
+    with torch.no_grad():
+        draw = _draw_clusters(x.shape, tables, p, training, per_sample, generator)
+        scale = draw.scale.to(x.dtype)
+    if _compiling() and draw.bits is not None:
+        out = _PackedMultiply.apply(x, draw.bits, scale, tables.labels)
+    else:
         with torch.no_grad():
-            keep, scale = _cluster_multipliers(
-                x, counts, p, structured, cluster_sizes, training, per_sample, generator
-            )
-            table = (keep * scale).to(x.dtype)
-            multiplier = _expand_clusters(table, labels, x)
-            out = x * multiplier
-        ctx.save_for_backward(multiplier)
-        if return_mask:
-            mask = _expand_clusters(keep.to(x.dtype), labels, x)
-            ctx.mark_non_differentiable(mask)
-            return out, mask
-        return out
+            table = draw.keep_flags(n_columns).to(x.dtype) * scale.view(-1, 1, 1)
+        onehot = tables.onehot_of_labels() if _use_product(x, table) else None
+        out = _ClusterMultiply.apply(x, table, tables.labels, onehot)
+    if return_mask:
+        keep = draw.keep_flags(n_columns).to(x.dtype)
+        return out, _expand_clusters(keep, tables.labels, None, x)
+    return out
+
+
+class _ClusterMultiply(torch.autograd.Function):
+    """``x * expand(table)`` that saves only the (B, C, K) table for backward.
+
+    The (B, C, H, W) multiplier is rebuilt from the table and the labels in backward instead of
+    being kept: the layer then holds no activation-sized tensor between forward and backward
+    (like ``nn.Dropout2d``, whose mask is (N, C, 1, 1)). The path of eager mode, and of
+    ``torch.compile`` for tables too wide to pack (:class:`_PackedMultiply` otherwise).
+    """
 
     @staticmethod
-    def backward(ctx, grad_out, *unused):
-        (multiplier,) = ctx.saved_tensors
-        return grad_out * multiplier, None, None, None, None, None, None, None, None, None
+    def forward(ctx, x: Tensor, table: Tensor, labels: Tensor, onehot: Tensor | None) -> Tensor:
+        ctx.save_for_backward(table, labels, onehot)
+        return _multiply(x, table, labels, onehot)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        table, labels, onehot = ctx.saved_tensors
+        return _multiply(grad_out, table, labels, onehot), None, None, None
 
 
-def _expand_clusters(table: Tensor, labels: Tensor, like: Tensor) -> Tensor:
-    """(B, C, K) per-cluster values -> (B, C, H, W) per-pixel values, in ``like``'s layout."""
+class _PackedMultiply(torch.autograd.Function):
+    """``x * bit(bits, labels) * scale``, saving the (B, C) bits and (B,) scales for backward.
+
+    The path under ``torch.compile``: inductor fuses the shift, the mask and both products
+    into one vectorised loop that reads x and the labels and writes the output, one pass each
+    way, where a gather from a per-cluster table is a scalar loop.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bits: Tensor, scale: Tensor, labels: Tensor) -> Tensor:
+        ctx.save_for_backward(bits, scale, labels)
+        return _packed_multiply(x, bits, scale, labels)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        bits, scale, labels = ctx.saved_tensors
+        return _packed_multiply(grad_out, bits, scale, labels), None, None, None
+
+
+def _packed_multiply(x: Tensor, bits: Tensor, scale: Tensor, labels: Tensor) -> Tensor:
+    """x (N, C, H, W) times bit ``labels[c, h, w]`` of ``bits[n, c]`` times ``scale[n]``."""
+    draws, n_channels = bits.shape
+    kept = (bits.view(draws, n_channels, 1, 1) >> labels) & 1
+    return x * (kept.to(x.dtype) * scale.view(draws, 1, 1, 1))
+
+
+def _multiply(x: Tensor, table: Tensor, labels: Tensor, onehot: Tensor | None) -> Tensor:
+    multiplier = _expand_clusters(table, labels, onehot, x)
+    if multiplier.shape == x.shape and multiplier.stride() == x.stride():
+        return multiplier.mul_(x)  # the multiplier is a fresh tensor: reuse its memory
+    return x * multiplier
+
+
+def _use_product(x: Tensor, table: Tensor) -> bool:
+    """Whether to expand the table by a matrix product (see :func:`_expand_clusters`)."""
+    return (
+        table.shape[0] > 1
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.is_contiguous()
+        and not _compiling()
+    )
+
+
+def _expand_clusters(table: Tensor, labels: Tensor, onehot: Tensor | None, like: Tensor) -> Tensor:
+    """(B, C, K) per-cluster values -> (B, C, H, W) per-pixel values, in ``like``'s layout.
+
+    ``onehot`` ((C, K, H*W) float32, or None) selects the CPU's matrix-product expansion.
+    """
     draws, n_channels, _ = table.shape
     height, width = labels.shape[1:]
-    labels = labels.to(like.device)
-    if like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) and n_channels > 1:
+    if onehot is not None:
+        # On the CPU a batched product with the one-hot labels, C products of (B, K) x
+        # (K, H*W), takes a third of a gather's time (whose scalar index loop bounds it).
+        # Exact: every output is one table value times 1 plus zeros. The product comes out as
+        # (C, B, H*W); the multiply reads it through a transposed view (rows of H*W stay
+        # contiguous), which costs less than writing it in (B, C) order.
+        values = torch.bmm(table.transpose(0, 1), onehot)
+        return values.transpose(0, 1).unflatten(2, (height, width))
+    channels_last = like.is_contiguous(memory_format=torch.channels_last) and n_channels > 1
+    if channels_last:
         # Gather straight into (B, H, W, C) order so the product with x stays channels_last.
         index = labels.reshape(n_channels, -1).t().unsqueeze(0).expand(draws, -1, -1)
         values = table.transpose(1, 2).gather(1, index)  # (B, H*W, C)
@@ -318,6 +514,8 @@ class DropCluster2d(DropRateModule):
         self.sample_in_eval = sample_in_eval
         self.generator = generator
         self._fitted = False
+        self._tables: _ClusterTables | None = None
+        self._tables_key: tuple = ()
         device = self.p.device
         self.register_buffer("labels", torch.zeros(0, 0, 0, dtype=torch.int64, device=device))
         self.register_buffer("structured", torch.zeros(0, dtype=torch.bool, device=device))
@@ -430,11 +628,28 @@ class DropCluster2d(DropRateModule):
                 f"size (reset(input_shape=...), then fit)"
             )
         sampling = self.training or self.sample_in_eval
-        result = _DropClusterFunction.apply(
-            x, self.labels, self.cluster_counts, self.p, self.structured, self.cluster_sizes,
-            sampling, self.per_sample, self.generator, self.record_mask,
+        result = _apply_clusters(
+            x, self._cluster_tables(), self.p, sampling, self.per_sample, self.generator,
+            self.record_mask,
         )  # fmt: skip
         return self._unpack(result)
+
+    def _cluster_tables(self) -> _ClusterTables:
+        """The per-fit tables, rebuilt only when a buffer changed (a fit, a load, a move)."""
+        buffers = (self.labels, self.cluster_counts, self.structured, self.cluster_sizes)
+        if _compiling():
+            # Traced into the graph, where these few small ops fuse.
+            return _ClusterTables(*buffers)
+        # In-place writes (a fit, load_state_dict, a DDP broadcast) bump a tensor's version; a
+        # move or an assignment gives new tensors. The key holds the tensors themselves, so
+        # their memory cannot be reused by new ones while it is compared.
+        versions = tuple(buffer._version for buffer in buffers)
+        cached, cached_versions = self._tables_key or ((None,) * 4, ())
+        same = all(a is b for a, b in zip(cached, buffers, strict=True))
+        if self._tables is None or not same or cached_versions != versions:
+            self._tables = _ClusterTables(*buffers)
+            self._tables_key = (buffers, versions)
+        return self._tables
 
     def extra_repr(self) -> str:
         if self._fitted:

@@ -13,7 +13,7 @@ from dropcluster.files import atomic_write_text
 from dropcluster.validation import check_choice, check_fields, check_float, check_int
 
 #: Fields that do not change a run's results: a run may resume with other values.
-NOT_IDENTITY = frozenset({"device", "eval_batch_size", "keep_checkpoints"})
+NOT_IDENTITY = frozenset({"device", "eval_batch_size", "keep_checkpoints", "test_every"})
 
 #: Keys of ``regularizer_options`` that say where the regularizer goes, not how it works.
 PLACEMENT_OPTIONS = ("slot", "depth_rule")
@@ -79,6 +79,11 @@ class TrainConfig:
         sync_batchnorm: under distributed training (torchrun), batch norm statistics over the
             whole batch of all processes (SyncBatchNorm, CUDA) instead of each process's share.
         eval_batch_size: batch size for evaluation.
+        test_every: evaluate on the test set after every k-th epoch (default 1: every epoch, a
+            full learning curve) and always after each of the last ``average_last`` epochs,
+            the ones the final metric averages; the other epochs' records have no test
+            accuracy. A larger k saves evaluation time and leaves the result unchanged (the
+            evaluation draws no random numbers). Not part of a run's identity.
         keep_checkpoints: epochs after which a copy of the checkpoint is kept as
             ``checkpoint-epoch{E}.pt`` beside the run's last one (e.g. ``[50]``: the model the
             paper's Figures 1-4 analyse); epochs past ``epochs`` keep nothing. Not part of a
@@ -113,6 +118,7 @@ class TrainConfig:
     compile: bool = False
     sync_batchnorm: bool = False
     eval_batch_size: int = 500
+    test_every: int = 1
     keep_checkpoints: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -138,7 +144,7 @@ class TrainConfig:
         if self.variant is not None and not self.variant:
             raise ValueError("variant should be a non-empty name or None, but got ''")
         for name in ("epochs", "batch_size", "cluster_every", "cluster_images", "average_last",
-                     "eval_batch_size"):  # fmt: skip
+                     "eval_batch_size", "test_every"):  # fmt: skip
             check_int(name, getattr(self, name), minimum=1)
         check_int("seed", self.seed, minimum=0)
         check_float("train_fraction", self.train_fraction, above=0.0, maximum=1.0)
@@ -184,6 +190,10 @@ class TrainConfig:
     def decay_of_norms_and_biases(self) -> float:
         """The weight decay of batch-norm parameters and biases (0 unless ``"all"``)."""
         return self.resolved_weight_decay() if self.weight_decay_on == "all" else 0.0
+
+    def tests_after(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` (0-based) ends with a test-set evaluation (``test_every``)."""
+        return (epoch + 1) % self.test_every == 0 or epoch >= self.epochs - self.average_last
 
     def resolved_device(self) -> torch.device:
         """The device in force (see :func:`resolve_device`)."""

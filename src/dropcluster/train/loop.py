@@ -131,11 +131,17 @@ class Progress:
             clusters = f", clusters refitted ({record['structured']} structured)"
         self.stream.write(
             f"epoch {record['epoch'] + 1}/{self.total_epochs}: loss {record['loss']:.3f}, "
-            f"train {record['train_top1']:.1f}%, test top-1 {record['top1']:.2f}% "
-            f"top-5 {record['top5']:.2f}%, {record['images_per_s']:,.0f} img/s, "
+            f"train {record['train_top1']:.1f}%, {_test_accuracy(record)}"
+            f"{record['images_per_s']:,.0f} img/s, "
             f"ETA {_clock(eta_s)}{clusters}\n"
         )
         self.stream.flush()
+
+
+def _test_accuracy(record: dict[str, Any]) -> str:
+    if "top1" not in record:
+        return "not tested (test_every), "
+    return f"test top-1 {record['top1']:.2f}% top-5 {record['top5']:.2f}%, "
 
 
 def _clock(seconds: float) -> str:
@@ -273,10 +279,13 @@ def _train_locked(config, out, resume, stop_after_epoch, progress_stream, device
             if ranks.main:
                 atomic_write_json(out / DIVERGED_NAME, {"epoch": epoch, "message": str(error)})
             raise DivergedError(f"{error}; {_divergence_advice(out, epoch)}") from None
-        record["top1"], record["top5"] = evaluate(
-            run.model, run.test_images, run.test_labels, run.prepare_eval, config.eval_batch_size,
-            ranks,
-        )  # fmt: skip
+        if config.tests_after(epoch):
+            eval_start = time.perf_counter()
+            record["top1"], record["top5"] = evaluate(
+                run.model, run.test_images, run.test_labels, run.prepare_eval,
+                config.eval_batch_size, ranks,
+            )  # fmt: skip
+            record["eval_seconds"] = time.perf_counter() - eval_start
         result.history.append(record)
         rng = gather(rng_state(), ranks)  # every process's random state, for an exact resume
         if ranks.main:
@@ -293,7 +302,7 @@ def _train_locked(config, out, resume, stop_after_epoch, progress_stream, device
                 save_checkpoint(out / kept_checkpoint_name(epoch + 1), checkpoint)
         progress.epoch(record, (last_epoch - epoch - 1) * record["seconds"])
 
-    tail = result.history[-config.average_last :]
+    tail = [record for record in result.history if "top1" in record][-config.average_last :]
     if tail:
         result.top1 = sum(r["top1"] for r in tail) / len(tail)
         result.top5 = sum(r["top5"] for r in tail) / len(tail)
