@@ -206,3 +206,32 @@ def test_test_every_skips_test_evaluations_but_not_the_averaged_epochs(tmp_path)
     assert [("top1" in record) for record in log] == [False, False, True, True]
     # Not part of the run's identity: the run resumes under another test_every.
     assert _tiny_config(test_every=3).same_run_as(_tiny_config())
+
+
+def test_checkpoint_every_repeats_the_epochs_after_the_last_checkpoint_with_the_same_result(
+    tmp_path, monkeypatch
+):
+    from dropcluster.train import loop
+
+    config = _tiny_config(epochs=5, checkpoint_every=2, cluster_every=2)
+    whole = train(_tiny_config(epochs=5, cluster_every=2), tmp_path / "whole")
+    real_epoch = loop._train_epoch
+
+    def crash_in_the_fourth_epoch(run, scaler, device, autocast, amp_dtype, progress, epoch,
+                                  *args):  # fmt: skip
+        if epoch == 3:
+            raise RuntimeError("power cut")
+        return real_epoch(run, scaler, device, autocast, amp_dtype, progress, epoch, *args)
+
+    monkeypatch.setattr(loop, "_train_epoch", crash_in_the_fourth_epoch)
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(config, tmp_path / "run")
+    # Checkpoints after epochs 2 and 4 (and the last): the crash keeps the one after epoch 2,
+    # while the log already holds epoch 3.
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
+    assert len(read_log(tmp_path / "run" / "log.jsonl")) == 3
+    monkeypatch.setattr(loop, "_train_epoch", real_epoch)
+    resumed = train(config, tmp_path / "run", resume=True)
+    assert _without_timings(resumed.history) == _without_timings(whole.history)
+    assert (resumed.top1, resumed.top5) == (whole.top1, whole.top5)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 4

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from dropcluster.data.corruptions import CORRUPTIONS, FAMILIES, corrupt, family_for_size
 from dropcluster.files import FolderLock, atomic_write_json
 from dropcluster.train.config import resolve_device
-from dropcluster.train.loop import RESULT_NAME, RUN_LOCK_NAME, topk_correct
+from dropcluster.train.loop import RESULT_NAME, RUN_LOCK_NAME, autocast_context, topk_hits
 from dropcluster.validation import check_choice, check_int
 
 #: Images corrupted together (and seeded together): fixed, so results never depend on batch size.
@@ -140,6 +140,7 @@ def evaluate_corruptions(
     batch_size: int = 500,
     released: Callable[[str, int], tuple[Tensor, Tensor]] | None = None,
     progress: TextIO | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> list[dict[str, Any]]:
     """Top-1/top-5 (%) on the clean images and on every corruption x severity.
 
@@ -153,6 +154,8 @@ def evaluate_corruptions(
         released: when given, ``released(corruption, severity)`` returns the released corrupted
             set (uint8 images, labels) to use instead of generating one.
         progress: where progress lines go (default stderr).
+        amp_dtype: evaluate under autocast to this dtype (as the run trained on CUDA); None:
+            in the model's precision.
 
     Returns:
         One dict per row: ``{"corruption", "severity", "top1", "top5", "images"}``; the first is
@@ -167,13 +170,15 @@ def evaluate_corruptions(
     family = settings.family or family_for_size(images.shape[-2], images.shape[-1])
 
     def score(batches) -> tuple[float, float, int]:
-        correct1 = correct5 = total = 0
+        counts = torch.zeros(2, dtype=torch.int64, device=images.device)
+        total = 0
         for batch_images, batch_labels in batches:
             for start in range(0, batch_images.shape[0], batch_size):
-                logits = model(prepare(batch_images[start : start + batch_size]))
-                c1, c5 = topk_correct(logits, batch_labels[start : start + batch_size])
-                correct1, correct5 = correct1 + c1, correct5 + c5
+                with autocast_context(images.device.type, amp_dtype):
+                    logits = model(prepare(batch_images[start : start + batch_size]))
+                counts += topk_hits(logits, batch_labels[start : start + batch_size])
             total += batch_images.shape[0]
+        correct1, correct5 = (int(count) for count in counts)
         if total == 0:
             # Never report 0 % for "no predictions": that would overwrite good results.
             raise ValueError("an evaluation produced no predictions (no images were scored)")
@@ -413,9 +418,17 @@ def _evaluate_run_locked(run_dir: Path, settings: CorruptionSettings, device, ba
         batch_size=batch_size or loaded.config.eval_batch_size,
         released=released,
         progress=progress,
+        amp_dtype=_amp_dtype(loaded.config, model_device),
     )
     write_corruption_results(
         run_dir, rows, settings, source, checkpoint_epochs=loaded.epochs_done, device=model_device,
         seconds=time.perf_counter() - start,
     )  # fmt: skip
     return rows
+
+
+def _amp_dtype(config, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype the run trained with on ``device`` (None: full precision)."""
+    if device.type == "cuda" and config.amp:
+        return getattr(torch, config.amp_dtype)
+    return None

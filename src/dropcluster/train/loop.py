@@ -12,6 +12,7 @@ separate functions for that reason.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import io
 import json
 import math
@@ -67,35 +68,51 @@ def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -
     Args:
         logits: (N, classes) float; labels: (N,) int64.
     """
+    return [int(count) for count in topk_hits(logits, labels, ks)]
+
+
+def topk_hits(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> Tensor:
+    """:func:`topk_correct` as a (len(ks),) int64 tensor on the logits' device (no host sync)."""
     largest = min(max(ks), logits.shape[1])
     top = logits.topk(largest, dim=1).indices
     hits = top == labels.unsqueeze(1)
-    return [int(hits[:, : min(k, largest)].any(dim=1).sum()) for k in ks]
+    return torch.stack([hits[:, : min(k, largest)].any(dim=1).sum() for k in ks])
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, images: Tensor, labels: Tensor, prepare, batch_size: int,
-             ranks: Ranks = SINGLE):  # fmt: skip
+             ranks: Ranks = SINGLE, amp_dtype: torch.dtype | None = None):  # fmt: skip
     """Top-1 and top-5 accuracy (%) of ``model`` on uint8 ``images``, in evaluation mode.
 
     Under distributed training each process scores every ``world``-th image and the counts are
-    summed, so every process returns the accuracy on the whole set.
+    summed, so every process returns the accuracy on the whole set. ``amp_dtype``: evaluate
+    under autocast to that dtype on the images' device (as the model trains); None: in the
+    model's own precision. The counts stay on the device until the end (one synchronisation).
     """
     was_training = model.training
     model.eval()
     if ranks.distributed:
         images, labels = images[ranks.rank :: ranks.world], labels[ranks.rank :: ranks.world]
-    correct1 = correct5 = 0
+    counts = torch.zeros(2, dtype=torch.int64, device=labels.device)
+    device_type = images.device.type
     for start in range(0, images.shape[0], batch_size):
         batch = prepare(images[start : start + batch_size])
-        c1, c5 = topk_correct(model(batch), labels[start : start + batch_size])
-        correct1 += c1
-        correct5 += c5
+        with autocast_context(device_type, amp_dtype):
+            logits = model(batch)
+        counts += topk_hits(logits, labels[start : start + batch_size])
     model.train(was_training)
+    correct1, correct5 = (int(count) for count in counts)
     # Summed over the processes (the counts themselves when alone).
     correct1, correct5, total = all_sum([correct1, correct5, images.shape[0]], ranks,
                                         labels.device)  # fmt: skip
     return 100.0 * correct1 / max(1.0, total), 100.0 * correct5 / max(1.0, total)
+
+
+def autocast_context(device_type: str, amp_dtype: torch.dtype | None):
+    """Autocast to ``amp_dtype`` on ``device_type``, or nothing when it is None."""
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=amp_dtype)
 
 
 class Progress:
@@ -259,6 +276,7 @@ def _train_locked(config, out, resume, stop_after_epoch, progress_stream, device
     last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
     progress = Progress(config.epochs, progress_stream)
     refits = RefitSchedule(every=config.cluster_every)  # first at epoch s, then every s
+    saved_epochs = start_epoch  # epochs in the last checkpoint written
     for epoch in range(start_epoch, last_epoch):
         record: dict[str, Any] = {"epoch": epoch}
         if run.has_dropcluster and refits.due(epoch):
@@ -278,18 +296,21 @@ def _train_locked(config, out, resume, stop_after_epoch, progress_stream, device
         except DivergedError as error:
             if ranks.main:
                 atomic_write_json(out / DIVERGED_NAME, {"epoch": epoch, "message": str(error)})
-            raise DivergedError(f"{error}; {_divergence_advice(out, epoch)}") from None
+            raise DivergedError(f"{error}; {_divergence_advice(out, saved_epochs)}") from None
         if config.tests_after(epoch):
             eval_start = time.perf_counter()
             record["top1"], record["top5"] = evaluate(
                 run.model, run.test_images, run.test_labels, run.prepare_eval,
-                config.eval_batch_size, ranks,
+                config.eval_batch_size, ranks, amp_dtype if autocast else None,
             )  # fmt: skip
             record["eval_seconds"] = time.perf_counter() - eval_start
         result.history.append(record)
-        rng = gather(rng_state(), ranks)  # every process's random state, for an exact resume
         if ranks.main:
             _append_log(out / LOG_NAME, record)
+        saving = config.checkpoints_after(epoch) or epoch == last_epoch - 1
+        if saving:  # every process's random state, for an exact resume
+            rng = gather(rng_state(), ranks)
+        if ranks.main and saving:
             checkpoint = {
                 "config": config.to_dict(), "epoch": epoch, "model": unwrap(run.model).state_dict(),
                 "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
@@ -300,6 +321,7 @@ def _train_locked(config, out, resume, stop_after_epoch, progress_stream, device
             save_checkpoint(checkpoint_path, checkpoint)
             if epoch + 1 in config.keep_checkpoints:  # e.g. the paper's figures after 50 epochs
                 save_checkpoint(out / kept_checkpoint_name(epoch + 1), checkpoint)
+            saved_epochs = epoch + 1
         progress.epoch(record, (last_epoch - epoch - 1) * record["seconds"])
 
     tail = [record for record in result.history if "top1" in record][-config.average_last :]
@@ -442,8 +464,10 @@ def _check_loss(mean_loss: float, epoch: int, step: int) -> None:
         )
 
 
-def _divergence_advice(out: Path, epoch: int) -> str:
-    kept = f"the checkpoint of epoch {epoch} is kept" if epoch else "no epoch was saved"
+def _divergence_advice(out: Path, saved_epochs: int) -> str:
+    kept = "no epoch was saved"
+    if saved_epochs:
+        kept = f"the checkpoint after epoch {saved_epochs} is kept"
     return (
         f"{kept}; nothing was recorded as finished. Resume with a smaller learning rate, e.g. "
         f"dropcluster train --resume --out {out} --lr 0.01 (lr, momentum, weight decay and the "
