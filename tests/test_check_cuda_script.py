@@ -157,7 +157,7 @@ def test_protocol_measures_every_regularizer_and_projects_the_presets(smoke):
         found = [cells for cells in rows(text, regularizer) if cells[0] == "eager"]
         assert len(found) == 2, (regularizer, text)
         assert all(float(cells[1]) > 0 and float(cells[2]) > 0 for cells in found)
-    assert re.search(rf"checkpoint per epoch .*: {NUMBER} s", text)
+    assert re.search(rf"one checkpoint .*: {NUMBER} s", text)
     assert re.search(rf"DropCluster refit .*: {NUMBER} ms, 4 per run", text)
     assert re.search(r"one cifar100 run .*goal < 15 min", text)
     for preset in ("paper-cifar100", "paper-tiny-imagenet"):

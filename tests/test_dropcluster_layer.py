@@ -655,3 +655,21 @@ def test_every_set_of_dropped_clusters_is_equally_likely(columns):
     assert len(pairs[0]) == 6
     # 1000 expected per pair, standard deviation 29: five of them.
     assert (pairs[1] - 1000).abs().max() < 145, pairs
+
+
+def test_a_compiled_layer_is_not_recompiled_by_its_first_fit():
+    from torch._dynamo.testing import CompileCounter
+
+    layer = DropCluster2d(0.2, 15, input_shape=(6, 12, 12))
+    counter = CompileCounter()
+    compiled = torch.compile(layer, backend=counter)
+    x = _smooth(4, 6, 12, seed=8)
+    assert torch.equal(compiled(x), x)  # not fitted: the identity, inside the graph
+    layer.fit(_smooth(32, 6, 12))
+    out = compiled(x)
+    assert counter.frame_count == 1
+    zeros = (out == 0).reshape(4, 6, -1).float().mean(dim=2)
+    assert ((zeros > 0.02) & (zeros < 0.5)).all()  # 3 of 15 clusters dropped per channel
+    layer.reset()
+    assert torch.equal(compiled(x), x)
+    assert counter.frame_count == 1

@@ -235,3 +235,46 @@ def test_checkpoint_every_repeats_the_epochs_after_the_last_checkpoint_with_the_
     assert _without_timings(resumed.history) == _without_timings(whole.history)
     assert (resumed.top1, resumed.top5) == (whole.top1, whole.top5)
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 4
+
+
+def test_build_run_gives_dropcluster_layers_their_shapes_before_any_wrapper():
+    from dropcluster.nn import DropCluster2d
+    from dropcluster.train.setup import build_run
+
+    run = build_run(_tiny_config(), torch.device("cpu"))
+    layers = [m for m in run.model.modules() if isinstance(m, DropCluster2d)]
+    assert layers and all(layer.input_shape is not None for layer in layers)
+    assert not any(layer.fitted for layer in layers)
+
+
+def test_evaluate_runs_under_the_given_autocast_and_counts_like_topk_correct():
+    from dropcluster.train.loop import evaluate
+
+    torch.manual_seed(0)
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(12, 7)
+
+        def forward(self, x):
+            out = self.linear(x.flatten(1))
+            seen.append(out.dtype)
+            return out
+
+    model = Probe()
+    images = torch.randint(0, 256, (50, 3, 2, 2), dtype=torch.uint8)
+    labels = torch.randint(0, 7, (50,))
+
+    def prepare(batch):
+        return batch.float() / 255
+
+    top1, top5 = evaluate(model, images, labels, prepare, batch_size=16)
+    assert set(seen) == {torch.float32} and len(seen) == 4
+    with torch.no_grad():
+        expected = topk_correct(model(prepare(images)), labels)
+    assert (top1, top5) == (100 * expected[0] / 50, 100 * expected[1] / 50)
+    seen.clear()
+    evaluate(model, images, labels, prepare, batch_size=16, amp_dtype=torch.bfloat16)
+    assert set(seen) == {torch.bfloat16}

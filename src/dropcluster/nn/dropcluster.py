@@ -328,12 +328,20 @@ def _apply_clusters(
     per_sample: bool,
     generator: torch.Generator | None,
     return_mask: bool,
+    fitted: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """x * M * count(M) / count_ones(M) for the clusters in ``tables`` (checked inputs)."""
+    """x * M * count(M) / count_ones(M) for the clusters in ``tables`` (checked inputs).
+
+    ``fitted``: a 0-d bool tensor; where False the output is x itself (every bit kept, scale
+    1), for the compiled path of a layer not fitted yet. Packed tables only.
+    """
     n_columns = tables.sizes.shape[1]
     with torch.no_grad():
         draw = _draw_clusters(x.shape, tables, p, training, per_sample, generator)
         scale = draw.scale.to(x.dtype)
+        if fitted is not None:
+            draw.bits = torch.where(fitted, draw.bits, -1)  # -1: every bit set
+            scale = torch.where(fitted, scale, 1.0)
     if _compiling() and draw.bits is not None:
         out = _PackedMultiply.apply(x, draw.bits, scale, tables.labels)
     else:
@@ -616,7 +624,15 @@ class DropCluster2d(DropRateModule):
             self.materialize(_check_shape(input_shape))
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self._fitted:
+        # Under torch.compile a layer with its shapes goes one way whether fitted or not (the
+        # is_fitted buffer decides inside the graph), so the first fit recompiles nothing.
+        traced = (
+            _compiling()
+            and self.labels.numel() > 0
+            and self.n_clusters <= _MAX_PACKED_CLUSTERS
+            and not self.record_mask
+        )
+        if not traced and not self._fitted:
             if self.labels.numel() == 0 and x.dim() == 4 and not _compiling():
                 self.materialize(tuple(x.shape[1:]))
             self._remember(None)
@@ -630,7 +646,7 @@ class DropCluster2d(DropRateModule):
         sampling = self.training or self.sample_in_eval
         result = _apply_clusters(
             x, self._cluster_tables(), self.p, sampling, self.per_sample, self.generator,
-            self.record_mask,
+            self.record_mask, fitted=self.is_fitted if traced else None,
         )  # fmt: skip
         return self._unpack(result)
 

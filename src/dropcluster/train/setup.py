@@ -62,6 +62,8 @@ def build_run(config: TrainConfig, device: torch.device, ranks: Ranks = SINGLE) 
     augment = AUGMENT_PRESETS[config.dataset]
     model = build_configured_model(config, len(train_set.classes), train_images.shape[1], device)
     has_dropcluster = any(isinstance(m, DropCluster2d) for m in model.modules())
+    if has_dropcluster:
+        _materialize(model, train_images[:2], eval_preparer(config))
     if ranks.distributed:
         if config.sync_batchnorm:
             if device.type != "cuda":
@@ -112,6 +114,18 @@ def build_run(config: TrainConfig, device: torch.device, ranks: Ranks = SINGLE) 
         prepare_eval=prepare_eval,
         has_dropcluster=has_dropcluster,
     )
+
+
+@torch.no_grad()
+def _materialize(model: nn.Module, images: Tensor, prepare) -> None:
+    """One forward in evaluation mode, so that every DropCluster2d takes its input's shape now:
+    before DistributedDataParallel copies the buffers and before torch.compile traces (a
+    layer without its shapes would be traced as the identity and recompiled at the first
+    fit). Evaluation mode draws no random numbers and leaves batch-norm statistics alone."""
+    was_training = model.training
+    model.eval()
+    model(prepare(images))
+    model.train(was_training)
 
 
 def build_configured_model(
