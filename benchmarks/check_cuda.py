@@ -310,12 +310,13 @@ def conv_like(size: int, n_channels: int = 64, n_samples: int = 128) -> torch.Te
 
 
 def synthetic_split(dataset: str, n_images: int, device: torch.device, seed: int) -> ImageDataset:
-    """Random uint8 images of the data set's size on ``device``, balanced labels."""
+    """Random uint8 images of the data set's size, balanced labels, on the CPU as the real
+    loaders give them (``build_run`` moves them to ``device``, as for real data)."""
     info = DATASETS[dataset]
-    generator = torch.Generator(device).manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     shape = (n_images, 3, info.image_size, info.image_size)
-    images = torch.randint(0, 256, shape, dtype=torch.uint8, device=device, generator=generator)
-    labels = torch.arange(n_images, device=device) % info.classes
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+    labels = torch.arange(n_images) % info.classes
     return ImageDataset(images, labels, [f"class{k}" for k in range(info.classes)], dataset)
 
 

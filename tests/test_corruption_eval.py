@@ -202,6 +202,7 @@ def test_evaluate_command_writes_the_runs_results(tmp_path, capsys):
     assert document["settings"]["limit"] == 100
     assert len(document["rows"]) == 1 + 2 * 2
     assert all(row["images"] == 100 for row in document["rows"])
+    assert document["amp_dtype"] is None and document["seconds"] > 0  # full precision on the CPU
     result = json.loads((run_dir / "result.json").read_text())
     assert "top1" in result  # the training summary is kept
     assert result["corruptions"]["clean"] == document["rows"][0]

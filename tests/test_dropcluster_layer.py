@@ -673,3 +673,87 @@ def test_a_compiled_layer_is_not_recompiled_by_its_first_fit():
     layer.reset()
     assert torch.equal(compiled(x), x)
     assert counter.frame_count == 1
+
+
+def test_float16_output_is_zero_not_nan_when_every_channel_is_masked():
+    layer = DropCluster2d(0.2, 15).fit(torch.zeros(8, 64, 32, 32))  # dead: all unstructured
+    assert not layer.structured.any()
+    layer.half()
+    x = torch.ones(2, 64, 32, 32, dtype=torch.float16)
+    for mode in (layer.train, layer.eval):
+        mode()
+        assert torch.equal(layer(x), torch.zeros_like(x))  # 64 * 32 * 32 overflows float16
+
+
+def test_the_layer_runs_in_inference_mode():
+    with torch.inference_mode():
+        layer = DropCluster2d(0.2, 15).fit(_smooth(32, 6, 12))
+        layer.train()
+        out = layer(torch.ones(4, 6, 12, 12))
+    assert int((out == 0).sum()) > 0
+
+
+def test_backward_survives_an_in_place_rewrite_of_the_buffers_between_forward_and_backward():
+    # DDP rewrites buffers at every forward: two forwards, then one backward.
+    layer = _fitted_layer(0.3)
+    x = torch.ones(4, 6, 12, 12, requires_grad=True)
+    first, second = layer(x), layer(x)
+    with torch.no_grad():
+        layer.labels.add_(0)
+    (first.sum() + second.sum()).backward()
+    assert torch.equal(x.grad, (first + second).detach())
+
+
+def test_per_fit_tables_are_reused_across_steps_and_dropped_by_every_write():
+    layer = _fitted_layer(0.2)
+    x = torch.ones(4, 6, 12, 12)
+    layer(x)
+    tables = layer._tables
+    layer(x)
+    assert layer._tables is tables  # computed once per fit, not per step
+    copied = copy.deepcopy(layer)
+    assert copied._tables is None
+    layer.generator, copied.generator = _generator(5), _generator(5)
+    assert torch.equal(layer(x), copied(x))
+    writes = [
+        lambda: layer.fit(_smooth(32, 6, 12, seed=2)),
+        lambda: layer.load_state_dict(copied.state_dict()),
+        layer.double,
+        layer.reset,
+    ]
+    for write in writes:
+        layer(x)
+        assert layer._tables is not None
+        write()
+        assert layer._tables is None
+
+
+@pytest.mark.parametrize("p", [0.5, 0.99])
+def test_compiled_draws_drop_floor_p_n_clusters_with_mixed_counts(p):
+    # Channel 0: 15 clusters; channel 1: 4; channel 2: unstructured.
+    labels = torch.zeros(3, 8, 8, dtype=torch.int64)
+    labels[0] = torch.arange(64).view(8, 8) % 15
+    labels[1] = torch.arange(64).view(8, 8) % 4
+    sizes = torch.zeros(3, 15, dtype=torch.int64)
+    sizes[0] = torch.bincount(labels[0].flatten(), minlength=15)
+    sizes[1, :4] = 16
+    layer = DropCluster2d(p, 15, input_shape=(3, 8, 8))
+    layer.load_clusters(labels, torch.tensor([True, True, False]), torch.tensor([15, 4, 0]), sizes)
+    compiled = torch.compile(layer, backend="aot_eager")
+    out = compiled(torch.ones(500, 3, 8, 8))
+    for channel, count in ((0, 15), (1, 4)):
+        kept = [labels[channel][out[n, channel] > 0].unique().numel() for n in range(500)]
+        assert set(kept) == {count - int(p * count + 1e-9)}
+    assert (out[:, 2] == 0).all()
+    # Every cluster of channel 1 is dropped about equally often (p = 0.5: 2 of 4).
+    dropped = torch.stack([(out[:, 1][:, labels[1] == k] == 0).all(dim=1) for k in range(4)])
+    assert ((dropped.float().mean(dim=1) - (2 if p == 0.5 else 3) / 4).abs() < 0.08).all()
+
+
+def test_compiled_layer_with_more_clusters_than_bits_uses_the_table_path():
+    layer = DropCluster2d(0.2, 64).fit(_smooth(32, 4, 12))
+    compiled = torch.compile(layer, backend="aot_eager")
+    x = torch.ones(8, 4, 12, 12, requires_grad=True)
+    out = compiled(x)
+    out.sum().backward()
+    assert torch.equal(x.grad, out.detach())

@@ -178,7 +178,7 @@ def evaluate_corruptions(
                     logits = model(prepare(batch_images[start : start + batch_size]))
                 counts += topk_hits(logits, batch_labels[start : start + batch_size])
             total += batch_images.shape[0]
-        correct1, correct5 = (int(count) for count in counts)
+        correct1, correct5 = counts.tolist()
         if total == 0:
             # Never report 0 % for "no predictions": that would overwrite good results.
             raise ValueError("an evaluation produced no predictions (no images were scored)")
@@ -306,12 +306,14 @@ def write_corruption_results(
     checkpoint_epochs: int,
     device: torch.device | str,
     seconds: float | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> Path:
     """Write ``corruptions.json`` in the run folder and add a summary to its ``result.json``.
 
     Both files are replaced atomically; evaluating again with other settings overwrites the
     previous corruption results (the settings, the checkpoint's epoch count and the device type
-    are stored with them, and ``seconds``, the evaluation's wall time, when given).
+    are stored with them, and ``seconds``, the evaluation's wall time, when given, and the
+    autocast dtype it ran under, None for full precision).
     """
     run_dir = Path(run_dir)
     empty = [(r["corruption"], r["severity"]) for r in rows if not r.get("images")]
@@ -323,6 +325,7 @@ def write_corruption_results(
         "rows": rows,
         "mean_over_corruptions": mean_over_corruptions(rows),
     }
+    document["amp_dtype"] = None if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
     if seconds is not None:
         document["seconds"] = seconds
     path = run_dir / CORRUPTIONS_NAME
@@ -409,6 +412,7 @@ def _evaluate_run_locked(run_dir: Path, settings: CorruptionSettings, device, ba
 
         source = "released"
     model_device = next(loaded.model.parameters()).device
+    amp_dtype = _amp_dtype(loaded.config, model_device)
     rows = evaluate_corruptions(
         loaded.model,
         images.to(model_device),
@@ -418,11 +422,11 @@ def _evaluate_run_locked(run_dir: Path, settings: CorruptionSettings, device, ba
         batch_size=batch_size or loaded.config.eval_batch_size,
         released=released,
         progress=progress,
-        amp_dtype=_amp_dtype(loaded.config, model_device),
+        amp_dtype=amp_dtype,
     )
     write_corruption_results(
         run_dir, rows, settings, source, checkpoint_epochs=loaded.epochs_done, device=model_device,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start, amp_dtype=amp_dtype,
     )  # fmt: skip
     return rows
 

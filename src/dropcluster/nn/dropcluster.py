@@ -10,7 +10,7 @@ zeroed, with the same rescaling rule.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -191,6 +191,8 @@ class _ClusterTables:
         self.onehot: Tensor | None = None
 
     def onehot_of_labels(self) -> Tensor:
+        """(C, K, H * W) float32 one-hot of the labels, built once (3.75 MiB for C = 64,
+        K = 15, 32 x 32 maps: 7.5 times the labels)."""
         if self.onehot is None:
             n_channels, n_columns = self.sizes.shape
             flat = self.labels.reshape(n_channels, 1, -1)
@@ -256,9 +258,10 @@ def _draw_clusters(
         device = tables.sizes.device
         compiling = _compiling()
         if tables.packable and (compiling or device.type == "cpu"):
-            # Under compile the loop has a fixed length (any p) and fuses into one kernel; on
-            # the CPU its length is read from memory, no synchronisation.
-            steps = tables.sizes.shape[1] - 1 if compiling else int(n_drop.max())
+            # Under compile the loop has a fixed length, enough for any p (p is a buffer: a
+            # length read from it would recompile at every new rate), and fuses into one
+            # kernel; eagerly on the CPU its length is read from memory, no synchronisation.
+            steps = tables.sizes.shape[1] if compiling else int(n_drop.max())
             dropped, dropped_pixels = _dropped_by_floyd(draws, tables, n_drop, steps, generator)
             bits, keep = tables.keepable_bits & ~dropped, None
             kept = tables.kept_total - dropped_pixels.sum(dim=1)
@@ -266,18 +269,23 @@ def _draw_clusters(
             dropped = _dropped_by_sorting(draws, tables, n_drop, generator)
             bits, keep = None, tables.keepable & ~dropped
             kept = (keep * tables.sizes).sum(dim=(1, 2))
-    # All-dropped masks give zero output, not 0/0.
-    return _Draw(bits, keep, total / kept.clamp(min=1.0))
+    # All-dropped masks give zero output, not 0/0 (nor C * H * W, which overflows float16).
+    return _Draw(bits, keep, torch.where(kept > 0, total / kept.clamp(min=1.0), 0.0))
 
 
 def _dropped_by_floyd(
-    draws: int, tables: _ClusterTables, n_drop: Tensor, steps: int, generator
+    draws: int,
+    tables: _ClusterTables,
+    n_drop: Tensor,
+    steps: int,
+    generator: torch.Generator | None,
 ) -> tuple[Tensor, Tensor]:
     """``n_drop[c]`` distinct clusters of the ``counts[c]`` of each channel, uniformly.
 
     Floyd's algorithm, one row per (draw, channel): for j = n - m, ..., n - 1 draw t uniformly
     in [0, j] and take t, or j when t is taken already; every m-subset is equally likely. It
-    draws m numbers per row, where sorting draws K.
+    takes ``steps`` >= max(m) steps of one random number per row (steps past a row's m change
+    nothing), where sorting draws K per row.
 
     Returns:
         (B, C) int64 with bit k set when cluster k is dropped, and (B, C) float32 pixels dropped.
@@ -303,7 +311,9 @@ def _dropped_by_floyd(
     return dropped, dropped_pixels
 
 
-def _dropped_by_sorting(draws: int, tables: _ClusterTables, n_drop: Tensor, generator) -> Tensor:
+def _dropped_by_sorting(
+    draws: int, tables: _ClusterTables, n_drop: Tensor, generator: torch.Generator | None
+) -> Tensor:
     """(B, C, K) bool: the ``n_drop[c]`` clusters with the smallest random scores per channel.
 
     The sampler of eager accelerators (a fixed handful of kernels, no host synchronisation) and
@@ -340,7 +350,7 @@ def _apply_clusters(
         draw = _draw_clusters(x.shape, tables, p, training, per_sample, generator)
         scale = draw.scale.to(x.dtype)
         if fitted is not None:
-            draw.bits = torch.where(fitted, draw.bits, -1)  # -1: every bit set
+            draw = replace(draw, bits=torch.where(fitted, draw.bits, -1))  # -1: every bit set
             scale = torch.where(fitted, scale, 1.0)
     if _compiling() and draw.bits is not None:
         out = _PackedMultiply.apply(x, draw.bits, scale, tables.labels)
@@ -366,13 +376,18 @@ class _ClusterMultiply(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, table: Tensor, labels: Tensor, onehot: Tensor | None) -> Tensor:
-        ctx.save_for_backward(table, labels, onehot)
+        ctx.save_for_backward(table)
+        # The labels (a buffer) and the one-hot (a per-fit cache) are kept as attributes, not
+        # saved tensors: DistributedDataParallel rewrites the buffers in place at every forward
+        # (the same values), which would fail a backward after two forwards (two views of a
+        # batch) on autograd's version check.
+        ctx.labels, ctx.onehot = labels, onehot
         return _multiply(x, table, labels, onehot)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        table, labels, onehot = ctx.saved_tensors
-        return _multiply(grad_out, table, labels, onehot), None, None, None
+        (table,) = ctx.saved_tensors
+        return _multiply(grad_out, table, ctx.labels, ctx.onehot), None, None, None
 
 
 class _PackedMultiply(torch.autograd.Function):
@@ -523,7 +538,7 @@ class DropCluster2d(DropRateModule):
         self.generator = generator
         self._fitted = False
         self._tables: _ClusterTables | None = None
-        self._tables_key: tuple = ()
+        self._tables_key: tuple | None = None
         device = self.p.device
         self.register_buffer("labels", torch.zeros(0, 0, 0, dtype=torch.int64, device=device))
         self.register_buffer("structured", torch.zeros(0, dtype=torch.bool, device=device))
@@ -564,6 +579,7 @@ class DropCluster2d(DropRateModule):
                 f"{tuple(input_shape)}: call reset(input_shape={tuple(input_shape)}) to forget "
                 f"them, then fit again"
             )
+        self._forget_tables()
         self.labels.resize_(channels, height, width).zero_()
         self.structured.resize_(channels).zero_()
         self.cluster_counts.resize_(channels).zero_()
@@ -610,6 +626,7 @@ class DropCluster2d(DropRateModule):
         self.cluster_sizes.copy_(sizes)
         self.is_fitted.fill_(True)
         self._fitted = True
+        self._forget_tables()
 
     @torch.no_grad()
     def reset(self, input_shape: tuple[int, int, int] | None = None) -> None:
@@ -620,6 +637,7 @@ class DropCluster2d(DropRateModule):
         for name in self.STATE:
             getattr(self, name).zero_()
         self._fitted = False
+        self._forget_tables()
         if input_shape is not None:
             self.materialize(_check_shape(input_shape))
 
@@ -656,16 +674,32 @@ class DropCluster2d(DropRateModule):
         if _compiling():
             # Traced into the graph, where these few small ops fuse.
             return _ClusterTables(*buffers)
-        # In-place writes (a fit, load_state_dict, a DDP broadcast) bump a tensor's version; a
-        # move or an assignment gives new tensors. The key holds the tensors themselves, so
-        # their memory cannot be reused by new ones while it is compared.
-        versions = tuple(buffer._version for buffer in buffers)
-        cached, cached_versions = self._tables_key or ((None,) * 4, ())
-        same = all(a is b for a, b in zip(cached, buffers, strict=True))
-        if self._tables is None or not same or cached_versions != versions:
+        if any(buffer.is_inference() for buffer in buffers):
+            return _ClusterTables(*buffers)  # inference tensors have no version counter
+        # The layer's own writes (fit, load, reset, a move, a broadcast) drop the cache; the
+        # key catches writes from outside: an in-place write bumps a tensor's version, an
+        # assignment gives a new tensor (held by the key, so its memory cannot be reused).
+        key = (buffers, tuple(buffer._version for buffer in buffers))
+        if self._tables is None or not _same_key(self._tables_key, key):
             self._tables = _ClusterTables(*buffers)
-            self._tables_key = (buffers, versions)
+            self._tables_key = key
         return self._tables
+
+    def _forget_tables(self) -> None:
+        self._tables, self._tables_key = None, None
+
+    def _buffers_written(self) -> None:
+        """The buffers were written from outside (a broadcast): re-read the fitted flag."""
+        self._fitted = bool(self.is_fitted)
+        self._forget_tables()
+
+    def __getstate__(self):
+        # Copies (deepcopy, pickling) rebuild the tables from their own buffers.
+        return {**self.__dict__, "_tables": None, "_tables_key": None}
+
+    def _apply(self, fn, recurse=True):
+        self._forget_tables()
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         if self._fitted:
@@ -695,6 +729,7 @@ class DropCluster2d(DropRateModule):
                 if key in missing_keys:
                     missing_keys.remove(key)
         self._fitted = bool(self.is_fitted)
+        self._forget_tables()
 
     def _check_loaded_shapes(self, state_dict, keys: dict[str, str]) -> None:
         labels = state_dict.get(keys["labels"])
@@ -754,6 +789,14 @@ def _convert_legacy_state(layer: DropCluster2d, state_dict, keys: dict[str, str]
     for name, value in zip(names, tables, strict=True):
         state_dict[keys[name]] = value
     state_dict[keys["is_fitted"]] = torch.tensor(fitted)
+
+
+def _same_key(cached: tuple | None, key: tuple) -> bool:
+    """Whether two (buffers, versions) keys name the same tensors at the same versions."""
+    if cached is None:
+        return False
+    buffers, versions = key
+    return versions == cached[1] and all(a is b for a, b in zip(cached[0], buffers, strict=True))
 
 
 def _check_shape(shape) -> tuple[int, int, int]:

@@ -240,7 +240,7 @@ def _broadcast(named, process_group) -> None:
     for _, layer in named:
         for name in DropCluster2d.STATE:
             dist.broadcast(getattr(layer, name), src=source, group=process_group)
-        layer._fitted = bool(layer.is_fitted)
+        layer._buffers_written()
 
 
 class RefitSchedule:

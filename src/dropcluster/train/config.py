@@ -85,7 +85,8 @@ class TrainConfig:
             full learning curve) and always after each of the last ``average_last`` epochs,
             the ones the final metric averages; the other epochs' records have no test
             accuracy. A larger k saves evaluation time and leaves the result unchanged (the
-            evaluation draws no random numbers). Not part of a run's identity.
+            evaluation draws no random numbers, unless a regularizer keeps sampling in
+            evaluation: ``sample_in_eval``). Not part of a run's identity.
         checkpoint_every: write the run's checkpoint after every k-th epoch and after the last
             (default 1: every epoch). A crash then repeats at most k - 1 epochs on resume, with
             the same result (the checkpoint holds every random state); a larger k saves the

@@ -101,7 +101,7 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, prepare, batch_si
             logits = model(batch)
         counts += topk_hits(logits, labels[start : start + batch_size])
     model.train(was_training)
-    correct1, correct5 = (int(count) for count in counts)
+    correct1, correct5 = counts.tolist()
     # Summed over the processes (the counts themselves when alone).
     correct1, correct5, total = all_sum([correct1, correct5, images.shape[0]], ranks,
                                         labels.device)  # fmt: skip
@@ -321,6 +321,7 @@ def _train_locked(config, out, resume, stop_after_epoch, progress_stream, device
             save_checkpoint(checkpoint_path, checkpoint)
             if epoch + 1 in config.keep_checkpoints:  # e.g. the paper's figures after 50 epochs
                 save_checkpoint(out / kept_checkpoint_name(epoch + 1), checkpoint)
+        if saving:
             saved_epochs = epoch + 1
         progress.epoch(record, (last_epoch - epoch - 1) * record["seconds"])
 

@@ -63,7 +63,7 @@ def build_run(config: TrainConfig, device: torch.device, ranks: Ranks = SINGLE) 
     model = build_configured_model(config, len(train_set.classes), train_images.shape[1], device)
     has_dropcluster = any(isinstance(m, DropCluster2d) for m in model.modules())
     if has_dropcluster:
-        _materialize(model, train_images[:2], eval_preparer(config))
+        _materialize(model, train_images[:2].to(device), eval_preparer(config))
     if ranks.distributed:
         if config.sync_batchnorm:
             if device.type != "cuda":
