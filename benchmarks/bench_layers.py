@@ -82,8 +82,8 @@ def saved_bytes(method, x: torch.Tensor) -> int:
         existing |= {t.untyped_storage().data_ptr() for t in module.parameters()}
         existing |= {t.untyped_storage().data_ptr() for t in module.buffers()}
         tables = getattr(module, "_tables", None)  # DropCluster2d's per-fit tables
-        if tables is not None and tables.onehot is not None:
-            existing.add(tables.onehot.untyped_storage().data_ptr())
+        if tables is not None:
+            existing |= {t.untyped_storage().data_ptr() for t in tables.onehots.values()}
     saved = {}
 
     def pack(tensor):

@@ -591,8 +591,7 @@ def test_backward_keeps_no_activation_sized_tensor(per_sample, dtype):
     x = torch.ones(8, 6, 12, 12, dtype=dtype, requires_grad=True)  # the output is the multiplier
     out, saved = _saved_tensors_of(layer, x)
     own = {layer.labels.untyped_storage().data_ptr()}
-    if layer._tables.onehot is not None:
-        own.add(layer._tables.onehot.untyped_storage().data_ptr())
+    own |= {onehot.untyped_storage().data_ptr() for onehot in layer._tables.onehots.values()}
     new = [t for t in saved if t.untyped_storage().data_ptr() not in own]
     assert sum(t.numel() for t in new) <= (8 if per_sample else 1) * 6 * 15
     weights = torch.randn(out.shape, generator=_generator(1), dtype=dtype)
@@ -611,7 +610,7 @@ def test_the_cpu_product_and_the_gather_give_identical_outputs_and_gradients():
         out = layer(xi)
         out.backward(torch.arange(out.numel(), dtype=torch.float32).view(out.shape) % 7)
         results.append((out, xi.grad))
-    assert layer._tables.onehot is not None  # the contiguous input took the product
+    assert torch.float32 in layer._tables.onehots  # the contiguous input took the product
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
 
@@ -757,3 +756,14 @@ def test_compiled_layer_with_more_clusters_than_bits_uses_the_table_path():
     out = compiled(x)
     out.sum().backward()
     assert torch.equal(x.grad, out.detach())
+
+
+def test_bfloat16_product_and_gather_give_identical_outputs():
+    layer = _fitted_layer(0.3)
+    x = _smooth(8, 6, 12, seed=3).bfloat16()
+    layer.generator = _generator(4)
+    product = layer(x)
+    assert torch.bfloat16 in layer._tables.onehots
+    layer.generator = _generator(4)
+    gathered = layer(x.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(product, gathered)

@@ -171,8 +171,8 @@ class _ClusterTables:
             int64.
         keepable_bits: (C,) int64, bit k set when cluster k is keepable (packable tables).
         kept_total: () float32, the pixels kept when nothing is dropped.
-        onehot: (C, K, H * W) float32 one-hot of the labels, or None; built on first use by
-            the CPU's matrix-product expansion (see :func:`_expand_clusters`).
+        onehots: dtype -> (C, K, H * W) one-hot of the labels in that dtype; built on first use
+            by the CPU's matrix-product expansion (see :func:`_expand_clusters`).
     """
 
     def __init__(self, labels: Tensor, counts: Tensor, structured: Tensor, cluster_sizes: Tensor):
@@ -188,17 +188,17 @@ class _ClusterTables:
         self.packable = n_columns <= _MAX_PACKED_CLUSTERS
         self.keepable_bits = (self.keepable.long() << column).sum(dim=1) if self.packable else None
         self.labels = labels
-        self.onehot: Tensor | None = None
+        self.onehots: dict[torch.dtype, Tensor] = {}
 
-    def onehot_of_labels(self) -> Tensor:
-        """(C, K, H * W) float32 one-hot of the labels, built once (3.75 MiB for C = 64,
-        K = 15, 32 x 32 maps: 7.5 times the labels)."""
-        if self.onehot is None:
+    def onehot_of_labels(self, dtype: torch.dtype) -> Tensor:
+        """(C, K, H * W) one-hot of the labels in ``dtype``, built once per dtype (3.75 MiB in
+        float32 for C = 64, K = 15, 32 x 32 maps: 7.5 times the labels)."""
+        if dtype not in self.onehots:
             n_channels, n_columns = self.sizes.shape
             flat = self.labels.reshape(n_channels, 1, -1)
             column = torch.arange(n_columns, device=flat.device).view(1, -1, 1)
-            self.onehot = (flat == column).to(torch.float32)
-        return self.onehot
+            self.onehots[dtype] = (flat == column).to(dtype)
+        return self.onehots[dtype]
 
 
 #: Up to this many clusters per channel, a draw is packed as bits (one int64 per image and
@@ -357,7 +357,7 @@ def _apply_clusters(
     else:
         with torch.no_grad():
             table = draw.keep_flags(n_columns).to(x.dtype) * scale.view(-1, 1, 1)
-        onehot = tables.onehot_of_labels() if _use_product(x, table) else None
+        onehot = tables.onehot_of_labels(table.dtype) if _use_product(x, table) else None
         out = _ClusterMultiply.apply(x, table, tables.labels, onehot)
     if return_mask:
         keep = draw.keep_flags(n_columns).to(x.dtype)
@@ -428,7 +428,7 @@ def _use_product(x: Tensor, table: Tensor) -> bool:
     return (
         table.shape[0] > 1
         and x.device.type == "cpu"
-        and x.dtype == torch.float32
+        and x.dtype in (torch.float32, torch.bfloat16)
         and x.is_contiguous()
         and not _compiling()
     )
@@ -437,14 +437,16 @@ def _use_product(x: Tensor, table: Tensor) -> bool:
 def _expand_clusters(table: Tensor, labels: Tensor, onehot: Tensor | None, like: Tensor) -> Tensor:
     """(B, C, K) per-cluster values -> (B, C, H, W) per-pixel values, in ``like``'s layout.
 
-    ``onehot`` ((C, K, H*W) float32, or None) selects the CPU's matrix-product expansion.
+    ``onehot`` ((C, K, H*W) in the table's dtype, or None) selects the CPU's matrix-product
+    expansion.
     """
     draws, n_channels, _ = table.shape
     height, width = labels.shape[1:]
     if onehot is not None:
         # On the CPU a batched product with the one-hot labels, C products of (B, K) x
         # (K, H*W), takes a third of a gather's time (whose scalar index loop bounds it).
-        # Exact: every output is one table value times 1 plus zeros. The product comes out as
+        # Exact, in bfloat16 too: every output is one table value times 1 plus zeros (the
+        # product accumulates in float32). The product comes out as
         # (C, B, H*W); the multiply reads it through a transposed view (rows of H*W stay
         # contiguous), which costs less than writing it in (B, C) order.
         values = torch.bmm(table.transpose(0, 1), onehot)
