@@ -46,6 +46,7 @@ bench: venv data
 	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
 	$(PY) benchmarks/bench_rena.py
 	$(PY) benchmarks/bench_layers.py
+	$(PY) benchmarks/bench_dropcluster_versions.py
 	$(PY) benchmarks/check_dropblock_rate.py
 	$(PY) benchmarks/bench_stochastic_depth.py
 	$(PY) benchmarks/bench_train.py
