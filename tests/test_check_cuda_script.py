@@ -18,17 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from dropcluster.nn import REGULARIZERS
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "check_cuda.py"
 #: The smoke run must stay cheap enough for every test run.
 SMOKE_SECONDS = 60
-REGULARIZERS = (
-    "none",
-    "dropout",
-    "spatial_dropout",
-    "dropblock",
-    "stochastic_depth",
-    "dropcluster",
-)
 #: Rows of every layer table (DropBlock's rows name the block size of each data set).
 LAYER_LABELS = (
     "x * 2 (floor)",
