@@ -163,6 +163,7 @@ class _ClusterTables:
     Attributes:
         labels: (C, H, W) int64 cluster of each pixel.
         keepable: (C, K) bool, the clusters that exist in structured channels.
+        drawn: (C,) bool, the channels with a keepable cluster.
         missing: (C, K) float64, 0 for clusters that exist and 2 for the others (added to the
             random scores of the sorting sampler so that missing clusters sort last).
         sizes: (C, K) float32 pixels per cluster.
@@ -182,6 +183,7 @@ class _ClusterTables:
         self.counts = counts.to(device=device, dtype=torch.int64)
         exists = column < self.counts.unsqueeze(1)  # (C, K)
         self.keepable = exists & structured.to(device).unsqueeze(1)
+        self.drawn = self.keepable.any(dim=1)  # (C,) channels whose clusters are drawn from
         self.missing = (~exists).to(torch.float64) * 2.0
         self.sizes = cluster_sizes.to(torch.float32)
         self.kept_total = (self.keepable * self.sizes).sum()
@@ -234,7 +236,7 @@ def _drop_counts(p: float | Tensor, tables: _ClusterTables) -> Tensor:
     p_value = p if isinstance(p, Tensor) else torch.tensor(p)
     p_value = p_value.to(device=tables.counts.device, dtype=torch.float64)
     n_drop = torch.floor(p_value * tables.counts.double() * (1 + _FLOOR_SLACK)).long()
-    return n_drop * tables.keepable.any(dim=1)
+    return n_drop * tables.drawn
 
 
 def _draw_clusters(
