@@ -692,11 +692,15 @@ def test_the_layer_runs_in_inference_mode():
     assert int((out == 0).sum()) > 0
 
 
-def test_backward_survives_an_in_place_rewrite_of_the_buffers_between_forward_and_backward():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_backward_survives_an_in_place_rewrite_of_the_buffers_between_forward_and_backward(
+    compiled,
+):
     # DDP rewrites buffers at every forward: two forwards, then one backward.
     layer = _fitted_layer(0.3)
+    function = torch.compile(layer, backend="aot_eager") if compiled else layer
     x = torch.ones(4, 6, 12, 12, requires_grad=True)
-    first, second = layer(x), layer(x)
+    first, second = function(x), function(x)
     with torch.no_grad():
         layer.labels.add_(0)
     (first.sum() + second.sum()).backward()

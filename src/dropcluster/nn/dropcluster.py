@@ -402,13 +402,14 @@ class _PackedMultiply(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, bits: Tensor, scale: Tensor, labels: Tensor) -> Tensor:
-        ctx.save_for_backward(bits, scale, labels)
+        ctx.save_for_backward(bits, scale)
+        ctx.labels = labels  # not a saved tensor: see _ClusterMultiply
         return _packed_multiply(x, bits, scale, labels)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        bits, scale, labels = ctx.saved_tensors
-        return _packed_multiply(grad_out, bits, scale, labels), None, None, None
+        bits, scale = ctx.saved_tensors
+        return _packed_multiply(grad_out, bits, scale, ctx.labels), None, None, None
 
 
 def _packed_multiply(x: Tensor, bits: Tensor, scale: Tensor, labels: Tensor) -> Tensor:
