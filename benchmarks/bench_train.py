@@ -80,14 +80,16 @@ def regularizer_costs(base: TrainConfig, device: torch.device, steps: int) -> di
     return {label: statistics.median(values) for label, values in times.items()}
 
 
-def _step_function(model, optimizer, images, labels):
-    def step():
-        loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+def _train_step(model, optimizer, images, labels) -> None:
+    loss = F.cross_entropy(model(images), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
 
-    return step
+
+def _step_function(model, optimizer, images, labels):
+    """A training step on one fixed batch, as a function of nothing (for round-robin timing)."""
+    return lambda: _train_step(model, optimizer, images, labels)
 
 
 def main(argv=None) -> int:
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step(images, labels):
-        _step_function(model, optimizer, images, labels)()
+        _train_step(model, optimizer, images, labels)
 
     times = {"device loader": [], "pre-made batch": []}
     for _ in range(3):  # warm-up
