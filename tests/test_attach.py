@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 from datetime import timedelta
 
 import pytest
@@ -160,6 +161,90 @@ def test_a_module_called_twice_per_forward_is_regularized_at_each_call():
     model(_images(2))
     assert in_block.shapes == [(2, 8, 8, 8)] * 2  # BasicBlock's relu: after bn1 and after the sum
     assert in_stem.shapes == [(2, 8, 16, 16)]  # the stem's relu runs once
+
+
+def test_dropcluster_after_a_twice_called_module_is_fitted_on_its_first_call_and_drops_both():
+    """What attach's docstring says of a module called twice per forward: fit_clusters fits on
+    the first call's output, and the same clusters are dropped at each call."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            first = self.act(self.conv(x))
+            return self.act(first.flip(-1) - 0.1)  # the second call sees other maps
+
+    torch.manual_seed(0)
+    model = Twice()
+    images = _images(32)
+    layer = attach(model, "act", DropCluster2d(0.0, 5))
+    fit_clusters(model, images, 32)
+    with torch.no_grad():
+        first_call = torch.relu(model.conv(images))
+        second_call = torch.relu(first_call.flip(-1) - 0.1)
+    on_first = DropCluster2d(0.0, 5).fit(first_call)
+    on_second = DropCluster2d(0.0, 5).fit(second_call)
+    assert torch.equal(layer.labels, on_first.labels)
+    assert not torch.equal(layer.labels, on_second.labels)
+    # Both calls go through the layer: with a dead channel in the fit, both outputs lose it.
+    layer.structured[0] = False
+    layer.cluster_counts[0] = 0
+    layer.cluster_sizes[0] = 0
+    layer.labels[0] = 0
+    calls = []
+    hook = layer.register_forward_hook(lambda module, inputs, output: calls.append(output))
+    model.eval()(images[:2])
+    hook.remove()
+    assert len(calls) == 2 and all(bool((out[:, 0] == 0).all()) for out in calls)
+
+
+def test_a_twice_called_module_of_two_shapes_fails_naming_the_target_after_the_fit():
+    class TwoShapes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.act(x)[:, :, ::2, ::2])
+
+    model = TwoShapes()
+    attach(model, "act", DropCluster2d(0.1, 5))
+    fit_clusters(model, torch.rand(8, 3, 16, 16), 8)
+    with pytest.raises(ValueError, match=r"attached after 'act' \(ReLU\): DropCluster2d holds "
+                                         r"clusters for \(C, H, W\) = \(3, 16, 16\)"):  # fmt: skip
+        model(torch.rand(2, 3, 16, 16))
+
+
+@pytest.mark.parametrize(
+    ("after", "where"), [("fc", "after 'fc' (Linear)"), ("", "to the model's output (ResNet18)")]
+)
+def test_dropcluster_after_an_output_that_is_no_feature_map_fails_at_the_first_forward(
+    after, where
+):
+    model = _resnet18()
+    if after:
+        attach(model, after, DropCluster2d(0.1))
+    else:  # the model's root: attach names submodules, so hook the root by hand as attach does
+        from dropcluster.nn.attach import _ApplyAttached
+
+        model.add_module(ATTACHED_NAME, DropCluster2d(0.1))
+        model.register_forward_hook(_ApplyAttached(""))
+    with pytest.raises(ValueError, match=rf"attached {re.escape(where)}: DropCluster2d takes "
+                                         r"\(N, C, H, W\) feature maps, but got input of shape "
+                                         r"\(2, 10\)"):  # fmt: skip
+        model(_images(2))
+
+
+def test_fit_clusters_names_the_layer_whose_fit_fails():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    attach(model, "1", DropCluster2d(0.1, 5))
+    with pytest.raises(
+        ValueError, match=r"DropCluster2d '1.attached_regularizer': x should hold finite values"
+    ):
+        fit_clusters(model, torch.full((8, 3, 6, 6), float("nan")), 8)
 
 
 # Fitting

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,8 +26,9 @@ from dropcluster.experiments.backends import (
     worker_command,
 )
 from dropcluster.experiments.presets import expand_grid
+from dropcluster.experiments.run_folder import finished_results
 from dropcluster.experiments.store import ResultsStore
-from dropcluster.experiments.sweep import finished_results, run_sweep
+from dropcluster.experiments.sweep import run_sweep
 
 #: The local stand-in for Slurm: submitit runs the jobs on this machine.
 SLURM_HERE = BackendSettings("slurm", cluster="local", time_minutes=10)
@@ -123,12 +125,12 @@ def _assert_interrupted_not_killed(run_dir: Path) -> None:
 # -- the worker command and the settings -------------------------------------------------------
 
 
-def test_worker_command_is_the_worker_module_or_torchrun_with_one_process_per_gpu(tmp_path):
+def test_worker_command_is_the_worker_module_or_the_launcher_with_one_process_per_gpu(tmp_path):
     assert worker_command(tmp_path, 1, python="py") == [
         "py", "-m", "dropcluster.experiments.worker", str(tmp_path)]  # fmt: skip
     assert worker_command(tmp_path, 4, python="py") == [
-        "py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-        "-m", "dropcluster.experiments.worker", str(tmp_path)]  # fmt: skip
+        "py", "-m", "dropcluster.train.launch", "4", "dropcluster.experiments.worker",
+        str(tmp_path)]  # fmt: skip
     assert BackendSettings("ray", gpus_per_run=4).procs_per_run == 4
     assert BackendSettings("ray", gpus_per_run=1).procs_per_run == 1
     spec = expand_grid(tiny_preset())[0]
@@ -152,15 +154,15 @@ def test_a_worker_ends_when_the_task_that_started_it_is_gone():
     assert orphan.returncode == 3 and f"(pid {owner.pid}) is gone" in err
 
 
-def test_local_run_on_several_gpus_launches_torchrun_on_its_slots_gpus(tmp_path, monkeypatch):
+def test_local_run_on_several_gpus_launches_processes_on_its_slots_gpus(tmp_path, monkeypatch):
     started = []
     monkeypatch.setattr(sweep, "start_worker", lambda *args: started.append(args))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     spec = expand_grid(tiny_preset())[0]
     sweep._launch(spec, tmp_path, 2, 1, ["cuda:0", "cuda:2"], 3)
     command, run_dir, env = started[0]
-    assert command[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                            "2"] and command[-1] == str(run_dir)  # fmt: skip
+    assert command[1:4] == ["-m", "dropcluster.train.launch", "2"]
+    assert command[-1] == str(run_dir)
     assert env == {"CUDA_VISIBLE_DEVICES": "2,3", "DROPCLUSTER_THREADS": "3"}
     # A CPU preset has no GPUs to give out: refused before anything runs.
     with pytest.raises(ValueError, match="--gpus-per-run 2 with 1 job\\(s\\) at a time needs 2"):
@@ -283,3 +285,120 @@ def test_slurm_no_wait_returns_at_once_and_collect_records_the_runs(tmp_path, ca
     # The same sweep command afterwards has nothing to train.
     again = run_sweep(preset, out, backend=SLURM_HERE, stream=io.StringIO())
     assert again.ran == [] and again.finished == 2
+
+
+# -- why a run failed ----------------------------------------------------------------------------
+
+
+def _killed_task(backend, out: Path, pid=None) -> tuple[RunTask, list]:
+    """Start a long run on ``backend``, kill -9 its worker (or the process ``pid(backend)``)
+    after its first epoch; the task and what the backend then reports."""
+    spec = expand_grid(tiny_preset(epochs=500))[0]
+    task = sweep._task(spec, out, None, BackendSettings())
+    backend.submit(task)
+    deadline = time.time() + 120
+    while not (task.run_dir / "checkpoint.pt").is_file():
+        assert time.time() < deadline, "the run did not start"
+        time.sleep(0.05)
+    if pid is None:
+        worker = subprocess.run(["pgrep", "-f", f"dropcluster.experiments.worker {task.run_dir}"],
+                                capture_output=True, text=True).stdout.split()  # fmt: skip
+        os.kill(int(worker[0]), signal.SIGKILL)
+    else:
+        os.kill(pid(backend), signal.SIGKILL)
+    while not (finished := backend.poll()):
+        assert time.time() < deadline, "the killed task was not reported"
+        time.sleep(0.1)
+    return task, finished
+
+
+def test_a_killed_worker_is_recorded_as_killed_not_by_its_last_progress_line(tmp_path):
+    launch = lambda task, slot: sweep._launch(task.spec, tmp_path, 1, slot, [None], None)  # noqa: E731
+    task, finished = _killed_task(sweep.LocalBackend(1, launch), tmp_path)
+    assert finished[0].status == -signal.SIGKILL
+    tail = (task.run_dir / "worker.log").read_text()
+    assert tail.rstrip().splitlines()[-1].startswith("epoch")  # what 0.3 recorded as the reason
+    reason = sweep.failure_reason(finished[0].status, finished[0].message, tail)
+    assert reason == "the worker was killed by SIGKILL (kill -9, or the out-of-memory killer)"
+
+
+def test_a_killed_slurm_job_is_recorded_by_its_state(tmp_path):
+    from dropcluster.experiments.backends.slurm import SlurmBackend
+
+    backend = SlurmBackend(SLURM_HERE, tmp_path / "slurm")
+    # The job itself is killed (as scancel or a lost node would), not its worker.
+    _, finished = _killed_task(
+        backend, tmp_path, pid=lambda b: next(iter(b._running.values()))[1]._process.pid
+    )
+    # submitit's local jobs report INTERRUPTED; on a cluster the state comes from sacct.
+    assert finished[0].status is None
+    assert re.fullmatch(r"Slurm job \d+ ended in state INTERRUPTED: its process was killed",
+                        finished[0].message)  # fmt: skip
+    assert sweep.failure_reason(None, finished[0].message, "submitit INFO ...") == (
+        finished[0].message
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "tail", "reason"),
+    [
+        (2, "", "epoch 1/2: ...\nthe disk is full", "the disk is full"),
+        (
+            2,
+            "",
+            "epoch 1/2\ndropcluster: error: process 1 of 2 was killed by SIGKILL",
+            "process 1 of 2 was killed by SIGKILL",
+        ),
+        (-15, "", "epoch 1/2: ...", "the worker was killed by SIGTERM"),
+        (3, "", "", "the task that started the worker ended, so the worker stopped"),
+        (7, "", "epoch 1/2", "the worker exited with status 7"),
+        (None, "Ray: WorkerCrashedError", "epoch 1/2", "Ray: WorkerCrashedError"),
+    ],
+)
+def test_failure_reasons_say_what_happened(status, message, tail, reason):
+    assert sweep.failure_reason(status, message, tail) == reason
+
+
+def test_the_stored_error_starts_with_its_reason_and_results_show_it(tmp_path, capsys):
+    from dropcluster.experiments.store import error_reason
+
+    out = tmp_path / "out"
+    spec = expand_grid(tiny_preset())[0]
+    with ResultsStore.in_folder(out) as store:
+        store.add_run(spec.run_id, {}, preset="tiny", regularizer=spec.regularizer, p=spec.p,
+                      seed=spec.seed, train_fraction=spec.train_fraction)  # fmt: skip
+        job = sweep._Active(spec, out / "runs" / spec.run_id, time.perf_counter())
+        job.run_dir.mkdir(parents=True)
+        (job.run_dir / "worker.log").write_text("epoch 1/2: loss 2.3\n")
+        task = RunTask(spec, job.run_dir)
+        summary = sweep.SweepSummary()
+        sweep._record_exit(store, job, sweep.Finished(task, -9), summary, {}, io.StringIO())
+        error = store.run(spec.run_id).error
+    assert error.splitlines()[0].startswith("the worker was killed by SIGKILL")
+    assert error.splitlines()[-1] == "epoch 1/2: loss 2.3"  # the log as context
+    assert error_reason(error) == error.splitlines()[0]
+    # An error stored by 0.3 ("exit status N", the log, its last line the reason) still reads.
+    assert error_reason("exit status 2\nepoch 1/2\nthe disk is full") == "the disk is full"
+    assert main(["results", "--out", str(out)]) == 0
+    assert "error: the worker was killed by SIGKILL" in capsys.readouterr().out
+
+
+def test_slurm_without_its_commands_or_a_damaged_job_record_is_one_line(tmp_path, capsys,
+                                                                        monkeypatch):  # fmt: skip
+    from dropcluster.experiments.backends.slurm import SlurmBackend
+
+    preset = tmp_path / "tiny.json"
+    preset.write_text(json.dumps(tiny_preset()))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    out = tmp_path / "out"
+    assert main(["sweep", "--preset", str(preset), "--out", str(out), "--backend", "slurm",
+                 "--gpus-per-run", "0"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "lacks sbatch and srun (not on PATH)" in err and "Traceback" not in err
+    assert not out.exists()  # refused before anything was written
+    (tmp_path / "slurm").mkdir()
+    for text, found in (("[1, 2]", "holds list"), ("{", "is not valid JSON"),
+                        ('{"run": [1]}', "holds other values")):  # fmt: skip
+        (tmp_path / "slurm" / "jobs.json").write_text(text)
+        with pytest.raises(ValueError, match=f"jobs.json {found}|jobs.json .* {found}"):
+            SlurmBackend(SLURM_HERE, tmp_path / "slurm")

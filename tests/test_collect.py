@@ -128,3 +128,173 @@ def test_merge_refuses_another_preset_or_other_settings(finished_sweep, tmp_path
     assert "other settings than" in capsys.readouterr().err
     assert main(["collect", str(tmp_path / "nothing")]) == 2
     assert "has no preset.json" in capsys.readouterr().err
+
+
+# -- what collect refuses to record (the probe's reproductions) -------------------------------
+
+
+def _foreign_train_run(finished_sweep: Path, to: Path, **changes) -> Path:
+    """A folder as `dropcluster train` leaves it (config.json, no job.json), holding the
+    finished run NONE with its config changed: another run's folder copied into a sweep."""
+    shutil.copytree(finished_sweep / "runs" / NONE, to)
+    (to / "job.json").unlink()
+    spec = {s.run_id: s for s in expand_grid(Preset.from_dict(_preset()))}[NONE]
+    (to / "config.json").write_text(json.dumps({**spec.config.to_dict(), **changes}))
+    return to
+
+
+def test_collect_records_no_foreign_run_and_no_copy(finished_sweep, tmp_path):
+    copy = _copy(finished_sweep, tmp_path / "copy")
+    runs = copy / "runs"
+    _foreign_train_run(finished_sweep, runs / "mine", regularizer="dropblock", p=0.1, lr=0.5)
+    # The same foreign run under a grid run's name, in place of that run.
+    shutil.rmtree(runs / DROPCLUSTER)
+    _foreign_train_run(finished_sweep, runs / DROPCLUSTER, regularizer="dropblock", p=0.1, lr=0.5)
+    for index in range(4):  # four copies of one run under other names
+        shutil.copytree(runs / NONE, runs / f"copy-{index}")
+    stream = io.StringIO()
+    summary = collect(copy, stream=stream)
+    assert summary.recorded == [NONE]
+    assert set(summary.skipped) == {"mine", DROPCLUSTER, *(f"copy-{i}" for i in range(4))}
+    assert "its name is no run id of the preset" in summary.skipped["mine"]
+    assert f"its config is that of run {NONE}: a copy of it?" in summary.skipped["copy-2"]
+    reason = summary.skipped[DROPCLUSTER]
+    assert f"another run than the preset's {DROPCLUSTER}" in reason
+    assert "lr 0.5 here, 0.1 in the preset" in reason and "regularizer 'dropblock' here" in reason
+    assert f"skipped: {runs / 'copy-0'} (" in stream.getvalue()
+    with ResultsStore.in_folder(copy, readonly=True) as store:
+        assert [(r.run_id, r.status) for r in store.runs()] == [(NONE, "finished")]
+
+
+@pytest.mark.parametrize(
+    ("file", "text", "reason"),
+    [
+        ("config.json", '{"p": "abc"}', "p should be a finite number, but got 'abc'"),
+        ("config.json", None, "its config lacks ['regularizer']"),
+        ("config.json", '{"seed": [0]}', "seed should be an integer, but got [0]"),
+        ("result.json", "[1, 2]", "result.json should hold an object, but holds a list"),
+        ("result.json", '{"top1": "high"}', "result.json: top1 should be a number, but got 'high'"),
+        ("log.jsonl", '{"epoch": 0, "loss": "x"}', "log.jsonl: epoch 0: loss should be a number"),
+        ("corruptions.json", "{", "corruptions.json is not valid JSON"),
+    ],
+)
+def test_a_folder_with_a_wrongly_typed_file_is_skipped_with_its_reason(
+    finished_sweep, tmp_path, file, text, reason
+):
+    copy = _copy(finished_sweep, tmp_path / "copy")
+    run_dir = copy / "runs" / NONE
+    if file == "config.json":  # as `dropcluster train` writes it: no job.json
+        config = json.loads((run_dir / "job.json").read_text())["config"]
+        (run_dir / "job.json").unlink()
+        config.update(json.loads(text) if text else {})
+        if text is None:
+            del config["regularizer"]
+        (run_dir / file).write_text(json.dumps(config))
+    elif file == "result.json" and text.startswith("{"):
+        document = json.loads((run_dir / file).read_text())
+        (run_dir / file).write_text(json.dumps({**document, **json.loads(text)}))
+    elif file == "log.jsonl":
+        lines = (run_dir / file).read_text().splitlines()
+        lines[0] = json.dumps({**json.loads(lines[0]), **json.loads(text)})
+        (run_dir / file).write_text("\n".join(lines) + "\n")
+    else:
+        (run_dir / file).write_text(text)
+    summary = collect(copy, stream=io.StringIO())
+    assert summary.recorded == [DROPCLUSTER]  # the other folder is recorded all the same
+    assert list(summary.skipped) == [NONE] and reason in summary.skipped[NONE]
+
+
+def test_collect_repairs_rows_recorded_unchecked_and_the_report_names_unreadable_ones(
+    finished_sweep, tmp_path, capsys
+):
+    import sqlite3
+
+    copy = _copy(finished_sweep, tmp_path / "copy")
+    assert sorted(collect(copy, stream=io.StringIO()).recorded) == sorted([NONE, DROPCLUSTER])
+    # What an unchecked collect (0.3) could record: a foreign run, a text where p belongs, and
+    # a grid run stored with another config.
+    with ResultsStore.in_folder(copy) as store:
+        store.add_run("mine", {"lr": 0.5}, preset="tiny", regularizer="dropblock", p=0.1,
+                      seed=0, train_fraction=0.25)  # fmt: skip
+    connection = sqlite3.connect(copy / "results.sqlite")
+    with connection:
+        connection.execute("UPDATE runs SET p = 'abc' WHERE run_id = ?", (NONE,))
+        config = json.loads(connection.execute(
+            "SELECT config FROM runs WHERE run_id = ?", (DROPCLUSTER,)).fetchone()[0])  # fmt: skip
+        connection.execute("UPDATE runs SET config = ? WHERE run_id = ?",
+                           (json.dumps({**config, "lr": 0.5}), DROPCLUSTER))  # fmt: skip
+    connection.close()
+    # The report reads what it can and names the row it cannot.
+    assert main(["report", "--out", str(copy)]) == 0
+    report = (copy / "report" / "report.md").read_text()
+    assert f"`{NONE}`: run '{NONE}': p should be a finite number, but got 'abc'" in report
+    capsys.readouterr()
+    assert main(["results", "--out", str(copy)]) == 0
+    assert f"not read: {NONE} (run '{NONE}': p should be" in capsys.readouterr().out
+
+    assert main(["collect", str(copy)]) == 0
+    err = capsys.readouterr().err
+    assert f"removed from the database: {NONE} (run '{NONE}': p should be a finite number" in err
+    assert "removed from the database: mine (its id is no run id of the preset)" in err
+    assert (f"removed from the database: {DROPCLUSTER} (it was recorded with another config "
+            f"than the preset's (lr 0.5 stored, 0.1 in the preset))") in err  # fmt: skip
+    assert "2 run(s) recorded; 2 of them new to the database" in err
+    assert _tables(copy) == _tables(finished_sweep)
+
+
+def test_merge_copies_no_foreign_run_and_leaves_no_temporary_folder(finished_sweep, tmp_path):
+    source = _copy(finished_sweep, tmp_path / "source")
+    out = _copy(finished_sweep, tmp_path / "out", drop_runs=(NONE, DROPCLUSTER))
+    # A run whose job.json says another data set, model and learning rate.
+    job = json.loads((source / "runs" / NONE / "job.json").read_text())
+    job["config"].update(dataset="fashion-mnist", model="resnet20", lr=0.5)
+    (source / "runs" / NONE / "job.json").write_text(json.dumps(job))
+    # A run folder that is a link to the real one (copied as its content), and a dangling link.
+    real = tmp_path / "elsewhere" / DROPCLUSTER
+    shutil.move(source / "runs" / DROPCLUSTER, real)
+    (source / "runs" / DROPCLUSTER).symlink_to(real)
+    (source / "runs" / "none-p0-f0.25-s1").symlink_to(tmp_path / "nowhere")
+    summary = collect(out, [source], stream=io.StringIO())
+    assert list(summary.copied) == [DROPCLUSTER] and not (out / "runs" / DROPCLUSTER).is_symlink()
+    assert "dataset 'fashion-mnist' here, 'synthetic' in the preset" in summary.not_copied[
+        f"{source}:{NONE}"]  # fmt: skip
+    assert summary.not_copied[f"{source}:none-p0-f0.25-s1"] == "it is a link to nothing"
+    assert summary.recorded == [DROPCLUSTER]
+    assert not list((out / "runs").glob(".*"))
+    # The folder stays usable: a sweep trains the run that was not copied.
+    assert run_sweep(_preset(), out, stream=io.StringIO()).ran == [NONE]
+
+
+def test_a_link_to_nothing_inside_a_run_is_refused_before_anything_is_copied(
+    finished_sweep, tmp_path
+):
+    source = _copy(finished_sweep, tmp_path / "source")
+    out = _copy(finished_sweep, tmp_path / "out", drop_runs=(NONE, DROPCLUSTER))
+    (source / "runs" / NONE / "notes.txt").symlink_to(tmp_path / "missing.txt")
+    # The target of the other run is an unfinished link: replaced folders only.
+    (out / "runs").mkdir(exist_ok=True)
+    (out / "runs" / DROPCLUSTER).symlink_to(tmp_path / "nowhere")
+    summary = collect(out, [source], stream=io.StringIO())
+    assert summary.copied == {}
+    assert "notes.txt is a symbolic link to" in summary.not_copied[f"{source}:{NONE}"]
+    assert "which does not exist" in summary.not_copied[f"{source}:{NONE}"]
+    assert "is a symbolic link: collect replaces folders only" in summary.not_copied[
+        f"{source}:{DROPCLUSTER}"]  # fmt: skip
+    assert not list((out / "runs").glob(".*"))
+    assert summary.skipped == {DROPCLUSTER: "it is a link to nothing"}
+
+
+def test_a_sweep_never_records_or_trains_over_a_foreign_run_in_a_run_folder(
+    finished_sweep, tmp_path
+):
+    copy = _copy(finished_sweep, tmp_path / "copy", drop_runs=(NONE,))
+    _foreign_train_run(finished_sweep, copy / "runs" / NONE, lr=0.5)
+    before = (copy / "runs" / NONE / "config.json").read_text()
+    stream = io.StringIO()
+    summary = run_sweep(_preset(), copy, stream=stream)
+    assert summary.failed == [NONE] and summary.ran == [] and summary.finished == 1
+    assert "lr 0.5 here, 0.1 in the preset" in stream.getvalue()
+    assert (copy / "runs" / NONE / "config.json").read_text() == before  # left alone
+    assert not (copy / "runs" / NONE / "job.json").exists()
+    with ResultsStore.in_folder(copy, readonly=True) as store:
+        assert "its folder cannot be recorded" in store.run(NONE).error

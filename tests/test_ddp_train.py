@@ -144,3 +144,115 @@ def test_sync_batchnorm_is_refused_on_the_cpu_before_training(tmp_path):
         assert run.loader.world == 2
     finally:
         dist.destroy_process_group()
+
+
+# -- one line when a process of the group fails ------------------------------------------------
+
+
+def _rank_pid(out: Path, rank: int) -> int:
+    """The pid of the training process of ``rank`` whose command line names ``out``."""
+    found = subprocess.run(["pgrep", "-f", "--", f"--out {out}"], capture_output=True, text=True)
+    for pid in found.stdout.split():
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no process of rank {rank} for {out}")
+
+
+def test_a_killed_process_ends_the_launched_run_with_one_line_and_exit_2(tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "dropcluster", *ARGS, "--regularizer", "none", "--epochs",
+            "500", "--out", str(out)]  # fmt: skip
+    process = subprocess.Popen([*args, "--nproc-per-node", "2"], env=ENV, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not ((out / "log.jsonl").is_file() and read_log(out / "log.jsonl")):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    os.kill(_rank_pid(out, 1), 9)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 2
+    assert [line for line in err.splitlines() if not line.startswith("epoch ")] == [
+        "dropcluster: error: process 1 of 2 was killed by SIGKILL (kill -9, or the out-of-memory "
+        "killer); continue the run from its last checkpoint with the same command plus --resume"
+    ]
+    # Resuming on another number of processes: refused by every process, said once.
+    wrong = subprocess.run([*args, "--resume", "--nproc-per-node=3"], env=ENV, text=True,
+                           capture_output=True, timeout=240)  # fmt: skip
+    assert wrong.returncode == 2
+    assert len(wrong.stderr.splitlines()) == 1 and "was trained by 2 process(es), this is 3" in (
+        wrong.stderr
+    )
+
+
+def test_rank_failures_are_told_apart_and_said_once(monkeypatch, tmp_path, capsys):
+    from dropcluster.train.launch import LAUNCHED_VARIABLE, peer_lost, rank_failure
+
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer")
+    assert peer_lost(gloo) and not peer_lost(RuntimeError("CUDA out of memory"))
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    monkeypatch.delenv(LAUNCHED_VARIABLE, raising=False)
+    # Plain torchrun: rank 0 says it, the others only record it for torchrun's summary.
+    assert rank_failure(gloo, 0, 2) == 2
+    assert capsys.readouterr().err.startswith("dropcluster: error: process 1 of 2 stopped (")
+    assert json.loads(error_file.read_text())["dropcluster_peer_lost"] is True
+    assert rank_failure(ValueError("bad value"), 1, 3) == 2
+    assert capsys.readouterr().err == ""
+    recorded = json.loads(error_file.read_text())
+    assert recorded["message"]["message"] == "bad value" and not recorded["dropcluster_peer_lost"]
+    # Under the launcher the launcher speaks; an internal error keeps its traceback (None).
+    monkeypatch.setenv(LAUNCHED_VARIABLE, "1")
+    assert rank_failure(ValueError("bad value"), 0, 2) == 2 and capsys.readouterr().err == ""
+    assert rank_failure(KeyError("bug"), 1, 2) is None
+    assert "process 1 of 2 stopped on an internal error" in capsys.readouterr().err
+
+
+def test_the_launchers_line_prefers_an_outside_kill_then_an_own_error():
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from dropcluster.train.launch import failure_summary
+
+    def failure(tmp: Path, rank: int, exitcode: int, message: str | None = None, lost=False):
+        path = tmp / f"error{rank}.json"
+        if message is not None:
+            path.write_text(
+                json.dumps(
+                    {
+                        "message": {
+                            "message": message,
+                            "extraInfo": {"py_callstack": message, "timestamp": "1"},
+                        },
+                        "dropcluster_peer_lost": lost,
+                    }
+                )
+            )
+        return ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=exitcode,
+                              error_file=str(path))  # fmt: skip
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        lost = failure(tmp, 0, 2, "process 1 of 2 stopped (...)", lost=True)
+        assert failure_summary({0: lost, 1: failure(tmp, 1, -9)}, 2)[1].startswith(
+            "process 1 of 2 was killed by SIGKILL"
+        )
+        # SIGTERM is how the launcher stops the others: the own error is the line.
+        own = failure(tmp, 2, 2, "the disk is full")
+        assert failure_summary({0: lost, 1: failure(tmp, 1, -15), 2: own}, 3) == (
+            2,
+            "the disk is full",
+        )
+        assert failure_summary({0: failure(tmp, 0, 1, "process 0 of 2: internal error: x")},
+                               2) == (1, "process 0 of 2: internal error: x")  # fmt: skip
+
+
+def test_nproc_per_node_is_left_out_of_the_launched_command():
+    from dropcluster.cli import _without_nproc
+
+    for given in (["--nproc-per-node", "2"], ["--nproc-per-node=2"], ["--nproc", "2"]):
+        assert _without_nproc(["train", *given, "--out", "x"]) == ["train", "--out", "x"]

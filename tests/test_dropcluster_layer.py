@@ -2,6 +2,7 @@
 
 import copy
 import io
+import re
 
 import pytest
 import torch
@@ -675,7 +676,8 @@ def test_a_compiled_layer_is_not_recompiled_by_its_first_fit():
 
 
 def test_float16_output_is_zero_not_nan_when_every_channel_is_masked():
-    layer = DropCluster2d(0.2, 15).fit(torch.zeros(8, 64, 32, 32))  # dead: all unstructured
+    with pytest.warns(UserWarning, match="found no structured channel among the 64 channels"):
+        layer = DropCluster2d(0.2, 15).fit(torch.zeros(8, 64, 32, 32))  # dead: all unstructured
     assert not layer.structured.any()
     layer.half()
     x = torch.ones(2, 64, 32, 32, dtype=torch.float16)
@@ -771,3 +773,76 @@ def test_bfloat16_product_and_gather_give_identical_outputs():
     layer.generator = _generator(4)
     gathered = layer(x.contiguous(memory_format=torch.channels_last))
     assert torch.equal(product, gathered)
+
+
+# -- what a loaded or fitted layer checks --------------------------------------------------------
+
+
+def _state_with(**changes) -> dict:
+    """A fitted layer's state_dict with some entries changed."""
+    state = _fitted_layer(0.3).state_dict()
+    for key, change in changes.items():
+        state[key] = change(state[key].clone())
+    return state
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"labels": lambda t: t.masked_fill(t == 0, 15)},
+            r"'labels': channel 0 is structured with \d+ clusters, but its labels range from 1 to "
+            r"15 \(expected 0 to \d+\)",
+        ),
+        ({"labels": lambda t: t - 1}, r"'labels': channel 0 is structured .* range from -1"),
+        (
+            {"cluster_counts": lambda t: t + 20},
+            r"'cluster_counts': channel 0 is structured with \d+ clusters, but a structured "
+            r"channel has 1 to 15",
+        ),
+        (
+            {"cluster_sizes": lambda t: t.roll(1, dims=1)},
+            r"'cluster_sizes': channel 0 is structured .* but its sizes are \[",
+        ),
+        (
+            {"structured": lambda t: t.logical_not()},
+            r"'cluster_counts': channel 0 is unstructured with count \d+, but such a channel has 0",
+        ),
+        ({"labels": lambda t: t.float()}, r"'labels' should be a 3-d integer tensor"),
+    ],
+)
+def test_loading_tables_a_fit_cannot_make_is_refused_naming_the_key(changes, message):
+    layer = DropCluster2d(0.3, 15)
+    state = _state_with(**changes)
+    with pytest.raises(ValueError, match=f"cannot load DropCluster2d state: {message}"):
+        layer.load_state_dict(state)
+    assert not layer.fitted  # nothing of the state was taken
+
+
+def test_a_fitted_layer_keeps_its_clusters_when_refusing_a_state():
+    layer = _fitted_layer(0.3)
+    before = {key: value.clone() for key, value in layer.state_dict().items()}
+    bad = _state_with(labels=lambda t: t.masked_fill(t == 0, 15))
+    with pytest.raises(ValueError, match="its labels range"):
+        layer.load_state_dict(bad)
+    assert all(torch.equal(before[key], value) for key, value in layer.state_dict().items())
+    with pytest.raises(ValueError, match="'cluster_counts'|counts: channel 0"):
+        layer.load_clusters(layer.labels, layer.structured, layer.cluster_counts + 20,
+                            layer.cluster_sizes)  # fmt: skip
+
+
+def test_a_valid_state_still_loads_and_predicts_the_same():
+    fitted = _fitted_layer(0.3).eval()
+    layer = DropCluster2d(0.3, 15).eval()
+    layer.load_state_dict(fitted.state_dict())
+    x = _smooth(4, 6, 12, seed=9)
+    assert torch.equal(layer(x), fitted(x))
+
+
+@pytest.mark.parametrize("shape", [(8, 10), (8, 3, 10), (2, 3, 4, 4, 4)])
+def test_input_that_is_not_a_feature_map_fails_at_the_first_forward(shape):
+    layer = DropCluster2d(0.1)
+    expected = f"takes (N, C, H, W) feature maps, but got input of shape {tuple(shape)}"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        layer(torch.ones(shape))
+    assert layer.input_shape is None

@@ -431,3 +431,84 @@ def test_huge_severity_range_is_refused_without_building_it():
     finally:
         tracemalloc.stop()
     assert peak < 100_000
+
+
+# -- 0.4: every failure the probe of 0.2-0.3 met is one line --------------------------------
+
+
+@pytest.mark.parametrize("device", ["mps", "xla", "meta"])
+def test_an_unsupported_device_is_named_before_any_checkpoint_is_read(trained_run, tmp_path,
+                                                                      capsys, device):  # fmt: skip
+    assert main(_train_args(tmp_path / "run", "--device", device)) == 2
+    assert f"device '{device}' is not supported: dropcluster runs on 'cpu' and 'cuda'" in (
+        _one_line_error(capsys)
+    )
+    assert not (tmp_path / "run").exists()
+    # A good checkpoint is never called damaged, nor is deleting it advised.
+    assert main(_evaluate_args(trained_run, "--device", device)) == 2
+    err = _one_line_error(capsys)
+    assert "is not supported" in err and "damaged" not in err and "delete" not in err
+
+
+def test_an_intact_checkpoint_that_cannot_go_to_a_device_is_not_called_damaged(
+    trained_run, monkeypatch
+):
+    from dropcluster.errors import CheckpointError
+    from dropcluster.train.checkpoint import load_checkpoint
+
+    real_load = torch.load
+
+    def no_such_device(path, map_location=None, **kwargs):
+        if str(map_location) != "cpu":
+            raise RuntimeError("Attempting to deserialize object on CUDA device 3")
+        return real_load(path, map_location=map_location, **kwargs)
+
+    monkeypatch.setattr(torch, "load", no_such_device)
+    with pytest.raises(CheckpointError, match="is intact but cannot be loaded onto cuda:3") as got:
+        load_checkpoint(trained_run / "checkpoint.pt", map_location="cuda:3")
+    assert "delete" not in str(got.value)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--set", "regularizer_options=null"], "should be a mapping, but got None"),
+        (["--set", "regularizer_options=[1]"], "should be a mapping, but got [1]"),
+        (["--set", "regularizer_options=abc"], "should be a mapping, but got 'abc'"),
+        (["--seed", "99999999999999999999"], "seed should be an integer >= 0 and <= 4294967295"),
+    ],
+)  # fmt: skip
+def test_bad_train_values_are_one_line(tmp_path, capsys, flags, message):
+    assert main(_train_args(tmp_path / "run", *flags)) == 2
+    assert message in _one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train", "--out", ""],
+        ["sweep", "--out", " "],
+        ["evaluate", "--checkpoint", ""],
+        ["collect", ""],
+    ],
+)
+def test_an_empty_path_is_refused(command, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        main(command)
+    assert stopped.value.code == 2
+    assert "expected a path, but got an empty string" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing written in the current folder
+
+
+@pytest.mark.parametrize("name", ["../../escape", "/abs/path", "..", ".hidden", "a/b", ""])
+def test_names_that_become_paths_are_checked(name, tmp_path, capsys, monkeypatch):
+    from test_sweep import tiny_preset
+
+    monkeypatch.chdir(tmp_path)
+    preset = tmp_path / "p.json"
+    preset.write_text(json.dumps({**tiny_preset(), "name": name}))
+    assert main(["sweep", "--preset", str(preset)]) == 2
+    assert "name should be a" in _one_line_error(capsys)
+    assert [p.name for p in tmp_path.iterdir()] == ["p.json"]

@@ -403,7 +403,9 @@ def test_preset_is_typed_and_round_trips_through_its_json_form():
     # Every run's config is checked, not only the first of each grid.
     bad_seed = tiny_preset()
     bad_seed["grids"][0]["seed"] = [0, -1]
-    with pytest.raises(ValueError, match="seed should be an integer >= 0, but got -1"):
+    with pytest.raises(
+        ValueError, match="seed should be an integer >= 0 and <= 4294967295, but got -1"
+    ):
         Preset.from_dict(bad_seed)
 
 
@@ -429,7 +431,7 @@ def test_a_missing_corrupted_from_folder_is_refused_before_any_run(tmp_path):
 
 
 def test_released_results_keep_their_source(tmp_path):
-    from dropcluster.experiments.sweep import collect_results
+    from dropcluster.experiments.run_folder import read_results
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -446,7 +448,7 @@ def test_released_results_keep_their_source(tmp_path):
             }
         )
     )
-    results = collect_results(run_dir)
+    results = read_results(run_dir)
     assert results["corruptions"] == [{"corruption": "clean", "severity": 0, "top1": 50.0,
                                        "top5": 90.0, "source": "released"}]  # fmt: skip
 

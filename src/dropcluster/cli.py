@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import inspect
 import re
 import sys
@@ -15,7 +14,9 @@ import typing
 from pathlib import Path
 
 from dropcluster import __version__
+from dropcluster.errors import user_error_message
 from dropcluster.files import atomic_write_json
+from dropcluster.validation import int_argument, path_argument
 
 # Printed cluster maps use one character per cluster id.
 _MAP_SYMBOLS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analysis.add_argument(
         "--data-dir",
-        type=Path,
+        type=path_argument,
         default=None,
         help="folder with the Fashion-MNIST IDX files (default: /usr/share/datasets/fashion-mnist)",
     )
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     analysis.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     analysis.add_argument(
         "--json",
-        type=Path,
+        type=path_argument,
         default=None,
         dest="json_path",
         help="also write the per-channel results to this JSON file",
@@ -98,8 +99,8 @@ def _add_train_parser(commands) -> None:
             "then the flags below (one per TrainConfig field)."
         ),
     )
-    train.add_argument("--out", type=Path, required=True, help="output folder of the run")
-    train.add_argument("--config", type=Path, help="a JSON or YAML config file")
+    train.add_argument("--out", type=path_argument, required=True, help="output folder of the run")
+    train.add_argument("--config", type=path_argument, help="a JSON or YAML config file")
     train.add_argument(
         "--set",
         action="append",
@@ -109,6 +110,14 @@ def _add_train_parser(commands) -> None:
         help="set any config field, JSON values (e.g. --set lr_milestones=[150,200]); repeatable",
     )
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument(
+        "--nproc-per-node",
+        type=int_argument(1),
+        default=1,
+        metavar="N",
+        help="train on N processes of this machine (DistributedDataParallel, one GPU each on "
+        "CUDA): torchrun's launcher, with one line when a process fails",
+    )
     add_config_flags(train.add_argument_group("config fields"), TrainConfig)
     train.add_argument(
         "--option",
@@ -186,7 +195,10 @@ def attribute_docs(config_class) -> dict[str, str]:
 
 
 def _train_config(args: argparse.Namespace):
+    from typing import Any
+
     from dropcluster.train.config import TrainConfig, parse_assignments
+    from dropcluster.validation import check_type
 
     values = TrainConfig.from_file(args.config).to_dict() if args.config else {}
     values.update(parse_assignments(args.assignments, "--set"))
@@ -194,6 +206,7 @@ def _train_config(args: argparse.Namespace):
         given = getattr(args, spec.name, None)
         if given is not None:
             values[spec.name] = given
+    check_type("regularizer_options", values.get("regularizer_options", {}), dict[str, Any])
     options = dict(values.get("regularizer_options", {}))
     options.update(parse_assignments(args.option, "--option"))
     values["regularizer_options"] = options
@@ -204,11 +217,14 @@ def _run_train(args: argparse.Namespace) -> int:
     import os
 
     from dropcluster.train import distributed
+    from dropcluster.train.launch import launch, rank_failure
     from dropcluster.train.loop import train
 
     config = _train_config(args)
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.nproc_per_node > 1 and world == 1:
+        return launch(args.nproc_per_node, "dropcluster", _without_nproc(args.argv))
     if rank == 0:
         processes = f" on {world} processes (DistributedDataParallel)" if world > 1 else ""
         print(
@@ -218,14 +234,12 @@ def _run_train(args: argparse.Namespace) -> int:
         )
     try:
         result = train(config, args.out, resume=args.resume)
-    except Exception:
+    except Exception as error:
         if world > 1:
-            # torchrun stops the other processes; say how to continue the run.
-            print(
-                f"dropcluster: process {rank} of {world} stopped; the run continues from its "
-                f"last finished epoch with the same torchrun command plus --resume",
-                file=sys.stderr,
-            )
+            # One line for the whole group (a lost peer told apart from an own error).
+            status = rank_failure(error, rank, world)
+            if status is not None:
+                return status
         raise
     finally:
         distributed.close_group()
@@ -237,6 +251,20 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line without ``--nproc-per-node`` (what each launched process runs)."""
+    kept, skip = [], False
+    for item in argv:
+        key = item.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif len(key) > 3 and "--nproc-per-node".startswith(key):  # argparse takes prefixes
+            skip = "=" not in item
+        else:
+            kept.append(item)
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``dropcluster`` command; returns its exit status.
 
@@ -246,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.command is None:
         parser.print_help()
         return 0
@@ -270,39 +299,6 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"dropcluster: error: {message}", file=sys.stderr)
         return 2
-
-
-#: Advice for operating-system errors a user can act on, by errno.
-_OS_ADVICE = {
-    errno.ENOSPC: "the disk is full: free some space and rerun (files already saved are intact)",
-    errno.EDQUOT: "the disk quota is used up: free some space and rerun",
-    errno.EROFS: "the file system is read-only: choose a writable folder",
-    errno.EACCES: "permission denied: choose a folder you may write to",
-    errno.EPERM: "operation not permitted: choose a folder you may write to",
-    errno.EISDIR: "a folder is where a file was expected: give a file's path",
-    errno.ENOTDIR: "a file is where a folder was expected",
-    errno.ENOENT: "no such file or folder",
-}
-
-
-def user_error_message(error: BaseException) -> str | None:
-    """The one-line message of an error the user can fix; None for an internal error."""
-    import sqlite3
-
-    from dropcluster.errors import DropClusterError
-
-    if isinstance(error, OSError) and error.errno is not None and error.strerror:
-        advice = _OS_ADVICE.get(error.errno, error.strerror)
-        where = error.filename if error.filename is not None else ""
-        return f"{advice}" + (f" ({where})" if where else "")
-    if isinstance(error, (DropClusterError, ValueError, OSError)):
-        return " ".join(str(error).split()) or type(error).__name__
-    if isinstance(error, ImportError) and "pip install" in str(error):
-        # A missing optional extra says how to install it; any other ImportError is a bug.
-        return str(error)
-    if isinstance(error, sqlite3.DatabaseError):
-        return f"results database error: {error}"
-    return None
 
 
 def _positive(name: str, value: int) -> None:

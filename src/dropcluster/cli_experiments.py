@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dropcluster.validation import int_argument
+from dropcluster.validation import int_argument, path_argument
 
 _DEVICE_HELP = "auto (CUDA when there is one), cpu, cuda, cuda:1, ..."
 
@@ -40,7 +40,7 @@ def _add_evaluate_parser(commands) -> None:
     )
     evaluate.add_argument(
         "--checkpoint",
-        type=Path,
+        type=path_argument,
         required=True,
         help="the run's folder (written by dropcluster train or sweep)",
     )
@@ -93,7 +93,7 @@ def _add_sweep_parser(commands, name: str, text: str) -> None:
         "variants, paper-figures, or a .json",
     )
     sub.add_argument(
-        "--out", type=Path, default=None, help="output folder (default: runs/<preset>)"
+        "--out", type=path_argument, default=None, help="output folder (default: runs/<preset>)"
     )
     sub.add_argument(
         "--jobs",
@@ -214,12 +214,12 @@ def _add_collect_parser(commands) -> None:
         "--no-wait, after losing the database, or to merge sweeps of one preset (--from)"
     )
     collect = commands.add_parser("collect", help=text, description=text)
-    collect.add_argument("out", type=Path, metavar="DIR", help="the sweep's output folder")
+    collect.add_argument("out", type=path_argument, metavar="DIR", help="the sweep's output folder")
     collect.add_argument(
         "--from",
         action="append",
         default=[],
-        type=Path,
+        type=path_argument,
         dest="sources",
         metavar="OTHER_DIR",
         help="first copy in the finished runs of this sweep folder of the same preset and "
@@ -236,13 +236,15 @@ def _add_results_parser(commands) -> None:
         help="list the runs of a sweep and their status",
         description="List a sweep's runs; --csv exports the database.",
     )
-    results.add_argument("--out", type=Path, required=True, help="the sweep's output folder")
+    results.add_argument(
+        "--out", type=path_argument, required=True, help="the sweep's output folder"
+    )
     results.add_argument(
         "--status", choices=RUN_STATUSES, default=None, help="only runs with this status"
     )
     results.add_argument(
         "--csv",
-        type=Path,
+        type=path_argument,
         default=None,
         metavar="DIR",
         help="export runs, epochs, corruptions and clusters as CSV files",
@@ -256,7 +258,9 @@ def _add_report_parser(commands) -> None:
         help="regenerate the Markdown + PNG report of a sweep",
         description="Regenerate OUT/report/report.md from the database.",
     )
-    report.add_argument("--out", type=Path, required=True, help="the sweep's output folder")
+    report.add_argument(
+        "--out", type=path_argument, required=True, help="the sweep's output folder"
+    )
     report.add_argument(
         "--average-last",
         type=int_argument(1),
@@ -265,7 +269,7 @@ def _add_report_parser(commands) -> None:
     )
     report.add_argument(
         "--to",
-        type=Path,
+        type=path_argument,
         default=None,
         dest="report_dir",
         metavar="DIR",
@@ -273,7 +277,7 @@ def _add_report_parser(commands) -> None:
     )
     report.add_argument(
         "--with",
-        type=Path,
+        type=path_argument,
         action="append",
         default=[],
         dest="with_sweeps",
@@ -291,10 +295,10 @@ def _add_analyze_parser(commands) -> None:
         description="Figures of a run's DropCluster slot: cluster maps of every channel, "
         "per-channel Spatial Hopkins, Spatial Hopkins histograms per layer.",
     )
-    analyze.add_argument("--checkpoint", type=Path, required=True, help="the run's folder")
+    analyze.add_argument("--checkpoint", type=path_argument, required=True, help="the run's folder")
     analyze.add_argument(
         "--out",
-        type=Path,
+        type=path_argument,
         default=None,
         help="output folder (default: <run>/analysis, or <run>/analysis-epochE with --epoch)",
     )
@@ -519,7 +523,7 @@ def _write_combined_report(args: argparse.Namespace, preset) -> Path:
 
 
 def _run_results(args: argparse.Namespace) -> int:
-    from dropcluster.experiments.store import FAILED, ResultsStore
+    from dropcluster.experiments.store import FAILED, ResultsStore, error_reason
 
     with ResultsStore.in_folder(args.out, readonly=True) as store:
         runs = store.runs(status=args.status)
@@ -533,8 +537,10 @@ def _run_results(args: argparse.Namespace) -> int:
                 f"{top5:>7} {record.attempts:>5}"
             )
             if record.status == FAILED and record.error:
-                print(f"    error: {record.error.strip().splitlines()[-1]}")
+                print(f"    error: {error_reason(record.error)}")
         print(", ".join(f"{count} {status}" for status, count in counts.items()))
+        for run_id, reason in store.unreadable_runs().items():
+            print(f"not read: {run_id} ({reason}; `dropcluster collect {args.out}` repairs it)")
         if args.csv is not None:
             for path in store.export_csv(args.csv):
                 print(f"wrote {path}")

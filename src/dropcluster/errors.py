@@ -7,6 +7,8 @@ them as one line and exits with status 2. Where a built-in type also fits (a bad
 
 from __future__ import annotations
 
+import errno
+
 
 class DropClusterError(Exception):
     """Base class of the errors a user can act on (the message says how)."""
@@ -26,3 +28,34 @@ class RunBusyError(DropClusterError, RuntimeError):
 
 class DivergedError(DropClusterError, RuntimeError):
     """Training stopped because the loss became NaN or infinite."""
+
+
+#: Advice for operating-system errors a user can act on, by errno.
+_OS_ADVICE = {
+    errno.ENOSPC: "the disk is full: free some space and rerun (files already saved are intact)",
+    errno.EDQUOT: "the disk quota is used up: free some space and rerun",
+    errno.EROFS: "the file system is read-only: choose a writable folder",
+    errno.EACCES: "permission denied: choose a folder you may write to",
+    errno.EPERM: "operation not permitted: choose a folder you may write to",
+    errno.EISDIR: "a folder is where a file was expected: give a file's path",
+    errno.ENOTDIR: "a file is where a folder was expected",
+    errno.ENOENT: "no such file or folder",
+}
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The one-line message of an error the user can fix; None for an internal error."""
+    import sqlite3
+
+    if isinstance(error, OSError) and error.errno is not None and error.strerror:
+        advice = _OS_ADVICE.get(error.errno, error.strerror)
+        where = error.filename if error.filename is not None else ""
+        return f"{advice}" + (f" ({where})" if where else "")
+    if isinstance(error, (DropClusterError, ValueError, OSError)):
+        return " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, ImportError) and "pip install" in str(error):
+        # A missing optional extra says how to install it; any other ImportError is a bug.
+        return str(error)
+    if isinstance(error, sqlite3.DatabaseError):
+        return f"results database error: {error}"
+    return None

@@ -124,6 +124,35 @@ def check_fields(instance: Any) -> None:
         check_type(field.name, getattr(instance, field.name), hints[field.name])
 
 
+def check_name(name: str, value: Any) -> str:
+    """``value`` if it can be a file or folder name: a non-empty string without a path
+    separator, not ``.`` or ``..`` and not hidden (a leading ``.``). Names that become paths
+    (preset names, run ids) are checked with it, so none can point outside its folder."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} should be a non-empty name, but got {value!r}")
+    bad = [char for char in ("/", "\\", "\0") if char in value]
+    if bad or value.startswith(".") or value != value.strip():
+        raise ValueError(
+            f"{name} should be a plain name (it becomes a folder name: no '/', '\\', leading "
+            f"'.' or surrounding spaces), but got {value!r}"
+        )
+    return value
+
+
+def path_argument(text: str):
+    """An ``argparse`` type: a path, refusing the empty string (``Path("")`` is the current
+    folder, which no one means by ``--out ""``)."""
+    import argparse
+    from pathlib import Path
+
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, but got an empty string")
+    return Path(text)
+
+
+path_argument.__name__ = "path"
+
+
 def int_argument(minimum: int):
     """An ``argparse`` type: an integer >= ``minimum`` (a bad value ends in a usage error)."""
     import argparse

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from dropcluster.data.corruptions import CORRUPTIONS, FAMILIES, corrupt, family_for_size
 from dropcluster.files import FolderLock, atomic_write_json
-from dropcluster.train.config import resolve_device
+from dropcluster.train.config import MAX_SEED, resolve_device
 from dropcluster.train.loop import RESULT_NAME, RUN_LOCK_NAME, autocast_context, topk_hits
 from dropcluster.validation import check_choice, check_int
 
@@ -62,7 +62,7 @@ class CorruptionSettings:
         self.severities = parse_severities(self.severities)
         if self.limit is not None:
             check_int("limit", self.limit, minimum=1)
-        check_int("seed", self.seed, minimum=0)
+        check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
         if self.jpeg_quality is not None:
             check_int("jpeg_quality", self.jpeg_quality, minimum=1, maximum=95)
         if self.family is not None:

@@ -30,7 +30,13 @@ from dropcluster.experiments.corruption_eval import CorruptionSettings
 from dropcluster.experiments.paper_results import PAPER_DATASETS
 from dropcluster.nn import REGULARIZERS
 from dropcluster.train.config import TrainConfig, parse_assignments
-from dropcluster.validation import check_choice, check_fields, check_int, check_type
+from dropcluster.validation import (
+    check_choice,
+    check_fields,
+    check_int,
+    check_name,
+    check_type,
+)
 
 DEFAULT_PRESET = "demo"
 #: "demo": small and fast, not comparable with the paper; "paper": the paper's protocol.
@@ -214,7 +220,8 @@ class Preset:
     config is checked when the preset is made, so a bad value fails now, not hours into a sweep.
 
     Attributes:
-        name: the preset's name (a sweep folder holds the runs of one preset).
+        name: the preset's name (a sweep folder holds the runs of one preset); a plain name,
+            since the default output folder is ``runs/<name>``.
         scale: "demo" (small, not comparable with the paper) or "paper".
         description: one paragraph, shown at the top of the report.
         dataset: the data set the report names.
@@ -256,6 +263,7 @@ class Preset:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        check_name("name", self.name)  # the default output folder is runs/<name>
         check_choice("scale", self.scale, SCALES)
         check_variant(self.variant)
         unknown = sorted(set(self.options) - set(REGULARIZERS))
@@ -431,7 +439,7 @@ def run_id(
 ) -> str:
     """A readable, unique id: ``dropcluster-p0.1-f1-s0``, ``dropcluster-ours-p0.1-f1-s0``."""
     name = regularizer if variant is None else f"{regularizer}-{variant}"
-    return f"{name}-p{p:g}-f{train_fraction:g}-s{seed}"
+    return check_name("run id", f"{name}-p{p:g}-f{train_fraction:g}-s{seed}")
 
 
 def arm_name(regularizer: str, variant: str | None) -> str:

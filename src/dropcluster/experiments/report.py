@@ -38,7 +38,14 @@ from dropcluster.experiments.report_figures import (
     ordered_regularizers,
     split_arm,
 )
-from dropcluster.experiments.store import CLEAN, FAILED, FINISHED, RUN_STATUSES, ResultsStore
+from dropcluster.experiments.store import (
+    CLEAN,
+    FAILED,
+    FINISHED,
+    RUN_STATUSES,
+    ResultsStore,
+    error_reason,
+)
 from dropcluster.experiments.sweep import RUNS_FOLDER
 from dropcluster.files import atomic_write_text
 from dropcluster.validation import check_int
@@ -198,6 +205,8 @@ class Summary:
         short_runs: finished runs that averaged fewer than K epochs.
         runs_without_epochs: finished runs with no epoch rows, whose metric is the one the
             runner stored with the run.
+        unreadable: rows of the database that could not be read, by run id, with the reason
+            (``dropcluster collect`` repairs them); never aggregated.
     """
 
     average_last: int
@@ -214,6 +223,7 @@ class Summary:
     clusters: list[ClusterRow] = field(default_factory=list)
     short_runs: list[str] = field(default_factory=list)
     runs_without_epochs: list[str] = field(default_factory=list)
+    unreadable: dict[str, str] = field(default_factory=dict)
 
 
 def _key(value: float) -> float:
@@ -275,12 +285,13 @@ def summarize(store: ResultsStore, average_last: int, *, preset_name: str | None
             record.seed,
             record.train_fraction,
             record.attempts,
-            _error_line(record.error),
+            error_reason(record.error),
         )
         for record in records
         if record.status == FAILED
     ]
     summary = Summary(average_last, status_counts, failed)
+    summary.unreadable = store.unreadable_runs(preset=preset_name)
     finished = [record for record in records if record.status == FINISHED]
     epochs_by_run: dict[str, list[dict]] = defaultdict(list)
     for row in store.epochs():
@@ -443,12 +454,6 @@ def _aggregate_clusters(summary: Summary, rows: list[dict]) -> None:
                 ),
             )
         )
-
-
-def _error_line(error: str | None) -> str:
-    """The line that says what went wrong: the last one (a traceback ends with the exception)."""
-    lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
-    return lines[-1] if lines else "(no error message)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -733,6 +738,13 @@ def _header(summary: Summary, preset: Preset) -> list[str]:
             f"- {len(summary.runs_without_epochs)} finished run(s) have no epoch rows; their "
             "metric is the one stored with the run: "
             f"{', '.join(f'`{r}`' for r in summary.runs_without_epochs)}."
+        )
+    if summary.unreadable:
+        lines.append(
+            f"- {len(summary.unreadable)} row(s) of the database could not be read and are left "
+            f"out (`dropcluster collect` repairs them from the run folders): "
+            + "; ".join(f"`{run_id}`: {reason}" for run_id, reason in summary.unreadable.items())
+            + "."
         )
     lines += _assumptions(preset)
     if summary.failed:
@@ -1318,6 +1330,11 @@ class CombinedResults:
     def runs(self, preset: str | None = None):
         """Every sweep's runs of its own preset (``preset`` is ignored: each part has one)."""
         return [record for store, name in self.parts for record in store.runs(preset=name)]
+
+    def unreadable_runs(self, preset: str | None = None) -> dict[str, str]:
+        """Every sweep's unreadable rows of its own preset (``preset`` is ignored)."""
+        return {run_id: reason for store, name in self.parts
+                for run_id, reason in store.unreadable_runs(preset=name).items()}  # fmt: skip
 
     def epochs(self) -> list[dict]:
         return [row for store, _ in self.parts for row in store.epochs()

@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,7 +29,7 @@ from dropcluster.errors import DropClusterError, SchemaVersionError
 from dropcluster.experiments.presets import arm_name
 from dropcluster.experiments.presets import run_id as make_run_id
 from dropcluster.files import atomic_write_text
-from dropcluster.validation import check_choice
+from dropcluster.validation import check_choice, check_float, check_int, check_type
 
 #: Version of the tables below; a database from a newer version is refused.
 SCHEMA_VERSION = 1
@@ -135,6 +136,12 @@ CREATE TABLE clusters (
 
 class ResultsDatabaseError(DropClusterError, ValueError):
     """The file is not a results database, or it is corrupted (restore it, or re-collect)."""
+
+
+class UnreadableRunError(ResultsDatabaseError):
+    """A row of the runs table holds a value of the wrong type (a hand-edited database, or one
+    written by a version that did not check what it stored): ``dropcluster collect`` repairs
+    the database from the run folders."""
 
 
 class ResultsStorageError(DropClusterError, OSError):
@@ -299,6 +306,30 @@ def variant_from_run_id(
     if variant and run_id == f"{prefix}{variant}{suffix}":
         return variant
     return None
+
+
+def error_reason(error: str | None) -> str:
+    """The reason a failed run's stored error gives: its first line (what follows is context,
+    such as the last lines of the worker's log). An error stored by dropcluster 0.3 or older
+    began with ``exit status N`` and ended with the worker's last line, which is given then."""
+    lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
+    if not lines:
+        return "(no error message)"
+    if re.fullmatch(r"exit status -?\d+", lines[0]):
+        return lines[-1]
+    return lines[0]
+
+
+def refuse_0_1_run(path: Path, run_id: str, config: dict) -> None:
+    """Raise ValueError when ``config``, stored in the database ``path``, is a run of
+    dropcluster 0.1 (every config since 0.2 has ``weight_decay_on``; 0.1's ResNets had
+    another stem, so its results do not compare with this version's)."""
+    if "weight_decay_on" not in config:
+        raise ValueError(
+            f"run {run_id!r} in {path} was made by dropcluster 0.1, whose ResNets had a bare "
+            f"conv stem (since 0.2: conv, batch norm, ReLU): its results do not compare with "
+            f"this version's; sweep into a new --out folder"
+        )
 
 
 class ResultsStore:
@@ -546,9 +577,17 @@ class ResultsStore:
             True if the run was added; False if it existed (its status and results are kept).
 
         Raises:
-            ValueError: the run exists with a different config or grid coordinates (the grid
-                changed under an existing run id); the message lists what differs.
+            ValueError: a value of the wrong type, or the run exists with a different config or
+                grid coordinates (the grid changed under an existing run id); the message lists
+                what differs.
         """
+        check_type("run_id", run_id, str)
+        check_type("preset", preset, str | None)
+        check_type("regularizer", regularizer, str)
+        check_float("p", p)
+        check_int("seed", seed)
+        check_float("train_fraction", train_fraction)
+        check_type("config", config, dict)
         config_text = _json_text(config)
         new = {"preset": preset, "regularizer": regularizer, "p": p, "seed": seed,
                "train_fraction": train_fraction}  # fmt: skip
@@ -566,18 +605,22 @@ class ResultsStore:
                      time.time()),
                 )  # fmt: skip
                 return True
+            try:
+                _run_record(connection.execute(
+                    f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs WHERE run_id = ?", (run_id,)
+                ).fetchone())  # fmt: skip
+            except UnreadableRunError as error:
+                raise ValueError(
+                    f"{self.path}: {error}: `dropcluster collect {self.path.parent}` repairs "
+                    f"the database from the run folders"
+                ) from None
             stored, given = json.loads(row["config"]), json.loads(config_text)
             if "variant" not in stored and "variant" in given:
                 # Recorded before configs kept their variant: it is the one in the run id.
                 stored["variant"] = variant_from_run_id(run_id, regularizer, p, train_fraction,
                                                         seed)  # fmt: skip
-            if "weight_decay_on" not in stored and "weight_decay_on" in given:
-                # Every config since 0.2 has it; 0.1's ResNets had another stem.
-                raise ValueError(
-                    f"run {run_id!r} in {self.path} was made by dropcluster 0.1, whose ResNets "
-                    f"had a bare conv stem (since 0.2: conv, batch norm, ReLU): its results do "
-                    f"not compare with this version's; sweep into a new --out folder"
-                )
+            if "weight_decay_on" in given:
+                refuse_0_1_run(self.path, run_id, stored)
             differences = _differences(
                 {**{key: row[key] for key in new}, **_prefixed(stored)},
                 {**new, **_prefixed(json.loads(config_text))},
@@ -589,6 +632,17 @@ class ResultsStore:
                     f"give the changed runs new ids or sweep into a new output folder"
                 )
             return False
+
+    @_database_errors(writing=True)
+    def delete_run(self, run_id: str) -> bool:
+        """Remove a run and all its rows (epochs, corruptions, clusters) in one transaction.
+
+        Returns:
+            True if there was such a run.
+        """
+        with self._write() as connection:
+            cursor = connection.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+            return cursor.rowcount > 0
 
     @_database_errors(writing=True)
     def mark_running(self, run_id: str) -> None:
@@ -753,7 +807,13 @@ class ResultsStore:
 
     @_database_errors(writing=False)
     def run(self, run_id: str) -> RunRecord:
-        """The stored state of one run (KeyError if there is no such run)."""
+        """The stored state of one run.
+
+        Raises:
+            KeyError: there is no such run.
+            UnreadableRunError: its row holds a value of the wrong type (see
+                :meth:`unreadable_runs`).
+        """
         row = self._connection.execute(
             f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs WHERE run_id = ?", (run_id,)
         ).fetchone()
@@ -782,7 +842,34 @@ class ResultsStore:
             "ORDER BY regularizer, p, train_fraction DESC, seed, run_id",
             parameters,
         )
-        return [_run_record(row) for row in rows]
+        records = []
+        for row in rows:
+            try:
+                records.append(_run_record(row))
+            except UnreadableRunError:
+                continue  # listed by unreadable_runs()
+        return records
+
+    @_database_errors(writing=False)
+    def unreadable_runs(self, *, preset: str | None = None) -> dict[str, str]:
+        """The rows of the runs table that :meth:`runs` leaves out because a value has the
+        wrong type (a text where a number belongs, a config that is not a JSON object), by run
+        id, with the reason. ``dropcluster collect`` repairs them; reports name them.
+
+        Args:
+            preset: only rows of this preset (rows whose preset cannot be read are always
+                included).
+        """
+        unreadable = {}
+        for row in self._connection.execute(f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs"):
+            if preset is not None and row["preset"] != preset and (
+                    row["preset"] is None or isinstance(row["preset"], str)):  # fmt: skip
+                continue  # another preset's row (one whose preset is unreadable is listed)
+            try:
+                _run_record(row)
+            except UnreadableRunError as error:
+                unreadable[str(row["run_id"])] = str(error)
+        return unreadable
 
     @_database_errors(writing=False)
     def epochs(self, run_id: str | None = None) -> list[dict]:
@@ -1024,9 +1111,33 @@ def _run_filter(run_id: str | None) -> tuple[str, tuple]:
     return "WHERE run_id = ?", (run_id,)
 
 
+#: The Python type of each run column, as a row must hold it to become a RunRecord (SQLite
+#: stores a value of another type where it was given one: a text in a REAL column stays text).
+_RUN_COLUMN_TYPES: dict[str, Any] = {
+    "run_id": str, "preset": str | None, "regularizer": str, "p": float, "seed": int,
+    "train_fraction": float, "status": str, "attempts": int, "error": str | None,
+    "top1": float | None, "top5": float | None, "average_last": int | None,
+    "epochs_done": int, "seconds": float | None, "updated_at": float,
+}  # fmt: skip
+
+
 def _run_record(row: sqlite3.Row) -> RunRecord:
+    """A row of the runs table as a RunRecord (UnreadableRunError: a value of the wrong type)."""
     values = {name: row[name] for name in _RUN_COLUMNS}
-    values["config"] = json.loads(values["config"])
+    for name, hint in _RUN_COLUMN_TYPES.items():
+        value = values[name]
+        if isinstance(value, float) and math.isnan(value) and hint is not float:
+            continue  # a metric SQLite reads back as NaN is as good as None
+        try:
+            check_type(name, value, hint)
+        except ValueError as error:
+            raise UnreadableRunError(f"run {values['run_id']!r}: {error}") from None
+    try:
+        values["config"] = json.loads(values["config"])
+    except (TypeError, ValueError):
+        values["config"] = None
+    if not isinstance(values["config"], dict):
+        raise UnreadableRunError(f"run {values['run_id']!r}: its config is not a JSON object")
     return RunRecord(**values)
 
 

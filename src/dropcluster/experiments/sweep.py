@@ -16,9 +16,9 @@ process writes the database, each run's results in one transaction.
 Where the workers run is a backend's business (:mod:`dropcluster.experiments.backends`):
 processes on this machine (the default, ``jobs`` at a time), Ray tasks or Slurm jobs. Whatever
 the backend, a run writes only its own folder, and this process records its results from there
-(:func:`collect_results`); a run found finished in its folder (a Slurm job that ended after a
-``--no-wait`` submission, a worker that finished after its sweep died) is recorded without
-training again.
+(:mod:`~dropcluster.experiments.run_folder` reads and checks them); a run found finished in its
+folder (a Slurm job that ended after a ``--no-wait`` submission, a worker that finished after
+its sweep died) is recorded without training again.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -35,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from dropcluster.errors import RunBusyError
 from dropcluster.experiments.backends import (
     WORKER_LOG_NAME,
     Backend,
@@ -47,11 +47,7 @@ from dropcluster.experiments.backends import (
     start_worker,
     worker_command,
 )
-from dropcluster.experiments.corruption_eval import (
-    CORRUPTIONS_NAME,
-    CorruptionSettings,
-    stored_identity,
-)
+from dropcluster.experiments.corruption_eval import CorruptionSettings
 from dropcluster.experiments.presets import (
     Preset,
     RunSpec,
@@ -60,11 +56,18 @@ from dropcluster.experiments.presets import (
     filter_runs,
     load_preset,
 )
-from dropcluster.experiments.store import DATABASE_NAME, FAILED, FINISHED, ResultsStore
-from dropcluster.experiments.worker import JOB_NAME, write_job
-from dropcluster.files import FolderLock, atomic_write_json
+from dropcluster.experiments.run_folder import RunFolderError, finished_results, read_results
+from dropcluster.experiments.store import (
+    DATABASE_NAME,
+    FAILED,
+    FINISHED,
+    ResultsStore,
+    error_reason,
+)
+from dropcluster.experiments.worker import write_job
+from dropcluster.files import atomic_write_json
 from dropcluster.train.config import NOT_IDENTITY, resolve_device
-from dropcluster.train.loop import LOG_NAME, RESULT_NAME, RUN_LOCK_NAME, read_log
+from dropcluster.train.loop import LOG_NAME, read_log
 from dropcluster.validation import check_int
 
 PRESET_NAME = "preset.json"
@@ -341,99 +344,6 @@ def dry_run(
     return specs
 
 
-def collect_results(run_dir: Path) -> dict[str, Any]:
-    """Read a finished run's files into the arguments of ``ResultsStore.record_finished``."""
-    history = read_log(run_dir / LOG_NAME)
-    result = json.loads((run_dir / RESULT_NAME).read_text())
-    corruptions = None
-    corruption_file = run_dir / CORRUPTIONS_NAME
-    if corruption_file.is_file():
-        document = json.loads(corruption_file.read_text())
-        source = document.get("source", "generated")
-        corruptions = [
-            {**{key: row[key] for key in ("corruption", "severity", "top1", "top5")},
-             "source": source}
-            for row in document["rows"]
-        ]  # fmt: skip
-    clusters = []
-    for record in history:
-        if "structured" in record:
-            names = record.get("layers") or [f"layer{i}" for i in range(len(record["structured"]))]
-            for name, structured, channels in zip(
-                names, record["structured"], record["channels"], strict=True
-            ):
-                clusters.append(
-                    {
-                        "epoch": record["epoch"],
-                        "layer": name,
-                        "channels": channels,
-                        "structured": structured,
-                        "refit_seconds": record.get("refit_seconds"),
-                    }
-                )
-    return {
-        "history": history,
-        "top1": result["top1"],
-        "top5": result["top5"],
-        "average_last": result["average_last"],
-        "corruptions": corruptions,
-        "clusters": clusters,
-    }
-
-
-def finished_results(run_dir: Path) -> dict[str, Any] | None:
-    """The results of a run folder whose run is finished, as :func:`collect_results` reads
-    them; None while it is not (or while a process writes it).
-
-    Finished: ``result.json`` counts the config's epochs, the log holds them all, and, when the
-    run's job asks for the corrupted test sets, ``corruptions.json`` scored the finished model
-    with the job's settings. The config comes from ``job.json``, else ``config.json`` (a run
-    trained with ``dropcluster train``).
-    """
-    try:
-        config, evaluate = run_folder_config(run_dir)
-        result = json.loads((run_dir / RESULT_NAME).read_text())
-    except (OSError, ValueError, KeyError):
-        return None
-    epochs = config["epochs"]
-    if result.get("epochs", epochs) != epochs:
-        return None
-    if evaluate:
-        stored = stored_identity(run_dir)
-        wanted = CorruptionSettings(**evaluate).to_dict()
-        if (stored is None or stored["settings"] != wanted or stored["checkpoint_epochs"] != epochs
-                or "corruptions" not in result):  # fmt: skip
-            return None
-    lock = FolderLock(run_dir, RUN_LOCK_NAME, "training run")
-    try:
-        lock.acquire()
-    except RunBusyError:
-        return None
-    except OSError:
-        pass  # a read-only folder: nobody writes it either
-    try:
-        results = collect_results(run_dir)
-    except (OSError, ValueError, KeyError):
-        return None
-    finally:
-        lock.release()
-    return results if len(results["history"]) == epochs else None
-
-
-def run_folder_config(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """A run folder's config (a ``TrainConfig`` dict) and corruption settings (None: none), from
-    its ``job.json``, else its ``config.json``.
-
-    Raises:
-        OSError: neither file is there; ValueError: one is not valid JSON.
-    """
-    try:
-        job = json.loads((run_dir / JOB_NAME).read_text())
-    except FileNotFoundError:
-        return json.loads((run_dir / "config.json").read_text()), None
-    return job["config"], job.get("evaluate")
-
-
 def _logged_history(run_dir: Path) -> list[dict[str, Any]] | None:
     """The epochs a running worker has logged (a half-written line is read at the next poll);
     None while there is no log yet."""
@@ -507,6 +417,10 @@ def run_sweep(
     if poll_seconds is None:
         poll_seconds = 0.5 if settings.name == "local" else 2.0
     _check_corrupted_from(preset)
+    if settings.name == "slurm":  # before anything is written
+        from dropcluster.experiments.backends.slurm import check_slurm_commands
+
+        check_slurm_commands(settings.cluster)
     stream = stream if stream is not None else sys.stderr
     out = Path(out)
     with sweep_lock(out):
@@ -543,8 +457,9 @@ def _run_locked(
             stream.write(
                 f"resuming {len(interrupted)} interrupted run(s): {', '.join(interrupted)}\n"
             )
-        todo = _record_finished_folders(store, specs, out, summary, stream)
-        summary.finished = len(specs) - len(todo)
+        todo = _record_finished_folders(store, specs, out, _corruption_settings(preset), summary,
+                                        stream)  # fmt: skip
+        summary.finished = len(specs) - len(todo) - len(summary.failed)
         stream.write(
             f"sweep {preset.name} in {out}: {len(specs)} runs, {summary.finished} finished, "
             f"{len(todo)} to run, {_where(settings, jobs)}\n"
@@ -565,26 +480,41 @@ def _run_locked(
 
 
 def _record_finished_folders(
-    store: ResultsStore, specs: list[RunSpec], out: Path, summary: SweepSummary, stream: TextIO
+    store: ResultsStore,
+    specs: list[RunSpec],
+    out: Path,
+    preset_evaluate: CorruptionSettings | None,
+    summary: SweepSummary,
+    stream: TextIO,
 ) -> list[RunSpec]:
     """Record the runs the database does not have as finished but whose folders do; returns
-    the runs left to train (failed runs are retried, with a word)."""
+    the runs left to train (failed runs are retried, with a word). A folder that holds another
+    run, or damaged files, fails its run with the reason and is left alone."""
     status = {r.run_id: r for r in store.runs()}
+    by_id = {spec.run_id: spec for spec in specs}
     todo = []
     for spec in specs:
         record = status[spec.run_id]
         if record.status == FINISHED:
             continue
-        results = finished_results(out / RUNS_FOLDER / spec.run_id)
+        evaluate = preset_evaluate if spec.evaluate_corruptions else None
+        try:
+            results = finished_results(out / RUNS_FOLDER / spec.run_id, spec, evaluate, by_id)
+        except RunFolderError as error:
+            # Another run's folder, or damaged files: never trained over, never recorded.
+            store.mark_failed(spec.run_id, f"its folder cannot be recorded: {error}")
+            summary.failed.append(spec.run_id)
+            stream.write(
+                f"FAILED {spec.run_id}: its folder {out / RUNS_FOLDER / spec.run_id} cannot be "
+                f"recorded ({error}); move it away and rerun\n"
+            )
+            continue
         if results is not None:
             store.record_finished(spec.run_id, seconds=None, **results)
             summary.collected.append(spec.run_id)
             continue
         if record.status == FAILED:
-            stream.write(
-                f"retrying {spec.run_id} (failed before: "
-                f"{(record.error or '').splitlines()[-1:]})\n"
-            )
+            stream.write(f"retrying {spec.run_id} (failed before: {error_reason(record.error)})\n")
         todo.append(spec)
     if summary.collected:
         stream.write(
@@ -701,8 +631,8 @@ def _record_exit(
     seconds = time.perf_counter() - job.started
     if finished.status == 0:
         try:
-            results = collect_results(run_dir)
-        except (OSError, ValueError, KeyError) as error:
+            results = read_results(run_dir)
+        except (OSError, ValueError) as error:
             store.mark_failed(run_id, f"unreadable results: {error}")
             summary.failed.append(run_id)
             return
@@ -715,16 +645,47 @@ def _record_exit(
             f"({format_duration(seconds)})\n"
         )
         return
-    error = _error_tail(run_dir / WORKER_LOG_NAME)
-    if finished.message:
-        error = f"{error}\n{finished.message}"
-    store.mark_failed(run_id, f"exit status {finished.status}\n{error}")
+    tail = _error_tail(run_dir / WORKER_LOG_NAME)
+    reason = failure_reason(finished.status, finished.message, tail)
+    store.mark_failed(run_id, f"{reason}\n--- last lines of {WORKER_LOG_NAME} ---\n{tail}")
     summary.failed.append(run_id)
-    last = error.splitlines()[-1] if error else ""
-    stream.write(
-        f"FAILED {run_id} (exit {finished.status}): {last}\n"
-        f"  full log: {run_dir / WORKER_LOG_NAME}\n"
-    )
+    stream.write(f"FAILED {run_id}: {reason}\n  full log: {run_dir / WORKER_LOG_NAME}\n")
+
+
+#: What the worker's exit statuses mean (see :mod:`dropcluster.experiments.worker`).
+_WORKER_STATUSES = {
+    1: "the worker stopped on an internal error",
+    2: "the worker stopped on an error",
+    3: "the task that started the worker ended, so the worker stopped",
+}
+
+
+def failure_reason(status: int | None, message: str, log_tail: str) -> str:
+    """One line saying why a run's worker ended without results.
+
+    Args:
+        status: the worker's exit status (negative: killed by that signal, as Python reports
+            it); None when the engine lost the task (``message`` says how).
+        message: the engine's account (a Slurm job's final state, Ray's error), or "".
+        log_tail: the last lines of the worker's log; its last line is the worker's own
+            message when it stopped on an error (status 1 or 2), never the reason otherwise
+            (a killed worker's last line is whatever it printed last).
+    """
+    if status is None:
+        return message or "the engine lost the task"
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = f"signal {-status}"
+        reason = f"the worker was killed by {name}"
+        if -status == signal.SIGKILL:
+            reason += " (kill -9, or the out-of-memory killer)"
+        return f"{reason}: {message}" if message else reason
+    last = log_tail.strip().splitlines()[-1] if log_tail.strip() else ""
+    if status in (1, 2) and last:
+        return last.removeprefix("dropcluster: error: ")
+    return _WORKER_STATUSES.get(status, f"the worker exited with status {status}")
 
 
 def _job_devices(preset: Preset, jobs: int, procs: int = 1) -> list[str | None]:

@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m dropcluster.experiments.worker RUN_DIR", file=sys.stderr)
         return 2
-    from dropcluster.errors import DropClusterError
+    from dropcluster.errors import user_error_message
+    from dropcluster.train.launch import rank_failure
 
     owner = os.environ.get(OWNER_PID_VARIABLE)
     if owner:
@@ -124,9 +125,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return run_job(Path(args[0]))
-    except (DropClusterError, ValueError, OSError) as error:
+    except Exception as error:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:  # under the launcher: it prints the group's one line
+            status = rank_failure(error, int(os.environ.get("RANK", "0")), world)
+            if status is not None:
+                return status
+            raise
+        message = user_error_message(error)
+        if message is None:
+            raise
         # The sweep keeps the last line of this log as the run's error: make it the message.
-        print(" ".join(str(error).split()), file=sys.stderr)
+        print(message, file=sys.stderr)
         return 2
 
 

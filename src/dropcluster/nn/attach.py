@@ -32,12 +32,22 @@ ATTACHED_NAME = "attached_regularizer"
 class _ApplyAttached:
     """Forward hook: the module's output passed through the regularizer attached to it.
 
-    Stateless: it finds the regularizer on the module it is called with, so a copied or
-    unpickled model applies its own regularizer.
+    It finds the regularizer on the module it is called with, so a copied or unpickled model
+    applies its own regularizer; it keeps only the target's name, for error messages.
     """
 
+    def __init__(self, after: str = "") -> None:
+        self.after = after
+
     def __call__(self, module: nn.Module, inputs, output):
-        return module._modules[ATTACHED_NAME](output)
+        try:
+            return module._modules[ATTACHED_NAME](output)
+        except ValueError as error:
+            after = getattr(self, "after", "")  # hooks pickled before 0.4 have no name
+            where = f"after {after!r}" if after else "to the model's output"
+            raise ValueError(
+                f"the regularizer attached {where} ({type(module).__name__}): {error}"
+            ) from error
 
 
 def attach(model: nn.Module, after: str, regularizer: nn.Module) -> nn.Module:
@@ -50,12 +60,17 @@ def attach(model: nn.Module, after: str, regularizer: nn.Module) -> nn.Module:
 
     The hook runs at every call of the target. A module called several times in one forward is
     regularized at each call: torchvision's ``BasicBlock``/``Bottleneck`` use one ``relu`` for
-    all their activations, so ``"layer1.0.relu"`` regularizes each of them (a DropCluster2d
-    there is fitted on the inputs of every call, and refuses a Bottleneck's differently shaped
-    ones); attach to a module called once (``"layer1.0.bn1"``, ``"layer1.0"``) to regularize
-    one place. The top-level ``relu`` of a
-    torchvision ResNet (the stem) is called once. Forward hooks registered on the target before
-    ``attach`` see its output before the regularizer, those registered after see it after.
+    all their activations, so ``"layer1.0.relu"`` regularizes each of them. A DropCluster2d
+    there is fitted by :func:`fit_clusters` on the output of the *first* call of each forward
+    (the capture stops the forward there), and drops those clusters at every call: the calls
+    must have that call's shape (a Bottleneck's do not, and its later calls then raise, naming
+    the target). Attach to a module called once (``"layer1.0.bn1"``, ``"layer1.0"``) to
+    regularize one place. The top-level ``relu`` of a torchvision ResNet (the stem) is called
+    once. Forward hooks registered on the target before ``attach`` see its output before the
+    regularizer, those registered after see it after.
+
+    A DropCluster2d takes (N, C, H, W) feature maps: attached after a module with another
+    output (a ``Linear``, the model's root), the first forward raises, naming the target.
 
     Attach before wrapping the model: before ``DistributedDataParallel``, which broadcasts the
     buffers it found when it was built, and preferably before ``torch.compile`` (torch 2.13
@@ -92,7 +107,7 @@ def attach(model: nn.Module, after: str, regularizer: nn.Module) -> nn.Module:
             f"attach after another module"
         )
     target.add_module(ATTACHED_NAME, regularizer)
-    target.register_forward_hook(_ApplyAttached())
+    target.register_forward_hook(_ApplyAttached(after))
     return regularizer
 
 

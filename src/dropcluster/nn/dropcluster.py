@@ -10,6 +10,7 @@ zeroed, with the same rescaling rule.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -616,15 +617,35 @@ class DropCluster2d(DropRateModule):
             generator=generator,
         )
         self.materialize(shape)
-        self.load_clusters(*fixed_tables(
+        tables = fixed_tables(
             result.labels, result.structured, result.n_found, result.sizes, self.n_clusters
-        ))  # fmt: skip
+        )
+        self._write_tables(*tables)
+        if not bool(tables[1].any()):
+            warnings.warn(
+                f"DropCluster2d found no structured channel among the {shape[0]} channels of "
+                f"its input (all constant, e.g. all-zero activations, under the "
+                f"{self.unstructured!r} rule): the layer now zeroes every channel, in training "
+                f"and in evaluation; fit it on real activations of the layer's input",
+                stacklevel=3,  # the caller of fit, past torch.no_grad's wrapper
+            )
         return self
 
     @torch.no_grad()
     def load_clusters(self, labels: Tensor, structured: Tensor, counts: Tensor,
                       sizes: Tensor) -> None:  # fmt: skip
-        """Write fitted tables (see :func:`fixed_tables`) into the buffers, in place."""
+        """Write fitted tables (see :func:`fixed_tables`) into the buffers, in place.
+
+        Raises:
+            ValueError: tables that do not fit the layer's shapes or each other (see
+                :func:`check_tables`); the layer keeps what it had.
+        """
+        check_tables(labels, structured, counts, sizes, self.n_clusters)
+        self.materialize(tuple(labels.shape))  # raises when fitted on another shape
+        self._write_tables(labels, structured, counts, sizes)
+
+    def _write_tables(self, labels: Tensor, structured: Tensor, counts: Tensor,
+                      sizes: Tensor) -> None:  # fmt: skip
         self.labels.copy_(labels)
         self.structured.copy_(structured)
         self.cluster_counts.copy_(counts)
@@ -655,12 +676,18 @@ class DropCluster2d(DropRateModule):
             and self.n_clusters <= _MAX_PACKED_CLUSTERS
             and not self.record_mask
         )
+        if x.dim() != 4:
+            raise ValueError(
+                f"DropCluster2d takes (N, C, H, W) feature maps, but got input of shape "
+                f"{tuple(x.shape)}: place it after a conv layer (or a module whose output is "
+                f"a feature map)"
+            )
         if not traced and not self._fitted:
-            if self.labels.numel() == 0 and x.dim() == 4 and not _compiling():
+            if self.labels.numel() == 0 and not _compiling():
                 self.materialize(tuple(x.shape[1:]))
             self._remember(None)
             return x
-        if x.dim() != 4 or tuple(x.shape[1:]) != tuple(self.labels.shape):
+        if tuple(x.shape[1:]) != tuple(self.labels.shape):
             raise ValueError(
                 f"DropCluster2d holds clusters for (C, H, W) = {tuple(self.labels.shape)} maps, "
                 f"but got input of shape {tuple(x.shape)}: refit it on activations of the new "
@@ -725,6 +752,7 @@ class DropCluster2d(DropRateModule):
             if "is_fitted" not in present and "labels" in present:
                 _convert_legacy_state(self, state_dict, keys)
             self._check_loaded_shapes(state_dict, keys)
+            self._check_loaded_tables(state_dict, keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)  # fmt: skip
         if not present:
@@ -754,6 +782,92 @@ class DropCluster2d(DropRateModule):
             )
         # An unfitted layer takes the stored shapes (resized in place).
         self.materialize(incoming)
+
+    def _check_loaded_tables(self, state_dict, keys: dict[str, str]) -> None:
+        """Refuse fitted tables that are not what a fit makes (a label past its channel's
+        clusters would silently zero those pixels at every step), naming the key."""
+        fitted = state_dict.get(keys["is_fitted"])
+        if fitted is None or not bool(fitted) or any(keys[n] not in state_dict for n in
+                                                     self.STATE):  # fmt: skip
+            return
+        tables = [state_dict[keys[name]] for name in ("labels", "structured", "cluster_counts",
+                                                        "cluster_sizes")]  # fmt: skip
+        try:
+            check_tables(*tables, self.n_clusters, names={n: repr(keys[n]) for n in self.STATE})
+        except ValueError as error:
+            raise ValueError(f"cannot load DropCluster2d state: {error}") from None
+
+
+def check_tables(labels: Tensor, structured: Tensor, counts: Tensor, sizes: Tensor,
+                 n_clusters: int, names: dict[str, str] | None = None) -> None:  # fmt: skip
+    """Raise ValueError unless the four tables are fitted clusters as :func:`fixed_tables`
+    makes them: ``labels`` (C, H, W), ``structured`` (C,) bool, ``counts`` (C,) and ``sizes``
+    (C, n_clusters) integers; a structured channel has 1 to ``n_clusters`` clusters, labels
+    below its count and sizes that count its labels; an unstructured one has count and sizes 0.
+
+    One pass over the labels (a scatter of ones): cheap beside any fit. ``names`` says how the
+    message names each table (a state_dict key); the message names the first bad channel.
+    """
+    names = names or {}
+    label_name, sizes_name = names.get("labels", "labels"), names.get("cluster_sizes", "sizes")
+    counts_name = names.get("cluster_counts", "counts")
+    n_channels = labels.shape[0] if labels.dim() == 3 else -1
+    kinds = ((labels, 3, label_name), (counts, 1, counts_name), (sizes, 2, sizes_name))
+    for table, dims, name in kinds:
+        if table.dim() != dims or table.is_floating_point() or table.is_complex() or (
+                table.dtype == torch.bool) or table.shape[0] != n_channels:  # fmt: skip
+            raise ValueError(
+                f"{name} should be a {dims}-d integer tensor with {n_channels} channels, but got "
+                f"{tuple(table.shape)} {table.dtype}"
+            )
+    if structured.shape != (n_channels,) or structured.dtype != torch.bool:
+        raise ValueError(
+            f"{names.get('structured', 'structured')} should be a ({n_channels},) bool tensor, "
+            f"but got {tuple(structured.shape)} {structured.dtype}"
+        )
+    if sizes.shape[1] != n_clusters:
+        raise ValueError(f"{sizes_name} should have {n_clusters} columns, not {sizes.shape[1]}")
+    if n_channels == 0 or labels.numel() == 0:
+        return
+    device = labels.device
+    labels, counts, sizes = labels.long(), counts.long().to(device), sizes.long().to(device)
+    structured = structured.to(device)
+    flat = labels.reshape(n_channels, -1)
+    smallest, largest = torch.aminmax(flat, dim=1)
+    bad_count = structured & ((counts < 1) | (counts > n_clusters)) | ~structured & (counts != 0)
+    bad_label = structured & ((smallest < 0) | (largest >= counts))
+    in_range = flat.clamp(0, n_clusters - 1)
+    counted = torch.zeros_like(sizes).scatter_add_(1, in_range, torch.ones_like(in_range))
+    counted *= structured.unsqueeze(1)
+    bad_sizes = (counted != sizes).any(dim=1)
+    for bad, what in ((bad_count, "count"), (bad_label, "labels"), (bad_sizes, "sizes")):
+        if bool(bad.any()):
+            c = int(bad.nonzero()[0])
+            raise ValueError(_table_problem(what, c, bool(structured[c]), int(counts[c]),
+                                            n_clusters, names, labels, sizes, counted))  # fmt: skip
+
+
+def _table_problem(what: str, c: int, structured: bool, count: int, n_clusters: int,
+                   names: dict[str, str], labels: Tensor, sizes: Tensor,
+                   counted: Tensor) -> str:  # fmt: skip
+    """The message of :func:`check_tables` for channel ``c``'s first problem."""
+    state = f"structured with {count} clusters" if structured else "unstructured"
+    if what == "count":
+        name = names.get("cluster_counts", "counts")
+        if structured:
+            return f"{name}: channel {c} is {state}, but a structured channel has 1 to {n_clusters}"
+        return f"{name}: channel {c} is unstructured with count {count}, but such a channel has 0"
+    if what == "labels":
+        low, high = torch.aminmax(labels[c])
+        return (
+            f"{names.get('labels', 'labels')}: channel {c} is {state}, but its labels range from "
+            f"{int(low)} to {int(high)} (expected 0 to {count - 1})"
+        )
+    expected = f"the pixels of each label: {counted[c].tolist()}" if structured else "zeros"
+    return (
+        f"{names.get('cluster_sizes', 'sizes')}: channel {c} is {state}, but its sizes are "
+        f"{sizes[c].tolist()} (expected {expected})"
+    )
 
 
 def fixed_tables(labels: Tensor, structured: Tensor, n_found: Tensor, sizes: Tensor,

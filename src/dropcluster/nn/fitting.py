@@ -112,12 +112,15 @@ def fit_clusters(
     try:
         captured, images = _capture(module, [m for _, m in named], data, n_images, prepare,
                                     batch_size)  # fmt: skip
-        for _, layer in named:
+        for name, layer in named:
             activations = torch.cat(captured[id(layer)])[:n_images]
-            if rank == 0:
-                layer.fit(activations, generator=generator)
-            else:
-                layer.materialize(tuple(activations.shape[1:]))
+            try:
+                if rank == 0:
+                    layer.fit(activations, generator=generator)
+                else:
+                    layer.materialize(tuple(activations.shape[1:]))
+            except ValueError as error:
+                raise ValueError(f"DropCluster2d {name!r}: {error}") from error
     except Exception as raised:  # noqa: BLE001 - re-raised below, after the other ranks know
         if world == 1:
             raise

@@ -56,9 +56,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {path} is empty: {advice}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError,
-            KeyError, IndexError, UnicodeDecodeError, AttributeError) as error:  # fmt: skip
+    except _LOAD_ERRORS as error:
         detail = " ".join(str(error).split())[:200]
+        if str(map_location) != "cpu" and _readable_on_cpu(path):
+            # The file is fine: the device it was to be loaded onto is the problem.
+            raise CheckpointError(
+                f"checkpoint {path} is intact but cannot be loaded onto {map_location} "
+                f"({detail}): choose another device"
+            ) from error
         raise CheckpointError(f"checkpoint {path} cannot be read ({detail}): {advice}") from error
     if not isinstance(state, dict) or any(key not in state for key in CHECKPOINT_KEYS):
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
@@ -67,6 +72,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{list(CHECKPOINT_KEYS)}, found {found}"
         )
     return state
+
+
+#: What torch.load raises for a file it cannot read.
+_LOAD_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError,
+                KeyError, IndexError, UnicodeDecodeError, AttributeError)  # fmt: skip
+
+
+def _readable_on_cpu(path: Path) -> bool:
+    """Whether the checkpoint loads on the CPU: only a file that does not is called damaged."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except _LOAD_ERRORS:
+        return False
+    return True
 
 
 def load_model_state(model: torch.nn.Module, checkpoint: dict[str, Any], path: str | Path) -> None:

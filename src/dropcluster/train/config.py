@@ -12,6 +12,10 @@ import torch
 from dropcluster.files import atomic_write_text
 from dropcluster.validation import check_choice, check_fields, check_float, check_int
 
+#: The largest seed: 2**32 - 1, as numpy's; seeds derived from it (one per process of a
+#: distributed run) stay far inside the 64-bit range torch and SQLite store.
+MAX_SEED = 2**32 - 1
+
 #: Fields that do not change a run's results: a run may resume with other values.
 NOT_IDENTITY = frozenset(
     {"device", "eval_batch_size", "keep_checkpoints", "test_every", "checkpoint_every"}
@@ -71,9 +75,11 @@ class TrainConfig:
             dependent on the batch size.
         train_fraction: stratified fraction of the training set (the small-sample runs).
         average_last: the final metric is the mean over the last K epochs (paper: 50).
-        seed: seeds the model, the data order, augmentation and dropout masks.
-        device: "cpu", "cuda", "cuda:1", ..., or "auto" (CUDA when available, else the CPU).
-            Not part of a run's identity: a run may resume on another device.
+        seed: seeds the model, the data order, augmentation and dropout masks (0 to
+            2**32 - 1).
+        device: "cpu", "cuda", "cuda:1", ..., or "auto" (CUDA when available, else the CPU);
+            other device types ("mps", "xla", ...) are refused. Not part of a run's identity:
+            a run may resume on another device.
         amp: mixed precision on CUDA; ignored on the CPU.
         amp_dtype: "bfloat16" (default) or "float16" (with gradient scaling).
         channels_last: NHWC memory format for the model and its inputs.
@@ -155,7 +161,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "cluster_every", "cluster_images", "average_last",
                      "eval_batch_size", "test_every", "checkpoint_every"):  # fmt: skip
             check_int(name, getattr(self, name), minimum=1)
-        check_int("seed", self.seed, minimum=0)
+        check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
         check_float("train_fraction", self.train_fraction, above=0.0, maximum=1.0)
         check_float("p", self.p, minimum=0.0, below=1.0)
         check_float("lr", self.lr, above=0.0)
@@ -288,17 +294,32 @@ class TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 
 
+#: The device types dropcluster trains and evaluates on (its tests run on both).
+SUPPORTED_DEVICE_TYPES = ("cpu", "cuda")
+
+
 def parse_device(device: str) -> str:
-    """Check that ``device`` names a device torch knows ("auto", "cpu", "cuda", "cuda:1", ...)."""
+    """Check that ``device`` names a device dropcluster supports: "auto", "cpu", "cuda",
+    "cuda:N". Devices torch knows but dropcluster was never tested on ("mps", "xla", "meta",
+    ...) are refused by name, before anything is loaded onto them."""
     if device == "auto":
         return device
     try:
-        torch.device(device)
+        parsed = torch.device(device)
     except (RuntimeError, TypeError) as error:
         raise ValueError(
             f"device should be 'auto', 'cpu', 'cuda', 'cuda:N', ..., but got {device!r}"
         ) from error
+    _check_device_type(parsed)
     return device
+
+
+def _check_device_type(device: torch.device) -> None:
+    if device.type not in SUPPORTED_DEVICE_TYPES:
+        raise ValueError(
+            f"device {str(device)!r} is not supported: dropcluster runs on 'cpu' and 'cuda' "
+            f"devices ('auto' takes CUDA when there is one)"
+        )
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -311,6 +332,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
         if device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         device = torch.device(parse_device(device))
+    _check_device_type(device)
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:

@@ -353,9 +353,9 @@ def _check_resumable(config: TrainConfig, state: dict[str, Any], out: Path,
     if saved_world != ranks.world:
         raise ValueError(
             f"{out / CHECKPOINT_NAME} was trained by {saved_world} process(es), this is "
-            f"{ranks.world}: resume it with the same number (torchrun --nproc-per-node "
-            f"{saved_world}, or plain `dropcluster train` for 1), since each process's random "
-            f"draws are part of the run"
+            f"{ranks.world}: resume it with the same number (dropcluster train "
+            f"--nproc-per-node {saved_world}, or torchrun --nproc-per-node {saved_world}), since "
+            f"each process's random draws are part of the run"
         )
     saved = TrainConfig.from_dict(state["config"])
     differences = saved.run_differences(config)

@@ -127,11 +127,18 @@ class RunTask:
 
 @dataclass(frozen=True)
 class Finished:
-    """A task that ended: its exit status (0: the run's results are in its folder) and, when
-    the engine itself lost it (a node died, a job was cancelled), the engine's account."""
+    """A task that ended.
+
+    Attributes:
+        task: the task.
+        status: the worker's exit status (0: the run's results are in its folder; negative:
+            killed by that signal); None when the engine lost the task (a node died, a job
+            was cancelled) and has no status.
+        message: the engine's account of a lost task, e.g. a Slurm job's final state.
+    """
 
     task: RunTask
-    status: int
+    status: int | None
     message: str = ""
 
 
@@ -159,14 +166,14 @@ class Backend(Protocol):
 
 
 def worker_command(run_dir: str | Path, procs: int = 1, python: str | None = None) -> list[str]:
-    """The command that trains the run in ``run_dir``: the worker module, under torchrun with
-    ``procs`` processes on this node when ``procs`` > 1 (one per GPU)."""
+    """The command that trains the run in ``run_dir``: the worker module, under torch's elastic
+    launcher (:mod:`dropcluster.train.launch`: torchrun's, ending in one line on a failure)
+    with ``procs`` processes on this node when ``procs`` > 1 (one per GPU)."""
     python = python or sys.executable
-    worker = ["-m", "dropcluster.experiments.worker", str(run_dir)]
     if procs == 1:
-        return [python, *worker]
-    return [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-            str(procs), *worker]  # fmt: skip
+        return [python, "-m", "dropcluster.experiments.worker", str(run_dir)]
+    return [python, "-m", "dropcluster.train.launch", str(procs), "dropcluster.experiments.worker",
+            str(run_dir)]  # fmt: skip
 
 
 def gpus_for_device(device: str, engine_has_gpus: bool) -> int:

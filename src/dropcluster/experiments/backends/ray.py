@@ -85,7 +85,7 @@ class RayBackend:
                 finished.append(Finished(task, int(ray.get(reference))))
             except ray.exceptions.RayError as error:  # the task was lost or cancelled
                 lines = str(error).strip().splitlines()
-                finished.append(Finished(task, -1, f"Ray: {lines[-1] if lines else error}"))
+                finished.append(Finished(task, None, f"Ray: {lines[-1] if lines else error}"))
         return finished
 
     def stop(self) -> None:

@@ -13,6 +13,7 @@ the sweep folder at the same path.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ class SlurmBackend:
     """
 
     def __init__(self, settings: BackendSettings, folder: Path, capacity: int | None = None):
+        check_slurm_commands(settings.cluster)
         self.capacity = capacity
         self.folder = folder
         self._settings = settings
@@ -116,10 +118,10 @@ class SlurmBackend:
             del self._running[run_id]
             try:
                 finished.append(Finished(task, int(job.result())))
-            except Exception as error:  # noqa: BLE001 - submitit raises the job's own errors
-                lines = str(error).strip().splitlines()
-                message = lines[-1] if lines else type(error).__name__
-                finished.append(Finished(task, -1, f"Slurm job {job.job_id}: {message}"))
+            except Exception:  # noqa: BLE001 - submitit raises the job's own errors
+                # Its message quotes the job's log, whose last line is no reason: the job's
+                # state (Slurm's sacct, or submitit's own for local jobs) is.
+                finished.append(Finished(task, None, job_state_message(job.job_id, job.state)))
         return finished
 
     def stop(self) -> None:
@@ -129,6 +131,27 @@ class SlurmBackend:
 
     def close(self) -> None:
         pass
+
+
+#: What the final Slurm states of a job that produced no result mean.
+_STATE_MEANINGS = {
+    "CANCELLED": "cancelled (scancel, or an administrator)",
+    "TIMEOUT": "it reached its time limit too often (--time)",
+    "OUT_OF_MEMORY": "it ran out of memory (--mem)",
+    "NODE_FAIL": "its node failed",
+    "PREEMPTED": "it was preempted",
+    "FAILED": "the job failed",
+    "INTERRUPTED": "its process was killed",
+    "BOOT_FAIL": "its node failed to boot",
+    "DEADLINE": "it passed its deadline",
+}
+
+
+def job_state_message(job_id: str, state: str) -> str:
+    """One line for a job that ended without a result: its id, final state and what it means."""
+    base = state.split()[0].upper() if state.split() else "UNKNOWN"
+    meaning = _STATE_MEANINGS.get(base)
+    return f"Slurm job {job_id} ended in state {state}" + (f": {meaning}" if meaning else "")
 
 
 def _gpus_for(device: str) -> int:
@@ -147,8 +170,45 @@ def _gpus_for(device: str) -> int:
 
 
 def _read_job_ids(path: Path) -> dict[str, str]:
+    """The ``{run id: job id}`` record of earlier submissions ({} when there is none).
+
+    Raises:
+        ValueError: the file is not a JSON object of names (it is written atomically, so only
+            a hand edit or a damaged disk makes it so): following its jobs is then impossible,
+            and guessing would submit runs that are still queued a second time.
+    """
+    advice = (
+        "it records which Slurm job trains which run; restore it, or delete it when no job of "
+        "this sweep is queued or running (such a job would be submitted again)"
+    )
     try:
         document = json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
+    except FileNotFoundError:
         return {}
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): {advice}") from None
+    if not isinstance(document, dict) or not all(
+            isinstance(job, (str, int)) and not isinstance(job, bool)
+            for job in document.values()):  # fmt: skip
+        raise ValueError(
+            f"{path} should hold an object {{run id: job id}}, but holds "
+            f"{type(document).__name__ if not isinstance(document, dict) else 'other values'}: "
+            f"{advice}"
+        )
     return {str(run_id): str(job_id) for run_id, job_id in document.items()}
+
+
+def check_slurm_commands(cluster: str) -> None:
+    """Raise ValueError unless Slurm's commands are here (``cluster="local"`` needs none).
+
+    submitit submits with ``sbatch`` and starts the job's process with ``srun``; without them
+    it fails deep in the first submission."""
+    if cluster != "slurm":
+        return
+    missing = [command for command in ("sbatch", "srun") if shutil.which(command) is None]
+    if missing:
+        raise ValueError(
+            f"--backend slurm submits jobs with Slurm's sbatch and srun, but this machine lacks "
+            f"{' and '.join(missing)} (not on PATH): run the sweep on a login node of the "
+            f"cluster, or use --backend local or ray"
+        )

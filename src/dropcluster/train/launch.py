@@ -1,0 +1,169 @@
+"""Several processes for one run, and one line when one of them fails.
+
+:func:`launch` is what ``torchrun --standalone --nproc-per-node N -m MODULE ...`` does (the
+same elastic launcher of torch, run in this process), with two differences: the launcher's own
+log lines are silenced, and a failed process ends the command with **one line** that says what
+happened (the process that failed and why, or the error it reported) and how to continue,
+instead of torchrun's failure summary and traceback. ``dropcluster train --nproc-per-node N``
+and multi-GPU sweep workers use it; plain ``torchrun`` keeps working.
+
+:func:`rank_failure` is the other half, run by each process of the group when it fails: under
+any launcher it records its one-line message in the file torch's launcher reads
+(``TORCHELASTIC_ERROR_FILE``, shown by torchrun's summary too). A lost peer (a collective that
+fails because another process died) is told apart from the process's own error; only rank 0
+prints under plain torchrun, so the message appears once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+from dropcluster.errors import user_error_message
+
+#: Set for the processes :func:`launch` starts: they leave the reporting to it.
+LAUNCHED_VARIABLE = "DROPCLUSTER_LAUNCHED"
+#: The file torch's elastic launcher gives each process for its failure (set by torchrun too).
+ERROR_FILE_VARIABLE = "TORCHELASTIC_ERROR_FILE"
+#: Texts of the errors a collective raises when another process of the group is gone (gloo's
+#: transport, NCCL, the store's sockets).
+_PEER_LOST_MARKERS = (
+    "Connection reset by peer", "Connection closed by peer", "Broken pipe", "gloo/transport",
+    "NCCL", "DistBackendError", "Socket Timeout", "Connection refused",
+)  # fmt: skip
+RESUME_ADVICE = "continue the run from its last checkpoint with the same command plus --resume"
+
+
+def peer_lost(error: BaseException) -> bool:
+    """Whether ``error`` is a collective failing because another process of the group is gone."""
+    import torch.distributed as dist
+
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in _PEER_LOST_MARKERS)
+
+
+def rank_failure(error: BaseException, rank: int, world: int) -> int | None:
+    """Report the failure of one process of a ``world``-process run (see the module docstring).
+
+    Returns:
+        2 when the failure is reported (a user error, or a lost peer): the process should end
+        with that status and print nothing more; None for an internal error, which the caller
+        reports as usual (its traceback), once this function has said how to continue.
+    """
+    launched = os.environ.get(LAUNCHED_VARIABLE) == "1"
+    lost = peer_lost(error)
+    if lost:
+        other = f"process {1 - rank}" if world == 2 else "another process"
+        detail = " ".join(str(error).split())[:160]
+        message = f"{other} of {world} stopped ({detail}); {RESUME_ADVICE}"
+    else:
+        message = user_error_message(error)
+    if message is None:
+        _record(f"process {rank} of {world}: internal error: {type(error).__name__}: {error}",
+                lost=False)  # fmt: skip
+        print(f"dropcluster: process {rank} of {world} stopped on an internal error; "
+              f"{RESUME_ADVICE}", file=sys.stderr)  # fmt: skip
+        return None
+    _record(message, lost=lost)
+    if rank == 0 and not launched:
+        print(f"dropcluster: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _record(message: str, *, lost: bool) -> None:
+    """Write the message where the launcher reads a process's failure (when there is one)."""
+    path = os.environ.get(ERROR_FILE_VARIABLE)
+    if not path:
+        return
+    # torch's own layout (ErrorHandler.record_exception), so torchrun shows the line as the
+    # process's "traceback" in its summary.
+    now = str(int(time.time()))
+    document = {"message": {"message": message,
+                            "extraInfo": {"py_callstack": message, "timestamp": now}},
+                "dropcluster_peer_lost": lost}  # fmt: skip
+    try:
+        with open(path, "w") as handle:
+            json.dump(document, handle)
+    except OSError:
+        pass  # the launcher then reports the exit status alone
+
+
+def launch(nproc: int, module: str, args: list[str]) -> int:
+    """Run ``python -m module *args`` in ``nproc`` processes on this machine (torchrun's
+    ``--standalone`` launcher, in this process); returns the command's exit status.
+
+    Exit status: 0 when every process succeeded; 2 when a process reported an error or was
+    killed (one line on stderr says which and why); 1 for an internal error of a process (its
+    traceback came first).
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    # The launcher logs every step of a failure at WARNING; the line below replaces them.
+    quiet = logging.getLogger("torch.distributed.elastic")
+    quiet.addHandler(logging.NullHandler())
+    quiet.propagate = False
+    os.environ[LAUNCHED_VARIABLE] = "1"
+    try:
+        run(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", module, *args]))
+    except ChildFailedError as error:
+        status, message = failure_summary(error.failures, nproc)
+        if message:
+            print(f"dropcluster: error: {message}", file=sys.stderr, flush=True)
+        return status
+    finally:
+        os.environ.pop(LAUNCHED_VARIABLE, None)
+    return 0
+
+
+def failure_summary(failures: dict, world: int) -> tuple[int, str]:
+    """The exit status and the one line for the failed processes of a launch.
+
+    Args:
+        failures: ``{rank: ProcessFailure}`` as torch's launcher gives them.
+        world: processes in the run.
+
+    The line names, in this order of preference: a process killed by a signal the launcher did
+    not send (SIGTERM is how it stops the others), a process's own error, a lost peer, else the
+    first exit status.
+    """
+    ranked = sorted(failures.items())
+    for rank, failure in ranked:
+        if failure.exitcode < 0 and -failure.exitcode != signal.SIGTERM:
+            name = failure.signal_name()
+            why = " (kill -9, or the out-of-memory killer)" if name == "SIGKILL" else ""
+            return 2, f"process {rank} of {world} was killed by {name}{why}; {RESUME_ADVICE}"
+    reported = [(rank, f) for rank, f in ranked if isinstance(f.error_file_data, dict)
+                and "dropcluster_peer_lost" in f.error_file_data]  # fmt: skip
+    own = [(rank, f) for rank, f in reported if not f.error_file_data["dropcluster_peer_lost"]]
+    if own or reported:
+        # An internal error (status 1) printed its traceback; the line says which process.
+        _, failure = (own or reported)[0]
+        message = failure.message
+        text = message.get("message", "") if isinstance(message, dict) else str(message)
+        return (1 if failure.exitcode == 1 else 2), text
+    rank, failure = ranked[0]
+    if failure.exitcode < 0:
+        return 2, f"process {rank} of {world} was stopped by {failure.signal_name()}"
+    return (1 if failure.exitcode == 1 else 2), (
+        f"process {rank} of {world} exited with status {failure.exitcode}; {RESUME_ADVICE}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dropcluster.train.launch N MODULE [ARGS...]``: :func:`launch` as a command
+    (what sweep workers of several GPUs run)."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2 or not args[0].isdigit() or int(args[0]) < 1:
+        print("usage: python -m dropcluster.train.launch NPROC MODULE [ARGS...]", file=sys.stderr)
+        return 2
+    return launch(int(args[0]), args[1], args[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
