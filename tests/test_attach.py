@@ -225,17 +225,33 @@ def test_dropcluster_after_an_output_that_is_no_feature_map_fails_at_the_first_f
     after, where
 ):
     model = _resnet18()
-    if after:
-        attach(model, after, DropCluster2d(0.1))
-    else:  # the model's root: attach names submodules, so hook the root by hand as attach does
-        from dropcluster.nn.attach import _ApplyAttached
-
-        model.add_module(ATTACHED_NAME, DropCluster2d(0.1))
-        model.register_forward_hook(_ApplyAttached(""))
+    attach(model, after, DropCluster2d(0.1))  # "" is the model itself
     with pytest.raises(ValueError, match=rf"attached {re.escape(where)}: DropCluster2d takes "
                                          r"\(N, C, H, W\) feature maps, but got input of shape "
                                          r"\(2, 10\)"):  # fmt: skip
         model(_images(2))
+
+
+def test_a_sequential_target_is_regularized_once_through_its_last_layer():
+    class Count(nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            Count.calls += 1
+            return x
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.BatchNorm2d(4), nn.ReLU()))
+    counter = attach(model, "1", Count())
+    model(_images(2))
+    assert Count.calls == 1  # a child added to a Sequential would also run as a layer
+    assert model[1][1]._modules[ATTACHED_NAME] is counter
+    assert detach(model, "1") is counter and Count.calls == 1
+    root = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
+    attach(root, "", DropCluster2d(0.1))
+    with pytest.raises(ValueError, match=r"attached after '1' \(Flatten\): DropCluster2d takes"):
+        root(_images(2))
+    with pytest.raises(ValueError, match="'' is an empty nn.Sequential"):
+        attach(nn.Sequential(), "", Count())
 
 
 def test_fit_clusters_names_the_layer_whose_fit_fails():
@@ -385,15 +401,18 @@ def test_compiled_model_gives_the_eager_output_in_evaluation():
     assert fit_clusters(compiled, _images(64, seed=2), 64).layers == [f"relu.{ATTACHED_NAME}"]
 
 
-def test_a_compiled_model_sees_a_regularizer_attached_or_detached_after_compiling():
+def test_a_regularizer_attached_after_compiling_needs_a_reset_and_attach_warns():
     model = _resnet18().eval()
     compiled = torch.compile(model, backend="eager")
     x = _images()
     with torch.no_grad():
         before = compiled(x)
-        attach(model, "layer4", StochasticDepth(1.0).train())  # zeros: a visible change
+        with pytest.warns(UserWarning, match=r"call torch._dynamo.reset\(\) now"):
+            attach(compiled, "layer4.1", StochasticDepth(1.0).train())  # zeros: visible
+        assert torch.equal(compiled(x), before)  # what the warning is about: the hook is unseen
+        torch._dynamo.reset()
         assert torch.equal(compiled(x), model(x)) and not torch.equal(compiled(x), before)
-        detach(model, "layer4")
+        detach(model, "layer4.1")  # a removed hook is noticed
         assert torch.equal(compiled(x), before)
 
 

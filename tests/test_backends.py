@@ -402,3 +402,20 @@ def test_slurm_without_its_commands_or_a_damaged_job_record_is_one_line(tmp_path
         (tmp_path / "slurm" / "jobs.json").write_text(text)
         with pytest.raises(ValueError, match=f"jobs.json {found}|jobs.json .* {found}"):
             SlurmBackend(SLURM_HERE, tmp_path / "slurm")
+
+
+def test_a_slurm_job_that_raises_is_recorded_with_its_exception(tmp_path):
+    from dropcluster.experiments.backends.slurm import SlurmBackend
+
+    # The run folder is not there where the job runs (a folder the node does not see).
+    backend = SlurmBackend(SLURM_HERE, tmp_path / "slurm")
+    spec = expand_grid(tiny_preset())[0]
+    backend.submit(RunTask(spec, tmp_path / "not-on-this-node" / spec.run_id))
+    deadline = time.time() + 120
+    while not (finished := backend.poll()):
+        assert time.time() < deadline, "the job was not reported"
+        time.sleep(0.1)
+    assert finished[0].status is None
+    assert re.fullmatch(r"Slurm job \d+ raised FileNotFoundError: \[Errno 2\] No such file or "
+                        r"directory: '.*not-on-this-node.*worker.log' \(state \w+\)",
+                        finished[0].message)  # fmt: skip

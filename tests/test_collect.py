@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -172,10 +173,18 @@ def test_collect_records_no_foreign_run_and_no_copy(finished_sweep, tmp_path):
         ("config.json", '{"p": "abc"}', "p should be a finite number, but got 'abc'"),
         ("config.json", None, "its config lacks ['regularizer']"),
         ("config.json", '{"seed": [0]}', "seed should be an integer, but got [0]"),
+        ("config.json", '{"weight_decay_on": null}', "it was trained by dropcluster 0.1"),
         ("result.json", "[1, 2]", "result.json should hold an object, but holds a list"),
         ("result.json", '{"top1": "high"}', "result.json: top1 should be a number, but got 'high'"),
         ("log.jsonl", '{"epoch": 0, "loss": "x"}', "log.jsonl: epoch 0: loss should be a number"),
         ("corruptions.json", "{", "corruptions.json is not valid JSON"),
+        ("corruptions.json", "[1, 2]", "corruptions.json should hold an object, but holds a list"),
+        (
+            "result.json",
+            '{"average_last": 100000000000000000000}',
+            "result.json: average_last should be an integer from 1 to 2147483647",
+        ),
+        ("result.json", '{"top5": 1' + "0" * 400 + "}", "result.json: top5 should be a number"),
     ],
 )
 def test_a_folder_with_a_wrongly_typed_file_is_skipped_with_its_reason(
@@ -189,6 +198,8 @@ def test_a_folder_with_a_wrongly_typed_file_is_skipped_with_its_reason(
         config.update(json.loads(text) if text else {})
         if text is None:
             del config["regularizer"]
+        if config.get("weight_decay_on", "") is None:  # 0.1's configs lack the key
+            del config["weight_decay_on"]
         (run_dir / file).write_text(json.dumps(config))
     elif file == "result.json" and text.startswith("{"):
         document = json.loads((run_dir / file).read_text())
@@ -211,10 +222,11 @@ def test_collect_repairs_rows_recorded_unchecked_and_the_report_names_unreadable
 
     copy = _copy(finished_sweep, tmp_path / "copy")
     assert sorted(collect(copy, stream=io.StringIO()).recorded) == sorted([NONE, DROPCLUSTER])
-    # What an unchecked collect (0.3) could record: a foreign run, a text where p belongs, and
-    # a grid run stored with another config.
+    # What an unchecked collect (0.3) could record: a renamed copy of a run, a text where p
+    # belongs, and a grid run stored with another config.
+    shutil.copytree(copy / "runs" / NONE, copy / "runs" / "copy-1")
     with ResultsStore.in_folder(copy) as store:
-        store.add_run("mine", {"lr": 0.5}, preset="tiny", regularizer="dropblock", p=0.1,
+        store.add_run("copy-1", {"lr": 0.1}, preset="tiny", regularizer="none", p=0.0,
                       seed=0, train_fraction=0.25)  # fmt: skip
     connection = sqlite3.connect(copy / "results.sqlite")
     with connection:
@@ -232,14 +244,52 @@ def test_collect_repairs_rows_recorded_unchecked_and_the_report_names_unreadable
     assert main(["results", "--out", str(copy)]) == 0
     assert f"not read: {NONE} (run '{NONE}': p should be" in capsys.readouterr().out
 
-    assert main(["collect", str(copy)]) == 0
+    # A row that disagrees with preset.json may mean preset.json was edited: nothing changes
+    # without --drop-mismatched.
+    before = _tables(copy)
+    assert main(["collect", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert (f"1 run(s) of {copy / 'results.sqlite'} disagree with {copy / 'preset.json'} "
+            f"({DROPCLUSTER}: recorded with another config than the preset's (lr 0.5 stored, "
+            f"0.1 in the preset)); nothing was changed") in err  # fmt: skip
+    assert _tables(copy) == before
+
+    assert main(["collect", str(copy), "--drop-mismatched"]) == 0
     err = capsys.readouterr().err
     assert f"removed from the database: {NONE} (run '{NONE}': p should be a finite number" in err
-    assert "removed from the database: mine (its id is no run id of the preset)" in err
-    assert (f"removed from the database: {DROPCLUSTER} (it was recorded with another config "
-            f"than the preset's (lr 0.5 stored, 0.1 in the preset))") in err  # fmt: skip
+    assert (f"removed from the database: copy-1 (its folder is not run copy-1: it holds run "
+            f"{NONE}, not copy-1)") in err  # fmt: skip
+    assert f"removed from the database: {DROPCLUSTER} (recorded with another config" in err
     assert "2 run(s) recorded; 2 of them new to the database" in err
     assert _tables(copy) == _tables(finished_sweep)
+
+
+def test_collect_removes_a_finished_row_whose_folder_holds_another_run(
+    finished_sweep, tmp_path, capsys
+):
+    """0.3's path to a wrong row: a run registered by the sweep (pending, the preset's config),
+    its folder replaced by a foreign run, then recorded by an unchecked collect."""
+    copy = _copy(finished_sweep, tmp_path / "copy")
+    assert sorted(collect(copy, stream=io.StringIO()).recorded) == sorted([NONE, DROPCLUSTER])
+    shutil.rmtree(copy / "runs" / NONE)
+    _foreign_train_run(finished_sweep, copy / "runs" / NONE, seed=7, lr=0.05)
+    assert main(["collect", str(copy)]) == 0
+    err = capsys.readouterr().err
+    assert (f"removed from the database: {NONE} (its folder is not run {NONE}: it holds run "
+            f"none-p0-f0.25-s7, not {NONE})") in err  # fmt: skip
+    assert f"skipped: {copy / 'runs' / NONE} (it holds another run than the preset's" in err
+    with ResultsStore.in_folder(copy, readonly=True) as store:
+        assert [r.run_id for r in store.runs()] == [DROPCLUSTER]
+
+
+def test_a_copy_that_fails_half_way_leaves_no_temporary_folder(finished_sweep, tmp_path):
+    source = _copy(finished_sweep, tmp_path / "source")
+    out = _copy(finished_sweep, tmp_path / "out", drop_runs=(NONE, DROPCLUSTER))
+    os.mkfifo(source / "runs" / NONE / "pipe")  # copytree fails on it, after the other files
+    summary = collect(out, [source], stream=io.StringIO())
+    assert "pipe" in summary.not_copied[f"{source}:{NONE}"]
+    assert list(summary.copied) == [DROPCLUSTER]
+    assert not list((out / "runs").glob(".*")) and not (out / "runs" / NONE).exists()
 
 
 def test_merge_copies_no_foreign_run_and_leaves_no_temporary_folder(finished_sweep, tmp_path):

@@ -162,16 +162,25 @@ def _rank_pid(out: Path, rank: int) -> int:
     raise AssertionError(f"no process of rank {rank} for {out}")
 
 
-def test_a_killed_process_ends_the_launched_run_with_one_line_and_exit_2(tmp_path):
-    out = tmp_path / "run"
+def _launched(out: Path, *extra: str) -> tuple[subprocess.Popen, list[str]]:
+    """A long 2-process run under `--nproc-per-node`, once it has logged an epoch; its command.
+
+    The environment leaves OMP_NUM_THREADS unset: torchrun would warn that it sets it."""
     args = [sys.executable, "-m", "dropcluster", *ARGS, "--regularizer", "none", "--epochs",
-            "500", "--out", str(out)]  # fmt: skip
-    process = subprocess.Popen([*args, "--nproc-per-node", "2"], env=ENV, text=True,
+            "500", "--out", str(out), *extra]  # fmt: skip
+    env = {key: value for key, value in ENV.items() if key != "OMP_NUM_THREADS"}
+    process = subprocess.Popen([*args, "--nproc-per-node", "2"], env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     deadline = time.monotonic() + 240
     while not ((out / "log.jsonl").is_file() and read_log(out / "log.jsonl")):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.05)
+    return process, args
+
+
+def test_a_killed_process_ends_the_launched_run_with_one_line_and_exit_2(tmp_path):
+    out = tmp_path / "run"
+    process, args = _launched(out)
     os.kill(_rank_pid(out, 1), 9)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 2
@@ -191,14 +200,22 @@ def test_a_killed_process_ends_the_launched_run_with_one_line_and_exit_2(tmp_pat
 def test_rank_failures_are_told_apart_and_said_once(monkeypatch, tmp_path, capsys):
     from dropcluster.train.launch import LAUNCHED_VARIABLE, peer_lost, rank_failure
 
-    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer")
+    gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:5338: "
+                        "Connection reset by peer. This is typically caused by ...")  # fmt: skip
     assert peer_lost(gloo) and not peer_lost(RuntimeError("CUDA out of memory"))
+    # An NCCL error of this process's own GPU is its own, not a dead peer's.
+    assert not peer_lost(RuntimeError("NCCL error in: ... unhandled cuda error, Last error: "
+                                      "Cuda failure 'out of memory'"))  # fmt: skip
     error_file = tmp_path / "error.json"
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
     monkeypatch.delenv(LAUNCHED_VARIABLE, raising=False)
     # Plain torchrun: rank 0 says it, the others only record it for torchrun's summary.
     assert rank_failure(gloo, 0, 2) == 2
-    assert capsys.readouterr().err.startswith("dropcluster: error: process 1 of 2 stopped (")
+    assert capsys.readouterr().err == (
+        "dropcluster: error: process 1 of 2 stopped (Read error [127.0.0.1]:5338: Connection "
+        "reset by peer); continue the run from its last checkpoint with the same command plus "
+        "--resume\n"
+    )
     assert json.loads(error_file.read_text())["dropcluster_peer_lost"] is True
     assert rank_failure(ValueError("bad value"), 1, 3) == 2
     assert capsys.readouterr().err == ""
@@ -214,7 +231,7 @@ def test_rank_failures_are_told_apart_and_said_once(monkeypatch, tmp_path, capsy
 def test_the_launchers_line_prefers_an_outside_kill_then_an_own_error():
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-    from dropcluster.train.launch import failure_summary
+    from dropcluster.train.launch import SWEEP_ADVICE, failure_summary
 
     def failure(tmp: Path, rank: int, exitcode: int, message: str | None = None, lost=False):
         path = tmp / f"error{rank}.json"
@@ -249,6 +266,9 @@ def test_the_launchers_line_prefers_an_outside_kill_then_an_own_error():
         )
         assert failure_summary({0: failure(tmp, 0, 1, "process 0 of 2: internal error: x")},
                                2) == (1, "process 0 of 2: internal error: x")  # fmt: skip
+        # A sweep's run is continued by running the sweep again, not by --resume.
+        status, line = failure_summary({1: failure(tmp, 1, -9)}, 2, SWEEP_ADVICE)
+        assert line.endswith("run the sweep again to continue the run from its last checkpoint")
 
 
 def test_nproc_per_node_is_left_out_of_the_launched_command():
@@ -256,3 +276,25 @@ def test_nproc_per_node_is_left_out_of_the_launched_command():
 
     for given in (["--nproc-per-node", "2"], ["--nproc-per-node=2"], ["--nproc", "2"]):
         assert _without_nproc(["train", *given, "--out", "x"]) == ["train", "--out", "x"]
+
+
+def test_ctrl_c_and_sigterm_stop_a_launched_run_with_one_line(tmp_path):
+    import signal
+
+    process, _ = _launched(tmp_path / "interrupted")
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert [line for line in err.splitlines() if not line.startswith("epoch ")] == [
+        "",
+        "dropcluster: interrupted; a training run continues from its last finished epoch with "
+        "--resume",
+    ]
+    process, _ = _launched(tmp_path / "terminated", "--resume")
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == -signal.SIGTERM  # ended by the signal, as it was meant
+    assert [line for line in err.splitlines() if not line.startswith("epoch ")] == [
+        "dropcluster: error: stopped by SIGTERM; continue the run from its last checkpoint with "
+        "the same command plus --resume"
+    ]

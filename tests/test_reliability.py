@@ -484,6 +484,33 @@ def test_bad_train_values_are_one_line(tmp_path, capsys, flags, message):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("value", ["null", "[1]", "abc"])
+def test_bad_regularizer_options_of_a_sweep_are_one_line(tmp_path, capsys, value):
+    from test_sweep import tiny_preset
+
+    preset = tmp_path / "p.json"
+    preset.write_text(json.dumps(tiny_preset()))
+    args = ["sweep", "--preset", str(preset), "--out", str(tmp_path / "out")]
+    assert main([*args, "--set", f"regularizer_options={value}"]) == 2
+    assert "base.regularizer_options should be a mapping" in _one_line_error(capsys)
+    bad_grid = tiny_preset()
+    bad_grid["grids"][0]["options"] = {"regularizer_options": 5}
+    preset.write_text(json.dumps(bad_grid))
+    assert main(args) == 2
+    assert "options.regularizer_options should be a mapping, but got 5" in _one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "command", [["probe"], ["analyze", "--checkpoint", "x"], ["evaluate", "--checkpoint", "x"]]
+)
+def test_a_seed_past_the_largest_is_a_usage_error(command, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main([*command, "--seed", "99999999999999999999"])
+    assert stopped.value.code == 2
+    assert "expected an integer >= 0 and <= 4294967295" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "command",
     [

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import os
 import re
+import signal
 import sys
 import time
 import traceback
@@ -16,7 +18,7 @@ from pathlib import Path
 from dropcluster import __version__
 from dropcluster.errors import user_error_message
 from dropcluster.files import atomic_write_json
-from dropcluster.validation import int_argument, path_argument
+from dropcluster.validation import MAX_SEED, int_argument, path_argument
 
 # Printed cluster maps use one character per cluster id.
 _MAP_SYMBOLS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -72,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="SGD steps of the probe before the analysis; 0 keeps the "
         "random initialisation (default 300)",
     )
-    analysis.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    analysis.add_argument(
+        "--seed", type=int_argument(0, MAX_SEED), default=0, help="random seed (default 0)"
+    )
     analysis.add_argument(
         "--json",
         type=path_argument,
@@ -214,7 +218,6 @@ def _train_config(args: argparse.Namespace):
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    import os
 
     from dropcluster.train import distributed
     from dropcluster.train.launch import launch, rank_failure
@@ -275,17 +278,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if os.environ.get("DROPCLUSTER_LAUNCHED") == "1":
+        # The launcher stops its processes with the signal it got; a process started from a
+        # shell's background job would inherit SIGINT ignored, and be killed 30 s later.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.command is None:
         parser.print_help()
         return 0
     try:
         return args.handler(args)
     except KeyboardInterrupt:
-        print(
-            "\ndropcluster: interrupted; a training run continues from its last finished "
-            "epoch with --resume",
-            file=sys.stderr,
-        )
+        # One line for a run of several processes: the launcher's, or else rank 0's.
+        launched = os.environ.get("DROPCLUSTER_LAUNCHED") == "1"
+        if not launched and os.environ.get("RANK", "0") == "0":
+            print(
+                "\ndropcluster: interrupted; a training run continues from its last finished "
+                "epoch with --resume",
+                file=sys.stderr,
+            )
         return 130
     except Exception as error:  # noqa: BLE001 - every error ends in one line and a status
         message = user_error_message(error)

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dropcluster.validation import int_argument, path_argument
+from dropcluster.validation import MAX_SEED, int_argument, path_argument
 
 _DEVICE_HELP = "auto (CUDA when there is one), cpu, cuda, cuda:1, ..."
 
@@ -57,7 +57,7 @@ def _add_evaluate_parser(commands) -> None:
         help="use a class-balanced subset of this many test images",
     )
     evaluate.add_argument(
-        "--seed", type=int_argument(0), default=0, help="seed of the corruptions' noise"
+        "--seed", type=int_argument(0, MAX_SEED), default=0, help="seed of the corruptions' noise"
     )
     evaluate.add_argument(
         "--jpeg-quality",
@@ -225,6 +225,13 @@ def _add_collect_parser(commands) -> None:
         help="first copy in the finished runs of this sweep folder of the same preset and "
         "settings (repeatable); runs finished in DIR are never replaced",
     )
+    collect.add_argument(
+        "--drop-mismatched",
+        action="store_true",
+        help="remove the rows of the preset's runs recorded with another config than "
+        "preset.json's (without it, such rows stop the collect: preset.json may have been "
+        "edited)",
+    )
     collect.set_defaults(handler=_run_collect)
 
 
@@ -310,7 +317,7 @@ def _add_analyze_parser(commands) -> None:
         help="test images whose activations are analysed",
     )
     analyze.add_argument("--device", default="auto", help=_DEVICE_HELP)
-    analyze.add_argument("--seed", type=int_argument(0), default=0, help="random seed")
+    analyze.add_argument("--seed", type=int_argument(0, MAX_SEED), default=0, help="random seed")
     analyze.add_argument(
         "--epoch",
         type=int_argument(1),
@@ -459,7 +466,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
 def _run_collect(args: argparse.Namespace) -> int:
     from dropcluster.experiments.collect import collect
 
-    collect(args.out, args.sources)
+    collect(args.out, args.sources, drop_mismatched=args.drop_mismatched)
     return 0
 
 

@@ -153,23 +153,30 @@ def path_argument(text: str):
 path_argument.__name__ = "path"
 
 
-def int_argument(minimum: int):
-    """An ``argparse`` type: an integer >= ``minimum`` (a bad value ends in a usage error)."""
+def int_argument(minimum: int, maximum: int | None = None):
+    """An ``argparse`` type: an integer in ``[minimum, maximum]`` (a bad value ends in a usage
+    error)."""
     import argparse
+
+    expected = f"an integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected an integer >= {minimum}, but got {text!r}"
-            ) from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, but got {value}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, but got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected {expected}, but got {value}")
         return value
 
-    parse.__name__ = f"integer >= {minimum}"
+    parse.__name__ = expected.removeprefix("an ")
     return parse
+
+
+#: The largest seed: 2**32 - 1, as numpy's. Seeds derived from it (one per process of a
+#: distributed run, one per corrupted chunk) stay far inside the 64-bit range torch and SQLite
+#: store.
+MAX_SEED = 2**32 - 1
 
 
 def check_tensor(name: str, value: Any, dims: int | tuple[int, ...], layout: str) -> None:

@@ -34,6 +34,8 @@ from dropcluster.experiments.corruption_eval import CorruptionSettings
 from dropcluster.experiments.presets import Preset, RunSpec, expand_grid, load_preset
 from dropcluster.experiments.run_folder import (
     RunFolderError,
+    check_named_run,
+    check_run,
     finished_results,
     identify,
 )
@@ -87,7 +89,11 @@ class CollectSummary:
 
 
 def collect(
-    out: str | Path, sources: list[str | Path] | tuple = (), stream: TextIO | None = None
+    out: str | Path,
+    sources: list[str | Path] | tuple = (),
+    stream: TextIO | None = None,
+    *,
+    drop_mismatched: bool = False,
 ) -> CollectSummary:
     """Record the finished runs of the sweep folder ``out`` in its database, after copying in
     those of ``sources`` (see the module docstring).
@@ -96,13 +102,17 @@ def collect(
         out: a sweep folder (it needs a ``preset.json``, unless ``sources`` give one).
         sources: other sweep folders of the same preset and settings.
         stream: where the account of what was done goes (default stderr).
+        drop_mismatched: remove the rows of the preset's runs whose stored config, or whose
+            folder's config, is not the preset's (without it, such rows stop the collect before
+            anything changes: they may mean that ``preset.json`` was edited).
 
     Returns:
         A :class:`CollectSummary`.
 
     Raises:
         ValueError: ``out`` or a source is no sweep folder, a source holds another preset or
-            other settings, or a sweep is running in ``out``.
+            other settings, a sweep is running in ``out``, or rows disagree with the preset
+            (see ``drop_mismatched``).
     """
     out = Path(out)
     stream = stream if stream is not None else sys.stderr
@@ -119,7 +129,7 @@ def collect(
         grid = _Grid(preset)
         for source, _ in source_presets:
             _copy_finished_runs(source, out, grid, summary, stream)
-        _record_folders(out, grid, [source for source, _ in source_presets], summary)
+        _record_folders(out, grid, [s for s, _ in source_presets], summary, drop_mismatched)
     _report(out, summary, stream)
     return summary
 
@@ -222,7 +232,7 @@ def _replace_folder(source: Path, target: Path) -> None:
 
     The copy is made under a hidden name beside ``target`` and renamed into place, so a crash
     leaves either the old folder or the complete new one (plus a hidden leftover, which the
-    next collect removes); any failure removes the copy and keeps the old folder.
+    next copy of that run removes); any failure removes the copy and keeps the old folder.
 
     Raises:
         RunBusyError: a process is writing ``target``.
@@ -275,12 +285,14 @@ def _check_links(folder: Path) -> None:
                 raise RunFolderError(f"{path} is a symbolic link to a folder; copy it by hand")
 
 
-def _record_folders(out: Path, grid: _Grid, sources: list[Path], summary: CollectSummary) -> None:
+def _record_folders(
+    out: Path, grid: _Grid, sources: list[Path], summary: CollectSummary, drop_mismatched: bool
+) -> None:
     """Repair the database, then record every checked finished run folder of ``out`` that the
     database lacks as finished."""
     seconds = _source_seconds(sources)
     with ResultsStore.in_folder(out) as store:
-        _repair(store, grid, summary)
+        _repair(store, out, grid, summary, drop_mismatched)
         known = {record.run_id: record for record in store.runs()}
         for entry in _run_entries(out):
             run_id = entry.name
@@ -312,41 +324,67 @@ def _record_folders(out: Path, grid: _Grid, sources: list[Path], summary: Collec
             summary.recorded.append(run_id)
 
 
-def _repair(store: ResultsStore, grid: _Grid, summary: CollectSummary) -> None:
-    """Remove the rows that fail the checks a folder has to pass: unreadable rows, runs of
-    another preset or of no run id of the grid, runs stored with another config."""
-    for run_id, reason in store.unreadable_runs().items():
+def _repair(
+    store: ResultsStore, out: Path, grid: _Grid, summary: CollectSummary, drop_mismatched: bool
+) -> None:
+    """Remove the rows the evidence shows to be wrong; refuse (changing nothing) when rows
+    disagree with the preset and ``drop_mismatched`` is not given.
+
+    Wrong for sure: a row that cannot be read, and a row whose folder holds another run than
+    the row's id names (a renamed copy, a foreign run). A row of the preset's grid whose stored
+    config, or whose folder's config, is not the preset's may instead mean that ``preset.json``
+    was edited: the same refusal as the sweep's, unless ``drop_mismatched``.
+    """
+    removals = dict(store.unreadable_runs())
+    mismatched: dict[str, str] = {}
+    for record in store.runs():
+        folder = out / RUNS_FOLDER / record.run_id
+        try:
+            if folder.is_dir():
+                check_named_run(folder)
+        except RunFolderError as error:
+            removals[record.run_id] = f"its folder is not run {record.run_id}: {error}"
+            continue
+        problem = _mismatch(store, grid, record, folder)
+        if problem is not None:
+            mismatched[record.run_id] = problem
+    if mismatched and not drop_mismatched:
+        shown = "; ".join(f"{run_id}: {problem}" for run_id, problem in mismatched.items())
+        raise ValueError(
+            f"{len(mismatched)} run(s) of {store.path} disagree with {out / PRESET_NAME} "
+            f"({shown}); nothing was changed. If preset.json was edited, restore it; if it is "
+            f"right, `dropcluster collect {out} --drop-mismatched` removes these rows (their "
+            f"folders stay, and are skipped)"
+        )
+    removals.update(mismatched)
+    for run_id, reason in removals.items():
         store.delete_run(run_id)
         summary.removed[run_id] = reason
-    for record in store.runs():
-        reason = _row_problem(store, grid, record)
-        if reason is not None:
-            store.delete_run(record.run_id)
-            summary.removed[record.run_id] = reason
 
 
-def _row_problem(store: ResultsStore, grid: _Grid, record) -> str | None:
-    """Why a readable row does not belong to the sweep (None: it does)."""
-    if record.preset != grid.preset.name:
-        return f"a run of preset {record.preset!r}, not of {grid.preset.name!r}"
+def _mismatch(store: ResultsStore, grid: _Grid, record, folder: Path) -> str | None:
+    """How a readable row of the grid, or its folder, disagrees with the preset (None: it
+    agrees, or is no run of the grid)."""
     spec = grid.specs.get(record.run_id)
     if spec is None:
-        return "its id is no run id of the preset"
+        return None
     stored = dict(record.config)
     refuse_0_1_run(store.path, record.run_id, stored)
     if "variant" not in stored:  # recorded before configs kept their variant
         stored["variant"] = variant_from_run_id(record.run_id, record.regularizer, record.p,
                                                 record.train_fraction, record.seed)  # fmt: skip
     try:
-        config = TrainConfig.from_dict(stored)
+        differences = spec.config.run_differences(TrainConfig.from_dict(stored))
     except ValueError as error:
         return f"its stored config is not valid ({error})"
-    differences = spec.config.run_differences(config)
-    grid_values = (record.regularizer, record.p, record.seed, record.train_fraction)
-    if differences or grid_values != (spec.regularizer, spec.p, spec.seed, spec.train_fraction):
+    if differences:
         shown = "; ".join(f"{key} {theirs!r} stored, {mine!r} in the preset"
                           for key, (mine, theirs) in sorted(differences.items()))  # fmt: skip
-        return f"it was recorded with another config than the preset's ({shown or 'grid values'})"
+        return f"recorded with another config than the preset's ({shown})"
+    try:
+        check_run(folder, spec)
+    except RunFolderError as error:
+        return f"its folder is not the preset's run: {error}"
     return None
 
 

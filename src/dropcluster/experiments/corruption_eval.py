@@ -24,9 +24,9 @@ from torch import Tensor, nn
 
 from dropcluster.data.corruptions import CORRUPTIONS, FAMILIES, corrupt, family_for_size
 from dropcluster.files import FolderLock, atomic_write_json
-from dropcluster.train.config import MAX_SEED, resolve_device
+from dropcluster.train.config import resolve_device
 from dropcluster.train.loop import RESULT_NAME, RUN_LOCK_NAME, autocast_context, topk_hits
-from dropcluster.validation import check_choice, check_int
+from dropcluster.validation import MAX_SEED, check_choice, check_int
 
 #: Images corrupted together (and seeded together): fixed, so results never depend on batch size.
 CHUNK_IMAGES = 1000
@@ -293,7 +293,12 @@ def stored_identity(run_dir: str | Path) -> dict[str, Any] | None:
     path = Path(run_dir) / CORRUPTIONS_NAME
     if not path.is_file():
         return None
-    document = json.loads(path.read_text())
+    try:
+        document = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return None  # damaged: evaluated again
+    if not isinstance(document, dict):
+        return None
     return {key: document.get(key) for key in ("settings", "checkpoint_epochs", "device_type")}
 
 

@@ -95,6 +95,8 @@ class Grid:
         if unknown:
             raise ValueError(f"unknown regularizers {unknown}; valid: {', '.join(REGULARIZERS)}")
         check_variant(self.variant)
+        check_type("options.regularizer_options", self.options.get("regularizer_options", {}),
+                   dict[str, Any])  # fmt: skip
         reserved = sorted(set(self.options) & {*GRID_KEYS, "variant"})
         if reserved:
             raise ValueError(f"a grid's options cannot set {reserved}: the grid itself sets them")
@@ -265,6 +267,8 @@ class Preset:
         check_fields(self)
         check_name("name", self.name)  # the default output folder is runs/<name>
         check_choice("scale", self.scale, SCALES)
+        check_type("base.regularizer_options", self.base.get("regularizer_options", {}),
+                   dict[str, Any])  # fmt: skip
         check_variant(self.variant)
         unknown = sorted(set(self.options) - set(REGULARIZERS))
         if unknown:

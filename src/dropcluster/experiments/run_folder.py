@@ -16,12 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from dropcluster.errors import DropClusterError, RunBusyError
-from dropcluster.experiments.corruption_eval import (
-    CORRUPTIONS_NAME,
-    CorruptionSettings,
-    stored_identity,
-)
-from dropcluster.experiments.presets import GRID_KEYS, RunSpec
+from dropcluster.experiments.corruption_eval import CORRUPTIONS_NAME, CorruptionSettings
+from dropcluster.experiments.presets import GRID_KEYS, RunSpec, run_id
 from dropcluster.experiments.worker import JOB_NAME
 from dropcluster.files import FolderLock
 from dropcluster.train.config import TrainConfig
@@ -84,6 +80,20 @@ def check_run(run_dir: Path, spec: RunSpec, specs: dict[str, RunSpec] | None = N
     )
 
 
+def check_named_run(run_dir: Path) -> None:
+    """Raise :class:`RunFolderError` when the folder's config is of another run than its name
+    says (a renamed copy, a foreign run): the run id its config makes must be the name. A folder
+    without a config passes."""
+    try:
+        config = _train_config(run_dir)
+    except FileNotFoundError:
+        return
+    made = run_id(config.regularizer, config.p, config.train_fraction, config.seed,
+                  config.variant)  # fmt: skip
+    if made != run_dir.name:
+        raise RunFolderError(f"it holds run {made}, not {run_dir.name}")
+
+
 def identify(run_dir: Path, specs: dict[str, RunSpec]) -> str:
     """Why a folder whose name is no run id of the preset is not recorded (naming the run
     whose config it holds, if any)."""
@@ -97,9 +107,9 @@ def identify(run_dir: Path, specs: dict[str, RunSpec]) -> str:
 
 
 def _copy_of(config: TrainConfig, specs: dict[str, RunSpec] | None) -> str:
-    for run_id, spec in (specs or {}).items():
+    for name, spec in (specs or {}).items():
         if spec.config.same_run_as(config):
-            return f"; its config is that of run {run_id}: a copy of it?"
+            return f"; its config is that of run {name}: a copy of it?"
     return ""
 
 
@@ -109,6 +119,11 @@ def _train_config(run_dir: Path) -> TrainConfig:
     missing = [key for key in ("dataset", "model", *GRID_KEYS) if key not in config]
     if missing:
         raise RunFolderError(f"its config lacks {missing}")
+    if "weight_decay_on" not in config:  # every config since 0.2 has it
+        raise RunFolderError(
+            "it was trained by dropcluster 0.1, whose ResNets had another stem: its results do "
+            "not compare with this version's"
+        )
     try:
         return TrainConfig.from_dict(config)
     except ValueError as error:
@@ -126,13 +141,9 @@ def read_results(run_dir: Path) -> dict[str, Any]:
     result = _json_object(run_dir / RESULT_NAME)
     for key in ("top1", "top5"):
         _metric(RESULT_NAME, key, result.get(key), required=True)
-    average_last = result.get("average_last")
-    if isinstance(average_last, bool) or not isinstance(average_last, Integral) or (
-            average_last < 1):  # fmt: skip
-        raise RunFolderError(
-            f"{RESULT_NAME}: average_last should be an integer >= 1, but got {average_last!r}"
-        )
+    _count(RESULT_NAME, "average_last", result.get("average_last"), minimum=1)
     for record in history:
+        _count(LOG_NAME, "epoch", record["epoch"], minimum=0)
         for key, value in record.items():
             if key in _LOG_METRICS:
                 _metric(LOG_NAME, f"epoch {record['epoch']}: {key}", value)
@@ -140,7 +151,7 @@ def read_results(run_dir: Path) -> dict[str, Any]:
         "history": history,
         "top1": result["top1"],
         "top5": result["top5"],
-        "average_last": int(average_last),
+        "average_last": int(result["average_last"]),
         "corruptions": _corruption_rows(run_dir),
         "clusters": _cluster_rows(history),
     }
@@ -167,9 +178,7 @@ def _corruption_rows(run_dir: Path) -> list[dict[str, Any]] | None:
         where = f"{CORRUPTIONS_NAME}: row {index}"
         if not isinstance(row, dict) or not isinstance(row.get("corruption"), str):
             raise RunFolderError(f"{where} should be an object naming its corruption")
-        severity = row.get("severity")
-        if isinstance(severity, bool) or not isinstance(severity, Integral) or severity < 0:
-            raise RunFolderError(f"{where}: severity should be an integer >= 0, got {severity!r}")
+        _count(CORRUPTIONS_NAME, f"row {index}: severity", row.get("severity"), minimum=0)
         for key in ("top1", "top5"):
             _metric(CORRUPTIONS_NAME, f"row {index}: {key}", row.get(key), required=True)
         checked.append({**{key: row[key] for key in ("corruption", "severity", "top1", "top5")},
@@ -237,14 +246,10 @@ def finished_results(
     if result.get("epochs", epochs) != epochs:
         return None
     if evaluate is not None:
-        try:
-            stored = stored_identity(run_dir)
-        except ValueError as error:
-            raise RunFolderError(f"{CORRUPTIONS_NAME} is not valid JSON ({error})") from None
-        scored = (
-            stored is not None
-            and stored["settings"] == evaluate.to_dict()
-            and (stored["checkpoint_epochs"] == epochs)
+        path = run_dir / CORRUPTIONS_NAME
+        stored = _json_object(path) if path.is_file() else {}
+        scored = stored.get("settings") == evaluate.to_dict() and (
+            stored.get("checkpoint_epochs") == epochs
         )
         if not scored or "corruptions" not in result:
             return None
@@ -280,13 +285,32 @@ def _metric(file: str, key: str, value: Any, *, required: bool = False) -> None:
     """A stored metric: a number (NaN allowed), or None unless ``required``."""
     if value is None and not required:
         return
-    if isinstance(value, bool) or not isinstance(value, Real) or math.isinf(value):
+    try:
+        number = float(value) if isinstance(value, Real) and not isinstance(value, bool) else None
+    except OverflowError:  # an integer of hundreds of digits
+        number = None
+    if number is None or math.isinf(number):
         raise RunFolderError(f"{file}: {key} should be a number, but got {value!r}")
+
+
+#: The largest count a run's files hold (epochs, severities, averaged epochs): far beyond any
+#: real run, and far inside SQLite's 64-bit integers.
+_MAX_COUNT = 2**31 - 1
+
+
+def _count(file: str, key: str, value: Any, *, minimum: int) -> None:
+    """A stored count: an integer in ``[minimum, 2**31 - 1]``."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or not (
+            minimum <= value <= _MAX_COUNT):  # fmt: skip
+        raise RunFolderError(
+            f"{file}: {key} should be an integer from {minimum} to {_MAX_COUNT}, but got {value!r}"
+        )
 
 
 def _int_list(value: Any) -> bool:
     return isinstance(value, list) and all(
-        isinstance(item, Integral) and not isinstance(item, bool) for item in value
+        isinstance(item, Integral) and not isinstance(item, bool) and 0 <= item <= _MAX_COUNT
+        for item in value
     )
 
 

@@ -122,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     owner = os.environ.get(OWNER_PID_VARIABLE)
     if owner:
         watch_owner(int(owner))
+    if os.environ.get("DROPCLUSTER_LAUNCHED") == "1":
+        import signal
+
+        # The launcher stops its processes with SIGINT; never inherit it ignored.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     try:
         return run_job(Path(args[0]))

@@ -19,6 +19,7 @@ is called with, not a closure over it: ``copy.deepcopy(model)`` (an EMA copy) an
 from __future__ import annotations
 
 import difflib
+import warnings
 
 from torch import nn
 
@@ -72,11 +73,17 @@ def attach(model: nn.Module, after: str, regularizer: nn.Module) -> nn.Module:
     A DropCluster2d takes (N, C, H, W) feature maps: attached after a module with another
     output (a ``Linear``, the model's root), the first forward raises, naming the target.
 
+    An ``nn.Sequential`` runs every child it holds, so the regularizer of a Sequential target
+    goes on its last layer (recursively), which gives the same output: its state_dict keys are
+    then ``<target>.<last>.attached_regularizer.*``.
+
     Attach before wrapping the model: before ``DistributedDataParallel``, which broadcasts the
-    buffers it found when it was built, and preferably before ``torch.compile`` (torch 2.13
-    notices a hook added or removed later and recompiles; that costs a compilation). A wrapped
-    model is accepted: the name is looked up in the wrapped module (``"layer1"``; the wrapper's
-    own spelling ``"module.layer1"`` works too).
+    buffers it found when it was built, and before ``torch.compile``: a compiled model that has
+    run does not see a hook added later to a module that had none (torch 2.13 guards on a
+    module's hooks only once it has some), so attaching to a compiled model warns; call
+    ``torch._dynamo.reset()`` after attaching, or compile again. A wrapped model is accepted: the
+    name is looked up in the wrapped module (``"layer1"``; the wrapper's own spelling
+    ``"module.layer1"`` works too).
 
     Args:
         model: any module, possibly compiled or wrapped in (Distributed)DataParallel.
@@ -95,7 +102,7 @@ def attach(model: nn.Module, after: str, regularizer: nn.Module) -> nn.Module:
         raise ValueError(
             f"regularizer should be an nn.Module, but got {type(regularizer).__name__}"
         )
-    target = _submodule(model, after)
+    after, target = _target(model, after)
     if _hook_keys(target) or ATTACHED_NAME in target._modules:
         raise ValueError(
             f"{after!r} has a regularizer attached already "
@@ -108,7 +115,25 @@ def attach(model: nn.Module, after: str, regularizer: nn.Module) -> nn.Module:
         )
     target.add_module(ATTACHED_NAME, regularizer)
     target.register_forward_hook(_ApplyAttached(after))
+    if _compiled(model):
+        warnings.warn(
+            f"attached after {after!r} of a model wrapped in torch.compile: a compiled graph "
+            f"that has run does not see the new hook; call torch._dynamo.reset() now (or "
+            f"compile the model again), or attach before compiling",
+            stacklevel=2,
+        )
     return regularizer
+
+
+def _compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or a wrapper inside it is a ``torch.compile`` wrapper."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            return True
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return False
 
 
 def detach(model: nn.Module, after: str) -> nn.Module:
@@ -123,7 +148,7 @@ def detach(model: nn.Module, after: str) -> nn.Module:
     Raises:
         ValueError: ``after`` names no submodule, or nothing is attached there.
     """
-    target = _submodule(model, after)
+    after, target = _target(model, after)
     keys = _hook_keys(target)
     if not keys or ATTACHED_NAME not in target._modules:
         raise ValueError(f"{after!r} has no regularizer attached")
@@ -131,6 +156,20 @@ def detach(model: nn.Module, after: str) -> nn.Module:
         for hooks in _hook_dicts(target):
             hooks.pop(key, None)
     return target._modules.pop(ATTACHED_NAME)
+
+
+def _target(model: nn.Module, name: str) -> tuple[str, nn.Module]:
+    """The submodule ``name``, or, for an ``nn.Sequential`` (which would run an added child as
+    one of its layers), its last layer, which gives the same output; with its name."""
+    target = _submodule(model, name)
+    while isinstance(target, nn.Sequential):
+        if len(target) == 0:
+            raise ValueError(
+                f"{name!r} is an empty nn.Sequential: there is no output to regularize"
+            )
+        last = list(target._modules)[-1]
+        name, target = (f"{name}.{last}" if name else last), target._modules[last]
+    return name, target
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module:

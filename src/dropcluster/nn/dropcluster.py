@@ -624,9 +624,9 @@ class DropCluster2d(DropRateModule):
         if not bool(tables[1].any()):
             warnings.warn(
                 f"DropCluster2d found no structured channel among the {shape[0]} channels of "
-                f"its input (all constant, e.g. all-zero activations, under the "
-                f"{self.unstructured!r} rule): the layer now zeroes every channel, in training "
-                f"and in evaluation; fit it on real activations of the layer's input",
+                f"its input under the {self.unstructured!r} rule (all-zero or constant "
+                f"activations have none): the layer now zeroes every channel, in training and "
+                f"in evaluation; fit it on real activations of the layer's input",
                 stacklevel=3,  # the caller of fit, past torch.no_grad's wrapper
             )
         return self

@@ -10,11 +10,7 @@ from typing import Any
 import torch
 
 from dropcluster.files import atomic_write_text
-from dropcluster.validation import check_choice, check_fields, check_float, check_int
-
-#: The largest seed: 2**32 - 1, as numpy's; seeds derived from it (one per process of a
-#: distributed run) stay far inside the 64-bit range torch and SQLite store.
-MAX_SEED = 2**32 - 1
+from dropcluster.validation import MAX_SEED, check_choice, check_fields, check_float, check_int
 
 #: Fields that do not change a run's results: a run may resume with other values.
 NOT_IDENTITY = frozenset(

@@ -13,6 +13,7 @@ the sweep folder at the same path.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from dropcluster.files import atomic_write_json
 
 try:
     import submitit
+    from submitit.core.utils import FailedJobError
     from submitit.helpers import Checkpointable
 except ImportError as error:  # the optional extra is missing
     raise ImportError(
@@ -118,10 +120,13 @@ class SlurmBackend:
             del self._running[run_id]
             try:
                 finished.append(Finished(task, int(job.result())))
-            except Exception:  # noqa: BLE001 - submitit raises the job's own errors
+            except Exception as error:  # noqa: BLE001 - submitit raises the job's own errors
                 # Its message quotes the job's log, whose last line is no reason: the job's
-                # state (Slurm's sacct, or submitit's own for local jobs) is.
-                finished.append(Finished(task, None, job_state_message(job.job_id, job.state)))
+                # state (Slurm's sacct, or submitit's own for local jobs) is, with the
+                # exception the job's body raised when it raised one.
+                raised = _raised_line(str(error)) if isinstance(error, FailedJobError) else None
+                message = job_state_message(job.job_id, job.state, raised)
+                finished.append(Finished(task, None, message))
         return finished
 
     def stop(self) -> None:
@@ -147,11 +152,22 @@ _STATE_MEANINGS = {
 }
 
 
-def job_state_message(job_id: str, state: str) -> str:
-    """One line for a job that ended without a result: its id, final state and what it means."""
+def job_state_message(job_id: str, state: str, raised: str | None = None) -> str:
+    """One line for a job that ended without a result: its id, its final state and what that
+    means, or the exception its body raised (``raised``, a line such as ``OSError: ...``)."""
+    if raised:
+        return f"Slurm job {job_id} raised {raised} (state {state})"
     base = state.split()[0].upper() if state.split() else "UNKNOWN"
     meaning = _STATE_MEANINGS.get(base)
     return f"Slurm job {job_id} ended in state {state}" + (f": {meaning}" if meaning else "")
+
+
+def _raised_line(text: str) -> str | None:
+    """The last line of a traceback in ``text`` that names an exception (None: none)."""
+    for line in reversed(text.splitlines()):
+        if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b", line.strip()):
+            return line.strip()
+    return None
 
 
 def _gpus_for(device: str) -> int:
