@@ -100,8 +100,8 @@ def _killed_then_restarted(out: Path, backend: dict, restart: BackendSettings) -
     assert again.ran == [] and again.collected == [] and again.finished == 2
 
 
-def _stop_a_running_task(backend, out: Path) -> Path:
-    """Start a long run on ``backend``, stop it after its first epoch; its folder."""
+def _start_a_long_task(backend, out: Path) -> RunTask:
+    """Start a long run on ``backend``; return its task once it has finished an epoch."""
     spec = expand_grid(tiny_preset(epochs=500))[0]
     task = sweep._task(spec, out, None, BackendSettings())
     backend.submit(task)
@@ -109,6 +109,12 @@ def _stop_a_running_task(backend, out: Path) -> Path:
     while not (task.run_dir / "checkpoint.pt").is_file():
         assert time.time() < deadline, "the run did not start"
         time.sleep(0.05)
+    return task
+
+
+def _stop_a_running_task(backend, out: Path) -> Path:
+    """Start a long run on ``backend``, stop it after its first epoch; its folder."""
+    task = _start_a_long_task(backend, out)
     backend.stop()
     return task.run_dir
 
@@ -293,19 +299,14 @@ def test_slurm_no_wait_returns_at_once_and_collect_records_the_runs(tmp_path, ca
 def _killed_task(backend, out: Path, pid=None) -> tuple[RunTask, list]:
     """Start a long run on ``backend``, kill -9 its worker (or the process ``pid(backend)``)
     after its first epoch; the task and what the backend then reports."""
-    spec = expand_grid(tiny_preset(epochs=500))[0]
-    task = sweep._task(spec, out, None, BackendSettings())
-    backend.submit(task)
-    deadline = time.time() + 120
-    while not (task.run_dir / "checkpoint.pt").is_file():
-        assert time.time() < deadline, "the run did not start"
-        time.sleep(0.05)
+    task = _start_a_long_task(backend, out)
     if pid is None:
         worker = subprocess.run(["pgrep", "-f", f"dropcluster.experiments.worker {task.run_dir}"],
                                 capture_output=True, text=True).stdout.split()  # fmt: skip
         os.kill(int(worker[0]), signal.SIGKILL)
     else:
         os.kill(pid(backend), signal.SIGKILL)
+    deadline = time.time() + 120
     while not (finished := backend.poll()):
         assert time.time() < deadline, "the killed task was not reported"
         time.sleep(0.1)
