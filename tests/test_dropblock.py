@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dropcluster.nn import DropBlock2d, drop_block2d
+from dropcluster.nn import DropBlock2d, drop_block2d, drop_block2d_reference
 from dropcluster.nn import _dropblock_sampler as sampler
 from dropcluster.nn import dropblock as db
 
@@ -368,13 +368,20 @@ def test_evaluation_and_zero_rate_are_the_identity():
     assert torch.equal(db._drop_block_dense(x, zero_gamma, 3, True, None, False), x)
 
 
-def test_torchvision_positional_arguments_mean_the_same_here():
-    # torchvision: drop_block2d(input, p, block_size, inplace=False, eps=1e-06, training=True)
+def test_the_0_3_call_forms_fail_naming_the_new_ones():
+    # 0.3 took torchvision's order, (input, p, block_size, inplace, eps, training), and mode=.
     x = torch.randn(4, 3, 8, 8)
-    assert drop_block2d(x, 0.3, 3, False, 1e-6, False) is x
-    positional = drop_block2d(x, 0.3, 3, False, 1e-6, True, generator=_generator(3))
-    keyword = drop_block2d(x, 0.3, 3, training=True, generator=_generator(3))
-    assert torch.equal(positional, keyword)
+    for call in (lambda: drop_block2d(x, 0.3, 3, False, 1e-6, True),
+                 lambda: drop_block2d(x, 0.3, 3, mode="reference"),
+                 lambda: drop_block2d(x, 0.3, 3, gamma=0.1)):  # fmt: skip
+        with pytest.raises(
+            TypeError,
+            match=r"new form since dropcluster 0.4: drop_block2d\(x, p, "
+            r"block_size, training=True.*drop_block2d_reference",
+        ):
+            call()
+    # The fourth argument is training, as in every functional form of the package.
+    assert drop_block2d(x, 0.3, 3, False) is x
 
 
 @pytest.mark.parametrize("per_channel", [True, False])
@@ -383,7 +390,7 @@ def test_inplace_writes_the_same_result_into_the_input_and_keeps_gradients(per_c
     expected = drop_block2d(source, 0.3, 3, per_channel=per_channel, generator=_generator(5))
     (expected_grad,) = torch.autograd.grad(expected.sum(), source)
     x = source * 1.0  # not a leaf: autograd allows writing into it
-    out, keep = drop_block2d(x, 0.3, 3, True, per_channel=per_channel,
+    out, keep = drop_block2d(x, 0.3, 3, inplace=True, per_channel=per_channel,
                              generator=_generator(5), return_mask=True)  # fmt: skip
     assert out is x and torch.equal(out, expected)
     assert int((keep == 0).sum()) > 0
@@ -394,7 +401,7 @@ def test_inplace_writes_the_same_result_into_the_input_and_keeps_gradients(per_c
 def test_inplace_writes_the_dense_samplers_result_into_the_input_under_compile():
     x = torch.randn(4, 3, 8, 8)
     target = x.clone()
-    inplace = torch.compile(lambda t: drop_block2d(t, 0.3, 3, True), backend="eager")
+    inplace = torch.compile(lambda t: drop_block2d(t, 0.3, 3, inplace=True), backend="eager")
     plain = torch.compile(lambda t: drop_block2d(t, 0.3, 3), backend="eager")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -578,7 +585,7 @@ def test_reference_mode_matches_pypi_dropblock_0_3_0_bit_for_bit(shape, block_si
     layer = DropBlock2d(p, block_size, mode="reference")  # p in a float32 buffer
 
     def functional(x):
-        return drop_block2d(x, p, block_size, mode="reference")
+        return drop_block2d_reference(x, p, block_size)
 
     x = torch.randn(shape, generator=_generator(1))
     seeds_with_drops = 0
@@ -606,9 +613,7 @@ def test_reference_mode_gives_zeros_where_the_package_divides_by_zero():
     # One 1 x 1 map, gamma 0.99: the seed's draw drops the batch's only pixel.
     x = torch.ones(1, 3, 1, 1)
     theirs = _seeded(0, dropblock.DropBlock2D(0.99, 1), x)
-    out, keep = _seeded(
-        0, lambda t: drop_block2d(t, 0.99, 1, mode="reference", return_mask=True), x
-    )
+    out, keep = _seeded(0, lambda t: drop_block2d_reference(t, 0.99, 1, return_mask=True), x)
     assert int(keep.sum()) == 0 and theirs.isnan().all()
     assert torch.equal(out, torch.zeros_like(x))
 
@@ -621,7 +626,7 @@ def test_reference_mode_drops_whole_2x2_maps_with_the_probability_worked_out_by_
     # gamma = p / 49: q = 1 - (1 - p / 49) ** 4 (0.00813 for p = 0.1, 0.0402 for p = 0.5).
     n_maps = 200_000
     q = 1 - (1 - p / 49) ** 4
-    out, keep = drop_block2d(torch.ones(n_maps, 3, 2, 2), p, 7, mode="reference",
+    out, keep = drop_block2d_reference(torch.ones(n_maps, 3, 2, 2), p, 7,
                              generator=_generator(11), return_mask=True)  # fmt: skip
     per_map = keep.view(n_maps, 4).sum(1)
     assert ((per_map == 0) | (per_map == 4)).all()
@@ -636,7 +641,7 @@ def test_reference_mode_drops_whole_2x2_maps_with_the_probability_worked_out_by_
 def test_reference_mode_keeps_the_input_dtype_and_shares_the_mask_across_channels(dtype):
     # 64 x 32 x 32 = 65536 pixels: a float16 product with the count would overflow (inf).
     x = torch.randn(64, 3, 32, 32, generator=_generator()).to(dtype)
-    out, keep = drop_block2d(x, 0.3, 3, mode="reference", generator=_generator(), return_mask=True)
+    out, keep = drop_block2d_reference(x, 0.3, 3, generator=_generator(), return_mask=True)
     assert out.dtype == keep.dtype == dtype and keep.shape == (64, 1, 32, 32)
     assert torch.isfinite(out).all() and 0 < float(keep.float().mean()) < 1
     expected = x.double() * keep.double() * keep.numel() / keep.double().sum()
@@ -657,20 +662,12 @@ def test_reference_mode_gradient_is_the_mask_times_the_batch_scale():
 def test_reference_mode_is_the_identity_in_evaluation_and_at_rate_zero():
     x = torch.randn(2, 3, 8, 8)
     assert DropBlock2d(0.3, mode="reference").eval()(x) is x
-    assert drop_block2d(x, 0.3, 3, training=False, mode="reference") is x
-    assert drop_block2d(x, 0.0, 3, mode="reference") is x
+    assert drop_block2d_reference(x, 0.3, 3, training=False) is x
+    assert drop_block2d_reference(x, 0.0, 3) is x
     state = torch.random.get_rng_state()
     assert DropBlock2d(0.0, mode="reference")(x) is x
-    assert drop_block2d(x, torch.tensor(0.0), 3, mode="reference") is x
+    assert drop_block2d_reference(x, torch.tensor(0.0), 3) is x
     assert torch.equal(torch.random.get_rng_state(), state)  # nothing drawn, as the package
-
-
-def test_reference_mode_inplace_writes_the_result_into_the_input():
-    source = torch.randn(4, 3, 8, 8)
-    expected = drop_block2d(source, 0.3, 3, mode="reference", generator=_generator(5))
-    x = source.clone()
-    out = drop_block2d(x, 0.3, 3, True, mode="reference", generator=_generator(5))
-    assert out is x and torch.equal(out, expected) and not torch.equal(out, source)
 
 
 def test_reference_mode_runs_compiled_with_p_as_a_tensor():
@@ -707,7 +704,6 @@ def test_mode_is_a_setting_reachable_by_name_shown_in_repr_and_not_in_the_state_
     "build",
     [
         lambda: DropBlock2d(0.1, 3, mode="Reference"),
-        lambda: drop_block2d(torch.ones(1, 3, 8, 8), 0.1, 3, mode="Reference"),
         lambda: __import__("dropcluster.nn", fromlist=["x"]).build_regularizer(
             "dropblock", 0.1, block_size=7, mode="Reference"
         ),

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dropcluster.nn import DropBlock2d, DropCluster2d, StochasticDepth, drop_cluster2d
+from dropcluster.nn import Clusters, DropBlock2d, DropCluster2d, StochasticDepth, drop_cluster2d
 
 # A 4x4 map split into its four 2x2 quadrants: cluster ids 0 1 / 2 3.
 QUADRANTS = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
@@ -36,9 +36,8 @@ def test_one_quadrant_dropped_and_unstructured_channel_zeroed():
     x = torch.arange(1.0, 2 * 16 + 1).view(1, 2, 4, 4)
     labels = torch.stack([QUADRANTS, QUADRANTS])
     structured = torch.tensor([True, False])
-    out, mask = drop_cluster2d(
-        x, labels, 4, 0.25, structured, generator=_generator(), return_mask=True
-    )
+    clusters = Clusters.from_labels(labels, structured)
+    out, mask = drop_cluster2d(x, 0.25, clusters, generator=_generator(), return_mask=True)
     # floor(0.25 * 4) = 1 cluster of 4 pixels dropped in channel 0; channel 1 masked.
     assert mask[0, 1].sum() == 0
     dropped = [q for q in range(4) if mask[0, 0][QUADRANTS == q].sum() == 0]
@@ -53,9 +52,8 @@ def test_scale_uses_the_sizes_of_the_dropped_clusters():
     x = torch.ones(1, 1, 4, 4)
     seen = set()
     for seed in range(30):
-        out, mask = drop_cluster2d(
-            x, labels, 3, 0.5, torch.tensor([True]), generator=_generator(seed), return_mask=True
-        )
+        out, mask = drop_cluster2d(x, 0.5, Clusters.from_labels(labels),
+                                   generator=_generator(seed), return_mask=True)  # fmt: skip
         kept = int(mask.sum())
         assert kept in (15, 13, 4)  # dropped cluster of size 1, 3 or 12: 1 cluster = floor(1.5)
         assert torch.allclose(out, mask * (16 / kept))
@@ -67,7 +65,7 @@ def test_evaluation_masks_only_unstructured_channels_and_rescales():
     x = torch.randn(3, 2, 4, 4, generator=_generator())
     labels = torch.stack([QUADRANTS, QUADRANTS])
     structured = torch.tensor([True, False])
-    out = drop_cluster2d(x, labels, 4, 0.25, structured, training=False)
+    out = drop_cluster2d(x, 0.25, Clusters.from_labels(labels, structured), training=False)
     # Algorithm 2 rescales in inference too: count(M) / count_ones(M) = 32 / 16.
     assert torch.equal(out[:, 0], x[:, 0] * 2)
     assert torch.equal(out[:, 1], torch.zeros_like(x[:, 1]))
@@ -76,14 +74,11 @@ def test_evaluation_masks_only_unstructured_channels_and_rescales():
 def test_shared_mask_is_the_same_for_every_image():
     x = torch.ones(8, 2, 4, 4)
     labels = torch.stack([QUADRANTS, QUADRANTS])
-    _, shared = drop_cluster2d(
-        x, labels, 4, 0.5, torch.tensor([True, True]), per_sample=False,
-        generator=_generator(), return_mask=True,
-    )  # fmt: skip
+    clusters = Clusters.from_labels(labels)
+    _, shared = drop_cluster2d(x, 0.5, clusters, per_sample=False, generator=_generator(),
+                               return_mask=True)  # fmt: skip
     assert shared.shape == (1, 2, 4, 4)
-    _, own = drop_cluster2d(
-        x, labels, 4, 0.5, torch.tensor([True, True]), generator=_generator(), return_mask=True
-    )
+    _, own = drop_cluster2d(x, 0.5, clusters, generator=_generator(), return_mask=True)
     assert own.shape == (8, 2, 4, 4)
     assert not all(torch.equal(own[0], own[i]) for i in range(1, 8))
 
@@ -130,12 +125,10 @@ def test_each_cluster_is_dropped_equally_often():
 
 def test_channels_with_fewer_clusters_drop_floor_p_times_their_count():
     labels = torch.stack([QUADRANTS, (QUADRANTS >= 2).long()])  # 4 clusters, then 2 clusters
-    counts = torch.tensor([4, 2])
+    clusters = Clusters.from_labels(labels)
+    assert clusters.counts.tolist() == [4, 2]
     x = torch.ones(500, 2, 4, 4)
-    _, mask = drop_cluster2d(
-        x, labels, counts, 0.5, torch.tensor([True, True]), generator=_generator(),
-        return_mask=True,
-    )  # fmt: skip
+    _, mask = drop_cluster2d(x, 0.5, clusters, generator=_generator(), return_mask=True)
     assert (mask[:, 0].sum(dim=(1, 2)) == 8).all()  # floor(0.5 * 4) = 2 quadrants dropped
     assert (mask[:, 1].sum(dim=(1, 2)) == 8).all()  # floor(0.5 * 2) = 1 half dropped
 
@@ -310,11 +303,13 @@ def test_paper_rule_masks_channels_with_a_constant_region():
         (lambda: DropCluster2d(0.1).set_p(1.5), r"\[0, 1\)"),
         (lambda: DropCluster2d(0.1).fit(torch.ones(4, 5, 5)), "4 dimensional"),
         (
-            lambda: drop_cluster2d(torch.ones(2, 1, 4, 4), QUADRANTS, 4, 0.1, torch.tensor([True])),
-            "labels should have shape",
+            lambda: drop_cluster2d(
+                torch.ones(2, 1, 5, 4), 0.1, Clusters.from_labels(QUADRANTS[None])
+            ),
+            r"the clusters fit \(C, H, W\) = \(1, 4, 4\), but the input has shape \(2, 1, 5, 4\)",
         ),
         (
-            lambda: drop_cluster2d(torch.ones(1, 4, 4), QUADRANTS[None], 4, 0.1, torch.ones(1)),
+            lambda: drop_cluster2d(torch.ones(1, 4, 4), 0.1, Clusters.from_labels(QUADRANTS[None])),
             "4 dimensional",
         ),
     ],
@@ -325,46 +320,59 @@ def test_bad_arguments_raise_clear_errors(build, message):
 
 
 @pytest.mark.parametrize(
-    ("labels", "n_clusters", "message"),
+    ("tables", "message"),
     [
-        (torch.stack([QUADRANTS.masked_fill(QUADRANTS == 3, 4), QUADRANTS]), 4,
-         r"channel 0 should lie in \[0, n_clusters\[0\]\) = \[0, 4\).*from 0 to 4"),
-        (torch.stack([QUADRANTS, QUADRANTS - 1]), 4, r"channel 1 should .*from -1 to 2"),
-        (torch.stack([QUADRANTS, QUADRANTS]), torch.tensor([4, 3]),
-         r"channel 1 should lie in \[0, n_clusters\[1\]\) = \[0, 3\).*from 0 to 3"),
-        (torch.stack([QUADRANTS, QUADRANTS]).float(), 4, "integer cluster ids.*float32"),
-        (torch.stack([QUADRANTS, QUADRANTS]), torch.tensor(4), r"\(2,\) integer tensor"),
+        (lambda q: (q.masked_fill(q == 3, 4), [4]), r"channel 0 is structured with 4 clusters, "
+         r"but its labels range from 0 to 4 \(expected 0 to 3\)"),
+        (lambda q: (q - 1, [4]), r"channel 0 .* labels range from -1 to 2"),
+        (lambda q: (q, [5]), r"counts: channel 0 is structured with 5 clusters, but a structured "
+         r"channel has 1 to 4"),
+        (lambda q: (q.float(), [4]), r"labels should be a 3-d integer tensor"),
     ],
-    ids=["label_equal_to_n_clusters", "negative", "per_channel_count", "float", "0d_count"],
+    ids=["label_equal_to_its_count", "negative", "count_past_the_width", "float"],
 )  # fmt: skip
-def test_functional_refuses_labels_outside_the_clusters(labels, n_clusters, message):
-    x = torch.ones(2, 2, 4, 4)
-    structured = torch.tensor([True, True])
+def test_clusters_refuse_tables_a_fit_cannot_make(tables, message):
+    labels, counts = tables(QUADRANTS[None])
+    sizes = torch.full((1, 4), 4, dtype=torch.int64)
     with pytest.raises(ValueError, match=message):
-        drop_cluster2d(x, labels, n_clusters, 0.25, structured, generator=_generator())
+        Clusters(labels, torch.tensor([True]), torch.tensor(counts), sizes)
 
 
-def test_functional_accepts_large_labels_in_unstructured_channels_unless_sizes_lack_them():
+def test_the_0_3_functional_form_fails_naming_the_new_one():
+    x = torch.ones(2, 1, 4, 4)
+    with pytest.raises(TypeError, match=r"new form since dropcluster 0.4: drop_cluster2d\(x, p, "
+                                        r"clusters, training=True"):  # fmt: skip
+        drop_cluster2d(x, QUADRANTS[None], 4, 0.25, torch.tensor([True]))
+    with pytest.raises(TypeError, match=r"keywords \['cluster_sizes'\]"):
+        drop_cluster2d(x, 0.25, Clusters.from_labels(QUADRANTS[None]), cluster_sizes=None)
+    with pytest.raises(TypeError, match="not loose tables"):
+        drop_cluster2d(x, 0.25, QUADRANTS[None])
+
+
+def test_unstructured_channels_of_hand_made_clusters_are_zeroed_whatever_their_labels():
     x = torch.ones(2, 2, 4, 4)
     labels = torch.stack([QUADRANTS, QUADRANTS + 4]).int()  # int32 is fine too
-    structured = torch.tensor([True, False])
-    out = drop_cluster2d(x, labels, 4, 0.25, structured, generator=_generator())
+    clusters = Clusters.from_labels(labels, torch.tensor([True, False]))
+    assert clusters.counts.tolist() == [4, 0] and int(clusters.labels[1].max()) == 0
+    out = drop_cluster2d(x, 0.25, clusters, generator=_generator())
     assert torch.equal(out[:, 1], torch.zeros(2, 4, 4))
     assert int((out[:, 0] == 0).sum()) == 2 * 4  # one quadrant of 4 pixels per image
-    sizes = torch.full((2, 4), 4, dtype=torch.int64)
-    with pytest.raises(ValueError, match=r"channel 1 should lie in \[0, 4\), the columns of"):
-        drop_cluster2d(x, labels, 4, 0.25, structured, cluster_sizes=sizes)
 
 
-def test_module_skips_the_functional_label_check(monkeypatch):
-    import dropcluster.nn.dropcluster as module
-
-    def fail(*args):
-        raise AssertionError("the module's own labels need no check")
-
-    monkeypatch.setattr(module, "_checked_labels", fail)
-    layer = _fitted_layer()
-    layer(_smooth(4, 6, 12))
+def test_a_layer_gives_its_clusters_and_loads_anothers():
+    layer = _fitted_layer(0.3)
+    clusters = layer.clusters
+    assert clusters.shape == (6, 12, 12) and clusters.n_clusters == 15
+    twin = DropCluster2d(0.3, 15).eval()
+    twin.load_clusters(clusters)
+    x = _smooth(4, 6, 12, seed=5)
+    assert torch.equal(twin(x), layer.eval()(x))
+    assert torch.equal(drop_cluster2d(x, 0.3, clusters, training=False), layer(x))
+    assert DropCluster2d(0.1).clusters is None
+    with pytest.raises(TypeError, match=r"layer.load_clusters\(Clusters\(labels, structured"):
+        twin.load_clusters(clusters.labels, clusters.structured, clusters.counts, clusters.sizes)
+    with pytest.raises(ValueError, match="are 15 wide, this layer has n_clusters=5"):
+        DropCluster2d(0.1, 5).load_clusters(clusters)
 
 
 # ---------------------------------------------------------------- torch.compile
@@ -646,8 +654,8 @@ def test_every_set_of_dropped_clusters_is_equally_likely(columns):
     labels = torch.arange(4).view(1, 1, 4)
     sizes = torch.zeros(1, columns, dtype=torch.int64)
     sizes[0, :4] = 1
-    out = drop_cluster2d(torch.ones(6000, 1, 1, 4), labels, 4, 0.5, torch.tensor([True]),
-                         generator=_generator(3), cluster_sizes=sizes)  # fmt: skip
+    clusters = Clusters(labels, torch.tensor([True]), torch.tensor([4]), sizes)
+    out = drop_cluster2d(torch.ones(6000, 1, 1, 4), 0.5, clusters, generator=_generator(3))
     kept = (out[:, 0, 0] > 0).long()
     assert (kept.sum(dim=1) == 2).all()
     assert torch.equal(out[:, 0, 0][kept.bool()], torch.full((12000,), 2.0))  # 4 / 2 kept
@@ -743,7 +751,8 @@ def test_compiled_draws_drop_floor_p_n_clusters_with_mixed_counts(p):
     sizes[0] = torch.bincount(labels[0].flatten(), minlength=15)
     sizes[1, :4] = 16
     layer = DropCluster2d(p, 15, input_shape=(3, 8, 8))
-    layer.load_clusters(labels, torch.tensor([True, True, False]), torch.tensor([15, 4, 0]), sizes)
+    layer.load_clusters(Clusters(labels, torch.tensor([True, True, False]),
+                                 torch.tensor([15, 4, 0]), sizes))  # fmt: skip
     compiled = torch.compile(layer, backend="aot_eager")
     out = compiled(torch.ones(500, 3, 8, 8))
     for channel, count in ((0, 15), (1, 4)):
@@ -826,9 +835,10 @@ def test_a_fitted_layer_keeps_its_clusters_when_refusing_a_state():
     with pytest.raises(ValueError, match="its labels range"):
         layer.load_state_dict(bad)
     assert all(torch.equal(before[key], value) for key, value in layer.state_dict().items())
-    with pytest.raises(ValueError, match="'cluster_counts'|counts: channel 0"):
-        layer.load_clusters(layer.labels, layer.structured, layer.cluster_counts + 20,
-                            layer.cluster_sizes)  # fmt: skip
+    with pytest.raises(ValueError, match="counts: channel 0"):
+        layer.load_clusters(Clusters(layer.labels, layer.structured, layer.cluster_counts + 20,
+                                     layer.cluster_sizes))  # fmt: skip
+    assert all(torch.equal(before[key], value) for key, value in layer.state_dict().items())
 
 
 def test_a_valid_state_still_loads_and_predicts_the_same():

@@ -46,7 +46,8 @@ from dropcluster.files import atomic_write_json, atomic_write_text
 from dropcluster.hopkins import spatial_hopkins
 from dropcluster.models import SlottedModel, placement_for
 from dropcluster.models.slots import Slot
-from dropcluster.nn import DropCluster2d, drop_cluster2d
+from dropcluster.nn import Clusters, DropCluster2d, drop_cluster2d
+from dropcluster.nn.clusters import fixed_tables
 from dropcluster.rena import check_modes, rena
 from dropcluster.train.config import resolve_device
 from dropcluster.train.restore import LoadedRun, load_run
@@ -513,11 +514,12 @@ def _sample_masks(
     else:
         p, per_sample = ILLUSTRATIVE_P, True
         note = f"an illustrative training mask (p={p:g}; the run has no DropCluster layer)"
-    _, mask = drop_cluster2d(
-        examples, clusters.labels, clusters.n_found, p, clusters.structured, training=True,
-        per_sample=per_sample, generator=torch.Generator().manual_seed(seed),
-        cluster_sizes=clusters.sizes, return_mask=True,
-    )  # fmt: skip
+    # As the layer holds them: a channel ReNA left with more than n_clusters is unstructured.
+    tables = Clusters(*fixed_tables(clusters.labels, clusters.structured, clusters.n_found,
+                                    clusters.sizes, clusters.n_clusters))  # fmt: skip
+    generator = torch.Generator().manual_seed(seed)
+    _, mask = drop_cluster2d(examples, p, tables, training=True, per_sample=per_sample,
+                             generator=generator, return_mask=True)  # fmt: skip
     return mask.expand_as(examples).contiguous(), p, note
 
 

@@ -3,7 +3,8 @@
 # Imported eagerly: `stochastic_depth` must name the function, not its module.
 from dropcluster.nn._drop_rate import DropRateModule, check_drop_rate
 from dropcluster.nn.attach import attach, detach
-from dropcluster.nn.dropblock import DropBlock2d, drop_block2d
+from dropcluster.nn.clusters import Clusters
+from dropcluster.nn.dropblock import DropBlock2d, drop_block2d, drop_block2d_reference
 from dropcluster.nn.dropcluster import DropCluster2d, drop_cluster2d
 from dropcluster.nn.fitting import ClusterFit, RefitSchedule, fit_clusters
 from dropcluster.nn.registry import REGULARIZERS, build_regularizer
@@ -17,6 +18,7 @@ from dropcluster.nn.stochastic_depth import (
 __all__ = [
     "REGULARIZERS",
     "ClusterFit",
+    "Clusters",
     "RefitSchedule",
     "DropBlock2d",
     "DropCluster2d",
@@ -29,6 +31,7 @@ __all__ = [
     "check_drop_rate",
     "detach",
     "drop_block2d",
+    "drop_block2d_reference",
     "drop_cluster2d",
     "fit_clusters",
     "stochastic_depth",

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dropcluster.compat import old_call_form
 from dropcluster.nn._drop_rate import DropRateModule, check_drop_rate, uniform
 from dropcluster.nn._dropblock_sampler import drop_block_sparse
 from dropcluster.validation import check_choice, check_int, check_tensor
@@ -137,103 +138,151 @@ def solve_gamma(p: float, height: int, width: int, block_size: int) -> float:
     )
 
 
+@old_call_form(
+    4,
+    frozenset({"eps", "gamma", "mode"}),
+    "drop_block2d(x, p, block_size, training=True, *, per_channel, generator, return_mask, "
+    "inplace); PyPI dropblock's algorithm is drop_block2d_reference(x, p, block_size, "
+    "training=True, *, generator, return_mask)",
+)
 def drop_block2d(
     x: Tensor,
     p: float | Tensor,
     block_size: int,
-    inplace: bool = False,
-    eps: float = 1e-6,
     training: bool = True,
     *,
     per_channel: bool = True,
     generator: torch.Generator | None = None,
     return_mask: bool = False,
-    gamma: float | Tensor | None = None,
-    mode: str = "exact",
+    inplace: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """DropBlock (Ghiasi et al. 2018, Algorithm 1) with the expected dropped fraction equal to p.
 
     Args:
         x: (N, C, H, W) floating tensor, any memory format and device.
-        p: fraction of pixels to drop, in [0, 1): a float (checked) or a 0-d tensor (trusted, as
-            the modules' buffers are; never read on the host except by the CPU sampler).
+        p: fraction of pixels to drop, in [0, 1): a float (checked) or a 0-d tensor.
         block_size: side of the square blocks, >= 1; clamped per dimension to the map
-            (:func:`effective_block`). Even sizes are exact: a block covers ``block_size`` rows
-            and columns.
-        inplace: write the result into ``x`` and return ``x``, as torchvision's ``inplace``
-            (the result is computed first, so it saves no memory).
-        eps: unused; the position of torchvision's ``eps``, so that its positional calls work
-            here. The kept count is clamped to 1 instead of adding eps: a sample with
-            everything dropped gives zeros either way.
+            (:func:`effective_block`); even sizes are exact.
         training: identity (``x`` itself is returned) when False.
         per_channel: independent masks per channel (the paper's Algorithm 1); False shares one
             mask across the channels of each image. Masks are always independent per sample.
-        generator: random source on x's device.
+        generator: random source on x's device (none under torch.compile).
         return_mask: also return the 0/1 keep mask, before rescaling.
-        gamma: the centre rate for this ``p`` and map size if already solved (a float or a 0-d
-            tensor on x's device); :class:`DropBlock2d` caches it on accelerators. Exact mode
-            only.
-        mode: ``"exact"`` (default) as described here, or ``"reference"``: PyPI ``dropblock``
-            0.3.0's ``DropBlock2D(p, block_size)`` (see :func:`_drop_block_reference`; it
-            ignores ``per_channel`` and ``gamma``, and its dropped fraction is below p).
+        inplace: write the result into ``x`` and return ``x``.
 
     Returns:
-        (N, C, H, W) tensor in x's dtype, ``x * mask * count(mask) / count_ones(mask)`` with the
-        counts taken per sample (in float32; a sample with everything dropped gives zeros);
-        with ``return_mask``, also the mask, (N, C, H, W) or (N, 1, H, W) for a shared mask, in
-        x's dtype.
+        (N, C, H, W) tensor in x's dtype, ``x * mask * count(mask) / count_ones(mask)`` with
+        the counts per sample; with ``return_mask``, also the mask, (N, C, H, W) or
+        (N, 1, H, W) for a shared mask, in x's dtype.
 
-    Rescaling is per sample because masks are drawn per sample: each image is divided by its own
-    kept fraction, so its scale does not depend on what the other images drew (the paper's
-    ``count(M) / count_ones(M)`` is for one mask; per batch, an image that lost more than the
-    average would come out too small). It costs the same as a batch-wide count.
+    Example::
 
-    The first six arguments are torchvision's (``drop_block2d(input, p, block_size, inplace,
-    eps, training)``), in its order. Under torch.compile pass no ``generator`` (dynamo does not
-    trace generator objects).
+        out = drop_block2d(torch.randn(8, 64, 16, 16), 0.1, 5)
     """
-    check_tensor("input", x, 4, "(N, C, H, W)")
-    check_int("block_size", block_size, minimum=1)
-    check_choice("mode", mode, MODES)
-    if not isinstance(p, Tensor):
-        p = check_drop_rate(p)
-    n_samples, n_channels = x.shape[:2]
-    # The map size fixes the coverage histogram and the block geometry: under torch.compile with
-    # dynamic shapes, operator.index specialises it (a guard), while N and C can stay dynamic.
-    height, width = operator.index(x.shape[2]), operator.index(x.shape[3])
-    reference = mode == "reference"
-    mask_channels = n_channels if per_channel and not reference else 1
-    mask_shape = (n_samples, mask_channels, height, width)
-    identity = (x, x.new_ones(1, 1, 1, 1).expand(mask_shape)) if return_mask else x
-    if not training or (not isinstance(p, Tensor) and p == 0.0) or x.numel() == 0:
-        return identity
-    compiling = torch.compiler.is_compiling()
-    if reference:
-        if isinstance(p, Tensor) and p.device.type == "cpu" and not compiling:
-            # A memory read. As a float p, it gives the package's gamma bit for bit, and p = 0
-            # returns x without drawing, as the package does.
-            p = float(p)
-            if p == 0.0:
-                return identity
-        result = _drop_block_reference(x, p, block_size, generator, return_mask)
-    elif x.device.type == "cpu" and not compiling:
-        rate = float(p)  # a CPU scalar: a memory read, not a synchronisation
-        if rate == 0.0:
-            return identity
-        gamma = solve_gamma(rate, height, width, block_size)
-        block = effective_block(block_size, height, width)
-        result = drop_block_sparse(x, gamma, block, per_channel, generator, return_mask)
-    else:
-        if gamma is None and not isinstance(p, Tensor) and not compiling:
-            gamma = solve_gamma(p, height, width, block_size)  # a float: no copy to the device
-        elif gamma is None:
-            p_tensor = p if isinstance(p, Tensor) else torch.tensor(p, dtype=torch.float64)
-            gamma = _solve_gamma_tensor(p_tensor.to(x.device), height, width, block_size)
-        result = _drop_block_dense(x, gamma, block_size, per_channel, generator, return_mask)
-    if not inplace:
+    p = _checked(x, p, block_size)
+    result = _drop_block_exact(x, p, block_size, training, per_channel, generator, return_mask)
+    if not inplace or result is x or (return_mask and result[0] is x):
         return result
     x.copy_(result[0] if return_mask else result)
     return (x, result[1]) if return_mask else x
+
+
+def drop_block2d_reference(
+    x: Tensor,
+    p: float | Tensor,
+    block_size: int,
+    training: bool = True,
+    *,
+    generator: torch.Generator | None = None,
+    return_mask: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """PyPI ``dropblock`` 0.3.0's ``DropBlock2D(p, block_size)``: the DropCluster paper's
+    DropBlock baseline (its dropped fraction is below p).
+
+    Centres drawn with rate ``p / block_size**2`` on every pixel, one mask per image shared by
+    the channels, one rescaling for the whole batch; on the CPU with the same seed the output is
+    the package's bit for bit, and zeros where it gives NaN (docs/design.md, "DropBlock").
+
+    Args:
+        x: (N, C, H, W) floating tensor.
+        p: the package's drop probability, in [0, 1): a float or a 0-d tensor.
+        block_size: block side, >= 1.
+        training: identity when False.
+        generator: random source on x's device (None: the global generator, as the package).
+        return_mask: also return the (N, 1, H, W) 0/1 keep mask.
+
+    Returns:
+        (N, C, H, W) tensor in x's dtype; with ``return_mask``, also the mask.
+    """
+    p = _checked(x, p, block_size)
+    return _drop_block_reference_mode(x, p, block_size, training, generator, return_mask)
+
+
+def _checked(x: Tensor, p: float | Tensor, block_size: int) -> float | Tensor:
+    check_tensor("input", x, 4, "(N, C, H, W)")
+    check_int("block_size", block_size, minimum=1)
+    return p if isinstance(p, Tensor) else check_drop_rate(p)
+
+
+def _identity(x: Tensor, mask_channels: int, return_mask: bool):
+    if not return_mask:
+        return x
+    mask_shape = (x.shape[0], mask_channels, *x.shape[2:])
+    return x, x.new_ones(1, 1, 1, 1).expand(mask_shape)
+
+
+def _drop_block_exact(
+    x: Tensor,
+    p: float | Tensor,
+    block_size: int,
+    training: bool,
+    per_channel: bool,
+    generator: torch.Generator | None,
+    return_mask: bool,
+    gamma: float | Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`drop_block2d` on checked arguments; ``gamma``: the centre rate for this ``p`` and
+    map size when already solved (the module's cache on accelerators)."""
+    # The map size fixes the coverage histogram and the block geometry: under torch.compile with
+    # dynamic shapes, operator.index specialises it (a guard), while N and C can stay dynamic.
+    height, width = operator.index(x.shape[2]), operator.index(x.shape[3])
+    mask_channels = x.shape[1] if per_channel else 1
+    if not training or (not isinstance(p, Tensor) and p == 0.0) or x.numel() == 0:
+        return _identity(x, mask_channels, return_mask)
+    compiling = torch.compiler.is_compiling()
+    if x.device.type == "cpu" and not compiling:
+        rate = float(p)  # a CPU scalar: a memory read, not a synchronisation
+        if rate == 0.0:
+            return _identity(x, mask_channels, return_mask)
+        gamma = solve_gamma(rate, height, width, block_size)
+        block = effective_block(block_size, height, width)
+        return drop_block_sparse(x, gamma, block, per_channel, generator, return_mask)
+    if gamma is None and not isinstance(p, Tensor) and not compiling:
+        gamma = solve_gamma(p, height, width, block_size)  # a float: no copy to the device
+    elif gamma is None:
+        p_tensor = p if isinstance(p, Tensor) else torch.tensor(p, dtype=torch.float64)
+        gamma = _solve_gamma_tensor(p_tensor.to(x.device), height, width, block_size)
+    return _drop_block_dense(x, gamma, block_size, per_channel, generator, return_mask)
+
+
+def _drop_block_reference_mode(
+    x: Tensor,
+    p: float | Tensor,
+    block_size: int,
+    training: bool,
+    generator: torch.Generator | None,
+    return_mask: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`drop_block2d_reference` on checked arguments."""
+    if not training or (not isinstance(p, Tensor) and p == 0.0) or x.numel() == 0:
+        return _identity(x, 1, return_mask)
+    if isinstance(p, Tensor) and p.device.type == "cpu" and not torch.compiler.is_compiling():
+        # A memory read. As a float p, it gives the package's gamma bit for bit, and p = 0
+        # returns x without drawing, as the package does.
+        p = float(p)
+        if p == 0.0:
+            return _identity(x, 1, return_mask)
+    return _drop_block_reference(x, p, block_size, generator, return_mask)
 
 
 def _blocks_from_centres(centres: Tensor, block_h: int, block_w: int) -> Tensor:
@@ -395,12 +444,15 @@ class DropBlock2d(DropRateModule):
         return self._gamma
 
     def forward(self, x: Tensor) -> Tensor:
-        exact = self.mode == "exact"
-        gamma = self._cached_gamma(x) if self.training and exact else None
-        result = drop_block2d(
-            x, self.p, self.block_size, training=self.training, per_channel=self.per_channel,
-            generator=self.generator, return_mask=self.record_mask, gamma=gamma, mode=self.mode,
-        )  # fmt: skip
+        check_tensor("input", x, 4, "(N, C, H, W)")
+        if self.mode == "exact":
+            gamma = self._cached_gamma(x) if self.training else None
+            result = _drop_block_exact(x, self.p, self.block_size, self.training,
+                                       self.per_channel, self.generator, self.record_mask,
+                                       gamma)  # fmt: skip
+        else:
+            result = _drop_block_reference_mode(x, self.p, self.block_size, self.training,
+                                                self.generator, self.record_mask)  # fmt: skip
         if self.record_mask:
             result, mask = result
             self._remember(mask)

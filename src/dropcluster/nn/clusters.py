@@ -1,0 +1,220 @@
+"""Fitted clusters as one object: what :meth:`DropCluster2d.fit` makes and
+:func:`drop_cluster2d` takes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dropcluster.rena import ReNAResult, check_modes, rena
+from dropcluster.validation import check_int, check_tensor
+
+__all__ = ["Clusters", "check_tables", "fixed_tables"]
+
+
+@dataclass(frozen=True)
+class Clusters:
+    """The fitted clusters of one layer input shape (C, H, W): what DropCluster drops from.
+
+    Make them with :meth:`fit` (ReNA on activations, the paper's Algorithm 1), :meth:`from_rena`
+    or :meth:`from_labels`; a fitted :class:`~dropcluster.nn.DropCluster2d` gives its own as
+    ``layer.clusters``. The tables are checked when the object is made (:func:`check_tables`).
+
+    Attributes:
+        labels: (C, H, W) int64, the cluster of each pixel (0 in unstructured channels).
+        structured: (C,) bool, the channels whose clusters are dropped; the others are zeroed.
+        counts: (C,) int64 clusters per structured channel, 1 to ``n_clusters`` (0 otherwise).
+        sizes: (C, n_clusters) int64 pixels per cluster (0 in unstructured channels).
+
+    Example::
+
+        clusters = Clusters.fit(activations, 15)   # activations: (N, C, H, W)
+        out = drop_cluster2d(x, 0.1, clusters)     # x: (N', C, H, W)
+    """
+
+    labels: Tensor
+    structured: Tensor
+    counts: Tensor
+    sizes: Tensor
+
+    def __post_init__(self) -> None:
+        for name in ("labels", "structured", "counts", "sizes"):
+            check_tensor(name, getattr(self, name), {"labels": 3, "sizes": 2}.get(name, 1),
+                         {"labels": "(C, H, W)", "sizes": "(C, K)"}.get(name, "(C,)"))  # fmt: skip
+        check_tables(self.labels, self.structured, self.counts, self.sizes, self.sizes.shape[1])
+
+    @property
+    def n_clusters(self) -> int:
+        """K, the width of the tables: at most this many clusters per channel."""
+        return self.sizes.shape[1]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the inputs the clusters fit."""
+        return tuple(self.labels.shape)
+
+    def to(self, device: torch.device | str) -> Clusters:
+        """The same clusters on ``device``."""
+        return Clusters(*(getattr(self, name).to(device) for name in
+                          ("labels", "structured", "counts", "sizes")))  # fmt: skip
+
+    @classmethod
+    def fit(
+        cls,
+        activations: Tensor,
+        n_clusters: int = 15,
+        *,
+        unstructured: str = "dead",
+        identical_neighbours: str = "merge",
+        max_rounds: int = 1000,
+        generator: torch.Generator | None = None,
+    ) -> Clusters:
+        """Cluster every channel of ``activations`` with ReNA (the paper's Algorithm 1).
+
+        Args:
+            activations: (N, C, H, W) float, N >= 2: the layer's input on a minibatch.
+            n_clusters: clusters per channel (paper: 15).
+            unstructured, identical_neighbours, max_rounds, generator: as
+                :func:`dropcluster.rena.rena`.
+
+        Returns:
+            The clusters, on the activations' device.
+        """
+        check_modes(unstructured, identical_neighbours)
+        check_int("n_clusters", n_clusters, minimum=1)
+        result = rena(activations, n_clusters, max_rounds=max_rounds, unstructured=unstructured,
+                      identical_neighbours=identical_neighbours, generator=generator)  # fmt: skip
+        return cls.from_rena(result, n_clusters)
+
+    @classmethod
+    def from_rena(cls, result: ReNAResult, n_clusters: int) -> Clusters:
+        """A ReNA result as tables ``n_clusters`` wide: a structured channel with more than
+        ``n_clusters`` clusters (ReNA stopped before reaching k) becomes unstructured, as the
+        paper treats channels where ReNA does not converge."""
+        return cls(*fixed_tables(result.labels, result.structured, result.n_found,
+                                  result.sizes, n_clusters))  # fmt: skip
+
+    @classmethod
+    def from_labels(cls, labels: Tensor, structured: Tensor | None = None,
+                    n_clusters: int | None = None) -> Clusters:  # fmt: skip
+        """Clusters from hand-made labels: channel c has clusters ``0 .. labels[c].max()``.
+
+        Args:
+            labels: (C, H, W) integer cluster ids, >= 0 in structured channels.
+            structured: (C,) bool (default: every channel).
+            n_clusters: table width (default: the most clusters of a channel).
+        """
+        check_tensor("labels", labels, 3, "(C, H, W)")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"labels should hold integer cluster ids, but got {labels.dtype}")
+        labels = labels.long()
+        n_channels = labels.shape[0]
+        if structured is None:
+            structured = torch.ones(n_channels, dtype=torch.bool, device=labels.device)
+        flat = labels.reshape(n_channels, -1)
+        counts = torch.where(structured, flat.amax(dim=1) + 1, 0)
+        width = n_clusters if n_clusters is not None else max(1, int(counts.max()))
+        labels = torch.where(structured.view(-1, 1, 1), labels, 0)
+        column = torch.arange(width, device=labels.device).view(1, -1, 1)
+        sizes = (labels.reshape(n_channels, 1, -1) == column).sum(dim=2)
+        return cls(labels, structured, counts, sizes * structured.view(-1, 1))
+
+
+def check_tables(labels: Tensor, structured: Tensor, counts: Tensor, sizes: Tensor,
+                 n_clusters: int, names: dict[str, str] | None = None) -> None:  # fmt: skip
+    """Raise ValueError unless the four tables are fitted clusters as :func:`fixed_tables`
+    makes them: ``labels`` (C, H, W), ``structured`` (C,) bool, ``counts`` (C,) and ``sizes``
+    (C, n_clusters) integers; a structured channel has 1 to ``n_clusters`` clusters, labels
+    below its count and sizes that count its labels; an unstructured one has count and sizes 0.
+
+    One pass over the labels (a scatter of ones): cheap beside any fit. ``names`` says how the
+    message names each table (a state_dict key); the message names the first bad channel.
+    """
+    names = names or {}
+    label_name, sizes_name = names.get("labels", "labels"), names.get("cluster_sizes", "sizes")
+    counts_name = names.get("cluster_counts", "counts")
+    n_channels = labels.shape[0] if labels.dim() == 3 else -1
+    kinds = ((labels, 3, label_name), (counts, 1, counts_name), (sizes, 2, sizes_name))
+    for table, dims, name in kinds:
+        if table.dim() != dims or table.is_floating_point() or table.is_complex() or (
+                table.dtype == torch.bool) or table.shape[0] != n_channels:  # fmt: skip
+            raise ValueError(
+                f"{name} should be a {dims}-d integer tensor with {n_channels} channels, but got "
+                f"{tuple(table.shape)} {table.dtype}"
+            )
+    if structured.shape != (n_channels,) or structured.dtype != torch.bool:
+        raise ValueError(
+            f"{names.get('structured', 'structured')} should be a ({n_channels},) bool tensor, "
+            f"but got {tuple(structured.shape)} {structured.dtype}"
+        )
+    if sizes.shape[1] != n_clusters:
+        raise ValueError(f"{sizes_name} should have {n_clusters} columns, not {sizes.shape[1]}")
+    if n_channels == 0 or labels.numel() == 0:
+        return
+    device = labels.device
+    labels, counts, sizes = labels.long(), counts.long().to(device), sizes.long().to(device)
+    structured = structured.to(device)
+    flat = labels.reshape(n_channels, -1)
+    smallest, largest = torch.aminmax(flat, dim=1)
+    bad_count = structured & ((counts < 1) | (counts > n_clusters)) | ~structured & (counts != 0)
+    bad_label = structured & ((smallest < 0) | (largest >= counts))
+    in_range = flat.clamp(0, n_clusters - 1)
+    counted = torch.zeros_like(sizes).scatter_add_(1, in_range, torch.ones_like(in_range))
+    counted *= structured.unsqueeze(1)
+    bad_sizes = (counted != sizes).any(dim=1)
+    for bad, what in ((bad_count, "count"), (bad_label, "labels"), (bad_sizes, "sizes")):
+        if bool(bad.any()):
+            c = int(bad.nonzero()[0])
+            raise ValueError(_table_problem(what, c, bool(structured[c]), int(counts[c]),
+                                            n_clusters, names, labels, sizes, counted))  # fmt: skip
+
+
+def _table_problem(what: str, c: int, structured: bool, count: int, n_clusters: int,
+                   names: dict[str, str], labels: Tensor, sizes: Tensor,
+                   counted: Tensor) -> str:  # fmt: skip
+    """The message of :func:`check_tables` for channel ``c``'s first problem."""
+    state = f"structured with {count} clusters" if structured else "unstructured"
+    if what == "count":
+        name = names.get("cluster_counts", "counts")
+        if structured:
+            return f"{name}: channel {c} is {state}, but a structured channel has 1 to {n_clusters}"
+        return f"{name}: channel {c} is unstructured with count {count}, but such a channel has 0"
+    if what == "labels":
+        low, high = torch.aminmax(labels[c])
+        return (
+            f"{names.get('labels', 'labels')}: channel {c} is {state}, but its labels range from "
+            f"{int(low)} to {int(high)} (expected 0 to {count - 1})"
+        )
+    expected = f"the pixels of each label: {counted[c].tolist()}" if structured else "zeros"
+    return (
+        f"{names.get('cluster_sizes', 'sizes')}: channel {c} is {state}, but its sizes are "
+        f"{sizes[c].tolist()} (expected {expected})"
+    )
+
+
+def fixed_tables(labels: Tensor, structured: Tensor, n_found: Tensor, sizes: Tensor,
+                 n_clusters: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """A ReNA result as the layer stores it: tables ``n_clusters`` wide.
+
+    A structured channel with more than ``n_clusters`` clusters (ReNA stopped before reaching
+    k) becomes unstructured, as the paper treats channels where ReNA does not converge.
+    Unstructured channels get label 0, count 0 and no sizes: they are masked whole.
+
+    Args:
+        labels: (C, H, W) int64; structured: (C,) bool; n_found: (C,) int64; sizes: (C, K)
+            int64 (``ReNAResult``'s fields).
+
+    Returns:
+        labels (C, H, W), structured (C,), counts (C,), sizes (C, n_clusters), on the inputs'
+        device.
+    """
+    structured = structured & (n_found <= n_clusters)
+    counts = torch.where(structured, n_found, torch.zeros_like(n_found))
+    labels = torch.where(structured.view(-1, 1, 1), labels, torch.zeros_like(labels))
+    width = min(sizes.shape[1], n_clusters)
+    table = torch.zeros(sizes.shape[0], n_clusters, dtype=torch.int64, device=sizes.device)
+    table[:, :width] = sizes[:, :width]
+    table *= structured.view(-1, 1)
+    return labels, structured, counts, table
