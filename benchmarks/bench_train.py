@@ -24,19 +24,10 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
-from dropcluster.nn import fit_clusters
 from dropcluster.train.config import TrainConfig
+from dropcluster.train.loop import train_step
 from dropcluster.train.setup import build_run
-
-
-def _refit(run, config) -> None:
-    """One DropCluster refit as the trainer makes it."""
-    images = run.cluster_images
-    fit_clusters(run.model, images, images.shape[0], prepare=run.prepare_eval,
-                 batch_size=config.eval_batch_size)  # fmt: skip
-
 
 #: (label, regularizer, regularizer_options) of the step-cost comparison.
 ARMS = (
@@ -62,9 +53,9 @@ def regularizer_costs(base: TrainConfig, device: torch.device, steps: int) -> di
         torch.manual_seed(0)
         run = build_run(config, device)
         if run.has_dropcluster:
-            _refit(run, config)
+            run.refit()
         images, labels = next(iter(run.loader))
-        steps_of[label] = _step_function(run.model, run.optimizer, images, labels)
+        steps_of[label] = _step_function(run, images, labels)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for step in steps_of.values():  # warm-up
         step()
@@ -80,16 +71,10 @@ def regularizer_costs(base: TrainConfig, device: torch.device, steps: int) -> di
     return {label: statistics.median(values) for label, values in times.items()}
 
 
-def _train_step(model, optimizer, images, labels) -> None:
-    loss = F.cross_entropy(model(images), labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-
-
-def _step_function(model, optimizer, images, labels):
-    """A training step on one fixed batch, as a function of nothing (for round-robin timing)."""
-    return lambda: _train_step(model, optimizer, images, labels)
+def _step_function(run, images, labels):
+    """The loop's training step on one fixed batch, as a function of nothing (for round-robin
+    timing)."""
+    return lambda: train_step(run, images, labels)
 
 
 def main(argv=None) -> int:
@@ -103,14 +88,14 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     torch.manual_seed(0)
     run = build_run(config, device)
-    model, optimizer, loader = run.model, run.optimizer, run.loader
-    _refit(run, config)
+    loader = run.loader
+    run.refit()
     batches = iter(loader)
     fixed_images, fixed_labels = next(batches)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step(images, labels):
-        _train_step(model, optimizer, images, labels)
+        train_step(run, images, labels)
 
     times = {"device loader": [], "pre-made batch": []}
     for _ in range(3):  # warm-up
@@ -144,7 +129,7 @@ def main(argv=None) -> int:
     for _ in range(3):
         sync()
         start = time.perf_counter()
-        _refit(run, config)
+        run.refit()
         sync()
         refits.append(time.perf_counter() - start)
     refit = statistics.median(refits)

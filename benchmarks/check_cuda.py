@@ -15,7 +15,7 @@ C. Compiled DropCluster2d masks stay independent across channels and images (tor
 3. Each regularizer's share of a ResNet-50 training step, in its paper slot (bf16 autocast,
    channels_last). Goal: DropCluster < 1 % of the step.
 4. The paper's protocol on one GPU, through the training loop's own path (build_run, the
-   DeviceLoader's batched augmentation, ``_train_epoch``, ``evaluate``, ``save_checkpoint``,
+   DeviceLoader's batched augmentation, ``train_epoch``, ``evaluate``, ``Checkpoint``,
    ``fit_clusters``) on synthetic data sets of the real sizes held on the GPU: images/s, compile,
    evaluation, checkpoint and refit times, one 250-epoch run, and the GPU-hours of the paper
    presets on one GPU and on 8. Goal: one CIFAR-100 run < 15 minutes.
@@ -47,7 +47,6 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -57,13 +56,12 @@ from dropcluster.data import ImageDataset
 from dropcluster.experiments.presets import expand_grid, load_preset
 from dropcluster.hopkins import spatial_hopkins
 from dropcluster.models.placement import placement_for
-from dropcluster.nn import DropBlock2d, DropCluster2d, RefitSchedule, StochasticDepth, fit_clusters
-from dropcluster.nn.fitting import unwrap
+from dropcluster.nn import DropBlock2d, DropCluster2d, RefitSchedule, StochasticDepth
 from dropcluster.rena import rena
-from dropcluster.train import setup
-from dropcluster.train.checkpoint import MODEL_REVISION, rng_state, save_checkpoint
+from dropcluster.train.checkpoint import Checkpoint, save_checkpoint
 from dropcluster.train.config import TrainConfig
-from dropcluster.train.loop import Progress, _train_epoch, evaluate
+from dropcluster.train.loop import Progress, evaluate, train_epoch, train_step
+from dropcluster.train.setup import build_run
 
 #: ReNA's rules in the paper's layer (the presets' DropCluster options).
 REFERENCE = {"unstructured": "rena", "identical_neighbours": "split"}
@@ -321,19 +319,11 @@ def synthetic_split(dataset: str, n_images: int, device: torch.device, seed: int
 
 
 def synthetic_run(config: TrainConfig, device: torch.device, splits: dict[str, ImageDataset]):
-    """``build_run`` of ``config`` with the synthetic splits in place of the data set files.
-
-    build_run reads its data through ``setup.load_dataset``: only that is replaced, so the
-    model, the regularizer's slot, the optimizer's groups, torch.compile, the DeviceLoader and
-    the evaluation preparer are the training loop's own.
-    """
-
-    def load(name: str, split: str = "train", root=None) -> ImageDataset:
-        return splits[split]
-
-    with mock.patch.object(setup, "load_dataset", load):
-        torch.manual_seed(config.seed)
-        return setup.build_run(config, device)
+    """``build_run`` of ``config`` on the synthetic splits: the model, the regularizer's slot,
+    the optimizer's groups, torch.compile, the DeviceLoader and the evaluation preparer are
+    the training loop's own."""
+    torch.manual_seed(config.seed)
+    return build_run(config, device, datasets=(splits["train"], splits["test"]))
 
 
 def paper_configs(dataset: str) -> dict[str, TrainConfig]:
@@ -362,13 +352,7 @@ def measured_config(
 
 def refit(run, config: TrainConfig) -> None:
     """One DropCluster refit as the training loop makes it."""
-    fit_clusters(
-        run.model,
-        run.cluster_images,
-        run.cluster_images.shape[0],
-        prepare=run.prepare_eval,
-        batch_size=config.eval_batch_size,
-    )
+    run.refit()
 
 
 def slot_of(config: TrainConfig) -> str:
@@ -657,19 +641,8 @@ def print_kernel_counts(counts: dict | None, device: torch.device) -> None:
 
 
 def training_step(run, images, labels, config: TrainConfig, device: torch.device):
-    """One step as ``train.loop._train_epoch`` makes it, on a fixed batch."""
-    model, optimizer = run.model, run.optimizer
-    autocast = device.type == "cuda" and config.amp
-    amp_dtype = getattr(torch, config.amp_dtype)
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=autocast):
-            loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
+    """One step as the training loop makes it (``train.loop.train_step``), on a fixed batch."""
+    return lambda: train_step(run, images, labels)
 
 
 def step_share(device: torch.device, sizes: Sizes, clock: Clock) -> None:
@@ -725,7 +698,7 @@ def step_share(device: torch.device, sizes: Sizes, clock: Clock) -> None:
 
 class FirstBatches:
     """The next ``steps`` batches of a DeviceLoader (across epochs), as a loader for
-    ``_train_epoch``: it runs a chunk of an epoch through the loop's own step code."""
+    ``train_epoch``: it runs a chunk of an epoch through the loop's own step code."""
 
     def __init__(self, loader, steps: int) -> None:
         self.loader, self.steps = loader, steps
@@ -751,7 +724,6 @@ class Entry:
     mode: str
     config: TrainConfig
     run: object
-    scaler: torch.amp.GradScaler
     first_s: float = 0.0  # the first chunk: warm-up, and the compile in compiled mode
 
 
@@ -772,14 +744,12 @@ class Protocol:
 
 
 def train_chunk(entry: Entry, steps: int, device: torch.device) -> float:
-    """Seconds of ``steps`` training steps through ``train.loop._train_epoch``."""
+    """Seconds of ``steps`` training steps through ``train.loop.train_epoch``."""
     run = dataclasses.replace(entry.run, loader=FirstBatches(entry.run.loader, steps))
-    autocast = device.type == "cuda" and entry.config.amp
-    amp_dtype = getattr(torch, entry.config.amp_dtype)
     progress = Progress(entry.config.epochs, io.StringIO())  # not a terminal: draws nothing
 
     def chunk() -> None:
-        _train_epoch(run, entry.scaler, device, autocast, amp_dtype, progress, 0, 1)
+        train_epoch(run, 0, progress=progress)
 
     return timed(chunk, synchronizer(device))
 
@@ -796,9 +766,7 @@ def protocol_entries(
             run = synthetic_run(config, device, splits)
             if run.has_dropcluster:
                 refit(run, config)
-            amp16 = device.type == "cuda" and config.amp and config.amp_dtype == "float16"
-            scaler = torch.amp.GradScaler(device.type, enabled=amp16)  # as the loop makes it
-            entries.append(Entry(reg, mode, config, run, scaler))
+            entries.append(Entry(reg, mode, config, run))
     return entries
 
 
@@ -876,26 +844,12 @@ def measure_evaluation(
 
 def measure_checkpoint(entry: Entry, clock: Clock) -> float:
     """Seconds of the per-epoch checkpoint, built and written as ``train.loop`` does it."""
-    run, config = entry.run, entry.config
+    checkpoint = Checkpoint(entry.run)
 
     def save(folder: Path) -> None:
-        state = {
-            "config": config.to_dict(),
-            "epoch": 0,
-            "model": unwrap(run.model).state_dict(),
-            "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(),
-            "loader": run.loader.state_dict(),
-            "rng": rng_state(),
-            "rng_ranks": [rng_state()],
-            "world_size": 1,
-            "history": [],
-            "scaler": entry.scaler.state_dict(),
-            "model_revision": MODEL_REVISION,
-        }
-        save_checkpoint(folder / "checkpoint.pt", state)
+        save_checkpoint(folder / "checkpoint.pt", checkpoint.state_dict(0, []))
 
-    sync = synchronizer(torch.device(config.device))
+    sync = synchronizer(torch.device(entry.config.device))
     with tempfile.TemporaryDirectory() as folder:
         return repeated(lambda: save(Path(folder)), sync, 2, 1, clock, "checkpoint writes")
 
@@ -929,7 +883,7 @@ def measure_protocol(
     steps = sizes.protocol_steps[dataset]
     print(
         f"  batch {result.batch}, {steps} steps per timed chunk through "
-        f"train.loop._train_epoch (DeviceLoader + augment_batch; CUDA: autocast "
+        f"train.loop.train_epoch (DeviceLoader + augment_batch; CUDA: autocast "
         f"{config.amp_dtype}; channels_last), median of {sizes.protocol_rounds} chunks"
     )
     measure_training(entries, steps, sizes, device, clock, result)

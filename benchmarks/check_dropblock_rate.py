@@ -23,8 +23,8 @@ import time
 import torch
 
 from dropcluster.nn import DropBlock2d
-from dropcluster.nn import _dropblock_sampler as sampler
 from dropcluster.nn import dropblock as db
+from dropcluster.nn import dropblock_sampler as sampler
 
 HEIGHTS = (4, 8, 16, 32, 64)
 RATES = (0.05, 0.1, 0.3)

@@ -372,8 +372,9 @@ def test_the_stored_error_starts_with_its_reason_and_results_show_it(tmp_path, c
         job.run_dir.mkdir(parents=True)
         (job.run_dir / "worker.log").write_text("epoch 1/2: loss 2.3\n")
         task = RunTask(spec, job.run_dir)
-        summary = sweep.SweepSummary()
-        sweep._record_exit(store, job, sweep.Finished(task, -9), summary, {}, io.StringIO())
+        context = sweep._Context(out, store, None, BackendSettings(), sweep.SweepSummary(),
+                                 io.StringIO(), 0.1, time.perf_counter())  # fmt: skip
+        sweep._record_exit(context, job, sweep.Finished(task, -9), {})
         error = store.run(spec.run_id).error
     assert error.splitlines()[0].startswith("the worker was killed by SIGKILL")
     assert error.splitlines()[-1] == "epoch 1/2: loss 2.3"  # the log as context

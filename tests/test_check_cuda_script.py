@@ -146,7 +146,7 @@ def test_step_share_of_every_regularizer(smoke):
 
 def test_protocol_measures_every_regularizer_and_projects_the_presets(smoke):
     text = section(smoke[1], "4")
-    assert "images/s" in text and "_train_epoch" in text
+    assert "images/s" in text and "train_epoch" in text
     for regularizer in REGULARIZERS:
         found = [cells for cells in rows(text, regularizer) if cells[0] == "eager"]
         assert len(found) == 2, (regularizer, text)

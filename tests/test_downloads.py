@@ -259,7 +259,7 @@ def test_tiny_imagenet_images_missing_from_its_marker_are_refused_before_decodin
 ):
     folder = write_tiny_imagenet(tmp_path)
     (folder / "train" / "n01" / "images" / "n01_0.JPEG").unlink()
-    monkeypatch.setattr(datasets, "_decode_jpegs", pytest.fail)
+    monkeypatch.setattr(datasets, "decode_jpegs", pytest.fail)
     with pytest.raises(ValueError, match=r"train: expected 4 images .*found 3.*look incomplete"):
         load_dataset("tiny-imagenet", "train", tmp_path)
 

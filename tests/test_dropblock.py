@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from dropcluster.nn import DropBlock2d, drop_block2d, drop_block2d_reference
-from dropcluster.nn import _dropblock_sampler as sampler
 from dropcluster.nn import dropblock as db
+from dropcluster.nn import dropblock_sampler as sampler
 
 
 def _generator(seed=0):

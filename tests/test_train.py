@@ -215,22 +215,21 @@ def test_checkpoint_every_repeats_the_epochs_after_the_last_checkpoint_with_the_
 
     config = _tiny_config(epochs=5, checkpoint_every=2, cluster_every=2)
     whole = train(_tiny_config(epochs=5, cluster_every=2), tmp_path / "whole")
-    real_epoch = loop._train_epoch
+    real_epoch = loop.train_epoch
 
-    def crash_in_the_fourth_epoch(run, scaler, device, autocast, amp_dtype, progress, epoch,
-                                  *args):  # fmt: skip
+    def crash_in_the_fourth_epoch(run, epoch, **kwargs):
         if epoch == 3:
             raise RuntimeError("power cut")
-        return real_epoch(run, scaler, device, autocast, amp_dtype, progress, epoch, *args)
+        return real_epoch(run, epoch, **kwargs)
 
-    monkeypatch.setattr(loop, "_train_epoch", crash_in_the_fourth_epoch)
+    monkeypatch.setattr(loop, "train_epoch", crash_in_the_fourth_epoch)
     with pytest.raises(RuntimeError, match="power cut"):
         train(config, tmp_path / "run")
     # Checkpoints after epochs 2 and 4 (and the last): the crash keeps the one after epoch 2,
     # while the log already holds epoch 3.
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
     assert len(read_log(tmp_path / "run" / "log.jsonl")) == 3
-    monkeypatch.setattr(loop, "_train_epoch", real_epoch)
+    monkeypatch.setattr(loop, "train_epoch", real_epoch)
     resumed = train(config, tmp_path / "run", resume=True)
     assert _without_timings(resumed.history) == _without_timings(whole.history)
     assert (resumed.top1, resumed.top5) == (whole.top1, whole.top5)

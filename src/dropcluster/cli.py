@@ -20,6 +20,14 @@ from dropcluster.errors import user_error_message
 from dropcluster.files import atomic_write_json
 from dropcluster.validation import MAX_SEED, int_argument, path_argument
 
+__all__ = [
+    "add_config_flags",
+    "attribute_docs",
+    "build_parser",
+    "main",
+]
+
+
 # Printed cluster maps use one character per cluster id.
 _MAP_SYMBOLS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 

@@ -10,6 +10,11 @@ from pathlib import Path
 
 from dropcluster.validation import MAX_SEED, int_argument, path_argument
 
+__all__ = [
+    "add_experiment_parsers",
+]
+
+
 _DEVICE_HELP = "auto (CUDA when there is one), cpu, cuda, cuda:1, ..."
 
 

@@ -9,6 +9,15 @@ from __future__ import annotations
 
 import errno
 
+__all__ = [
+    "CheckpointError",
+    "DivergedError",
+    "DropClusterError",
+    "RunBusyError",
+    "SchemaVersionError",
+    "user_error_message",
+]
+
 
 class DropClusterError(Exception):
     """Base class of the errors a user can act on (the message says how)."""

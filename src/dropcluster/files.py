@@ -17,6 +17,13 @@ from typing import IO, Any
 
 from dropcluster.errors import RunBusyError
 
+__all__ = [
+    "FolderLock",
+    "atomic_write",
+    "atomic_write_json",
+    "atomic_write_text",
+]
+
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     """Replace ``path`` with what ``write(handle)`` writes to a binary handle, atomically.

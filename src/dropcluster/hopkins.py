@@ -20,6 +20,16 @@ from torch import Tensor
 
 from dropcluster.validation import check_choice, check_int, check_tensor
 
+__all__ = [
+    "DEFAULT_SAMPLE_FRACTION",
+    "NO_TENDENCY",
+    "REDUCTIONS",
+    "default_n_points",
+    "hopkins",
+    "spatial_hopkins",
+]
+
+
 REDUCTIONS = ("none", "mean")
 
 #: Both statistics sample this fraction of the candidates by default (the m << n of eq. 2).

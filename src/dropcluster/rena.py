@@ -48,6 +48,17 @@ from torch import Tensor
 
 from dropcluster.validation import check_choice, check_float, check_int, check_tensor
 
+__all__ = [
+    "IDENTICAL_NEIGHBOUR_MODES",
+    "UNSTRUCTURED_MODES",
+    "ReNAResult",
+    "check_modes",
+    "connected_components",
+    "grid_edges",
+    "rena",
+]
+
+
 UNSTRUCTURED_MODES = ("rena", "dead", "hopkins", "none")
 IDENTICAL_NEIGHBOUR_MODES = ("merge", "split")
 

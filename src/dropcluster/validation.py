@@ -13,6 +13,19 @@ from collections.abc import Iterable
 from numbers import Integral, Real
 from typing import Any
 
+__all__ = [
+    "MAX_SEED",
+    "check_choice",
+    "check_fields",
+    "check_float",
+    "check_int",
+    "check_name",
+    "check_tensor",
+    "check_type",
+    "int_argument",
+    "path_argument",
+]
+
 
 def check_int(name: str, value: Any, *, minimum: int | None = None,
               maximum: int | None = None) -> int:  # fmt: skip

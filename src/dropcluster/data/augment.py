@@ -30,6 +30,30 @@ from torch import Tensor
 
 from dropcluster.validation import check_float, check_int, check_tensor
 
+__all__ = [
+    "AUGMENT_PRESETS",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+    "CIFAR10_AUGMENT",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR_AUGMENT",
+    "FASHION_MNIST_AUGMENT",
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_STD",
+    "SYNTHETIC_AUGMENT",
+    "SYNTHETIC_MEAN",
+    "SYNTHETIC_STD",
+    "TINY_IMAGENET_AUGMENT",
+    "TINY_IMAGENET_MEAN",
+    "TINY_IMAGENET_STD",
+    "AugmentConfig",
+    "augment_batch",
+    "channel_mean_std",
+    "normalize",
+]
+
+
 #: Per-channel mean and standard deviation of the pixels in [0, 1] of each training set.
 #: CIFAR-100 and Fashion-MNIST: computed over the whole training set (the values in
 #: common use). Tiny ImageNet: the values in common use for its 100 000 training images.

@@ -40,8 +40,26 @@ import torch
 from torch import Tensor
 
 from dropcluster.data.corruptions import CORRUPTIONS
-from dropcluster.data.datasets import _decode_jpegs, _default_root, _describe_folder
+from dropcluster.data.datasets import decode_jpegs, default_root, describe_folder
 from dropcluster.validation import check_choice, check_int
+
+__all__ = [
+    "CIFAR100_C_FOLDER",
+    "CIFAR100_C_IMAGE_SHAPE",
+    "CIFAR100_C_URL",
+    "CIFAR100_NUM_CLASSES",
+    "RELEASED_DATASETS",
+    "SEVERITIES",
+    "TINY_IMAGENET_C_FOLDER",
+    "TINY_IMAGENET_C_JPEG_QUALITY",
+    "TINY_IMAGENET_C_URL",
+    "available_released",
+    "jpeg_round_trip",
+    "load_cifar100_c",
+    "load_released",
+    "load_tiny_imagenet_c",
+]
+
 
 #: The data sets with a released corrupted test set, as named by :func:`load_dataset`.
 RELEASED_DATASETS = ("cifar100", "tiny-imagenet")
@@ -163,11 +181,11 @@ def load_tiny_imagenet_c(
         )
         if not files:
             raise FileNotFoundError(
-                f"expected JPEG files in {folder}, but {_describe_folder(folder)}"
+                f"expected JPEG files in {folder}, but {describe_folder(folder)}"
             )
         paths.extend(files)
         labels.extend([class_index[folder.name]] * len(files))
-    return _decode_jpegs(paths), torch.tensor(labels, dtype=torch.int64)
+    return decode_jpegs(paths), torch.tensor(labels, dtype=torch.int64)
 
 
 def available_released(root: str | Path | None, dataset: str) -> dict[str, list[int]]:
@@ -194,7 +212,7 @@ def available_released(root: str | Path | None, dataset: str) -> dict[str, list[
     if not root.is_dir():
         raise FileNotFoundError(
             f"expected a folder holding the released {dataset} corrupted set, but "
-            f"{_describe_folder(root)}"
+            f"{describe_folder(root)}"
         )
     available: dict[str, list[int]] = {}
     if dataset == "cifar100":
@@ -312,7 +330,7 @@ def jpeg_round_trip(images: Tensor, quality: int = TINY_IMAGENET_C_JPEG_QUALITY)
 
 
 def _root_or_default(root: str | Path | None) -> Path:
-    return _default_root() if root is None else Path(root)
+    return default_root() if root is None else Path(root)
 
 
 def _cifar100_c_folder(root: Path, required: bool = True) -> Path:
@@ -325,7 +343,7 @@ def _cifar100_c_folder(root: Path, required: bool = True) -> Path:
     raise FileNotFoundError(
         f"CIFAR-100-C: expected {nested}/ (or {root} itself) holding <corruption>.npy files "
         f"and labels.npy, the extracted CIFAR-100-C.tar ({CIFAR100_C_URL}), but "
-        f"{_describe_folder(root)}"
+        f"{describe_folder(root)}"
     )
 
 
@@ -340,7 +358,7 @@ def _tiny_imagenet_c_folder(root: Path, required: bool = True) -> Path:
     raise FileNotFoundError(
         f"Tiny-ImageNet-C: expected {nested}/ (or {root} itself) holding "
         f"<corruption>/<severity>/<wnid>/*.JPEG, the extracted Tiny-ImageNet-C.tar "
-        f"({TINY_IMAGENET_C_URL}), but {_describe_folder(root)}"
+        f"({TINY_IMAGENET_C_URL}), but {describe_folder(root)}"
     )
 
 
@@ -353,7 +371,7 @@ def _tiny_imagenet_c_severity_folder(
         raise FileNotFoundError(
             f"no {corruption}/{severity}/ in the Tiny-ImageNet-C folder; expected "
             f"{severity_folder}/<wnid>/*.JPEG ({TINY_IMAGENET_C_URL}), but "
-            f"{_describe_folder(severity_folder.parent)}"
+            f"{describe_folder(severity_folder.parent)}"
         )
     return severity_folder
 
@@ -371,7 +389,7 @@ def _open_cifar100_c(folder: Path, corruption: str) -> tuple[np.ndarray, np.ndar
             raise FileNotFoundError(
                 f"no {path.name} in {folder}; expected the CIFAR-100-C files "
                 f"({CIFAR100_C_URL}): one <corruption>.npy of shape (50000, 32, 32, 3) uint8 "
-                f"per corruption, and labels.npy; {_describe_folder(folder)}"
+                f"per corruption, and labels.npy; {describe_folder(folder)}"
             )
     stacked_images = _load_npy(images_path)
     stacked_labels = _load_npy(labels_path)

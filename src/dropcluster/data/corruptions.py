@@ -69,6 +69,22 @@ from torch import Tensor
 
 from dropcluster.validation import check_choice, check_int, check_tensor
 
+__all__ = [
+    "CORRUPTIONS",
+    "FAMILIES",
+    "SEVERITY_PARAMETERS",
+    "corrupt",
+    "defocus_kernel",
+    "family_for_size",
+    "gaussian_kernel1d",
+    "glass_shuffle",
+    "motion_blur_at",
+    "motion_blur_kernel",
+    "motion_blur_offsets",
+    "zoom_factors",
+]
+
+
 #: The corruptions this module implements, in the order of the paper's tables.
 CORRUPTIONS: tuple[str, ...] = (
     "gaussian_noise",

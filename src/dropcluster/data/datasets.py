@@ -81,6 +81,48 @@ from dropcluster.data import fashion_mnist
 from dropcluster.files import atomic_write_json
 from dropcluster.validation import check_choice, check_int
 
+__all__ = [
+    "CIFAR100_COUNTS",
+    "CIFAR100_FOLDER",
+    "CIFAR100_SPLIT_SIZES",
+    "CIFAR100_URL",
+    "CIFAR10_ARCHIVE",
+    "CIFAR10_COUNTS",
+    "CIFAR10_FOLDER",
+    "CIFAR10_META",
+    "CIFAR10_SPLIT_FILES",
+    "CIFAR10_TEST_PER_CLASS",
+    "CIFAR10_TRAIN_PER_CLASS",
+    "CIFAR10_URL",
+    "COMPLETE_MARKER",
+    "DATASET_NAMES",
+    "DATA_ENV",
+    "OFFICIAL_COUNTS",
+    "SPLITS",
+    "SYNTHETIC_CLASSES",
+    "SYNTHETIC_FREQUENCIES",
+    "SYNTHETIC_SEEDS",
+    "SYNTHETIC_SIZES",
+    "TINY_IMAGENET_COUNTS",
+    "TINY_IMAGENET_FOLDER",
+    "TINY_IMAGENET_SIZE",
+    "TINY_IMAGENET_TRAIN_PER_CLASS",
+    "TINY_IMAGENET_URL",
+    "ImageDataset",
+    "cifar100_counts",
+    "cifar10_counts",
+    "decode_jpegs",
+    "default_root",
+    "describe_folder",
+    "load_dataset",
+    "make_synthetic",
+    "read_completion_marker",
+    "tiny_imagenet_counts",
+    "tiny_imagenet_wnids",
+    "write_completion_marker",
+]
+
+
 # "cifar10", added last: error messages listing the names still begin as before.
 DATASET_NAMES = ("cifar100", "tiny-imagenet", "fashion-mnist", "synthetic", "cifar10")
 SPLITS = ("train", "test")
@@ -218,11 +260,11 @@ def load_dataset(name: str, split: str = "train", root: str | Path | None = None
         split = "test"
     check_choice("split", split, SPLITS)
     if name == "cifar10":
-        return _load_cifar10(split, _default_root() if root is None else Path(root))
+        return _load_cifar10(split, default_root() if root is None else Path(root))
     if name == "cifar100":
-        return _load_cifar100(split, _default_root() if root is None else Path(root))
+        return _load_cifar100(split, default_root() if root is None else Path(root))
     if name == "tiny-imagenet":
-        return _load_tiny_imagenet(split, _default_root() if root is None else Path(root))
+        return _load_tiny_imagenet(split, default_root() if root is None else Path(root))
     if name == "fashion-mnist":
         images, labels = fashion_mnist.load_fashion_mnist(split, root)
         return ImageDataset(images, labels, list(fashion_mnist.FASHION_MNIST_CLASSES), name)
@@ -326,7 +368,7 @@ def _check_count_dict(counts: object, what: str) -> None:
         )
 
 
-def _read_completion_marker(folder: Path, dataset: str) -> dict[str, int] | None:
+def read_completion_marker(folder: Path, dataset: str) -> dict[str, int] | None:
     """The counts the marker in ``folder`` records; None without a marker."""
     path = folder / COMPLETE_MARKER
     if not path.is_file():
@@ -346,7 +388,7 @@ def _read_completion_marker(folder: Path, dataset: str) -> dict[str, int] | None
 
 def _expected_counts(folder: Path, dataset: str) -> tuple[dict[str, int], str]:
     """The counts ``folder`` should hold, and where they come from (for error messages)."""
-    recorded = _read_completion_marker(folder, dataset)
+    recorded = read_completion_marker(folder, dataset)
     if recorded is not None:
         return recorded, f"as its completion marker {folder / COMPLETE_MARKER} records"
     return OFFICIAL_COUNTS[dataset], (
@@ -398,7 +440,7 @@ def _read_cifar100_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarr
     return data, labels, classes
 
 
-def _cifar100_counts(folder: Path) -> dict[str, int]:
+def cifar100_counts(folder: Path) -> dict[str, int]:
     """Classes and images per split that a CIFAR-100 folder holds; reads every file."""
     counts = {"classes": 0}
     for split in SPLITS:
@@ -423,7 +465,7 @@ def _cifar100_folder(root: Path) -> Path:
     )
     raise FileNotFoundError(
         f"CIFAR-100: expected {root / CIFAR100_FOLDER}/ holding the files train, test and meta "
-        f"(the extracted python version, {CIFAR100_URL}), but {_describe_folder(root)}{hint}"
+        f"(the extracted python version, {CIFAR100_URL}), but {describe_folder(root)}{hint}"
     )
 
 
@@ -471,7 +513,7 @@ def _read_cifar10_split(
     return classes, batches
 
 
-def _cifar10_counts(folder: Path) -> dict[str, int]:
+def cifar10_counts(folder: Path) -> dict[str, int]:
     """Classes and images per split that a CIFAR-10 folder holds; reads every file."""
     counts = {"classes": 0}
     for split in SPLITS:
@@ -497,7 +539,7 @@ def _cifar10_folder(root: Path) -> Path:
     raise FileNotFoundError(
         f"CIFAR-10: expected {root / CIFAR10_FOLDER}/ holding the files data_batch_1 to "
         f"data_batch_5, test_batch and batches.meta (the extracted python version, "
-        f"{CIFAR10_URL}), but {_describe_folder(root)}{hint}"
+        f"{CIFAR10_URL}), but {describe_folder(root)}{hint}"
     )
 
 
@@ -593,7 +635,7 @@ def _read_pickle(path: Path, what: str) -> dict[str, object]:
     """A CIFAR pickle as a dict with str keys (Python 2 files: latin-1, as torchvision)."""
     if not path.is_file():
         raise FileNotFoundError(
-            f"{what}: expected the file {path}, but {_describe_folder(path.parent)}"
+            f"{what}: expected the file {path}, but {describe_folder(path.parent)}"
         )
     try:
         with open(path, "rb") as handle:
@@ -641,7 +683,7 @@ def tiny_imagenet_wnids(root: str | Path | None = None) -> list[str]:
         ValueError: ``wnids.txt`` does not list the expected number of classes (200, or the
             number its completion marker records; see the module docstring).
     """
-    folder = _tiny_imagenet_folder(_default_root() if root is None else Path(root))
+    folder = _tiny_imagenet_folder(default_root() if root is None else Path(root))
     expected, source = _expected_counts(folder, "tiny-imagenet")
     wnids = _read_wnids(folder)
     _check_classes(folder, wnids, expected, source)
@@ -662,7 +704,7 @@ def _load_tiny_imagenet(split: str, root: Path) -> ImageDataset:
         where = folder / "val" / "val_annotations.txt"
     # Counted before decoding: an incomplete folder fails at once, not after minutes of JPEGs.
     _check_count("tiny-imagenet", folder, where, "images", len(paths), expected[split], source)
-    images = _decode_jpegs(paths)
+    images = decode_jpegs(paths)
     return ImageDataset(
         images,
         torch.tensor(labels, dtype=torch.int64),
@@ -679,7 +721,7 @@ def _tiny_imagenet_folder(root: Path) -> Path:
     if not (folder / "wnids.txt").is_file():
         raise FileNotFoundError(
             f"Tiny ImageNet: expected {root / TINY_IMAGENET_FOLDER}/ holding wnids.txt, train/ "
-            f"and val/ (the extracted {TINY_IMAGENET_URL}), but {_describe_folder(root)}; "
+            f"and val/ (the extracted {TINY_IMAGENET_URL}), but {describe_folder(root)}; "
             f"download_tiny_imagenet({str(root)!r}) fetches and extracts it"
         )
     return folder
@@ -690,7 +732,7 @@ def _read_wnids(folder: Path) -> list[str]:
     wnids_path = folder / "wnids.txt"
     if not wnids_path.is_file():
         raise FileNotFoundError(
-            f"Tiny ImageNet: expected the file {wnids_path}, but {_describe_folder(folder)}"
+            f"Tiny ImageNet: expected the file {wnids_path}, but {describe_folder(folder)}"
         )
     try:
         text = wnids_path.read_text(encoding="utf-8")
@@ -707,7 +749,7 @@ def _check_classes(folder: Path, wnids: list[str], expected: dict[str, int], sou
     _check_count("tiny-imagenet", folder, where, "classes", len(wnids), expected["classes"], source)
 
 
-def _tiny_imagenet_counts(folder: Path) -> dict[str, int]:
+def tiny_imagenet_counts(folder: Path) -> dict[str, int]:
     """Classes and images per split that a Tiny ImageNet folder holds (lists, no decoding)."""
     wnids = _read_wnids(folder)
     train, _ = _tiny_imagenet_train_files(folder, wnids)
@@ -724,7 +766,7 @@ def _tiny_imagenet_train_files(folder: Path, wnids: list[str]) -> tuple[list[Pat
         if not files:
             raise FileNotFoundError(
                 f"Tiny ImageNet 'train' split: expected JPEG files in {class_folder} for the "
-                f"class {wnid} of wnids.txt, but {_describe_folder(class_folder)}"
+                f"class {wnid} of wnids.txt, but {describe_folder(class_folder)}"
             )
         paths.extend(files)
         labels.extend([index] * len(files))
@@ -739,7 +781,7 @@ def _tiny_imagenet_val_files(
         raise FileNotFoundError(
             f"Tiny ImageNet 'test' split (the validation set; the official test set has no "
             f"labels): expected {annotations} and val/images/*.JPEG, but "
-            f"{_describe_folder(annotations.parent)}"
+            f"{describe_folder(annotations.parent)}"
         )
     try:
         text = annotations.read_text(encoding="utf-8")
@@ -765,7 +807,7 @@ def _tiny_imagenet_val_files(
         if not path.is_file():
             raise FileNotFoundError(
                 f"{annotations}, line {line_number}: expected the image {path}, but "
-                f"{_describe_folder(path.parent)}"
+                f"{describe_folder(path.parent)}"
             )
         paths.append(path)
         labels.append(class_index[wnid])
@@ -786,7 +828,7 @@ def _tiny_imagenet_class_names(folder: Path, wnids: list[str]) -> list[str]:
     return [words.get(wnid) or wnid for wnid in wnids]
 
 
-def _decode_jpegs(paths: Sequence[Path]) -> Tensor:
+def decode_jpegs(paths: Sequence[Path]) -> Tensor:
     """(N, 3, 64, 64) uint8 from 64x64 image files, decoded in threads (Pillow frees the GIL).
 
     Each file's size is read from its header and anything but 64x64 is refused before any
@@ -829,11 +871,11 @@ def _decode_jpegs(paths: Sequence[Path]) -> Tensor:
 # Helpers
 
 
-def _default_root() -> Path:
+def default_root() -> Path:
     return Path(os.environ.get(DATA_ENV) or Path.home() / ".cache" / "dropcluster" / "data")
 
 
-def _describe_folder(folder: Path, limit: int = 10) -> str:
+def describe_folder(folder: Path, limit: int = 10) -> str:
     """What a folder holds, for error messages: "it holds [...]", "it is empty", ..."""
     if not folder.exists():
         return f"{folder} does not exist"

@@ -35,13 +35,23 @@ from dropcluster.data.datasets import (
     OFFICIAL_COUNTS,
     TINY_IMAGENET_FOLDER,
     TINY_IMAGENET_URL,
-    _cifar10_counts,
-    _cifar100_counts,
-    _default_root,
-    _read_completion_marker,
-    _tiny_imagenet_counts,
+    cifar10_counts,
+    cifar100_counts,
+    default_root,
+    read_completion_marker,
+    tiny_imagenet_counts,
     write_completion_marker,
 )
+
+__all__ = [
+    "CIFAR100_MD5",
+    "CIFAR10_MD5",
+    "TINY_IMAGENET_MD5",
+    "download_cifar10",
+    "download_cifar100",
+    "download_tiny_imagenet",
+]
+
 
 #: MD5 of the official archives, as published on https://www.cs.toronto.edu/~kriz/cifar.html.
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -81,7 +91,7 @@ def download_cifar100(
         OSError: the disk is full or read-only; nothing partial is left behind.
     """
     return _download_dataset(
-        _default_root() if root is None else Path(root),
+        default_root() if root is None else Path(root),
         "cifar100",
         url,
         md5,
@@ -89,7 +99,7 @@ def download_cifar100(
         folder_name=CIFAR100_FOLDER,
         suffix=".tar.gz",
         extract=_extract_tar,
-        count=_cifar100_counts,
+        count=cifar100_counts,
     )
 
 
@@ -121,7 +131,7 @@ def download_cifar10(
         OSError: the disk is full or read-only; nothing partial is left behind.
     """
     return _download_dataset(
-        _default_root() if root is None else Path(root),
+        default_root() if root is None else Path(root),
         "cifar10",
         url,
         md5,
@@ -129,7 +139,7 @@ def download_cifar10(
         folder_name=CIFAR10_FOLDER,
         suffix=".tar.gz",
         extract=_extract_tar,
-        count=_cifar10_counts,
+        count=cifar10_counts,
         archive_name=CIFAR10_ARCHIVE,
     )
 
@@ -160,7 +170,7 @@ def download_tiny_imagenet(
         OSError: the disk is full or read-only; nothing partial is left behind.
     """
     return _download_dataset(
-        _default_root() if root is None else Path(root),
+        default_root() if root is None else Path(root),
         "tiny-imagenet",
         url,
         md5,
@@ -168,7 +178,7 @@ def download_tiny_imagenet(
         folder_name=TINY_IMAGENET_FOLDER,
         suffix=".zip",
         extract=_extract_zip,
-        count=_tiny_imagenet_counts,
+        count=tiny_imagenet_counts,
     )
 
 
@@ -240,7 +250,7 @@ def _is_complete(folder: Path, dataset: str, count: Callable[[Path], dict[str, i
     if not folder.is_dir():
         return False
     try:
-        if _read_completion_marker(folder, dataset) is not None:
+        if read_completion_marker(folder, dataset) is not None:
             return True
     except ValueError:  # an unreadable marker: extract again
         return False

@@ -26,6 +26,20 @@ from torch import Tensor
 
 from dropcluster.validation import check_choice
 
+__all__ = [
+    "DEFAULT_ROOT",
+    "FASHION_MNIST_CLASSES",
+    "IDX_UBYTE",
+    "IMAGE_SIZE",
+    "SHA256",
+    "SPLIT_FILES",
+    "SPLIT_SIZES",
+    "load_fashion_mnist",
+    "read_idx",
+    "write_idx",
+]
+
+
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 
 FASHION_MNIST_CLASSES = (

@@ -19,6 +19,10 @@ from torch import Tensor
 from dropcluster.data.augment import AugmentConfig, augment_batch
 from dropcluster.validation import check_int
 
+__all__ = [
+    "DeviceLoader",
+]
+
 
 class DeviceLoader:
     """Iterate over shuffled, augmented minibatches of a device-resident uint8 data set.

@@ -12,6 +12,10 @@ from torch import Tensor
 
 from dropcluster.validation import check_float
 
+__all__ = [
+    "stratified_subset",
+]
+
 
 def stratified_subset(labels: Tensor, fraction: float, seed: int = 0) -> Tensor:
     """Indices of a class-balanced random subset holding ``fraction`` of every class.

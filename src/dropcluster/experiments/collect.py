@@ -58,6 +58,12 @@ from dropcluster.files import FolderLock
 from dropcluster.train.config import TrainConfig
 from dropcluster.train.loop import RUN_LOCK_NAME
 
+__all__ = [
+    "CollectSummary",
+    "collect",
+]
+
+
 #: Files of a run folder that stay behind when it is copied: its lock, temporary files.
 _NOT_COPIED = (RUN_LOCK_NAME, ".*.tmp")
 

@@ -28,6 +28,23 @@ from dropcluster.train.config import resolve_device
 from dropcluster.train.loop import RESULT_NAME, RUN_LOCK_NAME, autocast_context, topk_hits
 from dropcluster.validation import MAX_SEED, check_choice, check_int
 
+__all__ = [
+    "CHUNK_IMAGES",
+    "CORRUPTIONS_NAME",
+    "CorruptionSettings",
+    "chunk_generator",
+    "evaluate_corruptions",
+    "evaluate_run",
+    "evaluation_identity",
+    "format_table",
+    "mean_over_corruptions",
+    "parse_corruptions",
+    "parse_severities",
+    "stored_identity",
+    "write_corruption_results",
+]
+
+
 #: Images corrupted together (and seeded together): fixed, so results never depend on batch size.
 CHUNK_IMAGES = 1000
 CORRUPTIONS_NAME = "corruptions.json"

@@ -16,6 +16,18 @@ from typing import Any
 
 from dropcluster.data.corruptions import CORRUPTIONS as _CORRUPTIONS
 
+__all__ = [
+    "CORRUPTIONS",
+    "CORRUPTION_SEVERITY_1",
+    "FULL_TRAINING_SET",
+    "PAPER_DATASETS",
+    "P_GRID",
+    "TRAINING_FRACTION",
+    "TRAINING_FRACTIONS",
+    "paper_tables",
+]
+
+
 #: Data sets the paper reports numbers for.
 PAPER_DATASETS = ("cifar100", "tiny-imagenet")
 

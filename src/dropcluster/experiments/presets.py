@@ -38,6 +38,33 @@ from dropcluster.validation import (
     check_type,
 )
 
+__all__ = [
+    "ANALYZE_RUNS",
+    "DEFAULT_PRESET",
+    "EVALUATE_KEYS",
+    "GRID_KEYS",
+    "GRID_OPTIONAL_KEYS",
+    "REQUIRED_KEYS",
+    "SCALES",
+    "AnalyzeSettings",
+    "EvaluateSettings",
+    "Grid",
+    "Preset",
+    "RunSpec",
+    "apply_overrides",
+    "arm_name",
+    "as_preset",
+    "check_variant",
+    "expand_grid",
+    "filter_runs",
+    "load_preset",
+    "parse_overrides",
+    "preset_names",
+    "run_id",
+    "with_corrupted_from",
+]
+
+
 DEFAULT_PRESET = "demo"
 #: "demo": small and fast, not comparable with the paper; "paper": the paper's protocol.
 SCALES = ("demo", "paper")

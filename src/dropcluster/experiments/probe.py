@@ -17,6 +17,13 @@ from torch import Tensor, nn
 from dropcluster.hopkins import spatial_hopkins
 from dropcluster.rena import UNSTRUCTURED_MODES, ReNAResult, rena
 
+__all__ = [
+    "ChannelAnalysis",
+    "FirstConvProbe",
+    "analyze_activations",
+    "train_probe",
+]
+
 
 @dataclass
 class ChannelAnalysis:

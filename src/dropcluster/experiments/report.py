@@ -50,6 +50,28 @@ from dropcluster.experiments.sweep import RUNS_FOLDER
 from dropcluster.files import atomic_write_text
 from dropcluster.validation import check_int
 
+__all__ = [
+    "ANALYSES_FOLDER",
+    "FIGURE_NAMES",
+    "ClusterRow",
+    "CombinedResults",
+    "CorruptionResult",
+    "FailedRun",
+    "GroupResult",
+    "PairedRow",
+    "PairedTest",
+    "RunMetric",
+    "SeedStats",
+    "Summary",
+    "paired_corruption_rows",
+    "paired_rows",
+    "paired_t_test",
+    "student_t_two_sided_p",
+    "summarize",
+    "write_report",
+]
+
+
 #: Figures this module writes; stale ones are removed so a rerun leaves no outdated image.
 FIGURE_NAMES = (
     "corruption_top1.png",

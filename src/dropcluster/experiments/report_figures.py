@@ -7,7 +7,7 @@ only one seed finished (then no error bar is drawn). Each arm keeps the same col
 legend position in every figure, so figures can be read side by side: a plain arm has its
 regularizer's colour and marker and a solid line; variants get colours and markers of their own
 and a dashed line (see :func:`arm_styles`). matplotlib is imported only when a figure is drawn
-(:func:`dropcluster.experiments._plotting.pyplot`).
+(:func:`dropcluster.experiments.plotting.pyplot`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,24 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from dropcluster.experiments._plotting import pyplot, save_figure
 from dropcluster.experiments.paper_results import CORRUPTIONS
+from dropcluster.experiments.plotting import pyplot, save_figure
 from dropcluster.validation import check_choice
+
+__all__ = [
+    "DISPLAY_NAMES",
+    "REGULARIZER_COLOURS",
+    "REGULARIZER_ORDER",
+    "VARIANT_COLOURS",
+    "arm_styles",
+    "display_name",
+    "ordered_regularizers",
+    "plot_corruption_severity",
+    "plot_learning_curves",
+    "plot_training_fraction",
+    "split_arm",
+]
+
 
 #: A mean over seeds and its sample standard deviation (None with a single seed), in percent.
 MeanStd = tuple[float, float | None]

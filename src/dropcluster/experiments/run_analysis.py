@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dropcluster.experiments._plotting import pyplot
+from dropcluster.experiments.plotting import pyplot
 from dropcluster.experiments.run_analysis_figures import (
     LOW_STRUCTURE,
     LayerHopkins,
@@ -52,6 +52,22 @@ from dropcluster.rena import check_modes, rena
 from dropcluster.train.config import resolve_device
 from dropcluster.train.restore import LoadedRun, load_run
 from dropcluster.validation import check_int
+
+__all__ = [
+    "ANALYSIS_DIR",
+    "DIGITS",
+    "EXAMPLE_CHANNELS",
+    "FIGURE_NAMES",
+    "ILLUSTRATIVE_P",
+    "JSON_NAME",
+    "MARKDOWN_NAME",
+    "MAX_EXAMPLE_IMAGES",
+    "analyze_best_dropcluster_run",
+    "analyze_run",
+    "analyze_sweep_runs",
+    "best_dropcluster_run",
+]
+
 
 #: Default output folder, inside the run folder.
 ANALYSIS_DIR = "analysis"

@@ -20,7 +20,22 @@ from pathlib import Path
 
 import numpy as np
 
-from dropcluster.experiments._plotting import pyplot, save_figure
+from dropcluster.experiments.plotting import pyplot, save_figure
+
+__all__ = [
+    "LOW_STRUCTURE",
+    "NO_STRUCTURE",
+    "N_PALETTE_COLOURS",
+    "STRUCTURED_COLOUR",
+    "UNSTRUCTURED_COLOUR",
+    "LayerHopkins",
+    "cluster_colormap",
+    "plot_channel_hopkins",
+    "plot_cluster_maps",
+    "plot_examples",
+    "plot_layer_hopkins",
+]
+
 
 STRUCTURED_COLOUR = "tab:blue"
 UNSTRUCTURED_COLOUR = "tab:red"

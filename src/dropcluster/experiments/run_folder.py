@@ -23,6 +23,18 @@ from dropcluster.files import FolderLock
 from dropcluster.train.config import TrainConfig
 from dropcluster.train.loop import LOG_NAME, RESULT_NAME, RUN_LOCK_NAME, read_log
 
+__all__ = [
+    "CONFIG_NAME",
+    "RunFolderError",
+    "check_named_run",
+    "check_run",
+    "finished_results",
+    "identify",
+    "read_results",
+    "run_folder_config",
+]
+
+
 CONFIG_NAME = "config.json"
 
 

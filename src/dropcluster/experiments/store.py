@@ -31,6 +31,28 @@ from dropcluster.experiments.presets import run_id as make_run_id
 from dropcluster.files import atomic_write_text
 from dropcluster.validation import check_choice, check_float, check_int, check_type
 
+__all__ = [
+    "CLEAN",
+    "CORRUPTION_SOURCES",
+    "DATABASE_NAME",
+    "EPOCH_METRICS",
+    "FAILED",
+    "FINISHED",
+    "PENDING",
+    "RUNNING",
+    "RUN_STATUSES",
+    "SCHEMA_VERSION",
+    "ResultsDatabaseError",
+    "ResultsStorageError",
+    "ResultsStore",
+    "RunRecord",
+    "UnreadableRunError",
+    "error_reason",
+    "refuse_0_1_run",
+    "variant_from_run_id",
+]
+
+
 #: Version of the tables below; a database from a newer version is refused.
 SCHEMA_VERSION = 1
 #: File name of the database in a sweep's output folder.

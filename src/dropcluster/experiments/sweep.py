@@ -70,6 +70,30 @@ from dropcluster.train.config import NOT_IDENTITY, resolve_device
 from dropcluster.train.loop import LOG_NAME, read_log
 from dropcluster.validation import check_int
 
+__all__ = [
+    "CPU_IMAGES_PER_SECOND",
+    "DATASET_SIZES",
+    "DEFAULT_OUT_PARENT",
+    "PAPER_UNSTATED",
+    "PRESET_NAME",
+    "RUNS_FOLDER",
+    "SWEEP_LOCK_NAME",
+    "SweepSummary",
+    "changed_settings",
+    "dry_run",
+    "estimate_seconds",
+    "failure_reason",
+    "format_duration",
+    "format_settings",
+    "identity_base",
+    "measured_rates",
+    "plan",
+    "prepare_folder",
+    "run_sweep",
+    "sweep_lock",
+]
+
+
 PRESET_NAME = "preset.json"
 SWEEP_LOCK_NAME = ".sweep.lock"
 #: The folder of a sweep's run folders: ``OUT/runs/<run id>/``.
@@ -438,6 +462,21 @@ def _check_corrupted_from(preset: Preset) -> None:
             )
 
 
+@dataclass
+class _Context:
+    """What one sweep invocation works with: its folder and database, the corrupted test sets
+    of its evaluated runs, where the runs train, and the account of what it did."""
+
+    out: Path
+    store: ResultsStore
+    evaluate: CorruptionSettings | None
+    settings: BackendSettings
+    summary: SweepSummary
+    stream: TextIO
+    poll_seconds: float
+    start: float
+
+
 def _run_locked(
     preset: Preset,
     out: Path,
@@ -450,15 +489,15 @@ def _run_locked(
     prepare_folder(preset, out)
     specs, store = plan(preset, out, only)
     summary = SweepSummary(total=len(specs))
-    start = time.perf_counter()
+    context = _Context(out, store, _corruption_settings(preset), settings, summary, stream,
+                       poll_seconds, time.perf_counter())  # fmt: skip
     with store:
         interrupted = store.reset_interrupted()
         if interrupted:
             stream.write(
                 f"resuming {len(interrupted)} interrupted run(s): {', '.join(interrupted)}\n"
             )
-        todo = _record_finished_folders(store, specs, out, _corruption_settings(preset), summary,
-                                        stream)  # fmt: skip
+        todo = _record_finished_folders(context, specs)
         summary.finished = len(specs) - len(todo) - len(summary.failed)
         stream.write(
             f"sweep {preset.name} in {out}: {len(specs)} runs, {summary.finished} finished, "
@@ -467,29 +506,22 @@ def _run_locked(
         if todo:
             engine = _make_engine(settings, preset, out, jobs)
             try:
-                _drive(engine, store, todo, out, _corruption_settings(preset), settings,
-                       summary, stream, poll_seconds, start)  # fmt: skip
+                _drive(engine, context, todo)
             except BaseException:
                 engine.stop()
                 store.reset_interrupted()
                 raise
             finally:
                 engine.close()
-    summary.seconds = time.perf_counter() - start
+    summary.seconds = time.perf_counter() - context.start
     return summary
 
 
-def _record_finished_folders(
-    store: ResultsStore,
-    specs: list[RunSpec],
-    out: Path,
-    preset_evaluate: CorruptionSettings | None,
-    summary: SweepSummary,
-    stream: TextIO,
-) -> list[RunSpec]:
+def _record_finished_folders(context: _Context, specs: list[RunSpec]) -> list[RunSpec]:
     """Record the runs the database does not have as finished but whose folders do; returns
     the runs left to train (failed runs are retried, with a word). A folder that holds another
     run, or damaged files, fails its run with the reason and is left alone."""
+    store, out, summary, stream = context.store, context.out, context.summary, context.stream
     status = {r.run_id: r for r in store.runs()}
     by_id = {spec.run_id: spec for spec in specs}
     todo = []
@@ -497,7 +529,7 @@ def _record_finished_folders(
         record = status[spec.run_id]
         if record.status == FINISHED:
             continue
-        evaluate = preset_evaluate if spec.evaluate_corruptions else None
+        evaluate = context.evaluate if spec.evaluate_corruptions else None
         try:
             results = finished_results(out / RUNS_FOLDER / spec.run_id, spec, evaluate, by_id)
         except RunFolderError as error:
@@ -546,45 +578,35 @@ def _make_engine(settings: BackendSettings, preset: Preset, out: Path, jobs: int
     return LocalBackend(slots, launch)
 
 
-def _drive(
-    engine: Backend,
-    store: ResultsStore,
-    todo: list[RunSpec],
-    out: Path,
-    evaluate: CorruptionSettings | None,
-    settings: BackendSettings,
-    summary: SweepSummary,
-    stream: TextIO,
-    poll_seconds: float,
-    start: float,
-) -> None:
+def _drive(engine: Backend, context: _Context, todo: list[RunSpec]) -> None:
     """Hand the runs to ``engine`` as it has room, copy their epochs as they come, and record
     each run when it ends (the loop of :func:`run_sweep`)."""
+    store, summary = context.store, context.summary
     rates = measured_rates(store)
-    estimates = {s.run_id: estimate_seconds(s, rates, evaluate) for s in todo}
+    estimates = {s.run_id: estimate_seconds(s, rates, context.evaluate) for s in todo}
     queue = list(todo)
     active: dict[str, _Active] = {}
-    display = _Display(stream)
+    display = _Display(context.stream)
     try:
         while queue or active:
             while queue and (engine.capacity is None or len(active) < engine.capacity):
                 spec = queue.pop(0)
-                task = _task(spec, out, evaluate, settings)
+                task = _task(spec, context.out, context.evaluate, context.settings)
                 engine.submit(task)
                 store.mark_running(spec.run_id)
                 active[spec.run_id] = _Active(spec, task.run_dir, time.perf_counter())
-            if not settings.wait:
+            if not context.settings.wait:
                 summary.submitted = list(active)
                 return
-            time.sleep(poll_seconds)
+            time.sleep(context.poll_seconds)
             for job in active.values():
                 _copy_new_epochs(store, job)
             for finished in engine.poll():
                 job = active.pop(finished.task.run_id)
                 display.clear()
-                _record_exit(store, job, finished, summary, estimates, stream)
-            display.show(_status_line(summary, list(active.values()), queue, estimates, start,
-                                      engine.capacity))  # fmt: skip
+                _record_exit(context, job, finished, estimates)
+            display.show(_status_line(summary, list(active.values()), queue, estimates,
+                                      context.start, engine.capacity))  # fmt: skip
     finally:
         display.clear()
 
@@ -618,14 +640,10 @@ def _copy_new_epochs(store: ResultsStore, job: _Active) -> None:
 
 
 def _record_exit(
-    store: ResultsStore,
-    job: _Active,
-    finished: Finished,
-    summary: SweepSummary,
-    estimates: dict[str, float],
-    stream: TextIO,
+    context: _Context, job: _Active, finished: Finished, estimates: dict[str, float]
 ) -> None:
     """Record a run's end: its results in one transaction, or its failure."""
+    store, summary, stream = context.store, context.summary, context.stream
     run_id = job.spec.run_id
     run_dir = job.run_dir
     seconds = time.perf_counter() - job.started

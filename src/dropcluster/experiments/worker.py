@@ -25,6 +25,16 @@ from typing import Any
 
 from dropcluster.files import FolderLock, atomic_write_json
 
+__all__ = [
+    "JOB_NAME",
+    "OWNER_PID_VARIABLE",
+    "main",
+    "run_job",
+    "watch_owner",
+    "write_job",
+]
+
+
 JOB_NAME = "job.json"
 #: The process that owns this worker (a Ray task, a Slurm job): the worker ends when it is gone.
 OWNER_PID_VARIABLE = "DROPCLUSTER_OWNER_PID"

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import Tensor
 
-from dropcluster.nn.fitting import ClusterFit, RefitSchedule, _model_input
+from dropcluster.nn.fitting import ClusterFit, RefitSchedule, model_input
 
 try:
     from lightning.pytorch import Callback, LightningModule, Trainer
@@ -85,13 +85,13 @@ class DropClusterRefit(Callback):
         precision = trainer.precision_plugin
         device = pl_module.device
 
-        def model_input(batch: Any) -> Tensor:
+        def prepare(batch: Any) -> Tensor:
             if self.prepare is None:
-                return precision.convert_input(_model_input(batch, device))
+                return precision.convert_input(model_input(batch, device))
             return precision.convert_input(self.prepare(batch).to(device))
 
         with precision.forward_context():
-            fit = self.schedule.step(pl_module, data, epoch, prepare=model_input)
+            fit = self.schedule.step(pl_module, data, epoch, prepare=prepare)
         self.last_fit = fit
         for name, structured in zip(fit.layers, fit.structured, strict=True):
             # Every rank holds rank 0's clusters: the mean over ranks is the value itself.

@@ -20,6 +20,11 @@ from torch import Tensor, nn
 from dropcluster.models.slots import Slot, SlottedModel
 from dropcluster.validation import check_int
 
+__all__ = [
+    "LeNet5",
+    "lenet5",
+]
+
 
 class LeNet5(SlottedModel):
     """LeNet-5 with a ``"stem"`` and a ``"group1"`` slot (see the module docstring).

@@ -24,6 +24,16 @@ from dropcluster.models.slots import SlottedModel
 from dropcluster.nn import REGULARIZERS, build_regularizer
 from dropcluster.validation import check_choice
 
+__all__ = [
+    "DEFAULT_FAMILY",
+    "DEPTH_RULES",
+    "PAPER_PLACEMENTS",
+    "Placement",
+    "check_placement",
+    "place_regularizer",
+    "placement_for",
+]
+
 
 @dataclass(frozen=True)
 class Placement:

@@ -51,6 +51,18 @@ from torch import Tensor, nn
 from dropcluster.models.slots import Slot, SlottedModel
 from dropcluster.validation import check_choice, check_int
 
+__all__ = [
+    "BLOCKS",
+    "STEMS",
+    "PreActBasicBlock",
+    "PreActBottleneck",
+    "PreActResNet",
+    "resnet18",
+    "resnet20",
+    "resnet50",
+]
+
+
 STEMS = ("imagenet", "cifar")
 BLOCKS = ("basic", "bottleneck")
 

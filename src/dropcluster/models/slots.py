@@ -15,6 +15,12 @@ from types import MappingProxyType
 import torch
 from torch import Tensor, nn
 
+__all__ = [
+    "Slot",
+    "SlottedModel",
+]
+
+
 RegularizerSpec = nn.Module | Callable[[], nn.Module] | None
 
 

@@ -1,9 +1,9 @@
 """Regularizer layers: DropCluster and the baselines, each as a function and a module."""
 
 # Imported eagerly: `stochastic_depth` must name the function, not its module.
-from dropcluster.nn._drop_rate import DropRateModule, check_drop_rate
 from dropcluster.nn.attach import attach, detach
 from dropcluster.nn.clusters import Clusters
+from dropcluster.nn.drop_rate import DropRateModule, check_drop_rate
 from dropcluster.nn.dropblock import DropBlock2d, drop_block2d, drop_block2d_reference
 from dropcluster.nn.dropcluster import DropCluster2d, drop_cluster2d
 from dropcluster.nn.fitting import ClusterFit, RefitSchedule, fit_clusters

@@ -25,6 +25,13 @@ from torch import nn
 
 from dropcluster.nn.fitting import unwrap
 
+__all__ = [
+    "ATTACHED_NAME",
+    "attach",
+    "detach",
+]
+
+
 #: The attribute of the target module that holds the attached regularizer; its persistent
 #: buffers appear in the model's state_dict as ``<target>.attached_regularizer.<buffer>``.
 ATTACHED_NAME = "attached_regularizer"

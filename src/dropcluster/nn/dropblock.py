@@ -27,7 +27,7 @@ grows the centres into blocks (:func:`_blocks_from_centres`), and one multiplier
 synchronisation and no data-dependent shapes, and ``p`` may be a tensor (accelerators and
 ``torch.compile``). On the CPU in eager mode the same centre process is drawn sparsely instead,
 only the centres that fire, and the blocks are zeroed by index
-(:mod:`dropcluster.nn._dropblock_sampler`).
+(:mod:`dropcluster.nn.dropblock_sampler`).
 
 ``mode="reference"`` instead reproduces the PyPI package ``dropblock`` 0.3.0's ``DropBlock2D``
 (the DropCluster paper's DropBlock baseline): gamma ``p / b**2``, centres on every pixel, one
@@ -47,9 +47,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dropcluster.compat import old_call_form
-from dropcluster.nn._drop_rate import DropRateModule, check_drop_rate, uniform
-from dropcluster.nn._dropblock_sampler import drop_block_sparse
+from dropcluster.nn.drop_rate import DropRateModule, check_drop_rate, uniform
+from dropcluster.nn.dropblock_sampler import drop_block_sparse
 from dropcluster.validation import check_choice, check_int, check_tensor
+
+__all__ = [
+    "MODES",
+    "DropBlock2d",
+    "coverage_histogram",
+    "drop_block2d",
+    "drop_block2d_reference",
+    "effective_block",
+    "expected_drop_fraction",
+    "solve_gamma",
+]
+
 
 # Newton from the first-order gamma reaches f(gamma) = p to 1e-12 in at most 12 steps for every
 # map up to 224 x 224, block up to 11 and p up to 0.999 (tests check a grid); 20 leave a margin.

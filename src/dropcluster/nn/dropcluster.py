@@ -16,14 +16,14 @@ import torch
 from torch import Tensor
 
 from dropcluster.compat import old_call_form
-from dropcluster.nn._cluster_kernels import (
+from dropcluster.nn.cluster_kernels import (
     MAX_PACKED_CLUSTERS,
     ClusterTables,
     apply_clusters,
     compiling,
 )
-from dropcluster.nn._drop_rate import DropRateModule, check_drop_rate
 from dropcluster.nn.clusters import Clusters, check_tables, fixed_tables
+from dropcluster.nn.drop_rate import DropRateModule, check_drop_rate
 from dropcluster.rena import check_modes, rena
 from dropcluster.validation import check_int, check_tensor
 

@@ -25,6 +25,14 @@ from torch import Tensor, nn
 from dropcluster.nn.dropcluster import DropCluster2d
 from dropcluster.validation import check_int
 
+__all__ = [
+    "ClusterFit",
+    "RefitSchedule",
+    "fit_clusters",
+    "model_input",
+    "unwrap",
+]
+
 
 @dataclass
 class ClusterFit:
@@ -165,7 +173,7 @@ def _capture(module, layers, data, n_images, prepare, batch_size):
     images = 0
     try:
         for batch in _batches(data, batch_size):
-            inputs = prepare(batch) if prepare is not None else _model_input(batch, device)
+            inputs = prepare(batch) if prepare is not None else model_input(batch, device)
             batch_rows = min(n_images, images + inputs.shape[0])
             try:
                 module(inputs)
@@ -198,7 +206,13 @@ def _batches(data, batch_size):
         yield from data
 
 
-def _model_input(batch, device) -> Tensor:
+def model_input(batch: Any, device: torch.device | None) -> Tensor:
+    """A batch's model input on ``device``: the batch itself, or the first item of an
+    ``(inputs, labels)`` tuple or list.
+
+    Raises:
+        ValueError: the input is not a tensor (pass ``prepare=`` to :func:`fit_clusters`).
+    """
     if isinstance(batch, (tuple, list)):
         batch = batch[0]
     if not isinstance(batch, Tensor):

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from dropcluster.nn._drop_rate import check_drop_rate
+from dropcluster.nn.drop_rate import check_drop_rate
 from dropcluster.validation import check_choice
+
+__all__ = [
+    "REGULARIZERS",
+    "build_regularizer",
+]
+
 
 REGULARIZERS = (
     "none",

@@ -13,8 +13,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from dropcluster.nn._drop_rate import DropRateModule, check_drop_rate
+from dropcluster.nn.drop_rate import DropRateModule, check_drop_rate
 from dropcluster.validation import check_choice, check_float
+
+__all__ = [
+    "SCHEDULE_KINDS",
+    "DropRateSchedule",
+]
+
 
 SCHEDULE_KINDS = ("constant", "linear")
 _TORCH_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)

@@ -26,8 +26,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dropcluster.nn._drop_rate import DropRateModule, check_drop_rate, uniform
+from dropcluster.nn.drop_rate import DropRateModule, check_drop_rate, uniform
 from dropcluster.validation import check_choice
+
+__all__ = [
+    "MODES",
+    "StochasticDepth",
+    "StochasticDepthResidual",
+    "stochastic_depth",
+]
+
 
 MODES = ("row", "batch")
 

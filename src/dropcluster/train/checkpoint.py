@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
+import bisect
 import pickle
 import zipfile
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dropcluster.errors import CheckpointError
 from dropcluster.files import atomic_write
+from dropcluster.nn.fitting import unwrap
+from dropcluster.train.config import TrainConfig
+from dropcluster.train.distributed import gather
+
+if TYPE_CHECKING:
+    from dropcluster.train.setup import Run
+
+__all__ = [
+    "CHECKPOINT_KEYS",
+    "CHECKPOINT_NAME",
+    "MODEL_REVISION",
+    "Checkpoint",
+    "kept_checkpoint_name",
+    "load_checkpoint",
+    "load_model_state",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 #: The layout of the models a checkpoint holds, saved with it: 2 since dropcluster 0.2 (stems end
@@ -122,3 +143,80 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpoint:
+    """A run's whole state, as its checkpoint file holds it: enough to continue the run exactly.
+
+    :meth:`state_dict` gathers it (every process's random state: under distributed training
+    every process calls it, and rank 0 writes the result with :func:`save_checkpoint`);
+    :meth:`load_state_dict` puts a loaded one back into the run.
+
+    Args:
+        run: the :class:`~dropcluster.train.setup.Run` whose state this is.
+
+    Example::
+
+        checkpoint = Checkpoint(run)
+        save_checkpoint(out / CHECKPOINT_NAME, checkpoint.state_dict(epoch, history))
+        next_epoch = checkpoint.load_state_dict(load_checkpoint(path), path)
+    """
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+    def state_dict(self, epoch: int, history: list[dict[str, Any]]) -> dict[str, Any]:
+        """The state after ``epoch`` (0-based) with the run's per-epoch ``history``."""
+        run = self.run
+        rng = gather(rng_state(), run.ranks)  # every process's random state, for an exact resume
+        return {
+            "config": run.config.to_dict(),
+            "epoch": epoch,
+            "model": unwrap(run.model).state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "loader": run.loader.state_dict(),
+            "rng": rng[0],
+            "rng_ranks": rng,
+            "world_size": run.ranks.world,
+            "history": list(history),
+            "scaler": run.precision.scaler.state_dict(),
+            "model_revision": MODEL_REVISION,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], path: str | Path) -> int:
+        """Put ``state`` (from :func:`load_checkpoint` of ``path``) into the run; returns the
+        next epoch. The run's config's optimisation settings replace the stored ones (the same
+        unless a diverged run resumes with new ones).
+
+        Raises:
+            CheckpointError: weights that do not fit the run's model, or a 0.1 checkpoint.
+        """
+        run = self.run
+        load_model_state(unwrap(run.model), state, path)
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng_ranks"][run.ranks.rank] if "rng_ranks" in state else state["rng"])
+        if "scaler" in state:
+            run.precision.scaler.load_state_dict(state["scaler"])
+        _apply_optimizer_settings(run.optimizer, run.scheduler, run.config)
+        return int(state["epoch"]) + 1
+
+
+def _apply_optimizer_settings(optimizer, scheduler, config: TrainConfig) -> None:
+    """Put the config's lr schedule, momentum and weight decay into restored optimiser states
+    (a no-op when resuming with the same config; the new settings after a divergence)."""
+    scheduler.milestones = Counter(config.lr_milestones)
+    scheduler.gamma = config.lr_gamma
+    scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
+    passed = bisect.bisect_right(sorted(config.lr_milestones), scheduler.last_epoch)
+    lr = config.lr * config.lr_gamma**passed
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        group["initial_lr"] = config.lr
+        group["momentum"] = config.momentum
+    # build_run puts the decayed parameters in the first group, the others in the second.
+    optimizer.param_groups[0]["weight_decay"] = config.resolved_weight_decay()
+    optimizer.param_groups[1]["weight_decay"] = config.decay_of_norms_and_biases()
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

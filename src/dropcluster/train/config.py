@@ -12,6 +12,19 @@ import torch
 from dropcluster.files import atomic_write_text
 from dropcluster.validation import MAX_SEED, check_choice, check_fields, check_float, check_int
 
+__all__ = [
+    "NOT_IDENTITY",
+    "PAPER_WEIGHT_DECAY",
+    "PLACEMENT_OPTIONS",
+    "SUPPORTED_DEVICE_TYPES",
+    "WEIGHT_DECAY_ON",
+    "TrainConfig",
+    "parse_assignments",
+    "parse_device",
+    "resolve_device",
+]
+
+
 #: Fields that do not change a run's results: a run may resume with other values.
 NOT_IDENTITY = frozenset(
     {"device", "eval_batch_size", "keep_checkpoints", "test_every", "checkpoint_every"}

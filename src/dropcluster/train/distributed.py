@@ -16,6 +16,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+__all__ = [
+    "SINGLE",
+    "Ranks",
+    "all_sum",
+    "close_group",
+    "from_environment",
+    "gather",
+]
+
 
 @dataclass(frozen=True)
 class Ranks:

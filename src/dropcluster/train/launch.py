@@ -25,6 +25,20 @@ import time
 
 from dropcluster.errors import user_error_message
 
+__all__ = [
+    "ADVICE_VARIABLE",
+    "ERROR_FILE_VARIABLE",
+    "LAUNCHED_VARIABLE",
+    "RESUME_ADVICE",
+    "SWEEP_ADVICE",
+    "failure_summary",
+    "launch",
+    "main",
+    "peer_lost",
+    "rank_failure",
+]
+
+
 #: Set for the processes :func:`launch` starts: they leave the reporting to it.
 LAUNCHED_VARIABLE = "DROPCLUSTER_LAUNCHED"
 #: How the processes :func:`launch` starts say to continue a stopped run (set by it).

@@ -11,14 +11,12 @@ separate functions for that reason.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import io
 import json
 import math
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -29,20 +27,38 @@ from torch import Tensor, nn
 
 from dropcluster.errors import DivergedError
 from dropcluster.files import FolderLock, atomic_write_json, atomic_write_text
-from dropcluster.nn import DropCluster2d, RefitSchedule, fit_clusters
+from dropcluster.nn import DropCluster2d, RefitSchedule
 from dropcluster.nn.fitting import unwrap
 from dropcluster.train.checkpoint import (
     CHECKPOINT_NAME,
-    MODEL_REVISION,
+    Checkpoint,
     kept_checkpoint_name,
     load_checkpoint,
-    load_model_state,
-    rng_state,
     save_checkpoint,
-    set_rng_state,
 )
 from dropcluster.train.config import TrainConfig
 from dropcluster.train.distributed import SINGLE, Ranks, all_sum, from_environment, gather
+
+__all__ = [
+    "DIVERGED_NAME",
+    "DIVERGENCE_CHECK_STEPS",
+    "DIVERGENCE_LOSS",
+    "LOG_NAME",
+    "RESULT_NAME",
+    "RETUNABLE_AFTER_DIVERGENCE",
+    "RUN_LOCK_NAME",
+    "Progress",
+    "RunResult",
+    "autocast_context",
+    "evaluate",
+    "read_log",
+    "topk_correct",
+    "topk_hits",
+    "train",
+    "train_epoch",
+    "train_step",
+]
+
 
 LOG_NAME = "log.jsonl"
 RESULT_NAME = "result.json"
@@ -243,95 +259,105 @@ def _train_locked(config, out, resume, stop_after_epoch, progress_stream, device
                   ranks: Ranks) -> RunResult:  # fmt: skip
     from dropcluster.train.setup import build_run
 
-    checkpoint_path = out / CHECKPOINT_NAME
-    state = load_checkpoint(checkpoint_path, map_location=device) if (
-        resume and checkpoint_path.exists()) else None  # fmt: skip
-    if state is not None:
-        _check_resumable(config, state, out, ranks)
+    state = _resumable_state(config, out, resume, device, ranks)
     torch.manual_seed(config.seed)
     run = build_run(config, device, ranks)
     if ranks.distributed:
         # The same weights and data order on every process (drawn above), but each process
         # draws its own dropout masks, as torch's dropout does under DDP.
         torch.manual_seed(config.seed * 1_000_003 + ranks.rank)
-    autocast = device.type == "cuda" and config.amp
-    amp_dtype = getattr(torch, config.amp_dtype)
-    # float16 needs loss scaling; bfloat16 has float32's range and does not.
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast and amp_dtype == torch.float16)
+    checkpoint = Checkpoint(run)
     result = RunResult()
     start_epoch = 0
     if state is not None:
-        start_epoch = _restore(run, scaler, state, config, ranks, out / CHECKPOINT_NAME)
+        start_epoch = checkpoint.load_state_dict(state, out / CHECKPOINT_NAME)
         result.history = list(state["history"])
     if ranks.main:
-        if state is not None:
-            # The log may hold an epoch written after the last checkpoint: rewrite it.
-            log = "".join(json.dumps(r) + "\n" for r in result.history)
-            atomic_write_text(out / LOG_NAME, log)
-        else:
-            (out / LOG_NAME).unlink(missing_ok=True)
-        config.save(out / "config.json")
-        (out / DIVERGED_NAME).unlink(missing_ok=True)
-
+        _start_folder(out, config, result.history, resumed=state is not None)
     last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
     progress = Progress(config.epochs, progress_stream)
     refits = RefitSchedule(every=config.cluster_every)  # first at epoch s, then every s
     saved_epochs = start_epoch  # epochs in the last checkpoint written
     for epoch in range(start_epoch, last_epoch):
-        record: dict[str, Any] = {"epoch": epoch}
-        if run.has_dropcluster and refits.due(epoch):
-            fit = fit_clusters(
-                run.model,
-                run.cluster_images,
-                run.cluster_images.shape[0],
-                prepare=run.prepare_eval,
-                batch_size=config.eval_batch_size,
-            )
-            record.update(fit.record())
-            if ranks.distributed:  # the broadcast made them equal: check it, it is cheap
-                record["clusters_agree"] = len(set(gather(_cluster_digest(run.model), ranks))) == 1
-        try:
-            record.update(_train_epoch(run, scaler, device, autocast, amp_dtype, progress, epoch,
-                                       last_epoch, ranks))  # fmt: skip
-        except DivergedError as error:
-            if ranks.main:
-                atomic_write_json(out / DIVERGED_NAME, {"epoch": epoch, "message": str(error)})
-            raise DivergedError(f"{error}; {_divergence_advice(out, saved_epochs)}") from None
-        if config.tests_after(epoch):
-            eval_start = time.perf_counter()
-            record["top1"], record["top5"] = evaluate(
-                run.model, run.test_images, run.test_labels, run.prepare_eval,
-                config.eval_batch_size, ranks, amp_dtype if autocast else None,
-            )  # fmt: skip
-            record["eval_seconds"] = time.perf_counter() - eval_start
+        record = _run_epoch(run, epoch, last_epoch, refits, progress, out, saved_epochs)
         result.history.append(record)
         if ranks.main:
             _append_log(out / LOG_NAME, record)
-        saving = config.checkpoints_after(epoch) or epoch == last_epoch - 1
-        if saving:  # every process's random state, for an exact resume
-            rng = gather(rng_state(), ranks)
-        if ranks.main and saving:
-            checkpoint = {
-                "config": config.to_dict(), "epoch": epoch, "model": unwrap(run.model).state_dict(),
-                "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                "loader": run.loader.state_dict(), "rng": rng[0], "rng_ranks": rng,
-                "world_size": ranks.world, "history": result.history,
-                "scaler": scaler.state_dict(), "model_revision": MODEL_REVISION,
-            }  # fmt: skip
-            save_checkpoint(checkpoint_path, checkpoint)
-            if epoch + 1 in config.keep_checkpoints:  # e.g. the paper's figures after 50 epochs
-                save_checkpoint(out / kept_checkpoint_name(epoch + 1), checkpoint)
-        if saving:
+        if config.checkpoints_after(epoch) or epoch == last_epoch - 1:
+            _save(checkpoint, out, epoch, result.history)
             saved_epochs = epoch + 1
         progress.epoch(record, (last_epoch - epoch - 1) * record["seconds"])
+    _final_metrics(result, config)
+    if len(result.history) == config.epochs and ranks.main:
+        _write_result(out, result, config)
+    return result
 
+
+def _resumable_state(config: TrainConfig, out: Path, resume: bool, device: torch.device,
+                     ranks: Ranks) -> dict[str, Any] | None:  # fmt: skip
+    """The checkpoint to resume from (checked against ``config``), or None to start."""
+    path = out / CHECKPOINT_NAME
+    if not (resume and path.exists()):
+        return None
+    state = load_checkpoint(path, map_location=device)
+    _check_resumable(config, state, out, ranks)
+    return state
+
+
+def _start_folder(out: Path, config: TrainConfig, history: list[dict], *, resumed: bool) -> None:
+    """The run folder as the run starts: its config, and its log as the checkpoint has it (the
+    log may hold an epoch written after the last checkpoint)."""
+    if resumed:
+        atomic_write_text(out / LOG_NAME, "".join(json.dumps(r) + "\n" for r in history))
+    else:
+        (out / LOG_NAME).unlink(missing_ok=True)
+    config.save(out / "config.json")
+    (out / DIVERGED_NAME).unlink(missing_ok=True)
+
+
+def _run_epoch(run, epoch: int, last_epoch: int, refits: RefitSchedule, progress: Progress,
+               out: Path, saved_epochs: int) -> dict[str, Any]:  # fmt: skip
+    """One epoch of the loop: a refit when due, training, a test when due; its log record."""
+    config, ranks = run.config, run.ranks
+    record: dict[str, Any] = {"epoch": epoch}
+    if run.has_dropcluster and refits.due(epoch):
+        record.update(run.refit().record())
+        if ranks.distributed:  # the broadcast made them equal: check it, it is cheap
+            record["clusters_agree"] = len(set(gather(_cluster_digest(run.model), ranks))) == 1
+    try:
+        record.update(train_epoch(run, epoch, progress=progress, last_epoch=last_epoch))
+    except DivergedError as error:
+        if ranks.main:
+            atomic_write_json(out / DIVERGED_NAME, {"epoch": epoch, "message": str(error)})
+        raise DivergedError(f"{error}; {_divergence_advice(out, saved_epochs)}") from None
+    if config.tests_after(epoch):
+        eval_start = time.perf_counter()
+        record["top1"], record["top5"] = evaluate(
+            run.model, run.test_images, run.test_labels, run.prepare_eval,
+            config.eval_batch_size, ranks, run.precision.eval_dtype,
+        )  # fmt: skip
+        record["eval_seconds"] = time.perf_counter() - eval_start
+    return record
+
+
+def _save(checkpoint: Checkpoint, out: Path, epoch: int, history: list[dict]) -> None:
+    """The checkpoint after ``epoch`` (rank 0 writes it; every process gives its random state),
+    and its kept copy when the config keeps that epoch's (e.g. the paper's figures after 50)."""
+    state = checkpoint.state_dict(epoch, history)
+    run = checkpoint.run
+    if not run.ranks.main:
+        return
+    save_checkpoint(out / CHECKPOINT_NAME, state)
+    if epoch + 1 in run.config.keep_checkpoints:
+        save_checkpoint(out / kept_checkpoint_name(epoch + 1), state)
+
+
+def _final_metrics(result: RunResult, config: TrainConfig) -> None:
+    """The mean test accuracy over the last ``average_last`` tested epochs."""
     tail = [record for record in result.history if "top1" in record][-config.average_last :]
     if tail:
         result.top1 = sum(r["top1"] for r in tail) / len(tail)
         result.top5 = sum(r["top5"] for r in tail) / len(tail)
-    if len(result.history) == config.epochs and ranks.main:
-        _write_result(out, result, config)
-    return result
 
 
 def _cluster_digest(model: nn.Module) -> int:
@@ -375,75 +401,71 @@ def _check_resumable(config: TrainConfig, state: dict[str, Any], out: Path,
     )
 
 
-def _restore(
-    run, scaler, state: dict[str, Any], config: TrainConfig, ranks: Ranks, path: Path
-) -> int:
-    """Load the checkpoint's states into the run's objects; returns the next epoch."""
-    load_model_state(unwrap(run.model), state, path)
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.loader.load_state_dict(state["loader"])
-    set_rng_state(state["rng_ranks"][ranks.rank] if "rng_ranks" in state else state["rng"])
-    if "scaler" in state:
-        scaler.load_state_dict(state["scaler"])
-    _apply_optimizer_settings(run.optimizer, run.scheduler, config)
-    return int(state["epoch"]) + 1
+def train_step(run, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """One optimisation step of ``run`` on a batch, as the loop makes it: forward under the
+    run's autocast, cross-entropy, backward (scaled for float16), SGD step.
+
+    Args:
+        run: a :class:`~dropcluster.train.setup.Run` (its model in training mode).
+        images: (B, C, H, W) the model's input (a loader batch, augmented and normalised).
+        labels: (B,) int64 class indices.
+
+    Returns:
+        The loss (0-d) and the logits (B, classes), detached: reading them is the caller's
+        synchronisation, not the step's.
+    """
+    precision = run.precision
+    with torch.autocast(run.device.type, dtype=precision.dtype, enabled=precision.autocast):
+        logits = run.model(images)
+        loss = F.cross_entropy(logits, labels)
+    run.optimizer.zero_grad(set_to_none=True)
+    precision.scaler.scale(loss).backward()
+    precision.scaler.step(run.optimizer)
+    precision.scaler.update()
+    return loss.detach(), logits.detach()
 
 
-def _apply_optimizer_settings(optimizer, scheduler, config: TrainConfig) -> None:
-    """Put the config's lr schedule, momentum and weight decay into restored optimiser states
-    (a no-op when resuming with the same config; the new settings after a divergence)."""
-    scheduler.milestones = Counter(config.lr_milestones)
-    scheduler.gamma = config.lr_gamma
-    scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
-    passed = bisect.bisect_right(sorted(config.lr_milestones), scheduler.last_epoch)
-    lr = config.lr * config.lr_gamma**passed
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-        group["initial_lr"] = config.lr
-        group["momentum"] = config.momentum
-    # build_run puts the decayed parameters in the first group, the others in the second.
-    optimizer.param_groups[0]["weight_decay"] = config.resolved_weight_decay()
-    optimizer.param_groups[1]["weight_decay"] = config.decay_of_norms_and_biases()
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+def train_epoch(run, epoch: int, *, progress: Progress | None = None,
+                last_epoch: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """One pass over ``run.loader`` with :func:`train_step`, then one scheduler step.
 
+    Args:
+        run: a :class:`~dropcluster.train.setup.Run`.
+        epoch: the epoch (0-based), for the progress line and the divergence message.
+        progress: the progress line (None: none); last_epoch: where the run stops, for its ETA.
 
-def _train_epoch(run, scaler, device, autocast: bool, amp_dtype, progress: Progress, epoch: int,
-                 last_epoch: int, ranks: Ranks = SINGLE) -> dict[str, Any]:  # fmt: skip
-    """One pass over the training set; returns the epoch's training metrics.
+    Returns:
+        The epoch's training metrics: ``loss``, ``train_top1`` (%), ``lr``, ``seconds``,
+        ``images_per_s`` (summed over the processes under distributed training).
 
     Raises:
-        DivergedError: the running mean loss is not finite or above DIVERGENCE_LOSS.
+        DivergedError: the running mean loss is not finite or above :data:`DIVERGENCE_LOSS`
+            (checked every :data:`DIVERGENCE_CHECK_STEPS` steps and at the end).
     """
-    model, optimizer, loader = run.model, run.optimizer, run.loader
-    lr = optimizer.param_groups[0]["lr"]  # the rate of this epoch (the scheduler steps after)
+    device, ranks, loader = run.device, run.ranks, run.loader
+    last_epoch = epoch + 1 if last_epoch is None else last_epoch
+    lr = run.optimizer.param_groups[0]["lr"]  # the rate of this epoch (the scheduler steps after)
     epoch_start = time.perf_counter()
-    model.train()
+    run.model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
     steps = len(loader)
     for step, (images, labels) in enumerate(loader, start=1):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=autocast):
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        loss_sum += loss.detach() * labels.shape[0]
-        correct += (logits.detach().argmax(1) == labels).sum()
+        loss, logits = train_step(run, images, labels)
+        loss_sum += loss * labels.shape[0]
+        correct += (logits.argmax(1) == labels).sum()
         seen += labels.shape[0]
         if step % DIVERGENCE_CHECK_STEPS == 0 or step == steps:
             # Summed over the processes, so that every one takes the same decision.
             total_loss, total_seen = all_sum([float(loss_sum), seen], ranks, device)
             _check_loss(total_loss / total_seen, epoch, step)
-        elapsed = time.perf_counter() - epoch_start
-        rate = seen / max(elapsed, 1e-9)
-        remaining = (steps - step) * elapsed / step + (
-            last_epoch - epoch - 1
-        ) * elapsed * steps / step
-        progress.step(epoch, step, steps, loss.detach(), rate, remaining)
+        if progress is not None:
+            elapsed = time.perf_counter() - epoch_start
+            remaining = (steps - step) * elapsed / step + (
+                last_epoch - epoch - 1
+            ) * elapsed * steps / step
+            progress.step(epoch, step, steps, loss, seen / max(elapsed, 1e-9), remaining)
     run.scheduler.step()
     train_seconds = time.perf_counter() - epoch_start
     # Metrics of the whole batch stream: every process's sums added up.

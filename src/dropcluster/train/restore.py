@@ -20,6 +20,11 @@ from dropcluster.train.checkpoint import (
 from dropcluster.train.config import TrainConfig, resolve_device
 from dropcluster.train.setup import build_configured_model, eval_preparer
 
+__all__ = [
+    "LoadedRun",
+    "load_run",
+]
+
 
 @dataclass
 class LoadedRun:

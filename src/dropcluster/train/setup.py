@@ -11,20 +11,74 @@ from torch import Tensor, nn
 from dropcluster.data import (
     AUGMENT_PRESETS,
     DeviceLoader,
+    ImageDataset,
     load_dataset,
     normalize,
     stratified_subset,
 )
 from dropcluster.models import build_model, place_regularizer
-from dropcluster.nn import DropCluster2d
+from dropcluster.nn import ClusterFit, DropCluster2d, fit_clusters
 from dropcluster.train.config import TrainConfig
 from dropcluster.train.distributed import SINGLE, Ranks
+
+__all__ = [
+    "Precision",
+    "Run",
+    "build_configured_model",
+    "build_run",
+    "eval_preparer",
+]
+
+
+@dataclass
+class Precision:
+    """How a run computes: autocast on CUDA when ``amp`` is set, with a gradient scaler for
+    float16 (bfloat16 has float32's range and needs none).
+
+    Attributes:
+        autocast: whether training and evaluation run under autocast.
+        dtype: the autocast dtype.
+        scaler: the gradient scaler (disabled unless autocast to float16).
+    """
+
+    autocast: bool
+    dtype: torch.dtype
+    scaler: torch.amp.GradScaler
+
+    @classmethod
+    def of(cls, config: TrainConfig, device: torch.device) -> Precision:
+        """The precision ``config`` asks for on ``device`` (mixed precision on CUDA only)."""
+        autocast = device.type == "cuda" and config.amp
+        dtype = getattr(torch, config.amp_dtype)
+        scaler = torch.amp.GradScaler(device.type, enabled=autocast and dtype == torch.float16)
+        return cls(autocast, dtype, scaler)
+
+    @property
+    def eval_dtype(self) -> torch.dtype | None:
+        """The dtype evaluation autocasts to (None: the model's own precision)."""
+        return self.dtype if self.autocast else None
 
 
 @dataclass
 class Run:
-    """The objects of one run (see :func:`build_run`)."""
+    """The objects of one run (see :func:`build_run`).
 
+    Attributes:
+        config: the run's config.
+        device: where it trains; ranks: its place among the processes of the run.
+        model: the model with its regularizer (wrapped in DDP and compiled as the config says).
+        optimizer, scheduler: SGD with weight-decay groups, and the step decay.
+        loader: the training batches (augmented on the device).
+        test_images, test_labels: the test set on the device (uint8 images).
+        cluster_images: the training images DropCluster refits on (uint8, on the device).
+        prepare_eval: uint8 images -> the model's normalised float input.
+        has_dropcluster: whether the model holds a DropCluster2d.
+        precision: autocast and gradient scaling.
+    """
+
+    config: TrainConfig
+    device: torch.device
+    ranks: Ranks
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -34,21 +88,48 @@ class Run:
     cluster_images: Tensor
     prepare_eval: Callable[[Tensor], Tensor]
     has_dropcluster: bool
+    precision: Precision
+
+    def refit(self) -> ClusterFit:
+        """Refit every DropCluster2d of the model on ``cluster_images`` (rank 0 fits and
+        broadcasts under distributed training); an empty :class:`ClusterFit` without one."""
+        if not self.has_dropcluster:
+            return ClusterFit()
+        return fit_clusters(self.model, self.cluster_images, self.cluster_images.shape[0],
+                            prepare=self.prepare_eval,
+                            batch_size=self.config.eval_batch_size)  # fmt: skip
 
 
-def build_run(config: TrainConfig, device: torch.device, ranks: Ranks = SINGLE) -> Run:
+def build_run(
+    config: TrainConfig,
+    device: torch.device,
+    ranks: Ranks = SINGLE,
+    *,
+    datasets: tuple[ImageDataset, ImageDataset] | None = None,
+) -> Run:
     """Data (uint8, on ``device``), the model with its regularizer in the paper's slot, SGD.
+
+    Args:
+        config: the run.
+        device: where it trains.
+        ranks: this process's place under distributed training (``ranks.world > 1``: the
+            model is wrapped in DistributedDataParallel, its batch norms made SyncBatchNorm
+            first when ``config.sync_batchnorm``, and the loader yields this process's share of
+            each batch).
+        datasets: the (training, test) sets, uint8 images on the CPU as the loaders give them;
+            None: ``config.dataset`` loaded from ``config.data_dir``.
 
     Randomness: the caller seeds torch's global generator with ``config.seed`` first; the
     model's initialisation and the loader's generator are drawn from it, in this order (the
     same on every process of a distributed run).
 
-    Under distributed training (``ranks.world > 1``) the model is wrapped in
-    DistributedDataParallel (its batch norms made SyncBatchNorm first when
-    ``config.sync_batchnorm``), and the loader yields this process's share of each batch.
+    Raises:
+        ValueError: an empty training or test set, or SyncBatchNorm asked for on the CPU.
     """
-    train_set = load_dataset(config.dataset, "train", root=config.data_dir)
-    test_set = load_dataset(config.dataset, "test", root=config.data_dir)
+    if datasets is None:
+        datasets = (load_dataset(config.dataset, "train", root=config.data_dir),
+                    load_dataset(config.dataset, "test", root=config.data_dir))  # fmt: skip
+    train_set, test_set = datasets
     for split, images in (("training", train_set.images), ("test", test_set.images)):
         if images.shape[0] == 0:
             # A run on no data would "finish" with 0 % and be recorded as a result.
@@ -104,6 +185,9 @@ def build_run(config: TrainConfig, device: torch.device, ranks: Ranks = SINGLE) 
     order = torch.randperm(train_images.shape[0], generator=torch.Generator().manual_seed(
         config.seed))[: config.cluster_images]  # fmt: skip
     return Run(
+        config=config,
+        device=device,
+        ranks=ranks,
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
@@ -113,6 +197,7 @@ def build_run(config: TrainConfig, device: torch.device, ranks: Ranks = SINGLE) 
         cluster_images=train_images[order].to(device),
         prepare_eval=prepare_eval,
         has_dropcluster=has_dropcluster,
+        precision=Precision.of(config, device),
     )
 
 

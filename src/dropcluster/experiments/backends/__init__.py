@@ -30,6 +30,26 @@ from dropcluster.experiments.presets import RunSpec
 from dropcluster.experiments.worker import OWNER_PID_VARIABLE
 from dropcluster.validation import check_choice, check_fields, check_int
 
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_SLURM_MINUTES",
+    "STOP_GRACE_SECONDS",
+    "WORKER_LOG_NAME",
+    "Backend",
+    "BackendSettings",
+    "Finished",
+    "LocalBackend",
+    "RunTask",
+    "cluster_backend",
+    "gpus_for_device",
+    "run_worker",
+    "start_worker",
+    "stop_process",
+    "task_environment",
+    "worker_command",
+]
+
+
 #: The engines a sweep can run on.
 BACKENDS = ("local", "ray", "slurm")
 #: A worker's output (its last line is the run's error when it fails), in the run folder.

@@ -34,6 +34,11 @@ except ImportError as error:  # the optional extra is missing
         "--backend ray needs Ray: pip install -e '.[ray]' (in the dropcluster checkout)"
     ) from error
 
+__all__ = [
+    "RayBackend",
+]
+
+
 #: Seconds ``stop`` waits for cancelled tasks to stop their workers.
 _STOP_WAIT_SECONDS = 20.0
 

@@ -37,6 +37,14 @@ except ImportError as error:  # the optional extra is missing
         "--backend slurm needs submitit: pip install -e '.[slurm]' (in the dropcluster checkout)"
     ) from error
 
+__all__ = [
+    "JOBS_NAME",
+    "SlurmBackend",
+    "check_slurm_commands",
+    "job_state_message",
+]
+
+
 #: Which job trains which run: ``{run id: job id}``, in the backend's folder.
 JOBS_NAME = "jobs.json"
 #: Slurm states of a job that is queued or running: a restarted sweep follows it.

@@ -8,6 +8,13 @@ from typing import Any
 
 from dropcluster.files import atomic_write
 
+__all__ = [
+    "DPI",
+    "pyplot",
+    "save_figure",
+]
+
+
 #: Resolution of every figure the package writes.
 DPI = 110
 

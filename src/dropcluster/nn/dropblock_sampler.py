@@ -25,6 +25,16 @@ import math
 import torch
 from torch import Tensor
 
+__all__ = [
+    "BYTES_PER_PARTIAL_SUM",
+    "count_ones",
+    "drop_block_sparse",
+    "drop_blocks_at",
+    "dropped_pixels",
+    "sample_block_corners",
+]
+
+
 # Bytes of a 0/1 uint8 row summed as int64 words, 64 words at a time: see count_ones.
 _WORDS_PER_PARTIAL_SUM = 64
 BYTES_PER_PARTIAL_SUM = 8 * _WORDS_PER_PARTIAL_SUM

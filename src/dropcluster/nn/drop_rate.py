@@ -15,6 +15,12 @@ from torch import Tensor, nn
 
 from dropcluster.validation import check_float
 
+__all__ = [
+    "DropRateModule",
+    "check_drop_rate",
+    "uniform",
+]
+
 
 def check_drop_rate(p: float | Tensor, name: str = "p", *, allow_one: bool = False) -> float:
     """Return ``p`` as a float after checking that it lies in [0, 1) ([0, 1] with ``allow_one``).

@@ -13,7 +13,16 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from dropcluster.nn._drop_rate import uniform
+from dropcluster.nn.drop_rate import uniform
+
+__all__ = [
+    "MAX_PACKED_CLUSTERS",
+    "ClusterTables",
+    "apply_clusters",
+    "compiling",
+    "expand_clusters",
+]
+
 
 # floor(p * n) with p stored in float32: 0.7 is 0.69999999 there and 0.7 * 10 would floor to
 # 6. This relative slack restores the value intended in decimal for any n below 10**5.
