@@ -401,8 +401,8 @@ def test_report_with_another_sweep_shows_both_presets_side_by_side(tmp_path):
     assert "2.00 ± 1.00" in paired and "0.33 ± 0.58" in paired
     assert "## Other sweeps in this report" in text and "### Preset `p-ours`" in text
     with pytest.raises(ValueError, match="in the sweeps of both"):
-        from dropcluster.experiments.report import CombinedResults
         from dropcluster.experiments.store import ResultsStore
+        from dropcluster.experiments.summary import CombinedResults
 
         with ResultsStore.in_folder(paper, readonly=True) as store:
             preset = load_preset(paper / "preset.json")

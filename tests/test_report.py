@@ -11,9 +11,11 @@ from dataclasses import replace
 
 import pytest
 
-from dropcluster.experiments import paper_results, presets, report, report_figures
-from dropcluster.experiments.report import summarize, write_report
+from dropcluster.experiments import paper_results, presets, report_figures
+from dropcluster.experiments import statistics as stats
+from dropcluster.experiments.report import write_report
 from dropcluster.experiments.store import ResultsStore
+from dropcluster.experiments.summary import summarize
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PRESET_NAME = "unit"
@@ -478,7 +480,7 @@ def arms_sweep(tmp_path_factory):
 
 
 def test_student_t_two_sided_tail():
-    p_value = report.student_t_two_sided_p
+    p_value = stats.student_t_two_sided_p
     # Two-sided 5 % critical values of the t tables.
     assert p_value(2.776, 4) == pytest.approx(0.0500, abs=1e-4)
     assert p_value(4.303, 2) == pytest.approx(0.0500, abs=1e-4)
@@ -495,16 +497,16 @@ def test_student_t_two_sided_tail():
 
 
 def test_paired_t_test_by_hand():
-    test = report.paired_t_test([1.0, 2.0, 3.0])
+    test = stats.paired_t_test([1.0, 2.0, 3.0])
     assert (test.n, test.stats.mean, test.stats.std, test.better) == (3, 2.0, 1.0, 3)
     assert test.t == pytest.approx(2 * math.sqrt(3))
     assert test.p_value == pytest.approx(1 - math.sqrt(6 / 7))
-    same = report.paired_t_test([-2.0, -2.0])
+    same = stats.paired_t_test([-2.0, -2.0])
     assert (same.t, same.p_value, same.better) == (None, None, 0)
-    zero = report.paired_t_test([0.0, 0.0, 0.0])
+    zero = stats.paired_t_test([0.0, 0.0, 0.0])
     assert (zero.t, zero.p_value) == (None, None)
     with pytest.raises(ValueError, match="2 or more"):
-        report.paired_t_test([1.0])
+        stats.paired_t_test([1.0])
 
 
 def test_arm_of_a_run_record(arms_sweep):

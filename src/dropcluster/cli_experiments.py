@@ -517,8 +517,9 @@ def _write_combined_report(args: argparse.Namespace, preset) -> Path:
     from contextlib import ExitStack
 
     from dropcluster.experiments.presets import load_preset
-    from dropcluster.experiments.report import CombinedResults, write_report
+    from dropcluster.experiments.report import write_report
     from dropcluster.experiments.store import ResultsStore
+    from dropcluster.experiments.summary import CombinedResults
     from dropcluster.experiments.sweep import PRESET_NAME
 
     with ExitStack() as stack:
