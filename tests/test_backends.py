@@ -361,7 +361,7 @@ def test_failure_reasons_say_what_happened(status, message, tail, reason):
 
 
 def test_the_stored_error_starts_with_its_reason_and_results_show_it(tmp_path, capsys):
-    from dropcluster.experiments.store import error_reason
+    from dropcluster.compat import error_reason
 
     out = tmp_path / "out"
     spec = expand_grid(tiny_preset())[0]

@@ -226,7 +226,7 @@ def test_a_lenet_checkpoint_of_0_1_is_refused_with_what_changed(tmp_path):
     load_run(tmp_path)  # today's loads
     del state["model_revision"]  # as 0.1 wrote it
     torch.save(state, tmp_path / "checkpoint.pt")
-    with pytest.raises(CheckpointError, match="written by dropcluster 0.1, .*stem slot read the"):
+    with pytest.raises(CheckpointError, match="written by dropcluster 0.1: .*stem slot read the"):
         load_run(tmp_path)
     with pytest.raises(CheckpointError, match="written by dropcluster 0.1"):
         train(_tiny_config(epochs=2), tmp_path, resume=True, progress_stream=io.StringIO())
@@ -237,7 +237,9 @@ def test_a_checkpoint_of_the_old_bare_conv_stem_is_refused_with_what_changed(tmp
     old = {k: v for k, v in model.state_dict().items() if not k.startswith("stem_norm.")}
     for name in ("weight", "bias", "running_mean", "running_var"):
         old[f"groups.0.0.norm1.{name}"] = torch.ones(16)
-    with pytest.raises(CheckpointError, match="dropcluster 0.1, whose ResNet stem was a bare conv"):
+    with pytest.raises(
+        CheckpointError, match="dropcluster 0.1: dropcluster 0.1.s ResNet stem was a bare conv"
+    ):
         load_model_state(model, {"model": old}, tmp_path / "checkpoint.pt")
     load_model_state(model, {"model": model.state_dict(), "model_revision": 2}, "checkpoint.pt")
     with pytest.raises(CheckpointError, match="does not fit the run's model"):

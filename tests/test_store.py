@@ -213,7 +213,9 @@ def test_add_run_with_changed_config_names_the_keys(store):
 
 def test_a_run_of_a_0_1_sweep_is_refused_with_why(store):
     add(store)  # a 0.1 config: no weight_decay_on
-    with pytest.raises(ValueError, match="made by dropcluster 0.1, whose ResNets had a bare conv"):
+    with pytest.raises(
+        ValueError, match="made by dropcluster 0.1: dropcluster 0.1's ResNet stem was a bare conv"
+    ):
         add(store, config={**CONFIG, "weight_decay_on": "weights"})
 
 

@@ -536,7 +536,8 @@ def _write_combined_report(args: argparse.Namespace, preset) -> Path:
 
 
 def _run_results(args: argparse.Namespace) -> int:
-    from dropcluster.experiments.store import FAILED, ResultsStore, error_reason
+    from dropcluster.compat import error_reason
+    from dropcluster.experiments.store import FAILED, ResultsStore
 
     with ResultsStore.in_folder(args.out, readonly=True) as store:
         runs = store.runs(status=args.status)

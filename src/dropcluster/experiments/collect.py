@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from dropcluster.compat import refuse_0_1_run, variant_from_run_id
 from dropcluster.errors import RunBusyError
 from dropcluster.experiments.corruption_eval import CorruptionSettings
 from dropcluster.experiments.presets import Preset, RunSpec, expand_grid, load_preset
@@ -43,8 +44,6 @@ from dropcluster.experiments.store import (
     DATABASE_NAME,
     FINISHED,
     ResultsStore,
-    refuse_0_1_run,
-    variant_from_run_id,
 )
 from dropcluster.experiments.sweep import (
     PRESET_NAME,

@@ -15,6 +15,7 @@ from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
+from dropcluster.compat import is_0_1_config
 from dropcluster.errors import DropClusterError, RunBusyError
 from dropcluster.experiments.corruption_eval import CORRUPTIONS_NAME, CorruptionSettings
 from dropcluster.experiments.presets import GRID_KEYS, RunSpec, run_id
@@ -131,7 +132,7 @@ def _train_config(run_dir: Path) -> TrainConfig:
     missing = [key for key in ("dataset", "model", *GRID_KEYS) if key not in config]
     if missing:
         raise RunFolderError(f"its config lacks {missing}")
-    if "weight_decay_on" not in config:  # every config since 0.2 has it
+    if is_0_1_config(config):
         raise RunFolderError(
             "it was trained by dropcluster 0.1, whose ResNets had another stem: its results do "
             "not compare with this version's"

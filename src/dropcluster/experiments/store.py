@@ -15,7 +15,6 @@ import io
 import json
 import math
 import os
-import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,9 +24,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 # SchemaVersionError lives in dropcluster.errors; importing it from here keeps working.
+from dropcluster.compat import refuse_0_1_run, variant_from_run_id
 from dropcluster.errors import DropClusterError, SchemaVersionError
 from dropcluster.experiments.presets import arm_name
-from dropcluster.experiments.presets import run_id as make_run_id
 from dropcluster.files import atomic_write_text
 from dropcluster.validation import check_choice, check_float, check_int, check_type
 
@@ -47,9 +46,6 @@ __all__ = [
     "ResultsStore",
     "RunRecord",
     "UnreadableRunError",
-    "error_reason",
-    "refuse_0_1_run",
-    "variant_from_run_id",
 ]
 
 
@@ -315,43 +311,6 @@ class RunRecord:
             self.run_id, self.regularizer, self.p, self.train_fraction, self.seed
         )
         return arm_name(self.regularizer, variant)
-
-
-def variant_from_run_id(
-    run_id: str, regularizer: str, p: float, train_fraction: float, seed: int
-) -> str | None:
-    """The variant in a run id of the form :func:`dropcluster.experiments.presets.run_id`
-    makes (``"ours"`` in ``dropcluster-ours-p0.1-f1-s0``); None for any other id."""
-    suffix = make_run_id(regularizer, p, train_fraction, seed)[len(regularizer) :]
-    prefix = f"{regularizer}-"
-    variant = run_id[len(prefix) : -len(suffix)]
-    if variant and run_id == f"{prefix}{variant}{suffix}":
-        return variant
-    return None
-
-
-def error_reason(error: str | None) -> str:
-    """The reason a failed run's stored error gives: its first line (what follows is context,
-    such as the last lines of the worker's log). An error stored by dropcluster 0.3 or older
-    began with ``exit status N`` and ended with the worker's last line, which is given then."""
-    lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
-    if not lines:
-        return "(no error message)"
-    if re.fullmatch(r"exit status -?\d+", lines[0]):
-        return lines[-1]
-    return lines[0]
-
-
-def refuse_0_1_run(path: Path, run_id: str, config: dict) -> None:
-    """Raise ValueError when ``config``, stored in the database ``path``, is a run of
-    dropcluster 0.1 (every config since 0.2 has ``weight_decay_on``; 0.1's ResNets had
-    another stem, so its results do not compare with this version's)."""
-    if "weight_decay_on" not in config:
-        raise ValueError(
-            f"run {run_id!r} in {path} was made by dropcluster 0.1, whose ResNets had a bare "
-            f"conv stem (since 0.2: conv, batch norm, ReLU): its results do not compare with "
-            f"this version's; sweep into a new --out folder"
-        )
 
 
 class ResultsStore:

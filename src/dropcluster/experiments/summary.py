@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from dropcluster.compat import error_reason
 from dropcluster.experiments.presets import Preset, arm_name
 from dropcluster.experiments.report_figures import ordered_regularizers, split_arm
 from dropcluster.experiments.statistics import PairedTest, SeedStats, paired_t_test
@@ -31,7 +32,6 @@ from dropcluster.experiments.store import (
     RUN_STATUSES,
     ResultsStore,
     RunRecord,
-    error_reason,
 )
 from dropcluster.validation import check_int
 

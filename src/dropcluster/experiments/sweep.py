@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from dropcluster.compat import error_reason
 from dropcluster.experiments.backends import (
     WORKER_LOG_NAME,
     Backend,
@@ -62,7 +63,6 @@ from dropcluster.experiments.store import (
     FAILED,
     FINISHED,
     ResultsStore,
-    error_reason,
 )
 from dropcluster.experiments.worker import write_job
 from dropcluster.files import atomic_write_json

@@ -23,6 +23,7 @@ import warnings
 
 from torch import nn
 
+from dropcluster.compat import pickled_defaults
 from dropcluster.nn.fitting import unwrap
 
 __all__ = [
@@ -47,12 +48,15 @@ class _ApplyAttached:
     def __init__(self, after: str = "") -> None:
         self.after = after
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        pickled_defaults(self, {"after": ""})
+
     def __call__(self, module: nn.Module, inputs, output):
         try:
             return module._modules[ATTACHED_NAME](output)
         except ValueError as error:
-            after = getattr(self, "after", "")  # hooks pickled before 0.4 have no name
-            where = f"after {after!r}" if after else "to the model's output"
+            where = f"after {self.after!r}" if self.after else "to the model's output"
             raise ValueError(
                 f"the regularizer attached {where} ({type(module).__name__}): {error}"
             ) from error

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from dropcluster.compat import loaded_drop_rate
 from dropcluster.validation import check_float
 
 __all__ = [
@@ -93,35 +94,8 @@ class DropRateModule(nn.Module):
             self.p.fill_(value)
 
     def _check_loaded_p(self, state_dict, prefix: str) -> float | None:
-        """The drop rate a state_dict holds for this layer (None: none), refused outside [0, 1).
-
-        ``p`` is not saved any more (a setting, not state), but checkpoints of dropcluster 0.1
-        hold it: such a value is checked and loaded. A NaN or out-of-range ``p`` would
-        otherwise fail later, far from its cause (a NaN rate turns into a garbage cluster
-        count, an index error on the CPU and a device-side assert on CUDA).
-        """
-        key = prefix + "p"
-        stored = state_dict.get(key)
-        if stored is None:
-            return None
-        if not isinstance(stored, Tensor) or stored.numel() != 1:
-            shape = tuple(stored.shape) if isinstance(stored, Tensor) else type(stored).__name__
-            raise ValueError(f"cannot load {key!r}: expected a 1-element tensor, got {shape}")
-        if stored.is_meta:
-            return None
-        if stored.is_complex() or stored.dtype == torch.bool:
-            raise ValueError(
-                f"cannot load {key!r}: the drop rate should be a real number in [0, 1), but the "
-                f"state_dict holds a {stored.dtype} tensor"
-            )
-        value = float(stored)
-        if not (0.0 <= value <= 1.0 if self.ALLOWS_ONE else 0.0 <= value < 1.0):
-            interval = "[0, 1]" if self.ALLOWS_ONE else "[0, 1)"
-            raise ValueError(
-                f"cannot load {key!r}: the drop rate should be a finite number in {interval}, but "
-                f"the state_dict holds {value}"
-            )
-        return value
+        """The drop rate a state_dict of 0.1 holds for this layer (None: none), checked."""
+        return loaded_drop_rate(state_dict, prefix + "p", self.ALLOWS_ONE)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):  # fmt: skip

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dropcluster.compat import old_call_form
+from dropcluster.compat import old_call_form, pickled_defaults
 from dropcluster.nn.drop_rate import DropRateModule, check_drop_rate, uniform
 from dropcluster.nn.dropblock_sampler import drop_block_sparse
 from dropcluster.validation import check_choice, check_int, check_tensor
@@ -419,9 +419,6 @@ class DropBlock2d(DropRateModule):
         input (N, C, H, W) -> output (N, C, H, W), same dtype.
     """
 
-    #: Class default, so that a layer pickled before ``mode`` existed unpickles as exact.
-    mode = "exact"
-
     def __init__(
         self,
         p: float = 0.1,
@@ -469,6 +466,10 @@ class DropBlock2d(DropRateModule):
             result, mask = result
             self._remember(mask)
         return result
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        pickled_defaults(self, {"mode": "exact"})
 
     def extra_repr(self) -> str:
         settings = f"p={float(self.p):g}, block_size={self.block_size}"

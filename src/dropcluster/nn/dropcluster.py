@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from dropcluster.compat import old_call_form
+from dropcluster.compat import legacy_dropcluster_state, old_call_form
 from dropcluster.nn.cluster_kernels import (
     MAX_PACKED_CLUSTERS,
     ClusterTables,
@@ -403,7 +403,8 @@ class DropCluster2d(DropRateModule):
         present = [name for name, key in keys.items() if key in state_dict]
         if present:
             if "is_fitted" not in present and "labels" in present:
-                _convert_legacy_state(self, state_dict, keys)
+                own = tuple(getattr(self, name) for name in self.STATE[:4])
+                legacy_dropcluster_state(state_dict, keys, own, self.n_clusters)
             self._check_loaded_shapes(state_dict, keys)
             self._check_loaded_tables(state_dict, keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
@@ -449,20 +450,6 @@ class DropCluster2d(DropRateModule):
             check_tables(*tables, self.n_clusters, names={n: repr(keys[n]) for n in self.STATE})
         except ValueError as error:
             raise ValueError(f"cannot load DropCluster2d state: {error}") from None
-
-
-def _convert_legacy_state(layer: DropCluster2d, state_dict, keys: dict[str, str]) -> None:
-    """State of dropcluster 0.1 (tables as wide as the largest cluster count, no ``is_fitted``)
-    in today's form, in the (copied) state_dict torch passes to loading."""
-    names = ("labels", "structured", "cluster_counts", "cluster_sizes")
-    fitted = state_dict[keys["labels"]].numel() > 0
-    if fitted:
-        tables = fixed_tables(*(state_dict[keys[name]] for name in names), layer.n_clusters)
-    else:  # an unfitted 0.1 layer: nothing to load, the layer keeps its (empty) tables
-        tables = tuple(getattr(layer, name).clone() for name in names)
-    for name, value in zip(names, tables, strict=True):
-        state_dict[keys[name]] = value
-    state_dict[keys["is_fitted"]] = torch.tensor(fitted)
 
 
 def _same_key(cached: tuple | None, key: tuple) -> bool:

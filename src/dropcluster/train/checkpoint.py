@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dropcluster.compat import rank_rng_state, refuse_0_1_checkpoint
 from dropcluster.errors import CheckpointError
 from dropcluster.files import atomic_write
 from dropcluster.nn.fitting import unwrap
@@ -117,13 +118,7 @@ def load_model_state(model: torch.nn.Module, checkpoint: dict[str, Any], path: s
         CheckpointError: a checkpoint of dropcluster 0.1 (no ``model_revision``: its models had
             another stem; a LeNet-5's even has the same keys), or weights that do not fit.
     """
-    if checkpoint.get("model_revision", 1) < MODEL_REVISION:
-        raise CheckpointError(
-            f"{path} was written by dropcluster 0.1, whose ResNet stem was a bare conv and "
-            f"whose stem slot read the first conv before its ReLU; since 0.2 the stem is conv "
-            f"-> batch norm -> ReLU (the paper's reference network) and DropCluster reads the "
-            f"ReLU's output, so the run cannot continue with this version: train it again"
-        )
+    refuse_0_1_checkpoint(checkpoint, path, MODEL_REVISION)
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
@@ -197,7 +192,7 @@ class Checkpoint:
         run.optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
         run.loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng_ranks"][run.ranks.rank] if "rng_ranks" in state else state["rng"])
+        set_rng_state(rank_rng_state(state, run.ranks.rank))
         if "scaler" in state:
             run.precision.scaler.load_state_dict(state["scaler"])
         _apply_optimizer_settings(run.optimizer, run.scheduler, run.config)
