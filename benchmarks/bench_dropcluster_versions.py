@@ -38,8 +38,11 @@ def load_layer_at(ref: str):
     """The ``DropCluster2d`` class of ``dropcluster/nn/dropcluster.py`` at git revision ref."""
     source = subprocess.run(
         ["git", "show", f"{ref}:src/dropcluster/nn/dropcluster.py"],
-        cwd=HERE, capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     path = Path(tempfile.mkdtemp()) / "dropcluster_at_ref.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("dropcluster_at_ref", path)
@@ -66,8 +69,13 @@ def methods(old_layer, shape) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ref", default=RELEASE_0_2_0, help="git revision of 'before'")
-    parser.add_argument("--shapes", type=int, nargs="+", default=[32, 16],
-                        help="map sizes of (128, 64, S, S) inputs")  # fmt: skip
+    parser.add_argument(
+        "--shapes",
+        type=int,
+        nargs="+",
+        default=[32, 16],
+        help="map sizes of (128, 64, S, S) inputs",
+    )
     parser.add_argument("--rounds", type=int, default=30)
     args = parser.parse_args(argv)
     old_layer = load_layer_at(args.ref)

@@ -35,10 +35,15 @@ RATES = (0.1, 0.25, 0.5)
 
 def bottleneck() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(256, 64, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-        nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-        nn.Conv2d(64, 256, 1, bias=False), nn.BatchNorm2d(256),
-    )  # fmt: skip
+        nn.Conv2d(256, 64, 1, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.Conv2d(64, 256, 1, bias=False),
+        nn.BatchNorm2d(256),
+    )
 
 
 def free_grads(block: nn.Module, x: torch.Tensor) -> None:

@@ -37,9 +37,12 @@ ARMS = (
     ("dropblock", "dropblock", {}),
     ("stochastic_depth", "stochastic_depth", {}),
     ("dropcluster", "dropcluster", {}),
-    ("dropcluster, paper's layer", "dropcluster",
-     {"per_sample": False, "unstructured": "rena", "identical_neighbours": "split"}),
-)  # fmt: skip
+    (
+        "dropcluster, paper's layer",
+        "dropcluster",
+        {"per_sample": False, "unstructured": "rena", "identical_neighbours": "split"},
+    ),
+)
 TARGET_DROPCLUSTER_OVERHEAD = 0.03
 
 
@@ -47,9 +50,14 @@ def regularizer_costs(base: TrainConfig, device: torch.device, steps: int) -> di
     """Median seconds of one training step per arm of :data:`ARMS`, timed round-robin."""
     steps_of = {}
     for label, regularizer, options in ARMS:
-        config = TrainConfig(**{**base.to_dict(), "regularizer": regularizer,
-                                "p": 0.0 if regularizer == "none" else base.p,
-                                "regularizer_options": options})  # fmt: skip
+        config = TrainConfig(
+            **{
+                **base.to_dict(),
+                "regularizer": regularizer,
+                "p": 0.0 if regularizer == "none" else base.p,
+                "regularizer_options": options,
+            }
+        )
         torch.manual_seed(0)
         run = build_run(config, device)
         if run.has_dropcluster:
@@ -82,9 +90,16 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    config = TrainConfig(dataset="fashion-mnist", model="resnet20", regularizer="dropcluster",
-                         p=0.1, batch_size=128, train_fraction=0.2, cluster_images=512,
-                         device=args.device)  # fmt: skip
+    config = TrainConfig(
+        dataset="fashion-mnist",
+        model="resnet20",
+        regularizer="dropcluster",
+        p=0.1,
+        batch_size=128,
+        train_fraction=0.2,
+        cluster_images=512,
+        device=args.device,
+    )
     device = torch.device(args.device)
     torch.manual_seed(0)
     run = build_run(config, device)
@@ -115,10 +130,12 @@ def main(argv=None) -> int:
         step(fixed_images, fixed_labels)
         sync()
         times["pre-made batch"].append(time.perf_counter() - start)
-    print(f"torch {torch.__version__} | {device} | threads {torch.get_num_threads()} | "
-          f"{args.steps} steps each, alternating (median) | MALLOC_MMAP_MAX_="
-          f"{os.environ.get('MALLOC_MMAP_MAX_', 'unset')}, MALLOC_TRIM_THRESHOLD_="
-          f"{os.environ.get('MALLOC_TRIM_THRESHOLD_', 'unset')}")  # fmt: skip
+    print(
+        f"torch {torch.__version__} | {device} | threads {torch.get_num_threads()} | "
+        f"{args.steps} steps each, alternating (median) | MALLOC_MMAP_MAX_="
+        f"{os.environ.get('MALLOC_MMAP_MAX_', 'unset')}, MALLOC_TRIM_THRESHOLD_="
+        f"{os.environ.get('MALLOC_TRIM_THRESHOLD_', 'unset')}"
+    )
     medians = {name: statistics.median(values) for name, values in times.items()}
     for name, seconds in medians.items():
         print(f"  {name:<16} {config.batch_size / seconds:>8.0f} images/s")

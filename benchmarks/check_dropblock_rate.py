@@ -122,9 +122,11 @@ def main(argv=None) -> int:
             worst_ours = max(worst_ours, *(abs(f - p) for f in ours))
             worst_first = max(worst_first, *(abs(f - p) for f in first))
             print(
-                f"{height:>3} {p:>5} | " + " ".join(f"{f:.4f}" for f in ours) + " | "
+                f"{height:>3} {p:>5} | "
+                + " ".join(f"{f:.4f}" for f in ours)
+                + " | "
                 + " ".join(f"{f:.3f}" for f in first)
-            )  # fmt: skip
+            )
     print(
         f"max |realised - p|: ours {worst_ours:.4f} (target 0.005); "
         f"first-order gamma (expected value) {worst_first:.4f}"

@@ -61,13 +61,17 @@ def main(argv: list[str] | None = None) -> int:
             dead, smallest, run = dead_stem_channels(run_dir, args.images, args.epoch)
             config, channels = run.config, run.model.stem_norm.num_features
             groups[(config.weight_decay_on, config.train_fraction)].append(len(dead))
-            print(f"{run_dir.name:<44} {config.weight_decay_on:>8} {len(dead):>5} "
-                  f"{channels:>8} {smallest:>14.4f}  {dead}")  # fmt: skip
+            print(
+                f"{run_dir.name:<44} {config.weight_decay_on:>8} {len(dead):>5} "
+                f"{channels:>8} {smallest:>14.4f}  {dead}"
+            )
     print("\nper weight-decay scope and training fraction: dead stem channels per run")
     for (scope, fraction), counts in sorted(groups.items()):
         mean = statistics.fmean(counts)
-        print(f"  weight_decay_on={scope:<8} fraction {fraction:g}: runs {len(counts)}, "
-              f"mean {mean:.2f}, max {max(counts)}, counts {counts}")  # fmt: skip
+        print(
+            f"  weight_decay_on={scope:<8} fraction {fraction:g}: runs {len(counts)}, "
+            f"mean {mean:.2f}, max {max(counts)}, counts {counts}"
+        )
     return 0
 
 

@@ -63,8 +63,9 @@ def measure_startup(repeats: int = 3) -> tuple[float, float]:
     )
     for _ in range(repeats):
         start = time.perf_counter()
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                check=True)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        )
         total = time.perf_counter() - start
         imported, loaded = map(float, result.stdout.split())
         imports.append(total - loaded)  # interpreter start + imports
@@ -89,8 +90,10 @@ def main(argv=None) -> int:
         f"{os.environ.get('MALLOC_TRIM_THRESHOLD_', 'unset')}"
     )
     rows = {r.run_id: run_breakdown(args.sweep / "runs" / r.run_id, r.seconds) for r in records}
-    print(f"\n{'run':<32} {'wall':>7} {'train':>7} {'tests':>9} {'refit':>6} {'corrupt':>8} "
-          f"{'rest':>6}")  # fmt: skip
+    print(
+        f"\n{'run':<32} {'wall':>7} {'train':>7} {'tests':>9} {'refit':>6} {'corrupt':>8} "
+        f"{'rest':>6}"
+    )
     for run_id, parts in rows.items():
         print(
             f"{run_id:<32} {parts['wall']:>7.1f} {parts['train']:>7.1f} "

@@ -97,8 +97,9 @@ def main() -> None:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
-    device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available()
-                          else "cpu")  # fmt: skip
+    device = torch.device(
+        f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    )
     torch.manual_seed(args.seed)  # the same initial weights on every rank
 
     train = load_dataset("fashion-mnist", "train")
@@ -133,9 +134,11 @@ def main() -> None:
         accuracy = 100.0 * float((predictions.cpu() == test.labels).float().mean())
         if rank == 0:
             refitted = f", refit: {fit.structured[0]}/64 structured" if fit else ""
-            print(f"epoch {epoch + 1}/{args.epochs}: loss {float(loss.detach()):.3f}, test top-1 "
-                  f"{accuracy:.2f}% ({time.perf_counter() - start:.0f} s){refitted}",
-                  flush=True)  # fmt: skip
+            print(
+                f"epoch {epoch + 1}/{args.epochs}: loss {float(loss.detach()):.3f}, test top-1 "
+                f"{accuracy:.2f}% ({time.perf_counter() - start:.0f} s){refitted}",
+                flush=True,
+            )
     if rank == 0:
         print(f"DropCluster2d after training: {drop}")
     if distributed:

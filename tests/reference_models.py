@@ -21,8 +21,9 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: nn.Module | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.conv1 = _conv3x3(inplanes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -82,8 +83,9 @@ class DepthwiseSeparable(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
-        self.conv_dw = nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=in_channels,
-                                 bias=False)  # fmt: skip
+        self.conv_dw = nn.Conv2d(
+            in_channels, in_channels, 3, padding=1, groups=in_channels, bias=False
+        )
         self.bn1 = nn.BatchNorm2d(in_channels)
         self.act1 = nn.ReLU(inplace=True)
         self.conv_pw = nn.Conv2d(in_channels, out_channels, 1, bias=False)
@@ -104,9 +106,10 @@ class TimmStyleNet(nn.Module):
         self.act1 = nn.ReLU(inplace=True)
         self.blocks = nn.Sequential(
             nn.Sequential(DepthwiseSeparable(width, width)),
-            nn.Sequential(DepthwiseSeparable(width, 2 * width), DepthwiseSeparable(2 * width,
-                                                                                   2 * width)),
-        )  # fmt: skip
+            nn.Sequential(
+                DepthwiseSeparable(width, 2 * width), DepthwiseSeparable(2 * width, 2 * width)
+            ),
+        )
         self.conv_head = nn.Conv2d(2 * width, 4 * width, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(4 * width)
         self.act2 = nn.ReLU(inplace=True)

@@ -120,8 +120,9 @@ def test_fitted_clusters_travel_in_the_state_dict_under_the_target_name():
 # The regularizer acts where it is attached
 
 
-@pytest.mark.parametrize(("build", "after"), [(_resnet18, "relu"), (_timm, "act1"),
-                                              (_resnet20, "conv1")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("build", "after"), [(_resnet18, "relu"), (_timm, "act1"), (_resnet20, "conv1")]
+)
 def test_dropblock_attached_changes_the_training_output_and_rate_zero_does_not(build, after):
     model = build().train()
     original = copy.deepcopy(model)
@@ -213,8 +214,11 @@ def test_a_twice_called_module_of_two_shapes_fails_naming_the_target_after_the_f
     model = TwoShapes()
     attach(model, "act", DropCluster2d(0.1, 5))
     fit_clusters(model, torch.rand(8, 3, 16, 16), 8)
-    with pytest.raises(ValueError, match=r"attached after 'act' \(ReLU\): DropCluster2d holds "
-                                         r"clusters for \(C, H, W\) = \(3, 16, 16\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"attached after 'act' \(ReLU\): DropCluster2d holds "
+        r"clusters for \(C, H, W\) = \(3, 16, 16\)",
+    ):
         model(torch.rand(2, 3, 16, 16))
 
 
@@ -226,9 +230,12 @@ def test_dropcluster_after_an_output_that_is_no_feature_map_fails_at_the_first_f
 ):
     model = _resnet18()
     attach(model, after, DropCluster2d(0.1))  # "" is the model itself
-    with pytest.raises(ValueError, match=rf"attached {re.escape(where)}: DropCluster2d takes "
-                                         r"\(N, C, H, W\) feature maps, but got input of shape "
-                                         r"\(2, 10\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"attached {re.escape(where)}: DropCluster2d takes "
+        r"\(N, C, H, W\) feature maps, but got input of shape "
+        r"\(2, 10\)",
+    ):
         model(_images(2))
 
 
@@ -357,17 +364,21 @@ class _OwnAttribute(nn.Module):
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda m: attach(m, "layer1.0.rleu", DropBlock2d()),
-         r"no submodule 'layer1.0.rleu'.*close names: layer1.0.relu"),
+        (
+            lambda m: attach(m, "layer1.0.rleu", DropBlock2d()),
+            r"no submodule 'layer1.0.rleu'.*close names: layer1.0.relu",
+        ),
         (lambda m: attach(m, "head", DropBlock2d()), r"ResNet18 has no submodule 'head'"),
         (lambda m: attach(m, 3, DropBlock2d()), "after should be a module name"),
         (lambda m: attach(m, "relu", torch.relu), "should be an nn.Module, but got"),
         (lambda m: detach(m, "relu"), "'relu' has no regularizer attached"),
         (lambda m: detach(m, "rel"), "no submodule 'rel'.*close names: relu"),
-        (lambda m: attach(nn.Sequential(_OwnAttribute()), "0", DropBlock2d()),
-         "has its own attribute 'attached_regularizer'"),
+        (
+            lambda m: attach(nn.Sequential(_OwnAttribute()), "0", DropBlock2d()),
+            "has its own attribute 'attached_regularizer'",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_names_and_arguments_raise_clear_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call(_resnet18())
@@ -423,8 +434,13 @@ def test_attach_reaches_the_module_inside_data_parallel_and_ddp_wrappers(tmp_pat
     assert model.relu.attached_regularizer is layer
     assert detach(parallel, "module.relu") is layer  # the wrapper's spelling works too
     # A bounded wait: a stuck rendezvous fails the test instead of holding the suite.
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1, timeout=timedelta(seconds=120))  # fmt: skip
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmp_path / 'store'}",
+        rank=0,
+        world_size=1,
+        timeout=timedelta(seconds=120),
+    )
     try:
         # Attached before wrapping: DDP sees the layer's buffers from the start.
         layer = attach(model, "relu", DropCluster2d(0.2))

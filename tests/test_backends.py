@@ -133,28 +133,43 @@ def _assert_interrupted_not_killed(run_dir: Path) -> None:
 
 def test_worker_command_is_the_worker_module_or_the_launcher_with_one_process_per_gpu(tmp_path):
     assert worker_command(tmp_path, 1, python="py") == [
-        "py", "-m", "dropcluster.experiments.worker", str(tmp_path)]  # fmt: skip
+        "py",
+        "-m",
+        "dropcluster.experiments.worker",
+        str(tmp_path),
+    ]
     assert worker_command(tmp_path, 4, python="py") == [
-        "py", "-m", "dropcluster.train.launch", "4", "dropcluster.experiments.worker",
-        str(tmp_path)]  # fmt: skip
+        "py",
+        "-m",
+        "dropcluster.train.launch",
+        "4",
+        "dropcluster.experiments.worker",
+        str(tmp_path),
+    ]
     assert BackendSettings("ray", gpus_per_run=4).procs_per_run == 4
     assert BackendSettings("ray", gpus_per_run=1).procs_per_run == 1
     spec = expand_grid(tiny_preset())[0]
     # One process takes the task's GPU (or the CPU); under torchrun each rank picks its own.
     task = RunTask(spec, tmp_path, procs=1, cpus=4)
-    assert task_environment(task, gpus=1) == {"DROPCLUSTER_DEVICE": "cuda",
-                                              "DROPCLUSTER_THREADS": "4"}  # fmt: skip
+    assert task_environment(task, gpus=1) == {
+        "DROPCLUSTER_DEVICE": "cuda",
+        "DROPCLUSTER_THREADS": "4",
+    }
     assert task_environment(task, gpus=0)["DROPCLUSTER_DEVICE"] == "cpu"
     assert task_environment(RunTask(spec, tmp_path, procs=2, cpus=4), gpus=2) == {
-        "DROPCLUSTER_THREADS": "2"}  # fmt: skip
+        "DROPCLUSTER_THREADS": "2"
+    }
 
 
 def test_a_worker_ends_when_the_task_that_started_it_is_gone():
     owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
-    code = ("import sys, time; from dropcluster.experiments.worker import watch_owner; "
-            "watch_owner(int(sys.argv[1]), interval=0.1); time.sleep(60)")  # fmt: skip
-    orphan = subprocess.Popen([sys.executable, "-c", code, str(owner.pid)],
-                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    code = (
+        "import sys, time; from dropcluster.experiments.worker import watch_owner; "
+        "watch_owner(int(sys.argv[1]), interval=0.1); time.sleep(60)"
+    )
+    orphan = subprocess.Popen(
+        [sys.executable, "-c", code, str(owner.pid)], stderr=subprocess.PIPE, text=True
+    )
     owner.wait()
     _, err = orphan.communicate(timeout=30)
     assert orphan.returncode == 3 and f"(pid {owner.pid}) is gone" in err
@@ -175,8 +190,9 @@ def test_local_run_on_several_gpus_launches_processes_on_its_slots_gpus(tmp_path
         run_sweep(tiny_preset(), tmp_path / "out", backend=BackendSettings(gpus_per_run=2))
 
 
-def test_backend_flags_become_settings_and_bad_combinations_are_one_line(tmp_path, capsys,
-                                                                         monkeypatch):  # fmt: skip
+def test_backend_flags_become_settings_and_bad_combinations_are_one_line(
+    tmp_path, capsys, monkeypatch
+):
     seen = {}
 
     def fake_run_sweep(preset, out, **kwargs):
@@ -184,29 +200,61 @@ def test_backend_flags_become_settings_and_bad_combinations_are_one_line(tmp_pat
         return sweep.SweepSummary(total=1, finished=1)
 
     monkeypatch.setattr(sweep, "run_sweep", fake_run_sweep)
-    assert main(["sweep", "--preset", "demo", "--out", str(tmp_path), "--backend", "slurm",
-                 "--partition", "gpu", "--time", "90", "--mem", "16", "--gpus-per-run", "2",
-                 "--cpus-per-run", "8"]) == 0  # fmt: skip
-    wanted = BackendSettings("slurm", gpus_per_run=2, cpus_per_run=8, partition="gpu",
-                             time_minutes=90, mem_gb=16)  # fmt: skip
+    assert (
+        main(
+            [
+                "sweep",
+                "--preset",
+                "demo",
+                "--out",
+                str(tmp_path),
+                "--backend",
+                "slurm",
+                "--partition",
+                "gpu",
+                "--time",
+                "90",
+                "--mem",
+                "16",
+                "--gpus-per-run",
+                "2",
+                "--cpus-per-run",
+                "8",
+            ]
+        )
+        == 0
+    )
+    wanted = BackendSettings(
+        "slurm", gpus_per_run=2, cpus_per_run=8, partition="gpu", time_minutes=90, mem_gb=16
+    )
     assert seen["backend"] == wanted and seen["jobs"] is None
-    refused = [(["--no-wait"], "--no-wait needs --backend slurm"),
-               (["--backend", "slurm", "--address", "auto"], "--address is for")]  # fmt: skip
+    refused = [
+        (["--no-wait"], "--no-wait needs --backend slurm"),
+        (["--backend", "slurm", "--address", "auto"], "--address is for"),
+    ]
     for flags, message in refused:
         assert main(["sweep", "--preset", "demo", "--out", str(tmp_path), *flags]) == 2
         assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("backend", "extra"), [("ray", "ray"), ("slurm", "slurm")])
-def test_a_missing_engine_names_the_extra_to_install(backend, extra, tmp_path, capsys,
-                                                     monkeypatch):  # fmt: skip
+def test_a_missing_engine_names_the_extra_to_install(backend, extra, tmp_path, capsys, monkeypatch):
     engine = {"ray": "ray", "slurm": "submitit"}[backend]
     monkeypatch.setitem(sys.modules, engine, None)  # as if it were not installed
     monkeypatch.delitem(sys.modules, f"dropcluster.experiments.backends.{backend}", raising=False)
     preset = tmp_path / "tiny.json"
     preset.write_text(json.dumps(tiny_preset()))
-    args = ["sweep", "--preset", str(preset), "--out", str(tmp_path / "out"), "--backend",
-            backend, "--gpus-per-run", "0"]  # fmt: skip
+    args = [
+        "sweep",
+        "--preset",
+        str(preset),
+        "--out",
+        str(tmp_path / "out"),
+        "--backend",
+        backend,
+        "--gpus-per-run",
+        "0",
+    ]
     assert main(args) == 2
     assert f"pip install -e '.[{extra}]'" in capsys.readouterr().err
 
@@ -226,8 +274,9 @@ def test_slurm_asks_for_gpus_explicitly_when_the_device_is_auto(tmp_path):
 def test_ray_sweep_records_every_run_once(ray_address, tmp_path):
     out = tmp_path / "out"
     preset = tiny_preset(epochs=1)
-    summary = run_sweep(preset, out, backend=BackendSettings("ray"), stream=io.StringIO(),
-                        poll_seconds=0.1)  # fmt: skip
+    summary = run_sweep(
+        preset, out, backend=BackendSettings("ray"), stream=io.StringIO(), poll_seconds=0.1
+    )
     assert sorted(summary.ran) == sorted(s.run_id for s in expand_grid(preset))
     _assert_recorded_once(out, runs=2, epochs=1)
     log = (out / "runs" / summary.ran[0] / "worker.log").read_text()
@@ -243,8 +292,9 @@ def test_stopping_a_ray_sweep_interrupts_its_workers(ray_address, tmp_path):
     from dropcluster.experiments.backends.ray import RayBackend
 
     # Ray's workers block SIGINT, and a child inherits that: the task unblocks it for the worker.
-    _assert_interrupted_not_killed(_stop_a_running_task(RayBackend(BackendSettings("ray")),
-                                                        tmp_path))  # fmt: skip
+    _assert_interrupted_not_killed(
+        _stop_a_running_task(RayBackend(BackendSettings("ray")), tmp_path)
+    )
 
 
 # -- Slurm through submitit --------------------------------------------------------------------
@@ -252,8 +302,9 @@ def test_stopping_a_ray_sweep_interrupts_its_workers(ray_address, tmp_path):
 
 def test_slurm_sweep_records_every_run_once_and_keeps_the_job_ids(tmp_path):
     out = tmp_path / "out"
-    summary = run_sweep(tiny_preset(epochs=1), out, backend=SLURM_HERE, stream=io.StringIO(),
-                        poll_seconds=0.1)  # fmt: skip
+    summary = run_sweep(
+        tiny_preset(epochs=1), out, backend=SLURM_HERE, stream=io.StringIO(), poll_seconds=0.1
+    )
     assert len(summary.ran) == 2 and not summary.failed
     _assert_recorded_once(out, runs=2, epochs=1)
     job_ids = json.loads((out / "slurm" / "jobs.json").read_text())
@@ -301,8 +352,11 @@ def _killed_task(backend, out: Path, pid=None) -> tuple[RunTask, list]:
     after its first epoch; the task and what the backend then reports."""
     task = _start_a_long_task(backend, out)
     if pid is None:
-        worker = subprocess.run(["pgrep", "-f", f"dropcluster.experiments.worker {task.run_dir}"],
-                                capture_output=True, text=True).stdout.split()  # fmt: skip
+        worker = subprocess.run(
+            ["pgrep", "-f", f"dropcluster.experiments.worker {task.run_dir}"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
         os.kill(int(worker[0]), signal.SIGKILL)
     else:
         os.kill(pid(backend), signal.SIGKILL)
@@ -333,8 +387,9 @@ def test_a_killed_slurm_job_is_recorded_by_its_state(tmp_path):
     )
     # submitit's local jobs report INTERRUPTED; on a cluster the state comes from sacct.
     assert finished[0].status is None
-    assert re.fullmatch(r"Slurm job \d+ ended in state INTERRUPTED: its process was killed",
-                        finished[0].message)  # fmt: skip
+    assert re.fullmatch(
+        r"Slurm job \d+ ended in state INTERRUPTED: its process was killed", finished[0].message
+    )
     assert sweep.failure_reason(None, finished[0].message, "submitit INFO ...") == (
         finished[0].message
     )
@@ -366,14 +421,29 @@ def test_the_stored_error_starts_with_its_reason_and_results_show_it(tmp_path, c
     out = tmp_path / "out"
     spec = expand_grid(tiny_preset())[0]
     with ResultsStore.in_folder(out) as store:
-        store.add_run(spec.run_id, {}, preset="tiny", regularizer=spec.regularizer, p=spec.p,
-                      seed=spec.seed, train_fraction=spec.train_fraction)  # fmt: skip
+        store.add_run(
+            spec.run_id,
+            {},
+            preset="tiny",
+            regularizer=spec.regularizer,
+            p=spec.p,
+            seed=spec.seed,
+            train_fraction=spec.train_fraction,
+        )
         job = sweep._Active(spec, out / "runs" / spec.run_id, time.perf_counter())
         job.run_dir.mkdir(parents=True)
         (job.run_dir / "worker.log").write_text("epoch 1/2: loss 2.3\n")
         task = RunTask(spec, job.run_dir)
-        context = sweep._Context(out, store, None, BackendSettings(), sweep.SweepSummary(),
-                                 io.StringIO(), 0.1, time.perf_counter())  # fmt: skip
+        context = sweep._Context(
+            out,
+            store,
+            None,
+            BackendSettings(),
+            sweep.SweepSummary(),
+            io.StringIO(),
+            0.1,
+            time.perf_counter(),
+        )
         sweep._record_exit(context, job, sweep.Finished(task, -9), {})
         error = store.run(spec.run_id).error
     assert error.splitlines()[0].startswith("the worker was killed by SIGKILL")
@@ -385,22 +455,40 @@ def test_the_stored_error_starts_with_its_reason_and_results_show_it(tmp_path, c
     assert "error: the worker was killed by SIGKILL" in capsys.readouterr().out
 
 
-def test_slurm_without_its_commands_or_a_damaged_job_record_is_one_line(tmp_path, capsys,
-                                                                        monkeypatch):  # fmt: skip
+def test_slurm_without_its_commands_or_a_damaged_job_record_is_one_line(
+    tmp_path, capsys, monkeypatch
+):
     from dropcluster.experiments.backends.slurm import SlurmBackend
 
     preset = tmp_path / "tiny.json"
     preset.write_text(json.dumps(tiny_preset()))
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     out = tmp_path / "out"
-    assert main(["sweep", "--preset", str(preset), "--out", str(out), "--backend", "slurm",
-                 "--gpus-per-run", "0"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "sweep",
+                "--preset",
+                str(preset),
+                "--out",
+                str(out),
+                "--backend",
+                "slurm",
+                "--gpus-per-run",
+                "0",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "lacks sbatch and srun (not on PATH)" in err and "Traceback" not in err
     assert not out.exists()  # refused before anything was written
     (tmp_path / "slurm").mkdir()
-    for text, found in (("[1, 2]", "holds list"), ("{", "is not valid JSON"),
-                        ('{"run": [1]}', "holds other values")):  # fmt: skip
+    for text, found in (
+        ("[1, 2]", "holds list"),
+        ("{", "is not valid JSON"),
+        ('{"run": [1]}', "holds other values"),
+    ):
         (tmp_path / "slurm" / "jobs.json").write_text(text)
         with pytest.raises(ValueError, match=f"jobs.json {found}|jobs.json .* {found}"):
             SlurmBackend(SLURM_HERE, tmp_path / "slurm")
@@ -418,6 +506,8 @@ def test_a_slurm_job_that_raises_is_recorded_with_its_exception(tmp_path):
         assert time.time() < deadline, "the job was not reported"
         time.sleep(0.1)
     assert finished[0].status is None
-    assert re.fullmatch(r"Slurm job \d+ raised FileNotFoundError: \[Errno 2\] No such file or "
-                        r"directory: '.*not-on-this-node.*worker.log' \(state \w+\)",
-                        finished[0].message)  # fmt: skip
+    assert re.fullmatch(
+        r"Slurm job \d+ raised FileNotFoundError: \[Errno 2\] No such file or "
+        r"directory: '.*not-on-this-node.*worker.log' \(state \w+\)",
+        finished[0].message,
+    )

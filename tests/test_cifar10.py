@@ -32,8 +32,17 @@ from dropcluster.data.augment import CIFAR10_AUGMENT, augment_batch
 from dropcluster.data.datasets import COMPLETE_MARKER, load_dataset, write_completion_marker
 
 CIFAR10_NAMES = [
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
-]  # fmt: skip
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
 BATCHES = [f"data_batch_{number}" for number in range(1, 6)]
 
 

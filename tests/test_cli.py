@@ -37,9 +37,8 @@ def test_cluster_analysis_on_real_images_prints_a_summary_and_writes_json(tmp_pa
     require_fashion_mnist()
     path = tmp_path / "analysis.json"
     code = main(
-        ["probe", "--n-images", "32", "--channels", "6", "--train-steps", "3",
-         "--json", str(path)]
-    )  # fmt: skip
+        ["probe", "--n-images", "32", "--channels", "6", "--train-steps", "3", "--json", str(path)]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "structured channels under each rule" in out
@@ -55,9 +54,27 @@ def test_bad_option_gives_a_clear_error_and_exit_code_2(capsys):
 
 
 def test_train_command_runs_and_refuses_to_overwrite(tmp_path, capsys):
-    args = ["train", "--dataset", "synthetic", "--model", "resnet20", "--regularizer",
-            "dropblock", "--p", "0.1", "--option", "block_size=3", "--epochs", "1",
-            "--train-fraction", "0.1", "--batch-size", "50", "--out", str(tmp_path)]  # fmt: skip
+    args = [
+        "train",
+        "--dataset",
+        "synthetic",
+        "--model",
+        "resnet20",
+        "--regularizer",
+        "dropblock",
+        "--p",
+        "0.1",
+        "--option",
+        "block_size=3",
+        "--epochs",
+        "1",
+        "--train-fraction",
+        "0.1",
+        "--batch-size",
+        "50",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "final (mean of the last 1 epochs): top-1" in out
@@ -117,10 +134,25 @@ def test_train_settings_come_from_config_then_set_then_flags(tmp_path):
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"epochs": 3, "lr": 0.2, "seed": 4}))
     args = build_parser().parse_args(
-        ["train", "--out", str(tmp_path), "--config", str(path), "--set", "lr=0.3",
-         "--set", "lr_milestones=[1,2]", "--seed", "5", "--no-amp", "--regularizer", "dropblock",
-         "--option", "block_size=3"]
-    )  # fmt: skip
+        [
+            "train",
+            "--out",
+            str(tmp_path),
+            "--config",
+            str(path),
+            "--set",
+            "lr=0.3",
+            "--set",
+            "lr_milestones=[1,2]",
+            "--seed",
+            "5",
+            "--no-amp",
+            "--regularizer",
+            "dropblock",
+            "--option",
+            "block_size=3",
+        ]
+    )
     config = _train_config(args)
     assert (config.epochs, config.lr, config.seed, config.lr_milestones) == (3, 0.3, 5, [1, 2])
     assert config.amp is False and config.regularizer_options == {"block_size": 3}

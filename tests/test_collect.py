@@ -29,8 +29,12 @@ def _preset() -> dict:
     """Two runs, one with cluster statistics, both evaluated on one corruption."""
     preset = tiny_preset(epochs=2)
     preset["grids"][0]["regularizer"] = ["none", "dropcluster"]
-    preset["evaluate"] = {"train_fraction": [0.25], "corruptions": "gaussian_noise",
-                          "severities": [1], "limit": 50}  # fmt: skip
+    preset["evaluate"] = {
+        "train_fraction": [0.25],
+        "corruptions": "gaussian_noise",
+        "severities": [1],
+        "limit": 50,
+    }
     return preset
 
 
@@ -45,8 +49,12 @@ def _tables(out: Path) -> dict[str, list]:
     """The database's rows, without the bookkeeping columns."""
     with ResultsStore.in_folder(out, readonly=True) as store:
         runs = [{k: v for k, v in vars(r).items() if k not in BOOKKEEPING} for r in store.runs()]
-        return {"runs": runs, "epochs": store.epochs(), "corruptions": store.corruption_results(),
-                "clusters": store.cluster_stats()}  # fmt: skip
+        return {
+            "runs": runs,
+            "epochs": store.epochs(),
+            "corruptions": store.corruption_results(),
+            "clusters": store.cluster_stats(),
+        }
 
 
 def _copy(sweep: Path, to: Path, *, drop_runs: tuple[str, ...] = ()) -> Path:
@@ -65,8 +73,9 @@ def _train_one_epoch_of(run_id: str, run_dir: Path) -> None:
     train(spec.config, run_dir, stop_after_epoch=1, progress_stream=io.StringIO())
 
 
-def test_collect_rebuilds_a_deleted_database_exactly_and_is_idempotent(finished_sweep, tmp_path,
-                                                                       capsys):  # fmt: skip
+def test_collect_rebuilds_a_deleted_database_exactly_and_is_idempotent(
+    finished_sweep, tmp_path, capsys
+):
     copy = _copy(finished_sweep, tmp_path / "copy")
     assert main(["collect", str(copy)]) == 0
     err = capsys.readouterr().err
@@ -226,15 +235,27 @@ def test_collect_repairs_rows_recorded_unchecked_and_the_report_names_unreadable
     # belongs, and a grid run stored with another config.
     shutil.copytree(copy / "runs" / NONE, copy / "runs" / "copy-1")
     with ResultsStore.in_folder(copy) as store:
-        store.add_run("copy-1", {"lr": 0.1}, preset="tiny", regularizer="none", p=0.0,
-                      seed=0, train_fraction=0.25)  # fmt: skip
+        store.add_run(
+            "copy-1",
+            {"lr": 0.1},
+            preset="tiny",
+            regularizer="none",
+            p=0.0,
+            seed=0,
+            train_fraction=0.25,
+        )
     connection = sqlite3.connect(copy / "results.sqlite")
     with connection:
         connection.execute("UPDATE runs SET p = 'abc' WHERE run_id = ?", (NONE,))
-        config = json.loads(connection.execute(
-            "SELECT config FROM runs WHERE run_id = ?", (DROPCLUSTER,)).fetchone()[0])  # fmt: skip
-        connection.execute("UPDATE runs SET config = ? WHERE run_id = ?",
-                           (json.dumps({**config, "lr": 0.5}), DROPCLUSTER))  # fmt: skip
+        config = json.loads(
+            connection.execute(
+                "SELECT config FROM runs WHERE run_id = ?", (DROPCLUSTER,)
+            ).fetchone()[0]
+        )
+        connection.execute(
+            "UPDATE runs SET config = ? WHERE run_id = ?",
+            (json.dumps({**config, "lr": 0.5}), DROPCLUSTER),
+        )
     connection.close()
     # The report reads what it can and names the row it cannot.
     assert main(["report", "--out", str(copy)]) == 0
@@ -249,16 +270,20 @@ def test_collect_repairs_rows_recorded_unchecked_and_the_report_names_unreadable
     before = _tables(copy)
     assert main(["collect", str(copy)]) == 2
     err = capsys.readouterr().err
-    assert (f"1 run(s) of {copy / 'results.sqlite'} disagree with {copy / 'preset.json'} "
-            f"({DROPCLUSTER}: recorded with another config than the preset's (lr 0.5 stored, "
-            f"0.1 in the preset)); nothing was changed") in err  # fmt: skip
+    assert (
+        f"1 run(s) of {copy / 'results.sqlite'} disagree with {copy / 'preset.json'} "
+        f"({DROPCLUSTER}: recorded with another config than the preset's (lr 0.5 stored, "
+        f"0.1 in the preset)); nothing was changed"
+    ) in err
     assert _tables(copy) == before
 
     assert main(["collect", str(copy), "--drop-mismatched"]) == 0
     err = capsys.readouterr().err
     assert f"removed from the database: {NONE} (run '{NONE}': p should be a finite number" in err
-    assert (f"removed from the database: copy-1 (its folder is not run copy-1: it holds run "
-            f"{NONE}, not copy-1)") in err  # fmt: skip
+    assert (
+        f"removed from the database: copy-1 (its folder is not run copy-1: it holds run "
+        f"{NONE}, not copy-1)"
+    ) in err
     assert f"removed from the database: {DROPCLUSTER} (recorded with another config" in err
     assert "2 run(s) recorded; 2 of them new to the database" in err
     assert _tables(copy) == _tables(finished_sweep)
@@ -275,8 +300,10 @@ def test_collect_removes_a_finished_row_whose_folder_holds_another_run(
     _foreign_train_run(finished_sweep, copy / "runs" / NONE, seed=7, lr=0.05)
     assert main(["collect", str(copy)]) == 0
     err = capsys.readouterr().err
-    assert (f"removed from the database: {NONE} (its folder is not run {NONE}: it holds run "
-            f"none-p0-f0.25-s7, not {NONE})") in err  # fmt: skip
+    assert (
+        f"removed from the database: {NONE} (its folder is not run {NONE}: it holds run "
+        f"none-p0-f0.25-s7, not {NONE})"
+    ) in err
     assert f"skipped: {copy / 'runs' / NONE} (it holds another run than the preset's" in err
     with ResultsStore.in_folder(copy, readonly=True) as store:
         assert [r.run_id for r in store.runs()] == [DROPCLUSTER]
@@ -306,8 +333,10 @@ def test_merge_copies_no_foreign_run_and_leaves_no_temporary_folder(finished_swe
     (source / "runs" / "none-p0-f0.25-s1").symlink_to(tmp_path / "nowhere")
     summary = collect(out, [source], stream=io.StringIO())
     assert list(summary.copied) == [DROPCLUSTER] and not (out / "runs" / DROPCLUSTER).is_symlink()
-    assert "dataset 'fashion-mnist' here, 'synthetic' in the preset" in summary.not_copied[
-        f"{source}:{NONE}"]  # fmt: skip
+    assert (
+        "dataset 'fashion-mnist' here, 'synthetic' in the preset"
+        in summary.not_copied[f"{source}:{NONE}"]
+    )
     assert summary.not_copied[f"{source}:none-p0-f0.25-s1"] == "it is a link to nothing"
     assert summary.recorded == [DROPCLUSTER]
     assert not list((out / "runs").glob(".*"))
@@ -328,8 +357,10 @@ def test_a_link_to_nothing_inside_a_run_is_refused_before_anything_is_copied(
     assert summary.copied == {}
     assert "notes.txt is a symbolic link to" in summary.not_copied[f"{source}:{NONE}"]
     assert "which does not exist" in summary.not_copied[f"{source}:{NONE}"]
-    assert "is a symbolic link: collect replaces folders only" in summary.not_copied[
-        f"{source}:{DROPCLUSTER}"]  # fmt: skip
+    assert (
+        "is a symbolic link: collect replaces folders only"
+        in summary.not_copied[f"{source}:{DROPCLUSTER}"]
+    )
     assert not list((out / "runs").glob(".*"))
     assert summary.skipped == {DROPCLUSTER: "it is a link to nothing"}
 

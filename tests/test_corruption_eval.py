@@ -242,8 +242,16 @@ def test_evaluate_reads_released_cifar100_c_files(tmp_path, capsys):
 
     data = tmp_path / "data"
     write_cifar100(data, n_train=40, n_test=10)
-    config = TrainConfig(dataset="cifar100", data_dir=str(data), model="lenet5", regularizer="none",
-                         p=0.0, epochs=1, batch_size=16, channels_last=False)  # fmt: skip
+    config = TrainConfig(
+        dataset="cifar100",
+        data_dir=str(data),
+        model="lenet5",
+        regularizer="none",
+        p=0.0,
+        epochs=1,
+        batch_size=16,
+        channels_last=False,
+    )
     run_dir = tmp_path / "run"
     train(config, run_dir, progress_stream=io.StringIO())
     test_set = load_dataset("cifar100", "test", root=data)
@@ -254,8 +262,19 @@ def test_evaluate_reads_released_cifar100_c_files(tmp_path, capsys):
     stacked = np.concatenate([clean, np.zeros_like(clean), clean, clean, clean])
     np.save(released / "zoom_blur.npy", stacked)
     np.save(released / "labels.npy", np.tile(test_set.labels.numpy(), 5))
-    code = main(["evaluate", "--checkpoint", str(run_dir), "--corruptions", "zoom_blur",
-                 "--severities", "1-2", "--corrupted-from", str(released)])  # fmt: skip
+    code = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(run_dir),
+            "--corruptions",
+            "zoom_blur",
+            "--severities",
+            "1-2",
+            "--corrupted-from",
+            str(released),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     document = json.loads((run_dir / "corruptions.json").read_text())
     assert document["source"] == "released"

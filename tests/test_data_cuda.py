@@ -68,8 +68,15 @@ def test_cuda_loader_covers_every_index_and_resumes_from_a_cuda_checkpoint(tmp_p
     labels = torch.arange(50)
 
     def make(seed):
-        return DeviceLoader(images, labels, 8, augment=CIFAR_AUGMENT, drop_last=False,
-                            generator=cuda_generator(seed), device="cuda")  # fmt: skip
+        return DeviceLoader(
+            images,
+            labels,
+            8,
+            augment=CIFAR_AUGMENT,
+            drop_last=False,
+            generator=cuda_generator(seed),
+            device="cuda",
+        )
 
     loader = make(0)
     seen = torch.cat([y for _, y in loader])

@@ -53,8 +53,14 @@ def test_drop_last_gives_full_batches_of_distinct_indices():
 
 def test_batches_are_float32_with_the_right_labels():
     images, labels = toy_data()
-    loader = DeviceLoader(images, labels, 10, shuffle=True, drop_last=False,
-                          generator=torch.Generator().manual_seed(0))  # fmt: skip
+    loader = DeviceLoader(
+        images,
+        labels,
+        10,
+        shuffle=True,
+        drop_last=False,
+        generator=torch.Generator().manual_seed(0),
+    )
     for batch_images, batch_labels in loader:
         assert batch_images.dtype == torch.float32 and batch_labels.dtype == torch.int64
         # Without augmentation the batch is the images in [0, 1], in the order of the labels.

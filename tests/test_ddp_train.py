@@ -22,16 +22,39 @@ from dropcluster.data import DeviceLoader
 from dropcluster.train.loop import read_log
 
 TIMING_KEYS = {"seconds", "images_per_s", "refit_seconds", "eval_seconds"}
-ARGS = ["train", "--dataset", "synthetic", "--model", "lenet5", "--train-fraction", "0.25",
-        "--batch-size", "64", "--no-channels-last", "--lr", "0.05", "--seed", "3"]  # fmt: skip
+ARGS = [
+    "train",
+    "--dataset",
+    "synthetic",
+    "--model",
+    "lenet5",
+    "--train-fraction",
+    "0.25",
+    "--batch-size",
+    "64",
+    "--no-channels-last",
+    "--lr",
+    "0.05",
+    "--seed",
+    "3",
+]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def _torchrun(*args: str, processes: int = 2, **kwargs) -> subprocess.Popen:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={processes}", "-m", "dropcluster", *args]  # fmt: skip
-    return subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, **kwargs)  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        "-m",
+        "dropcluster",
+        *args,
+    ]
+    return subprocess.Popen(
+        command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs
+    )
 
 
 def _finish(process: subprocess.Popen, timeout: float = 240) -> str:
@@ -48,12 +71,28 @@ def _history(run_dir: Path) -> list[dict]:
 
 
 def test_two_processes_train_as_one_process_on_the_whole_batch(tmp_path):
-    single = subprocess.run([sys.executable, "-m", "dropcluster", *ARGS, "--regularizer", "none",
-                             "--epochs", "3", "--out", str(tmp_path / "one")], env=ENV,
-                            capture_output=True, text=True, timeout=240)  # fmt: skip
+    single = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dropcluster",
+            *ARGS,
+            "--regularizer",
+            "none",
+            "--epochs",
+            "3",
+            "--out",
+            str(tmp_path / "one"),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert single.returncode == 0, single.stderr
-    output = _finish(_torchrun(*ARGS, "--regularizer", "none", "--epochs", "3", "--out",
-                               str(tmp_path / "two")))  # fmt: skip
+    output = _finish(
+        _torchrun(*ARGS, "--regularizer", "none", "--epochs", "3", "--out", str(tmp_path / "two"))
+    )
     assert "on 2 processes (DistributedDataParallel)" in output
     one, two = _history(tmp_path / "one"), _history(tmp_path / "two")
     assert [r["epoch"] for r in two] == [0, 1, 2]
@@ -73,8 +112,19 @@ def test_two_processes_train_as_one_process_on_the_whole_batch(tmp_path):
 
 def test_killed_ddp_run_resumes_to_the_metrics_of_an_uninterrupted_one(tmp_path):
     # Enough short epochs that the kill below lands mid-run.
-    dropcluster = [*ARGS, "--regularizer", "dropcluster", "--p", "0.2", "--cluster-every", "2",
-                   "--cluster-images", "64", "--epochs", "20"]  # fmt: skip
+    dropcluster = [
+        *ARGS,
+        "--regularizer",
+        "dropcluster",
+        "--p",
+        "0.2",
+        "--cluster-every",
+        "2",
+        "--cluster-images",
+        "64",
+        "--epochs",
+        "20",
+    ]
     straight = tmp_path / "straight"
     _finish(_torchrun(*dropcluster, "--out", str(straight)))
     history = _history(straight)
@@ -96,9 +146,13 @@ def test_killed_ddp_run_resumes_to_the_metrics_of_an_uninterrupted_one(tmp_path)
     process.communicate(timeout=60)
     assert not (killed / "result.json").exists()
     # Another number of processes cannot continue it exactly: refused with the fix.
-    wrong = subprocess.run([sys.executable, "-m", "dropcluster", *dropcluster, "--out",
-                            str(killed), "--resume"], env=ENV, capture_output=True, text=True,
-                           timeout=240)  # fmt: skip
+    wrong = subprocess.run(
+        [sys.executable, "-m", "dropcluster", *dropcluster, "--out", str(killed), "--resume"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert wrong.returncode == 2
     assert "was trained by 2 process(es), this is 1" in wrong.stderr
     _finish(_torchrun(*dropcluster, "--out", str(killed), "--resume"))
@@ -130,16 +184,29 @@ def test_sync_batchnorm_is_refused_on_the_cpu_before_training(tmp_path):
     from dropcluster.train.distributed import Ranks
     from dropcluster.train.setup import build_run
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0,
-                            world_size=1, timeout=timedelta(seconds=120))  # fmt: skip
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmp_path}/rendezvous",
+        rank=0,
+        world_size=1,
+        timeout=timedelta(seconds=120),
+    )
     try:
-        config = TrainConfig(dataset="synthetic", model="resnet20", regularizer="none", p=0.0,
-                             batch_size=64, train_fraction=0.1, sync_batchnorm=True)  # fmt: skip
+        config = TrainConfig(
+            dataset="synthetic",
+            model="resnet20",
+            regularizer="none",
+            p=0.0,
+            batch_size=64,
+            train_fraction=0.1,
+            sync_batchnorm=True,
+        )
         # A group of one standing in for two processes: only the set-up is looked at.
         with pytest.raises(ValueError, match="sync_batchnorm needs CUDA devices"):
             build_run(config, torch.device("cpu"), Ranks(rank=0, world=2))
-        run = build_run(config.replace(sync_batchnorm=False), torch.device("cpu"),
-                        Ranks(rank=0, world=2))  # fmt: skip
+        run = build_run(
+            config.replace(sync_batchnorm=False), torch.device("cpu"), Ranks(rank=0, world=2)
+        )
         assert isinstance(run.model, torch.nn.parallel.DistributedDataParallel)
         assert run.loader.world == 2
     finally:
@@ -166,11 +233,27 @@ def _launched(out: Path, *extra: str) -> tuple[subprocess.Popen, list[str]]:
     """A long 2-process run under `--nproc-per-node`, once it has logged an epoch; its command.
 
     The environment leaves OMP_NUM_THREADS unset: torchrun would warn that it sets it."""
-    args = [sys.executable, "-m", "dropcluster", *ARGS, "--regularizer", "none", "--epochs",
-            "500", "--out", str(out), *extra]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "dropcluster",
+        *ARGS,
+        "--regularizer",
+        "none",
+        "--epochs",
+        "500",
+        "--out",
+        str(out),
+        *extra,
+    ]
     env = {key: value for key, value in ENV.items() if key != "OMP_NUM_THREADS"}
-    process = subprocess.Popen([*args, "--nproc-per-node", "2"], env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    process = subprocess.Popen(
+        [*args, "--nproc-per-node", "2"],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 240
     while not ((out / "log.jsonl").is_file() and read_log(out / "log.jsonl")):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
@@ -189,8 +272,13 @@ def test_a_killed_process_ends_the_launched_run_with_one_line_and_exit_2(tmp_pat
         "killer); continue the run from its last checkpoint with the same command plus --resume"
     ]
     # Resuming on another number of processes: refused by every process, said once.
-    wrong = subprocess.run([*args, "--resume", "--nproc-per-node=3"], env=ENV, text=True,
-                           capture_output=True, timeout=240)  # fmt: skip
+    wrong = subprocess.run(
+        [*args, "--resume", "--nproc-per-node=3"],
+        env=ENV,
+        text=True,
+        capture_output=True,
+        timeout=240,
+    )
     assert wrong.returncode == 2
     assert len(wrong.stderr.splitlines()) == 1 and "was trained by 2 process(es), this is 3" in (
         wrong.stderr
@@ -200,12 +288,17 @@ def test_a_killed_process_ends_the_launched_run_with_one_line_and_exit_2(tmp_pat
 def test_rank_failures_are_told_apart_and_said_once(monkeypatch, tmp_path, capsys):
     from dropcluster.train.launch import LAUNCHED_VARIABLE, peer_lost, rank_failure
 
-    gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:5338: "
-                        "Connection reset by peer. This is typically caused by ...")  # fmt: skip
+    gloo = RuntimeError(
+        "[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:5338: "
+        "Connection reset by peer. This is typically caused by ..."
+    )
     assert peer_lost(gloo) and not peer_lost(RuntimeError("CUDA out of memory"))
     # An NCCL error of this process's own GPU is its own, not a dead peer's.
-    assert not peer_lost(RuntimeError("NCCL error in: ... unhandled cuda error, Last error: "
-                                      "Cuda failure 'out of memory'"))  # fmt: skip
+    assert not peer_lost(
+        RuntimeError(
+            "NCCL error in: ... unhandled cuda error, Last error: Cuda failure 'out of memory'"
+        )
+    )
     error_file = tmp_path / "error.json"
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
     monkeypatch.delenv(LAUNCHED_VARIABLE, raising=False)
@@ -247,8 +340,9 @@ def test_the_launchers_line_prefers_an_outside_kill_then_an_own_error():
                     }
                 )
             )
-        return ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=exitcode,
-                              error_file=str(path))  # fmt: skip
+        return ProcessFailure(
+            local_rank=rank, pid=100 + rank, exitcode=exitcode, error_file=str(path)
+        )
 
     import tempfile
 
@@ -264,8 +358,10 @@ def test_the_launchers_line_prefers_an_outside_kill_then_an_own_error():
             2,
             "the disk is full",
         )
-        assert failure_summary({0: failure(tmp, 0, 1, "process 0 of 2: internal error: x")},
-                               2) == (1, "process 0 of 2: internal error: x")  # fmt: skip
+        assert failure_summary({0: failure(tmp, 0, 1, "process 0 of 2: internal error: x")}, 2) == (
+            1,
+            "process 0 of 2: internal error: x",
+        )
         # A sweep's run is continued by running the sweep again, not by --resume.
         status, line = failure_summary({1: failure(tmp, 1, -9)}, 2, SWEEP_ADVICE)
         assert line.endswith("run the sweep again to continue the run from its last checkpoint")

@@ -51,9 +51,12 @@ class _Net(nn.Module):
             self.stem.weight[2] = 0.0
             self.stem.bias[2] = -1.0
         self.drop = DropCluster2d(
-            0.5, 4, unstructured=unstructured, identical_neighbours=identical_neighbours,
+            0.5,
+            4,
+            unstructured=unstructured,
+            identical_neighbours=identical_neighbours,
             max_rounds=200,
-        )  # fmt: skip
+        )
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 10))
 
     def forward(self, x):
@@ -84,8 +87,9 @@ def _run_rank(rank: int, rule: tuple[str, str, str], broadcast_buffers: bool) ->
     fitted = _state(model.drop)
     # What this rank alone would have fitted: proves the ranks' data disagree.
     with torch.no_grad():
-        alone = DropCluster2d(0.5, 4, unstructured=unstructured, identical_neighbours=neighbours,
-                              max_rounds=200).fit(torch.relu(model.stem(images)))  # fmt: skip
+        alone = DropCluster2d(
+            0.5, 4, unstructured=unstructured, identical_neighbours=neighbours, max_rounds=200
+        ).fit(torch.relu(model.stem(images)))
     torch.manual_seed(1000 + rank)  # per-rank global seed, as for dropout
     model.drop.record_mask = True
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -122,9 +126,12 @@ def _worker(rank: int, rendezvous: str, out_dir: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD,
+        "gloo",
+        init_method=f"file://{rendezvous}",
+        rank=rank,
+        world_size=WORLD,
         timeout=timedelta(seconds=60),
-    )  # fmt: skip
+    )
     try:
         results = {
             (rule[0], broadcast): _run_rank(rank, rule, broadcast)
@@ -199,8 +206,10 @@ def test_a_ddp_training_step_after_the_fit_keeps_the_clusters_and_shapes(rank_re
 
 def test_a_rank_that_fails_makes_every_rank_raise_instead_of_waiting(rank_results):
     zero, one = rank_results
-    assert one["failure"] == ("ValueError", "fit_clusters needs at least 2 images, but the data "
-                              "gave 1")  # fmt: skip
+    assert one["failure"] == (
+        "ValueError",
+        "fit_clusters needs at least 2 images, but the data gave 1",
+    )
     assert zero["failure"][0] == "RuntimeError" and "failed on another rank" in zero["failure"][1]
 
 

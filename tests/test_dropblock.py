@@ -371,9 +371,11 @@ def test_evaluation_and_zero_rate_are_the_identity():
 def test_the_0_3_call_forms_fail_naming_the_new_ones():
     # 0.3 took torchvision's order, (input, p, block_size, inplace, eps, training), and mode=.
     x = torch.randn(4, 3, 8, 8)
-    for call in (lambda: drop_block2d(x, 0.3, 3, False, 1e-6, True),
-                 lambda: drop_block2d(x, 0.3, 3, mode="reference"),
-                 lambda: drop_block2d(x, 0.3, 3, gamma=0.1)):  # fmt: skip
+    for call in (
+        lambda: drop_block2d(x, 0.3, 3, False, 1e-6, True),
+        lambda: drop_block2d(x, 0.3, 3, mode="reference"),
+        lambda: drop_block2d(x, 0.3, 3, gamma=0.1),
+    ):
         with pytest.raises(
             TypeError,
             match=r"new form since dropcluster 0.4: drop_block2d\(x, p, "
@@ -390,8 +392,9 @@ def test_inplace_writes_the_same_result_into_the_input_and_keeps_gradients(per_c
     expected = drop_block2d(source, 0.3, 3, per_channel=per_channel, generator=_generator(5))
     (expected_grad,) = torch.autograd.grad(expected.sum(), source)
     x = source * 1.0  # not a leaf: autograd allows writing into it
-    out, keep = drop_block2d(x, 0.3, 3, inplace=True, per_channel=per_channel,
-                             generator=_generator(5), return_mask=True)  # fmt: skip
+    out, keep = drop_block2d(
+        x, 0.3, 3, inplace=True, per_channel=per_channel, generator=_generator(5), return_mask=True
+    )
     assert out is x and torch.equal(out, expected)
     assert int((keep == 0).sum()) > 0
     (grad,) = torch.autograd.grad(out.sum(), source)
@@ -626,8 +629,9 @@ def test_reference_mode_drops_whole_2x2_maps_with_the_probability_worked_out_by_
     # gamma = p / 49: q = 1 - (1 - p / 49) ** 4 (0.00813 for p = 0.1, 0.0402 for p = 0.5).
     n_maps = 200_000
     q = 1 - (1 - p / 49) ** 4
-    out, keep = drop_block2d_reference(torch.ones(n_maps, 3, 2, 2), p, 7,
-                             generator=_generator(11), return_mask=True)  # fmt: skip
+    out, keep = drop_block2d_reference(
+        torch.ones(n_maps, 3, 2, 2), p, 7, generator=_generator(11), return_mask=True
+    )
     per_map = keep.view(n_maps, 4).sum(1)
     assert ((per_map == 0) | (per_map == 4)).all()
     # Maps are independent Bernoulli(q): standard error sqrt(q (1 - q) / n), 5 of them allowed.
@@ -710,6 +714,7 @@ def test_mode_is_a_setting_reachable_by_name_shown_in_repr_and_not_in_the_state_
     ],
 )
 def test_bad_mode_says_what_was_expected_and_given(build):
-    with pytest.raises(ValueError, match="mode should be one of 'exact', 'reference', but got "
-                                         "'Reference'"):  # fmt: skip
+    with pytest.raises(
+        ValueError, match="mode should be one of 'exact', 'reference', but got 'Reference'"
+    ):
         build()

@@ -52,8 +52,9 @@ def test_scale_uses_the_sizes_of_the_dropped_clusters():
     x = torch.ones(1, 1, 4, 4)
     seen = set()
     for seed in range(30):
-        out, mask = drop_cluster2d(x, 0.5, Clusters.from_labels(labels),
-                                   generator=_generator(seed), return_mask=True)  # fmt: skip
+        out, mask = drop_cluster2d(
+            x, 0.5, Clusters.from_labels(labels), generator=_generator(seed), return_mask=True
+        )
         kept = int(mask.sum())
         assert kept in (15, 13, 4)  # dropped cluster of size 1, 3 or 12: 1 cluster = floor(1.5)
         assert torch.allclose(out, mask * (16 / kept))
@@ -75,8 +76,9 @@ def test_shared_mask_is_the_same_for_every_image():
     x = torch.ones(8, 2, 4, 4)
     labels = torch.stack([QUADRANTS, QUADRANTS])
     clusters = Clusters.from_labels(labels)
-    _, shared = drop_cluster2d(x, 0.5, clusters, per_sample=False, generator=_generator(),
-                               return_mask=True)  # fmt: skip
+    _, shared = drop_cluster2d(
+        x, 0.5, clusters, per_sample=False, generator=_generator(), return_mask=True
+    )
     assert shared.shape == (1, 2, 4, 4)
     _, own = drop_cluster2d(x, 0.5, clusters, generator=_generator(), return_mask=True)
     assert own.shape == (8, 2, 4, 4)
@@ -322,15 +324,21 @@ def test_bad_arguments_raise_clear_errors(build, message):
 @pytest.mark.parametrize(
     ("tables", "message"),
     [
-        (lambda q: (q.masked_fill(q == 3, 4), [4]), r"channel 0 is structured with 4 clusters, "
-         r"but its labels range from 0 to 4 \(expected 0 to 3\)"),
+        (
+            lambda q: (q.masked_fill(q == 3, 4), [4]),
+            r"channel 0 is structured with 4 clusters, "
+            r"but its labels range from 0 to 4 \(expected 0 to 3\)",
+        ),
         (lambda q: (q - 1, [4]), r"channel 0 .* labels range from -1 to 2"),
-        (lambda q: (q, [5]), r"counts: channel 0 is structured with 5 clusters, but a structured "
-         r"channel has 1 to 4"),
+        (
+            lambda q: (q, [5]),
+            r"counts: channel 0 is structured with 5 clusters, but a structured "
+            r"channel has 1 to 4",
+        ),
         (lambda q: (q.float(), [4]), r"labels should be a 3-d integer tensor"),
     ],
     ids=["label_equal_to_its_count", "negative", "count_past_the_width", "float"],
-)  # fmt: skip
+)
 def test_clusters_refuse_tables_a_fit_cannot_make(tables, message):
     labels, counts = tables(QUADRANTS[None])
     sizes = torch.full((1, 4), 4, dtype=torch.int64)
@@ -340,8 +348,11 @@ def test_clusters_refuse_tables_a_fit_cannot_make(tables, message):
 
 def test_the_0_3_functional_form_fails_naming_the_new_one():
     x = torch.ones(2, 1, 4, 4)
-    with pytest.raises(TypeError, match=r"new form since dropcluster 0.4: drop_cluster2d\(x, p, "
-                                        r"clusters, training=True"):  # fmt: skip
+    with pytest.raises(
+        TypeError,
+        match=r"new form since dropcluster 0.4: drop_cluster2d\(x, p, "
+        r"clusters, training=True",
+    ):
         drop_cluster2d(x, QUADRANTS[None], 4, 0.25, torch.tensor([True]))
     with pytest.raises(TypeError, match=r"keywords \['cluster_sizes'\]"):
         drop_cluster2d(x, 0.25, Clusters.from_labels(QUADRANTS[None]), cluster_sizes=None)
@@ -433,16 +444,27 @@ def _with_dead_channels(n_samples=32, n_channels=6, size=12, seed=0):
 
 @pytest.mark.parametrize(
     ("unstructured", "identical"),
-    [("dead", "merge"), ("rena", "merge"), ("rena", "split"), ("hopkins", "merge"),
-     ("none", "merge")],
-)  # fmt: skip
+    [
+        ("dead", "merge"),
+        ("rena", "merge"),
+        ("rena", "split"),
+        ("hopkins", "merge"),
+        ("none", "merge"),
+    ],
+)
 def test_refits_write_the_same_buffers_in_place_under_every_rule(unstructured, identical):
-    layer = DropCluster2d(0.2, 15, input_shape=(6, 12, 12), unstructured=unstructured,
-                          identical_neighbours=identical)  # fmt: skip
+    layer = DropCluster2d(
+        0.2, 15, input_shape=(6, 12, 12), unstructured=unstructured, identical_neighbours=identical
+    )
     buffers = {name: getattr(layer, name) for name in DropCluster2d.STATE}
     shapes = {name: tuple(t.shape) for name, t in buffers.items()}
-    assert shapes == {"labels": (6, 12, 12), "structured": (6,), "cluster_counts": (6,),
-                      "cluster_sizes": (6, 15), "is_fitted": ()}  # fmt: skip
+    assert shapes == {
+        "labels": (6, 12, 12),
+        "structured": (6,),
+        "cluster_counts": (6,),
+        "cluster_sizes": (6, 15),
+        "is_fitted": (),
+    }
     pointers = {name: t.data_ptr() for name, t in buffers.items()}
     for seed in (0, 1):
         x = _with_dead_channels(seed=seed)
@@ -509,10 +531,14 @@ class _Backbone(torch.nn.Module):
 
 @pytest.mark.parametrize(
     "build",
-    [lambda: DropCluster2d(0.1), lambda: DropCluster2d(0.1, input_shape=(6, 8, 8)),
-     lambda: DropBlock2d(0.1, 3), lambda: StochasticDepth(0.1)],
+    [
+        lambda: DropCluster2d(0.1),
+        lambda: DropCluster2d(0.1, input_shape=(6, 8, 8)),
+        lambda: DropBlock2d(0.1, 3),
+        lambda: StochasticDepth(0.1),
+    ],
     ids=["DropCluster2d", "DropCluster2d-materialized", "DropBlock2d", "StochasticDepth"],
-)  # fmt: skip
+)
 def test_a_checkpoint_saved_without_regularizers_loads_strictly(build):
     torch.manual_seed(0)
     pretrained = _Backbone().state_dict()
@@ -539,16 +565,20 @@ def test_a_fitted_layer_keeps_its_clusters_when_the_checkpoint_has_none():
 def test_an_ema_copy_made_before_the_first_fit_keeps_updating():
     from torch.optim.swa_utils import AveragedModel
 
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(),
-                                DropCluster2d(0.2, input_shape=(6, 8, 8)))  # fmt: skip
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3, padding=1),
+        torch.nn.ReLU(),
+        DropCluster2d(0.2, input_shape=(6, 8, 8)),
+    )
     ema = AveragedModel(model, use_buffers=True)
     hand_made = copy.deepcopy(model)  # timm's ModelEma copies every state_dict entry in place
     with torch.no_grad():
         model[2].fit(model[:2](torch.rand(16, 3, 8, 8)))
     ema.update_parameters(model)
     with torch.no_grad():
-        for mine, theirs in zip(hand_made.state_dict().values(), model.state_dict().values(),
-                                strict=True):  # fmt: skip
+        for mine, theirs in zip(
+            hand_made.state_dict().values(), model.state_dict().values(), strict=True
+        ):
             mine.copy_(theirs)
     assert torch.equal(ema.module[2].labels, model[2].labels)
     assert torch.equal(hand_made[2].labels, model[2].labels)
@@ -560,8 +590,13 @@ def test_checkpoints_of_dropcluster_0_1_still_load():
 
     x = _with_dead_channels()
     result = rena(x, 15, unstructured="rena", identical_neighbours="split")
-    legacy = {"p": torch.tensor(0.25), "labels": result.labels, "structured": result.structured,
-              "cluster_counts": result.n_found, "cluster_sizes": result.sizes}  # fmt: skip
+    legacy = {
+        "p": torch.tensor(0.25),
+        "labels": result.labels,
+        "structured": result.structured,
+        "cluster_counts": result.n_found,
+        "cluster_sizes": result.sizes,
+    }
     assert result.sizes.shape[1] > 15  # the unstructured channels reached more than k
     layer = DropCluster2d(0.1, 15, unstructured="rena", identical_neighbours="split")
     layer.load_state_dict(legacy)
@@ -751,8 +786,9 @@ def test_compiled_draws_drop_floor_p_n_clusters_with_mixed_counts(p):
     sizes[0] = torch.bincount(labels[0].flatten(), minlength=15)
     sizes[1, :4] = 16
     layer = DropCluster2d(p, 15, input_shape=(3, 8, 8))
-    layer.load_clusters(Clusters(labels, torch.tensor([True, True, False]),
-                                 torch.tensor([15, 4, 0]), sizes))  # fmt: skip
+    layer.load_clusters(
+        Clusters(labels, torch.tensor([True, True, False]), torch.tensor([15, 4, 0]), sizes)
+    )
     compiled = torch.compile(layer, backend="aot_eager")
     out = compiled(torch.ones(500, 3, 8, 8))
     for channel, count in ((0, 15), (1, 4)):
@@ -836,8 +872,9 @@ def test_a_fitted_layer_keeps_its_clusters_when_refusing_a_state():
         layer.load_state_dict(bad)
     assert all(torch.equal(before[key], value) for key, value in layer.state_dict().items())
     with pytest.raises(ValueError, match="counts: channel 0"):
-        layer.load_clusters(Clusters(layer.labels, layer.structured, layer.cluster_counts + 20,
-                                     layer.cluster_sizes))  # fmt: skip
+        layer.load_clusters(
+            Clusters(layer.labels, layer.structured, layer.cluster_counts + 20, layer.cluster_sizes)
+        )
     assert all(torch.equal(before[key], value) for key, value in layer.state_dict().items())
 
 

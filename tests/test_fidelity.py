@@ -63,16 +63,22 @@ def test_ours_presets_are_the_same_grids_with_our_settings_and_their_own_run_ids
         assert config.weight_decay_on == "weights" and config.cluster_images == 512
         if config.regularizer == "dropcluster":
             assert config.regularizer_options == {
-                "per_sample": True, "unstructured": "dead", "identical_neighbours": "merge"
-            }  # fmt: skip
+                "per_sample": True,
+                "unstructured": "dead",
+                "identical_neighbours": "merge",
+            }
         twin = paper[spec.run_id.replace("-ours-", "-")]
-        assert (config.epochs, config.lr, config.p) == (twin.config.epochs, twin.config.lr,
-                                                        twin.config.p)  # fmt: skip
+        assert (config.epochs, config.lr, config.p) == (
+            twin.config.epochs,
+            twin.config.lr,
+            twin.config.p,
+        )
 
 
 def test_the_dropblock_ablation_installs_dropblock_after_groups_3_and_4():
-    spec = next(s for s in expand_grid(load_preset("paper-tiny-imagenet"))
-                if s.config.variant == "groups34")  # fmt: skip
+    spec = next(
+        s for s in expand_grid(load_preset("paper-tiny-imagenet")) if s.config.variant == "groups34"
+    )
     assert spec.run_id.startswith("dropblock-groups34-")
     model = build_model("resnet50", n_classes=200)
     options = dict(spec.config.regularizer_options)
@@ -92,9 +98,18 @@ def test_every_shipped_preset_expands():
 def test_the_evidence_preset_compares_ten_arms_over_five_seeds_and_two_fractions():
     specs = expand_grid(load_preset("evidence"))
     arms = {arm_name(s.regularizer, s.config.variant) for s in specs}
-    assert arms == {"none", "dropout", "spatial_dropout", "dropblock", "stochastic_depth",
-                    "dropcluster", "dropcluster:ours", "dropcluster:per-sample",
-                    "dropcluster:dead", "dropcluster:dead-merge"}  # fmt: skip
+    assert arms == {
+        "none",
+        "dropout",
+        "spatial_dropout",
+        "dropblock",
+        "stochastic_depth",
+        "dropcluster",
+        "dropcluster:ours",
+        "dropcluster:per-sample",
+        "dropcluster:dead",
+        "dropcluster:dead-merge",
+    }
     for arm in arms:
         runs = [s for s in specs if arm_name(s.regularizer, s.config.variant) == arm]
         assert sorted((s.train_fraction, s.seed) for s in runs) == sorted(
@@ -106,20 +121,36 @@ def test_the_evidence_preset_compares_ten_arms_over_five_seeds_and_two_fractions
     assert by_variant["per-sample"].regularizer_options == {**PAPER_LAYER, "per_sample": True}
     assert by_variant["dead"].regularizer_options == {**PAPER_LAYER, "unstructured": "dead"}
     assert by_variant["dead-merge"].regularizer_options == {
-        **PAPER_LAYER, "unstructured": "dead", "identical_neighbours": "merge"
-    }  # fmt: skip
+        **PAPER_LAYER,
+        "unstructured": "dead",
+        "identical_neighbours": "merge",
+    }
     assert by_variant["per-sample"].cluster_images == by_variant[None].cluster_images == 128
 
 
 def test_grid_variants_options_and_their_errors():
-    base = {"name": "v", "scale": "demo", "description": "d", "dataset": "synthetic",
-            "base": {"dataset": "synthetic", "model": "lenet5", "epochs": 1}}  # fmt: skip
+    base = {
+        "name": "v",
+        "scale": "demo",
+        "description": "d",
+        "dataset": "synthetic",
+        "base": {"dataset": "synthetic", "model": "lenet5", "epochs": 1},
+    }
     grid = {"regularizer": ["dropcluster"], "p": [0.2], "train_fraction": [1.0], "seed": [3]}
-    preset = Preset.from_dict({
-        **base, "options": {"dropcluster": {"n_clusters": 4, "per_sample": False}},
-        "grids": [grid, {**grid, "variant": "x", "options": {
-            "cluster_images": 64, "regularizer_options": {"per_sample": True}}}],
-    })  # fmt: skip
+    preset = Preset.from_dict(
+        {
+            **base,
+            "options": {"dropcluster": {"n_clusters": 4, "per_sample": False}},
+            "grids": [
+                grid,
+                {
+                    **grid,
+                    "variant": "x",
+                    "options": {"cluster_images": 64, "regularizer_options": {"per_sample": True}},
+                },
+            ],
+        }
+    )
     plain, variant = expand_grid(preset)
     assert plain.run_id == run_id("dropcluster", 0.2, 1.0, 3) == "dropcluster-p0.2-f1-s3"
     assert variant.run_id == "dropcluster-x-p0.2-f1-s3"
@@ -139,8 +170,12 @@ def test_grid_variants_options_and_their_errors():
 
 def test_analyze_settings_need_the_kept_checkpoint():
     preset = load_preset("paper-figures").to_dict()
-    assert preset["analyze"] == {"runs": "all", "epoch": 50, "unstructured": "rena",
-                                 "sample_images": 128}  # fmt: skip
+    assert preset["analyze"] == {
+        "runs": "all",
+        "epoch": 50,
+        "unstructured": "rena",
+        "sample_images": 128,
+    }
     preset["base"]["keep_checkpoints"] = []
     with pytest.raises(ValueError, match="does not keep that epoch's checkpoint"):
         Preset.from_dict(preset)
@@ -151,8 +186,14 @@ def test_dry_run_lists_every_setting_and_marks_the_assumptions(tmp_path):
     dry_run(load_preset("paper-tiny-imagenet"), tmp_path / "out", [], stream)
     text = stream.getvalue()
     for field in TrainConfig.__dataclass_fields__:
-        if field not in ("regularizer", "p", "train_fraction", "seed", "regularizer_options",
-                         "variant"):  # fmt: skip
+        if field not in (
+            "regularizer",
+            "p",
+            "train_fraction",
+            "seed",
+            "regularizer_options",
+            "variant",
+        ):
             assert f" {field} = " in text, field
     assert "  * batch_size = 128" in text and "  * cluster_images = 128" in text
     assert "    lr = 0.1" in text  # stated by the paper: not marked
@@ -168,10 +209,19 @@ def test_dry_run_lists_every_setting_and_marks_the_assumptions(tmp_path):
 
 def _tiny_config(**values) -> TrainConfig:
     defaults = dict(
-        dataset="synthetic", model="lenet5", epochs=2, batch_size=64, cluster_every=1,
-        cluster_images=64, average_last=1, device="cpu", channels_last=False,
-        regularizer="none", p=0.0, train_fraction=0.25,
-    )  # fmt: skip
+        dataset="synthetic",
+        model="lenet5",
+        epochs=2,
+        batch_size=64,
+        cluster_every=1,
+        cluster_images=64,
+        average_last=1,
+        device="cpu",
+        channels_last=False,
+        regularizer="none",
+        p=0.0,
+        train_fraction=0.25,
+    )
     return TrainConfig(**{**defaults, **values})
 
 
@@ -205,13 +255,17 @@ def test_a_kept_checkpoint_is_the_model_after_that_epoch(tmp_path):
     config = _tiny_config(epochs=3, keep_checkpoints=[1, 2])
     train(config, tmp_path, progress_stream=io.StringIO())
     assert sorted(p.name for p in tmp_path.glob("checkpoint*.pt")) == [
-        "checkpoint-epoch1.pt", "checkpoint-epoch2.pt", "checkpoint.pt"
-    ]  # fmt: skip
+        "checkpoint-epoch1.pt",
+        "checkpoint-epoch2.pt",
+        "checkpoint.pt",
+    ]
     first, last = load_run(tmp_path, epoch=1), load_run(tmp_path)
     assert (first.epochs_done, last.epochs_done) == (1, 3)
     assert not torch.equal(first.model.conv1.weight, last.model.conv1.weight)
-    with pytest.raises(FileNotFoundError, match="no checkpoint kept after epoch 3 .*kept: "
-                       "checkpoint-epoch1.pt, checkpoint-epoch2.pt"):  # fmt: skip
+    with pytest.raises(
+        FileNotFoundError,
+        match="no checkpoint kept after epoch 3 .*kept: checkpoint-epoch1.pt, checkpoint-epoch2.pt",
+    ):
         load_run(tmp_path, epoch=3)
     # An epoch past the run's end keeps nothing (a preset's [50] under --set epochs=3).
     assert _tiny_config(epochs=3, keep_checkpoints=[50]).keep_checkpoints == [50]
@@ -243,8 +297,11 @@ def test_a_checkpoint_of_the_old_bare_conv_stem_is_refused_with_what_changed(tmp
         load_model_state(model, {"model": old}, tmp_path / "checkpoint.pt")
     load_model_state(model, {"model": model.state_dict(), "model_revision": 2}, "checkpoint.pt")
     with pytest.raises(CheckpointError, match="does not fit the run's model"):
-        load_model_state(model, {"model": {"fc.weight": torch.zeros(1)}, "model_revision": 2},
-                         tmp_path / "checkpoint.pt")  # fmt: skip
+        load_model_state(
+            model,
+            {"model": {"fc.weight": torch.zeros(1)}, "model_revision": 2},
+            tmp_path / "checkpoint.pt",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,9 +317,17 @@ def trained_fashion_mnist_run(tmp_path_factory):
     then three stem channels silenced through their batch norm (scale 0, shift -0.5)."""
     require_fashion_mnist()
     folder = tmp_path_factory.mktemp("run")
-    config = TrainConfig(dataset="fashion-mnist", model="resnet20", regularizer="none", p=0.0,
-                         epochs=1, train_fraction=0.02, eval_batch_size=1000, device="cpu",
-                         average_last=1)  # fmt: skip
+    config = TrainConfig(
+        dataset="fashion-mnist",
+        model="resnet20",
+        regularizer="none",
+        p=0.0,
+        epochs=1,
+        train_fraction=0.02,
+        eval_batch_size=1000,
+        device="cpu",
+        average_last=1,
+    )
     train(config, folder, progress_stream=io.StringIO())
     state = torch.load(folder / "checkpoint.pt", weights_only=True)
     state["model"]["stem_norm.weight"][SILENCED] = 0.0
@@ -279,8 +344,22 @@ def test_silenced_stem_channels_are_dead_unstructured_and_shown_by_analyze(
     from dropcluster.cli import main
 
     out = tmp_path / rule
-    assert main(["analyze", "--checkpoint", str(trained_fashion_mnist_run), "--out", str(out),
-                 "--sample-images", "128", "--unstructured", rule]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "analyze",
+                "--checkpoint",
+                str(trained_fashion_mnist_run),
+                "--out",
+                str(out),
+                "--sample-images",
+                "128",
+                "--unstructured",
+                rule,
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "analysis.json").read_text())
     clusters = report["clusters"]
     assert clusters["unstructured_rule"] == rule and clusters["channels"] == 16
@@ -336,15 +415,31 @@ def test_reproduce_analyses_every_run_on_its_kept_checkpoint_when_the_preset_say
     from dropcluster.cli import main
 
     preset = {
-        "name": "figures-test", "scale": "demo", "description": "d", "dataset": "synthetic",
+        "name": "figures-test",
+        "scale": "demo",
+        "description": "d",
+        "dataset": "synthetic",
         "base": {**_tiny_config().to_dict(), "epochs": 2, "keep_checkpoints": [1]},
-        "grids": [{"regularizer": ["none"], "p": [0.0], "train_fraction": [0.25], "seed": [0],
-                   "variant": "lenet"},
-                  {"regularizer": ["none"], "p": [0.0], "train_fraction": [0.25], "seed": [0],
-                   "variant": "resnet", "options": {"model": "resnet20"}}],
+        "grids": [
+            {
+                "regularizer": ["none"],
+                "p": [0.0],
+                "train_fraction": [0.25],
+                "seed": [0],
+                "variant": "lenet",
+            },
+            {
+                "regularizer": ["none"],
+                "p": [0.0],
+                "train_fraction": [0.25],
+                "seed": [0],
+                "variant": "resnet",
+                "options": {"model": "resnet20"},
+            },
+        ],
         "average_last": 1,
         "analyze": {"runs": "all", "epoch": 1, "unstructured": "rena", "sample_images": 32},
-    }  # fmt: skip
+    }
     path = tmp_path / "figures.json"
     path.write_text(json.dumps(preset))
     out = tmp_path / "out"
@@ -363,35 +458,55 @@ def _sweep_folder(folder, name, variant, top1_by_seed):
     from dropcluster.experiments.store import ResultsStore
     from dropcluster.experiments.sweep import PRESET_NAME
 
-    grid = {"regularizer": ["none", "dropcluster"], "p": [0.1], "train_fraction": [1.0],
-            "seed": [0, 1, 2]}  # fmt: skip
-    preset = Preset.from_dict({
-        "name": name, "scale": "demo", "description": "d", "dataset": "synthetic",
-        "base": {"dataset": "synthetic", "model": "lenet5", "epochs": 2}, "grids": [grid],
-        "variant": variant, "average_last": 1,
-    })  # fmt: skip
+    grid = {
+        "regularizer": ["none", "dropcluster"],
+        "p": [0.1],
+        "train_fraction": [1.0],
+        "seed": [0, 1, 2],
+    }
+    preset = Preset.from_dict(
+        {
+            "name": name,
+            "scale": "demo",
+            "description": "d",
+            "dataset": "synthetic",
+            "base": {"dataset": "synthetic", "model": "lenet5", "epochs": 2},
+            "grids": [grid],
+            "variant": variant,
+            "average_last": 1,
+        }
+    )
     folder.mkdir()
     (folder / PRESET_NAME).write_text(json.dumps(preset.to_dict()))
     with ResultsStore.in_folder(folder) as store:
         for spec in expand_grid(preset):
-            store.add_run(spec.run_id, spec.config.to_dict(), preset=name,
-                          regularizer=spec.regularizer, p=spec.p, seed=spec.seed,
-                          train_fraction=spec.train_fraction)  # fmt: skip
+            store.add_run(
+                spec.run_id,
+                spec.config.to_dict(),
+                preset=name,
+                regularizer=spec.regularizer,
+                p=spec.p,
+                seed=spec.seed,
+                train_fraction=spec.train_fraction,
+            )
             store.mark_running(spec.run_id)
             top1 = top1_by_seed[spec.regularizer][spec.seed]
             history = [{"epoch": 0, "loss": 1.0, "top1": top1, "top5": 99.0}]
-            store.record_finished(spec.run_id, history=history, top1=top1, top5=99.0,
-                                  average_last=1, seconds=1.0)  # fmt: skip
+            store.record_finished(
+                spec.run_id, history=history, top1=top1, top5=99.0, average_last=1, seconds=1.0
+            )
     return folder
 
 
 def test_report_with_another_sweep_shows_both_presets_side_by_side(tmp_path):
     from dropcluster.cli import main
 
-    paper = _sweep_folder(tmp_path / "paper", "p", None,
-                          {"none": [70, 71, 72], "dropcluster": [71, 73, 75]})  # fmt: skip
-    ours = _sweep_folder(tmp_path / "ours", "p-ours", "ours",
-                         {"none": [70, 70, 70], "dropcluster": [70, 70, 71]})  # fmt: skip
+    paper = _sweep_folder(
+        tmp_path / "paper", "p", None, {"none": [70, 71, 72], "dropcluster": [71, 73, 75]}
+    )
+    ours = _sweep_folder(
+        tmp_path / "ours", "p-ours", "ours", {"none": [70, 70, 70], "dropcluster": [70, 70, 71]}
+    )
     out = tmp_path / "both"
     assert main(["report", "--out", str(paper), "--with", str(ours), "--to", str(out)]) == 0
     text = (out / "report.md").read_text()

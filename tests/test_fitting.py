@@ -24,12 +24,18 @@ class _Counter(nn.Module):
 def _model(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(1, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
         DropCluster2d(0.2, 15),
-        nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(6, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
         DropCluster2d(0.1, 15),
-        _Counter(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
-    )  # fmt: skip
+        _Counter(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
 
 
 def _images(n: int = 100, seed: int = 1) -> torch.Tensor:

@@ -70,16 +70,23 @@ def _loader(n: int = 256) -> torch.utils.data.DataLoader:
     labels = torch.arange(n) % 10
     images = prototypes[labels] + 0.3 * torch.randn(n, 1, 12, 12, generator=generator)
     dataset = torch.utils.data.TensorDataset(images, labels)
-    return torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True,
-                                       generator=torch.Generator().manual_seed(1))  # fmt: skip
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(1)
+    )
 
 
 def _trainer(root, max_epochs: int, callbacks) -> Trainer:
     return Trainer(
-        accelerator="cpu", devices=1, max_epochs=max_epochs, callbacks=callbacks,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=root,
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
 
 
 def _state(layer: DropCluster2d) -> dict[str, torch.Tensor]:

@@ -161,9 +161,17 @@ def test_resnet18_and_resnet20_parameter_counts():
 def test_slots_of_a_four_group_resnet_in_forward_order():
     model = tiny_resnet()
     assert list(model.slots) == [
-        "stem", "group1_inner", "residual", "group1", "group2_inner", "group2",
-        "group3_inner", "group3", "group4_inner", "group4",
-    ]  # fmt: skip
+        "stem",
+        "group1_inner",
+        "residual",
+        "group1",
+        "group2_inner",
+        "group2",
+        "group3_inner",
+        "group3",
+        "group4_inner",
+        "group4",
+    ]
     assert len(model.slots["residual"]) == 5  # one per block
     assert len(model.slots["group2_inner"]) == 2
     assert model.slot_modules() == []

@@ -35,8 +35,13 @@ def test_each_name_builds_its_module(name, expected):
 
 def test_registry_lists_every_regularizer():
     assert set(REGULARIZERS) == {
-        "none", "dropout", "spatial_dropout", "dropblock", "dropcluster", "stochastic_depth",
-    }  # fmt: skip
+        "none",
+        "dropout",
+        "spatial_dropout",
+        "dropblock",
+        "dropcluster",
+        "stochastic_depth",
+    }
 
 
 def test_options_reach_the_module():

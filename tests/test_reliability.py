@@ -38,9 +38,17 @@ from dropcluster.train.loop import DIVERGED_NAME, read_log, train
 
 def _config(**changes) -> TrainConfig:
     values = dict(
-        dataset="synthetic", model="lenet5", regularizer="none", p=0.0, epochs=2,
-        train_fraction=0.1, batch_size=64, lr=0.05, channels_last=False, average_last=1,
-    )  # fmt: skip
+        dataset="synthetic",
+        model="lenet5",
+        regularizer="none",
+        p=0.0,
+        epochs=2,
+        train_fraction=0.1,
+        batch_size=64,
+        lr=0.05,
+        channels_last=False,
+        average_last=1,
+    )
     values.update(changes)
     return TrainConfig(**values)
 
@@ -60,8 +68,18 @@ def trained_run(tmp_path_factory) -> Path:
 
 
 def _evaluate_args(run_dir, *extra):
-    return ["evaluate", "--checkpoint", str(run_dir), "--corruptions", "gaussian_noise",
-            "--severities", "1", "--limit", "100", *extra]  # fmt: skip
+    return [
+        "evaluate",
+        "--checkpoint",
+        str(run_dir),
+        "--corruptions",
+        "gaussian_noise",
+        "--severities",
+        "1",
+        "--limit",
+        "100",
+        *extra,
+    ]
 
 
 def test_bad_evaluation_batch_size_is_refused_before_anything_is_written(trained_run, capsys):
@@ -86,17 +104,29 @@ def test_an_evaluation_without_predictions_raises_instead_of_scoring_zero():
     settings = CorruptionSettings(corruptions=["gaussian_noise"], severities=[1])
     empty = torch.zeros(0, 3, 8, 8, dtype=torch.uint8)
     with pytest.raises(ValueError, match="test set is empty"):
-        evaluate_corruptions(model, empty, torch.zeros(0, dtype=torch.int64), torch.Tensor.float,
-                             settings, progress=io.StringIO())  # fmt: skip
+        evaluate_corruptions(
+            model,
+            empty,
+            torch.zeros(0, dtype=torch.int64),
+            torch.Tensor.float,
+            settings,
+            progress=io.StringIO(),
+        )
 
     def no_release(corruption, severity):
         return empty, torch.zeros(0, dtype=torch.int64)
 
     images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
     with pytest.raises(ValueError, match="produced no predictions"):
-        evaluate_corruptions(model, images, torch.zeros(4, dtype=torch.int64),
-                             lambda x: x.float(), settings, released=no_release,
-                             progress=io.StringIO())  # fmt: skip
+        evaluate_corruptions(
+            model,
+            images,
+            torch.zeros(4, dtype=torch.int64),
+            lambda x: x.float(),
+            settings,
+            released=no_release,
+            progress=io.StringIO(),
+        )
 
 
 # -- 2. One writer per run; logs read robustly ----------------------------------------------
@@ -104,11 +134,16 @@ def test_an_evaluation_without_predictions_raises_instead_of_scoring_zero():
 
 def _hold_lock(run_dir: Path) -> subprocess.Popen:
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from dropcluster.files import FolderLock; "
-         "FolderLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)",
-         str(run_dir)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from dropcluster.files import FolderLock; "
+            "FolderLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)",
+            str(run_dir),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     return holder
 
@@ -122,8 +157,14 @@ def test_a_second_writer_of_a_run_is_refused(tmp_path, capsys):
     try:
         with pytest.raises(RunBusyError, match="another process is writing the training run"):
             _quiet_train(config, run_dir, resume=True)
-        args = ["train", "--config", str(run_dir / "config.json"), "--out", str(run_dir),
-                "--resume"]  # fmt: skip
+        args = [
+            "train",
+            "--config",
+            str(run_dir / "config.json"),
+            "--out",
+            str(run_dir),
+            "--resume",
+        ]
         assert main(args) == 2
         assert "another process is writing the training run" in capsys.readouterr().err
         with pytest.raises(RunBusyError):
@@ -244,8 +285,22 @@ def test_sweep_records_a_diverging_run_as_failed_not_finished(tmp_path, capsys):
 
 
 def _train_args(out, *extra):
-    return ["train", "--dataset", "synthetic", "--model", "lenet5", "--regularizer", "none",
-            "--epochs", "1", "--train-fraction", "0.1", "--out", str(out), *extra]  # fmt: skip
+    return [
+        "train",
+        "--dataset",
+        "synthetic",
+        "--model",
+        "lenet5",
+        "--regularizer",
+        "none",
+        "--epochs",
+        "1",
+        "--train-fraction",
+        "0.1",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def _one_line_error(capsys) -> str:
@@ -280,8 +335,7 @@ def test_bad_config_files_give_one_line_naming_the_file(tmp_path, capsys, text, 
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "bit-flipped"])
-def test_damaged_checkpoint_gives_one_line_naming_the_file(trained_run, tmp_path, capsys,
-                                                            damage):  # fmt: skip
+def test_damaged_checkpoint_gives_one_line_naming_the_file(trained_run, tmp_path, capsys, damage):
     import shutil
 
     run_dir = tmp_path / "run"
@@ -373,8 +427,7 @@ def finished_sweep(tmp_path_factory) -> Path:
     return out
 
 
-def test_results_and_report_work_on_a_read_only_copy(finished_sweep, tmp_path, capsys,
-                                                       monkeypatch):  # fmt: skip
+def test_results_and_report_work_on_a_read_only_copy(finished_sweep, tmp_path, capsys, monkeypatch):
     import os
     import shutil
 
@@ -437,8 +490,9 @@ def test_huge_severity_range_is_refused_without_building_it():
 
 
 @pytest.mark.parametrize("device", ["mps", "xla", "meta"])
-def test_an_unsupported_device_is_named_before_any_checkpoint_is_read(trained_run, tmp_path,
-                                                                      capsys, device):  # fmt: skip
+def test_an_unsupported_device_is_named_before_any_checkpoint_is_read(
+    trained_run, tmp_path, capsys, device
+):
     assert main(_train_args(tmp_path / "run", "--device", device)) == 2
     assert f"device '{device}' is not supported: dropcluster runs on 'cpu' and 'cuda'" in (
         _one_line_error(capsys)
@@ -477,7 +531,7 @@ def test_an_intact_checkpoint_that_cannot_go_to_a_device_is_not_called_damaged(
         (["--set", "regularizer_options=abc"], "should be a mapping, but got 'abc'"),
         (["--seed", "99999999999999999999"], "seed should be an integer >= 0 and <= 4294967295"),
     ],
-)  # fmt: skip
+)
 def test_bad_train_values_are_one_line(tmp_path, capsys, flags, message):
     assert main(_train_args(tmp_path / "run", *flags)) == 2
     assert message in _one_line_error(capsys)

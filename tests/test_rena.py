@@ -377,8 +377,14 @@ def test_a_single_non_finite_value_is_refused_naming_its_channel(value):
 def test_grid_edges_of_a_2x3_map():
     u, v = grid_edges(2, 3)
     assert list(zip(u.tolist(), v.tolist(), strict=True)) == [
-        (0, 1), (1, 2), (3, 4), (4, 5), (0, 3), (1, 4), (2, 5),
-    ]  # fmt: skip
+        (0, 1),
+        (1, 2),
+        (3, 4),
+        (4, 5),
+        (0, 3),
+        (1, 4),
+        (2, 5),
+    ]
 
 
 def test_connected_components_match_scipy():

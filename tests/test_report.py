@@ -48,22 +48,42 @@ LAST_TWO = {
 # Corruption results of the full-set runs at the best p (and decoys at a worse p).
 CORRUPTION_ROWS = {
     ("dropblock", 0.2): [
-        {"clean": 68, ("gaussian_noise", 1): 60, ("gaussian_noise", 2): 50,
-         ("defocus_blur", 1): 58, ("defocus_blur", 2): 40},
-        {"clean": 70, ("gaussian_noise", 1): 62, ("gaussian_noise", 2): 52,
-         ("defocus_blur", 1): 56, ("defocus_blur", 2): 44},
+        {
+            "clean": 68,
+            ("gaussian_noise", 1): 60,
+            ("gaussian_noise", 2): 50,
+            ("defocus_blur", 1): 58,
+            ("defocus_blur", 2): 40,
+        },
+        {
+            "clean": 70,
+            ("gaussian_noise", 1): 62,
+            ("gaussian_noise", 2): 52,
+            ("defocus_blur", 1): 56,
+            ("defocus_blur", 2): 44,
+        },
     ],
     ("dropcluster", 0.1): [
-        {"clean": 72, ("gaussian_noise", 1): 66, ("gaussian_noise", 2): 60,
-         ("defocus_blur", 1): 64, ("defocus_blur", 2): 50},
-        {"clean": 74, ("gaussian_noise", 1): 68, ("gaussian_noise", 2): 62,
-         ("defocus_blur", 1): 66, ("defocus_blur", 2): 52},
+        {
+            "clean": 72,
+            ("gaussian_noise", 1): 66,
+            ("gaussian_noise", 2): 60,
+            ("defocus_blur", 1): 64,
+            ("defocus_blur", 2): 50,
+        },
+        {
+            "clean": 74,
+            ("gaussian_noise", 1): 68,
+            ("gaussian_noise", 2): 62,
+            ("defocus_blur", 1): 66,
+            ("defocus_blur", 2): 52,
+        },
     ],
     ("dropblock", 0.1): [
         {"clean": 11.11, ("gaussian_noise", 1): 11.11, ("defocus_blur", 1): 11.11},
         {"clean": 11.11, ("gaussian_noise", 1): 11.11, ("defocus_blur", 1): 11.11},
     ],
-}  # fmt: skip
+}
 
 
 def _run_id(regularizer: str, p: float, fraction: float, seed: int) -> str:
@@ -90,8 +110,15 @@ def _corruption_rows(values: dict) -> list[dict]:
 
 def _add(store, regularizer, p, fraction, seed, preset=PRESET_NAME) -> str:
     run_id = _run_id(regularizer, p, fraction, seed)
-    store.add_run(run_id, {"epochs": 4}, preset=preset, regularizer=regularizer, p=p, seed=seed,
-                  train_fraction=fraction)  # fmt: skip
+    store.add_run(
+        run_id,
+        {"epochs": 4},
+        preset=preset,
+        regularizer=regularizer,
+        p=p,
+        seed=seed,
+        train_fraction=fraction,
+    )
     return run_id
 
 
@@ -104,10 +131,24 @@ def _build_store(path, *, corruptions: bool = True) -> ResultsStore:
             clusters = None
             if regularizer == "dropcluster" and p == 0.1 and fraction == 1.0:
                 # 12 and 14 of 16 channels structured at the refit after epoch 2 -> 13 ± 1.41.
-                clusters = [{"epoch": 2, "layer": "stem", "channels": 16,
-                             "structured": 12 + 2 * seed, "refit_seconds": 0.5}]  # fmt: skip
-            store.record_finished(run_id, history=_history(last_two), top1=1.0, top5=1.0,
-                                  average_last=2, seconds=3.0, clusters=clusters)  # fmt: skip
+                clusters = [
+                    {
+                        "epoch": 2,
+                        "layer": "stem",
+                        "channels": 16,
+                        "structured": 12 + 2 * seed,
+                        "refit_seconds": 0.5,
+                    }
+                ]
+            store.record_finished(
+                run_id,
+                history=_history(last_two),
+                top1=1.0,
+                top5=1.0,
+                average_last=2,
+                seconds=3.0,
+                clusters=clusters,
+            )
             rows = CORRUPTION_ROWS.get((regularizer, p)) if fraction == 1.0 else None
             if corruptions and rows:
                 store.record_corruptions(run_id, _corruption_rows(rows[seed]))
@@ -121,8 +162,14 @@ def _build_store(path, *, corruptions: bool = True) -> ResultsStore:
     )
     _add(store, "dropout", 0.1, 1.0, 0)  # pending
     other = _add(store, "spatial_dropout", 0.1, 1.0, 0, preset="another-preset")
-    store.record_finished(other, history=_history([(99, 99), (99, 99)]), top1=99.0, top5=99.0,
-                          average_last=2, seconds=1.0)  # fmt: skip
+    store.record_finished(
+        other,
+        history=_history([(99, 99), (99, 99)]),
+        top1=99.0,
+        top5=99.0,
+        average_last=2,
+        seconds=1.0,
+    )
     return store
 
 
@@ -173,8 +220,10 @@ def test_best_p_is_highest_mean_top1_on_full_set(sweep):
     summary = summarize(store, 2, preset_name=PRESET_NAME)
     assert summary.full_fraction == 1.0
     assert {name: group.p for name, group in summary.best.items()} == {
-        "none": 0.0, "dropblock": 0.2, "dropcluster": 0.1
-    }  # fmt: skip
+        "none": 0.0,
+        "dropblock": 0.2,
+        "dropcluster": 0.1,
+    }
     best = summary.best["dropblock"]
     assert best.top1.values == (67.0, 69.0)
     assert best.top1.std == pytest.approx(math.sqrt(2))  # sample std, ddof = 1
@@ -222,8 +271,11 @@ def test_full_set_table_has_mean_std_at_best_p(sweep):
     grid = _section(report_path.read_text(), "### Every p")
     assert _row(grid, "regularizer") == ["regularizer", "p = 0", "p = 0.1", "p = 0.2"]
     assert _row(grid, "DropBlock") == [
-        "DropBlock", "", "65.00 ± 1.41 (n=2)", "**68.00 ± 1.41 (n=2)**"
-    ]  # fmt: skip
+        "DropBlock",
+        "",
+        "65.00 ± 1.41 (n=2)",
+        "**68.00 ± 1.41 (n=2)**",
+    ]
     assert _row(grid, "DropCluster")[3] == "69.00 ± 0.00 (n=2)"
 
 
@@ -231,11 +283,17 @@ def test_fraction_table_uses_best_p_and_blanks(sweep):
     _, _, report_path = sweep
     section = _section(report_path.read_text(), "## Training-set size")
     assert _row(section, "training set") == [
-        "training set", "No dropout (p=0)", "DropBlock (p=0.2)", "DropCluster (p=0.1)"
-    ]  # fmt: skip
+        "training set",
+        "No dropout (p=0)",
+        "DropBlock (p=0.2)",
+        "DropCluster (p=0.1)",
+    ]
     assert _row(section, "100 %") == [
-        "100 %", "63.00 ± 2.83 (n=2)", "68.00 ± 1.41 (n=2)", "71.00 ± 1.41 (n=2)"
-    ]  # fmt: skip
+        "100 %",
+        "63.00 ± 2.83 (n=2)",
+        "68.00 ± 1.41 (n=2)",
+        "71.00 ± 1.41 (n=2)",
+    ]
     # No dropout was not run on half the data: blank. DropCluster's p = 0.2 run (40) is not shown.
     assert _row(section, "50 %") == ["50 %", "", "52.00 ± 2.83 (n=2)", "56.00 ± 1.41 (n=2)"]
     assert "40.00" not in section
@@ -247,12 +305,15 @@ def test_corruption_tables_at_lowest_severity_and_per_severity(sweep):
     assert "severity 1" in section
     assert _row(section, "clean") == ["clean", "69.00 ± 1.41 (n=2)", "73.00 ± 1.41 (n=2)"]
     assert _row(section, "gaussian noise") == [
-        "gaussian noise", "61.00 ± 1.41 (n=2)", "67.00 ± 1.41 (n=2)"
-    ]  # fmt: skip
+        "gaussian noise",
+        "61.00 ± 1.41 (n=2)",
+        "67.00 ± 1.41 (n=2)",
+    ]
     # Per seed mean over corruptions at severity 1: DropBlock 59, 59; DropCluster 65, 67.
     assert _row(section, "**mean over corruptions**")[1:] == [
-        "59.00 ± 0.00 (n=2)", "66.00 ± 1.41 (n=2)"
-    ]  # fmt: skip
+        "59.00 ± 0.00 (n=2)",
+        "66.00 ± 1.41 (n=2)",
+    ]
     per_severity = _section(report_path.read_text(), "### Mean over corruptions per severity")
     # Severity 2: DropBlock seeds (50+40)/2 = 45 and (52+44)/2 = 48 -> 46.5 ± 2.12.
     assert _row(per_severity, "2")[1] == "46.50 ± 2.12 (n=2)"
@@ -264,18 +325,28 @@ def test_cluster_statistics(sweep):
     _, _, report_path = sweep
     section = _section(report_path.read_text(), "## DropCluster: structured channels")
     assert _row(section, "DropCluster") == [
-        "DropCluster", "0.1", "100 %", "2", "stem", "13.00 ± 1.41", "16", "81.2 %", "0.50 ± 0.00",
+        "DropCluster",
+        "0.1",
+        "100 %",
         "2",
-    ]  # fmt: skip
+        "stem",
+        "13.00 ± 1.41",
+        "16",
+        "81.2 %",
+        "0.50 ± 0.00",
+        "2",
+    ]
 
 
 def test_figures_written_as_png_and_linked(sweep):
     _, folder, report_path = sweep
     markdown = report_path.read_text()
     names = [
-        "corruption_top1.png", "corruption_top5.png", "training_fraction_top1.png",
+        "corruption_top1.png",
+        "corruption_top5.png",
+        "training_fraction_top1.png",
         "learning_curves_top1.png",
-    ]  # fmt: skip
+    ]
     for name in names:
         path = folder / "report" / name
         assert path.stat().st_size > 1000
@@ -299,8 +370,15 @@ def test_paper_preset_shows_paper_columns(tmp_path):
     assert "top-1 paper" in full and "top-1 measured" in full
     paper_dropblock = paper_results.FULL_TRAINING_SET["tiny-imagenet"]["dropblock"]
     assert _row(full, "DropBlock") == [
-        "DropBlock", "0.2", "0.1", "68.00 ± 1.41", "65.59", "87.50 ± 2.12", "84.14", "2"
-    ]  # fmt: skip
+        "DropBlock",
+        "0.2",
+        "0.1",
+        "68.00 ± 1.41",
+        "65.59",
+        "87.50 ± 2.12",
+        "84.14",
+        "2",
+    ]
     assert paper_dropblock["top1"] == 65.59
     # Regularizers the paper has and the sweep lacks still show the paper's numbers.
     assert _row(full, "StochasticDepth")[4] == "64.86"
@@ -333,11 +411,16 @@ def test_empty_database_reports_nothing_finished(tmp_path):
 def test_short_and_epochless_runs_are_flagged(tmp_path):
     store = ResultsStore(tmp_path / "results.sqlite")
     short = _add(store, "none", 0.0, 1.0, 0)
-    store.record_finished(short, history=[{"epoch": 0, "top1": 40.0, "top5": 70.0}], top1=1.0,
-                          top5=1.0, average_last=1, seconds=1.0)  # fmt: skip
+    store.record_finished(
+        short,
+        history=[{"epoch": 0, "top1": 40.0, "top5": 70.0}],
+        top1=1.0,
+        top5=1.0,
+        average_last=1,
+        seconds=1.0,
+    )
     epochless = _add(store, "none", 0.0, 1.0, 1)
-    store.record_finished(epochless, history=[], top1=50.0, top5=80.0, average_last=0,
-                          seconds=1.0)  # fmt: skip
+    store.record_finished(epochless, history=[], top1=50.0, top5=80.0, average_last=0, seconds=1.0)
     summary = summarize(store, 2)
     assert summary.short_runs == [short] and summary.runs_without_epochs == [epochless]
     # Seed 0 averages its single epoch (40), seed 1 uses its stored metric (50).
@@ -372,8 +455,9 @@ def test_missing_matplotlib_still_writes_tables(tmp_path, monkeypatch):
 
 def test_figure_functions_check_their_input(tmp_path):
     with pytest.raises(ValueError, match="metric should be one of 'top1', 'top5'"):
-        report_figures.plot_training_fraction({"none": {1.0: (1.0, None)}}, tmp_path / "x.png",
-                                              metric="top-1")  # fmt: skip
+        report_figures.plot_training_fraction(
+            {"none": {1.0: (1.0, None)}}, tmp_path / "x.png", metric="top-1"
+        )
     with pytest.raises(ValueError, match="nothing to plot"):
         report_figures.plot_learning_curves({"none": []}, tmp_path / "x.png")
 
@@ -427,8 +511,13 @@ ARM_CORRUPTIONS = {
 }
 
 ASSUMPTIONS = ["DropCluster refits its clusters every 5 epochs", "ReNA k = 15"]
-ARMS_PRESET = {**DEMO_PRESET, "scale": "paper", "paper": "tiny-imagenet",
-               "dataset": "tiny-imagenet", "assumptions": ASSUMPTIONS}  # fmt: skip
+ARMS_PRESET = {
+    **DEMO_PRESET,
+    "scale": "paper",
+    "paper": "tiny-imagenet",
+    "dataset": "tiny-imagenet",
+    "assumptions": ASSUMPTIONS,
+}
 
 
 def _build_arms_store(path) -> ResultsStore:
@@ -438,17 +527,37 @@ def _build_arms_store(path) -> ResultsStore:
         regularizer, _, variant = arm.partition(":")
         for seed, (top1, top5) in enumerate(seeds):
             run_id = presets.run_id(regularizer, p, fraction, seed, variant or None)
-            store.add_run(run_id, {"epochs": 4}, preset=PRESET_NAME, regularizer=regularizer,
-                          p=p, seed=seed, train_fraction=fraction)  # fmt: skip
+            store.add_run(
+                run_id,
+                {"epochs": 4},
+                preset=PRESET_NAME,
+                regularizer=regularizer,
+                p=p,
+                seed=seed,
+                train_fraction=fraction,
+            )
             store.mark_running(run_id)
             clusters = None
             if regularizer == "dropcluster" and fraction == 1.0:
                 structured = 9 if variant == "ours" else 8
-                clusters = [{"epoch": 2, "layer": "stem", "channels": 16,
-                             "structured": structured, "refit_seconds": 0.5}]  # fmt: skip
-            store.record_finished(run_id, history=_history([(top1, top5)] * 2), top1=1.0,
-                                  top5=1.0, average_last=2, seconds=1.0,
-                                  clusters=clusters)  # fmt: skip
+                clusters = [
+                    {
+                        "epoch": 2,
+                        "layer": "stem",
+                        "channels": 16,
+                        "structured": structured,
+                        "refit_seconds": 0.5,
+                    }
+                ]
+            store.record_finished(
+                run_id,
+                history=_history([(top1, top5)] * 2),
+                top1=1.0,
+                top5=1.0,
+                average_last=2,
+                seconds=1.0,
+                clusters=clusters,
+            )
             if fraction == 1.0 and arm in ARM_CORRUPTIONS:
                 store.record_corruptions(run_id, _corruption_rows(ARM_CORRUPTIONS[arm][seed]))
     return store
@@ -525,8 +634,13 @@ def test_arm_names_and_order():
     assert report_figures.display_name("dropcluster") == "DropCluster"
     arms = ["dropcluster:ours", "none", "zeta", "dropcluster", "dropblock", "dropcluster:dead"]
     assert report_figures.ordered_regularizers(arms) == [
-        "none", "dropblock", "dropcluster", "dropcluster:dead", "dropcluster:ours", "zeta"
-    ]  # fmt: skip
+        "none",
+        "dropblock",
+        "dropcluster",
+        "dropcluster:dead",
+        "dropcluster:ours",
+        "zeta",
+    ]
     styles = report_figures.arm_styles(arms)
     assert styles == report_figures.arm_styles(reversed(arms))  # deterministic
     dropcluster = [styles[a] for a in ("dropcluster", "dropcluster:dead", "dropcluster:ours")]
@@ -541,16 +655,37 @@ def test_arms_are_rows_with_paper_numbers_beside_the_plain_arm_only(arms_sweep):
     full = _section(markdown, "## Full training set")
     table = full[: full.index("### Every p")]
     assert [row[0] for row in _rows(table)] == [
-        "No dropout", "No dropout (ours)", "Dropout", "SpatialDropout", "DropBlock",
-        "StochasticDepth", "DropCluster", "DropCluster (dead)", "DropCluster (ours)",
-    ]  # fmt: skip
+        "No dropout",
+        "No dropout (ours)",
+        "Dropout",
+        "SpatialDropout",
+        "DropBlock",
+        "StochasticDepth",
+        "DropCluster",
+        "DropCluster (dead)",
+        "DropCluster (ours)",
+    ]
     # Plain: 61, 63, 65 -> 63 ± 2; the paper's Table 3 beside it. The variant: no paper numbers.
     assert _row(full, "DropCluster") == [
-        "DropCluster", "0.1", "0.1", "63.00 ± 2.00", "66.26", "82.00 ± 1.00", "84.35", "3"
-    ]  # fmt: skip
+        "DropCluster",
+        "0.1",
+        "0.1",
+        "63.00 ± 2.00",
+        "66.26",
+        "82.00 ± 1.00",
+        "84.35",
+        "3",
+    ]
     assert _row(full, "DropCluster (ours)") == [
-        "DropCluster (ours)", "0.1", "", "63.00 ± 1.00", "", "85.00 ± 0.00", "", "3"
-    ]  # fmt: skip
+        "DropCluster (ours)",
+        "0.1",
+        "",
+        "63.00 ± 1.00",
+        "",
+        "85.00 ± 0.00",
+        "",
+        "3",
+    ]
     fractions = _section(markdown, "## Training-set size")
     header = _row(fractions, "training set")
     assert "DropCluster paper" in header and "DropCluster (ours) (p=0.1) measured" in header
@@ -596,8 +731,15 @@ def test_paired_comparison_by_hand(arms_sweep):
     top1 = section[: section.index("### Top-5")]
     rows = {(row[0], row[2]): row for row in _rows(top1)}
     assert rows[("DropCluster", "100 %")] == [
-        "DropCluster", "0.1", "100 %", "63.00 ± 2.00", "+2.00 ± 1.00", "3.46", "0.074", "3 of 3"
-    ]  # fmt: skip
+        "DropCluster",
+        "0.1",
+        "100 %",
+        "63.00 ± 2.00",
+        "+2.00 ± 1.00",
+        "3.46",
+        "0.074",
+        "3 of 3",
+    ]
     assert rows[("DropCluster", "50 %")][4:] == ["+1.00 ± 2.00", "0.87", "0.478", "2 of 3"]
     assert rows[("DropCluster (ours)", "100 %")][4:] == ["+1.00 ± 1.00", "1.73", "0.225", "2 of 3"]
     assert rows[("DropCluster (dead)", "100 %")][4:] == ["+2.00 ± 0.00", "—", "—", "3 of 3"]
@@ -608,8 +750,14 @@ def test_paired_comparison_by_hand(arms_sweep):
     assert rows5[("DropCluster (ours)", "100 %")][4:] == ["+3.00 ± 0.00", "—", "—", "3 of 3"]
     corrupted = {row[0]: row for row in _rows(section[section.index("### Mean top-1") :])}
     assert corrupted["DropCluster"] == [
-        "DropCluster", "0.1", "48.00 ± 1.00", "+3.00 ± 1.00", "5.20", "0.035", "3 of 3"
-    ]  # fmt: skip
+        "DropCluster",
+        "0.1",
+        "48.00 ± 1.00",
+        "+3.00 ± 1.00",
+        "5.20",
+        "0.035",
+        "3 of 3",
+    ]
     assert corrupted["DropCluster (ours)"][3:6] == ["+2.00 ± 1.00", "3.46", "0.074"]
     # Which no-dropout runs each variant is paired with, and how to read the p values.
     assert "DropCluster (dead) with No dropout; DropCluster (ours) with No dropout (ours)." in (
@@ -627,8 +775,14 @@ def test_paired_section_needs_two_seeds_and_no_dropout(tmp_path):
     one_seed = ResultsStore(tmp_path / "one" / "results.sqlite")
     for regularizer, p, top1 in (("none", 0.0, 60), ("dropout", 0.1, 61)):
         run_id = _add(one_seed, regularizer, p, 1.0, 0)
-        one_seed.record_finished(run_id, history=_history([(top1, 80)] * 2), top1=1.0, top5=1.0,
-                                 average_last=2, seconds=1.0)  # fmt: skip
+        one_seed.record_finished(
+            run_id,
+            history=_history([(top1, 80)] * 2),
+            top1=1.0,
+            top5=1.0,
+            average_last=2,
+            seconds=1.0,
+        )
     markdown = write_report(one_seed, tmp_path / "one", DEMO_PRESET).read_text()
     assert "No arm has 2 or more seeds paired" in _section(markdown, "## Paired comparison")
     store.close()
@@ -663,11 +817,19 @@ def test_cluster_rows_per_dropcluster_arm(arms_sweep):
 
 def test_figures_get_every_arm_with_its_own_style(arms_sweep):
     _, markdown, calls = arms_sweep
-    assert set(calls) == {"plot_corruption_severity", "plot_training_fraction",
-                          "plot_learning_curves"}  # fmt: skip
+    assert set(calls) == {
+        "plot_corruption_severity",
+        "plot_training_fraction",
+        "plot_learning_curves",
+    }
     curves, styles = calls["plot_learning_curves"]
-    assert set(curves) == {"none", "none:ours", "dropcluster", "dropcluster:ours",
-                           "dropcluster:dead"}  # fmt: skip
+    assert set(curves) == {
+        "none",
+        "none:ours",
+        "dropcluster",
+        "dropcluster:ours",
+        "dropcluster:dead",
+    }
     # One style table for the whole report: the same arm looks the same in every figure.
     assert all(options is styles for _, options in calls.values())
     colours = {styles[arm]["color"] for arm in curves}

@@ -22,10 +22,20 @@ TAB_RED = np.array([0xD6, 0x27, 0x28]) / 255
 
 def _tiny_config(**changes):
     values = dict(
-        dataset="synthetic", model="resnet20", regularizer="dropcluster", p=0.2, epochs=2,
-        batch_size=32, lr=0.05, cluster_every=1, cluster_images=64, train_fraction=0.1,
-        average_last=1, eval_batch_size=500, channels_last=False,
-    )  # fmt: skip
+        dataset="synthetic",
+        model="resnet20",
+        regularizer="dropcluster",
+        p=0.2,
+        epochs=2,
+        batch_size=32,
+        lr=0.05,
+        cluster_every=1,
+        cluster_images=64,
+        train_fraction=0.1,
+        average_last=1,
+        eval_batch_size=500,
+        channels_last=False,
+    )
     values.update(changes)
     return TrainConfig(**values)
 

@@ -29,20 +29,55 @@ from dropcluster.experiments.store import (
 )
 
 CONFIG = {
-    "dataset": "fashion-mnist", "model": "resnet20", "regularizer": "dropcluster", "p": 0.1,
-    "regularizer_options": {"block_size": 5}, "epochs": 3, "lr": 0.1, "lr_milestones": [1, 2],
-    "seed": 0, "train_fraction": 1.0, "data_dir": None, "amp": False,
-}  # fmt: skip
+    "dataset": "fashion-mnist",
+    "model": "resnet20",
+    "regularizer": "dropcluster",
+    "p": 0.1,
+    "regularizer_options": {"block_size": 5},
+    "epochs": 3,
+    "lr": 0.1,
+    "lr_milestones": [1, 2],
+    "seed": 0,
+    "train_fraction": 1.0,
+    "data_dir": None,
+    "amp": False,
+}
 
 HISTORY = [
-    {"epoch": 0, "loss": 2.1, "train_top1": 20.0, "top1": 30.5, "top5": 70.25, "lr": 0.1,
-     "seconds": 1.5, "images_per_s": 1000.0},
-    {"epoch": 1, "loss": 1.5, "train_top1": 40.0, "top1": 45.0, "top5": 80.0, "lr": 0.1,
-     "seconds": 1.25, "images_per_s": 1200.0, "structured": [3, 5], "channels": [16, 32],
-     "refit_seconds": 0.5},
-    {"epoch": 2, "loss": float("nan"), "train_top1": 50.0, "top1": 50.0, "top5": 85.0,
-     "lr": 0.01, "seconds": 1.0, "images_per_s": 1300.0},
-]  # fmt: skip
+    {
+        "epoch": 0,
+        "loss": 2.1,
+        "train_top1": 20.0,
+        "top1": 30.5,
+        "top5": 70.25,
+        "lr": 0.1,
+        "seconds": 1.5,
+        "images_per_s": 1000.0,
+    },
+    {
+        "epoch": 1,
+        "loss": 1.5,
+        "train_top1": 40.0,
+        "top1": 45.0,
+        "top5": 80.0,
+        "lr": 0.1,
+        "seconds": 1.25,
+        "images_per_s": 1200.0,
+        "structured": [3, 5],
+        "channels": [16, 32],
+        "refit_seconds": 0.5,
+    },
+    {
+        "epoch": 2,
+        "loss": float("nan"),
+        "train_top1": 50.0,
+        "top1": 50.0,
+        "top5": 85.0,
+        "lr": 0.01,
+        "seconds": 1.0,
+        "images_per_s": 1300.0,
+    },
+]
 
 CORRUPTIONS = [
     {"corruption": "clean", "severity": 0, "top1": 50.0, "top5": 85.0},
@@ -58,16 +93,28 @@ CLUSTERS = [
 
 def add(store: ResultsStore, run_id: str = "dc-p0.1-s0", config: dict | None = None, **kw):
     """Add a run with the grid coordinates of ``CONFIG`` (overridable)."""
-    setup = {"preset": "fmnist", "regularizer": "dropcluster", "p": 0.1, "seed": 0,
-             "train_fraction": 1.0, **kw}  # fmt: skip
+    setup = {
+        "preset": "fmnist",
+        "regularizer": "dropcluster",
+        "p": 0.1,
+        "seed": 0,
+        "train_fraction": 1.0,
+        **kw,
+    }
     return store.add_run(run_id, CONFIG if config is None else config, **setup)
 
 
 def finish(store: ResultsStore, run_id: str = "dc-p0.1-s0") -> None:
     store.record_finished(
-        run_id, history=HISTORY, top1=47.5, top5=82.5, average_last=2, seconds=12.0,
-        corruptions=CORRUPTIONS, clusters=CLUSTERS,
-    )  # fmt: skip
+        run_id,
+        history=HISTORY,
+        top1=47.5,
+        top5=82.5,
+        average_last=2,
+        seconds=12.0,
+        corruptions=CORRUPTIONS,
+        clusters=CLUSTERS,
+    )
 
 
 def snapshot(store: ResultsStore) -> tuple:
@@ -103,8 +150,12 @@ def test_round_trip_of_a_finished_run(store):
     assert isinstance(record, RunRecord)
     assert record.config == CONFIG
     assert (record.preset, record.regularizer, record.p, record.seed, record.train_fraction) == (
-        "fmnist", "dropcluster", 0.1, 0, 1.0,
-    )  # fmt: skip
+        "fmnist",
+        "dropcluster",
+        0.1,
+        0,
+        1.0,
+    )
     assert (record.status, record.attempts, record.error) == ("finished", 1, None)
     assert (record.top1, record.top5, record.average_last) == (47.5, 82.5, 2)
     assert (record.epochs_done, record.seconds) == (3, 12.0)
@@ -274,8 +325,10 @@ def test_reset_interrupted_sets_running_runs_back_to_pending(store):
     store.mark_running("c")
     assert store.reset_interrupted() == ["a", "c"]
     assert [store.run(run_id).status for run_id in ("a", "b", "c")] == [
-        "pending", "finished", "pending",
-    ]  # fmt: skip
+        "pending",
+        "finished",
+        "pending",
+    ]
     assert store.run("a").attempts == 1
     assert store.reset_interrupted() == []
 
@@ -287,8 +340,10 @@ def test_failed_run_keeps_its_error_and_is_not_finished(store):
     store.mark_failed("a", "RuntimeError: CUDA out of memory")
     record = store.run("a")
     assert (record.status, record.error, record.attempts) == (
-        "failed", "RuntimeError: CUDA out of memory", 1,
-    )  # fmt: skip
+        "failed",
+        "RuntimeError: CUDA out of memory",
+        1,
+    )
     assert record.top1 is None
     assert store.counts() == {"pending": 1, "running": 0, "finished": 0, "failed": 1}
     assert store.runs(status="finished") == []
@@ -306,8 +361,13 @@ def test_runs_are_ordered_and_filtered(store):
     add(store, "high-p", p=0.2, seed=0)
     add(store, "other-preset", preset="other", p=0.3, seed=0)
     assert [r.run_id for r in store.runs()] == [
-        "z", "s0", "s1", "small", "high-p", "other-preset",
-    ]  # fmt: skip
+        "z",
+        "s0",
+        "s1",
+        "small",
+        "high-p",
+        "other-preset",
+    ]
     assert [r.run_id for r in store.runs(preset="other")] == ["other-preset"]
     assert len(store.runs(status="pending", preset="fmnist")) == 5
     with pytest.raises(ValueError, match="status should be one of 'pending'"):
@@ -400,8 +460,11 @@ def test_export_csv_round_trips_through_the_csv_module(store, tmp_path):
 
     paths = store.export_csv(tmp_path / "csv")
     assert [path.name for path in paths] == [
-        "runs.csv", "epochs.csv", "corruptions.csv", "clusters.csv",
-    ]  # fmt: skip
+        "runs.csv",
+        "epochs.csv",
+        "corruptions.csv",
+        "clusters.csv",
+    ]
     assert not list((tmp_path / "csv").glob("*.tmp"))
 
     def read(name):
@@ -434,8 +497,9 @@ def test_export_csv_round_trips_through_the_csv_module(store, tmp_path):
 
     clusters = read("clusters.csv")
     assert [(row["layer"], int(row["structured"]), row["refit_seconds"]) for row in clusters] == [
-        ("layer2.0", 3, "0.5"), ("layer10.0", 5, ""),
-    ]  # fmt: skip
+        ("layer2.0", 3, "0.5"),
+        ("layer10.0", 5, ""),
+    ]
 
     # A second export replaces the files.
     store.mark_running("b")
@@ -454,17 +518,24 @@ def test_nan_final_metrics_are_stored_as_null(store):
 
 def test_record_corruptions_with_replace_keeps_only_the_new_rows(tmp_path):
     with ResultsStore(tmp_path / "r.sqlite") as store:
-        store.add_run("a", {"x": 1}, preset=None, regularizer="none", p=0.0, seed=0,
-                      train_fraction=1.0)  # fmt: skip
-        old = [{"corruption": "clean", "severity": 0, "top1": 1.0, "top5": 2.0},
-               {"corruption": "zoom_blur", "severity": 1, "top1": 3.0, "top5": 4.0}]  # fmt: skip
+        store.add_run(
+            "a", {"x": 1}, preset=None, regularizer="none", p=0.0, seed=0, train_fraction=1.0
+        )
+        old = [
+            {"corruption": "clean", "severity": 0, "top1": 1.0, "top5": 2.0},
+            {"corruption": "zoom_blur", "severity": 1, "top1": 3.0, "top5": 4.0},
+        ]
         store.record_corruptions("a", old)
-        new = [{"corruption": "clean", "severity": 0, "top1": 5.0, "top5": 6.0},
-               {"corruption": "shot_noise", "severity": 2, "top1": 7.0, "top5": 8.0}]  # fmt: skip
+        new = [
+            {"corruption": "clean", "severity": 0, "top1": 5.0, "top5": 6.0},
+            {"corruption": "shot_noise", "severity": 2, "top1": 7.0, "top5": 8.0},
+        ]
         store.record_corruptions("a", new, source="released", replace=True)
         rows = store.corruption_results("a")
     assert [(r["corruption"], r["severity"], r["top1"], r["source"]) for r in rows] == [
-        ("clean", 0, 5.0, "released"), ("shot_noise", 2, 7.0, "released")]  # fmt: skip
+        ("clean", 0, 5.0, "released"),
+        ("shot_noise", 2, 7.0, "released"),
+    ]
 
 
 # -- errors, read-only folders and damaged files ------------------------------------------------
@@ -636,8 +707,9 @@ def test_readonly_store_reads_a_really_read_only_folder(shared_tmp):
     folder = shared_tmp / "sweep"
     expected = _finished_sweep(folder)
     assert _in_read_only_folder(folder, _reader_view(folder)) == (
-        "ok", (True, expected, [DATABASE_NAME]),
-    )  # fmt: skip
+        "ok",
+        (True, expected, [DATABASE_NAME]),
+    )
 
     # A writer cannot open it, and says why in one line.
     def write() -> None:
@@ -659,8 +731,9 @@ def test_readonly_store_reads_a_really_read_only_folder(shared_tmp):
     assert outcome[0] == "ok" and outcome[1][1] == expected
     (folder / SHM).unlink()
     assert _in_read_only_folder(folder, _reader_view(folder)) == (
-        "ok", (True, expected, sorted([DATABASE_NAME, WAL])),
-    )  # fmt: skip
+        "ok",
+        (True, expected, sorted([DATABASE_NAME, WAL])),
+    )
 
 
 def test_read_only_folder_with_an_unmerged_wal(shared_tmp):

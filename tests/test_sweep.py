@@ -283,9 +283,25 @@ def test_jobs_run_side_by_side_and_share_the_cores(tmp_path, monkeypatch):
 
 
 def test_command_line_dry_run_overrides_and_errors(tmp_path, capsys):
-    assert main(["sweep", "--preset", "paper-cifar100", "--stem", "cifar", "--out",
-                 str(tmp_path / "c100"), "--only", "regularizer=dropcluster", "--only",
-                 "fraction=1", "--dry-run"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "sweep",
+                "--preset",
+                "paper-cifar100",
+                "--stem",
+                "cifar",
+                "--out",
+                str(tmp_path / "c100"),
+                "--only",
+                "regularizer=dropcluster",
+                "--only",
+                "fraction=1",
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "preset paper-cifar100 (paper scale): 20 runs" in out and "dropcluster-p0.3-f1-s3" in out
     assert not (tmp_path / "c100").exists()
@@ -317,8 +333,13 @@ def test_a_database_from_a_newer_version_is_refused_by_the_commands(tmp_path, ca
 def _evaluating_preset(**evaluate) -> dict:
     preset = tiny_preset(epochs=2)
     preset["grids"][0]["regularizer"] = ["none"]
-    preset["evaluate"] = {"train_fraction": [0.25], "corruptions": "gaussian_noise",
-                          "severities": [1], "limit": 50, **evaluate}  # fmt: skip
+    preset["evaluate"] = {
+        "train_fraction": [0.25],
+        "corruptions": "gaussian_noise",
+        "severities": [1],
+        "limit": 50,
+        **evaluate,
+    }
     return preset
 
 
@@ -347,7 +368,9 @@ def test_results_of_an_unfinished_checkpoint_are_replaced_once_the_run_finishes(
     with ResultsStore.in_folder(out, readonly=True) as store:
         rows = store.corruption_results(spec.run_id)
     assert [(r["corruption"], r["severity"], r["source"]) for r in rows] == [
-        ("clean", 0, "generated"), ("gaussian_noise", 1, "generated")]  # fmt: skip
+        ("clean", 0, "generated"),
+        ("gaussian_noise", 1, "generated"),
+    ]
     assert rows[1]["top1"] == document["rows"][1]["top1"]
 
 
@@ -356,8 +379,11 @@ def test_sweep_settings_are_checked_but_the_device_may_change(tmp_path):
     out = tmp_path / "out"
     run_sweep(preset, out, stream=io.StringIO())
     # Another device (or eval batch size) does not change results: the sweep continues.
-    again = run_sweep(apply_overrides(preset, {"device": "auto", "eval_batch_size": 250}), out,
-                      stream=io.StringIO())  # fmt: skip
+    again = run_sweep(
+        apply_overrides(preset, {"device": "auto", "eval_batch_size": 250}),
+        out,
+        stream=io.StringIO(),
+    )
     assert again.finished == 1 and again.ran == []
     changed = _evaluating_preset(severities=[1, 2])
     with pytest.raises(ValueError, match="\\['evaluate'\\] differ"):
@@ -436,8 +462,9 @@ def test_released_results_keep_their_source(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "log.jsonl").write_text(json.dumps({"epoch": 0, "top1": 50.0, "top5": 90.0}) + "\n")
-    (run_dir / "result.json").write_text(json.dumps({"top1": 50.0, "top5": 90.0,
-                                                     "average_last": 1}))  # fmt: skip
+    (run_dir / "result.json").write_text(
+        json.dumps({"top1": 50.0, "top5": 90.0, "average_last": 1})
+    )
     (run_dir / "corruptions.json").write_text(
         json.dumps(
             {
@@ -449,8 +476,9 @@ def test_released_results_keep_their_source(tmp_path):
         )
     )
     results = read_results(run_dir)
-    assert results["corruptions"] == [{"corruption": "clean", "severity": 0, "top1": 50.0,
-                                       "top5": 90.0, "source": "released"}]  # fmt: skip
+    assert results["corruptions"] == [
+        {"corruption": "clean", "severity": 0, "top1": 50.0, "top5": 90.0, "source": "released"}
+    ]
 
 
 def test_reproduce_reports_and_analyses_the_dropcluster_run(tmp_path, capsys):

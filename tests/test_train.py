@@ -17,10 +17,20 @@ TIMING_KEYS = {"seconds", "images_per_s", "refit_seconds", "eval_seconds"}
 
 def _tiny_config(**changes):
     values = dict(
-        dataset="synthetic", model="resnet20", regularizer="dropcluster", p=0.2, epochs=3,
-        batch_size=32, lr=0.05, cluster_every=1, cluster_images=64, train_fraction=0.25,
-        average_last=2, eval_batch_size=256, channels_last=False,
-    )  # fmt: skip
+        dataset="synthetic",
+        model="resnet20",
+        regularizer="dropcluster",
+        p=0.2,
+        epochs=3,
+        batch_size=32,
+        lr=0.05,
+        cluster_every=1,
+        cluster_images=64,
+        train_fraction=0.25,
+        average_last=2,
+        eval_batch_size=256,
+        channels_last=False,
+    )
     values.update(changes)
     return TrainConfig(**values)
 
@@ -166,10 +176,19 @@ def test_short_fashion_mnist_training_with_dropcluster_learns(tmp_path):
 
     require_fashion_mnist()
     config = TrainConfig(
-        dataset="fashion-mnist", model="resnet20", regularizer="dropcluster", p=0.1,
-        epochs=3, batch_size=128, lr=0.05, cluster_every=1, cluster_images=256,
-        train_fraction=0.05, average_last=1, seed=0,
-    )  # fmt: skip
+        dataset="fashion-mnist",
+        model="resnet20",
+        regularizer="dropcluster",
+        p=0.1,
+        epochs=3,
+        batch_size=128,
+        lr=0.05,
+        cluster_every=1,
+        cluster_images=256,
+        train_fraction=0.05,
+        average_last=1,
+        seed=0,
+    )
     result = train(config, tmp_path)
     # 3000 training images, 3 epochs: 61.05 % top-1 measured here (torch 2.13 CPU, seed 0);
     # chance is 10 %. The margin allows for other CPUs' arithmetic.

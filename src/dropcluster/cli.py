@@ -160,15 +160,29 @@ def add_config_flags(parser, config_class) -> None:
         if typing.get_origin(kind) is dict:
             continue
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                dest=spec.name, help=text)  # fmt: skip
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, dest=spec.name, help=text
+            )
         elif typing.get_origin(kind) is list:
             (item,) = typing.get_args(kind)
-            parser.add_argument(flag, type=item, nargs="*", default=None, dest=spec.name,
-                                metavar=item.__name__.upper(), help=text)  # fmt: skip
+            parser.add_argument(
+                flag,
+                type=item,
+                nargs="*",
+                default=None,
+                dest=spec.name,
+                metavar=item.__name__.upper(),
+                help=text,
+            )
         else:
-            parser.add_argument(flag, type=kind, default=None, dest=spec.name,
-                                metavar=kind.__name__.upper(), help=text)  # fmt: skip
+            parser.add_argument(
+                flag,
+                type=kind,
+                default=None,
+                dest=spec.name,
+                metavar=kind.__name__.upper(),
+                help=text,
+            )
 
 
 def attribute_docs(config_class) -> dict[str, str]:
@@ -201,8 +215,10 @@ def attribute_docs(config_class) -> dict[str, str]:
             for name in names:
                 docs[name] += " " + stripped
     # Help is plain text: Sphinx roles and literals lose their markup, % is argparse's escape.
-    plain = {name: re.sub(r":\w+:`([^`]+)`", r"\1", text).replace("``", "") for name, text in
-             docs.items()}  # fmt: skip
+    plain = {
+        name: re.sub(r":\w+:`([^`]+)`", r"\1", text).replace("``", "")
+        for name, text in docs.items()
+    }
     return {name: text.replace("%", "%%") for name, text in plain.items()}
 
 

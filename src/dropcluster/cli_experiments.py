@@ -190,9 +190,13 @@ def _add_backend_arguments(sub) -> None:
         "(default 240)",
     )
     engines.add_argument(
-        "--mem", type=int_argument(1), default=None, dest="mem_gb", metavar="GB",
+        "--mem",
+        type=int_argument(1),
+        default=None,
+        dest="mem_gb",
+        metavar="GB",
         help="Slurm: memory per job in GB",
-    )  # fmt: skip
+    )
     engines.add_argument(
         "--no-wait",
         action="store_false",
@@ -205,10 +209,16 @@ def _add_backend_arguments(sub) -> None:
 def _backend_settings(args: argparse.Namespace):
     from dropcluster.experiments.backends import BackendSettings
 
-    values = {"name": args.backend, "gpus_per_run": args.gpus_per_run,
-              "cpus_per_run": args.cpus_per_run, "address": args.address,
-              "partition": args.partition, "time_minutes": args.time_minutes,
-              "mem_gb": args.mem_gb, "wait": args.wait}  # fmt: skip
+    values = {
+        "name": args.backend,
+        "gpus_per_run": args.gpus_per_run,
+        "cpus_per_run": args.cpus_per_run,
+        "address": args.address,
+        "partition": args.partition,
+        "time_minutes": args.time_minutes,
+        "mem_gb": args.mem_gb,
+        "wait": args.wait,
+    }
     # Flags left out keep the settings' defaults.
     return BackendSettings(**{k: v for k, v in values.items() if v is not None})
 
@@ -523,16 +533,20 @@ def _write_combined_report(args: argparse.Namespace, preset) -> Path:
     from dropcluster.experiments.sweep import PRESET_NAME
 
     with ExitStack() as stack:
-        parts = [(stack.enter_context(ResultsStore.in_folder(args.out, readonly=True)),
-                  preset)]  # fmt: skip
+        parts = [(stack.enter_context(ResultsStore.in_folder(args.out, readonly=True)), preset)]
         for folder in args.with_sweeps:
             if not (folder / PRESET_NAME).is_file():
                 raise FileNotFoundError(f"--with {folder}: no {PRESET_NAME}; is it a sweep folder?")
             other = load_preset(folder / PRESET_NAME)
             store = stack.enter_context(ResultsStore.in_folder(folder, readonly=True))
             parts.append((store, other))
-        return write_report(CombinedResults(parts), args.out, preset,
-                            average_last=args.average_last, report_dir=args.report_dir)  # fmt: skip
+        return write_report(
+            CombinedResults(parts),
+            args.out,
+            preset,
+            average_last=args.average_last,
+            report_dir=args.report_dir,
+        )
 
 
 def _run_results(args: argparse.Namespace) -> int:

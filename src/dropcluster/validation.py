@@ -27,8 +27,9 @@ __all__ = [
 ]
 
 
-def check_int(name: str, value: Any, *, minimum: int | None = None,
-              maximum: int | None = None) -> int:  # fmt: skip
+def check_int(
+    name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
     """``value`` as an int (a bool is refused), within ``[minimum, maximum]`` when given."""
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise ValueError(f"{name} should be an integer, but got {value!r}")
@@ -37,9 +38,15 @@ def check_int(name: str, value: Any, *, minimum: int | None = None,
     return value
 
 
-def check_float(name: str, value: Any, *, minimum: float | None = None,
-                maximum: float | None = None, above: float | None = None,
-                below: float | None = None) -> float:  # fmt: skip
+def check_float(
+    name: str,
+    value: Any,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+) -> float:
     """``value`` as a finite float (ints accepted, bools and NaN/inf refused).
 
     ``minimum``/``maximum`` are inclusive bounds, ``above``/``below`` exclusive ones.
@@ -99,8 +106,9 @@ def _fits(value: Any, hint: Any) -> bool:
     if hint is int:
         return isinstance(value, Integral) and not isinstance(value, bool)
     if hint is float:
-        return (isinstance(value, Real) and not isinstance(value, bool)
-                and math.isfinite(float(value)))  # fmt: skip
+        return (
+            isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(float(value))
+        )
     if hint is str:
         return isinstance(value, str)
     if origin is list:

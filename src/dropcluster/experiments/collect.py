@@ -376,15 +376,18 @@ def _mismatch(store: ResultsStore, grid: _Grid, record, folder: Path) -> str | N
     stored = dict(record.config)
     refuse_0_1_run(store.path, record.run_id, stored)
     if "variant" not in stored:  # recorded before configs kept their variant
-        stored["variant"] = variant_from_run_id(record.run_id, record.regularizer, record.p,
-                                                record.train_fraction, record.seed)  # fmt: skip
+        stored["variant"] = variant_from_run_id(
+            record.run_id, record.regularizer, record.p, record.train_fraction, record.seed
+        )
     try:
         differences = spec.config.run_differences(TrainConfig.from_dict(stored))
     except ValueError as error:
         return f"its stored config is not valid ({error})"
     if differences:
-        shown = "; ".join(f"{key} {theirs!r} stored, {mine!r} in the preset"
-                          for key, (mine, theirs) in sorted(differences.items()))  # fmt: skip
+        shown = "; ".join(
+            f"{key} {theirs!r} stored, {mine!r} in the preset"
+            for key, (mine, theirs) in sorted(differences.items())
+        )
         return f"recorded with another config than the preset's ({shown})"
     try:
         check_run(folder, spec)

@@ -392,8 +392,9 @@ def evaluate_run(
         return _evaluate_run_locked(Path(run_dir), settings, device, batch_size, progress)
 
 
-def _evaluate_run_locked(run_dir: Path, settings: CorruptionSettings, device, batch_size,
-                         progress) -> list[dict[str, Any]]:  # fmt: skip
+def _evaluate_run_locked(
+    run_dir: Path, settings: CorruptionSettings, device, batch_size, progress
+) -> list[dict[str, Any]]:
     from dropcluster.data.subsets import stratified_subset
     from dropcluster.train.restore import load_run
 
@@ -447,9 +448,15 @@ def _evaluate_run_locked(run_dir: Path, settings: CorruptionSettings, device, ba
         amp_dtype=amp_dtype,
     )
     write_corruption_results(
-        run_dir, rows, settings, source, checkpoint_epochs=loaded.epochs_done, device=model_device,
-        seconds=time.perf_counter() - start, amp_dtype=amp_dtype,
-    )  # fmt: skip
+        run_dir,
+        rows,
+        settings,
+        source,
+        checkpoint_epochs=loaded.epochs_done,
+        device=model_device,
+        seconds=time.perf_counter() - start,
+        amp_dtype=amp_dtype,
+    )
     return rows
 
 

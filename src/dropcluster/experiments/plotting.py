@@ -41,8 +41,9 @@ def save_figure(figure: Any, path: str | Path, **options: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     file_format = path.suffix.lstrip(".") or "png"
     try:
-        atomic_write(path, lambda stream: figure.savefig(stream, format=file_format, dpi=DPI,
-                                                         **options))  # fmt: skip
+        atomic_write(
+            path, lambda stream: figure.savefig(stream, format=file_format, dpi=DPI, **options)
+        )
     finally:
         pyplot().close(figure)
     return path

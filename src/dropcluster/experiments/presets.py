@@ -122,8 +122,11 @@ class Grid:
         if unknown:
             raise ValueError(f"unknown regularizers {unknown}; valid: {', '.join(REGULARIZERS)}")
         check_variant(self.variant)
-        check_type("options.regularizer_options", self.options.get("regularizer_options", {}),
-                   dict[str, Any])  # fmt: skip
+        check_type(
+            "options.regularizer_options",
+            self.options.get("regularizer_options", {}),
+            dict[str, Any],
+        )
         reserved = sorted(set(self.options) & {*GRID_KEYS, "variant"})
         if reserved:
             raise ValueError(f"a grid's options cannot set {reserved}: the grid itself sets them")
@@ -294,8 +297,9 @@ class Preset:
         check_fields(self)
         check_name("name", self.name)  # the default output folder is runs/<name>
         check_choice("scale", self.scale, SCALES)
-        check_type("base.regularizer_options", self.base.get("regularizer_options", {}),
-                   dict[str, Any])  # fmt: skip
+        check_type(
+            "base.regularizer_options", self.base.get("regularizer_options", {}), dict[str, Any]
+        )
         check_variant(self.variant)
         unknown = sorted(set(self.options) - set(REGULARIZERS))
         if unknown:
@@ -374,10 +378,13 @@ class Preset:
         evaluate = values.get("evaluate")
         analyze = values.get("analyze")
         return cls(
-            **{**values, "grids": grids,
-               "evaluate": None if evaluate is None else EvaluateSettings.from_dict(evaluate),
-               "analyze": None if analyze is None else AnalyzeSettings.from_dict(analyze)}
-        )  # fmt: skip
+            **{
+                **values,
+                "grids": grids,
+                "evaluate": None if evaluate is None else EvaluateSettings.from_dict(evaluate),
+                "analyze": None if analyze is None else AnalyzeSettings.from_dict(analyze),
+            }
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (what :meth:`from_dict` reads)."""
@@ -522,9 +529,13 @@ def _run_specs(preset: Preset) -> list[RunSpec]:
                         identifier = run_id(regularizer, p, fraction, seed, variant)
                         try:
                             config = TrainConfig.from_dict(
-                                {**values, "p": float(p), "train_fraction": float(fraction),
-                                 "seed": int(seed)}
-                            )  # fmt: skip
+                                {
+                                    **values,
+                                    "p": float(p),
+                                    "train_fraction": float(fraction),
+                                    "seed": int(seed),
+                                }
+                            )
                         except ValueError as error:
                             raise ValueError(f"grid {index}, run {identifier}: {error}") from error
                         if identifier in specs:
@@ -549,8 +560,12 @@ def _grid_config(
         **preset.options.get(regularizer, {}),
         **grid.options.get("regularizer_options", {}),
     }
-    values = {**preset.base, **grid.options, "regularizer": regularizer,
-              "regularizer_options": options if regularizer != "none" else {}}  # fmt: skip
+    values = {
+        **preset.base,
+        **grid.options,
+        "regularizer": regularizer,
+        "regularizer_options": options if regularizer != "none" else {},
+    }
     if variant is not None:
         values["variant"] = variant
     return values

@@ -189,8 +189,16 @@ def _full_set_section(summary: Summary, paper: dict | None, table_name: str) -> 
     lines.append("")
     headers = ["regularizer", "p", "top-1 (%)", "top-5 (%)", "n"]
     if paper:
-        headers = ["regularizer", "p measured", "p paper", "top-1 measured", "top-1 paper",
-                   "top-5 measured", "top-5 paper", "n"]  # fmt: skip
+        headers = [
+            "regularizer",
+            "p measured",
+            "p paper",
+            "top-1 measured",
+            "top-1 paper",
+            "top-5 measured",
+            "top-5 paper",
+            "n",
+        ]
     rows = []
     # The paper's tables are keyed by bare regularizer, which is the plain arm's name: a
     # variant finds nothing there, so the paper's numbers stand beside the plain arm only.
@@ -205,9 +213,18 @@ def _full_set_section(summary: Summary, paper: dict | None, table_name: str) -> 
         n = str(group.top1.n) if group else "0"
         if paper:
             reported = paper["full"].get(arm, {})
-            rows.append([display_name(arm), measured[0], _fmt_p(reported.get("p")),
-                         measured[1], _fmt_paper(reported.get("top1")),
-                         measured[2], _fmt_paper(reported.get("top5")), n])  # fmt: skip
+            rows.append(
+                [
+                    display_name(arm),
+                    measured[0],
+                    _fmt_p(reported.get("p")),
+                    measured[1],
+                    _fmt_paper(reported.get("top1")),
+                    measured[2],
+                    _fmt_paper(reported.get("top5")),
+                    n,
+                ]
+            )
         else:
             rows.append([display_name(arm), *measured, n])
     lines.append(_table(headers, rows))
@@ -395,8 +412,9 @@ def _corruption_notes(
 
 def _corruption_table(comparison: _CorruptionComparison) -> str:
     headers = ["corruption"]
-    paper_columns = [comparison.with_paper and split_arm(arm)[1] is None
-                     for arm, _ in comparison.columns]  # fmt: skip
+    paper_columns = [
+        comparison.with_paper and split_arm(arm)[1] is None for arm, _ in comparison.columns
+    ]
     for (arm, p), with_paper in zip(comparison.columns, paper_columns, strict=True):
         label = display_name(arm) + ("" if p is None else f" (p={p:g})")
         headers.append(f"{label} measured" if comparison.with_paper else label)
@@ -504,9 +522,13 @@ def _paired_table(rows: list[PairedRow], metric_name: str, *, with_fraction: boo
         cells = [display_name(row.arm), _fmt_p(row.p)]
         if with_fraction:
             cells.append(_fmt_fraction(row.train_fraction))
-        cells += [_fmt_stats(row.values, with_n=False), _fmt_delta(row.test.stats),
-                  _fmt_t(row.test.t), _fmt_p_value(row.test.p_value),
-                  f"{row.test.better} of {row.test.n}"]  # fmt: skip
+        cells += [
+            _fmt_stats(row.values, with_n=False),
+            _fmt_delta(row.test.stats),
+            _fmt_t(row.test.t),
+            _fmt_p_value(row.test.p_value),
+            f"{row.test.better} of {row.test.n}",
+        ]
         lines.append(cells)
     return _table(headers, lines)
 
@@ -561,14 +583,32 @@ def _cluster_section(summary: Summary) -> list[str]:
     rows = []
     for row in summary.clusters:
         share = 100 * row.structured.mean / row.channels.mean if row.channels.mean else math.nan
-        rows.append([
-            display_name(row.arm), _fmt_p(row.p), _fmt_fraction(row.train_fraction),
-            str(row.epoch), row.layer, _fmt_stats(row.structured, with_n=False),
-            f"{row.channels.mean:g}", f"{share:.1f} %",
-            _fmt_stats(row.refit_seconds, with_n=False), str(row.structured.n),
-        ])  # fmt: skip
-    headers = ["regularizer", "p", "training set", "epoch", "layer", "structured", "channels",
-               "structured share", "refit (s)", "n"]  # fmt: skip
+        rows.append(
+            [
+                display_name(row.arm),
+                _fmt_p(row.p),
+                _fmt_fraction(row.train_fraction),
+                str(row.epoch),
+                row.layer,
+                _fmt_stats(row.structured, with_n=False),
+                f"{row.channels.mean:g}",
+                f"{share:.1f} %",
+                _fmt_stats(row.refit_seconds, with_n=False),
+                str(row.structured.n),
+            ]
+        )
+    headers = [
+        "regularizer",
+        "p",
+        "training set",
+        "epoch",
+        "layer",
+        "structured",
+        "channels",
+        "structured share",
+        "refit (s)",
+        "n",
+    ]
     lines.append(_table(headers, rows))
     return lines
 
@@ -604,31 +644,37 @@ def _draw_figures(summary: Summary, folder: Path, preset_name: str) -> tuple[lis
             for metric, index in (("top1", 0), ("top5", 1)):
                 drawn[f"corruption_{metric}"] = report_figures.plot_corruption_severity(
                     _corruption_figure_data(summary, index),
-                    folder / f"corruption_{metric}.png", metric=metric, styles=styles,
+                    folder / f"corruption_{metric}.png",
+                    metric=metric,
+                    styles=styles,
                     title=f"{preset_name}: test {metric.replace('top', 'top-')} accuracy against "
                     "corruption severity (mean over seeds, bars: std)",
-                )  # fmt: skip
+                )
         if len({f for per_arm in summary.fractions.values() for f in per_arm}) > 1:
             data = {
                 arm: {f: group.top1.mean_std() for f, group in per_arm.items()}
                 for arm, per_arm in summary.fractions.items()
             }
             drawn["training_fraction"] = report_figures.plot_training_fraction(
-                data, folder / "training_fraction_top1.png", styles=styles,
+                data,
+                folder / "training_fraction_top1.png",
+                styles=styles,
                 title=f"{preset_name}: top-1 against training-set size "
                 "(mean over seeds, bars: std)",
-            )  # fmt: skip
+            )
         if summary.curves:
             data = {
                 arm: [(epoch, *stats.mean_std()) for epoch, stats in points]
                 for arm, points in summary.curves.items()
             }
             drawn["learning_curves"] = report_figures.plot_learning_curves(
-                data, folder / "learning_curves_top1.png", average_last=summary.average_last,
+                data,
+                folder / "learning_curves_top1.png",
+                average_last=summary.average_last,
                 styles=styles,
                 title=f"{preset_name}: test top-1 per epoch, best p, "
                 f"{_fmt_fraction(summary.full_fraction)} of the training set",
-            )  # fmt: skip
+            )
     except ImportError as error:
         return [], str(error)
     captions = {
@@ -662,9 +708,10 @@ def _analysis_section(out_dir: Path, summary: Summary, report_dir: Path) -> list
     ``analyses/`` folder, so that it stands alone (a docs folder, an archive)."""
     finished = {run.run_id for run in summary.runs}
     analysed = sorted(
-        path.parent for path in (out_dir / RUNS_FOLDER).glob("*/analysis/analysis.md")
+        path.parent
+        for path in (out_dir / RUNS_FOLDER).glob("*/analysis/analysis.md")
         if path.parent.parent.name in finished
-    )  # fmt: skip
+    )
     copies = report_dir / ANALYSES_FOLDER
     shutil.rmtree(copies, ignore_errors=True)  # none stale from an earlier report
     if not analysed:
@@ -672,12 +719,12 @@ def _analysis_section(out_dir: Path, summary: Summary, report_dir: Path) -> list
     if not report_dir.resolve().is_relative_to(out_dir.resolve()):
         for folder in analysed:
             shutil.copytree(folder, copies / folder.parent.name)
-        links = {folder.parent.name: f"{ANALYSES_FOLDER}/{folder.parent.name}"
-                 for folder in analysed}  # fmt: skip
+        links = {
+            folder.parent.name: f"{ANALYSES_FOLDER}/{folder.parent.name}" for folder in analysed
+        }
     else:
         runs = Path(os.path.relpath(out_dir / RUNS_FOLDER, report_dir)).as_posix()
-        links = {folder.parent.name: f"{runs}/{folder.parent.name}/analysis"
-                 for folder in analysed}  # fmt: skip
+        links = {folder.parent.name: f"{runs}/{folder.parent.name}/analysis" for folder in analysed}
     lines = ["", "## Cluster analysis (paper, Figures 1-4 and 8)", ""]
     lines.append(
         "Cluster maps of every channel of the DropCluster slot, example masks and Spatial Hopkins "

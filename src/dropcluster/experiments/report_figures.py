@@ -139,8 +139,12 @@ def arm_styles(arms) -> dict[str, dict]:
             colour = VARIANT_COLOURS[n_variants % len(VARIANT_COLOURS)]
             marker = _VARIANT_MARKERS[n_variants % len(_VARIANT_MARKERS)]
             linestyle, n_variants = "--", n_variants + 1
-        styles[arm] = {"color": colour, "marker": marker, "linestyle": linestyle,
-                       "label": display_name(arm)}  # fmt: skip
+        styles[arm] = {
+            "color": colour,
+            "marker": marker,
+            "linestyle": linestyle,
+            "label": display_name(arm),
+        }
     return styles
 
 

@@ -344,8 +344,19 @@ def _measure(
     channels = _example_channels(clusters.structured, hopkins)
     flat = activations.transpose(0, 1).flatten(1)
     dead = torch.nonzero(flat.amax(dim=1) == flat.amin(dim=1)).flatten().tolist()
-    return _Measured(slot_name, sample_index, clusters, hopkins, examples, masks, mask_p,
-                     mask_note, channels, layers, dead)  # fmt: skip
+    return _Measured(
+        slot_name,
+        sample_index,
+        clusters,
+        hopkins,
+        examples,
+        masks,
+        mask_p,
+        mask_note,
+        channels,
+        layers,
+        dead,
+    )
 
 
 def _draw_figures(run: LoadedRun, measured: _Measured, out_dir: Path) -> None:
@@ -356,26 +367,36 @@ def _draw_figures(run: LoadedRun, measured: _Measured, out_dir: Path) -> None:
     example_index = measured.sample_index[: len(measured.examples)]
     class_names = run.test_set.classes
     plot_cluster_maps(
-        clusters.labels.numpy(), clusters.structured.numpy(), clusters.n_found.numpy(),
-        hopkins.numpy(), out_dir / FIGURE_NAMES["cluster_maps"],
+        clusters.labels.numpy(),
+        clusters.structured.numpy(),
+        clusters.n_found.numpy(),
+        hopkins.numpy(),
+        out_dir / FIGURE_NAMES["cluster_maps"],
         title=f"{run_name}: clusters at '{slot}' ({clusters.source})",
-    )  # fmt: skip
+    )
     plot_examples(
         run.test_set.images[example_index].numpy(),
         [f"test #{int(i)}\n{class_names[int(run.test_set.labels[i])]}" for i in example_index],
-        measured.examples.numpy(), clusters.labels.numpy(), clusters.structured.numpy(),
-        measured.masks.numpy(), measured.channels, out_dir / FIGURE_NAMES["examples"],
+        measured.examples.numpy(),
+        clusters.labels.numpy(),
+        clusters.structured.numpy(),
+        measured.masks.numpy(),
+        measured.channels,
+        out_dir / FIGURE_NAMES["examples"],
         title=f"{run_name}: activations at '{slot}', clusters, and {measured.mask_note}",
-    )  # fmt: skip
+    )
     plot_channel_hopkins(
-        hopkins.numpy(), clusters.structured.numpy(), out_dir / FIGURE_NAMES["channel_hopkins"],
+        hopkins.numpy(),
+        clusters.structured.numpy(),
+        out_dir / FIGURE_NAMES["channel_hopkins"],
         title=f"{run_name}: Spatial Hopkins per channel at '{slot}' "
         f"(mean over {n_sample} test images)",
-    )  # fmt: skip
+    )
     plot_layer_hopkins(
-        measured.layers, out_dir / FIGURE_NAMES["layer_hopkins"],
+        measured.layers,
+        out_dir / FIGURE_NAMES["layer_hopkins"],
         title=f"{run_name}: per-channel Spatial Hopkins by depth ({n_sample} test images)",
-    )  # fmt: skip
+    )
 
 
 def _clustered_slot(model: SlottedModel) -> tuple[str, Slot, DropCluster2d | None]:
@@ -483,10 +504,11 @@ def _clusters(
         )
     if layer is not None:
         options = dict(
-            n_clusters=layer.n_clusters, max_rounds=layer.max_rounds,
+            n_clusters=layer.n_clusters,
+            max_rounds=layer.max_rounds,
             unstructured=unstructured or layer.unstructured,
             identical_neighbours=layer.identical_neighbours,
-        )  # fmt: skip
+        )
         why = (
             "the run's `DropCluster2d` was not fitted yet (training stopped before its first refit)"
         )
@@ -531,11 +553,25 @@ def _sample_masks(
         p, per_sample = ILLUSTRATIVE_P, True
         note = f"an illustrative training mask (p={p:g}; the run has no DropCluster layer)"
     # As the layer holds them: a channel ReNA left with more than n_clusters is unstructured.
-    tables = Clusters(*fixed_tables(clusters.labels, clusters.structured, clusters.n_found,
-                                    clusters.sizes, clusters.n_clusters))  # fmt: skip
+    tables = Clusters(
+        *fixed_tables(
+            clusters.labels,
+            clusters.structured,
+            clusters.n_found,
+            clusters.sizes,
+            clusters.n_clusters,
+        )
+    )
     generator = torch.Generator().manual_seed(seed)
-    _, mask = drop_cluster2d(examples, p, tables, training=True, per_sample=per_sample,
-                             generator=generator, return_mask=True)  # fmt: skip
+    _, mask = drop_cluster2d(
+        examples,
+        p,
+        tables,
+        training=True,
+        per_sample=per_sample,
+        generator=generator,
+        return_mask=True,
+    )
     return mask.expand_as(examples).contiguous(), p, note
 
 
@@ -763,8 +799,11 @@ def analyze_sweep_runs(
     Raises:
         ImportError: matplotlib (the ``plot`` extra) is not installed.
     """
-    options = {"sample_images": settings.sample_images, "epoch": settings.epoch,
-               "unstructured": settings.unstructured}  # fmt: skip
+    options = {
+        "sample_images": settings.sample_images,
+        "epoch": settings.epoch,
+        "unstructured": settings.unstructured,
+    }
     if settings.runs == "best-dropcluster":
         path = analyze_best_dropcluster_run(out_dir, progress=progress, **options)
         return [] if path is None else [path]

@@ -111,9 +111,11 @@ def plot_cluster_maps(
     panel = 1.45
     # At least 7 inches wide so that the three title lines fit above a narrow grid.
     figure, axes = plt.subplots(
-        n_rows, n_columns, figsize=(max(7.0, panel * n_columns), panel * n_rows + 1.2),
+        n_rows,
+        n_columns,
+        figsize=(max(7.0, panel * n_columns), panel * n_rows + 1.2),
         squeeze=False,
-    )  # fmt: skip
+    )
     colormap = cluster_colormap()
     title_size = 7 if n_columns > 4 else 8
     for channel, axis in enumerate(axes.flat):
@@ -125,16 +127,26 @@ def plot_cluster_maps(
         score = "" if hopkins is None else f", S={float(hopkins[channel]):.2f}"
         if structured[channel]:
             axis.imshow(
-                labels[channel] % N_PALETTE_COLOURS, cmap=colormap, vmin=-0.5,
-                vmax=N_PALETTE_COLOURS - 0.5, interpolation="nearest",
-            )  # fmt: skip
+                labels[channel] % N_PALETTE_COLOURS,
+                cmap=colormap,
+                vmin=-0.5,
+                vmax=N_PALETTE_COLOURS - 0.5,
+                interpolation="nearest",
+            )
             axis.set_title(f"ch {channel}: {int(n_found[channel])} cl.{score}", fontsize=title_size)
         else:
             axis.imshow(np.full(labels.shape[1:], 0.85), cmap="gray", vmin=0, vmax=1)
             axis.text(
-                0.5, 0.5, "unstructured", transform=axis.transAxes, ha="center", va="center",
-                color=UNSTRUCTURED_COLOUR, fontsize=title_size, fontweight="bold",
-            )  # fmt: skip
+                0.5,
+                0.5,
+                "unstructured",
+                transform=axis.transAxes,
+                ha="center",
+                va="center",
+                color=UNSTRUCTURED_COLOUR,
+                fontsize=title_size,
+                fontweight="bold",
+            )
             axis.set_title(f"ch {channel}{score}", fontsize=title_size, color=UNSTRUCTURED_COLOUR)
             for spine in axis.spines.values():
                 spine.set_edgecolor(UNSTRUCTURED_COLOUR)
@@ -218,9 +230,13 @@ def plot_examples(
             overlay.imshow(activation, cmap="gray", vmin=low, vmax=high)
             if structured[channel]:
                 overlay.imshow(
-                    labels[channel] % N_PALETTE_COLOURS, cmap=colormap, vmin=-0.5,
-                    vmax=N_PALETTE_COLOURS - 0.5, alpha=0.6, interpolation="nearest",
-                )  # fmt: skip
+                    labels[channel] % N_PALETTE_COLOURS,
+                    cmap=colormap,
+                    vmin=-0.5,
+                    vmax=N_PALETTE_COLOURS - 0.5,
+                    alpha=0.6,
+                    interpolation="nearest",
+                )
             masked = axes[row, column + 2]
             masked.imshow(activation * masks[row, channel], cmap="viridis", vmin=low, vmax=high)
             tint = red.copy()
@@ -278,8 +294,11 @@ def plot_channel_hopkins(
     positions = np.arange(n_channels)
     axis.bar(positions, hopkins[order], color=colours, width=0.8)
     axis.set_xticks(positions)
-    axis.set_xticklabels([str(c) for c in order], fontsize=7 if n_channels > 24 else 9,
-                         rotation=90 if n_channels > 24 else 0)  # fmt: skip
+    axis.set_xticklabels(
+        [str(c) for c in order],
+        fontsize=7 if n_channels > 24 else 9,
+        rotation=90 if n_channels > 24 else 0,
+    )
     axis.set_xlim(-0.7, n_channels - 0.3)
     axis.set_ylim(0, 1)
     no_structure = axis.axhline(
@@ -329,9 +348,14 @@ def plot_layer_hopkins(layers: Sequence[LayerHopkins], path: str | Path, *, titl
         axis.set_xlim(0, 1)
         if layer.values is None:
             axis.text(
-                0.5, 0.5, f"maps {layer.height}×{layer.width}:\ntoo small for Spatial\nHopkins "
-                "(needs 3×3)", transform=axis.transAxes, ha="center", va="center", fontsize=8,
-            )  # fmt: skip
+                0.5,
+                0.5,
+                f"maps {layer.height}×{layer.width}:\ntoo small for Spatial\nHopkins (needs 3×3)",
+                transform=axis.transAxes,
+                ha="center",
+                va="center",
+                fontsize=8,
+            )
             axis.set_xticks([])
             axis.set_yticks([])
             continue

@@ -86,8 +86,10 @@ def check_run(run_dir: Path, spec: RunSpec, specs: dict[str, RunSpec] | None = N
     differences = spec.config.run_differences(config)
     if not differences:
         return
-    shown = "; ".join(f"{key} {theirs!r} here, {mine!r} in the preset"
-                      for key, (mine, theirs) in sorted(differences.items()))  # fmt: skip
+    shown = "; ".join(
+        f"{key} {theirs!r} here, {mine!r} in the preset"
+        for key, (mine, theirs) in sorted(differences.items())
+    )
     raise RunFolderError(
         f"it holds another run than the preset's {spec.run_id} ({shown}){_copy_of(config, specs)}"
     )
@@ -101,8 +103,7 @@ def check_named_run(run_dir: Path) -> None:
         config = _train_config(run_dir)
     except FileNotFoundError:
         return
-    made = run_id(config.regularizer, config.p, config.train_fraction, config.seed,
-                  config.variant)  # fmt: skip
+    made = run_id(config.regularizer, config.p, config.train_fraction, config.seed, config.variant)
     if made != run_dir.name:
         raise RunFolderError(f"it holds run {made}, not {run_dir.name}")
 
@@ -171,8 +172,17 @@ def read_results(run_dir: Path) -> dict[str, Any]:
 
 
 #: Logged per-epoch values the database keeps as numbers.
-_LOG_METRICS = ("loss", "train_top1", "top1", "top5", "lr", "seconds", "images_per_s",
-                "refit_seconds", "eval_seconds")  # fmt: skip
+_LOG_METRICS = (
+    "loss",
+    "train_top1",
+    "top1",
+    "top5",
+    "lr",
+    "seconds",
+    "images_per_s",
+    "refit_seconds",
+    "eval_seconds",
+)
 
 
 def _corruption_rows(run_dir: Path) -> list[dict[str, Any]] | None:
@@ -194,8 +204,12 @@ def _corruption_rows(run_dir: Path) -> list[dict[str, Any]] | None:
         _count(CORRUPTIONS_NAME, f"row {index}: severity", row.get("severity"), minimum=0)
         for key in ("top1", "top5"):
             _metric(CORRUPTIONS_NAME, f"row {index}: {key}", row.get(key), required=True)
-        checked.append({**{key: row[key] for key in ("corruption", "severity", "top1", "top5")},
-                        "source": source})  # fmt: skip
+        checked.append(
+            {
+                **{key: row[key] for key in ("corruption", "severity", "top1", "top5")},
+                "source": source,
+            }
+        )
     return checked
 
 
@@ -207,17 +221,27 @@ def _cluster_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         structured, channels = record["structured"], record.get("channels")
         names = record.get("layers") or [f"layer{i}" for i in range(_length(structured))]
-        if not (_int_list(structured) and _int_list(channels) and isinstance(names, list)
-                and all(isinstance(name, str) for name in names)
-                and len(structured) == len(channels) == len(names)):  # fmt: skip
+        if not (
+            _int_list(structured)
+            and _int_list(channels)
+            and isinstance(names, list)
+            and all(isinstance(name, str) for name in names)
+            and len(structured) == len(channels) == len(names)
+        ):
             raise RunFolderError(
                 f"{LOG_NAME}: epoch {record['epoch']}: structured, channels and layers should be "
                 f"lists of one length (integers, integers, names)"
             )
         for name, n_structured, n_channels in zip(names, structured, channels, strict=True):
-            rows.append({"epoch": record["epoch"], "layer": name, "channels": n_channels,
-                         "structured": n_structured,
-                         "refit_seconds": record.get("refit_seconds")})  # fmt: skip
+            rows.append(
+                {
+                    "epoch": record["epoch"],
+                    "layer": name,
+                    "channels": n_channels,
+                    "structured": n_structured,
+                    "refit_seconds": record.get("refit_seconds"),
+                }
+            )
     return rows
 
 
@@ -313,8 +337,11 @@ _MAX_COUNT = 2**31 - 1
 
 def _count(file: str, key: str, value: Any, *, minimum: int) -> None:
     """A stored count: an integer in ``[minimum, 2**31 - 1]``."""
-    if isinstance(value, bool) or not isinstance(value, Integral) or not (
-            minimum <= value <= _MAX_COUNT):  # fmt: skip
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, Integral)
+        or not (minimum <= value <= _MAX_COUNT)
+    ):
         raise RunFolderError(
             f"{file}: {key} should be an integer from {minimum} to {_MAX_COUNT}, but got {value!r}"
         )

@@ -97,9 +97,23 @@ _MESSAGE_CODES = (
 )
 
 _RUN_COLUMNS = (
-    "run_id", "preset", "regularizer", "p", "seed", "train_fraction", "config", "status",
-    "attempts", "error", "top1", "top5", "average_last", "epochs_done", "seconds", "updated_at",
-)  # fmt: skip
+    "run_id",
+    "preset",
+    "regularizer",
+    "p",
+    "seed",
+    "train_fraction",
+    "config",
+    "status",
+    "attempts",
+    "error",
+    "top1",
+    "top5",
+    "average_last",
+    "epochs_done",
+    "seconds",
+    "updated_at",
+)
 
 _SCHEMA = f"""
 CREATE TABLE meta (
@@ -570,8 +584,13 @@ class ResultsStore:
         check_float("train_fraction", train_fraction)
         check_type("config", config, dict)
         config_text = _json_text(config)
-        new = {"preset": preset, "regularizer": regularizer, "p": p, "seed": seed,
-               "train_fraction": train_fraction}  # fmt: skip
+        new = {
+            "preset": preset,
+            "regularizer": regularizer,
+            "p": p,
+            "seed": seed,
+            "train_fraction": train_fraction,
+        }
         with self._write() as connection:
             row = connection.execute(
                 "SELECT preset, regularizer, p, seed, train_fraction, config FROM runs "
@@ -582,14 +601,25 @@ class ResultsStore:
                 connection.execute(
                     "INSERT INTO runs (run_id, preset, regularizer, p, seed, train_fraction, "
                     "config, status, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (run_id, preset, regularizer, p, seed, train_fraction, config_text, PENDING,
-                     time.time()),
-                )  # fmt: skip
+                    (
+                        run_id,
+                        preset,
+                        regularizer,
+                        p,
+                        seed,
+                        train_fraction,
+                        config_text,
+                        PENDING,
+                        time.time(),
+                    ),
+                )
                 return True
             try:
-                _run_record(connection.execute(
-                    f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs WHERE run_id = ?", (run_id,)
-                ).fetchone())  # fmt: skip
+                _run_record(
+                    connection.execute(
+                        f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs WHERE run_id = ?", (run_id,)
+                    ).fetchone()
+                )
             except UnreadableRunError as error:
                 raise ValueError(
                     f"{self.path}: {error}: `dropcluster collect {self.path.parent}` repairs "
@@ -598,8 +628,9 @@ class ResultsStore:
             stored, given = json.loads(row["config"]), json.loads(config_text)
             if "variant" not in stored and "variant" in given:
                 # Recorded before configs kept their variant: it is the one in the run id.
-                stored["variant"] = variant_from_run_id(run_id, regularizer, p, train_fraction,
-                                                        seed)  # fmt: skip
+                stored["variant"] = variant_from_run_id(
+                    run_id, regularizer, p, train_fraction, seed
+                )
             if "weight_decay_on" in given:
                 refuse_0_1_run(self.path, run_id, stored)
             differences = _differences(
@@ -843,8 +874,11 @@ class ResultsStore:
         """
         unreadable = {}
         for row in self._connection.execute(f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs"):
-            if preset is not None and row["preset"] != preset and (
-                    row["preset"] is None or isinstance(row["preset"], str)):  # fmt: skip
+            if (
+                preset is not None
+                and row["preset"] != preset
+                and (row["preset"] is None or isinstance(row["preset"], str))
+            ):
                 continue  # another preset's row (one whose preset is unreadable is listed)
             try:
                 _run_record(row)
@@ -954,21 +988,28 @@ class ResultsStore:
         configs = [json.loads(row["config"]) for row in run_rows]
         config_keys = sorted({key for config in configs for key in config})
         runs_table = [
-            {**{name: row[name] for name in run_columns},
-             **{f"config.{key}": config.get(key) for key in config_keys}}
+            {
+                **{name: row[name] for name in run_columns},
+                **{f"config.{key}": config.get(key) for key in config_keys},
+            }
             for row, config in zip(run_rows, configs, strict=True)
-        ]  # fmt: skip
+        ]
         epoch_columns = ["run_id", "epoch", *EPOCH_METRICS]
         extra_keys = sorted({key for row in epoch_rows for key in row} - set(epoch_columns))
         tables = (
             ("runs.csv", run_columns + [f"config.{key}" for key in config_keys], runs_table),
             ("epochs.csv", epoch_columns + extra_keys, epoch_rows),
-            ("corruptions.csv",
-             ["run_id", "corruption", "severity", "top1", "top5", "source"], corruption_rows),
-            ("clusters.csv",
-             ["run_id", "epoch", "layer", "channels", "structured", "refit_seconds"],
-             cluster_rows),
-        )  # fmt: skip
+            (
+                "corruptions.csv",
+                ["run_id", "corruption", "severity", "top1", "top5", "source"],
+                corruption_rows,
+            ),
+            (
+                "clusters.csv",
+                ["run_id", "epoch", "layer", "channels", "structured", "refit_seconds"],
+                cluster_rows,
+            ),
+        )
         paths = []
         for name, columns, rows in tables:
             path = out_dir / name
@@ -1036,18 +1077,30 @@ def _epoch_rows(run_id: str, history: Sequence[dict]) -> list[tuple]:
 
 def _corruption_rows(run_id: str, rows: Sequence[dict], source: str) -> list[tuple]:
     return [
-        (run_id, row["corruption"], row["severity"], _metric(row["top1"]), _metric(row["top5"]),
-         row.get("source", source))
+        (
+            run_id,
+            row["corruption"],
+            row["severity"],
+            _metric(row["top1"]),
+            _metric(row["top5"]),
+            row.get("source", source),
+        )
         for row in rows
-    ]  # fmt: skip
+    ]
 
 
 def _cluster_rows(run_id: str, rows: Sequence[dict]) -> list[tuple]:
     return [
-        (run_id, row["epoch"], row["layer"], row["channels"], row["structured"],
-         _metric(row.get("refit_seconds")))
+        (
+            run_id,
+            row["epoch"],
+            row["layer"],
+            row["channels"],
+            row["structured"],
+            _metric(row.get("refit_seconds")),
+        )
         for row in rows
-    ]  # fmt: skip
+    ]
 
 
 # -- writing rows (inside a transaction) -------------------------------------------------------
@@ -1095,11 +1148,22 @@ def _run_filter(run_id: str | None) -> tuple[str, tuple]:
 #: The Python type of each run column, as a row must hold it to become a RunRecord (SQLite
 #: stores a value of another type where it was given one: a text in a REAL column stays text).
 _RUN_COLUMN_TYPES: dict[str, Any] = {
-    "run_id": str, "preset": str | None, "regularizer": str, "p": float, "seed": int,
-    "train_fraction": float, "status": str, "attempts": int, "error": str | None,
-    "top1": float | None, "top5": float | None, "average_last": int | None,
-    "epochs_done": int, "seconds": float | None, "updated_at": float,
-}  # fmt: skip
+    "run_id": str,
+    "preset": str | None,
+    "regularizer": str,
+    "p": float,
+    "seed": int,
+    "train_fraction": float,
+    "status": str,
+    "attempts": int,
+    "error": str | None,
+    "top1": float | None,
+    "top5": float | None,
+    "average_last": int | None,
+    "epochs_done": int,
+    "seconds": float | None,
+    "updated_at": float,
+}
 
 
 def _run_record(row: sqlite3.Row) -> RunRecord:

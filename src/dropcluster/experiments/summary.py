@@ -243,8 +243,9 @@ def _choose_p(candidates: Iterable[float], preferred: float) -> float:
     return min(candidates, key=lambda p: (abs(p - preferred), p))
 
 
-def summarize(store: ResultsSource, average_last: int, *,
-              preset_name: str | None = None) -> Summary:  # fmt: skip
+def summarize(
+    store: ResultsSource, average_last: int, *, preset_name: str | None = None
+) -> Summary:
     """Aggregate the results into the numbers of the report (pure: reads, writes nothing).
 
     Args:
@@ -497,8 +498,11 @@ def _paired(
 ) -> PairedRow | None:
     """The row of ``values`` and ``base`` (seed -> metric) paired by seed; None with fewer
     than 2 seeds where both have a number."""
-    seeds = sorted(s for s in values.keys() & base.keys()
-                   if not math.isnan(values[s]) and not math.isnan(base[s]))  # fmt: skip
+    seeds = sorted(
+        s
+        for s in values.keys() & base.keys()
+        if not math.isnan(values[s]) and not math.isnan(base[s])
+    )
     if len(seeds) < 2:
         return None
     test = paired_t_test(values[s] - base[s] for s in seeds)
@@ -590,26 +594,42 @@ class CombinedResults:
 
     def runs(self, *, preset: str | None = None) -> list[RunRecord]:
         """Every sweep's runs of its own preset, or those of the sweep of ``preset``."""
-        return [record for store, name in self._parts_of(preset)
-                for record in store.runs(preset=name)]  # fmt: skip
+        return [
+            record for store, name in self._parts_of(preset) for record in store.runs(preset=name)
+        ]
 
     def unreadable_runs(self, *, preset: str | None = None) -> dict[str, str]:
         """Every sweep's unreadable rows of its own preset, or those of the sweep of
         ``preset``."""
-        return {run_id: reason for store, name in self._parts_of(preset)
-                for run_id, reason in store.unreadable_runs(preset=name).items()}  # fmt: skip
+        return {
+            run_id: reason
+            for store, name in self._parts_of(preset)
+            for run_id, reason in store.unreadable_runs(preset=name).items()
+        }
 
     def _parts_of(self, preset: str | None) -> list[tuple[ResultsStore, str]]:
         return [(store, name) for store, name in self.parts if preset in (None, name)]
 
     def epochs(self) -> list[dict]:
-        return [row for store, _ in self.parts for row in store.epochs()
-                if row["run_id"] in self.run_ids]  # fmt: skip
+        return [
+            row
+            for store, _ in self.parts
+            for row in store.epochs()
+            if row["run_id"] in self.run_ids
+        ]
 
     def corruption_results(self) -> list[dict]:
-        return [row for store, _ in self.parts for row in store.corruption_results()
-                if row["run_id"] in self.run_ids]  # fmt: skip
+        return [
+            row
+            for store, _ in self.parts
+            for row in store.corruption_results()
+            if row["run_id"] in self.run_ids
+        ]
 
     def cluster_stats(self) -> list[dict]:
-        return [row for store, _ in self.parts for row in store.cluster_stats()
-                if row["run_id"] in self.run_ids]  # fmt: skip
+        return [
+            row
+            for store, _ in self.parts
+            for row in store.cluster_stats()
+            if row["run_id"] in self.run_ids
+        ]

@@ -169,8 +169,7 @@ def changed_settings(first: Preset, second: Preset) -> list[str]:
     """The base config keys (and "evaluate") whose values differ between two presets, leaving
     out those that do not change results (device, evaluation batch size)."""
     old_base, new_base = identity_base(first.base), identity_base(second.base)
-    changed = sorted(k for k in set(old_base) | set(new_base)
-                     if old_base.get(k) != new_base.get(k))  # fmt: skip
+    changed = sorted(k for k in set(old_base) | set(new_base) if old_base.get(k) != new_base.get(k))
     if first.evaluate != second.evaluate:
         changed.append("evaluate")
     return changed
@@ -283,9 +282,17 @@ def plan(preset: Preset, out: Path, only: list[str]) -> tuple[list[RunSpec], Res
 
 #: Settings of the paper presets that the paper does not state: marked in the dry run's listing.
 PAPER_UNSTATED = frozenset(
-    {"epochs", "batch_size", "stem", "weight_decay_on", "cluster_images", "amp", "amp_dtype",
-     "keep_checkpoints"}
-)  # fmt: skip
+    {
+        "epochs",
+        "batch_size",
+        "stem",
+        "weight_decay_on",
+        "cluster_images",
+        "amp",
+        "amp_dtype",
+        "keep_checkpoints",
+    }
+)
 #: Fields a grid sets for each run: shown with the grids, not with the shared settings.
 _PER_RUN = ("regularizer", "p", "train_fraction", "seed", "regularizer_options", "variant")
 
@@ -295,11 +302,17 @@ def format_settings(preset: Preset) -> str:
     assumptions, as the dry run prints them (settings the paper does not state are marked)."""
     specs = expand_grid(preset)
     configs = [spec.config.to_dict() for spec in specs]
-    unstated = set(preset.unstated) if preset.unstated is not None else (
-        PAPER_UNSTATED if preset.scale == "paper" else set())  # fmt: skip
+    unstated = (
+        set(preset.unstated)
+        if preset.unstated is not None
+        else (PAPER_UNSTATED if preset.scale == "paper" else set())
+    )
     mark = bool(unstated)
-    lines = ["settings of every run" + (" (* not stated by the paper: an assumption)" if mark
-                                         else "") + ":"]  # fmt: skip
+    lines = [
+        "settings of every run"
+        + (" (* not stated by the paper: an assumption)" if mark else "")
+        + ":"
+    ]
     for name, value in configs[0].items():
         if name in _PER_RUN:
             continue
@@ -314,8 +327,10 @@ def format_settings(preset: Preset) -> str:
     lines.append("grids:")
     for index, grid in enumerate(preset.grids):
         variant = grid.variant if grid.variant is not None else preset.variant
-        text = (f"    {index}. {', '.join(grid.regularizer)} p={grid.p} "
-                f"fractions={grid.train_fraction} seeds={grid.seed}")  # fmt: skip
+        text = (
+            f"    {index}. {', '.join(grid.regularizer)} p={grid.p} "
+            f"fractions={grid.train_fraction} seeds={grid.seed}"
+        )
         if variant:
             text += f" variant={variant}"
         if grid.options:
@@ -489,8 +504,16 @@ def _run_locked(
     prepare_folder(preset, out)
     specs, store = plan(preset, out, only)
     summary = SweepSummary(total=len(specs))
-    context = _Context(out, store, _corruption_settings(preset), settings, summary, stream,
-                       poll_seconds, time.perf_counter())  # fmt: skip
+    context = _Context(
+        out,
+        store,
+        _corruption_settings(preset),
+        settings,
+        summary,
+        stream,
+        poll_seconds,
+        time.perf_counter(),
+    )
     with store:
         interrupted = store.reset_interrupted()
         if interrupted:
@@ -605,8 +628,11 @@ def _drive(engine: Backend, context: _Context, todo: list[RunSpec]) -> None:
                 job = active.pop(finished.task.run_id)
                 display.clear()
                 _record_exit(context, job, finished, estimates)
-            display.show(_status_line(summary, list(active.values()), queue, estimates,
-                                      context.start, engine.capacity))  # fmt: skip
+            display.show(
+                _status_line(
+                    summary, list(active.values()), queue, estimates, context.start, engine.capacity
+                )
+            )
     finally:
         display.clear()
 
@@ -618,8 +644,13 @@ def _task(
     run_dir = out / RUNS_FOLDER / spec.run_id
     corruption = evaluate.to_dict() if evaluate and spec.evaluate_corruptions else None
     write_job(run_dir, spec.config.to_dict(), corruption)
-    return RunTask(spec, run_dir.resolve(), settings.procs_per_run, settings.gpus_per_run,
-                   settings.cpus_per_run)  # fmt: skip
+    return RunTask(
+        spec,
+        run_dir.resolve(),
+        settings.procs_per_run,
+        settings.gpus_per_run,
+        settings.cpus_per_run,
+    )
 
 
 def _copy_new_epochs(store: ResultsStore, job: _Active) -> None:

@@ -62,8 +62,11 @@ def run_job(run_dir: Path) -> int:
         except RunBusyError:
             # Another process (an orphan of a killed sweep, a hand-started `train --resume`)
             # is writing this run: let it finish, then resume (a finished run returns at once).
-            print(f"{run_dir} is being written by another process; waiting for it",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"{run_dir} is being written by another process; waiting for it",
+                file=sys.stderr,
+                flush=True,
+            )
             lock.acquire(wait=True)
     job = json.loads((run_dir / JOB_NAME).read_text())
     config = TrainConfig.from_dict(job["config"])
@@ -112,8 +115,11 @@ def watch_owner(pid: int, interval: float = 1.0) -> None:
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
-                print(f"the task that started this worker (pid {pid}) is gone; stopping",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"the task that started this worker (pid {pid}) is gone; stopping",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 os._exit(3)
             except PermissionError:
                 pass  # alive, another user's process

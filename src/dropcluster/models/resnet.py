@@ -277,8 +277,9 @@ class PreActResNet(SlottedModel):
 
 def resnet50(n_classes: int = 1000, in_channels: int = 3, stem: str = "imagenet") -> PreActResNet:
     """Pre-activation ResNet-50: bottleneck blocks (3, 4, 6, 3), widths 64-512, the paper's."""
-    return PreActResNet("bottleneck", (3, 4, 6, 3), (64, 128, 256, 512), n_classes,
-                        in_channels, stem)  # fmt: skip
+    return PreActResNet(
+        "bottleneck", (3, 4, 6, 3), (64, 128, 256, 512), n_classes, in_channels, stem
+    )
 
 
 def resnet18(n_classes: int = 1000, in_channels: int = 3, stem: str = "imagenet") -> PreActResNet:

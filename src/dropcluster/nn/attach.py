@@ -211,5 +211,6 @@ def _hook_keys(module: nn.Module) -> list[int]:
 def _hook_dicts(module: nn.Module) -> list[dict]:
     """The dicts a forward hook's key lives in (what ``RemovableHandle.remove`` clears)."""
     extra = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")
-    return [module._forward_hooks] + [getattr(module, name) for name in extra
-                                      if hasattr(module, name)]  # fmt: skip
+    return [module._forward_hooks] + [
+        getattr(module, name) for name in extra if hasattr(module, name)
+    ]

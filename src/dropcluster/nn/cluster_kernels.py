@@ -196,8 +196,7 @@ def _dropped_by_sorting(
     n_channels, n_columns = tables.sizes.shape
     # float64 scores: a tie between two clusters (which could drop one cluster too many) has
     # probability ~1e-14 per draw, against ~1e-5 with float32's 24-bit grid.
-    scores = uniform((draws, n_channels, n_columns), generator, tables.sizes.device,
-                     torch.float64)  # fmt: skip
+    scores = uniform((draws, n_channels, n_columns), generator, tables.sizes.device, torch.float64)
     scores = scores + tables.missing  # clusters that do not exist sort last
     last_dropped = (n_drop - 1).clamp(min=0).view(1, n_channels, 1).expand(draws, -1, 1)
     threshold = scores.sort(dim=2).values.gather(2, last_dropped)

@@ -41,8 +41,12 @@ class Clusters:
 
     def __post_init__(self) -> None:
         for name in ("labels", "structured", "counts", "sizes"):
-            check_tensor(name, getattr(self, name), {"labels": 3, "sizes": 2}.get(name, 1),
-                         {"labels": "(C, H, W)", "sizes": "(C, K)"}.get(name, "(C,)"))  # fmt: skip
+            check_tensor(
+                name,
+                getattr(self, name),
+                {"labels": 3, "sizes": 2}.get(name, 1),
+                {"labels": "(C, H, W)", "sizes": "(C, K)"}.get(name, "(C,)"),
+            )
         check_tables(self.labels, self.structured, self.counts, self.sizes, self.sizes.shape[1])
 
     @property
@@ -57,8 +61,12 @@ class Clusters:
 
     def to(self, device: torch.device | str) -> Clusters:
         """The same clusters on ``device``."""
-        return Clusters(*(getattr(self, name).to(device) for name in
-                          ("labels", "structured", "counts", "sizes")))  # fmt: skip
+        return Clusters(
+            *(
+                getattr(self, name).to(device)
+                for name in ("labels", "structured", "counts", "sizes")
+            )
+        )
 
     @classmethod
     def fit(
@@ -84,8 +92,14 @@ class Clusters:
         """
         check_modes(unstructured, identical_neighbours)
         check_int("n_clusters", n_clusters, minimum=1)
-        result = rena(activations, n_clusters, max_rounds=max_rounds, unstructured=unstructured,
-                      identical_neighbours=identical_neighbours, generator=generator)  # fmt: skip
+        result = rena(
+            activations,
+            n_clusters,
+            max_rounds=max_rounds,
+            unstructured=unstructured,
+            identical_neighbours=identical_neighbours,
+            generator=generator,
+        )
         return cls.from_rena(result, n_clusters)
 
     @classmethod
@@ -93,12 +107,16 @@ class Clusters:
         """A ReNA result as tables ``n_clusters`` wide: a structured channel with more than
         ``n_clusters`` clusters (ReNA stopped before reaching k) becomes unstructured, as the
         paper treats channels where ReNA does not converge."""
-        return cls(*fixed_tables(result.labels, result.structured, result.n_found,
-                                  result.sizes, n_clusters))  # fmt: skip
+        return cls(
+            *fixed_tables(
+                result.labels, result.structured, result.n_found, result.sizes, n_clusters
+            )
+        )
 
     @classmethod
-    def from_labels(cls, labels: Tensor, structured: Tensor | None = None,
-                    n_clusters: int | None = None) -> Clusters:  # fmt: skip
+    def from_labels(
+        cls, labels: Tensor, structured: Tensor | None = None, n_clusters: int | None = None
+    ) -> Clusters:
         """Clusters from hand-made labels: channel c has clusters ``0 .. labels[c].max()``.
 
         Args:
@@ -122,8 +140,14 @@ class Clusters:
         return cls(labels, structured, counts, sizes * structured.view(-1, 1))
 
 
-def check_tables(labels: Tensor, structured: Tensor, counts: Tensor, sizes: Tensor,
-                 n_clusters: int, names: dict[str, str] | None = None) -> None:  # fmt: skip
+def check_tables(
+    labels: Tensor,
+    structured: Tensor,
+    counts: Tensor,
+    sizes: Tensor,
+    n_clusters: int,
+    names: dict[str, str] | None = None,
+) -> None:
     """Raise ValueError unless the four tables are fitted clusters as :func:`fixed_tables`
     makes them: ``labels`` (C, H, W), ``structured`` (C,) bool, ``counts`` (C,) and ``sizes``
     (C, n_clusters) integers; a structured channel has 1 to ``n_clusters`` clusters, labels
@@ -138,8 +162,13 @@ def check_tables(labels: Tensor, structured: Tensor, counts: Tensor, sizes: Tens
     n_channels = labels.shape[0] if labels.dim() == 3 else -1
     kinds = ((labels, 3, label_name), (counts, 1, counts_name), (sizes, 2, sizes_name))
     for table, dims, name in kinds:
-        if table.dim() != dims or table.is_floating_point() or table.is_complex() or (
-                table.dtype == torch.bool) or table.shape[0] != n_channels:  # fmt: skip
+        if (
+            table.dim() != dims
+            or table.is_floating_point()
+            or table.is_complex()
+            or (table.dtype == torch.bool)
+            or table.shape[0] != n_channels
+        ):
             raise ValueError(
                 f"{name} should be a {dims}-d integer tensor with {n_channels} channels, but got "
                 f"{tuple(table.shape)} {table.dtype}"
@@ -167,13 +196,32 @@ def check_tables(labels: Tensor, structured: Tensor, counts: Tensor, sizes: Tens
     for bad, what in ((bad_count, "count"), (bad_label, "labels"), (bad_sizes, "sizes")):
         if bool(bad.any()):
             c = int(bad.nonzero()[0])
-            raise ValueError(_table_problem(what, c, bool(structured[c]), int(counts[c]),
-                                            n_clusters, names, labels, sizes, counted))  # fmt: skip
+            raise ValueError(
+                _table_problem(
+                    what,
+                    c,
+                    bool(structured[c]),
+                    int(counts[c]),
+                    n_clusters,
+                    names,
+                    labels,
+                    sizes,
+                    counted,
+                )
+            )
 
 
-def _table_problem(what: str, c: int, structured: bool, count: int, n_clusters: int,
-                   names: dict[str, str], labels: Tensor, sizes: Tensor,
-                   counted: Tensor) -> str:  # fmt: skip
+def _table_problem(
+    what: str,
+    c: int,
+    structured: bool,
+    count: int,
+    n_clusters: int,
+    names: dict[str, str],
+    labels: Tensor,
+    sizes: Tensor,
+    counted: Tensor,
+) -> str:
     """The message of :func:`check_tables` for channel ``c``'s first problem."""
     state = f"structured with {count} clusters" if structured else "unstructured"
     if what == "count":
@@ -194,8 +242,9 @@ def _table_problem(what: str, c: int, structured: bool, count: int, n_clusters: 
     )
 
 
-def fixed_tables(labels: Tensor, structured: Tensor, n_found: Tensor, sizes: Tensor,
-                 n_clusters: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+def fixed_tables(
+    labels: Tensor, structured: Tensor, n_found: Tensor, sizes: Tensor, n_clusters: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A ReNA result as the layer stores it: tables ``n_clusters`` wide.
 
     A structured channel with more than ``n_clusters`` clusters (ReNA stopped before reaching

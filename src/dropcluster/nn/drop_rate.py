@@ -97,11 +97,13 @@ class DropRateModule(nn.Module):
         """The drop rate a state_dict of 0.1 holds for this layer (None: none), checked."""
         return loaded_drop_rate(state_dict, prefix + "p", self.ALLOWS_ONE)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):  # fmt: skip
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         rate = self._check_loaded_p(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)  # fmt: skip
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         key = prefix + "p"
         if key in unexpected_keys:
             unexpected_keys.remove(key)

@@ -456,12 +456,20 @@ class DropBlock2d(DropRateModule):
         check_tensor("input", x, 4, "(N, C, H, W)")
         if self.mode == "exact":
             gamma = self._cached_gamma(x) if self.training else None
-            result = _drop_block_exact(x, self.p, self.block_size, self.training,
-                                       self.per_channel, self.generator, self.record_mask,
-                                       gamma)  # fmt: skip
+            result = _drop_block_exact(
+                x,
+                self.p,
+                self.block_size,
+                self.training,
+                self.per_channel,
+                self.generator,
+                self.record_mask,
+                gamma,
+            )
         else:
-            result = _drop_block_reference_mode(x, self.p, self.block_size, self.training,
-                                                self.generator, self.record_mask)  # fmt: skip
+            result = _drop_block_reference_mode(
+                x, self.p, self.block_size, self.training, self.generator, self.record_mask
+            )
         if self.record_mask:
             result, mask = result
             self._remember(mask)

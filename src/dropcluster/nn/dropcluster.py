@@ -91,8 +91,12 @@ def drop_cluster2d(
     if not isinstance(p, Tensor):
         check_drop_rate(p)
     device = x.device
-    tables = ClusterTables(clusters.labels.to(device), clusters.counts.to(device),
-                           clusters.structured.to(device), clusters.sizes.to(device))  # fmt: skip
+    tables = ClusterTables(
+        clusters.labels.to(device),
+        clusters.counts.to(device),
+        clusters.structured.to(device),
+        clusters.sizes.to(device),
+    )
     return apply_clusters(x, tables, p, training, per_sample, generator, return_mask)
 
 
@@ -297,8 +301,9 @@ class DropCluster2d(DropRateModule):
             return None
         return Clusters(self.labels, self.structured, self.cluster_counts, self.cluster_sizes)
 
-    def _write_tables(self, labels: Tensor, structured: Tensor, counts: Tensor,
-                      sizes: Tensor) -> None:  # fmt: skip
+    def _write_tables(
+        self, labels: Tensor, structured: Tensor, counts: Tensor, sizes: Tensor
+    ) -> None:
         self.labels.copy_(labels)
         self.structured.copy_(structured)
         self.cluster_counts.copy_(counts)
@@ -348,9 +353,15 @@ class DropCluster2d(DropRateModule):
             )
         sampling = self.training or self.sample_in_eval
         result = apply_clusters(
-            x, self._cluster_tables(), self.p, sampling, self.per_sample, self.generator,
-            self.record_mask, fitted=self.is_fitted if traced else None,
-        )  # fmt: skip
+            x,
+            self._cluster_tables(),
+            self.p,
+            sampling,
+            self.per_sample,
+            self.generator,
+            self.record_mask,
+            fitted=self.is_fitted if traced else None,
+        )
         return self._unpack(result)
 
     def _cluster_tables(self) -> ClusterTables:
@@ -396,8 +407,9 @@ class DropCluster2d(DropRateModule):
             f"unstructured={self.unstructured!r}, {state}"
         )
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):  # fmt: skip
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         self._check_loaded_p(state_dict, prefix)  # before anything of the layer changes
         keys = {name: prefix + name for name in self.STATE}
         present = [name for name, key in keys.items() if key in state_dict]
@@ -407,8 +419,9 @@ class DropCluster2d(DropRateModule):
                 legacy_dropcluster_state(state_dict, keys, own, self.n_clusters)
             self._check_loaded_shapes(state_dict, keys)
             self._check_loaded_tables(state_dict, keys)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)  # fmt: skip
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         if not present:
             # A state_dict without this layer (a pretrained backbone): nothing is missing, the
             # layer keeps what it has.
@@ -441,11 +454,12 @@ class DropCluster2d(DropRateModule):
         """Refuse fitted tables that are not what a fit makes (a label past its channel's
         clusters would silently zero those pixels at every step), naming the key."""
         fitted = state_dict.get(keys["is_fitted"])
-        if fitted is None or not bool(fitted) or any(keys[n] not in state_dict for n in
-                                                     self.STATE):  # fmt: skip
+        if fitted is None or not bool(fitted) or any(keys[n] not in state_dict for n in self.STATE):
             return
-        tables = [state_dict[keys[name]] for name in ("labels", "structured", "cluster_counts",
-                                                        "cluster_sizes")]  # fmt: skip
+        tables = [
+            state_dict[keys[name]]
+            for name in ("labels", "structured", "cluster_counts", "cluster_sizes")
+        ]
         try:
             check_tables(*tables, self.n_clusters, names={n: repr(keys[n]) for n in self.STATE})
         except ValueError as error:

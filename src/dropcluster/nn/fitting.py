@@ -56,8 +56,12 @@ class ClusterFit:
         """The fields a training log keeps per refit (empty when no layer was fitted)."""
         if not self.layers:
             return {}
-        return {"structured": self.structured, "channels": self.channels, "layers": self.layers,
-                "refit_seconds": self.seconds}  # fmt: skip
+        return {
+            "structured": self.structured,
+            "channels": self.channels,
+            "layers": self.layers,
+            "refit_seconds": self.seconds,
+        }
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -118,8 +122,9 @@ def fit_clusters(
     rank, world = _distributed(process_group)
     error = None
     try:
-        captured, images = _capture(module, [m for _, m in named], data, n_images, prepare,
-                                    batch_size)  # fmt: skip
+        captured, images = _capture(
+            module, [m for _, m in named], data, n_images, prepare, batch_size
+        )
         for name, layer in named:
             activations = torch.cat(captured[id(layer)])[:n_images]
             try:

@@ -39,8 +39,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 #: in batch norm and ReLU, LeNet-5's stem slot after its ReLU); a checkpoint without it is 0.1's.
 MODEL_REVISION = 2
 #: What a training checkpoint holds (besides the optional "scaler").
-CHECKPOINT_KEYS = ("config", "epoch", "model", "optimizer", "scheduler", "loader", "rng",
-                   "history")  # fmt: skip
+CHECKPOINT_KEYS = ("config", "epoch", "model", "optimizer", "scheduler", "loader", "rng", "history")
 
 
 def kept_checkpoint_name(epoch: int) -> str:
@@ -97,8 +96,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 #: What torch.load raises for a file it cannot read.
-_LOAD_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError,
-                KeyError, IndexError, UnicodeDecodeError, AttributeError)  # fmt: skip
+_LOAD_ERRORS = (
+    RuntimeError,
+    pickle.UnpicklingError,
+    EOFError,
+    zipfile.BadZipFile,
+    ValueError,
+    KeyError,
+    IndexError,
+    UnicodeDecodeError,
+    AttributeError,
+)
 
 
 def _readable_on_cpu(path: Path) -> bool:

@@ -167,8 +167,16 @@ class TrainConfig:
         check_choice("regularizer", self.regularizer, REGULARIZERS)
         if self.variant is not None and not self.variant:
             raise ValueError("variant should be a non-empty name or None, but got ''")
-        for name in ("epochs", "batch_size", "cluster_every", "cluster_images", "average_last",
-                     "eval_batch_size", "test_every", "checkpoint_every"):  # fmt: skip
+        for name in (
+            "epochs",
+            "batch_size",
+            "cluster_every",
+            "cluster_images",
+            "average_last",
+            "eval_batch_size",
+            "test_every",
+            "checkpoint_every",
+        ):
             check_int(name, getattr(self, name), minimum=1)
         check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
         check_float("train_fraction", self.train_fraction, above=0.0, maximum=1.0)
@@ -197,8 +205,9 @@ class TrainConfig:
         # (cheap: no fitting) so that a bad option fails now, not when the run starts. The slot
         # names depend on the model: they are checked when it is built.
         options = self.regularizer_options
-        module_options = {key: value for key, value in options.items()
-                          if key not in PLACEMENT_OPTIONS}  # fmt: skip
+        module_options = {
+            key: value for key, value in options.items() if key not in PLACEMENT_OPTIONS
+        }
         try:
             check_placement(options.get("slot"), options.get("depth_rule", "constant"))
             build_regularizer(self.regularizer, self.p, **module_options)
@@ -241,8 +250,11 @@ class TrainConfig:
     def run_differences(self, other: TrainConfig) -> dict[str, Any]:
         """``{field: (mine, theirs)}`` for the fields that differ and change results."""
         mine, theirs = self.to_dict(), other.to_dict()
-        return {key: (mine[key], theirs[key]) for key in mine
-                if mine[key] != theirs[key] and key not in NOT_IDENTITY}  # fmt: skip
+        return {
+            key: (mine[key], theirs[key])
+            for key in mine
+            if mine[key] != theirs[key] and key not in NOT_IDENTITY
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -48,8 +48,14 @@ ERROR_FILE_VARIABLE = "TORCHELASTIC_ERROR_FILE"
 #: Texts of the errors a collective raises when the connection to another process of the group
 #: is gone (its process died): gloo's transport and NCCL's remote errors. Other collective
 #: errors (a timeout, an NCCL error of this process's GPU) are this process's own.
-_PEER_LOST_MARKERS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
-                      "Connection refused", "ncclRemoteError", "remote process exited")  # fmt: skip
+_PEER_LOST_MARKERS = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "Connection refused",
+    "ncclRemoteError",
+    "remote process exited",
+)
 #: How to continue a run stopped by a failed process, for `dropcluster train`.
 RESUME_ADVICE = "continue the run from its last checkpoint with the same command plus --resume"
 #: The same for a sweep's run (the sweep resumes it when it runs again).
@@ -90,10 +96,14 @@ def rank_failure(error: BaseException, rank: int, world: int) -> int | None:
     else:
         message = user_error_message(error)
     if message is None:
-        _record(f"process {rank} of {world}: internal error: {type(error).__name__}: {error}",
-                lost=False)  # fmt: skip
-        print(f"dropcluster: process {rank} of {world} stopped on an internal error; {advice}",
-              file=sys.stderr)  # fmt: skip
+        _record(
+            f"process {rank} of {world}: internal error: {type(error).__name__}: {error}",
+            lost=False,
+        )
+        print(
+            f"dropcluster: process {rank} of {world} stopped on an internal error; {advice}",
+            file=sys.stderr,
+        )
         return None
     _record(message, lost=lost)
     if rank == 0 and not launched:
@@ -109,9 +119,10 @@ def _record(message: str, *, lost: bool) -> None:
     # torch's own layout (ErrorHandler.record_exception), so torchrun shows the line as the
     # process's "traceback" in its summary.
     now = str(int(time.time()))
-    document = {"message": {"message": message,
-                            "extraInfo": {"py_callstack": message, "timestamp": now}},
-                "dropcluster_peer_lost": lost}  # fmt: skip
+    document = {
+        "message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": now}},
+        "dropcluster_peer_lost": lost,
+    }
     try:
         with open(path, "w") as handle:
             json.dump(document, handle)
@@ -181,8 +192,11 @@ def failure_summary(failures: dict, world: int, advice: str = RESUME_ADVICE) -> 
             name = failure.signal_name()
             why = " (kill -9, or the out-of-memory killer)" if name == "SIGKILL" else ""
             return 2, f"process {rank} of {world} was killed by {name}{why}; {advice}"
-    reported = [(rank, f) for rank, f in ranked if isinstance(f.error_file_data, dict)
-                and "dropcluster_peer_lost" in f.error_file_data]  # fmt: skip
+    reported = [
+        (rank, f)
+        for rank, f in ranked
+        if isinstance(f.error_file_data, dict) and "dropcluster_peer_lost" in f.error_file_data
+    ]
     own = [(rank, f) for rank, f in reported if not f.error_file_data["dropcluster_peer_lost"]]
     if own or reported:
         # An internal error (status 1) printed its traceback; the line says which process.

@@ -96,8 +96,15 @@ def topk_hits(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> T
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images: Tensor, labels: Tensor, prepare, batch_size: int,
-             ranks: Ranks = SINGLE, amp_dtype: torch.dtype | None = None):  # fmt: skip
+def evaluate(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    prepare,
+    batch_size: int,
+    ranks: Ranks = SINGLE,
+    amp_dtype: torch.dtype | None = None,
+):
     """Top-1 and top-5 accuracy (%) of ``model`` on uint8 ``images``, in evaluation mode.
 
     Under distributed training each process scores every ``world``-th image and the counts are
@@ -119,8 +126,7 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, prepare, batch_si
     model.train(was_training)
     correct1, correct5 = counts.tolist()
     # Summed over the processes (the counts themselves when alone).
-    correct1, correct5, total = all_sum([correct1, correct5, images.shape[0]], ranks,
-                                        labels.device)  # fmt: skip
+    correct1, correct5, total = all_sum([correct1, correct5, images.shape[0]], ranks, labels.device)
     return 100.0 * correct1 / max(1.0, total), 100.0 * correct5 / max(1.0, total)
 
 
@@ -140,8 +146,9 @@ class Progress:
         self.interactive = self.stream.isatty()
         self.last = 0.0
 
-    def step(self, epoch: int, step: int, steps: int, loss: Tensor, images_per_s: float,
-             eta_s: float) -> None:  # fmt: skip
+    def step(
+        self, epoch: int, step: int, steps: int, loss: Tensor, images_per_s: float, eta_s: float
+    ) -> None:
         """Redraw the line at most 5 times a second; ``loss`` is read (a sync) only then."""
         now = time.perf_counter()
         if not self.interactive or (now - self.last < 0.2 and step < steps):
@@ -228,8 +235,7 @@ def train(
         return _train_locked(config, out, resume, stop_after_epoch, io.StringIO(), device, ranks)
     out.mkdir(parents=True, exist_ok=True)
     with FolderLock(out, RUN_LOCK_NAME, "training run"):
-        return _train_locked(config, out, resume, stop_after_epoch, progress_stream, device,
-                             ranks)  # fmt: skip
+        return _train_locked(config, out, resume, stop_after_epoch, progress_stream, device, ranks)
 
 
 #: A mean training loss above this (cross-entropy in nats: the true class's probability below
@@ -255,8 +261,9 @@ DIVERGED_NAME = "diverged.json"
 RUN_LOCK_NAME = ".lock"
 
 
-def _train_locked(config, out, resume, stop_after_epoch, progress_stream, device,
-                  ranks: Ranks) -> RunResult:  # fmt: skip
+def _train_locked(
+    config, out, resume, stop_after_epoch, progress_stream, device, ranks: Ranks
+) -> RunResult:
     from dropcluster.train.setup import build_run
 
     state = _resumable_state(config, out, resume, device, ranks)
@@ -293,8 +300,9 @@ def _train_locked(config, out, resume, stop_after_epoch, progress_stream, device
     return result
 
 
-def _resumable_state(config: TrainConfig, out: Path, resume: bool, device: torch.device,
-                     ranks: Ranks) -> dict[str, Any] | None:  # fmt: skip
+def _resumable_state(
+    config: TrainConfig, out: Path, resume: bool, device: torch.device, ranks: Ranks
+) -> dict[str, Any] | None:
     """The checkpoint to resume from (checked against ``config``), or None to start."""
     path = out / CHECKPOINT_NAME
     if not (resume and path.exists()):
@@ -315,8 +323,15 @@ def _start_folder(out: Path, config: TrainConfig, history: list[dict], *, resume
     (out / DIVERGED_NAME).unlink(missing_ok=True)
 
 
-def _run_epoch(run, epoch: int, last_epoch: int, refits: RefitSchedule, progress: Progress,
-               out: Path, saved_epochs: int) -> dict[str, Any]:  # fmt: skip
+def _run_epoch(
+    run,
+    epoch: int,
+    last_epoch: int,
+    refits: RefitSchedule,
+    progress: Progress,
+    out: Path,
+    saved_epochs: int,
+) -> dict[str, Any]:
     """One epoch of the loop: a refit when due, training, a test when due; its log record."""
     config, ranks = run.config, run.ranks
     record: dict[str, Any] = {"epoch": epoch}
@@ -333,9 +348,14 @@ def _run_epoch(run, epoch: int, last_epoch: int, refits: RefitSchedule, progress
     if config.tests_after(epoch):
         eval_start = time.perf_counter()
         record["top1"], record["top5"] = evaluate(
-            run.model, run.test_images, run.test_labels, run.prepare_eval,
-            config.eval_batch_size, ranks, run.precision.eval_dtype,
-        )  # fmt: skip
+            run.model,
+            run.test_images,
+            run.test_labels,
+            run.prepare_eval,
+            config.eval_batch_size,
+            ranks,
+            run.precision.eval_dtype,
+        )
         record["eval_seconds"] = time.perf_counter() - eval_start
     return record
 
@@ -371,8 +391,7 @@ def _cluster_digest(model: nn.Module) -> int:
     return total
 
 
-def _check_resumable(config: TrainConfig, state: dict[str, Any], out: Path,
-                     ranks: Ranks) -> None:  # fmt: skip
+def _check_resumable(config: TrainConfig, state: dict[str, Any], out: Path, ranks: Ranks) -> None:
     """Refuse to resume ``state`` with a config that would change the run's results, except
     optimisation settings of a run that diverged, or with another number of processes."""
     saved_world = int(state.get("world_size", 1))
@@ -425,8 +444,9 @@ def train_step(run, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return loss.detach(), logits.detach()
 
 
-def train_epoch(run, epoch: int, *, progress: Progress | None = None,
-                last_epoch: int | None = None) -> dict[str, Any]:  # fmt: skip
+def train_epoch(
+    run, epoch: int, *, progress: Progress | None = None, last_epoch: int | None = None
+) -> dict[str, Any]:
     """One pass over ``run.loader`` with :func:`train_step`, then one scheduler step.
 
     Args:
@@ -469,8 +489,9 @@ def train_epoch(run, epoch: int, *, progress: Progress | None = None,
     run.scheduler.step()
     train_seconds = time.perf_counter() - epoch_start
     # Metrics of the whole batch stream: every process's sums added up.
-    loss_total, correct_total, seen = all_sum([float(loss_sum), float(correct), seen], ranks,
-                                              device)  # fmt: skip
+    loss_total, correct_total, seen = all_sum(
+        [float(loss_sum), float(correct), seen], ranks, device
+    )
     return {
         "loss": loss_total / max(seen, 1),
         "train_top1": 100.0 * correct_total / max(seen, 1),
@@ -500,9 +521,12 @@ def _divergence_advice(out: Path, saved_epochs: int) -> str:
 
 def _write_result(out: Path, result: RunResult, config: TrainConfig) -> None:
     """``result.json``: the final metrics (kept additions of later steps, e.g. corruptions)."""
-    summary = {"top1": result.top1, "top5": result.top5,
-               "average_last": min(config.average_last, len(result.history)),
-               "epochs": config.epochs}  # fmt: skip
+    summary = {
+        "top1": result.top1,
+        "top5": result.top5,
+        "average_last": min(config.average_last, len(result.history)),
+        "epochs": config.epochs,
+    }
     result_path = out / RESULT_NAME
     if result_path.is_file():
         # Resuming a finished run: keep what later steps added (corrupted-test results).

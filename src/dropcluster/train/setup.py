@@ -95,9 +95,13 @@ class Run:
         broadcasts under distributed training); an empty :class:`ClusterFit` without one."""
         if not self.has_dropcluster:
             return ClusterFit()
-        return fit_clusters(self.model, self.cluster_images, self.cluster_images.shape[0],
-                            prepare=self.prepare_eval,
-                            batch_size=self.config.eval_batch_size)  # fmt: skip
+        return fit_clusters(
+            self.model,
+            self.cluster_images,
+            self.cluster_images.shape[0],
+            prepare=self.prepare_eval,
+            batch_size=self.config.eval_batch_size,
+        )
 
 
 def build_run(
@@ -127,8 +131,10 @@ def build_run(
         ValueError: an empty training or test set, or SyncBatchNorm asked for on the CPU.
     """
     if datasets is None:
-        datasets = (load_dataset(config.dataset, "train", root=config.data_dir),
-                    load_dataset(config.dataset, "test", root=config.data_dir))  # fmt: skip
+        datasets = (
+            load_dataset(config.dataset, "train", root=config.data_dir),
+            load_dataset(config.dataset, "test", root=config.data_dir),
+        )
     train_set, test_set = datasets
     for split, images in (("training", train_set.images), ("test", test_set.images)):
         if images.shape[0] == 0:
@@ -164,10 +170,13 @@ def build_run(
         # not decayed by default (the usual ResNet practice), decayed under weight_decay_on="all".
         (no_decay if parameter.ndim <= 1 else decay).append(parameter)
     optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": config.resolved_weight_decay()},
-         {"params": no_decay, "weight_decay": config.decay_of_norms_and_biases()}],
-        lr=config.lr, momentum=config.momentum,
-    )  # fmt: skip
+        [
+            {"params": decay, "weight_decay": config.resolved_weight_decay()},
+            {"params": no_decay, "weight_decay": config.decay_of_norms_and_biases()},
+        ],
+        lr=config.lr,
+        momentum=config.momentum,
+    )
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, milestones=list(config.lr_milestones), gamma=config.lr_gamma
     )
@@ -175,15 +184,22 @@ def build_run(
         int(torch.randint(0, 2**62, (), dtype=torch.int64))
     )
     loader = DeviceLoader(
-        train_images, train_labels, config.batch_size, augment=augment, generator=generator,
-        device=device, drop_last=train_images.shape[0] >= config.batch_size,
-        rank=ranks.rank, world=ranks.world,
-    )  # fmt: skip
+        train_images,
+        train_labels,
+        config.batch_size,
+        augment=augment,
+        generator=generator,
+        device=device,
+        drop_last=train_images.shape[0] >= config.batch_size,
+        rank=ranks.rank,
+        world=ranks.world,
+    )
 
     prepare_eval = eval_preparer(config)
     # The clustered images: the first `cluster_images` of a fixed permutation of the subset.
-    order = torch.randperm(train_images.shape[0], generator=torch.Generator().manual_seed(
-        config.seed))[: config.cluster_images]  # fmt: skip
+    order = torch.randperm(
+        train_images.shape[0], generator=torch.Generator().manual_seed(config.seed)
+    )[: config.cluster_images]
     return Run(
         config=config,
         device=device,
@@ -218,8 +234,9 @@ def build_configured_model(
 ) -> nn.Module:
     """The config's model with its regularizer in the paper's slot, on ``device`` (uncompiled)."""
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    model = build_model(config.model, n_classes=n_classes, in_channels=in_channels,
-                        stem=config.stem)  # fmt: skip
+    model = build_model(
+        config.model, n_classes=n_classes, in_channels=in_channels, stem=config.stem
+    )
     place_regularizer(
         model, config.regularizer, config.p, config.dataset, **config.regularizer_options
     )

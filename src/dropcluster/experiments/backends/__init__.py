@@ -192,8 +192,14 @@ def worker_command(run_dir: str | Path, procs: int = 1, python: str | None = Non
     python = python or sys.executable
     if procs == 1:
         return [python, "-m", "dropcluster.experiments.worker", str(run_dir)]
-    return [python, "-m", "dropcluster.train.launch", str(procs), "dropcluster.experiments.worker",
-            str(run_dir)]  # fmt: skip
+    return [
+        python,
+        "-m",
+        "dropcluster.train.launch",
+        str(procs),
+        "dropcluster.experiments.worker",
+        str(run_dir),
+    ]
 
 
 def gpus_for_device(device: str, engine_has_gpus: bool) -> int:

@@ -59,8 +59,11 @@ class RayBackend:
         self._settings = settings
         self._started = not ray.is_initialized()
         if self._started:
-            options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                                       "logging_level": "ERROR"}  # fmt: skip
+            options: dict[str, Any] = {
+                "include_dashboard": False,
+                "log_to_driver": False,
+                "logging_level": "ERROR",
+            }
             if settings.address is not None:
                 options["address"] = settings.address
             ray.init(**options)

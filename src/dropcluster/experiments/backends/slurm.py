@@ -48,10 +48,21 @@ __all__ = [
 #: Which job trains which run: ``{run id: job id}``, in the backend's folder.
 JOBS_NAME = "jobs.json"
 #: Slurm states of a job that is queued or running: a restarted sweep follows it.
-_ACTIVE_STATES = frozenset({
-    "PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
-    "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT",
-})  # fmt: skip
+_ACTIVE_STATES = frozenset(
+    {
+        "PENDING",
+        "RUNNING",
+        "REQUEUED",
+        "REQUEUE_HOLD",
+        "REQUEUE_FED",
+        "CONFIGURING",
+        "COMPLETING",
+        "SUSPENDED",
+        "RESIZING",
+        "SIGNALING",
+        "STAGE_OUT",
+    }
+)
 #: Times a job is requeued at its time limit before it counts as failed.
 _MAX_REQUEUES = 100
 
@@ -212,8 +223,8 @@ def _read_job_ids(path: Path) -> dict[str, str]:
     except (ValueError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON ({error}): {advice}") from None
     if not isinstance(document, dict) or not all(
-            isinstance(job, (str, int)) and not isinstance(job, bool)
-            for job in document.values()):  # fmt: skip
+        isinstance(job, (str, int)) and not isinstance(job, bool) for job in document.values()
+    ):
         raise ValueError(
             f"{path} should hold an object {{run id: job id}}, but holds "
             f"{type(document).__name__ if not isinstance(document, dict) else 'other values'}: "
