@@ -58,33 +58,12 @@ def spatial_hopkins(
 ) -> Tensor:
     """Spatial Hopkins statistic S of every channel of every image (paper, eqs. 3-5).
 
-    For each image ``I`` (one channel of one sample, independently of the others), m pixel
-    locations ``(x_i, y_i)`` are drawn uniformly from the interior (0-based rows ``1..H-2``,
-    columns ``1..W-2``; the paper's ``{2, ..., X-1}``) and m more ``(q_i, r_i)`` uniformly from
-    the *whole* image. With ``(u, v)`` running over the 8 neighbours of ``(x_i, y_i)``:
-
-    * eq. 3: ``w_i = 1/8 sum_{u,v} |I(x_i, y_i) - I(u, v)|``, how much the sampled pixel differs
-      from its own neighbours;
-    * eq. 4: ``z_i = 1/8 sum_{u,v} |I(q_i, r_i) - I(u, v)|``, how much a random pixel differs
-      from those *same* neighbours of ``(x_i, y_i)`` (the paper states this after eq. 4; its
-      prose before it names the neighbours of ``(q_i, r_i)``, which the equation contradicts);
-    * eq. 5: ``S = sum_i z_i / (sum_i z_i + sum_i w_i)``.
-
-    ``(q_i, r_i)`` may lie on the border because only its value enters eq. 4, and the paper
-    draws it "uniformly randomly in the image". The L2 distance of the paper is the absolute
-    difference for one intensity. All coordinates are drawn independently (with replacement),
-    as the paper describes them: a repeated location repeats a term and leaves S unbiased, and
-    drawing without replacement would cost a sort per image.
-
-    S is about 0.5 for white noise (a random pixel is as close to the neighbours as the pixel
-    itself; the exact expectation is ``0.5 - O(1 / (H * W))`` since ``(q_i, r_i)`` can be one of
-    the neighbours) and near 1 for smooth, structured maps. When ``sum z + sum w == 0`` (a
-    constant image, or one that is constant around every drawn point) eq. 5 is 0/0; it is
-    defined as exactly 0.5, the value of a structureless field: nothing in the image can show a
-    spatial tendency. (The paper's Figure 4 shows values near 0 for channels ReNA could not
-    cluster, which are typically dead, constant ReLU channels; a ``0 / (0 + eps)`` convention
-    would explain that, but it would also rank a constant map as more regular than any real
-    one.)
+    For each image (one channel of one sample), m interior pixels ``(x_i, y_i)`` and m pixels
+    ``(q_i, r_i)`` of the whole image are drawn uniformly; ``w_i`` is how much ``(x_i, y_i)``
+    differs from its 8 neighbours (eq. 3), ``z_i`` how much ``(q_i, r_i)`` differs from those
+    same neighbours (eq. 4), and ``S = sum z / (sum z + sum w)`` (eq. 5). S is about 0.5 for
+    white noise and near 1 for smooth, structured maps; a constant image (0/0) gives exactly
+    0.5. docs/design.md, "Spatial Hopkins", gives the reasons for each reading of the paper.
 
     Args:
         x: (N, C, H, W) real tensor on any device, N, C >= 1, H, W >= 3, finite values.
@@ -101,6 +80,10 @@ def spatial_hopkins(
     Returns:
         float32 tensor on ``x``'s device: (N, C) for ``reduction="none"``, (C,) for ``"mean"``.
         Values lie in [0, 1].
+
+    Example::
+
+        spatial_hopkins(activations, reduction="mean")  # (C,): one value per channel
 
     Raises:
         TypeError: ``x`` is not a tensor, or ``generator`` is not a ``torch.Generator``.

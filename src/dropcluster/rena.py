@@ -1,39 +1,12 @@
 """Batched ReNA: recursive nearest agglomeration of the pixels of every channel at once.
 
-ReNA (Hoyos-Idrobo et al., "Recursive nearest agglomeration (ReNA): fast clustering for
-approximation of structured signals", IEEE TPAMI 2019) clusters the P = H*W pixels of one
-channel, using the N images of a minibatch as the samples that describe each pixel and the
-4-neighbour pixel grid as the graph. DropCluster (paper, Algorithm 1) runs it on every channel of
-the first conv layer's output. This module runs all channels in lock-step rounds of tensor
-operations, on any device, with the semantics of the reference implementation (nilearn's
-``recursive_neighbor_agglomeration``; ``docs/design.md``, "ReNA, exactly", describes it step by
-step):
-
-* level 0: 4-neighbour edges weighted by *half* the squared distance between the two pixels'
-  sample vectors, computed in float64; edges of weight exactly 0 (neighbours identical in every
-  sample) are deleted, with no floor;
-* each round links every node to all its near-tied nearest neighbours (relative tolerance
-  ``threshold``), merges the connected components of those links, averages the children's
-  features (a mean of means, not the pixel mean), and weights the new edges by the full squared
-  distance between the new features, floored at ``threshold``;
-* when a round would overshoot (fewer than ``n_clusters`` components), only the
-  ``n_nodes - n_clusters`` links with the largest node-index gap are kept; ties are broken by
-  the smaller lower index, a deterministic rule (nilearn's unstable sort breaks them in a
-  platform-dependent way);
-* clusters are numbered by their smallest pixel index (``p = h * W + w``), as nilearn numbers them.
-
-A channel stops when it has at most ``n_clusters`` clusters or no edges are left (no later round
-could change it, so the early exit gives the same result as running all ``max_rounds``).
-
-A channel whose largest magnitude lies outside ``[2**-32, 2**32)`` is first multiplied by a power
-of two that brings it into that range, and its floor by the square of that power, which makes
-the rounds immune to overflow (float32 squared distances overflow above about 1e19) and to
-underflow (float64 level-0 weights of values below about 1e-154). Scaling by a power of two is
-exact in binary floating point and every step scales along with it (sums, means of means,
-squared distances, the floor), while the decisions only compare weights of one channel with each
-other (the relative near-tie test, equality with 0, node-index gaps). So the result is the one
-the unscaled arithmetic would give with an unbounded exponent, as long as no scaled intermediate
-is subnormal; channels inside the range are not touched at all.
+ReNA (Hoyos-Idrobo et al., IEEE TPAMI 2019) clusters the P = H*W pixels of one channel, using
+the N images of a minibatch as the samples that describe each pixel and the 4-neighbour pixel
+grid as the graph; DropCluster (paper, Algorithm 1) runs it on every channel of the first conv
+layer's output. This module runs all channels in lock-step rounds of tensor operations, on any
+device, with the semantics of the reference implementation (nilearn's
+``recursive_neighbor_agglomeration``): docs/design.md, "ReNA, exactly", describes every step,
+the tie rule, the early exit and the exact power-of-two scaling of extreme channels.
 """
 
 from __future__ import annotations
@@ -114,58 +87,36 @@ def rena(
 
     Args:
         x: (N, C, H, W) activations, any real dtype and device; N >= 2 samples (the images of a
-            minibatch) describe each pixel. Features are kept in float32 (float64 for float64
-            input); level-0 distances are computed in float64 as the reference does. Channels
-            of extreme magnitude are first scaled by a power of two, which is exact and changes
-            no result (see the module docstring), so values up to the dtype's limit neither
-            overflow nor underflow. The floor ``threshold`` stays absolute, as in the reference:
-            with squared distances below it (tiny activations), all later edges tie, so the
-            result for ``c * x`` equals the one for ``x`` only where the floor does not decide.
-        n_clusters: clusters wanted per channel, k >= 1. Values above ``H * W`` are clamped with
-            a warning, as nilearn does.
-        max_rounds: maximum number of agglomeration rounds (the paper ran 1000; nilearn's
-            default is 10). Each round merges many pairs; 3-6 rounds are typical.
+            minibatch) describe each pixel. Level-0 distances are computed in float64, the rest
+            in float32 (float64 for float64 input); extreme channels are scaled exactly first.
+        n_clusters: clusters wanted per channel, k >= 1 (clamped to ``H * W`` with a warning).
+        max_rounds: maximum agglomeration rounds (the paper: 1000; 3-6 are typical).
         threshold: relative tolerance for near-tied nearest neighbours and the floor of edge
             weights after level 0 (nilearn's ``threshold``), in (0, 1).
-        unstructured: which channels are *unstructured* (masked by DropCluster):
-
-            * ``"dead"`` (default): only channels without any spatial variation: every map of
-              the batch is constant (a dead ReLU channel, a channel that only passes a bias).
-              Nothing can be clustered in them.
-            * ``"rena"``: the paper's rule, a channel whose ReNA ends with more than
-              ``n_clusters`` clusters. In the reference this happens exactly when the grid,
-              with the edges between pixels identical in every sample removed, falls into more
-              than k pieces. Regions that are constant across the batch (always-zero ReLU
-              areas, constant image borders) break a channel apart, so the verdict flags
-              channels that do carry signal, and depends on the batch size. It is the paper's
-              behaviour, which is why it is offered, but not the default.
-            * ``"hopkins"``: Spatial Hopkins (per-channel mean over the batch) below
-              ``hopkins_threshold``, plus the dead channels.
-            * ``"none"``: every channel is structured.
-        identical_neighbours: how pixels identical in every sample to a neighbour are handled
-            in structured channels:
-
-            * ``"merge"`` (default): such neighbours are contracted into one node before the
-              first round, so they always end in the same cluster and the channel reaches k
-              clusters (or fewer, when it has fewer than k distinct connected regions).
-              Channels without such neighbours get exactly the reference result.
-            * ``"split"``: the reference semantics everywhere (their edge is deleted, which can
-              leave isolated single-pixel clusters and more than k clusters).
-
+        unstructured: which channels are *unstructured* (masked by DropCluster): ``"dead"``
+            (default: every map of the batch constant), ``"rena"`` (the paper's: ReNA ends with
+            more than k clusters), ``"hopkins"`` (Spatial Hopkins below
+            ``hopkins_threshold``, plus the dead channels) or ``"none"``. docs/design.md,
+            "Unstructured channels", compares them.
+        identical_neighbours: ``"merge"`` (default: neighbours identical in every sample are
+            one node before the first round, so a structured channel reaches k clusters) or
+            ``"split"`` (the reference's: their edge is deleted, which can leave more than k).
             Unstructured channels always keep the reference result.
-        hopkins_threshold: threshold of the ``"hopkins"`` rule. 0.5 is no structure; the
-            default 0.55 sits well above the batch mean of white noise (within 0.01 of 0.5 for
-            16x16 maps and 16 images) and below the 0.56-0.81 of a trained first conv layer on
-            Fashion-MNIST.
+        hopkins_threshold: threshold of the ``"hopkins"`` rule (0.5: no structure).
         generator: random source for the Spatial Hopkins sample (``"hopkins"`` rule only).
 
     Returns:
-        A :class:`ReNAResult`. A structured channel has ``n_found == n_clusters`` except in the
-        cases above (``"merge"`` with few distinct regions: fewer; ``"split"`` with
-        ``unstructured != "rena"``: possibly more, with a warning).
+        A :class:`ReNAResult`. A structured channel has ``n_found == n_clusters``, except with
+        ``"merge"`` on fewer distinct regions (fewer) or ``"split"`` with ``unstructured !=
+        "rena"`` (possibly more, with a warning).
 
     Raises:
         ValueError: wrong rank, fewer than 2 samples, no pixels, non-finite values, bad options.
+
+    Example::
+
+        result = rena(torch.relu(torch.randn(64, 16, 12, 12)), 15)
+        result.labels.shape, result.n_found  # (16, 12, 12), tensor([15, 15, ...])
     """
     n_clusters, max_rounds, threshold, low, high = _check_arguments(
         x, n_clusters, max_rounds, threshold, unstructured, identical_neighbours, hopkins_threshold

@@ -1,38 +1,14 @@
-"""DropBlock (Ghiasi et al., "DropBlock: A regularization method for convolutional networks",
-NeurIPS 2018, Algorithm 1) with the drop rate matched exactly.
+"""DropBlock (Ghiasi et al., NeurIPS 2018, Algorithm 1) with the drop rate matched exactly, and
+the PyPI ``dropblock`` 0.3.0 algorithm the DropCluster paper ran as its baseline.
 
-Symbols, used throughout:
-
-- ``p``: the fraction of pixels to drop; ``b``: the block side, clamped per dimension to the
-  map, ``(bh, bw) = (min(b, H), min(b, W))`` (:func:`effective_block`).
-- *valid region*: the ``(H - bh + 1) x (W - bw + 1)`` block centres whose whole block lies inside
-  the map (the paper's Algorithm 1, line 5). A block centred on pixel ``(i, j)`` covers rows
-  ``i - (bh - 1) // 2 .. i + bh // 2`` (``bh`` rows, so even sizes are exact; their centre is
-  the top-left pixel of the middle 2 x 2) and likewise for columns.
-- ``gamma``: the rate of the i.i.d. Bernoulli draws of block centres on the valid region.
-- ``n_j``: how many valid centres have a block covering pixel j (:func:`coverage_histogram`).
-
-Pixel j is kept iff none of its ``n_j`` centres fires, with probability ``(1 - gamma) ** n_j``, so
-the expected dropped fraction is ``f(gamma) = 1 - mean_j (1 - gamma) ** n_j``. The paper's
-gamma (also torchvision's and timm's), ``p * H * W / (b**2 * (H - b + 1) * (W - b + 1))``, is
-the first-order solution of ``f(gamma) = p``: it ignores overlapping blocks, and the realised
-fraction falls short of p (0.244 instead of 0.3 for 7 x 7 blocks on a 16 x 16 map). Here
-``f(gamma) = p`` is solved by Newton's method (:func:`solve_gamma`), so the expected dropped
-fraction is p for every map and block size (``docs/design.md``, "DropBlock's drop rate", works
-it through). Kept values are rescaled per sample by ``count(mask) / count_ones(mask)`` (the
-paper's normalisation).
-
-The mask is drawn as the paper draws it: one uniform number per valid position, a max-pool that
-grows the centres into blocks (:func:`_blocks_from_centres`), and one multiplier; no host
-synchronisation and no data-dependent shapes, and ``p`` may be a tensor (accelerators and
-``torch.compile``). On the CPU in eager mode the same centre process is drawn sparsely instead,
-only the centres that fire, and the blocks are zeroed by index
-(:mod:`dropcluster.nn.dropblock_sampler`).
-
-``mode="reference"`` instead reproduces the PyPI package ``dropblock`` 0.3.0's ``DropBlock2D``
-(the DropCluster paper's DropBlock baseline): gamma ``p / b**2``, centres on every pixel, one
-mask per image shared by the channels, one rescaling for the whole batch
-(:func:`_drop_block_reference`). Its dropped fraction is below p.
+``p`` is the fraction of pixels to drop and ``b`` the block side, clamped per dimension to the
+map (:func:`effective_block`); block centres are drawn with rate gamma on the positions where a
+whole block fits. The paper's gamma is the first-order solution of "expected dropped fraction =
+p" and falls short of p; here that equation is solved exactly (:func:`solve_gamma`), so the
+expected dropped fraction is p for every map and block size. docs/design.md, "DropBlock's drop
+rate", works it through, with the reference algorithm (:func:`drop_block2d_reference`) beside.
+On the CPU in eager mode the centres are drawn sparsely
+(:mod:`dropcluster.nn.dropblock_sampler`); elsewhere densely, with no host synchronisation.
 """
 
 from __future__ import annotations
