@@ -104,8 +104,9 @@ def _add_sweep_parser(commands, name: str, text: str) -> None:
         "--jobs",
         type=int_argument(1),
         default=None,
-        help="runs at once (default: 1 on this machine, one per GPU or CPU processes sharing "
-        "the cores; every pending run on Ray or Slurm)",
+        help="runs at once (default: 1 on this machine; with several, each takes one GPU in "
+        "turn when the device is CUDA, or a share of the cores; on Ray or Slurm every pending "
+        "run is submitted)",
     )
     sub.add_argument(
         "--only",
