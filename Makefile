@@ -11,7 +11,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export MALLOC_MMAP_MAX_ := 0
 export MALLOC_TRIM_THRESHOLD_ := 100000000000
 
-.PHONY: venv data demo test lint bench clean
+.PHONY: venv data demo test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@echo "setting up $(VENV): torch $(TORCH_VERSION) (CPU build) and the package with its extras (a minute or two)"
@@ -41,6 +41,14 @@ lint: venv
 
 test: venv data lint
 	$(PY) -m pytest -q
+
+# The edit-test loop: the core (ReNA, Spatial Hopkins, the layers and their functional forms,
+# attach and fitting), the models, the data pipeline, corruptions, the results store and the
+# command line's parsing, in well under a minute. `make test` stays the whole suite.
+FAST_TESTS := rena hopkins dropcluster_layer dropblock stochastic_depth schedule registry attach api_shape \
+	fitting models cli docs_match_code data_augment data_subsets data_loader store corruptions
+test-fast: venv data
+	$(PY) -m pytest -q $(FAST_TESTS:%=tests/test_%.py)
 
 bench: venv data
 	$(VENV)/bin/pip install --quiet -e '.[test,bench]'

@@ -347,11 +347,11 @@ def test_slurm_no_wait_returns_at_once_and_collect_records_the_runs(tmp_path, ca
 # -- why a run failed ----------------------------------------------------------------------------
 
 
-def _killed_task(backend, out: Path, pid=None) -> tuple[RunTask, list]:
-    """Start a long run on ``backend``, kill -9 its worker (or the process ``pid(backend)``)
-    after its first epoch; the task and what the backend then reports."""
+def _killed_task(backend, out: Path, kill=None) -> tuple[RunTask, list]:
+    """Start a long run on ``backend``, kill -9 its worker (or call ``kill(backend)``) after
+    its first epoch; the task and what the backend then reports."""
     task = _start_a_long_task(backend, out)
-    if pid is None:
+    if kill is None:
         worker = subprocess.run(
             ["pgrep", "-f", f"dropcluster.experiments.worker {task.run_dir}"],
             capture_output=True,
@@ -359,7 +359,7 @@ def _killed_task(backend, out: Path, pid=None) -> tuple[RunTask, list]:
         ).stdout.split()
         os.kill(int(worker[0]), signal.SIGKILL)
     else:
-        os.kill(pid(backend), signal.SIGKILL)
+        kill(backend)
     deadline = time.time() + 120
     while not (finished := backend.poll()):
         assert time.time() < deadline, "the killed task was not reported"
@@ -381,10 +381,15 @@ def test_a_killed_slurm_job_is_recorded_by_its_state(tmp_path):
     from dropcluster.experiments.backends.slurm import SlurmBackend
 
     backend = SlurmBackend(SLURM_HERE, tmp_path / "slurm")
-    # The job itself is killed (as scancel or a lost node would), not its worker.
-    _, finished = _killed_task(
-        backend, tmp_path, pid=lambda b: next(iter(b._running.values()))[1]._process.pid
-    )
+
+    def kill_the_job(backend) -> None:
+        # As Slurm kills a job: all its processes. Here, submitit's local controller and the
+        # task it started; the worker stops when its task is gone.
+        controller = next(iter(backend._running.values()))[1]._process.pid
+        subprocess.run(["pkill", "-KILL", "-P", str(controller)], check=False)
+        os.kill(controller, signal.SIGKILL)
+
+    task, finished = _killed_task(backend, tmp_path, kill=kill_the_job)
     # submitit's local jobs report INTERRUPTED; on a cluster the state comes from sacct.
     assert finished[0].status is None
     assert re.fullmatch(
@@ -393,6 +398,10 @@ def test_a_killed_slurm_job_is_recorded_by_its_state(tmp_path):
     assert sweep.failure_reason(None, finished[0].message, "submitit INFO ...") == (
         finished[0].message
     )
+    deadline = time.time() + 30  # nothing of the job is left running
+    while subprocess.run(["pgrep", "-f", str(task.run_dir)], capture_output=True).returncode == 0:
+        assert time.time() < deadline, "the job's worker outlived it"
+        time.sleep(0.2)
 
 
 @pytest.mark.parametrize(

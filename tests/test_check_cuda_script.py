@@ -7,10 +7,10 @@ reads one section of its output: the tables are there and hold numbers.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
+import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,24 +46,18 @@ def load_script():
 
 @pytest.fixture(scope="module")
 def smoke() -> tuple[int, str, float]:
-    """(exit status, stdout, seconds) of ``main(["--device", "cpu", "--smoke"])``."""
-    script = load_script()
-    dynamo_config = torch._dynamo.config
-    limit_name = "recompile_limit"
-    if not hasattr(dynamo_config, limit_name):
-        limit_name = "cache_size_limit"
-    limit = getattr(dynamo_config, limit_name)
-    output = io.StringIO()
+    """(exit status, stdout, seconds) of ``check_cuda.py --device cpu --smoke``, run in a
+    process of its own as the GPU run is (a clean interpreter: no compiled graphs or random
+    state of other tests)."""
     start = time.perf_counter()
-    try:
-        # The script seeds torch and compiles layers: leave no trace in the other tests.
-        with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(output):
-            status = script.main(["--device", "cpu", "--smoke"])
-    finally:
-        torch._dynamo.reset()
-        setattr(dynamo_config, limit_name, limit)
-        sys.modules.pop("check_cuda", None)
-    return status, output.getvalue(), time.perf_counter() - start
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(SCRIPT.parents[1] / "src")},
+    )
+    return done.returncode, done.stdout + done.stderr, time.perf_counter() - start
 
 
 def section(output: str, key: str) -> str:

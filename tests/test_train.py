@@ -187,6 +187,7 @@ def test_short_fashion_mnist_training_with_dropcluster_learns(tmp_path):
         cluster_images=256,
         train_fraction=0.05,
         average_last=1,
+        test_every=3,  # the one averaged epoch: the same result, two evaluations fewer
         seed=0,
     )
     result = train(config, tmp_path)
@@ -212,8 +213,10 @@ def test_clusters_are_refitted_in_a_compiled_model():
 
 
 def test_test_every_skips_test_evaluations_but_not_the_averaged_epochs(tmp_path):
-    every = train(_tiny_config(epochs=4, average_last=1), tmp_path / "every")
-    sparse = train(_tiny_config(epochs=4, average_last=1, test_every=3), tmp_path / "sparse")
+    every = train(_tiny_config(epochs=4, average_last=1, model="lenet5"), tmp_path / "every")
+    sparse = train(
+        _tiny_config(epochs=4, average_last=1, test_every=3, model="lenet5"), tmp_path / "sparse"
+    )
     # Tested after epoch 3 (every third) and epoch 4 (averaged): 1-based, so 0-based 2 and 3.
     assert [("top1" in record) for record in sparse.history] == [False, False, True, True]
     assert all("eval_seconds" in record for record in sparse.history[2:])
@@ -232,8 +235,8 @@ def test_checkpoint_every_repeats_the_epochs_after_the_last_checkpoint_with_the_
 ):
     from dropcluster.train import loop
 
-    config = _tiny_config(epochs=5, checkpoint_every=2, cluster_every=2)
-    whole = train(_tiny_config(epochs=5, cluster_every=2), tmp_path / "whole")
+    config = _tiny_config(epochs=5, checkpoint_every=2, cluster_every=2, model="lenet5")
+    whole = train(_tiny_config(epochs=5, cluster_every=2, model="lenet5"), tmp_path / "whole")
     real_epoch = loop.train_epoch
 
     def crash_in_the_fourth_epoch(run, epoch, **kwargs):

@@ -320,6 +320,14 @@ def main(argv: list[str] | None = None) -> int:
                 "epoch with --resume",
                 file=sys.stderr,
             )
+        if launched:
+            # Every file of the run is written atomically and the group is left: end without
+            # the interpreter's teardown, where an interrupted collective's threads can abort
+            # ("terminate called without an active exception") and print to the launcher's
+            # terminal.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 130
     except Exception as error:  # noqa: BLE001 - every error ends in one line and a status
         message = user_error_message(error)

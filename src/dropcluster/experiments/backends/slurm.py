@@ -137,6 +137,12 @@ class SlurmBackend:
             if not job.done():
                 continue
             del self._running[run_id]
+            state = job.state
+            if _base_state(state) in _KILLED_STATES and not job.paths.result_pickle.exists():
+                # Killed from outside: no result will come (job.result() would wait for one,
+                # in case the filesystem lags).
+                finished.append(Finished(task, None, job_state_message(job.job_id, state)))
+                continue
             try:
                 finished.append(Finished(task, int(job.result())))
             except Exception as error:  # noqa: BLE001 - submitit raises the job's own errors
@@ -144,7 +150,7 @@ class SlurmBackend:
                 # state (Slurm's sacct, or submitit's own for local jobs) is, with the
                 # exception the job's body raised when it raised one.
                 raised = _raised_line(str(error)) if isinstance(error, FailedJobError) else None
-                message = job_state_message(job.job_id, job.state, raised)
+                message = job_state_message(job.job_id, state, raised)
                 finished.append(Finished(task, None, message))
         return finished
 
@@ -171,13 +177,32 @@ _STATE_MEANINGS = {
 }
 
 
+#: Final states of a job stopped from outside (it wrote no result).
+_KILLED_STATES = frozenset(
+    {
+        "CANCELLED",
+        "TIMEOUT",
+        "OUT_OF_MEMORY",
+        "NODE_FAIL",
+        "PREEMPTED",
+        "INTERRUPTED",
+        "BOOT_FAIL",
+        "DEADLINE",
+    }
+)
+
+
+def _base_state(state: str) -> str:
+    """``"CANCELLED"`` of ``"CANCELLED by 1234"``."""
+    return state.split()[0].upper() if state.split() else "UNKNOWN"
+
+
 def job_state_message(job_id: str, state: str, raised: str | None = None) -> str:
     """One line for a job that ended without a result: its id, its final state and what that
     means, or the exception its body raised (``raised``, a line such as ``OSError: ...``)."""
     if raised:
         return f"Slurm job {job_id} raised {raised} (state {state})"
-    base = state.split()[0].upper() if state.split() else "UNKNOWN"
-    meaning = _STATE_MEANINGS.get(base)
+    meaning = _STATE_MEANINGS.get(_base_state(state))
     return f"Slurm job {job_id} ended in state {state}" + (f": {meaning}" if meaning else "")
 
 
