@@ -136,6 +136,52 @@ def build_run(
             load_dataset(config.dataset, "test", root=config.data_dir),
         )
     train_set, test_set = datasets
+    _check_not_empty(config, train_set, test_set)
+    index = stratified_subset(train_set.labels, config.train_fraction, seed=config.seed)
+    train_images, train_labels = train_set.images[index], train_set.labels[index]
+    model = build_configured_model(config, len(train_set.classes), train_images.shape[1], device)
+    has_dropcluster = any(isinstance(m, DropCluster2d) for m in model.modules())
+    if has_dropcluster:
+        _materialize(model, train_images[:2].to(device), eval_preparer(config))
+    model = _wrapped(model, config, device, ranks)
+    optimizer, scheduler = _sgd(model, config)
+    # Drawn after the model's initialisation, from the generator the caller seeded.
+    generator = torch.Generator(device).manual_seed(
+        int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    )
+    loader = DeviceLoader(
+        train_images,
+        train_labels,
+        config.batch_size,
+        augment=AUGMENT_PRESETS[config.dataset],
+        generator=generator,
+        device=device,
+        drop_last=train_images.shape[0] >= config.batch_size,
+        rank=ranks.rank,
+        world=ranks.world,
+    )
+    # The clustered images: the first `cluster_images` of a fixed permutation of the subset.
+    order = torch.randperm(
+        train_images.shape[0], generator=torch.Generator().manual_seed(config.seed)
+    )[: config.cluster_images]
+    return Run(
+        config=config,
+        device=device,
+        ranks=ranks,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loader=loader,
+        test_images=test_set.images.to(device),
+        test_labels=test_set.labels.to(device),
+        cluster_images=train_images[order].to(device),
+        prepare_eval=eval_preparer(config),
+        has_dropcluster=has_dropcluster,
+        precision=Precision.of(config, device),
+    )
+
+
+def _check_not_empty(config: TrainConfig, train_set: ImageDataset, test_set: ImageDataset) -> None:
     for split, images in (("training", train_set.images), ("test", test_set.images)):
         if images.shape[0] == 0:
             # A run on no data would "finish" with 0 % and be recorded as a result.
@@ -143,14 +189,13 @@ def build_run(
                 f"the {config.dataset} {split} set (data_dir={config.data_dir!r}) holds no "
                 f"images: check the data set's files"
             )
-    index = stratified_subset(train_set.labels, config.train_fraction, seed=config.seed)
-    train_images = train_set.images[index]
-    train_labels = train_set.labels[index]
-    augment = AUGMENT_PRESETS[config.dataset]
-    model = build_configured_model(config, len(train_set.classes), train_images.shape[1], device)
-    has_dropcluster = any(isinstance(m, DropCluster2d) for m in model.modules())
-    if has_dropcluster:
-        _materialize(model, train_images[:2].to(device), eval_preparer(config))
+
+
+def _wrapped(
+    model: nn.Module, config: TrainConfig, device: torch.device, ranks: Ranks
+) -> nn.Module:
+    """The model in DistributedDataParallel (SyncBatchNorm first when asked) under distributed
+    training, and compiled when the config says so."""
     if ranks.distributed:
         if config.sync_batchnorm:
             if device.type != "cuda":
@@ -161,9 +206,11 @@ def build_run(
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    if config.compile:
-        model = torch.compile(model)
+    return torch.compile(model) if config.compile else model
 
+
+def _sgd(model: nn.Module, config: TrainConfig):
+    """SGD with two weight-decay groups, and the step decay of the learning rate."""
     decay, no_decay = [], []
     for parameter in model.parameters():
         # Batch-norm scales and shifts and biases (the 1-d parameters) are a group of their own:
@@ -180,41 +227,7 @@ def build_run(
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, milestones=list(config.lr_milestones), gamma=config.lr_gamma
     )
-    generator = torch.Generator(device).manual_seed(
-        int(torch.randint(0, 2**62, (), dtype=torch.int64))
-    )
-    loader = DeviceLoader(
-        train_images,
-        train_labels,
-        config.batch_size,
-        augment=augment,
-        generator=generator,
-        device=device,
-        drop_last=train_images.shape[0] >= config.batch_size,
-        rank=ranks.rank,
-        world=ranks.world,
-    )
-
-    prepare_eval = eval_preparer(config)
-    # The clustered images: the first `cluster_images` of a fixed permutation of the subset.
-    order = torch.randperm(
-        train_images.shape[0], generator=torch.Generator().manual_seed(config.seed)
-    )[: config.cluster_images]
-    return Run(
-        config=config,
-        device=device,
-        ranks=ranks,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        loader=loader,
-        test_images=test_set.images.to(device),
-        test_labels=test_set.labels.to(device),
-        cluster_images=train_images[order].to(device),
-        prepare_eval=prepare_eval,
-        has_dropcluster=has_dropcluster,
-        precision=Precision.of(config, device),
-    )
+    return optimizer, scheduler
 
 
 @torch.no_grad()
