@@ -611,25 +611,19 @@ class CombinedResults:
         return [(store, name) for store, name in self.parts if preset in (None, name)]
 
     def epochs(self) -> list[dict]:
-        return [
-            row
-            for store, _ in self.parts
-            for row in store.epochs()
-            if row["run_id"] in self.run_ids
-        ]
+        return self._rows("epochs")
 
     def corruption_results(self) -> list[dict]:
-        return [
-            row
-            for store, _ in self.parts
-            for row in store.corruption_results()
-            if row["run_id"] in self.run_ids
-        ]
+        return self._rows("corruption_results")
 
     def cluster_stats(self) -> list[dict]:
+        return self._rows("cluster_stats")
+
+    def _rows(self, table: str) -> list[dict]:
+        """Every sweep's rows of ``table`` (a store method's name) of the runs read here."""
         return [
             row
             for store, _ in self.parts
-            for row in store.cluster_stats()
+            for row in getattr(store, table)()
             if row["run_id"] in self.run_ids
         ]
