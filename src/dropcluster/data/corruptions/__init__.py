@@ -10,8 +10,10 @@ number drawn from an explicit ``torch.Generator``:
 * :mod:`~dropcluster.data.corruptions.noise_blur`: the paper's seven (gaussian, shot and
   impulse noise; defocus, glass, motion and zoom blur);
 * :mod:`~dropcluster.data.corruptions.weather`: snow, frost, fog, spatter;
-* :mod:`~dropcluster.data.corruptions.digital`: brightness, contrast, elastic_transform,
-  pixelate, jpeg_compression, speckle_noise, gaussian_blur, saturate.
+* :mod:`~dropcluster.data.corruptions.colour`: brightness, contrast, saturate, speckle_noise,
+  gaussian_blur, pixelate;
+* :mod:`~dropcluster.data.corruptions.elastic`: elastic_transform;
+* :mod:`~dropcluster.data.corruptions.jpeg`: jpeg_compression.
 
 Each module's docstring says what its tensor versions do and how close they come to the
 reference (which used scipy, scikit-image, OpenCV, ImageMagick through Wand, and PIL).

@@ -8,14 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dropcluster.data.corruptions import digital, noise_blur, weather
+from dropcluster.data.corruptions import colour, elastic, jpeg, noise_blur, weather
 from dropcluster.data.corruptions.filters import TRUNCATION_SLACK, quantise
 from dropcluster.data.corruptions.names import CORRUPTIONS, FAMILIES, family_for_size
 from dropcluster.validation import check_choice, check_int, check_tensor
 
 __all__ = ["CHUNK_ELEMENTS", "SEVERITY_PARAMETERS", "corrupt"]
 
-_MODULES = (noise_blur, weather, digital)
+_MODULES = (noise_blur, weather, colour, elastic, jpeg)
 
 #: family -> corruption -> the parameters of severities 1 to 5 (what each means: the table of
 #: the module that implements it).
