@@ -33,26 +33,40 @@ def add_experiment_parsers(commands) -> None:
 
 
 def _add_evaluate_parser(commands) -> None:
+    from dropcluster.cli_robustness import add_model_arguments
+
     evaluate = commands.add_parser(
         "evaluate",
-        help="accuracy of a trained run on corrupted test sets (7 corruptions x 5 severities)",
+        help="accuracy on corrupted test sets: a trained run (--checkpoint) or any model "
+        "(--model MODULE:FACTORY) on CIFAR-10-C, CIFAR-100-C or Tiny-ImageNet-C, with mCE",
         description=(
-            "Evaluate a trained run on the clean test set and on corrupted copies made on the "
-            "fly (Hendrycks & Dietterich 2019), or on the released CIFAR-100-C / "
-            "Tiny-ImageNet-C files with --corrupted-from. Writes corruptions.json and a summary "
-            "in the run's result.json, and prints a table."
+            "Evaluate on the clean test set and on corrupted copies (Hendrycks & Dietterich "
+            "2019). --checkpoint RUN: a run written by dropcluster train or a sweep, on copies "
+            "made on the fly or on the released files (--corrupted-from); writes "
+            "corruptions.json and a summary in the run's result.json. --model MODULE:FACTORY: "
+            "any classifier (--weights FILE) on --dataset cifar10-c, cifar100-c or "
+            "tiny-imagenet-c, released files by default; prints the errors and the mCE, "
+            "--json writes them. Both print a table."
         ),
     )
-    evaluate.add_argument(
+    what = evaluate.add_mutually_exclusive_group(required=True)
+    what.add_argument(
         "--checkpoint",
         type=path_argument,
-        required=True,
         help="the run's folder (written by dropcluster train or sweep)",
+    )
+    what.add_argument(
+        "--model",
+        metavar="MODULE:FACTORY",
+        help="a function returning the nn.Module to score: mypackage.models:resnet18 or "
+        "path/to/models.py:resnet18",
     )
     evaluate.add_argument(
         "--corruptions",
-        default="all",
-        help="'all' or a comma-separated list, e.g. gaussian_noise,zoom_blur",
+        default=None,
+        help="a set (paper: the paper's 7; benchmark: the 15 of mCE; extra: 4; all: 19), "
+        "names, or both, comma-separated (default: paper for --checkpoint, benchmark for "
+        "--model)",
     )
     evaluate.add_argument("--severities", default="1-5", help="e.g. 1-5, 1,3,5 or 2")
     evaluate.add_argument(
@@ -65,27 +79,29 @@ def _add_evaluate_parser(commands) -> None:
         "--seed", type=int_argument(0, MAX_SEED), default=0, help="seed of the corruptions' noise"
     )
     evaluate.add_argument(
-        "--jpeg-quality",
-        type=int,
-        default=None,
-        help="JPEG round trip after corrupting (85: as Tiny-ImageNet-C)",
-    )
-    evaluate.add_argument(
         "--family",
         choices=("cifar", "tiny-imagenet", "imagenet"),
         default=None,
-        help="severity table (default: by image size; 28x28 uses cifar)",
-    )
-    evaluate.add_argument(
-        "--corrupted-from",
-        default=None,
-        metavar="DIR",
-        help="folder of the released CIFAR-100-C or Tiny-ImageNet-C files",
+        help="severity table of generated corruptions (default: by image size; 28x28 uses cifar)",
     )
     evaluate.add_argument("--device", default="auto", help=_DEVICE_HELP)
     evaluate.add_argument(
         "--batch-size", type=int_argument(1), default=None, help="evaluation batch size"
     )
+    run_only = evaluate.add_argument_group("with --checkpoint")
+    run_only.add_argument(
+        "--jpeg-quality",
+        type=int,
+        default=None,
+        help="JPEG round trip after corrupting (85: as Tiny-ImageNet-C)",
+    )
+    run_only.add_argument(
+        "--corrupted-from",
+        default=None,
+        metavar="DIR",
+        help="folder of the released CIFAR-100-C or Tiny-ImageNet-C files",
+    )
+    add_model_arguments(evaluate.add_argument_group("with --model"))
     evaluate.set_defaults(handler=_run_evaluate)
 
 
@@ -353,6 +369,15 @@ def _add_analyze_parser(commands) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    from dropcluster.cli_robustness import check_model_arguments, run_model_evaluation
+
+    check_model_arguments(args)
+    if args.model is not None:
+        return run_model_evaluation(args)
+    return _evaluate_checkpoint(args)
+
+
+def _evaluate_checkpoint(args: argparse.Namespace) -> int:
     from dropcluster.experiments.corruption_eval import (
         CorruptionSettings,
         evaluate_run,
@@ -360,7 +385,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     )
 
     settings = CorruptionSettings(
-        corruptions=args.corruptions,
+        corruptions=args.corruptions or "paper",
         severities=args.severities,
         limit=args.limit,
         seed=args.seed,

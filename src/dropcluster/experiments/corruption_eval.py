@@ -22,7 +22,14 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor, nn
 
-from dropcluster.data.corruptions import CORRUPTIONS, FAMILIES, corrupt, family_for_size
+from dropcluster.data.corruptions import (
+    CORRUPTIONS,
+    FAMILIES,
+    PAPER,
+    corrupt,
+    corruption_names,
+    family_for_size,
+)
 from dropcluster.files import FolderLock, atomic_write_json
 from dropcluster.train.config import resolve_device
 from dropcluster.train.loop import RESULT_NAME, RUN_LOCK_NAME, autocast_context, topk_hits
@@ -55,7 +62,7 @@ class CorruptionSettings:
     """What a corrupted-test evaluation runs.
 
     Attributes:
-        corruptions: corruption names (a subset of ``CORRUPTIONS``).
+        corruptions: corruption names (a subset of ``CORRUPTIONS``; default: the paper's 7).
         severities: severities in 1..5.
         limit: evaluate on a class-balanced subset of this many test images (None: all).
         seed: seeds the corruptions' randomness (and the subset).
@@ -66,7 +73,7 @@ class CorruptionSettings:
             read instead of generating; None: generate.
     """
 
-    corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))
+    corruptions: list[str] = field(default_factory=lambda: list(PAPER))
     severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
     limit: int | None = None
     seed: int = 0
@@ -98,17 +105,10 @@ class CorruptionSettings:
 
 
 def parse_corruptions(value: str | Sequence[str]) -> list[str]:
-    """``"all"``, ``"gaussian_noise,zoom_blur"`` or a list of names -> a list of known names."""
-    names = value.split(",") if isinstance(value, str) else list(value)
-    names = [name.strip() for name in names if name.strip()]
-    if names == ["all"]:
-        return list(CORRUPTIONS)
-    unknown = [name for name in names if name not in CORRUPTIONS]
-    if unknown or not names:
-        raise ValueError(
-            f"unknown corruption(s) {unknown or names!r}; valid: all, {', '.join(CORRUPTIONS)}"
-        )
-    return list(dict.fromkeys(names))
+    """A set name (``"paper"``, ``"benchmark"``, ``"extra"``, ``"all"``), corruption names, or
+    both, comma-separated or as a list -> the named corruptions in the canonical order (see
+    :func:`dropcluster.data.corruptions.corruption_names`)."""
+    return list(corruption_names(value if isinstance(value, str) else list(value)))
 
 
 def parse_severities(value: str | Sequence[int]) -> list[int]:
@@ -158,6 +158,7 @@ def evaluate_corruptions(
     released: Callable[[str, int], tuple[Tensor, Tensor]] | None = None,
     progress: TextIO | None = None,
     amp_dtype: torch.dtype | None = None,
+    score_clean: bool = True,
 ) -> list[dict[str, Any]]:
     """Top-1/top-5 (%) on the clean images and on every corruption x severity.
 
@@ -173,10 +174,12 @@ def evaluate_corruptions(
         progress: where progress lines go (default stderr).
         amp_dtype: evaluate under autocast to this dtype (as the run trained on CUDA); None:
             in the model's precision.
+        score_clean: score ``images`` as the clean row; False leaves it out (``images`` then
+            only gives the device, the image size and the severity family).
 
     Returns:
         One dict per row: ``{"corruption", "severity", "top1", "top5", "images"}``; the first is
-        the clean baseline (``"clean"``, severity 0).
+        the clean baseline (``"clean"``, severity 0) unless ``score_clean`` is False.
     """
     check_int("batch_size", batch_size, minimum=1)
     if images.shape[0] == 0:
@@ -223,8 +226,12 @@ def evaluate_corruptions(
             )
 
     try:
-        top1, top5, total = score([(images, labels)])
-        rows = [{"corruption": "clean", "severity": 0, "top1": top1, "top5": top5, "images": total}]
+        rows = []
+        if score_clean:
+            top1, top5, total = score([(images, labels)])
+            rows.append(
+                {"corruption": "clean", "severity": 0, "top1": top1, "top5": top5, "images": total}
+            )
         tasks = [(c, s) for c in settings.corruptions for s in settings.severities]
         source = from_release if released is not None else generated
         start_time = time.perf_counter()

@@ -33,9 +33,11 @@ from dropcluster.experiments.store import CLEAN
 from dropcluster.experiments.summary import (
     BASELINE,
     CombinedResults,
+    MceRow,
     PairedRow,
     ResultsSource,
     Summary,
+    mce_rows,
     paired_corruption_rows,
     paired_rows,
     summarize,
@@ -458,6 +460,59 @@ def _paper_corruption(paper: dict, arm: str, name: str, metric: str = "top1") ->
     return reported.get(name, {}).get(metric)
 
 
+def _mce_section(summary: Summary) -> list[str]:
+    """The mean corruption error over the 15 benchmark corruptions (nothing when the sweep
+    evaluated no corrupted test set; a line saying what is missing when no run has all 75)."""
+    if not any(
+        name != CLEAN for result in summary.corruption.values() for (name, _) in result.cells
+    ):
+        return []
+    lines = ["", "## Mean corruption error (mCE, the 15 benchmark corruptions)", ""]
+    rows = mce_rows(summary)
+    if not rows:
+        evaluated = sorted(
+            {name for r in summary.corruption.values() for (name, _) in r.cells} - {CLEAN, "mean"}
+        )
+        lines.append(
+            f"mCE needs each run evaluated on the 15 benchmark corruptions at severities 1-5; "
+            f"this sweep's runs were evaluated on {len(evaluated)} corruption(s). Set the "
+            f'preset\'s `evaluate.corruptions` to `"benchmark"` (or `"all"`) for this table.'
+        )
+        return lines
+    lines.append(
+        "mCE: per run, the mean top-1 error (%) over the 15 benchmark corruptions x severities "
+        "1-5 (unnormalised, as CIFAR-10/100-C tables report it; lower is better), then mean ± sd "
+        "over seeds. CE vs none: per seed, each corruption's error summed over severities "
+        "divided by that of the no-dropout run of the same seed, averaged over the 15 "
+        "corruptions (100 = as robust as no dropout). Δ mCE = arm − no dropout per seed, with "
+        "the paired t test of the tables below; lower in: the seeds where the arm's mCE is "
+        "lower. Full training fraction, the p of the corruption section."
+    )
+    lines += ["", _mce_table(rows)]
+    return lines
+
+
+def _mce_table(rows: list[MceRow]) -> str:
+    headers = ["regularizer", "p", "mCE (%)", "CE vs none (%)", "Δ mCE vs none", "t", "p value"]
+    headers.append("lower in")
+    table = []
+    for row in rows:
+        paired = row.test is not None
+        table.append(
+            [
+                display_name(row.arm),
+                _fmt_p(row.p),
+                _fmt_stats(row.mce),
+                _fmt_stats(row.normalised, with_n=False) or _DASH,
+                _fmt_delta(row.test.stats) if paired else _DASH,
+                _fmt_t(row.test.t) if paired else _DASH,
+                _fmt_p_value(row.test.p_value) if paired else _DASH,
+                f"{row.lower} of {row.test.n}" if paired else _DASH,
+            ]
+        )
+    return _table(headers, table)
+
+
 def _paired_section(summary: Summary) -> list[str]:
     """The paired comparison of every arm with no dropout: nothing when the sweep has no
     finished no-dropout run; a line saying why when no cell has 2 paired seeds yet."""
@@ -805,6 +860,7 @@ def write_report(
         lines += _fraction_section(summary, paper, tables[1])
         table_5 = "Table 5" if preset.paper else "as the paper's Table 5"
         lines += _corruption_section(summary, paper, table_5)
+        lines += _mce_section(summary)
         lines += _paired_section(summary)
         lines += _cluster_section(summary)
         figure_lines, missing = _draw_figures(summary, folder, preset.name)

@@ -33,6 +33,7 @@ from dropcluster.experiments.store import (
     ResultsStore,
     RunRecord,
 )
+from dropcluster.robustness.metrics import corruption_errors, mean_corruption_error
 from dropcluster.validation import check_int
 
 __all__ = [
@@ -42,10 +43,12 @@ __all__ = [
     "CorruptionResult",
     "FailedRun",
     "GroupResult",
+    "MceRow",
     "PairedRow",
     "ResultsSource",
     "RunMetric",
     "Summary",
+    "mce_rows",
     "paired_corruption_rows",
     "paired_rows",
     "summarize",
@@ -563,6 +566,99 @@ def paired_corruption_rows(summary: Summary) -> list[PairedRow]:
         row = _paired(arm, baseline, result.p, summary.full_fraction, values, base)
         if row is not None:
             rows.append(row)
+    return rows
+
+
+@dataclass(frozen=True)
+class MceRow:
+    """One arm's mean corruption error over the benchmark set, over seeds.
+
+    Attributes:
+        mce: per seed, the unnormalised mCE (%): the mean top-1 error over the 15 benchmark
+            corruptions x severities 1-5.
+        normalised: per seed, the mCE normalised by the no-dropout run of the same seed (mean
+            CE, %; 100 = as robust as no dropout); None for no dropout itself or without
+            paired no-dropout runs.
+        test: the paired t test of the mCE differences arm - no dropout (None: fewer than 2
+            paired seeds, or no dropout itself).
+        lower: in how many paired seeds the arm's mCE is below no dropout's.
+    """
+
+    arm: str
+    baseline: str | None
+    p: float
+    mce: SeedStats
+    normalised: SeedStats | None
+    test: PairedTest | None
+    lower: int
+
+
+def _seed_errors(result: CorruptionResult) -> dict[int, dict[str, dict[int, float]]]:
+    """Per seed, ``{corruption: {severity: top-1 error %}}`` of a corruption result."""
+    errors: dict[int, dict[str, dict[int, float]]] = {}
+    for seed, cells in result.corrupted_top1.items():
+        by: dict[str, dict[int, float]] = defaultdict(dict)
+        for (name, severity), top1 in cells.items():
+            by[name][severity] = 100.0 - top1
+        errors[seed] = dict(by)
+    return errors
+
+
+def _seed_mce(result: CorruptionResult) -> dict[int, float]:
+    """Per seed with every benchmark corruption at severities 1-5: its unnormalised mCE."""
+    values = {}
+    for seed, errors in _seed_errors(result).items():
+        try:
+            values[seed] = mean_corruption_error(errors)
+        except ValueError:
+            continue
+    return values
+
+
+def mce_rows(summary: Summary) -> list[MceRow]:
+    """The mCE of every arm with benchmark corruption results, with its paired comparison.
+
+    Returns:
+        One row per arm (in table order) with at least one seed evaluated on all 15 benchmark
+        corruptions at severities 1-5; empty when no run was.
+    """
+    arms = list(summary.corruption)
+    rows = []
+    for arm in ordered_regularizers(arms):
+        result = summary.corruption[arm]
+        values = _seed_mce(result)
+        if not values:
+            continue
+        baseline = _baseline_arm(arm, arms) if split_arm(arm)[0] != BASELINE else None
+        base_result = summary.corruption.get(baseline) if baseline is not None else None
+        normalised, test, lower = None, None, 0
+        if base_result is not None:
+            base_values = _seed_mce(base_result)
+            base_errors = _seed_errors(base_result)
+            mine_errors = _seed_errors(result)
+            seeds = sorted(values.keys() & base_values.keys())
+            if seeds:
+                try:
+                    normalised = SeedStats(
+                        tuple(
+                            statistics.fmean(
+                                corruption_errors(mine_errors[s], base_errors[s]).values()
+                            )
+                            for s in seeds
+                        )
+                    )
+                except ValueError:  # a no-dropout run without error on a corruption
+                    normalised = None
+                lower = sum(values[s] < base_values[s] for s in seeds)
+            if len(seeds) >= 2:
+                test = paired_t_test(values[s] - base_values[s] for s in seeds)
+        else:
+            baseline = None
+        rows.append(
+            MceRow(
+                arm, baseline, result.p, SeedStats(tuple(values.values())), normalised, test, lower
+            )
+        )
     return rows
 
 
