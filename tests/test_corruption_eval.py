@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dropcluster.cli import main
-from dropcluster.data.corruptions import CORRUPTIONS, corrupt
+from dropcluster.data.corruptions import CORRUPTIONS, PAPER, corrupt
 from dropcluster.experiments import corruption_eval
 from dropcluster.experiments.corruption_eval import (
     CorruptionSettings,
@@ -31,12 +31,13 @@ def test_severities_and_corruptions_parse_ranges_lists_and_all():
     assert parse_severities("2") == [2]
     assert parse_severities([5, 1, 5]) == [1, 5]
     assert parse_corruptions("all") == list(CORRUPTIONS)
-    assert parse_corruptions("zoom_blur, gaussian_noise") == ["zoom_blur", "gaussian_noise"]
+    assert parse_corruptions("paper") == list(PAPER) == CorruptionSettings().corruptions
+    assert parse_corruptions("zoom_blur, gaussian_noise") == ["gaussian_noise", "zoom_blur"]
     for bad in ("0-2", "6", "a", "", "1-"):
         with pytest.raises(ValueError, match="severities should"):
             parse_severities(bad)
-    with pytest.raises(ValueError, match="unknown corruption\\(s\\) \\['fog'\\]; valid: all"):
-        parse_corruptions("fog,zoom_blur")
+    with pytest.raises(ValueError, match="unknown corruption 'fogg': expected a set"):
+        parse_corruptions("fogg,zoom_blur")
     with pytest.raises(ValueError, match="jpeg_quality"):
         CorruptionSettings(jpeg_quality=100)
     with pytest.raises(ValueError, match="limit"):

@@ -15,14 +15,20 @@ import pytest
 import torch
 from scipy import ndimage
 
-from dropcluster.data import corruptions
 from dropcluster.data.corruptions import (
+    BENCHMARK,
+    CORRUPTION_SETS,
     CORRUPTIONS,
+    EXTRA,
     FAMILIES,
+    PAPER,
     SEVERITY_PARAMETERS,
+    apply,
     corrupt,
+    corruption_names,
     defocus_kernel,
     family_for_size,
+    filters,
     gaussian_kernel1d,
     glass_shuffle,
     motion_blur_at,
@@ -62,7 +68,7 @@ def structured_images(n: int, side: int, channels: int = 3) -> torch.Tensor:
 
 
 def test_public_names_and_tables_follow_the_reference_scripts():
-    assert CORRUPTIONS == (
+    assert PAPER == (
         "gaussian_noise",
         "shot_noise",
         "impulse_noise",
@@ -72,6 +78,8 @@ def test_public_names_and_tables_follow_the_reference_scripts():
         "zoom_blur",
     )
     assert FAMILIES == ("cifar", "tiny-imagenet", "imagenet")
+    assert len(BENCHMARK) == 15 and len(EXTRA) == 4 and CORRUPTIONS == BENCHMARK + EXTRA
+    assert BENCHMARK[:7] == PAPER and set(CORRUPTION_SETS) == {"paper", "benchmark", "extra", "all"}
     for family in FAMILIES:
         assert set(SEVERITY_PARAMETERS[family]) == set(CORRUPTIONS)
         for corruption in CORRUPTIONS:
@@ -259,9 +267,9 @@ def test_a_bright_pixel_under_defocus_gives_the_kernel():
 
 def test_defocus_border_is_reflect_101_even_when_the_kernel_is_wider_than_the_image():
     # reflect-101 of [a b c] continues ... b c b a [a b c] ... as c b | a b c | b a b c.
-    indices = corruptions._border_indices(3, 5, 5, "reflect101", "cpu")
+    indices = filters.border_indices(3, 5, 5, "reflect101", "cpu")
     assert indices.tolist() == [1, 0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2, 1]
-    assert corruptions._border_indices(3, 2, 2, "nearest", "cpu").tolist() == [0, 0, 0, 1, 2, 2, 2]
+    assert filters.border_indices(3, 2, 2, "nearest", "cpu").tolist() == [0, 0, 0, 1, 2, 2, 2]
     images = structured_images(2, 6)
     for family, severity in (("cifar", 3), ("imagenet", 5)):  # 3x3 and 25x25 kernels
         blurred = corrupt(images.double(), "defocus_blur", severity, family=family)
@@ -278,7 +286,7 @@ def test_defocus_border_is_reflect_101_even_when_the_kernel_is_wider_than_the_im
 def test_glass_blur_gaussian_is_skimage_nearest_truncate_4():
     images = structured_images(2, 20).double()
     for sigma in (0.25, 0.6, 0.9, 1.5):
-        ours = corruptions._skimage_gaussian(images, sigma).numpy()
+        ours = filters.skimage_gaussian(images, sigma).numpy()
         expected = ndimage.gaussian_filter(
             images.numpy(), sigma=(0, 0, sigma, sigma), mode="nearest", truncate=4.0
         )
@@ -437,7 +445,7 @@ NEAR_TIES = {("cifar", "motion_blur", 3)}
 @pytest.mark.parametrize("family", FAMILIES)
 def test_corruption_grows_with_severity(family):
     images = structured_images(4, SIDE[family])
-    for corruption in CORRUPTIONS:
+    for corruption in PAPER:
         changes = []
         for severity in range(1, 6):
             change = 0.0
@@ -461,7 +469,7 @@ def test_corruption_grows_with_severity(family):
 # --------------------------------------------------------------------------- contracts
 
 
-@pytest.mark.parametrize("corruption", CORRUPTIONS)
+@pytest.mark.parametrize("corruption", PAPER)
 def test_same_seed_same_output_and_other_seeds_differ(corruption):
     images = (structured_images(3, 32) * 255).to(torch.uint8)
     first = corrupt(images, corruption, 3, generator=generator(7))
@@ -479,7 +487,7 @@ def test_output_does_not_depend_on_the_thread_count():
         for count in (1, 2):
             torch.set_num_threads(count)
             outputs[count] = [
-                corrupt(images, corruption, 5, generator=generator(1)) for corruption in CORRUPTIONS
+                corrupt(images, corruption, 5, generator=generator(1)) for corruption in PAPER
             ]
     finally:
         torch.set_num_threads(threads)
@@ -488,9 +496,9 @@ def test_output_does_not_depend_on_the_thread_count():
 
 
 def test_chunked_batches_are_deterministic(monkeypatch):
-    monkeypatch.setattr(corruptions, "_CHUNK_ELEMENTS", 3 * 16 * 16 * 3)  # 3 images per chunk
+    monkeypatch.setattr(apply, "CHUNK_ELEMENTS", 3 * 16 * 16 * 3)  # 3 images per chunk
     images = (structured_images(8, 16) * 255).to(torch.uint8)
-    for corruption in CORRUPTIONS:
+    for corruption in PAPER:
         first = corrupt(images, corruption, 4, generator=generator(2))
         assert first.shape == images.shape
         assert torch.equal(first, corrupt(images, corruption, 4, generator=generator(2)))
@@ -498,7 +506,7 @@ def test_chunked_batches_are_deterministic(monkeypatch):
             assert torch.equal(first[5], corrupt(images[5:6], corruption, 4)[0])
 
 
-@pytest.mark.parametrize("corruption", CORRUPTIONS)
+@pytest.mark.parametrize("corruption", PAPER)
 def test_uint8_output_is_the_float_output_quantised_as_the_reference_stores_it(corruption):
     images = (structured_images(3, 32) * 255).to(torch.uint8)
     stored = corrupt(images, corruption, 4, generator=generator(4))
@@ -514,7 +522,7 @@ def test_uint8_output_is_the_float_output_quantised_as_the_reference_stores_it(c
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 def test_floating_dtypes_are_kept(dtype):
     images = structured_images(2, 32).to(dtype)
-    for corruption in CORRUPTIONS:
+    for corruption in PAPER:
         out = corrupt(images, corruption, 2, generator=generator())
         assert out.dtype == dtype and out.shape == images.shape and out.device == images.device
 
@@ -538,7 +546,7 @@ def test_grey_noise_keeps_one_channel():
 
 def test_empty_batch_returns_an_empty_batch():
     empty = torch.zeros(0, 3, 32, 32, dtype=torch.uint8)
-    for corruption in CORRUPTIONS:
+    for corruption in PAPER:
         out = corrupt(empty, corruption, 1)
         assert out.shape == empty.shape and out.dtype == torch.uint8
 
@@ -565,7 +573,7 @@ def test_empty_batch_returns_an_empty_batch():
             (torch.zeros(1, 3, 8, 8), "gaussian_noise", True),
             "severity should be an integer, but got True",
         ),
-        ((torch.zeros(1, 3, 8, 8), "fog", 1), "corruption should be one of .*zoom_blur"),
+        ((torch.zeros(1, 3, 8, 8), "fogg", 1), "corruption should be one of .*saturate"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(arguments, message):
@@ -589,7 +597,7 @@ def test_unknown_family_lists_the_families():
 def test_cuda_outputs_stay_on_the_device_are_repeatable_and_keep_flat_images_flat():
     images = (structured_images(8, 64) * 255).to(torch.uint8).cuda()
     flat = torch.full((4, 3, 64, 64), 200, dtype=torch.uint8, device="cuda")
-    for corruption in CORRUPTIONS:
+    for corruption in PAPER:
         first = corrupt(images, corruption, 3, generator=torch.Generator("cuda").manual_seed(0))
         again = corrupt(images, corruption, 3, generator=torch.Generator("cuda").manual_seed(0))
         assert first.device.type == "cuda" and torch.equal(first, again)
@@ -599,3 +607,20 @@ def test_cuda_outputs_stay_on_the_device_are_repeatable_and_keep_flat_images_fla
         if corruption in BLURS:
             flat_out = corrupt(flat, corruption, 5, generator=torch.Generator("cuda"))
             assert torch.equal(flat_out, flat)
+
+
+def test_corruption_names_reads_sets_and_names_in_the_canonical_order():
+    assert corruption_names("paper") == PAPER
+    assert corruption_names("all") == CORRUPTIONS
+    assert corruption_names("snow,paper") == (*PAPER, "snow")
+    assert corruption_names(["saturate", "gaussian_noise", "saturate"]) == (
+        "gaussian_noise",
+        "saturate",
+    )
+    assert corruption_names("benchmark,extra") == CORRUPTIONS
+    with pytest.raises(ValueError, match="unknown corruption 'sno'"):
+        corruption_names("paper,sno")
+    with pytest.raises(ValueError, match="unknown corruption ''"):
+        corruption_names("")
+    with pytest.raises(ValueError, match="should be a set name"):
+        corruption_names(3)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dropcluster.data.corruptions import CORRUPTIONS as _CORRUPTIONS
+from dropcluster.data.corruptions import PAPER
 
 __all__ = [
     "CORRUPTIONS",
@@ -33,7 +33,7 @@ PAPER_DATASETS = ("cifar100", "tiny-imagenet")
 
 #: The seven corruptions of Hendrycks & Dietterich (2019) the paper evaluates, in its order
 #: (the order of :data:`dropcluster.data.corruptions.CORRUPTIONS`).
-CORRUPTIONS = _CORRUPTIONS
+CORRUPTIONS = PAPER
 
 #: The drop rates the paper searches for the best one (section 6).
 P_GRID: dict[str, tuple[float, ...]] = {
