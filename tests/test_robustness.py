@@ -321,3 +321,21 @@ def test_evaluate_model_command_writes_json_and_refuses_weights_that_do_not_fit(
         assert message in capsys.readouterr().err
     assert main(["evaluate", "--model", f"{factories}:small"]) == 2
     assert "--model needs --dataset" in capsys.readouterr().err
+
+
+def test_evaluate_model_on_a_test_set_of_ones_own(factories):
+    images = torch.randint(0, 256, (12, 3, 20, 20), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2] * 4)
+    model = build_model(f"{factories}:Constant", {"num_classes": 3, "label": 1})
+    result = evaluate_model(model, (images, labels), corruptions="contrast", severities=[2])
+    assert result.source == "generated" and result.dataset == "own test set"
+    assert [r["top1"] for r in result.rows] == pytest.approx([100 / 3, 100 / 3])
+    with pytest.raises(ValueError, match="has no released copy"):
+        evaluate_model(model, (images, labels), source="released")
+    two = build_model(f"{factories}:Constant", {"num_classes": 2, "label": 1})
+    with pytest.raises(ValueError, match=r"\(N, K\) with K >= 3 logits"):
+        evaluate_model(two, (images, labels))
+    with pytest.raises(ValueError, match="labels should be int64"):
+        evaluate_model(model, (images, labels.int()))
+    with pytest.raises(ValueError, match="or \\(images, labels\\), but got list"):
+        evaluate_model(model, [images, labels])

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from dropcluster.data.corruptions import FAMILIES
+from dropcluster.data.datasets import ImageDataset
 from dropcluster.experiments.corruption_eval import CorruptionSettings, evaluate_corruptions
 from dropcluster.robustness.result import RobustnessResult
 from dropcluster.validation import MAX_SEED, check_choice, check_int
@@ -66,10 +67,10 @@ def make_prepare(
 
 def evaluate_model(
     model: nn.Module,
-    dataset: str,
+    dataset: str | ImageDataset | tuple[Tensor, Tensor],
     *,
     data_dir: str | Path | None = None,
-    source: str = "released",
+    source: str | None = None,
     corruptions: str | Sequence[str] = "benchmark",
     severities: str | Sequence[int] = "1-5",
     normalize: tuple[Sequence[float], Sequence[float]] | None = None,
@@ -92,13 +93,17 @@ def evaluate_model(
 
     Args:
         model: any ``nn.Module``; it stays on its device unless ``device`` is given.
-        dataset: ``"cifar10-c"``, ``"cifar100-c"`` or ``"tiny-imagenet-c"``.
+        dataset: ``"cifar10-c"``, ``"cifar100-c"`` or ``"tiny-imagenet-c"``; or a clean test
+            set of your own, an :class:`~dropcluster.data.datasets.ImageDataset` or a tuple
+            (images Tensor[N, C, H, W] uint8, labels Tensor[N] int64), corrupted here
+            (``source="generated"``; the severity family follows the image size).
         data_dir: the folder holding the released set (``CIFAR-10-C/`` ...) and the clean
             data set (``cifar-10-batches-py/`` ...), or those folders' parent; None: the
             default data folder (``$DROPCLUSTER_DATA``, else ``~/.cache/dropcluster/data``).
-        source: ``"released"`` reads the published files (comparable with published numbers;
-            the clean row is scored when the clean test set is there too); ``"generated"``
-            corrupts the clean test set here, on the model's device, seeded by ``seed``.
+        source: ``"released"`` (the default for a named set) reads the published files
+            (comparable with published numbers; the clean row is scored when the clean test set
+            is there too); ``"generated"`` (the default for a test set of your own) corrupts
+            the clean test set here, on the model's device, seeded by ``seed``.
         corruptions: a set (``"benchmark"``: the 15 of mCE; ``"paper"``, ``"extra"``,
             ``"all"``), names, or both (see :func:`dropcluster.data.corruptions.corruption_names`).
         severities: ``"1-5"``, ``"1,3,5"`` or a list of ints in 1..5.
@@ -122,8 +127,19 @@ def evaluate_model(
             before the evaluation starts.
         FileNotFoundError: the released files or the clean test set are not in ``data_dir``.
     """
-    check_choice("dataset", dataset, tuple(CORRUPTED_DATASETS))
+    own = not isinstance(dataset, str)
+    if own:
+        own_images, own_labels, classes, name = _own_test_set(dataset)
+    else:
+        check_choice("dataset", dataset, tuple(CORRUPTED_DATASETS))
+    if source is None:
+        source = "generated" if own else "released"
     check_choice("source", source, SOURCES)
+    if own and source != "generated":
+        raise ValueError(
+            f"a test set of your own has no released copy: source should be 'generated', but "
+            f"got {source!r}"
+        )
     check_int("batch_size", batch_size, minimum=1)
     check_int("seed", seed, minimum=0, maximum=MAX_SEED)
     if family is not None:
@@ -136,14 +152,17 @@ def evaluate_model(
         family=family,
         corrupted_from=None if data_dir is None else str(data_dir),
     )
-    clean_name, classes = CORRUPTED_DATASETS[dataset]
     if device is not None:
         model = model.to(device)
     model_device = _model_device(model)
     released = None
-    if source == "released":
-        released = _released_reader(data_dir, clean_name, settings)
-    clean = _clean_test_set(clean_name, data_dir, required=source == "generated")
+    if own:
+        clean, dataset = (own_images, own_labels), name
+    else:
+        clean_name, classes = CORRUPTED_DATASETS[dataset]
+        if source == "released":
+            released = _released_reader(data_dir, clean_name, settings)
+        clean = _clean_test_set(clean_name, data_dir, required=source == "generated")
     if clean is None:
         if released is None:  # pragma: no cover - guarded above
             raise FileNotFoundError(f"no clean {clean_name} test set")
@@ -158,7 +177,7 @@ def evaluate_model(
             index = stratified_subset(labels, settings.limit / images.shape[0], seed=seed)
             images, labels = images[index], labels[index]
     prepare = make_prepare(normalize, transform, channels)
-    _check_output(model, prepare(images[:2].to(model_device)), classes, dataset)
+    _check_output(model, prepare(images[:2].to(model_device)), classes, dataset, exact=not own)
     stream = progress if progress is not None else sys.stderr
     if clean is None:
         stream.write(
@@ -186,6 +205,22 @@ def evaluate_model(
     return RobustnessResult(dataset, source, tuple(rows), recorded, description)
 
 
+def _own_test_set(dataset) -> tuple[Tensor, Tensor, int, str]:
+    """(images, labels, number of classes, name) of a test set given as data."""
+    if isinstance(dataset, ImageDataset):
+        return dataset.images, dataset.labels, len(dataset.classes), f"{dataset.name} (own)"
+    if not (isinstance(dataset, tuple) and len(dataset) == 2):
+        raise ValueError(
+            "dataset should be 'cifar10-c', 'cifar100-c', 'tiny-imagenet-c', an ImageDataset or "
+            f"(images, labels), but got {type(dataset).__name__}"
+        )
+    images, labels = dataset
+    checked = ImageDataset(images, labels, [], "own")  # its checks: uint8 NCHW, int64 labels
+    if len(checked) == 0:
+        raise ValueError("the test set is empty: there is nothing to evaluate")
+    return images, labels, int(labels.max()) + 1, "own test set"
+
+
 def _model_device(model: nn.Module) -> torch.device:
     tensor = next(iter(model.parameters()), None)
     if tensor is None:
@@ -193,8 +228,12 @@ def _model_device(model: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
-def _check_output(model: nn.Module, batch: Tensor, classes: int, dataset: str) -> None:
-    """The model must map (N, C, H, W) to (N, classes) logits: checked on two images."""
+def _check_output(
+    model: nn.Module, batch: Tensor, classes: int, dataset: str, *, exact: bool
+) -> None:
+    """The model must map (N, C, H, W) to (N, classes) logits: checked on two images (for a
+    test set of one's own, not ``exact``, ``classes`` is the largest label + 1: the output
+    needs at least that many columns)."""
     was_training = model.training
     model.eval()
     try:
@@ -208,10 +247,14 @@ def _check_output(model: nn.Module, batch: Tensor, classes: int, dataset: str) -
     finally:
         model.train(was_training)
     shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-    if not isinstance(output, Tensor) or output.shape != (batch.shape[0], classes):
+    fits = isinstance(output, Tensor) and output.dim() == 2 and output.shape[0] == batch.shape[0]
+    if fits:
+        fits = output.shape[1] == classes if exact else output.shape[1] >= classes
+    if not fits:
+        wanted = f"(N, {classes})" if exact else f"(N, K) with K >= {classes}"
         raise ValueError(
-            f"the model's output should be (N, {classes}) logits for {dataset}'s {classes} "
-            f"classes, but for {batch.shape[0]} images it is {shape}"
+            f"the model's output should be {wanted} logits for {dataset}'s {classes} classes, "
+            f"but for {batch.shape[0]} images it is {shape}"
         )
 
 
