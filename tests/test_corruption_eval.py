@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from dropcluster.cli import main
+from dropcluster.data.corrupted_sets import write_released_marker
 from dropcluster.data.corruptions import CORRUPTIONS, PAPER, corrupt
 from dropcluster.experiments import corruption_eval
 from dropcluster.experiments.corruption_eval import (
@@ -263,6 +264,8 @@ def test_evaluate_reads_released_cifar100_c_files(tmp_path, capsys):
     stacked = np.concatenate([clean, np.zeros_like(clean), clean, clean, clean])
     np.save(released / "zoom_blur.npy", stacked)
     np.save(released / "labels.npy", np.tile(test_set.labels.numpy(), 5))
+    # Smaller than the release on purpose: the marker records what it holds.
+    write_released_marker(released, "cifar100-c", {"corruptions": 1, "per_severity": len(clean)})
     code = main(
         [
             "evaluate",

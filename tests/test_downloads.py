@@ -6,7 +6,11 @@ bombs, all generated small in tmp_path in the official on-disk formats.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
+import hashlib
+import http.server
 import io
 import json
 import pickle
@@ -15,6 +19,7 @@ import stat
 import struct
 import tarfile
 import threading
+import urllib.error
 import urllib.request
 import zipfile
 import zlib
@@ -22,18 +27,30 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
-from test_corrupted_sets import write_tiny_imagenet_c
+from test_corrupted_sets import CLASS_COLOURS, write_cifar_c, write_tiny_imagenet_c
 from test_data_datasets import CIFAR_NAMES, write_cifar100
 
 from dropcluster.data import datasets, downloads
-from dropcluster.data.corrupted_sets import load_tiny_imagenet_c
+from dropcluster.data.corrupted_sets import (
+    RELEASED_COUNTS,
+    load_cifar10_c,
+    load_cifar100_c,
+    load_released,
+    load_tiny_imagenet_c,
+)
 from dropcluster.data.datasets import (
     COMPLETE_MARKER,
     load_dataset,
     tiny_imagenet_wnids,
     write_completion_marker,
 )
-from dropcluster.data.downloads import download_cifar100, download_tiny_imagenet
+from dropcluster.data.downloads import (
+    download_cifar10_c,
+    download_cifar100,
+    download_cifar100_c,
+    download_tiny_imagenet,
+    download_tiny_imagenet_c,
+)
 
 TINY_WNIDS = ("n01", "n02")
 
@@ -504,3 +521,237 @@ def test_decompression_bomb_in_tiny_imagenet_c_is_refused(tmp_path):
         load_tiny_imagenet_c(
             tmp_path, "zoom_blur", 2, sorted(path.name for path in bomb.parents[1].iterdir())
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# The released corrupted sets: CIFAR-10-C, CIFAR-100-C, Tiny-ImageNet-C
+
+
+def released_tar(directory, folder, name):
+    """``directory/<name>.tar``, uncompressed as on Zenodo, holding ``folder`` as ``name/``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    archive = directory / f"{name}.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(folder, arcname=name)
+    return archive
+
+
+def md5_of(path):
+    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
+
+
+@contextlib.contextmanager
+def serve(directory, monkeypatch):
+    """A local HTTP server for ``directory`` in a thread: (base URL, list of requested paths)."""
+    # A proxy from the environment must not take the local requests.
+    monkeypatch.setenv("no_proxy", "*")
+    monkeypatch.setenv("NO_PROXY", "*")
+    requested = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(directory), **kwargs)
+
+        def do_GET(self):
+            requested.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *_args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", requested
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_cifar10_c_is_downloaded_over_http_checked_marked_and_loaded(tmp_path, monkeypatch):
+    source, arrays, labels = write_cifar_c(tmp_path / "source", "cifar10-c", ("fog", "zoom_blur"))
+    archive = released_tar(tmp_path / "served", source, "CIFAR-10-C")
+    digest = md5_of(archive)
+    root = tmp_path / "data"
+    with serve(tmp_path / "served", monkeypatch) as (base, requested):
+        url = f"{base}/CIFAR-10-C.tar"
+        folder = download_cifar10_c(root, url=url, md5=digest)
+        assert download_cifar10_c(root, url=url, md5=digest) == folder
+    assert requested == ["/CIFAR-10-C.tar"]  # the second call found it complete
+    assert folder == root / "CIFAR-10-C"
+    marker = json.loads((folder / COMPLETE_MARKER).read_text())
+    assert marker["dataset"] == "cifar10-c"
+    assert marker["counts"] == {"corruptions": 2, "per_severity": 4}
+    assert (marker["archive_md5"], marker["source"]) == (digest, url)
+    images, loaded = load_cifar10_c(root, "fog", 3)
+    assert np.array_equal(images.permute(0, 2, 3, 1).numpy(), arrays["fog"][8:12])
+    assert loaded.tolist() == labels[8:12].tolist()
+    assert (root / "CIFAR-10-C.tar").is_file()  # kept, as for the other archives
+    assert leftovers(root) == []
+
+
+@pytest.mark.parametrize(
+    ("download", "dataset", "name", "official"),
+    [
+        (download_cifar10_c, "cifar10-c", "CIFAR-10-C", "56bf5dcef84df0e2308c6dcbcbbd8499"),
+        (download_cifar100_c, "cifar100-c", "CIFAR-100-C", "11f0ed0f1191edbf9fa23466ae6021d3"),
+    ],
+)
+def test_cifar_c_archive_whose_md5_differs_is_refused(tmp_path, download, dataset, name, official):
+    source, _, _ = write_cifar_c(tmp_path / "source", dataset)
+    archive = released_tar(tmp_path / "served", source, name)
+    root = tmp_path / "data"
+    # By default the MD5 Zenodo lists is expected: this small archive is not the release.
+    with pytest.raises(
+        ValueError, match=f"MD5 {md5_of(archive)} differs from the expected {official}"
+    ):
+        download(root, url=archive.as_uri())
+    with pytest.raises(
+        ValueError, match="differs from the expected 0{32}; the download was deleted"
+    ):
+        download(root, url=archive.as_uri(), md5="0" * 32)
+    assert list(root.iterdir()) == []
+
+
+def test_tiny_imagenet_c_md5_is_the_callers(tmp_path, monkeypatch):
+    source = write_tiny_imagenet_c(tmp_path / "source", {"fog": range(1, 6)}, marked=False)
+    archive = released_tar(tmp_path / "served", source, "Tiny-ImageNet-C")
+    root = tmp_path / "data"
+    with pytest.raises(TypeError, match="md5"):
+        download_tiny_imagenet_c(root, url=archive.as_uri())  # no default to fall back on
+    with pytest.raises(ValueError, match="differs from the expected 0{32}"):
+        download_tiny_imagenet_c(root, url=archive.as_uri(), md5="0" * 32)
+    assert list(root.iterdir()) == []
+    with serve(tmp_path / "served", monkeypatch) as (base, _):
+        folder = download_tiny_imagenet_c(
+            root, url=f"{base}/Tiny-ImageNet-C.tar", md5=md5_of(archive)
+        )
+    marker = json.loads((folder / COMPLETE_MARKER).read_text())
+    assert marker["counts"] == {"corruptions": 1, "classes": 3, "per_class": 2}
+    images, labels = load_released(root, "tiny-imagenet-c", "fog", 4)
+    assert images.shape == (6, 3, 64, 64) and labels.tolist() == [0, 0, 1, 1, 2, 2]
+    # md5=None skips the check, knowingly.
+    other = download_tiny_imagenet_c(tmp_path / "other", url=archive.as_uri(), md5=None)
+    assert json.loads((other / COMPLETE_MARKER).read_text())["archive_md5"] == md5_of(archive)
+
+
+def break_labels(folder):
+    np.save(folder / "labels.npy", np.tile(np.array([1, 20, 3, 4], np.uint8), 5))
+
+
+def truncate_file(folder):
+    path = folder / "zoom_blur.npy"
+    path.write_bytes(path.read_bytes()[:5000])
+
+
+def drop_severity(folder):
+    for path in (folder / "fog" / "4").rglob("*.JPEG"):
+        path.unlink()
+    for path in sorted((folder / "fog" / "4").iterdir()):
+        path.rmdir()
+    (folder / "fog" / "4").rmdir()
+
+
+@pytest.mark.parametrize(
+    ("dataset", "breakage", "expected"),
+    [
+        ("cifar10-c", break_labels, r"CIFAR-10 labels in 0\.\.9, but they span 1\.\.20"),
+        ("cifar100-c", truncate_file, r"zoom_blur\.npy is not a readable \.npy file"),
+        ("tiny-imagenet-c", drop_severity, r"fog should hold the severity folders 1 to 5"),
+    ],
+)
+def test_archive_of_an_incomplete_release_is_refused(tmp_path, dataset, breakage, expected):
+    if dataset == "tiny-imagenet-c":
+        source = write_tiny_imagenet_c(tmp_path / "source", {"fog": range(1, 6)}, marked=False)
+        download = functools.partial(download_tiny_imagenet_c, md5=None)
+    else:
+        source, _, _ = write_cifar_c(tmp_path / "source", dataset)
+        download = {"cifar10-c": download_cifar10_c, "cifar100-c": download_cifar100_c}[dataset]
+    breakage(source)
+    archive = released_tar(tmp_path / "served", source, source.name)
+    root = tmp_path / "data"
+    with pytest.raises(
+        ValueError, match=f"should hold a complete {source.name}/, but: .*{expected}"
+    ):
+        download(root, url=archive.as_uri(), md5=None)
+    assert not (root / source.name).exists()
+    assert leftovers(root) == []
+
+
+def test_archive_with_the_official_md5_must_hold_the_release(tmp_path, monkeypatch):
+    source, _, _ = write_cifar_c(tmp_path / "source", "cifar100-c")
+    archive = released_tar(tmp_path / "served", source, "CIFAR-100-C")
+    monkeypatch.setattr(downloads, "CIFAR100_C_MD5", md5_of(archive))
+    with pytest.raises(
+        ValueError,
+        match=r"has the official MD5 but holds \{'corruptions': 2, 'per_severity': 4\}, not the "
+        r"official \{'corruptions': 19, 'per_severity': 10000\}",
+    ):
+        download_cifar100_c(tmp_path / "data", url=archive.as_uri(), md5=md5_of(archive))
+
+
+def test_unmarked_release_in_place_is_kept_and_a_partial_one_replaced(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    folder, arrays, _ = write_cifar_c(root, "cifar100-c", seed=1)
+    # As if two corruptions of 4 images per severity were the release (it is too big for a test).
+    monkeypatch.setitem(RELEASED_COUNTS, "cifar100-c", {"corruptions": 2, "per_severity": 4})
+    assert download_cifar100_c(root, url=(tmp_path / "absent.tar").as_uri()) == folder
+    marker = json.loads((folder / COMPLETE_MARKER).read_text())
+    assert marker["counts"] == {"corruptions": 2, "per_severity": 4}
+    assert marker["source"] == "verified in place"
+    # Unmarked and short of the release: replaced by the archive's copy.
+    (folder / COMPLETE_MARKER).unlink()
+    (folder / "zoom_blur.npy").unlink()
+    source, fresh, _ = write_cifar_c(tmp_path / "source", "cifar100-c", seed=2)
+    archive = released_tar(tmp_path / "served", source, "CIFAR-100-C")
+    assert download_cifar100_c(root, url=archive.as_uri(), md5=None) == folder
+    images, _ = load_cifar100_c(root, "zoom_blur", 5)
+    assert np.array_equal(images.permute(0, 2, 3, 1).numpy(), fresh["zoom_blur"][16:])
+    assert leftovers(root) == []
+
+
+def test_unmarked_tiny_imagenet_c_with_more_corruptions_than_the_release_is_kept(
+    tmp_path, monkeypatch
+):
+    root = tmp_path / "data"
+    folder = write_tiny_imagenet_c(
+        root, {"fog": range(1, 6), "speckle_noise": range(1, 6)}, marked=False
+    )
+    # The release's count of corruptions is a minimum: the extra ones may be there too.
+    monkeypatch.setitem(
+        RELEASED_COUNTS, "tiny-imagenet-c", {"corruptions": 1, "classes": 3, "per_class": 2}
+    )
+    assert (
+        download_tiny_imagenet_c(root, url=(tmp_path / "absent.tar").as_uri(), md5=None) == folder
+    )
+    marker = json.loads((folder / COMPLETE_MARKER).read_text())
+    assert marker["counts"] == {"corruptions": 2, "classes": 3, "per_class": 2}
+    monkeypatch.setitem(
+        RELEASED_COUNTS, "tiny-imagenet-c", {"corruptions": 3, "classes": 3, "per_class": 2}
+    )
+    (folder / COMPLETE_MARKER).unlink()
+    with pytest.raises(urllib.error.URLError):  # not the release: it tries to download it
+        download_tiny_imagenet_c(root, url=(tmp_path / "absent.tar").as_uri(), md5=None)
+
+
+def test_interrupted_tiny_imagenet_c_extraction_leaves_nothing_and_is_redone(tmp_path, monkeypatch):
+    source = write_tiny_imagenet_c(tmp_path / "source", {"fog": range(1, 6)}, marked=False)
+    archive = released_tar(tmp_path / "served", source, "Tiny-ImageNet-C")
+    root = tmp_path / "data"
+    extractall = tarfile.TarFile.extractall
+
+    def fill_the_disk(self, path=".", members=None, **kwargs):
+        for member in list(members)[:8]:
+            self.extract(member, path, **kwargs)
+        enospc()
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", fill_the_disk)
+    with pytest.raises(OSError, match="No space left"):
+        download_tiny_imagenet_c(root, url=archive.as_uri(), md5=None)
+    assert not (root / "Tiny-ImageNet-C").exists()
+    assert leftovers(root) == []
+    monkeypatch.setattr(tarfile.TarFile, "extractall", extractall)
+    download_tiny_imagenet_c(root, url=archive.as_uri(), md5=None)
+    assert load_tiny_imagenet_c(root, "fog", 5, sorted(CLASS_COLOURS))[0].shape == (6, 3, 64, 64)

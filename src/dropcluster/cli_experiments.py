@@ -99,7 +99,7 @@ def _add_evaluate_parser(commands) -> None:
         "--corrupted-from",
         default=None,
         metavar="DIR",
-        help="folder of the released CIFAR-100-C or Tiny-ImageNet-C files",
+        help="folder of the released CIFAR-10-C, CIFAR-100-C or Tiny-ImageNet-C files",
     )
     add_model_arguments(evaluate.add_argument_group("with --model"))
     evaluate.set_defaults(handler=_run_evaluate)

@@ -1,4 +1,4 @@
-"""Download and extract CIFAR-10/100 and Tiny ImageNet into the layout :func:`load_dataset` reads.
+"""Download and extract CIFAR-10/100, Tiny ImageNet and their released corrupted test sets.
 
 :func:`download_cifar10`, :func:`download_cifar100` and :func:`download_tiny_imagenet` fetch an
 official archive (any URL urllib opens, ``file://`` included), check its MD5, extract it into a
@@ -8,6 +8,11 @@ links, devices), count what it holds, mark it complete
 Concurrent calls on one folder wait for each other, and any failure leaves nothing partial
 behind. See "Completeness" in :mod:`dropcluster.data.datasets` for what a loader then expects
 of the folder.
+
+:func:`download_cifar10_c`, :func:`download_cifar100_c` and :func:`download_tiny_imagenet_c` do
+the same for the released corrupted sets of Hendrycks & Dietterich (2019) on Zenodo, counted by
+the checks of their loaders (:mod:`dropcluster.data.corrupted_sets`, "Completeness") and marked
+with :func:`~dropcluster.data.corrupted_sets.write_released_marker`.
 """
 
 from __future__ import annotations
@@ -26,6 +31,17 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path, PureWindowsPath
 
+from dropcluster.data.corrupted_sets import (
+    CIFAR10_C_FOLDER,
+    CIFAR100_C_FOLDER,
+    RELEASED_COUNTS,
+    TINY_IMAGENET_C_FOLDER,
+    cifar10_c_counts,
+    cifar100_c_counts,
+    read_released_marker,
+    tiny_imagenet_c_counts,
+    write_released_marker,
+)
 from dropcluster.data.datasets import (
     CIFAR10_ARCHIVE,
     CIFAR10_FOLDER,
@@ -44,12 +60,20 @@ from dropcluster.data.datasets import (
 )
 
 __all__ = [
+    "CIFAR100_C_ARCHIVE_URL",
+    "CIFAR100_C_MD5",
     "CIFAR100_MD5",
+    "CIFAR10_C_ARCHIVE_URL",
+    "CIFAR10_C_MD5",
     "CIFAR10_MD5",
+    "TINY_IMAGENET_C_ARCHIVE_URL",
     "TINY_IMAGENET_MD5",
     "download_cifar10",
     "download_cifar100",
+    "download_cifar100_c",
+    "download_cifar10_c",
     "download_tiny_imagenet",
+    "download_tiny_imagenet_c",
 ]
 
 
@@ -58,6 +82,20 @@ CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 #: MD5 of the official zip, as published by torchvision-style loaders of the data set.
 TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
+
+#: The released corrupted sets' archives on Zenodo (Hendrycks & Dietterich 2019).
+CIFAR10_C_ARCHIVE_URL = "https://zenodo.org/records/2535967/files/CIFAR-10-C.tar"
+CIFAR100_C_ARCHIVE_URL = "https://zenodo.org/records/3555552/files/CIFAR-100-C.tar"
+TINY_IMAGENET_C_ARCHIVE_URL = "https://zenodo.org/records/2536630/files/Tiny-ImageNet-C.tar"
+#: MD5 of ``CIFAR-10-C.tar`` (Zenodo record 2535967), as the dataset loaders of
+#: mit-ll-responsible-ai/responsible-ai-toolbox (src/rai_toolbox/datasets/cifar_corruptions.py)
+#: and ENSTA-U2IS-AI/torch-uncertainty (torch_uncertainty/datasets/classification/cifar/
+#: cifar_c.py) check it.
+CIFAR10_C_MD5 = "56bf5dcef84df0e2308c6dcbcbbd8499"
+#: MD5 of ``CIFAR-100-C.tar`` (Zenodo record 3555552), as the same two loaders check it.
+CIFAR100_C_MD5 = "11f0ed0f1191edbf9fa23466ae6021d3"
+# Tiny-ImageNet-C.tar: no published MD5 could be verified, so download_tiny_imagenet_c has the
+# caller give one (or None, to skip the check knowingly).
 
 
 def download_cifar100(
@@ -182,13 +220,136 @@ def download_tiny_imagenet(
     )
 
 
+def download_cifar10_c(
+    root: str | Path | None = None,
+    *,
+    url: str = CIFAR10_C_ARCHIVE_URL,
+    md5: str | None = CIFAR10_C_MD5,
+) -> Path:
+    """Download and extract CIFAR-10-C (about 2.9 GB) into ``root``, unless it is there.
+
+    As :func:`download_cifar100`: the archive is saved as ``root/CIFAR-10-C.tar`` (one already
+    there is reused when its MD5 is the expected one), extracted into a temporary folder,
+    checked file by file as :func:`~dropcluster.data.corrupted_sets.load_cifar10_c` checks it
+    (:func:`~dropcluster.data.corrupted_sets.cifar10_c_counts`), marked complete with its
+    counts and renamed to ``root/CIFAR-10-C`` only on success. An existing folder without the
+    marker counts as complete when it holds the release (all 19 corruptions of 5 x 10000
+    images, and ``labels.npy``); any other is replaced. The archive is kept; delete it to save
+    the space.
+
+    Args:
+        root: destination folder (created); None: the default data folder.
+        url: where ``CIFAR-10-C.tar`` is (any URL urllib opens, ``file://`` included).
+        md5: expected MD5 of the archive (default: the published one, :data:`CIFAR10_C_MD5`);
+            None skips the check. An archive whose MD5 is the official one must also hold the
+            release.
+
+    Returns:
+        The path of the ``CIFAR-10-C`` folder.
+
+    Raises:
+        ValueError: checksum mismatch (the download is deleted), an unreadable archive
+            (deleted too), an unsafe member, or an archive without a complete
+            ``CIFAR-10-C/``.
+        OSError: the disk is full or read-only; nothing partial is left behind.
+    """
+    return _download_dataset(
+        default_root() if root is None else Path(root),
+        "cifar10-c",
+        url,
+        md5,
+        official_md5=CIFAR10_C_MD5,
+        folder_name=CIFAR10_C_FOLDER,
+        suffix=".tar",
+        extract=_extract_tar,
+        count=cifar10_c_counts,
+    )
+
+
+def download_cifar100_c(
+    root: str | Path | None = None,
+    *,
+    url: str = CIFAR100_C_ARCHIVE_URL,
+    md5: str | None = CIFAR100_C_MD5,
+) -> Path:
+    """Download and extract CIFAR-100-C (about 2.9 GB) into ``root``, unless it is there.
+
+    As :func:`download_cifar10_c`, into ``root/CIFAR-100-C`` from ``CIFAR-100-C.tar``; the
+    labels must be CIFAR-100 fine labels (< 100).
+
+    Args:
+        root: destination folder (created); None: the default data folder.
+        url: where ``CIFAR-100-C.tar`` is (any URL urllib opens, ``file://`` included).
+        md5: expected MD5 of the archive (default: the published one, :data:`CIFAR100_C_MD5`);
+            None skips the check.
+
+    Returns:
+        The path of the ``CIFAR-100-C`` folder.
+
+    Raises:
+        ValueError, OSError: as :func:`download_cifar10_c`.
+    """
+    return _download_dataset(
+        default_root() if root is None else Path(root),
+        "cifar100-c",
+        url,
+        md5,
+        official_md5=CIFAR100_C_MD5,
+        folder_name=CIFAR100_C_FOLDER,
+        suffix=".tar",
+        extract=_extract_tar,
+        count=cifar100_c_counts,
+    )
+
+
+def download_tiny_imagenet_c(
+    root: str | Path | None = None,
+    *,
+    md5: str | None,
+    url: str = TINY_IMAGENET_C_ARCHIVE_URL,
+) -> Path:
+    """Download and extract Tiny-ImageNet-C into ``root``, unless it is there.
+
+    As :func:`download_cifar10_c`, into ``root/Tiny-ImageNet-C`` from ``Tiny-ImageNet-C.tar``,
+    counted as :func:`~dropcluster.data.corrupted_sets.load_tiny_imagenet_c` counts
+    (:func:`~dropcluster.data.corrupted_sets.tiny_imagenet_c_counts`: every corruption with its
+    five severity folders, the same classes in each, the same number of JPEGs per class). An
+    existing folder without the marker counts as complete when it holds at least the 15
+    benchmark corruptions, each of 200 classes of 50 images per severity.
+
+    Args:
+        root: destination folder (created); None: the default data folder.
+        md5: required: the MD5 of ``Tiny-ImageNet-C.tar`` (as Zenodo lists it on
+            https://zenodo.org/records/2536630), or None to skip the check knowingly. No
+            published value could be verified for this project, so there is no default.
+        url: where ``Tiny-ImageNet-C.tar`` is (any URL urllib opens, ``file://`` included).
+
+    Returns:
+        The path of the ``Tiny-ImageNet-C`` folder.
+
+    Raises:
+        ValueError, OSError: as :func:`download_cifar10_c`.
+    """
+    return _download_dataset(
+        default_root() if root is None else Path(root),
+        "tiny-imagenet-c",
+        url,
+        md5,
+        official_md5=None,
+        folder_name=TINY_IMAGENET_C_FOLDER,
+        suffix=".tar",
+        extract=_extract_tar,
+        count=tiny_imagenet_c_counts,
+    )
+
+
 def _download_dataset(
     root: Path,
     dataset: str,
     url: str,
     md5: str | None,
     *,
-    official_md5: str,
+    official_md5: str | None,
     folder_name: str,
     suffix: str,
     extract: Callable[[Path, Path, str], None],
@@ -198,6 +359,7 @@ def _download_dataset(
     """Download, extract into a temporary folder, check, mark complete, rename into place.
 
     The archive is saved as ``root/archive_name`` (None: ``folder_name + suffix``).
+    ``official_md5`` None: no published checksum to hold the counts to.
     """
     root.mkdir(parents=True, exist_ok=True)
     folder = root / folder_name
@@ -228,13 +390,13 @@ def _download_dataset(
                 raise ValueError(
                     f"{archive} should hold a complete {folder_name}/, but: {error}"
                 ) from error
-            official = OFFICIAL_COUNTS[dataset]
-            if digest == official_md5 and counts != official:
+            official = _official_counts(dataset)
+            if digest == official_md5 and not _holds_official(counts, official):
                 raise ValueError(
                     f"{archive} has the official MD5 but holds {counts}, not the official "
                     f"{official}: delete it and download it again"
                 )
-            write_completion_marker(extracted, dataset, counts, archive_md5=digest, source=url)
+            _write_marker(extracted, dataset, counts, archive_md5=digest, source=url)
             if os.path.lexists(folder):
                 # Incomplete (_is_complete said so): moved into the temporary folder, so that
                 # it is deleted with it once the complete one is in place.
@@ -250,7 +412,7 @@ def _is_complete(folder: Path, dataset: str, count: Callable[[Path], dict[str, i
     if not folder.is_dir():
         return False
     try:
-        if read_completion_marker(folder, dataset) is not None:
+        if _read_marker(folder, dataset) is not None:
             return True
     except ValueError:  # an unreadable marker: extract again
         return False
@@ -258,13 +420,51 @@ def _is_complete(folder: Path, dataset: str, count: Callable[[Path], dict[str, i
         counts = count(folder)
     except (OSError, ValueError):
         return False
-    if counts != OFFICIAL_COUNTS[dataset]:
+    if not _holds_official(counts, _official_counts(dataset)):
         return False
     try:
-        write_completion_marker(folder, dataset, counts, source="verified in place")
+        _write_marker(folder, dataset, counts, source="verified in place")
     except OSError:
         pass  # a read-only folder: without the marker the loaders check the official counts
     return True
+
+
+# The clean data sets' markers are datasets.py's, the released corrupted sets' corrupted_sets.py's.
+
+
+def _official_counts(dataset: str) -> dict[str, int]:
+    return OFFICIAL_COUNTS[dataset] if dataset in OFFICIAL_COUNTS else RELEASED_COUNTS[dataset]
+
+
+def _read_marker(folder: Path, dataset: str) -> dict[str, int] | None:
+    if dataset in OFFICIAL_COUNTS:
+        return read_completion_marker(folder, dataset)
+    return read_released_marker(folder, dataset)
+
+
+def _write_marker(
+    folder: Path,
+    dataset: str,
+    counts: dict[str, int],
+    *,
+    archive_md5: str | None = None,
+    source: str | None = None,
+) -> None:
+    if dataset in OFFICIAL_COUNTS:
+        write_completion_marker(folder, dataset, counts, archive_md5=archive_md5, source=source)
+    else:
+        write_released_marker(folder, dataset, counts, archive_md5=archive_md5, source=source)
+
+
+def _holds_official(counts: dict[str, int], official: dict[str, int]) -> bool:
+    """Whether ``counts`` are the official ones; "corruptions" is a minimum (a release that
+    also holds the extra corruptions is complete too)."""
+    if counts.keys() != official.keys():
+        return False
+    return all(
+        counts[key] >= official[key] if key == "corruptions" else counts[key] == official[key]
+        for key in official
+    )
 
 
 @contextlib.contextmanager

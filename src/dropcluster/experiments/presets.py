@@ -70,7 +70,7 @@ DEFAULT_PRESET = "demo"
 SCALES = ("demo", "paper")
 GRID_KEYS = ("regularizer", "p", "train_fraction", "seed")
 #: Data sets released as corrupted files (CIFAR-100-C, Tiny-ImageNet-C).
-_RELEASED_CORRUPTED = ("cifar100", "tiny-imagenet")
+_RELEASED_CORRUPTED = ("cifar10", "cifar100", "tiny-imagenet")
 
 
 #: Optional keys of a grid: a variant name and config values for its runs.
@@ -331,7 +331,8 @@ class Preset:
         dataset = self.base.get("dataset")
         if evaluate.corruption.corrupted_from is not None and dataset not in _RELEASED_CORRUPTED:
             raise ValueError(
-                f"corrupted_from reads released CIFAR-100-C / Tiny-ImageNet-C files, but the "
+                f"corrupted_from reads released CIFAR-10-C / CIFAR-100-C / Tiny-ImageNet-C files, "
+                f"but the "
                 f"data set is {dataset!r}"
             )
 
