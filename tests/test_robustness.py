@@ -52,9 +52,7 @@ def test_alexnet_normalises_its_own_errors_to_100_and_needs_all_five_severities(
     ce = corruption_errors(alexnet_like, ALEXNET_IMAGENET_C_ERRORS)
     assert set(ce) == set(BENCHMARK) and all(value == pytest.approx(100.0) for value in ce.values())
     half = {name: {s: error / 2 for s, error in by.items()} for name, by in alexnet_like.items()}
-    assert corruption_errors(half, ALEXNET_IMAGENET_C_ERRORS)[
-        "snow"
-    ] == pytest.approx(50.0)
+    assert corruption_errors(half, ALEXNET_IMAGENET_C_ERRORS)["snow"] == pytest.approx(50.0)
     partial = {name: {1: 50.0} for name in BENCHMARK}
     with pytest.raises(ValueError, match="needs severities 1-5"):
         corruption_errors(partial, ALEXNET_IMAGENET_C_ERRORS)
@@ -339,3 +337,29 @@ def test_evaluate_model_on_a_test_set_of_ones_own(factories):
         evaluate_model(model, (images, labels.int()))
     with pytest.raises(ValueError, match="or \\(images, labels\\), but got list"):
         evaluate_model(model, [images, labels])
+
+
+def test_evaluate_model_on_released_files_with_and_without_the_clean_set(factories, tmp_path):
+    from test_corrupted_sets import write_cifar_c
+
+    _, _, labels = write_cifar_c(
+        tmp_path / "c", "cifar10-c", corruptions=("gaussian_noise", "fog"), marked=True
+    )
+    share = 100.0 * float((torch.from_numpy(labels[:4]).long() == 3).float().mean())
+    model = build_model(f"{factories}:Constant", {"label": 3})
+    result = evaluate_model(model, "cifar10-c", data_dir=tmp_path / "c", corruptions="fog")
+    # No clean CIFAR-10 test set beside the files: the clean row is left out.
+    assert [(r["corruption"], r["severity"]) for r in result.rows] == [
+        ("fog", s) for s in range(1, 6)
+    ]
+    assert all(r["top1"] == pytest.approx(share) and r["images"] == 4 for r in result.rows)
+    assert result.clean_error is None and result.source == "released"
+    with pytest.raises(FileNotFoundError, match="lacks snow 1, snow 2, snow 3, snow 4 and 1 more"):
+        evaluate_model(model, "cifar10-c", data_dir=tmp_path / "c", corruptions="snow")
+    with pytest.raises(
+        FileNotFoundError, match="no released cifar100 corrupted files .*download_cifar100_c"
+    ):
+        evaluate_model(model, "cifar100-c", data_dir=tmp_path / "c")
+    write_cifar10(tmp_path / "c", n_test=4, seed=1)
+    with_clean = evaluate_model(model, "cifar10-c", data_dir=tmp_path / "c", corruptions="fog")
+    assert with_clean.rows[0]["corruption"] == "clean" and len(with_clean.rows) == 6

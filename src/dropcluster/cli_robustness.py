@@ -115,6 +115,10 @@ def run_model_evaluation(args: argparse.Namespace) -> int:
     baseline = _read_baseline(args.baseline, RobustnessResult)
     if args.json is not None and not args.json.parent.is_dir():
         raise FileNotFoundError(f"--json: the folder {args.json.parent} does not exist")
+    from dropcluster.experiments.corruption_eval import parse_corruptions, parse_severities
+
+    parse_corruptions(args.corruptions or "benchmark")  # bad names: one line, before any work
+    parse_severities(args.severities)
     device = resolve_device(args.device)
     model = build_model(args.model, parse_assignments(args.model_option, "--model-option"))
     if args.weights is not None:

@@ -276,6 +276,14 @@ def _released_reader(data_dir, clean_name: str, settings: CorruptionSettings):
     from dropcluster.data.corrupted_sets import available_released, load_released
 
     held = available_released(data_dir, clean_name)
+    if not held:
+        call = {"cifar10": "download_cifar10_c", "cifar100": "download_cifar100_c"}.get(
+            clean_name, "download_tiny_imagenet_c"
+        )
+        raise FileNotFoundError(
+            f"no released {clean_name} corrupted files in {data_dir or 'the data folder'}: "
+            f"dropcluster.data.downloads.{call}() fetches them (or use source 'generated')"
+        )
     missing = [
         f"{name} {severity}"
         for name in settings.corruptions
