@@ -46,7 +46,8 @@ test: venv data lint
 # attach and fitting), the models, the data pipeline, corruptions, the results store and the
 # command line's parsing, in well under a minute. `make test` stays the whole suite.
 FAST_TESTS := rena hopkins dropcluster_layer dropblock stochastic_depth schedule registry attach api_shape \
-	fitting models cli docs_match_code data_augment data_subsets data_loader store corruptions
+	fitting models cli docs_match_code data_augment data_subsets data_loader store corruptions \
+	corruptions_colour corruptions_weather corruptions_jpeg_elastic robustness
 test-fast: venv data
 	$(PY) -m pytest -q $(FAST_TESTS:%=tests/test_%.py)
 

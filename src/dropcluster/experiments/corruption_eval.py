@@ -4,8 +4,8 @@ The corrupted images are made on the fly, one chunk of the test set at a time, s
 one chunk, never the 35 corrupted copies of the test set. Each chunk's randomness comes from a
 generator seeded by (seed, corruption, severity, chunk index) with a fixed chunk size, so the
 corrupted set does not depend on the evaluation batch size, the device's order of work or on
-which other corruptions are evaluated. Released sets (CIFAR-10-C, CIFAR-100-C, Tiny-ImageNet-C) are read
-instead when the caller gives their folder.
+which other corruptions are evaluated. Released sets (CIFAR-10-C, CIFAR-100-C,
+Tiny-ImageNet-C) are read instead when the caller gives their folder.
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dropcluster.data.corruptions import CORRUPTIONS
 from dropcluster.experiments import report_figures
-from dropcluster.experiments.paper_results import CORRUPTIONS, paper_tables
+from dropcluster.experiments.paper_results import paper_tables
 from dropcluster.experiments.presets import Preset, as_preset
 from dropcluster.experiments.report_figures import (
     arm_styles,
@@ -357,7 +358,7 @@ def _corruption_comparison(
 
 
 def _paper_order(corruption: str) -> tuple[int, str]:
-    """The paper's order of the corruptions; others after them, by name."""
+    """The paper's 7 in its order, then the benchmark's and the extra ones; unknown names last."""
     index = CORRUPTIONS.index(corruption) if corruption in CORRUPTIONS else len(CORRUPTIONS)
     return index, corruption
 

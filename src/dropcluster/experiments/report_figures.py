@@ -16,7 +16,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from dropcluster.experiments.paper_results import CORRUPTIONS
+from dropcluster.data.corruptions import CORRUPTIONS
 from dropcluster.experiments.plotting import pyplot, save_figure
 from dropcluster.validation import check_choice
 
@@ -193,7 +193,7 @@ def plot_corruption_severity(
     check_choice("metric", metric, _METRIC_LABELS)
     _check_not_empty("the corruption figure", accuracy)
     styles = _styles_for(accuracy, styles)
-    # The paper's order (noises, then blurs), unknown names after them, the mean last.
+    # The paper's 7 in its order, the other 12 after them, unknown names next, the mean last.
     order = (*CORRUPTIONS, "mean")
     corruptions = sorted(
         {name for per_reg in accuracy.values() for name in per_reg},
