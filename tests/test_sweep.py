@@ -403,7 +403,7 @@ def test_bad_evaluate_blocks_are_refused_when_the_preset_loads(tmp_path):
     with pytest.raises(ValueError, match="evaluate.train_fraction \\[1.0\\] is in no grid"):
         Preset.from_dict(_evaluating_preset(train_fraction=[1.0]))
     with pytest.raises(ValueError, match="unknown corruption"):
-        Preset.from_dict(_evaluating_preset(corruptions="fog"))
+        Preset.from_dict(_evaluating_preset(corruptions="fogg"))
     with pytest.raises(ValueError, match="but the data set is 'synthetic'"):
         Preset.from_dict(_evaluating_preset(corrupted_from=str(tmp_path)))
 
