@@ -294,6 +294,23 @@ def test_pil_resize_runs_the_horizontal_pass_first_on_any_shape(height, width):
         assert np.array_equal(to_numpy(ours_nearest)[0], nearest)
 
 
+def test_pixelate_uint8_route_equals_pils_passes_one_by_one():
+    # corrupt runs pixelate on uint8 images as two matrix products and two roundings;
+    # pil_resize runs PIL's four passes with gathers. Every side up to 80, every severity.
+    generator = torch.Generator().manual_seed(5)
+    for side in range(1, 81):
+        images = torch.randint(0, 256, (2, 3, side, 81 - side), generator=generator)
+        images = images.to(torch.uint8)
+        for family, table in PARAMETERS.items():
+            for severity, factor in enumerate(table["pixelate"], start=1):
+                small_h, small_w = int(side * factor), int((81 - side) * factor)
+                if min(small_h, small_w) < 1:
+                    continue
+                passes = pil_resize(pil_resize(images, small_h, small_w), side, 81 - side)
+                ours = corrupt(images, "pixelate", severity, family=family)
+                assert torch.equal(ours, passes), (side, factor)
+
+
 def test_pil_box_counts_pixel_centres_and_rounds_each_pass():
     # 5 -> 2: the boxes are [0, 2.5) and [2.5, 5); pixel 2's centre, 2.5, is on the edge and
     # belongs to the first box (PIL's (-1/2, 1/2]): means of 3 and 2 pixels, not area weights

@@ -147,6 +147,23 @@ def test_grey_jpeg_equals_pillow_grey_and_rgb_of_the_grey_image():
             assert np.array_equal(ours, as_rgb[..., channel])
 
 
+def test_jpeg_float64_products_equal_the_integer_butterflies(monkeypatch):
+    # Devices with float64 run each DCT pass as a matrix product; others (MPS) the int64
+    # butterflies. Both must give the same integers, also where the IDCT wraps (quality 1 on
+    # black/white noise and checkerboards).
+    generator = torch.Generator().manual_seed(3)
+    noise = torch.randint(0, 256, (4, 3, 24, 40), generator=generator)
+    binary = torch.randint(0, 2, (4, 3, 24, 40), generator=generator) * 255
+    rows, cols = torch.meshgrid(torch.arange(24), torch.arange(40), indexing="ij")
+    checker = (((rows + cols) % 2) * 255).expand(4, 3, 24, 40)
+    images = torch.cat((noise, binary, checker)).to(torch.uint8)
+    qualities = (1, 7, 25, 50, 80, 100)
+    products = [jpeg.libjpeg_round_trip(images, quality) for quality in qualities]
+    monkeypatch.setattr(jpeg, "_has_float64", lambda device: False)
+    for quality, expected in zip(qualities, products, strict=True):
+        assert torch.equal(jpeg.libjpeg_round_trip(images, quality), expected), quality
+
+
 def test_corrupt_jpeg_uint8_and_float_inputs():
     images = smooth_levels(3, 32, 32, 7)
     uint8 = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()

@@ -402,6 +402,35 @@ def test_chamfer_distance_hand_worked():
     )
 
 
+def test_chamfer_distance_stops_early_only_where_full_relaxation_agrees():
+    # chamfer_distance groups the steps by length and stops once a round changes nothing;
+    # the definition is ceil(limit) rounds of relaxation over the 16 steps, one by one.
+    def relaxed(zeros: torch.Tensor, limit: float) -> torch.Tensor:
+        h, w = zeros.shape[-2:]
+        distance = torch.where(zeros, 0.0, float("inf"))
+        steps = [(dy, dx, 1.0) for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))]
+        steps += [(dy, dx, 1.4) for dy in (-1, 1) for dx in (-1, 1)]
+        steps += [(dy, dx, 2.1969) for dy in (-2, 2) for dx in (-1, 1)]
+        steps += [(dy, dx, 2.1969) for dy in (-1, 1) for dx in (-2, 2)]
+        for _ in range(math.ceil(limit)):
+            padded = torch.nn.functional.pad(distance, (2, 2, 2, 2), value=float("inf"))
+            best = distance
+            for dy, dx, step in steps:
+                shifted = padded[:, 2 + dy : 2 + dy + h, 2 + dx : 2 + dx + w]
+                best = torch.minimum(best, shifted + torch.tensor(step))
+            distance = best
+        return distance.clamp(max=limit)
+
+    generator = torch.Generator().manual_seed(4)
+    for density in (0.0005, 0.003, 0.02, 0.3):
+        for shape in ((3, 60, 70), (2, 9, 5), (1, 1, 40)):
+            zeros = torch.rand(shape, generator=generator) < density
+            zeros[0, 0, 0] = True  # at least one zero: distances up to the cap and beyond
+            for limit in (20.0, 3.5):
+                expected = relaxed(zeros, limit)
+                assert torch.equal(chamfer_distance(zeros, limit), expected), (shape, limit)
+
+
 def test_chamfer_distance_matches_cv2_distance_transform_up_to_round_off():
     cv2 = pytest.importorskip("cv2")
     pytest.importorskip("scipy")

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from dropcluster.data.corruptions import colour, elastic, jpeg, noise_blur, weather
-from dropcluster.data.corruptions.filters import TRUNCATION_SLACK, quantise
+from dropcluster.data.corruptions.filters import TRUNCATION_SLACK
 from dropcluster.data.corruptions.names import CORRUPTIONS, FAMILIES, family_for_size
 from dropcluster.validation import check_choice, check_int, check_tensor
 
@@ -29,6 +29,12 @@ SEVERITY_PARAMETERS: dict[str, dict[str, tuple]] = {
 }
 _FUNCTIONS: dict[str, Callable[[Tensor, Any, torch.Generator | None], Tensor]] = {
     name: function for module in _MODULES for name, function in module.FUNCTIONS.items()
+}
+#: Corruptions that also have a uint8 -> uint8 version (same results, fewer passes).
+_LEVEL_FUNCTIONS: dict[str, Callable[[Tensor, Any, torch.Generator | None], Tensor]] = {
+    name: function
+    for module in _MODULES
+    for name, function in getattr(module, "LEVEL_FUNCTIONS", {}).items()
 }
 _UINT8_SLACK: dict[str, float] = {
     name: slack for module in _MODULES for name, slack in module.UINT8_SLACK.items()
@@ -101,9 +107,30 @@ def corrupt(
     # Most references truncate to uint8; those that get their result back from an 8-bit image
     # (ImageMagick's PNG, PIL) round (see "Quantisation" in the package docstring).
     slack = _UINT8_SLACK.get(corruption, TRUNCATION_SLACK)
+    level_function = _LEVEL_FUNCTIONS.get(corruption)
+    if images.dtype == torch.uint8 and level_function is not None:
+        return _levels_in_chunks(
+            images, lambda levels, gen: level_function(levels, parameter, gen), generator
+        )
     return _corrupt_in_chunks(
         images, lambda pixels, gen: function(pixels, parameter, gen), slack, generator
     )
+
+
+def _levels_in_chunks(
+    images: Tensor,
+    apply: Callable[[Tensor, torch.Generator | None], Tensor],
+    generator: torch.Generator | None,
+) -> Tensor:
+    """``apply`` to uint8 images chunk after chunk, as :func:`_corrupt_in_chunks` splits them."""
+    n, c, h, w = images.shape
+    images_per_chunk = max(1, CHUNK_ELEMENTS // (c * h * w))
+    corrupted_images = torch.empty_like(images)
+    with torch.no_grad():
+        for start in range(0, n, images_per_chunk):
+            chunk = images[start : start + images_per_chunk]
+            corrupted_images[start : start + images_per_chunk] = apply(chunk, generator)
+    return corrupted_images
 
 
 def _corrupt_in_chunks(
@@ -130,12 +157,15 @@ def _corrupt_in_chunks(
         for start in range(0, n, images_per_chunk):
             chunk = images[start : start + images_per_chunk]
             if images.dtype == torch.uint8:
-                pixels = chunk.to(work_dtype) / 255
+                pixels = chunk.to(work_dtype).div_(255)
             else:
                 pixels = chunk.to(work_dtype)
             corrupted = apply(pixels, generator).clamp(0, 1)
             if images.dtype == torch.uint8:
-                corrupted = quantise(corrupted, slack)
+                # quantise's floor(255 y + slack) clamped to 0..255, in place: for y in
+                # [0, 1] the value is in [0, 256), where the cast to uint8 truncates, i.e.
+                # floors, and the clamp never acts.
+                corrupted = corrupted.mul_(255).add_(slack)
             corrupted_images[start : start + images_per_chunk] = corrupted
     return corrupted_images
 

@@ -30,6 +30,9 @@ The tensor versions:
   vertical pass each rounded and clipped to 0..255 as PIL stores them. Each pass is a weighted
   sum of a few gathered copies of the image (``ceil(side / int(side c))`` taps down, one up),
   in int32, exact as PIL's own integer sums. :func:`pil_resize` also does PIL's NEAREST.
+  The corruption itself runs each axis's down and up passes as one float32 matrix product of
+  0/1 box memberships (exact integer sums) and PIL's rounding of ``w S`` as a checked float
+  formula: the same integers, straight from uint8 to uint8 (see ``LEVEL_FUNCTIONS``).
 
 How close to the scripts (each script's functions run on the same images, 12 photographs per
 family at 32, 64 and 224 pixels, all severities):
@@ -76,6 +79,7 @@ from dropcluster.data.corruptions.filters import skimage_gaussian
 __all__ = [
     "CHECKS",
     "FUNCTIONS",
+    "LEVEL_FUNCTIONS",
     "PARAMETERS",
     "UINT8_SLACK",
     "hsv_to_rgb",
@@ -312,13 +316,90 @@ def pil_resize(levels: Tensor, height: int, width: int, resample: str = "box") -
     return resized.to(dtype)
 
 
+@functools.lru_cache(maxsize=64)
+def _pixelate_axis(size: int, small: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """One axis of BOX down to ``small`` then BOX back up to ``size``, as a matrix product and
+    a rounding: ``floor(sums * scale + bias)`` with ``sums = levels @ membership``.
+
+    Enlarging with BOX gives each output pixel exactly one input pixel (weight 2^22, i.e. the
+    level itself), so the up pass is a selection, and selecting commutes with the down pass's
+    per-pixel rounding: output pixel j is the down pass's output ``up[j]``, whose integer sum
+    of k input levels (all of weight w = round(2^22 / k), see :func:`_box_taps`) PIL rounds as
+    ``(w S + 2^21) >> 22``. That is S / k rounded to the nearest integer, halves up where
+    ``w k >= 2^22`` and down otherwise (the error of w moves S / k by less than 1 / (2 k) for
+    k < 128); in float32, ``floor(S fl(1/k) + 1/2 +- 1/(4 k))`` gives the same integers, which
+    is checked here for every possible sum S of every k met. The sums are integers below 2^24,
+    exact in float32 in any order of summation (also in TF32, whose inputs hold 8-bit levels).
+
+    Returns:
+        (membership Tensor[size, size] float32 0/1, scale Tensor[size], bias Tensor[size]),
+        CPU; None where the plan does not apply (PIL's passes are then run one by one).
+    """
+    down = _box_taps(size, small)
+    up = _box_taps(small, size)
+    if len(up) != 1 or any(weight != 1 << _PRECISION_BITS for weight in up[0][1]):
+        return None
+    boxes = []
+    for out_index in range(small):
+        taps = [(tap[0][out_index], tap[1][out_index]) for tap in down if tap[1][out_index] != 0]
+        weights = {weight for _, weight in taps}
+        if not taps or len(weights) != 1 or len(taps) >= 128:
+            return None
+        boxes.append(([source for source, _ in taps], weights.pop()))
+    membership = torch.zeros(size, size, dtype=torch.float32)
+    scale = torch.empty(size, dtype=torch.float32)
+    bias = torch.empty(size, dtype=torch.float32)
+    checked: set[tuple[int, int]] = set()
+    for column, source in enumerate(up[0][0]):
+        inputs, weight = boxes[source]
+        count = len(inputs)
+        membership[inputs, column] = 1.0
+        halves_up = weight * count >= 1 << _PRECISION_BITS
+        scale[column] = 1.0 / count
+        bias[column] = 0.5 + (1.0 if halves_up else -1.0) / (4 * count)
+        if (count, weight) not in checked:
+            checked.add((count, weight))
+            sums = torch.arange(255 * count + 1, dtype=torch.int64)
+            exact = ((sums * weight + (1 << (_PRECISION_BITS - 1))) >> _PRECISION_BITS).clamp(
+                0, 255
+            )
+            rounded = sums.to(torch.float32).mul(scale[column]).add(bias[column]).floor()
+            if not torch.equal(rounded.to(torch.int64), exact):
+                return None
+    return membership, scale, bias
+
+
+def _pixelate_levels(levels: Tensor, factor: float) -> Tensor:
+    """pixelate of float32 levels 0..255 (N, C, H, W); float32 levels out.
+
+    Two matrix products (each axis's down and up passes at once, see :func:`_pixelate_axis`)
+    and two roundings instead of PIL's four passes of gathers: the same integers.
+    """
+    height, width = levels.shape[-2:]
+    rows = _pixelate_axis(height, int(height * factor))
+    cols = _pixelate_axis(width, int(width * factor))
+    if rows is None or cols is None:
+        small = pil_resize(levels, int(height * factor), int(width * factor), "box")
+        return pil_resize(small, height, width, "box")
+    device = levels.device
+    membership, scale, bias = (part.to(device) for part in cols)
+    # Horizontal pass first, as PIL: sums over each box along W, rounded as PIL rounds.
+    across = torch.matmul(levels, membership).mul_(scale).add_(bias).floor_()
+    membership, scale, bias = (part.to(device) for part in rows)
+    down = torch.matmul(membership.T, across)
+    return down.mul_(scale[:, None]).add_(bias[:, None]).floor_()
+
+
+def _pixelate_uint8(levels: Tensor, factor: float) -> Tensor:
+    """pixelate of uint8 images (N, C, H, W): uint8 out, no detour through [0, 1]."""
+    return _pixelate_levels(levels.to(torch.float32), factor).to(torch.uint8)
+
+
 def _pixelate(pixels: Tensor, factor: float) -> Tensor:
-    height, width = pixels.shape[-2:]
     # PIL only ever sees the reference's 8-bit images: take float input to the nearest level
     # (for a uint8 image divided by 255, that is the image itself).
-    levels = torch.round(pixels * 255).to(torch.int32)
-    small = pil_resize(levels, int(height * factor), int(width * factor), "box")
-    return pil_resize(small, height, width, "box").to(pixels.dtype) / 255
+    levels = torch.round(pixels * 255).to(torch.float32)
+    return _pixelate_levels(levels, factor).to(pixels.dtype) / 255
 
 
 def _as_rgb(pixels: Tensor) -> Tensor:
@@ -375,6 +456,39 @@ FUNCTIONS: dict[str, Callable[[Tensor, Any, torch.Generator | None], Tensor]] = 
     "pixelate": lambda pixels, factor, generator: _pixelate(pixels, factor),
 }
 
+
+def _exact_levels_agree() -> bool:
+    """Whether float32 ``k / 255`` is the float32 rounding of float64 ``k / 255`` for every
+    level k (true with IEEE arithmetic): then :func:`_float64_levels` of a uint8 image that
+    ``corrupt`` divided by 255 in float32 is the image divided by 255 in float64."""
+    levels = torch.arange(256)
+    wide = levels.to(torch.float64) / 255
+    return torch.equal(wide.to(torch.float32), levels.to(torch.float32) / 255)
+
+
+def _from_float64_levels(
+    function: Callable[[Tensor, Any], Tensor], slack: float
+) -> Callable[[Tensor, Any, torch.Generator | None], Tensor]:
+    """uint8 -> uint8 version of a float64-out corruption that starts from
+    :func:`_float64_levels`: the image divided by 255 in float64 goes in directly (what
+    ``_float64_levels`` makes of ``corrupt``'s float32 pixels, see
+    :func:`_exact_levels_agree`), the result is clamped and quantised in float64 as
+    ``corrupt`` does, without the float32 round trip."""
+
+    def level_function(levels: Tensor, parameter: Any, generator: torch.Generator | None) -> Tensor:
+        pixels = levels.to(torch.float64).div_(255)
+        corrupted = function(pixels, parameter).clamp_(0, 1)
+        return corrupted.mul_(255).add_(slack).to(torch.uint8)
+
+    return level_function
+
+
+#: name -> ``f(levels, parameter, generator)`` on uint8 images (N, C, H, W), uint8 out: what
+#: ``FUNCTIONS`` and the uint8 quantisation give, without the float round trip.
+LEVEL_FUNCTIONS: dict[str, Callable[[Tensor, Any, torch.Generator | None], Tensor]] = {
+    "pixelate": lambda levels, factor, generator: _pixelate_uint8(levels, factor),
+}
+
 #: name -> the slack of its uint8 quantisation, where it is not TRUNCATION_SLACK. pixelate's
 #: result is PIL's 8-bit image (its levels divided by 255), so rounding gives them back.
 #: brightness and saturate repeat the scripts' float64 arithmetic bit for bit from the exact
@@ -390,6 +504,14 @@ UINT8_SLACK: dict[str, float] = {
     "saturate": 0.0,
     "contrast": 1e-9,
 }
+
+
+if _exact_levels_agree():
+    LEVEL_FUNCTIONS["brightness"] = _from_float64_levels(_brightness, UINT8_SLACK["brightness"])
+    LEVEL_FUNCTIONS["saturate"] = _from_float64_levels(
+        lambda pixels, parameter: _saturate(pixels, *parameter), UINT8_SLACK["saturate"]
+    )
+    LEVEL_FUNCTIONS["contrast"] = _from_float64_levels(_contrast, UINT8_SLACK["contrast"])
 
 
 def _check_rgb_or_grey(name: str) -> Callable[[Any, int, int, int], None]:

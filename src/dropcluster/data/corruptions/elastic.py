@@ -162,13 +162,24 @@ def _reflect101(index: Tensor, size: int) -> Tensor:
     """OpenCV's BORDER_REFLECT_101 (``gfedcb|abcdefgh|gfedcba``) for any integer index."""
     if size == 1:
         return torch.zeros_like(index)
-    period = 2 * (size - 1)
+    last = size - 1
+    low, high = torch.aminmax(index)
+    if int(low) >= -last and int(high) <= 2 * last:
+        # At most one reflection on either side (the usual case): fold without a division.
+        return last - (last - index.abs()).abs()
+    period = 2 * last
     folded = index.remainder(period)
     return torch.where(folded >= size, period - folded, folded)
 
 
 def _reflect(index: Tensor, size: int) -> Tensor:
     """scipy's ``reflect`` (half-sample symmetric, ``dcba|abcd|dcba``) for any integer index."""
+    low, high = torch.aminmax(index)
+    if int(low) >= -size and int(high) <= 2 * size - 1:
+        # At most one reflection on either side (the usual case): -1 - i before the start
+        # (~i), 2 size - 1 - i past the end, whichever is in the image; no division.
+        mirrored = torch.where(index < 0, ~index, index)
+        return torch.minimum(mirrored, 2 * size - 1 - mirrored)
     folded = index.remainder(2 * size)
     return torch.where(folded >= size, 2 * size - 1 - folded, folded)
 
@@ -187,11 +198,13 @@ def _bilinear(pixels: Tensor, top: Tensor, left: Tensor, weights: Sequence[Tenso
     """
     n, c, h, w = pixels.shape
     flat = pixels.reshape(n, c, h * w)
+    row_starts = top * w
     total = None
     for (a, b), weight in zip(((0, 0), (0, 1), (1, 0), (1, 1)), weights, strict=True):
-        index = (top[..., a] * w + left[..., b])[:, None, :].expand(n, c, -1)
-        term = flat.gather(2, index).to(weight.dtype) * weight[:, None, :]
-        total = term if total is None else total + term
+        index = (row_starts[..., a] + left[..., b])[:, None, :].expand(n, c, -1)
+        # gather makes a new tensor: scale and sum in place (same operations, same order).
+        term = flat.gather(2, index).to(weight.dtype).mul_(weight[:, None, :])
+        total = term if total is None else total.add_(term)
     return total
 
 

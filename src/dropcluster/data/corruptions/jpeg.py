@@ -15,7 +15,9 @@ Entropy coding is lossless, so :func:`libjpeg_round_trip` runs every lossy step 
    right by 2), and the downsampled plane repeats its last row up to a multiple of 8.
 3. Level shift by -128 and the forward DCT as ``jpeg_fdct_islow`` computes it: the same
    Loeffler-Ligtenberg-Moschytz butterflies with the same 13-bit integer constants, shifts and
-   roundings, on int64 tensors of 8x8 blocks (rows, then columns).
+   roundings (rows, then columns). Between two roundings a pass is an integer linear map
+   of 8 samples, so where the device has float64 each pass is one exact float64 matrix
+   product then libjpeg's rounding shift; elsewhere (MPS) the butterflies run on int64.
 4. Quantisation as libjpeg rounds: ``sign(c) floor((|c| + 4 Q) / (8 Q))`` (its DCT output is
    scaled by 8), with the quality-scaled tables of :func:`quality_tables`.
 5. Dequantisation and ``jpeg_idct_islow`` (columns, then rows), the level shift back and
@@ -49,6 +51,7 @@ Where this differs from the reference (checked against Pillow 13 with libjpeg-tu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -58,6 +61,7 @@ from torch import Tensor
 __all__ = [
     "CHECKS",
     "FUNCTIONS",
+    "LEVEL_FUNCTIONS",
     "PARAMETERS",
     "UINT8_SLACK",
     "libjpeg_round_trip",
@@ -156,7 +160,9 @@ def libjpeg_round_trip(levels: Tensor, quality: int) -> Tensor:
     """
     n, c, h, w = levels.shape
     tables = quality_tables(quality).to(levels.device)
-    levels = levels.to(torch.int64)
+    # The colour conversions and the chroma resampling stay below 2^25: int32 is exact (the
+    # DCTs widen as they need, see _blocks_round_trip).
+    levels = levels.to(torch.int32)
     if c == 1:
         return _luminance_round_trip(levels[:, 0], tables[0])[:, None].to(torch.uint8)
     red, green, blue = levels.unbind(1)
@@ -184,9 +190,13 @@ def libjpeg_round_trip(levels: Tensor, quality: int) -> Tensor:
 
 def _repeat_edges(plane: Tensor, height: int, width: int) -> Tensor:
     """``plane`` (M, h, w) extended to (M, height, width) by repeating its last row/column."""
-    rows = torch.arange(height, device=plane.device).clamp(max=plane.shape[-2] - 1)
-    cols = torch.arange(width, device=plane.device).clamp(max=plane.shape[-1] - 1)
-    return plane.index_select(-2, rows).index_select(-1, cols)
+    if height != plane.shape[-2]:
+        rows = torch.arange(height, device=plane.device).clamp(max=plane.shape[-2] - 1)
+        plane = plane.index_select(-2, rows)
+    if width != plane.shape[-1]:
+        cols = torch.arange(width, device=plane.device).clamp(max=plane.shape[-1] - 1)
+        plane = plane.index_select(-1, cols)
+    return plane
 
 
 def _round_up(size: int, multiple: int) -> int:
@@ -194,14 +204,14 @@ def _round_up(size: int, multiple: int) -> int:
 
 
 def _luminance_round_trip(luma: Tensor, table: Tensor) -> Tensor:
-    """A full-resolution component (M, H, W) int64 through DCT, quantisation and IDCT."""
+    """A full-resolution component (M, H, W) int32 through DCT, quantisation and IDCT."""
     _, h, w = luma.shape
     padded = _repeat_edges(luma, _round_up(h, 8), _round_up(w, 8))
     return _blocks_round_trip(padded, table)[:, :h, :w]
 
 
 def _chroma_round_trip(chroma: Tensor, table: Tensor) -> Tensor:
-    """A full-resolution chroma plane (M, H, W) int64: downsampled 2x2, coded, upsampled."""
+    """A full-resolution chroma plane (M, H, W) int32: downsampled 2x2, coded, upsampled."""
     m, h, w = chroma.shape
     sub_h, sub_w = -(-h // 2), -(-w // 2)
     # jcsample.c's expand_right_edge pads each row to twice the (block-rounded) output width,
@@ -222,22 +232,112 @@ def _upsample(chroma: Tensor) -> Tensor:
     if w <= 2:
         # jdsample.c installs the fancy upsampler only for downsampled_width > 2.
         return chroma.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
-    device = chroma.device
-    rows = torch.arange(h, device=device)
-    above = chroma.index_select(-2, (rows - 1).clamp(min=0))
-    below = chroma.index_select(-2, (rows + 1).clamp(max=h - 1))
-    # Column sums 3 near + far for output rows 2i (far = row above) and 2i + 1 (row below).
-    sums = torch.stack((3 * chroma + above, 3 * chroma + below), dim=-2).reshape(m, 2 * h, w)
-    cols = torch.arange(w, device=device)
-    left = sums.index_select(-1, (cols - 1).clamp(min=0))
-    right = sums.index_select(-1, (cols + 1).clamp(max=w - 1))
-    even = (3 * sums + left + 8) >> 4
-    odd = (3 * sums + right + 7) >> 4
+    # Column sums 3 near + far for output rows 2i (far = row above) and 2i + 1 (row below),
+    # the edge rows repeated; built in place from slices (no gathered copies).
+    sums = (3 * chroma)[:, :, None, :].repeat(1, 1, 2, 1)
+    upper, lower = sums[:, :, 0], sums[:, :, 1]
+    upper[:, 1:] += chroma[:, :-1]
+    upper[:, :1] += chroma[:, :1]
+    lower[:, :-1] += chroma[:, 1:]
+    lower[:, -1:] += chroma[:, -1:]
+    sums = sums.reshape(m, 2 * h, w)
+    even = 3 * sums
+    even[..., 1:] += sums[..., :-1]
+    even[..., :1] += sums[..., :1]
+    even += 8
+    even >>= 4
+    odd = 3 * sums
+    odd[..., :-1] += sums[..., 1:]
+    odd[..., -1:] += sums[..., -1:]
+    odd += 7
+    odd >>= 4
     return torch.stack((even, odd), dim=-1).reshape(m, 2 * h, 2 * w)
 
 
 def _blocks_round_trip(plane: Tensor, table: Tensor) -> Tensor:
     """Level shift, islow DCT, quantise, dequantise, islow IDCT of a (M, 8 a, 8 b) plane."""
+    if _has_float64(plane.device):
+        return _blocks_round_trip_float64(plane, table)
+    return _blocks_round_trip_integer(plane.to(torch.int64), table).to(plane.dtype)
+
+
+def _has_float64(device: torch.device) -> bool:
+    # float64 holds every integer of these passes exactly; MPS has no float64.
+    return device.type != "mps"
+
+
+def _pass_bits(first: bool, forward: bool) -> tuple[int, ...]:
+    """The rounding shift of each of the 8 outputs of a DCT pass (0: exact, no rounding)."""
+    if forward:
+        even = 0 if first else _PASS1_BITS
+        other = _CONST_BITS - _PASS1_BITS if first else _CONST_BITS + _PASS1_BITS
+        return (even, other, other, other, even, other, other, other)
+    bits = _CONST_BITS - _PASS1_BITS if first else _CONST_BITS + _PASS1_BITS + 3
+    return (bits,) * 8
+
+
+@functools.lru_cache(maxsize=8)
+def _pass_matrices(first: bool, forward: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """A DCT pass as ``floor((matrix @ x + offset) * scale)``, float64, CPU.
+
+    Between its roundings a pass of libjpeg's islow DCT is an integer linear map of its 8
+    inputs (butterflies, integer constants, left shifts): its columns are the pass run with
+    no rounding on the unit vectors. Each output then adds half its divisor 2^bits and drops
+    the fraction (libjpeg's DESCALE, an arithmetic shift: a floor); outputs with bits 0 are
+    exact. The forward first pass also takes the level shift -128 (on all 8 inputs) into the
+    offsets.
+    """
+    run = _fdct_pass if forward else _idct_pass
+    units = torch.eye(8, dtype=torch.int64)
+    matrix = run(units, first, descale=lambda value, bits: value).T.to(torch.float64)
+    bits = torch.tensor(_pass_bits(first, forward), dtype=torch.float64)
+    offset = torch.where(bits > 0, torch.exp2(bits - 1), 0.0)
+    if forward and first:
+        offset = offset - 128 * matrix.sum(dim=1)
+    return matrix, offset, torch.exp2(-bits)
+
+
+def _blocks_round_trip_float64(plane: Tensor, table: Tensor) -> Tensor:
+    """:func:`_blocks_round_trip` with each pass as one float64 matrix product per 8 samples.
+
+    Every value on the way is an integer far below 2^53, so products and sums are exact in
+    any order and ``floor`` after the power-of-two scale is libjpeg's shift: the same integers
+    as the butterflies, in a fraction of the passes over memory. Rows and columns are taken
+    in place in the plane (no block transposes): a row pass multiplies groups of 8 along W,
+    a column pass groups of 8 along H.
+    """
+    m, h, w = plane.shape
+    device = plane.device
+
+    def along_rows(values: Tensor, first: bool, forward: bool) -> Tensor:
+        matrix, offset, scale = (part.to(device) for part in _pass_matrices(first, forward))
+        out = torch.matmul(values.reshape(m, h, w // 8, 8), matrix.T)
+        return out.add_(offset).mul_(scale).floor_().reshape(m, h, w)
+
+    def along_columns(values: Tensor, first: bool, forward: bool) -> Tensor:
+        matrix, offset, scale = (part.to(device) for part in _pass_matrices(first, forward))
+        out = torch.matmul(matrix, values.reshape(m, h // 8, 8, w))
+        return out.add_(offset[:, None]).mul_(scale[:, None]).floor_().reshape(m, h, w)
+
+    coefficients = along_columns(along_rows(plane.to(torch.float64), True, True), False, True)
+    # Quantise as jcdctmgr.c: sign(c) floor((|c| + 4 Q) / (8 Q)), i.e. (c +- 4 Q) / (8 Q)
+    # truncated; the division of exact integers is correctly rounded, so truncating it is exact.
+    steps = table.to(device=device, dtype=torch.float64).repeat(h // 8, w // 8)
+    quantised = torch.div(
+        coefficients.addcmul_(torch.sign(coefficients), steps, value=4),
+        8 * steps,
+        rounding_mode="trunc",
+    )
+    samples = along_rows(along_columns(quantised.mul_(steps), True, False), False, False)
+    # range_limit[x & 1023]: x as a 10-bit signed number, then + 128, clamped.
+    low, high = torch.aminmax(samples)
+    if float(low) < -512 or float(high) > 511:
+        samples = samples - 1024 * torch.floor((samples + 512) * (1 / 1024))
+    return samples.add_(128).clamp_(0, 255).to(plane.dtype)
+
+
+def _blocks_round_trip_integer(plane: Tensor, table: Tensor) -> Tensor:
+    """:func:`_blocks_round_trip` with the butterflies on int64 tensors (any device)."""
     m, h, w = plane.shape
     blocks = (plane - 128).reshape(m, h // 8, 8, w // 8, 8).transpose(2, 3)
     coefficients = _fdct_islow(blocks)
@@ -253,8 +353,17 @@ def _descale(value: Tensor, bits: int) -> Tensor:
     return (value + (1 << (bits - 1))) >> bits
 
 
-def _fdct_pass(data: Tensor, first: bool) -> Tensor:
-    """One pass of ``jpeg_fdct_islow`` along the last axis (first: rows, else columns)."""
+_DESCALE = _descale
+
+
+def _fdct_pass(
+    data: Tensor, first: bool, descale: Callable[[Tensor, int], Tensor] = None
+) -> Tensor:
+    """One pass of ``jpeg_fdct_islow`` along the last axis (first: rows, else columns).
+
+    ``descale`` (default :func:`_descale`) is the rounding shift; the identity gives the
+    integer linear map that the pass rounds (see :func:`_pass_matrices`)."""
+    _descale = _DESCALE if descale is None else descale
     d0, d1, d2, d3, d4, d5, d6, d7 = data.unbind(-1)
     tmp0, tmp7 = d0 + d7, d0 - d7
     tmp1, tmp6 = d1 + d6, d1 - d6
@@ -298,8 +407,12 @@ def _fdct_islow(blocks: Tensor) -> Tensor:
     return _fdct_pass(rows_done.transpose(-1, -2), first=False).transpose(-1, -2)
 
 
-def _idct_pass(coefficients: Tensor, first: bool) -> Tensor:
-    """One pass of ``jpeg_idct_islow`` along the last axis (first: columns, else rows)."""
+def _idct_pass(
+    coefficients: Tensor, first: bool, descale: Callable[[Tensor, int], Tensor] = None
+) -> Tensor:
+    """One pass of ``jpeg_idct_islow`` along the last axis (first: columns, else rows);
+    ``descale`` as in :func:`_fdct_pass`."""
+    _descale = _DESCALE if descale is None else descale
     c0, c1, c2, c3, c4, c5, c6, c7 = coefficients.unbind(-1)
     # Even part.
     z1 = (c2 + c6) * _FIX_0_541196100
@@ -365,6 +478,11 @@ def _check_jpeg(quality: int, channels: int, height: int, width: int) -> None:
 #: name -> ``f(pixels, parameter, generator)`` on float pixels in [0, 1] (N, C, H, W).
 FUNCTIONS: dict[str, Callable[[Tensor, Any, torch.Generator | None], Tensor]] = {
     "jpeg_compression": lambda pixels, quality, generator: _jpeg_compression(pixels, quality),
+}
+
+#: name -> ``f(levels, parameter, generator)`` on uint8 images, uint8 out (no float detour).
+LEVEL_FUNCTIONS: dict[str, Callable[[Tensor, Any, torch.Generator | None], Tensor]] = {
+    "jpeg_compression": lambda levels, quality, generator: libjpeg_round_trip(levels, quality),
 }
 
 #: The reference gets the JPEG back from PIL as 8-bit levels: the float output is a multiple

@@ -511,15 +511,24 @@ def canny(levels: Tensor, low: float = _CANNY_LOW, high: float = _CANNY_HIGH) ->
         horizontal, beats_horizontal, torch.where(vertical, beats_vertical, beats_diagonal)
     )
     survives &= magnitude > low
-    candidates = survives.to(torch.float32)
-    edges = (survives & (magnitude > high)).to(torch.float32)
+    candidates = survives[:, 0]
+    edges = candidates & (magnitude[:, 0] > high)
     # Grow the strong edges through 8-connected survivors; check for change every 8 steps.
+    # The 3x3 dilation is an OR of shifted views (rows, then columns) of a copy with a border
+    # of False, which is much cheaper than a max pool.
+    padded = torch.zeros((n, h + 2, w + 2), dtype=torch.bool, device=levels.device)
+    inner = padded[:, 1 : 1 + h, 1 : 1 + w]
     while True:
         before = edges
         for _ in range(8):
-            edges = F.max_pool2d(edges, 3, stride=1, padding=1) * candidates
+            inner.copy_(edges)
+            across = padded[:, :, :w] | padded[:, :, 1 : 1 + w]
+            across |= padded[:, :, 2 : 2 + w]
+            grown = across[:, :h] | across[:, 1 : 1 + h]
+            grown |= across[:, 2 : 2 + h]
+            edges = grown.logical_and_(candidates)
         if torch.equal(edges, before):
-            return edges[:, 0].bool()
+            return edges
 
 
 def chamfer_distance(zeros: Tensor, limit: float = _DISTANCE_CAP) -> Tensor:
@@ -541,14 +550,32 @@ def chamfer_distance(zeros: Tensor, limit: float = _DISTANCE_CAP) -> Tensor:
     """
     n, h, w = zeros.shape
     inf = float("inf")
-    distance = torch.where(zeros, 0.0, inf).to(torch.float32)[:, None]
+    distance = torch.where(zeros, 0.0, inf).to(torch.float32)
+    steps = {
+        length: torch.tensor(length, dtype=torch.float32, device=zeros.device)
+        for length in sorted({step for _, _, step in _CHAMFER_STEPS})
+    }
+    straight, diagonal, knight = steps.values()
     for _ in range(math.ceil(limit)):
-        at = _neighbours(F.pad(distance, (2, 2, 2, 2), value=inf), 2, h, w)
-        best = distance
-        for dy, dx, step in _CHAMFER_STEPS:
-            best = torch.minimum(best, at(dy, dx) + torch.tensor(step, dtype=torch.float32))
+        padded = F.pad(distance, (2, 2, 2, 2), value=inf)
+        # Float addition is monotone, so min(a + s, b + s) = min(a, b) + s exactly: take the
+        # minimum of each family of steps first and add its length once. Pairs of rows one
+        # and two above/below the pixel, over the whole padded width, serve all three.
+        rows1 = torch.minimum(padded[:, 1 : 1 + h], padded[:, 3 : 3 + h])
+        rows2 = torch.minimum(padded[:, :h], padded[:, 4 : 4 + h])
+        centre_row = padded[:, 2 : 2 + h]
+        near = torch.minimum(rows1[..., 2 : 2 + w], centre_row[..., 1 : 1 + w])
+        near = torch.minimum(near, centre_row[..., 3 : 3 + w]).add_(straight)
+        corners = torch.minimum(rows1[..., 1 : 1 + w], rows1[..., 3 : 3 + w]).add_(diagonal)
+        jumps = torch.minimum(rows1[..., :w], rows1[..., 4 : 4 + w])
+        jumps = torch.minimum(jumps, rows2[..., 1 : 1 + w])
+        jumps = torch.minimum(jumps, rows2[..., 3 : 3 + w]).add_(knight)
+        best = torch.minimum(torch.minimum(distance, near), torch.minimum(corners, jumps))
+        # Relaxation only ever lowers distances; once a round changes nothing, none will.
+        if torch.equal(best, distance):
+            break
         distance = best
-    return distance[:, 0].clamp(max=limit)
+    return distance.clamp(max=limit)
 
 
 def _box3(values: Tensor) -> Tensor:
