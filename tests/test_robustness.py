@@ -363,3 +363,12 @@ def test_evaluate_model_on_released_files_with_and_without_the_clean_set(factori
     write_cifar10(tmp_path / "c", n_test=4, seed=1)
     with_clean = evaluate_model(model, "cifar10-c", data_dir=tmp_path / "c", corruptions="fog")
     assert with_clean.rows[0]["corruption"] == "clean" and len(with_clean.rows) == 6
+
+
+def test_every_corruption_is_checked_before_any_image_is_scored(factories):
+    images = torch.randint(0, 256, (6, 2, 16, 16), dtype=torch.uint8)  # 2 channels: no HSV
+    labels = torch.tensor([0, 1, 2] * 2)
+    model = build_model(f"{factories}:Constant", {"num_classes": 3, "label": 1})
+    with pytest.raises(ValueError, match="saturate needs"):
+        evaluate_model(model, (images, labels), corruptions="gaussian_noise,saturate")
+    assert len(model.seen) == 1  # the output check only: nothing was scored

@@ -26,6 +26,7 @@ from dropcluster.data.corruptions import (
     CORRUPTIONS,
     FAMILIES,
     PAPER,
+    check_corruption,
     corrupt,
     corruption_names,
     family_for_size,
@@ -225,6 +226,12 @@ def evaluate_corruptions(
                 release_labels[start : start + CHUNK_IMAGES].to(images.device),
             )
 
+    if released is None:
+        # Every corruption this evaluation makes is checked first (channels, sizes, frost's
+        # files): a problem is one line before any scoring, not after an hour of it.
+        for corruption in settings.corruptions:
+            for severity in settings.severities:
+                check_corruption(corruption, severity, images.shape, family=family)
     try:
         rows = []
         if score_clean:

@@ -39,7 +39,12 @@ the same seed gives the same output. CPU and CUDA generators give different stre
 
 from __future__ import annotations
 
-from dropcluster.data.corruptions.apply import CHUNK_ELEMENTS, SEVERITY_PARAMETERS, corrupt
+from dropcluster.data.corruptions.apply import (
+    CHUNK_ELEMENTS,
+    SEVERITY_PARAMETERS,
+    check_corruption,
+    corrupt,
+)
 from dropcluster.data.corruptions.filters import (
     gaussian_kernel1d,
     motion_blur_at,
@@ -67,6 +72,7 @@ __all__ = [
     "FAMILIES",
     "PAPER",
     "SEVERITY_PARAMETERS",
+    "check_corruption",
     "corrupt",
     "corruption_names",
     "defocus_kernel",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ from dropcluster.data.corruptions.filters import TRUNCATION_SLACK
 from dropcluster.data.corruptions.names import CORRUPTIONS, FAMILIES, family_for_size
 from dropcluster.validation import check_choice, check_int, check_tensor
 
-__all__ = ["CHUNK_ELEMENTS", "SEVERITY_PARAMETERS", "corrupt"]
+__all__ = ["CHUNK_ELEMENTS", "SEVERITY_PARAMETERS", "check_corruption", "corrupt"]
 
 _MODULES = (noise_blur, weather, colour, elastic, jpeg)
 
@@ -100,9 +100,7 @@ def corrupt(
     if images.numel() == 0:
         return images.clone()
     parameter = SEVERITY_PARAMETERS[family][corruption][severity - 1]
-    check = _CHECKS.get(corruption)
-    if check is not None:
-        check(parameter, images.shape[-3], images.shape[-2], images.shape[-1])
+    _check_applicable(corruption, parameter, images.shape)
     function = _FUNCTIONS[corruption]
     # Most references truncate to uint8; those that get their result back from an 8-bit image
     # (ImageMagick's PNG, PIL) round (see "Quantisation" in the package docstring).
@@ -115,6 +113,34 @@ def corrupt(
     return _corrupt_in_chunks(
         images, lambda pixels, gen: function(pixels, parameter, gen), slack, generator
     )
+
+
+def check_corruption(
+    corruption: str, severity: int, shape: Sequence[int], *, family: str | None = None
+) -> None:
+    """Check, without corrupting anything, that :func:`corrupt` can apply ``corruption`` at
+    ``severity`` to images of ``shape`` (N, C, H, W): the name, the severity, the family, and
+    what the corruption needs of the images (channels, size, frost's image files).
+
+    For a long evaluation: every corruption it will make is checked before the first is made.
+
+    Raises:
+        ValueError, FileNotFoundError: as :func:`corrupt` would.
+    """
+    check_choice("corruption", corruption, CORRUPTIONS)
+    severity = check_int("severity", severity, minimum=1, maximum=5)
+    check_choice("family", family, (None, *FAMILIES))
+    if len(shape) != 4:
+        raise ValueError(f"images should be (N, C, H, W), but got shape {tuple(shape)}")
+    if family is None:
+        family = family_for_size(shape[-2], shape[-1])
+    _check_applicable(corruption, SEVERITY_PARAMETERS[family][corruption][severity - 1], shape)
+
+
+def _check_applicable(corruption: str, parameter, shape: Sequence[int]) -> None:
+    check = _CHECKS.get(corruption)
+    if check is not None:
+        check(parameter, shape[-3], shape[-2], shape[-1])
 
 
 def _levels_in_chunks(
