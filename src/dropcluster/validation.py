@@ -22,6 +22,7 @@ __all__ = [
     "check_name",
     "check_tensor",
     "check_type",
+    "first_few",
     "int_argument",
     "path_argument",
 ]
@@ -218,3 +219,9 @@ def check_tensor(name: str, value: Any, dims: int | tuple[int, ...], layout: str
         raise ValueError(
             f"{name} should be {expected} dimensional {layout}, but got shape {tuple(value.shape)}"
         )
+
+
+def first_few(items: list[str], shown: int = 4) -> str:
+    """``"a, b, c, d and 3 more"``: the first ``shown`` items of a list for a one-line message."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more

@@ -48,6 +48,7 @@ __all__ = [
     "mean_over_corruptions",
     "parse_corruptions",
     "parse_severities",
+    "released_reader",
     "stored_identity",
     "write_corruption_results",
 ]
@@ -428,8 +429,6 @@ def _evaluate_run_locked(
     released = None
     source = "generated"
     if settings.corrupted_from is not None:
-        from dropcluster.data.corrupted_sets import load_released
-
         dataset = loaded.config.dataset
         root = settings.corrupted_from
         classes = None
@@ -439,13 +438,7 @@ def _evaluate_run_locked(
             # The released folders are named by wnid; our labels index the sorted wnids.
             classes = tiny_imagenet_wnids(loaded.config.data_dir)
 
-        def released(corruption: str, severity: int) -> tuple[Tensor, Tensor]:
-            images, labels = load_released(root, dataset, corruption, severity, classes)
-            if settings.limit is not None and settings.limit < images.shape[0]:
-                fraction = settings.limit / images.shape[0]
-                index = stratified_subset(labels, fraction, seed=settings.seed)
-                images, labels = images[index], labels[index]
-            return images, labels
+        released = released_reader(root, dataset, settings, classes)
 
         source = "released"
     model_device = next(loaded.model.parameters()).device
@@ -472,6 +465,25 @@ def _evaluate_run_locked(
         amp_dtype=amp_dtype,
     )
     return rows
+
+
+def released_reader(
+    root, dataset: str, settings: CorruptionSettings, classes: list[str] | None = None
+) -> Callable[[str, int], tuple[Tensor, Tensor]]:
+    """``read(corruption, severity) -> (images, labels)`` from the released files of
+    ``dataset`` in ``root`` (see :func:`dropcluster.data.corrupted_sets.load_released`), cut
+    to the class-balanced subset of ``settings.limit`` images (seeded by ``settings.seed``)."""
+    from dropcluster.data.corrupted_sets import load_released
+    from dropcluster.data.subsets import stratified_subset
+
+    def read(corruption: str, severity: int) -> tuple[Tensor, Tensor]:
+        images, labels = load_released(root, dataset, corruption, severity, classes)
+        if settings.limit is not None and settings.limit < images.shape[0]:
+            index = stratified_subset(labels, settings.limit / images.shape[0], seed=settings.seed)
+            images, labels = images[index], labels[index]
+        return images, labels
+
+    return read
 
 
 def _amp_dtype(config, device: torch.device) -> torch.dtype | None:

@@ -12,9 +12,13 @@ from torch import Tensor, nn
 
 from dropcluster.data.corruptions import FAMILIES
 from dropcluster.data.datasets import ImageDataset
-from dropcluster.experiments.corruption_eval import CorruptionSettings, evaluate_corruptions
+from dropcluster.experiments.corruption_eval import (
+    CorruptionSettings,
+    evaluate_corruptions,
+    released_reader,
+)
 from dropcluster.robustness.result import RobustnessResult
-from dropcluster.validation import MAX_SEED, check_choice, check_int
+from dropcluster.validation import MAX_SEED, check_choice, check_int, first_few
 
 __all__ = ["CORRUPTED_DATASETS", "SOURCES", "evaluate_model", "make_prepare"]
 
@@ -273,7 +277,7 @@ def _clean_test_set(name: str, data_dir, *, required: bool) -> tuple[Tensor, Ten
 def _released_reader(data_dir, clean_name: str, settings: CorruptionSettings):
     """``read(corruption, severity) -> (images, labels)`` for the released files, after
     checking that the folder holds every requested corruption and severity."""
-    from dropcluster.data.corrupted_sets import available_released, load_released
+    from dropcluster.data.corrupted_sets import available_released
 
     held = available_released(data_dir, clean_name)
     if not held:
@@ -291,12 +295,9 @@ def _released_reader(data_dir, clean_name: str, settings: CorruptionSettings):
         if severity not in held.get(name, [])
     ]
     if missing:
-        shown = ", ".join(missing[:4]) + (
-            f" and {len(missing) - 4} more" if len(missing) > 4 else ""
-        )
         raise FileNotFoundError(
             f"the released {clean_name} corrupted set in {data_dir or 'the data folder'} lacks "
-            f"{shown}: download it whole, or choose --corruptions among "
+            f"{first_few(missing)}: download it whole, or choose --corruptions among "
             f"{', '.join(held) or 'none'}"
         )
     classes = None
@@ -308,17 +309,7 @@ def _released_reader(data_dir, clean_name: str, settings: CorruptionSettings):
         except FileNotFoundError:
             classes = None  # the released folders' sorted wnids: the same order
 
-    def read(corruption: str, severity: int) -> tuple[Tensor, Tensor]:
-        images, labels = load_released(data_dir, clean_name, corruption, severity, classes)
-        if settings.limit is not None and settings.limit < images.shape[0]:
-            from dropcluster.data.subsets import stratified_subset
-
-            fraction = settings.limit / images.shape[0]
-            index = stratified_subset(labels, fraction, seed=settings.seed)
-            images, labels = images[index], labels[index]
-        return images, labels
-
-    return read
+    return released_reader(data_dir, clean_name, settings, classes)
 
 
 def _released_only(model, prepare, settings, released, batch_size, stream, device):

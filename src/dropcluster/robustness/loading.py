@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dropcluster.validation import first_few
+
 __all__ = ["ModelLoadError", "build_model", "load_weights", "state_dict_from"]
 
 #: Keys of a checkpoint dict that commonly hold the model's state dict, tried in this order.
@@ -115,11 +117,11 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     ]
     problems = []
     if missing:
-        problems.append(f"missing {_first(missing)}")
+        problems.append(f"missing {first_few(missing, 3)}")
     if unexpected:
-        problems.append(f"unexpected {_first(unexpected)}")
+        problems.append(f"unexpected {first_few(unexpected, 3)}")
     if mismatched:
-        problems.append(f"shapes differ: {_first(mismatched)}")
+        problems.append(f"shapes differ: {first_few(mismatched, 3)}")
     if problems:
         raise ModelLoadError(f"the weights in {path} do not fit the model: {'; '.join(problems)}")
     model.load_state_dict(state)
@@ -145,11 +147,6 @@ def _import(module_name: str):
         raise ModelLoadError(
             f"cannot import {module_name} (from --model): {type(error).__name__}: {error}"
         ) from error
-
-
-def _first(items: list[str], shown: int = 3) -> str:
-    more = f" and {len(items) - shown} more" if len(items) > shown else ""
-    return ", ".join(items[:shown]) + more
 
 
 def _describe_options(options: Mapping[str, Any] | None) -> str:

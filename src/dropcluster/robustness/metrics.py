@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from dropcluster.data.corruptions import BENCHMARK
+from dropcluster.validation import first_few
 
 __all__ = [
     "ALEXNET_IMAGENET_CLEAN_ERROR",
@@ -196,10 +197,7 @@ def _require(
 ) -> None:
     missing = [f"{c} {s}" for c in corruptions for s in severities if s not in errors.get(c, {})]
     if missing:
-        shown = ", ".join(missing[:4]) + (
-            f" and {len(missing) - 4} more" if len(missing) > 4 else ""
-        )
         raise ValueError(
             f"{what} needs {len(corruptions)} corruptions at severities {list(severities)}; "
-            f"missing: {shown}"
+            f"missing: {first_few(missing)}"
         )
