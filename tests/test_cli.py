@@ -101,7 +101,9 @@ def test_train_flags_are_derived_from_the_config_fields():
     train = parser._subparsers._group_actions[0].choices["train"]
     flags = {option for action in train._actions for option in action.option_strings}
     for spec in dataclasses.fields(TrainConfig):
-        if spec.name != "regularizer_options":  # a dict: --option KEY=VALUE or --set
+        if spec.name == "plugins":  # --plugin MODULE, repeatable
+            assert "--plugin" in flags and "--plugins" not in flags
+        elif spec.name not in ("regularizer_options", "drop_schedule"):  # dicts: --set
             assert "--" + spec.name.replace("_", "-") in flags, spec.name
     assert {"--no-amp", "--no-channels-last", "--compile"} <= flags  # booleans both ways
 

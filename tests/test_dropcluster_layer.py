@@ -3,6 +3,7 @@
 import copy
 import io
 import re
+import warnings
 
 import pytest
 import torch
@@ -635,7 +636,9 @@ def test_backward_keeps_no_activation_sized_tensor(per_sample, dtype):
     x = torch.ones(8, 6, 12, 12, dtype=dtype, requires_grad=True)  # the output is the multiplier
     out, saved = _saved_tensors_of(layer, x)
     own = {layer.labels.untyped_storage().data_ptr()}
-    own |= {onehot.untyped_storage().data_ptr() for onehot in layer._tables.onehots.values()}
+    own |= {
+        onehot.untyped_storage().data_ptr() for onehot in layer._tables[(12, 12)].onehots.values()
+    }
     new = [t for t in saved if t.untyped_storage().data_ptr() not in own]
     assert sum(t.numel() for t in new) <= (8 if per_sample else 1) * 6 * 15
     weights = torch.randn(out.shape, generator=_generator(1), dtype=dtype)
@@ -654,7 +657,7 @@ def test_the_cpu_product_and_the_gather_give_identical_outputs_and_gradients():
         out = layer(xi)
         out.backward(torch.arange(out.numel(), dtype=torch.float32).view(out.shape) % 7)
         results.append((out, xi.grad))
-    assert torch.float32 in layer._tables.onehots  # the contiguous input took the product
+    assert torch.float32 in layer._tables[(12, 12)].onehots  # the contiguous input took the product
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
 
@@ -814,7 +817,7 @@ def test_bfloat16_product_and_gather_give_identical_outputs():
     x = _smooth(8, 6, 12, seed=3).bfloat16()
     layer.generator = _generator(4)
     product = layer(x)
-    assert torch.bfloat16 in layer._tables.onehots
+    assert torch.bfloat16 in layer._tables[(12, 12)].onehots
     layer.generator = _generator(4)
     gathered = layer(x.contiguous(memory_format=torch.channels_last))
     assert torch.equal(product, gathered)
@@ -893,3 +896,150 @@ def test_input_that_is_not_a_feature_map_fails_at_the_first_forward(shape):
     with pytest.raises(ValueError, match=re.escape(expected)):
         layer(torch.ones(shape))
     assert layer.input_shape is None
+
+
+# ---------------------------------------------------------------- another input size
+
+# Five clusters on a 4x4 map: the quadrants, with a one-pixel cluster 4 inside quadrant 0.
+WITH_A_DOT = torch.tensor([[0, 0, 1, 1], [0, 4, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
+
+
+def _resampling_layer(p=0.2, **options):
+    layer = DropCluster2d(p, 5, other_sizes="resample", **options)
+    layer.load_clusters(Clusters.from_labels(WITH_A_DOT[None], n_clusters=5))
+    return layer
+
+
+def test_labels_resample_by_nearest_neighbour_as_interpolate_maps_positions():
+    clusters = Clusters.from_labels(WITH_A_DOT[None], n_clusters=5)
+    larger = clusters.resample(8, 8)  # every label twice in each direction
+    assert torch.equal(larger.labels[0], WITH_A_DOT.repeat_interleave(2, 0).repeat_interleave(2, 1))
+    assert larger.sizes.tolist() == [[12, 16, 16, 16, 4]] and larger.counts.tolist() == [5]
+    smaller = clusters.resample(2, 2)  # the even rows and columns: the dot vanishes
+    assert smaller.labels.tolist() == [[[0, 1], [2, 3]]]
+    assert smaller.sizes.tolist() == [[1, 1, 1, 1, 0]] and smaller.counts.tolist() == [5]
+    for height, width in ((3, 5), (7, 2), (10, 6)):
+        expected = F.interpolate(WITH_A_DOT[None, None].float(), (height, width), mode="nearest")
+        assert torch.equal(clusters.resample(height, width).labels, expected[0].long())
+    assert clusters.resample(4, 4) is clusters
+
+
+def _dropped_cluster(out, x, labels):
+    """The one cluster of ``labels`` a (H, W) output dropped (None: nothing dropped), after
+    checking that the kept pixels are x times count(M) / count_ones(M)."""
+    zero = out == 0
+    dropped = labels[zero].unique().tolist()
+    assert len(dropped) <= 1 and torch.equal(zero, labels == dropped[0] if dropped else zero)
+    kept = int((~zero).sum())
+    assert torch.allclose(out[~zero], x[~zero] * labels.numel() / kept)
+    return dropped[0] if dropped else None
+
+
+def test_a_resampling_layer_drops_the_fitted_number_of_clusters_at_every_size():
+    for size, sizes in ((8, [12, 16, 16, 16, 4]), (2, [1, 1, 1, 1, 0])):
+        layer = _resampling_layer(generator=_generator(3))
+        x = torch.rand(200, 1, size, size) + 1.0
+        out = layer(x)
+        labels = Clusters.from_labels(WITH_A_DOT[None], n_clusters=5).resample(size, size).labels
+        # floor(0.2 * 5) = 1 of the fitted 5 clusters per image, each with its own pixels.
+        dropped = [_dropped_cluster(out[n, 0], x[n, 0], labels[0]) for n in range(200)]
+        seen = {None if d is None else sizes[d] for d in dropped}
+        if size == 8:
+            assert set(dropped) == {0, 1, 2, 3, 4}
+        else:  # drawing the vanished cluster 4 drops nothing, and the scale is then 1
+            assert set(dropped) == {0, 1, 2, 3, None} and seen == {1, None}
+        # The functional form with the resampled clusters draws the same with the same seed.
+        clusters = layer.clusters.resample(size, size)
+        assert torch.equal(out, drop_cluster2d(x, 0.2, clusters, generator=_generator(3)))
+    layer = _resampling_layer()
+    layer.eval()
+    assert torch.equal(layer(torch.ones(2, 1, 2, 2)), torch.ones(2, 1, 2, 2))
+
+
+def test_a_fitted_layer_refuses_another_size_by_default_naming_both_and_the_option():
+    layer = _fitted_layer(size=12)
+    message = (
+        r"DropCluster2d holds clusters for \(C, H, W\) = \(6, 12, 12\) maps, but got input of "
+        r"shape \(2, 6, 10, 10\): refit it .* or make the layer with other_sizes='resample' to "
+        r"resample its labels to each input's \(H, W\)$"
+    )
+    with pytest.raises(ValueError, match=message):
+        layer(torch.ones(2, 6, 10, 10))
+    layer.eval()
+    with pytest.raises(ValueError, match=message):
+        layer(torch.ones(2, 6, 10, 10))
+    resampling = _fitted_layer(size=12, other_sizes="resample")
+    with pytest.raises(ValueError, match=r"\(6, 12, 12\) maps, but got input of shape \(2, 5, 12"):
+        resampling(torch.ones(2, 5, 12, 12))  # channels cannot be resampled
+    with pytest.raises(ValueError, match="other_sizes should be one of"):
+        DropCluster2d(0.1, other_sizes="nearest")
+    with pytest.raises(ValueError, match=r"clusters.resample\(10, 10\) puts them on"):
+        drop_cluster2d(torch.ones(2, 6, 10, 10), 0.1, layer.clusters)
+    assert "other_sizes='resample'" in repr(resampling) and "other_sizes" not in repr(layer)
+
+
+def test_multi_scale_training_and_evaluation_at_another_size_leave_the_state_unchanged():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        DropCluster2d(0.2, 15, other_sizes="resample"),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 3),
+    )
+    from dropcluster.nn import fit_clusters
+
+    fit_clusters(model, _smooth(32, 1, 12), 32)
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for size in (12, 16, 8, 12):  # one training step at each size
+        x, target = _smooth(8, 1, size, seed=size), torch.randint(0, 3, (8,))
+        loss = F.cross_entropy(model(x), target)
+        optimizer.zero_grad()
+        loss.backward()
+        assert torch.isfinite(model[0].weight.grad).all() and model[0].weight.grad.abs().sum() > 0
+        optimizer.step()
+    model.eval()
+    assert model(_smooth(2, 1, 20)).shape == (2, 3)
+    assert model[2].input_shape == (4, 12, 12)
+    assert set(model[2]._tables) == {(12, 12), (16, 16), (8, 8), (20, 20)}  # cached per size
+    for name in DropCluster2d.STATE:  # the stored clusters stay at the fitted size
+        key = f"2.{name}"
+        assert torch.equal(model.state_dict()[key], state[key]), key
+    # The gradient at another size passes exactly the kept pixels, scaled.
+    layer = _resampling_layer(generator=_generator(4))
+    layer.record_mask = True
+    x = torch.rand(6, 1, 8, 8, requires_grad=True)
+    out = layer(x)
+    out.sum().backward()
+    assert torch.allclose(x.grad, out.detach() / x.detach())
+
+
+def test_a_compiled_resampling_layer_drops_one_resampled_cluster_at_each_size():
+    from tests.conftest import compile_counting_graphs
+
+    torch.manual_seed(6)  # torch's generator: an explicit one breaks the graph
+    layer = _resampling_layer()
+    compiled, graphs = compile_counting_graphs(layer)
+    for size in (8, 2):
+        x = torch.rand(20, 1, size, size) + 1.0
+        out = compiled(x)
+        labels = layer.clusters.resample(size, size).labels[0]
+        dropped = {_dropped_cluster(out[n, 0], x[n, 0], labels) for n in range(20)}
+        assert dropped <= ({0, 1, 2, 3, 4} if size == 8 else {0, 1, 2, 3, None})
+        assert len(dropped) >= 3
+    # No graph break: one graph per size, or one with dynamic shapes when an earlier test
+    # compiled this forward already (dynamo then marks the sizes dynamic).
+    assert 1 <= len(graphs) <= 2
+
+
+def test_a_fit_where_p_drops_no_cluster_says_so():
+    activations = torch.rand(32, 2, 8, 8)
+    activations[:, :, :4] += 1  # two halves: structure ReNA finds
+    with pytest.warns(UserWarning, match=r"p=0.1 drops floor\(p \* n\) = 0 clusters .*n = 5"):
+        DropCluster2d(0.1, n_clusters=5).fit(activations)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DropCluster2d(0.2, n_clusters=5).fit(activations)  # floor(0.2 * 5) = 1: no warning
+        DropCluster2d(0.0, n_clusters=5).fit(activations)  # p = 0 (a ramp's start): silent

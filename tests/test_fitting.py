@@ -44,19 +44,22 @@ def _images(n: int = 100, seed: int = 1) -> torch.Tensor:
     return nn.functional.avg_pool2d(noise, 5, 1, padding=2)
 
 
-def test_fit_clusters_fits_every_layer_on_its_own_input_from_the_first_images():
+def test_fit_clusters_fits_every_layer_on_its_own_input_from_a_random_draw_of_images():
     model = _model()
     images = _images()
     model.train()
-    fit = fit_clusters(model, images, 64, batch_size=16)
+    generator = torch.Generator().manual_seed(3)
+    fit = fit_clusters(model, images, 64, batch_size=16, generator=generator)
     assert model.training  # restored
     assert fit.layers == ["3", "6"] and fit.channels == [6, 8] and fit.images == 64
     assert fit.structured == [int(model[3].structured.sum()), int(model[6].structured.sum())]
-    # By hand: the layers' inputs for the first 64 images, in evaluation mode (running stats).
+    # By hand: the layers' inputs for the 64 images the generator draws (without replacement,
+    # in increasing index order), in evaluation mode (running stats).
+    drawn = torch.randperm(100, generator=torch.Generator().manual_seed(3))[:64].sort().values
     reference = _model()
     reference.eval()
     with torch.no_grad():
-        first = reference[:3](images[:64])
+        first = reference[:3](images[drawn])
         reference[3].fit(first)
         reference[6].fit(reference[4:6](reference[3](first)))
     for layer, expected in ((model[3], reference[3]), (model[6], reference[6])):
@@ -78,8 +81,8 @@ def test_a_data_loader_of_pairs_gives_the_same_clusters_as_the_tensor():
         torch.utils.data.TensorDataset(images, torch.zeros(100, dtype=torch.int64)), batch_size=24
     )
     from_loader, from_tensor = _model(), _model()
-    fit_clusters(from_loader, loader, 50)
-    fit_clusters(from_tensor, images, 50, batch_size=7)
+    fit_clusters(from_loader, loader, 50)  # an iterable: its first 50 images, in its order
+    fit_clusters(from_tensor, images[:50], 50, batch_size=7)  # all of them: in order
     for name in DropCluster2d.STATE:
         assert torch.equal(getattr(from_loader[3], name), getattr(from_tensor[3], name))
 
@@ -137,3 +140,132 @@ def test_refit_schedule_follows_the_paper_first_at_s_then_every_s():
     assert schedule.step(model, _images(), 50, batch_size=32).layers == ["3", "6"]
     with pytest.raises(ValueError, match="every should be an integer >= 1"):
         RefitSchedule(every=0)
+
+
+def _fitted_state(model: nn.Sequential) -> list[torch.Tensor]:
+    return [getattr(model[i], name).clone() for i in (3, 6) for name in DropCluster2d.STATE]
+
+
+def _same_state(first: list[torch.Tensor], second: list[torch.Tensor]) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def _drawn_images(data, n_images: int, generator: torch.Generator) -> list[int]:
+    """The indices of the images fit_clusters runs, seen by a model that records its input."""
+    seen: list[torch.Tensor] = []
+
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop = DropCluster2d(0.1, 2)
+
+        def forward(self, x):
+            seen.append(x[:, 0, 0, 0].clone())  # each image's index, written in its pixels
+            return self.drop(x)
+
+    fit_clusters(Recorder(), data, n_images, batch_size=4, generator=generator)
+    return torch.cat(seen).long().tolist()
+
+
+def _indexed_images(n: int) -> torch.Tensor:
+    """(n, 1, 4, 4) images whose pixels hold their index plus a little noise to cluster."""
+    noise = torch.rand(n, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.1
+    return torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1) + noise
+
+
+def test_images_are_drawn_without_replacement_from_a_tensor_seeded_by_the_generator():
+    images = _indexed_images(20)
+    drawn = _drawn_images(images, 8, torch.Generator().manual_seed(5))
+    expected = torch.randperm(20, generator=torch.Generator().manual_seed(5))[:8].sort().values
+    assert drawn == expected.tolist() and len(set(drawn)) == 8
+    assert drawn == _drawn_images(images, 8, torch.Generator().manual_seed(5))  # reproducible
+    assert drawn != _drawn_images(images, 8, torch.Generator().manual_seed(6))
+    # Asking for all of them (or more) takes every image in order and draws no random number.
+    generator = torch.Generator().manual_seed(5)
+    state = generator.get_state()
+    with pytest.warns(UserWarning, match="got 20 images, fewer than the n_images=30 asked"):
+        assert _drawn_images(images, 30, generator) == list(range(20))
+    assert torch.equal(generator.get_state(), state)
+
+
+def test_a_map_style_dataset_is_sampled_like_a_tensor_and_its_pairs_collated():
+    images = _indexed_images(20)
+    dataset = torch.utils.data.TensorDataset(images, torch.zeros(20, dtype=torch.int64))
+    from_dataset = _drawn_images(dataset, 8, torch.Generator().manual_seed(5))
+    assert from_dataset == _drawn_images(images, 8, torch.Generator().manual_seed(5))
+
+    class Items:  # no torch base class: __len__ and __getitem__ are enough
+        def __len__(self):
+            return 20
+
+        def __getitem__(self, index):
+            return images[index]
+
+    assert _drawn_images(Items(), 8, torch.Generator().manual_seed(5)) == from_dataset
+
+
+def test_an_iterable_gives_its_first_batches_in_its_own_order():
+    images = _indexed_images(20)
+    batches = [images[start : start + 5].flip(0) for start in range(0, 20, 5)]
+    expected = [4, 3, 2, 1, 0, 9, 8, 7, 6, 5]
+    assert _drawn_images(batches, 10, torch.Generator().manual_seed(5)) == expected
+    assert _drawn_images(iter(batches), 10, torch.Generator().manual_seed(5)) == expected
+    loader = torch.utils.data.DataLoader(images, batch_size=6)  # not shuffled: 0, 1, 2, ...
+    assert _drawn_images(loader, 10, torch.Generator().manual_seed(5)) == list(range(12))
+
+
+def test_successive_refits_of_a_schedule_fit_on_different_images_and_repeat_with_the_seed():
+    images = _images(200)
+    schedule = RefitSchedule(every=1, first=0, n_images=16, seed=7)
+    model = _model()
+    states = []
+    for epoch in range(3):
+        schedule.step(model, images, epoch, batch_size=16)
+        states.append(_fitted_state(model))
+    assert not _same_state(states[0], states[1]) and not _same_state(states[1], states[2])
+    # The same seed draws the same images at the same epoch, in a new schedule (a resumed run).
+    again = _model()
+    RefitSchedule(every=1, first=0, n_images=16, seed=7).step(again, images, 1, batch_size=16)
+    assert _same_state(_fitted_state(again), states[1])
+    # What it draws: fit_clusters with the schedule's generator of that epoch.
+    by_hand = _model()
+    fit_clusters(by_hand, images, 16, batch_size=16, generator=schedule.generator(2))
+    assert _same_state(_fitted_state(by_hand), states[2])
+    other = _model()
+    RefitSchedule(every=1, first=0, n_images=16, seed=8).step(other, images, 1, batch_size=16)
+    assert not _same_state(_fitted_state(other), states[1])
+
+
+def test_fewer_images_than_asked_warn_once_naming_both_counts():
+    model = _model()
+    with pytest.warns(UserWarning) as caught:
+        fit = fit_clusters(model, _images(40), 64, batch_size=16)
+    messages = [str(w.message) for w in caught]
+    assert messages == [
+        "fit_clusters got 40 images, fewer than the n_images=64 asked: the clusters are fitted "
+        "on 40"
+    ]
+    assert fit.images == 40 and caught[0].filename == __file__
+
+
+class _ChannelsFirst(nn.Module):
+    def forward(self, x):
+        return x.permute(0, 3, 1, 2)
+
+
+def test_uint8_images_without_prepare_fail_with_one_line_naming_prepare():
+    raw = (_images(8) * 40 + 128).clamp(0, 255).to(torch.uint8)
+    with pytest.raises(ValueError) as caught:
+        fit_clusters(_model(), raw, 8)
+    message = str(caught.value)
+    assert "\n" not in message and "torch.uint8 batch" in message
+    assert "pass prepare= to turn a batch into the model's float input" in message
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(raw, raw[:, 0, 0, 0]), 4)
+    with pytest.raises(ValueError, match="uint8 batch .* pass prepare="):
+        fit_clusters(_model(), loader, 8)
+    with pytest.raises(ValueError, match="make prepare= return the model's float input"):
+        fit_clusters(_model(), raw, 8, prepare=lambda batch: batch)
+    # A model that takes integer input (an embedding) is no mistake: it is fitted.
+    embedded = nn.Sequential(nn.Embedding(256, 4), _ChannelsFirst(), DropCluster2d(0.1, 2))
+    assert fit_clusters(embedded, raw[:, 0].long(), 8).images == 8
+    assert embedded[2].fitted

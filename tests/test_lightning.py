@@ -11,8 +11,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-from dropcluster.integrations.lightning import DropClusterRefit
-from dropcluster.nn import DropCluster2d
+from dropcluster.integrations.lightning import DropClusterRefit, DropRateScheduler
+from dropcluster.nn import DropCluster2d, DropRateSchedule, fit_clusters
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Found 1 module\\(s\\) in eval mode",  # the frozen normaliser, on purpose
@@ -184,3 +184,95 @@ def test_the_package_never_imports_lightning():
         "assert 'lightning' not in sys.modules, 'lightning imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# -- no silent no-ops, drop-rate schedules ---------------------------------------------------
+
+
+def _short_trainer(root, max_epochs: int, callbacks, **options) -> Trainer:
+    """One batch per epoch: the warnings and the schedule depend on epochs, not on data."""
+    return Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        **{"limit_train_batches": 1, **options},
+    )
+
+
+def _ours(record) -> list[str]:
+    return [str(w.message) for w in record if "DropCluster" in str(w.message)]
+
+
+def test_refit_warns_at_fit_start_when_max_epochs_ends_before_the_first_refit(tmp_path):
+    expected = (
+        "DropClusterRefit(every=50) with max_epochs=10 refits first at the start of epoch 50, "
+        "but the run has 10 epochs (0 to 9): DropCluster2d stays the identity for the whole "
+        "run; set every below 10, e.g. every=2"
+    )
+    module = _TinyModule()
+    with pytest.warns(UserWarning) as record:
+        _short_trainer(tmp_path, 10, [DropClusterRefit()]).fit(module, _loader())
+    assert _ours(record) == [expected]  # once: the end of the fit says nothing more
+    assert not module.drop.fitted
+
+
+def test_a_module_fitted_before_the_fit_is_no_silent_no_op(tmp_path, recwarn):
+    module = _TinyModule()
+    fit_clusters(module, next(iter(_loader()))[0], 64)
+    _short_trainer(tmp_path, 2, [DropClusterRefit()]).fit(module, _loader())
+    assert _ours(recwarn) == [] and module.drop.fitted
+
+
+def test_refit_warns_at_fit_end_when_the_fit_stopped_before_the_first_refit(tmp_path):
+    module = _TinyModule()
+    trainer = _short_trainer(tmp_path, 5, [DropClusterRefit(every=2)], max_steps=2)
+    with pytest.warns(UserWarning) as record:
+        trainer.fit(module, _loader())  # max_steps ends it after epoch 1
+    assert _ours(record) == [
+        "the fit ended with DropCluster2d layer(s) ['drop'] never fitted: they were the "
+        "identity for the whole run; DropClusterRefit fits first at the start of epoch 2: give "
+        "it first= (or every=) below the epochs the fit runs"
+    ]
+
+
+def test_refit_on_a_module_without_dropcluster_warns(tmp_path):
+    module = _TinyModule()
+    module.drop = nn.Identity()
+    with pytest.warns(UserWarning, match="holds no DropCluster2d: it has nothing to fit"):
+        _short_trainer(tmp_path, 1, [DropClusterRefit(every=1)]).fit(module, _loader())
+
+
+class _RateRecorder(Callback):
+    def __init__(self) -> None:
+        self.rates: dict[int, float] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.rates[trainer.current_epoch] = float(pl_module.drop.p)
+
+
+def test_drop_rate_scheduler_sets_the_rate_of_each_epoch(tmp_path):
+    recorder = _RateRecorder()
+    scheduler = DropRateScheduler({"p": 0.3, "kind": "linear", "start_epoch": 0, "end_epoch": 2})
+    trainer = _short_trainer(tmp_path, 3, [scheduler, recorder])
+    trainer.fit(_TinyModule(), _loader())
+    assert recorder.rates == pytest.approx({0: 0.0, 1: 0.15, 2: 0.3})
+    assert float(trainer.callback_metrics["dropcluster/p"]) == pytest.approx(0.3)
+    assert repr(scheduler).startswith("DropRateScheduler(DropRateSchedule(p=0.3, kind='linear'")
+
+
+def test_a_resumed_fit_sets_the_rate_of_the_epoch_it_resumes_at(trained, tmp_path):
+    *_, checkpoint = trained  # saved after 4 epochs
+    recorder = _RateRecorder()
+    schedule = DropRateSchedule(0.25, "late", start_epoch=4)
+    trainer = _short_trainer(tmp_path, 6, [DropRateScheduler(schedule), recorder])
+    trainer.fit(_TinyModule(), _loader(), ckpt_path=checkpoint)
+    # The module is built with p = 0.3; epoch 4 is the schedule's, as in an unbroken fit.
+    assert recorder.rates == {4: 0.25, 5: 0.25}
+    with pytest.raises(ValueError, match=r"has to be in \[0, 1\]"):
+        DropRateScheduler({"p": 1.5})

@@ -54,7 +54,11 @@ def _torchvision_layout(monkeypatch) -> None:
 
 @pytest.mark.parametrize("code", DOC_EXAMPLES)
 def test_docs_example_runs(code, tmp_path, monkeypatch):
+    import dropcluster.plugins
+
     monkeypatch.chdir(tmp_path)
+    # What an example registers (docs/plugins.md) stays in it: other tests see built-ins only.
+    monkeypatch.setattr(dropcluster.plugins, "REGISTRY", dropcluster.plugins.Registry())
     if "from torchvision" in code:
         _torchvision_layout(monkeypatch)
     exec(compile(code, "docs example", "exec"), {"__name__": "docs"})

@@ -63,7 +63,7 @@ def test_set_p_does_not_recompile():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"p": 1.0}, r"\[0, 1\)"),
+        ({"p": 1.5}, r"\[0, 1\]"),
         ({"p": 0.1, "kind": "cosine"}, "kind should be one of"),
         ({"p": 0.1, "kind": "linear", "start_epoch": 5, "end_epoch": 2}, "start_epoch"),
         ({"p": 0.1, "start_p": -0.5}, "start_p"),

@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train_parser(commands) -> None:
+    from dropcluster.cli_experiments import add_plugin_argument
     from dropcluster.train.config import TrainConfig
 
     train = commands.add_parser(
@@ -130,7 +131,9 @@ def _add_train_parser(commands) -> None:
         help="train on N processes of this machine (DistributedDataParallel, one GPU each on "
         "CUDA): torchrun's launcher, with one line when a process fails",
     )
-    add_config_flags(train.add_argument_group("config fields"), TrainConfig)
+    add_plugin_argument(train)
+    # plugins: --plugin (repeatable), not the list flag of the field.
+    add_config_flags(train.add_argument_group("config fields"), TrainConfig, skip=("plugins",))
     train.add_argument(
         "--option",
         action="append",
@@ -141,7 +144,7 @@ def _add_train_parser(commands) -> None:
     train.set_defaults(handler=_run_train)
 
 
-def add_config_flags(parser, config_class) -> None:
+def add_config_flags(parser, config_class, skip: tuple[str, ...] = ()) -> None:
     """One flag per field of a config dataclass, typed and documented from the class itself.
 
     ``--name-with-dashes`` for each field (``--amp/--no-amp`` for booleans, several values for
@@ -151,6 +154,8 @@ def add_config_flags(parser, config_class) -> None:
     hints = typing.get_type_hints(config_class)
     docs = attribute_docs(config_class)
     for spec in dataclasses.fields(config_class):
+        if spec.name in skip:
+            continue
         hint = hints[spec.name]
         kind = hint
         if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None -> X
@@ -238,6 +243,9 @@ def _train_config(args: argparse.Namespace):
     options = dict(values.get("regularizer_options", {}))
     options.update(parse_assignments(args.option, "--option"))
     values["regularizer_options"] = options
+    if args.plugin:  # recorded in the run's config, for --resume and evaluate --checkpoint
+        check_type("plugins", values.get("plugins", []), list[str])
+        values["plugins"] = list(dict.fromkeys([*values.get("plugins", []), *args.plugin]))
     return TrainConfig.from_dict(values)
 
 
@@ -310,6 +318,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        if getattr(args, "plugin", None):
+            # Before anything reads a config or a preset that names what they register.
+            from dropcluster.plugins import load_plugins
+
+            load_plugins(args.plugin)
         return args.handler(args)
     except KeyboardInterrupt:
         # One line for a run of several processes: the launcher's, or else rank 0's.

@@ -12,6 +12,7 @@ from dropcluster.validation import MAX_SEED, int_argument, path_argument
 
 __all__ = [
     "add_experiment_parsers",
+    "add_plugin_argument",
 ]
 
 
@@ -30,6 +31,19 @@ def add_experiment_parsers(commands) -> None:
     _add_results_parser(commands)
     _add_report_parser(commands)
     _add_analyze_parser(commands)
+
+
+def add_plugin_argument(parser) -> None:
+    """``--plugin MODULE`` (repeatable): imported before anything else, recorded in the runs."""
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        dest="plugin",
+        metavar="MODULE",
+        help="import this plugin module first (it registers a regularizer, model or data set: "
+        "docs/plugins.md); recorded in the runs; repeatable",
+    )
 
 
 def _add_evaluate_parser(commands) -> None:
@@ -102,6 +116,7 @@ def _add_evaluate_parser(commands) -> None:
         help="folder of the released CIFAR-10-C, CIFAR-100-C or Tiny-ImageNet-C files",
     )
     add_model_arguments(evaluate.add_argument_group("with --model"))
+    add_plugin_argument(evaluate)
     evaluate.set_defaults(handler=_run_evaluate)
 
 
@@ -160,6 +175,7 @@ def _add_sweep_parser(commands, name: str, text: str) -> None:
         action="store_true",
         help="list the grid with its status and estimated cost; run nothing",
     )
+    add_plugin_argument(sub)
     _add_backend_arguments(sub)
     sub.set_defaults(handler=_run_sweep, report=name == "reproduce")
 
@@ -434,9 +450,12 @@ def _load_sweep_preset(args: argparse.Namespace):
         load_preset,
         parse_overrides,
         with_corrupted_from,
+        with_plugins,
     )
 
     preset = load_preset(args.preset)
+    if args.plugin:
+        preset = with_plugins(preset, args.plugin)
     overrides = parse_overrides(args.overrides)
     if args.device is not None:
         overrides["device"] = args.device

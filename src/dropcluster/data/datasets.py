@@ -42,6 +42,9 @@ and no conversion step, and returns an :class:`ImageDataset` on the CPU:
 
 ``"synthetic"``: :func:`make_synthetic`, generated from a fixed seed; ``root`` is ignored.
 
+Other names: data sets registered by plugins (:func:`dropcluster.plugins.register_dataset`),
+loaded by their ``loader(split, root)``; see :func:`dataset_names`.
+
 Without ``root``, CIFAR-10, CIFAR-100 and Tiny ImageNet are looked up in ``$DROPCLUSTER_DATA``,
 else in ``~/.cache/dropcluster/data`` (where :func:`~dropcluster.data.downloads.download_cifar10`,
 :func:`~dropcluster.data.downloads.download_cifar100` and
@@ -78,7 +81,9 @@ import torch
 from torch import Tensor
 
 from dropcluster.data import fashion_mnist
+from dropcluster.data.augment import AUGMENT_PRESETS, AugmentConfig
 from dropcluster.files import atomic_write_json
+from dropcluster.plugins import plugin_dataset, plugin_names
 from dropcluster.validation import check_choice, check_int
 
 __all__ = [
@@ -111,6 +116,8 @@ __all__ = [
     "ImageDataset",
     "cifar100_counts",
     "cifar10_counts",
+    "augment_preset",
+    "dataset_names",
     "decode_jpegs",
     "default_root",
     "describe_folder",
@@ -126,6 +133,14 @@ __all__ = [
 # "cifar10", added last: error messages listing the names still begin as before.
 DATASET_NAMES = ("cifar100", "tiny-imagenet", "fashion-mnist", "synthetic", "cifar10")
 SPLITS = ("train", "test")
+
+
+def dataset_names(wanted: str | None = None) -> tuple[str, ...]:
+    """:data:`DATASET_NAMES`, then the data sets registered by plugins (given ``wanted``, a
+    name not known yet, the installed plugins are loaded first)."""
+    wanted = None if wanted in DATASET_NAMES else wanted
+    return DATASET_NAMES + plugin_names("dataset", wanted)
+
 
 CIFAR100_FOLDER = "cifar-100-python"
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -235,8 +250,8 @@ def load_dataset(name: str, split: str = "train", root: str | Path | None = None
     """Load one split of a data set as uint8 tensors on the CPU.
 
     Args:
-        name: ``"cifar10"``, ``"cifar100"``, ``"tiny-imagenet"``, ``"fashion-mnist"`` or
-            ``"synthetic"``.
+        name: ``"cifar10"``, ``"cifar100"``, ``"tiny-imagenet"``, ``"fashion-mnist"``,
+            ``"synthetic"``, or a name registered by a plugin.
         split: ``"train"`` or ``"test"`` (Tiny ImageNet: its validation set; ``"val"`` is
             accepted as a synonym).
         root: the folder holding the data set (see the module docstring for each layout);
@@ -255,10 +270,12 @@ def load_dataset(name: str, split: str = "train", root: str | Path | None = None
             folder holds.
         ImportError: Tiny ImageNet without Pillow.
     """
-    check_choice("name", name, DATASET_NAMES)
+    check_choice("name", name, dataset_names(name))
     if name == "tiny-imagenet" and split == "val":
         split = "test"
     check_choice("split", split, SPLITS)
+    if name not in DATASET_NAMES:
+        return _load_plugin_dataset(name, split, root)
     if name == "cifar10":
         return _load_cifar10(split, default_root() if root is None else Path(root))
     if name == "cifar100":
@@ -270,6 +287,26 @@ def load_dataset(name: str, split: str = "train", root: str | Path | None = None
         return ImageDataset(images, labels, list(fashion_mnist.FASHION_MNIST_CLASSES), name)
     images, labels = make_synthetic(SYNTHETIC_SIZES[split], seed=SYNTHETIC_SEEDS[split])
     return ImageDataset(images, labels, list(SYNTHETIC_CLASSES), name)
+
+
+def augment_preset(name: str) -> AugmentConfig:
+    """The training augmentation of data set ``name``: its entry of
+    :data:`~dropcluster.data.augment.AUGMENT_PRESETS`, or the one a plugin registered."""
+    if name in AUGMENT_PRESETS:
+        return AUGMENT_PRESETS[name]
+    check_choice("dataset", name, dataset_names(name))
+    return plugin_dataset(name).augment
+
+
+def _load_plugin_dataset(name: str, split: str, root: str | Path | None) -> ImageDataset:
+    entry = plugin_dataset(name)
+    loaded = entry.loader(split, root)
+    if not isinstance(loaded, ImageDataset):
+        raise ValueError(
+            f"the loader of data set {name!r} ({entry.module}) should return an ImageDataset, "
+            f"but returned {type(loaded).__name__}"
+        )
+    return loaded
 
 
 def make_synthetic(

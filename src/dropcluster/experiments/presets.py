@@ -28,7 +28,8 @@ from typing import Any
 
 from dropcluster.experiments.corruption_eval import CorruptionSettings
 from dropcluster.experiments.paper_results import PAPER_DATASETS
-from dropcluster.nn import REGULARIZERS
+from dropcluster.nn.registry import regularizer_names
+from dropcluster.plugins import load_plugins
 from dropcluster.train.config import TrainConfig, parse_assignments
 from dropcluster.validation import (
     check_choice,
@@ -62,6 +63,7 @@ __all__ = [
     "preset_names",
     "run_id",
     "with_corrupted_from",
+    "with_plugins",
 ]
 
 
@@ -118,9 +120,10 @@ class Grid:
         for key in GRID_KEYS:
             if not getattr(self, key):
                 raise ValueError(f"{key} should be a non-empty list")
-        unknown = [r for r in self.regularizer if r not in REGULARIZERS]
+        unknown = [r for r in self.regularizer if r not in regularizer_names(r)]
         if unknown:
-            raise ValueError(f"unknown regularizers {unknown}; valid: {', '.join(REGULARIZERS)}")
+            valid = ", ".join(regularizer_names())
+            raise ValueError(f"unknown regularizers {unknown}; valid: {valid}")
         check_variant(self.variant)
         check_type(
             "options.regularizer_options",
@@ -275,6 +278,9 @@ class Preset:
             run the report shows, with ``dropcluster analyze``'s defaults).
         unstated: the config fields the paper does not state, marked by the dry run (None:
             :data:`dropcluster.experiments.sweep.PAPER_UNSTATED` for a paper-scale preset).
+        plugins: plugin modules imported before the grids are read (e.g. the one that
+            registers a method compared with the paper's, :mod:`dropcluster.plugins`); every
+            run records them in its ``plugins``, so that its worker imports them too.
     """
 
     name: str
@@ -292,16 +298,18 @@ class Preset:
     assumptions: list[str] = field(default_factory=list)
     analyze: AnalyzeSettings | None = None
     unstated: list[str] | None = None
+    plugins: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_fields(self)
+        load_plugins(self.plugins)
         check_name("name", self.name)  # the default output folder is runs/<name>
         check_choice("scale", self.scale, SCALES)
         check_type(
             "base.regularizer_options", self.base.get("regularizer_options", {}), dict[str, Any]
         )
         check_variant(self.variant)
-        unknown = sorted(set(self.options) - set(REGULARIZERS))
+        unknown = sorted(name for name in self.options if name not in regularizer_names(name))
         if unknown:
             raise ValueError(f"options of unknown regularizers {unknown}")
         check_choice("paper", self.paper, (None, *PAPER_DATASETS))
@@ -343,8 +351,8 @@ class Preset:
         Args:
             values: the keys of :data:`REQUIRED_KEYS`, and optionally ``evaluate``, ``paper``,
                 ``paper_command``, ``average_last``, ``options``, ``variant``,
-                ``assumptions``, ``unstated`` and ``analyze``; ``grids`` is a list of grid
-                objects (see :class:`Grid`), ``evaluate`` an object (see
+                ``assumptions``, ``unstated``, ``analyze`` and ``plugins``; ``grids`` is a list of
+                grid objects (see :class:`Grid`), ``evaluate`` an object (see
                 :class:`EvaluateSettings`) or null, ``analyze`` one (:class:`AnalyzeSettings`).
             origin: how error messages name the preset (a file, a preset name).
 
@@ -369,6 +377,8 @@ class Preset:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown keys {unknown}; a preset takes {sorted(known)}")
+        check_type("plugins", values.get("plugins", []), list[str])
+        load_plugins(values.get("plugins", []))  # they may register the grids' regularizers
         check_type("grids", values["grids"], list[dict[str, Any]])
         grids = []
         for index, grid in enumerate(values["grids"]):
@@ -405,6 +415,7 @@ class Preset:
             "assumptions": list(self.assumptions),
             "analyze": None if self.analyze is None else self.analyze.to_dict(),
             "unstated": None if self.unstated is None else list(self.unstated),
+            "plugins": list(self.plugins),
         }
 
 
@@ -510,6 +521,17 @@ def with_corrupted_from(preset: Preset, folder: str) -> Preset:
         raise ValueError(f"preset {preset.name} with --corrupted-from: {error}") from error
 
 
+def with_plugins(preset: Preset, plugins: list[str]) -> Preset:
+    """A copy of ``preset`` that also imports ``plugins`` (``--plugin``), recorded in its runs."""
+    added = [name for name in plugins if name not in preset.plugins]
+    if not added:
+        return preset
+    try:
+        return replace(preset, plugins=[*preset.plugins, *added])
+    except ValueError as error:
+        raise ValueError(f"preset {preset.name} with --plugin {added}: {error}") from error
+
+
 def expand_grid(preset: Preset | Mapping[str, Any]) -> list[RunSpec]:
     """Every run of the preset, once, in a stable order (grid order, then product order)."""
     return _run_specs(as_preset(preset))
@@ -567,6 +589,14 @@ def _grid_config(
         "regularizer": regularizer,
         "regularizer_options": options if regularizer != "none" else {},
     }
+    if regularizer == "none":
+        # No rate to schedule: `--set drop_schedule=...` on a preset leaves the baseline as is.
+        values.pop("drop_schedule", None)
+    if preset.plugins:
+        # Recorded in every run, so that its worker (a Ray task, a Slurm job) imports them.
+        base_plugins = values.get("plugins", [])
+        base_plugins = base_plugins if isinstance(base_plugins, list) else [base_plugins]
+        values["plugins"] = list(dict.fromkeys([*preset.plugins, *base_plugins]))
     if variant is not None:
         values["variant"] = variant
     return values

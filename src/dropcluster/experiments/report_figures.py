@@ -18,10 +18,12 @@ from pathlib import Path
 
 from dropcluster.data.corruptions import CORRUPTIONS
 from dropcluster.experiments.plotting import pyplot, save_figure
+from dropcluster.plugins import plugin_display_name
 from dropcluster.validation import check_choice
 
 __all__ = [
     "DISPLAY_NAMES",
+    "PLUGIN_COLOURS",
     "REGULARIZER_COLOURS",
     "REGULARIZER_ORDER",
     "VARIANT_COLOURS",
@@ -77,6 +79,12 @@ _MARKERS = {
     "dropcluster": "*",
 }
 
+#: Colours and markers of the regularizers registered by plugins (and of unknown names), none of
+#: them a built-in regularizer's or a variant's, taken in turn in the order of
+#: :func:`ordered_regularizers` (see :func:`arm_styles`).
+PLUGIN_COLOURS = ("#000000", "#b8860b", "#008080", "#ff1493", "#556b2f", "#4b0082")
+_PLUGIN_MARKERS = ("x", "+", "1", "2", "3", "4")
+
 #: Colours and markers of variant arms, none of them a regularizer's own, taken in turn by the
 #: variants of a figure (see :func:`arm_styles`).
 VARIANT_COLOURS = ("#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#393b79", "#637939", "#843c39")
@@ -97,9 +105,10 @@ def split_arm(arm: str) -> tuple[str, str | None]:
 
 def display_name(arm: str) -> str:
     """The paper's name of an arm's regularizer, with the variant in brackets:
-    ``"dropcluster:ours"`` -> ``"DropCluster (ours)"`` (an unknown regularizer keeps its name)."""
+    ``"dropcluster:ours"`` -> ``"DropCluster (ours)"``; a regularizer registered by a plugin
+    has the display name it was registered with; an unknown one keeps its name."""
     regularizer, variant = split_arm(arm)
-    name = DISPLAY_NAMES.get(regularizer, regularizer)
+    name = DISPLAY_NAMES.get(regularizer) or plugin_display_name(regularizer) or regularizer
     return name if variant is None else f"{name} ({variant})"
 
 
@@ -123,18 +132,25 @@ def arm_styles(arms) -> dict[str, dict]:
     """A distinct, deterministic style per arm: ``{arm: {"color", "marker", "linestyle",
     "label"}}``.
 
-    A plain arm has its regularizer's colour and marker and a solid line. The variants, in the
+    A plain arm has its regularizer's colour and marker and a solid line; the regularizers of
+    plugins take :data:`PLUGIN_COLOURS` and their markers in turn. The variants, in the
     order of :func:`ordered_regularizers`, take :data:`VARIANT_COLOURS` and the variant markers
     in turn (so two variants of one regularizer never share a colour while there are no more
     variants than colours) and a dashed line. Give every arm of a report at once, so that an arm
     keeps its style in every figure.
     """
     styles, n_variants = {}, 0
-    for arm in ordered_regularizers(arms):
+    ordered = ordered_regularizers(arms)
+    plugins = list(dict.fromkeys(split_arm(a)[0] for a in ordered))
+    plugins = [name for name in plugins if name not in REGULARIZER_COLOURS]
+    for arm in ordered:
         regularizer, variant = split_arm(arm)
-        if variant is None:
-            colour = REGULARIZER_COLOURS.get(regularizer, "#000000")
-            marker, linestyle = _MARKERS.get(regularizer, "x"), "-"
+        if variant is None and regularizer in REGULARIZER_COLOURS:
+            colour, marker, linestyle = REGULARIZER_COLOURS[regularizer], _MARKERS[regularizer], "-"
+        elif variant is None:
+            rank = plugins.index(regularizer)
+            colour = PLUGIN_COLOURS[rank % len(PLUGIN_COLOURS)]
+            marker, linestyle = _PLUGIN_MARKERS[rank % len(_PLUGIN_MARKERS)], "-"
         else:
             colour = VARIANT_COLOURS[n_variants % len(VARIANT_COLOURS)]
             marker = _VARIANT_MARKERS[n_variants % len(_VARIANT_MARKERS)]

@@ -87,6 +87,7 @@ __all__ = [
     "format_settings",
     "identity_base",
     "measured_rates",
+    "never_fitted_note",
     "plan",
     "prepare_folder",
     "run_sweep",
@@ -316,7 +317,7 @@ def format_settings(preset: Preset) -> str:
     for name, value in configs[0].items():
         if name in _PER_RUN:
             continue
-        values = {json.dumps(config[name], sort_keys=True) for config in configs}
+        values = {json.dumps(config.get(name), sort_keys=True) for config in configs}
         shown = json.dumps(value) if len(values) == 1 else "set per grid (below)"
         star = "*" if name in unstated else " "
         lines.append(f"  {star} {name} = {shown}")
@@ -342,6 +343,19 @@ def format_settings(preset: Preset) -> str:
     return "\n".join(lines) + "\n"
 
 
+def never_fitted_note(specs: list[RunSpec]) -> str:
+    """One warning line per (cluster_every, epochs) under which DropCluster runs would never be
+    fitted (e.g. ``--set epochs=40`` on a paper preset, which refits every 50), else ""."""
+    reasons: dict[str, int] = {}
+    for spec in specs:
+        reason = spec.config.refit_warning()
+        if reason is not None:
+            reasons[reason] = reasons.get(reason, 0) + 1
+    return "".join(
+        f"warning: {count} DropCluster run(s): {reason}\n" for reason, count in reasons.items()
+    )
+
+
 def dry_run(
     preset: Preset | dict[str, Any], out: Path, only: list[str], stream: TextIO
 ) -> list[RunSpec]:
@@ -361,6 +375,7 @@ def dry_run(
     total = remaining = 0.0
     stream.write(f"preset {preset.name} ({preset.scale} scale): {len(specs)} runs\n")
     stream.write(format_settings(preset))
+    stream.write(never_fitted_note(specs))
     stream.write(f"{'run':<40} {'epochs':>6} {'corrupt':>7} {'status':>9} {'estimate':>12}\n")
     evaluate = _corruption_settings(preset)
     for spec in specs:

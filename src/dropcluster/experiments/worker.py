@@ -69,6 +69,8 @@ def run_job(run_dir: Path) -> int:
             )
             lock.acquire(wait=True)
     job = json.loads((run_dir / JOB_NAME).read_text())
+    # The config imports the plugins it records (its "plugins") before it checks its names:
+    # a plugin's regularizer trains here as in the process that started the sweep.
     config = TrainConfig.from_dict(job["config"])
     device = os.environ.get("DROPCLUSTER_DEVICE")
     if device:

@@ -1,4 +1,5 @@
-"""PyTorch Lightning callback that refits a LightningModule's DropCluster layers on schedule.
+"""PyTorch Lightning callbacks: refit a LightningModule's DropCluster layers on schedule, and
+set its regularizers' drop rate from a :class:`~dropcluster.nn.DropRateSchedule`.
 
 Install the extra: ``pip install -e '.[lightning]'`` in the dropcluster checkout. The callback
 only calls the core
@@ -17,12 +18,15 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from torch import Tensor
 
+from dropcluster.nn.dropcluster import DropCluster2d
 from dropcluster.nn.fitting import ClusterFit, RefitSchedule, model_input
+from dropcluster.nn.schedule import DropRateSchedule
 
 try:
     from lightning.pytorch import Callback, LightningModule, Trainer
@@ -32,7 +36,7 @@ except ImportError as error:  # the optional extra is missing
         "pip install -e '.[lightning]' (in the dropcluster checkout)"
     ) from error
 
-__all__ = ["DropClusterRefit"]
+__all__ = ["DropClusterRefit", "DropRateScheduler"]
 
 
 class DropClusterRefit(Callback):
@@ -48,6 +52,12 @@ class DropClusterRefit(Callback):
     Each refit logs, with ``pl_module.log``, the structured channels of every layer as
     ``dropcluster/structured/<layer name>``. The clusters live in the layers' buffers, so
     checkpoints carry them and a resumed run continues with them.
+
+    No silent no-ops: at the start of the fit the callback warns (on rank 0) when the module
+    holds no DropCluster2d, or when its first refit lies at or past ``trainer.max_epochs`` (the
+    default ``every=50`` with ``max_epochs=50`` or fewer) while a layer is unfitted (a module
+    restored with its clusters needs no refit); at the end of the fit, when a
+    DropCluster2d of the module was never fitted (a fit stopped early, say). Once per callback.
 
     Args:
         every: epochs between two refits, s >= 1.
@@ -76,6 +86,43 @@ class DropClusterRefit(Callback):
         self.data = data
         self.prepare = prepare
         self.last_fit: ClusterFit | None = None
+        self.warned = False
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        epochs = trainer.max_epochs
+        if not any(isinstance(m, DropCluster2d) for m in pl_module.modules()):
+            self._warn(
+                trainer,
+                f"{self!r} was given a {type(pl_module).__name__} that holds no DropCluster2d: "
+                f"it has nothing to fit; place one (dropcluster.nn.attach) or drop the callback",
+            )
+        elif (
+            epochs is not None
+            and epochs >= 0
+            and self.schedule.never_fits(epochs)
+            and RefitSchedule.unfitted_layers(pl_module)  # a restored fit needs no refit
+        ):
+            every, first = self.schedule.every, self.schedule.first
+            knob = "every" if first == every else "first"
+            named = f"every={every}" + ("" if first == every else f", first={first}")
+            owner = f"DropClusterRefit({named}) with max_epochs={epochs}"
+            self._warn(trainer, self.schedule.too_late_message(epochs, owner, knob))
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        unfitted = RefitSchedule.unfitted_layers(pl_module)
+        if unfitted:
+            self._warn(
+                trainer,
+                f"the fit ended with DropCluster2d layer(s) {unfitted} never fitted: they were "
+                f"the identity for the whole run; DropClusterRefit fits first at the start of "
+                f"epoch {self.schedule.first}: give it first= (or every=) below the epochs the "
+                f"fit runs",
+            )
+
+    def _warn(self, trainer: Trainer, message: str) -> None:
+        if not self.warned and trainer.is_global_zero:
+            self.warned = True
+            warnings.warn(message, UserWarning, stacklevel=2)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -99,3 +146,40 @@ class DropClusterRefit(Callback):
 
     def __repr__(self) -> str:
         return f"DropClusterRefit({self.schedule!r})"
+
+
+class DropRateScheduler(Callback):
+    """Set the drop rate of every regularizer of the module at the start of each epoch.
+
+    The rate of epoch ``e`` (``trainer.current_epoch``, 0-based) is ``schedule.value(e)``,
+    written by :meth:`~dropcluster.nn.DropRateSchedule.apply` into every regularizer of this
+    package (its ``p`` buffer) and torch's dropout layers, and logged as ``dropcluster/p``. It
+    depends on the epoch alone, so a fit resumed from a checkpoint (``ckpt_path=``) sets the
+    rate the uninterrupted fit had; the rate itself is not saved.
+
+    Args:
+        schedule: a :class:`~dropcluster.nn.DropRateSchedule`, or its JSON form
+            (``{"p": 0.1, "kind": "linear", "start_epoch": 0, "end_epoch": 50}``).
+
+    Attributes:
+        schedule: the schedule; rate: the rate set last (None before the first epoch).
+
+    Example::
+
+        schedule = DropRateSchedule(p=0.1, kind="early", end_epoch=20)
+        trainer = Trainer(max_epochs=100, callbacks=[DropRateScheduler(schedule)])
+    """
+
+    def __init__(self, schedule: DropRateSchedule | Mapping[str, Any]) -> None:
+        super().__init__()
+        if not isinstance(schedule, DropRateSchedule):
+            schedule = DropRateSchedule.from_dict(schedule)
+        self.schedule = schedule
+        self.rate: float | None = None
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.rate = self.schedule.apply(pl_module, trainer.current_epoch)
+        pl_module.log("dropcluster/p", self.rate)
+
+    def __repr__(self) -> str:
+        return f"DropRateScheduler({self.schedule!r})"

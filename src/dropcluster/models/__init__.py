@@ -12,14 +12,24 @@ from dropcluster.models.placement import (
     DEFAULT_FAMILY,
     PAPER_PLACEMENTS,
     Placement,
+    dataset_family,
     place_regularizer,
     placement_for,
 )
 from dropcluster.models.resnet import PreActResNet, resnet18, resnet20, resnet50
 from dropcluster.models.slots import Slot, SlottedModel
+from dropcluster.plugins import plugin_model, plugin_names
 from dropcluster.validation import check_choice
 
+#: The built-in models; plugins add theirs (:func:`dropcluster.plugins.register_model`).
 MODELS = ("resnet50", "resnet18", "resnet20", "lenet5")
+
+
+def model_names(wanted: str | None = None) -> tuple[str, ...]:
+    """The built-in names, then those registered by plugins (given ``wanted``, a name not
+    known yet, the installed plugins are loaded first)."""
+    wanted = None if wanted in MODELS else wanted
+    return MODELS + plugin_names("model", wanted)
 
 
 def build_model(
@@ -28,7 +38,8 @@ def build_model(
     """A model by name.
 
     Args:
-        name: one of :data:`MODELS`.
+        name: one of :data:`MODELS`, or a name registered by a plugin (built by its factory,
+            ``factory(n_classes, in_channels, stem=stem)``).
         n_classes: outputs of the classifier.
         in_channels: image channels (1 grayscale, 3 colour).
         stem: ``"imagenet"`` or ``"cifar"`` for the ResNets; None: the model's default
@@ -38,7 +49,15 @@ def build_model(
     Raises:
         ValueError: unknown name (the message lists the valid ones) or stem.
     """
-    check_choice("model", name, MODELS)
+    check_choice("model", name, model_names(name))
+    if name not in MODELS:
+        model = plugin_model(name)(n_classes, in_channels, stem=stem)
+        if not isinstance(model, SlottedModel):
+            raise ValueError(
+                f"the factory of model {name!r} should return a SlottedModel (a model with "
+                f"regularizer slots: docs/own-model.md), but returned {type(model).__name__}"
+            )
+        return model
     if name == "lenet5":
         if stem is not None:
             raise ValueError(f"lenet5 has no stem choice, but got stem={stem!r}")
@@ -59,7 +78,9 @@ __all__ = [
     "Slot",
     "SlottedModel",
     "build_model",
+    "dataset_family",
     "lenet5",
+    "model_names",
     "place_regularizer",
     "placement_for",
     "resnet18",

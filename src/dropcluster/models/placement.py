@@ -8,7 +8,9 @@ ImageNet; StochasticDepth on every residual branch, rate p.
 Data sets without a row of their own (``"cifar10"``, ``"fashion-mnist"``, ``"synthetic"``) use the
 ``"cifar100"`` row (:data:`DEFAULT_FAMILY`): small images, like CIFAR-100's. Models without
 a fourth group (``resnet20``, ``lenet5``) map ``"group4"`` and ``"group4_inner"`` to their last
-group (their ``slot_aliases``).
+group (their ``slot_aliases``). A data set registered by a plugin uses the row of the family it
+was registered with; a regularizer registered by a plugin takes the placement it was registered
+with (:func:`dropcluster.plugins.register_regularizer`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from torch import nn
 
 from dropcluster.models.slots import SlottedModel
 from dropcluster.nn import REGULARIZERS, build_regularizer
+from dropcluster.nn.registry import regularizer_names
+from dropcluster.plugins import plugin_dataset, plugin_regularizer
 from dropcluster.validation import check_choice
 
 __all__ = [
@@ -30,6 +34,7 @@ __all__ = [
     "PAPER_PLACEMENTS",
     "Placement",
     "check_placement",
+    "dataset_family",
     "place_regularizer",
     "placement_for",
 ]
@@ -92,14 +97,31 @@ def check_placement(slot: str | Sequence[str] | None, depth_rule: str = "constan
     return names
 
 
+def dataset_family(dataset: str) -> str:
+    """The row of :data:`PAPER_PLACEMENTS` that ``dataset``'s runs use: its own, the family a
+    plugin registered it with, else :data:`DEFAULT_FAMILY`."""
+    if dataset in PAPER_PLACEMENTS:
+        return dataset
+    entry = plugin_dataset(dataset) if isinstance(dataset, str) else None
+    return entry.family if entry is not None else DEFAULT_FAMILY
+
+
 def placement_for(name: str, dataset: str) -> Placement:
-    """The paper's :class:`Placement` of regularizer ``name`` for ``dataset``.
+    """The paper's :class:`Placement` of regularizer ``name`` for ``dataset`` (for a
+    regularizer registered by a plugin: the one it was registered with; ``Placement(None)``
+    when it was registered without one).
 
     Raises:
         ValueError: unknown regularizer name (the message lists the valid ones).
     """
-    check_choice("regularizer", name, REGULARIZERS)
-    return PAPER_PLACEMENTS.get(dataset, PAPER_PLACEMENTS[DEFAULT_FAMILY])[name]
+    check_choice("regularizer", name, regularizer_names(name))
+    family = dataset_family(dataset)
+    if name in REGULARIZERS:
+        return PAPER_PLACEMENTS[family][name]
+    placement = plugin_regularizer(name).placement
+    if placement is None or isinstance(placement, Placement):
+        return placement or Placement(None)
+    return placement.get(dataset) or placement.get(family) or placement[DEFAULT_FAMILY]
 
 
 def place_regularizer(
@@ -117,10 +139,11 @@ def place_regularizer(
 
     Args:
         model: a model of :mod:`dropcluster.models` (anything with ``slots``).
-        name: one of :data:`dropcluster.nn.REGULARIZERS`; ``"none"`` installs nothing (or, with
-            ``slot``, empties that slot).
+        name: one of :data:`dropcluster.nn.REGULARIZERS` or a name registered by a plugin;
+            ``"none"`` installs nothing (or, with ``slot``, empties that slot).
         p: drop rate in [0, 1).
-        dataset: picks the row of :data:`PAPER_PLACEMENTS` (others: the ``"cifar100"`` row).
+        dataset: picks the row of :data:`PAPER_PLACEMENTS` (others: the row of their family,
+            :func:`dataset_family`).
         slot: a slot to use instead of the paper's (paper names are mapped through the
             model's ``slot_aliases``, e.g. ``"group4"`` -> ``"group3"`` on ResNet-20), or a
             list of slots to install it in each (e.g. ``["group3", "group4"]``: DropBlock
@@ -142,6 +165,12 @@ def place_regularizer(
         raise TypeError(f"model should be a SlottedModel, but got {type(model).__name__}")
     placement = placement_for(name, dataset)
     targets = check_placement(slot if slot is not None else placement.slot, depth_rule)
+    if not targets and name != "none":
+        # Installing nothing would train the model without the regularizer, silently.
+        raise ValueError(
+            f"regularizer {name!r} has no slot: register it with a placement, or give its slot "
+            f"(regularizer_options slot=..., one of {sorted(model.slots)})"
+        )
     if name == "none":
         build_regularizer(name, p, **options)  # the same checks as the other names
         for target_name in targets:

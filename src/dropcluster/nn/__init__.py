@@ -7,6 +7,12 @@ from dropcluster.nn.drop_rate import DropRateModule, check_drop_rate
 from dropcluster.nn.dropblock import DropBlock2d, drop_block2d, drop_block2d_reference
 from dropcluster.nn.dropcluster import DropCluster2d, drop_cluster2d
 from dropcluster.nn.fitting import ClusterFit, RefitSchedule, fit_clusters
+from dropcluster.nn.placements import (
+    place_dropblock,
+    place_dropcluster,
+    place_dropout,
+    place_stochastic_depth,
+)
 from dropcluster.nn.registry import REGULARIZERS, build_regularizer
 from dropcluster.nn.schedule import DropRateSchedule
 from dropcluster.nn.stochastic_depth import (
@@ -34,5 +40,9 @@ __all__ = [
     "drop_block2d_reference",
     "drop_cluster2d",
     "fit_clusters",
+    "place_dropblock",
+    "place_dropcluster",
+    "place_dropout",
+    "place_stochastic_depth",
     "stochastic_depth",
 ]

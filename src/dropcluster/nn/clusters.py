@@ -6,12 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from dropcluster.rena import ReNAResult, check_modes, rena
 from dropcluster.validation import check_int, check_tensor
 
-__all__ = ["Clusters", "check_tables", "fixed_tables"]
+__all__ = ["Clusters", "check_tables", "cluster_sizes", "fixed_tables", "resample_labels"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,27 @@ class Clusters:
                 for name in ("labels", "structured", "counts", "sizes")
             )
         )
+
+    def resample(self, height: int, width: int) -> Clusters:
+        """The same clusters on a (height, width) grid, for inputs of another size.
+
+        Each channel's labels are resampled by nearest neighbour (:func:`resample_labels`);
+        the counts stay the fitted ones, so ``floor(p * n)`` clusters are dropped as at the
+        fitted size; the sizes are the pixels of each cluster on the new grid. A cluster that
+        no pixel of the new grid lands on (a smaller grid) has size 0: drawing it drops
+        nothing, and the rescaling ``count(M) / count_ones(M)`` counts the pixels actually
+        kept, so it stays exact.
+
+        Returns:
+            Clusters of (C, height, width); ``self`` when that is their shape already.
+        """
+        height = check_int("height", height, minimum=1)
+        width = check_int("width", width, minimum=1)
+        if self.shape[1:] == (height, width):
+            return self
+        labels = resample_labels(self.labels, height, width)
+        sizes = cluster_sizes(labels, self.n_clusters) * self.structured.unsqueeze(1)
+        return Clusters(labels, self.structured, self.counts, sizes)
 
     @classmethod
     def fit(
@@ -240,6 +262,36 @@ def _table_problem(
         f"{names.get('cluster_sizes', 'sizes')}: channel {c} is {state}, but its sizes are "
         f"{sizes[c].tolist()} (expected {expected})"
     )
+
+
+def resample_labels(labels: Tensor, height: int, width: int) -> Tensor:
+    """(C, H, W) labels on a (height, width) grid, by nearest neighbour.
+
+    Positions map as ``F.interpolate(mode="nearest")`` maps them (torch's legacy nearest, not
+    ``"nearest-exact"``): output row ``i`` takes input row ``floor(i * H / height)`` (the
+    scale computed in float32, as torch does), columns likewise. Doubling repeats every
+    label twice; halving keeps the even rows and columns.
+
+    Returns:
+        (C, height, width) labels in ``labels``' dtype, on its device.
+    """
+    rows = _nearest(labels.shape[1], height, labels.device)
+    columns = _nearest(labels.shape[2], width, labels.device)
+    return labels.index_select(1, rows).index_select(2, columns)
+
+
+def _nearest(size: int, new_size: int, device: torch.device) -> Tensor:
+    """(new_size,) int64: the input position F.interpolate(mode="nearest") reads for each."""
+    positions = torch.arange(size, dtype=torch.float32, device=device).view(1, 1, size)
+    return F.interpolate(positions, size=new_size, mode="nearest").view(new_size).long()
+
+
+def cluster_sizes(labels: Tensor, n_clusters: int) -> Tensor:
+    """(C, n_clusters) int64 pixels of each label 0 .. n_clusters - 1 in each channel of the
+    (C, H, W) ``labels`` (labels outside that range are not counted)."""
+    flat = labels.reshape(labels.shape[0], 1, -1)
+    column = torch.arange(n_clusters, device=labels.device).view(1, -1, 1)
+    return (flat == column).sum(dim=2)
 
 
 def fixed_tables(

@@ -10,6 +10,7 @@ zeroed, with the same rescaling rule.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -22,12 +23,21 @@ from dropcluster.nn.cluster_kernels import (
     apply_clusters,
     compiling,
 )
-from dropcluster.nn.clusters import Clusters, check_tables, fixed_tables
+from dropcluster.nn.clusters import (
+    Clusters,
+    check_tables,
+    cluster_sizes,
+    fixed_tables,
+    resample_labels,
+)
 from dropcluster.nn.drop_rate import DropRateModule, check_drop_rate
 from dropcluster.rena import check_modes, rena
-from dropcluster.validation import check_int, check_tensor
+from dropcluster.validation import check_choice, check_int, check_tensor
 
-__all__ = ["DropCluster2d", "drop_cluster2d"]
+__all__ = ["OTHER_SIZES", "DropCluster2d", "drop_cluster2d"]
+
+#: What a fitted DropCluster2d does with an input of another (H, W) than its clusters'.
+OTHER_SIZES = ("refuse", "resample")
 
 
 @old_call_form(
@@ -84,9 +94,14 @@ def drop_cluster2d(
         )
     check_tensor("input", x, 4, "(N, C, H, W)")
     if tuple(x.shape[1:]) != clusters.shape:
+        hint = (
+            f": clusters.resample({x.shape[2]}, {x.shape[3]}) puts them on the input's grid"
+            if x.shape[1] == clusters.shape[0]
+            else ""
+        )
         raise ValueError(
             f"the clusters fit (C, H, W) = {clusters.shape}, but the input has shape "
-            f"{tuple(x.shape)}"
+            f"{tuple(x.shape)}{hint}"
         )
     if not isinstance(p, Tensor):
         check_drop_rate(p)
@@ -116,7 +131,8 @@ class DropCluster2d(DropRateModule):
     The buffers get their final shapes once, when the layer learns its input's (C, H, W): from
     ``input_shape``, or at the first forward pass or fit. Every refit then writes them in place,
     so references to them (an EMA copy of the model, DistributedDataParallel's buffer list, an
-    optimizer's state) stay valid and every process holds the same shapes. A channel that ReNA
+    optimizer's state) stay valid and every process holds the same shapes. Input of another
+    (H, W) than the fitted one is refused, unless ``other_sizes="resample"``. A channel that ReNA
     leaves with more than ``n_clusters`` clusters is unstructured (the paper's rule for
     channels where ReNA does not converge), so the tables are ``n_clusters`` wide whatever the
     rule. An unfitted layer loads a ``state_dict`` that lacks its keys (a pretrained model's)
@@ -141,9 +157,17 @@ class DropCluster2d(DropRateModule):
             uncertainty estimates); default False.
         generator: random source for the cluster draws (on the input's device); None: torch's
             global generator, as ``nn.Dropout`` (each process of a DDP run draws its own).
+        other_sizes: what a fitted layer does with input of another (H, W) than its clusters'
+            (evaluation at another resolution, multi-scale training): ``"refuse"`` (default)
+            raises; ``"resample"`` resamples each channel's labels to the input's grid by
+            nearest neighbour, as ``F.interpolate(mode="nearest")`` maps positions, and keeps
+            the fitted cluster counts (see :meth:`~dropcluster.nn.Clusters.resample`). The
+            buffers stay at the fitted size (``state_dict`` is unchanged) and refits take
+            activations of that size; another channel count is always refused.
 
     Shape:
-        input (N, C, H, W) -> output (N, C, H, W), any float dtype and memory format.
+        input (N, C, H, W) -> output (N, C, H, W), any float dtype and memory format; (H, W)
+        that of the clusters, or any with ``other_sizes="resample"``.
     """
 
     labels: Tensor
@@ -167,9 +191,11 @@ class DropCluster2d(DropRateModule):
         max_rounds: int = 1000,
         sample_in_eval: bool = False,
         generator: torch.Generator | None = None,
+        other_sizes: str = "refuse",
     ) -> None:
         super().__init__(p)
         check_modes(unstructured, identical_neighbours)
+        self.other_sizes = check_choice("other_sizes", other_sizes, OTHER_SIZES)
         self.n_clusters = check_int("n_clusters", n_clusters, minimum=1)
         self.per_sample = per_sample
         self.unstructured = unstructured
@@ -178,7 +204,8 @@ class DropCluster2d(DropRateModule):
         self.sample_in_eval = sample_in_eval
         self.generator = generator
         self._fitted = False
-        self._tables: ClusterTables | None = None
+        # ClusterTables per input (H, W): the fitted size's, and resampled ones.
+        self._tables: dict[tuple[int, int], ClusterTables] | None = None
         self._tables_key: tuple | None = None
         device = self.p.device
         self.register_buffer("labels", torch.zeros(0, 0, 0, dtype=torch.int64, device=device))
@@ -264,7 +291,22 @@ class DropCluster2d(DropRateModule):
                 f"in evaluation; fit it on real activations of the layer's input",
                 stacklevel=3,  # the caller of fit, past torch.no_grad's wrapper
             )
+        else:
+            self._warn_if_nothing_dropped(tables[1], tables[2])
         return self
+
+    def _warn_if_nothing_dropped(self, structured: Tensor, counts: Tensor) -> None:
+        """floor(p n) is 0 in every structured channel: training would drop no cluster."""
+        rate = float(self.p)
+        most = int(counts[structured].max()) if bool(structured.any()) else 0
+        if rate > 0 and math.floor(rate * most) == 0:
+            warnings.warn(
+                f"DropCluster2d with p={rate:g} drops floor(p * n) = 0 clusters in every "
+                f"structured channel (at most n = {most} clusters per channel): training drops "
+                f"nothing but the unstructured channels; raise p to at least {1 / most:.3g} or "
+                f"n_clusters",
+                stacklevel=4,
+            )
 
     @old_call_form(
         2,
@@ -343,18 +385,16 @@ class DropCluster2d(DropRateModule):
         if not traced and not self._fitted:
             if self.labels.numel() == 0 and not compiling():
                 self.materialize(tuple(x.shape[1:]))
+            if self.sample_in_eval and not self.training and not compiling():
+                self._warn_unfitted_sampling()
             self._remember(None)
             return x
         if tuple(x.shape[1:]) != tuple(self.labels.shape):
-            raise ValueError(
-                f"DropCluster2d holds clusters for (C, H, W) = {tuple(self.labels.shape)} maps, "
-                f"but got input of shape {tuple(x.shape)}: refit it on activations of the new "
-                f"size (reset(input_shape=...), then fit)"
-            )
+            self._check_other_size(x)
         sampling = self.training or self.sample_in_eval
         result = apply_clusters(
             x,
-            self._cluster_tables(),
+            self._cluster_tables((x.shape[2], x.shape[3])),
             self.p,
             sampling,
             self.per_sample,
@@ -364,22 +404,55 @@ class DropCluster2d(DropRateModule):
         )
         return self._unpack(result)
 
-    def _cluster_tables(self) -> ClusterTables:
-        """The per-fit tables, rebuilt only when a buffer changed (a fit, a load, a move)."""
+    def _warn_unfitted_sampling(self) -> None:
+        # Unfitted, the layer is the identity. In evaluation that is what a fitted layer does
+        # too, unless it samples in evaluation (Monte Carlo DropCluster): say it, once a layer.
+        if not self.__dict__.get("_warned_unfitted", False):
+            self._warned_unfitted = True
+            warnings.warn(
+                "DropCluster2d(sample_in_eval=True) is not fitted: in evaluation it returns its "
+                "input unchanged instead of sampling masks; fit it first "
+                "(dropcluster.nn.fit_clusters(model, data))",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _check_other_size(self, x: Tensor) -> None:
+        """Raise unless ``x``, whose (C, H, W) is not the clusters', may be resampled to."""
+        fitted = tuple(self.labels.shape)
+        problem = (
+            f"DropCluster2d holds clusters for (C, H, W) = {fitted} maps, but got input of "
+            f"shape {tuple(x.shape)}: refit it on activations of the new shape "
+            f"(reset(input_shape=...), then fit)"
+        )
+        if x.shape[1] != fitted[0]:
+            raise ValueError(problem)  # channels cannot be resampled
+        if self.other_sizes == "refuse":
+            raise ValueError(
+                f"{problem}, or make the layer with other_sizes='resample' to resample its "
+                f"labels to each input's (H, W)"
+            )
+
+    def _cluster_tables(self, size: tuple[int, int]) -> ClusterTables:
+        """The tables for (H, W) = ``size`` inputs, rebuilt only when a buffer changed (a fit,
+        a load, a move) or at a size not met since."""
         buffers = (self.labels, self.cluster_counts, self.structured, self.cluster_sizes)
         if compiling():
             # Traced into the graph, where these few small ops fuse.
-            return ClusterTables(*buffers)
+            return _tables_at(buffers, size)
         if any(buffer.is_inference() for buffer in buffers):
-            return ClusterTables(*buffers)  # inference tensors have no version counter
+            return _tables_at(buffers, size)  # inference tensors have no version counter
         # The layer's own writes (fit, load, reset, a move, a broadcast) drop the cache; the
         # key catches writes from outside: an in-place write bumps a tensor's version, an
         # assignment gives a new tensor (held by the key, so its memory cannot be reused).
         key = (buffers, tuple(buffer._version for buffer in buffers))
         if self._tables is None or not _same_key(self._tables_key, key):
-            self._tables = ClusterTables(*buffers)
-            self._tables_key = key
-        return self._tables
+            self._tables, self._tables_key = {}, key
+        if size not in self._tables:
+            if len(self._tables) >= _MAX_CACHED_SIZES:  # many sizes: keep memory bounded
+                self._tables = {}
+            self._tables[size] = _tables_at(buffers, size)
+        return self._tables[size]
 
     def _forget_tables(self) -> None:
         self._tables, self._tables_key = None, None
@@ -404,7 +477,9 @@ class DropCluster2d(DropRateModule):
             state = "not fitted: identity"
         return (
             f"p={float(self.p):g}, n_clusters={self.n_clusters}, per_sample={self.per_sample}, "
-            f"unstructured={self.unstructured!r}, {state}"
+            f"unstructured={self.unstructured!r}, "
+            + (f"other_sizes={self.other_sizes!r}, " if self.other_sizes != "refuse" else "")
+            + state
         )
 
     def _load_from_state_dict(
@@ -464,6 +539,22 @@ class DropCluster2d(DropRateModule):
             check_tables(*tables, self.n_clusters, names={n: repr(keys[n]) for n in self.STATE})
         except ValueError as error:
             raise ValueError(f"cannot load DropCluster2d state: {error}") from None
+
+
+#: Input sizes whose tables a layer keeps at once (each holds, on the CPU, a one-hot of the
+#: labels at that size).
+_MAX_CACHED_SIZES = 8
+
+
+def _tables_at(buffers: tuple[Tensor, Tensor, Tensor, Tensor], size) -> ClusterTables:
+    """ClusterTables of the (labels, counts, structured, sizes) buffers for (H, W) = ``size``
+    inputs: the buffers themselves at the fitted size, else the labels resampled to ``size``
+    (nearest) with the fitted counts and the sizes counted on the new grid."""
+    labels, counts, structured, sizes = buffers
+    if tuple(labels.shape[1:]) != tuple(size):
+        labels = resample_labels(labels, *size)
+        sizes = cluster_sizes(labels, sizes.shape[1]) * structured.unsqueeze(1)
+    return ClusterTables(labels, counts, structured, sizes)
 
 
 def _same_key(cached: tuple | None, key: tuple) -> bool:

@@ -15,6 +15,7 @@ process, and needs one broadcast of small integer tables instead of gathering ac
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,19 +89,33 @@ def fit_clusters(
 ) -> ClusterFit:
     """Fit every :class:`~dropcluster.nn.DropCluster2d` in ``model`` on its own input.
 
+    Which images: from a tensor or a map-style dataset, ``n_images`` drawn at random without
+    replacement (``torch.randperm`` with ``generator``), run in increasing index order; when
+    ``n_images`` covers the data, all of it, in order, and no random number is drawn. An
+    iterable cannot be sampled: its first batches, in its own order, until ``n_images`` (shuffle
+    a DataLoader for a random sample: it draws from its own generator).
+
     Args:
         model: any module, possibly compiled or wrapped in (Distributed)DataParallel; it runs
             in evaluation mode for the capture (batch norm uses its running statistics), and
             the training mode of each of its submodules is restored afterwards.
-        data: a (N, ...) tensor of model inputs, or an iterable of batches (a DataLoader): each
-            batch a tensor, or a tuple/list whose first item is the input (``(images,
+        data: a (N, ...) tensor of model inputs; a map-style dataset (anything with
+            ``__len__`` and ``__getitem__`` but a list or tuple, e.g. a
+            ``torch.utils.data.Dataset``) whose items are inputs or ``(input, label)`` pairs,
+            collated into batches by ``torch.utils.data.default_collate`` as a DataLoader does;
+            or an iterable of batches (a DataLoader, an iterator, a list or tuple of batches):
+            each batch a tensor, or a tuple/list whose first item is the input (``(images,
             labels)``).
         n_images: images whose activations are clustered (the paper clusters one minibatch;
-            the unstructured verdict of its rule depends on that number).
+            the unstructured verdict of its rule depends on that number). Data with fewer
+            images give a warning, and the fit uses what they hold.
         prepare: turns a batch into the model's input (normalisation, device), when the data
-            are not model inputs already. Without it, tensors are moved to the model's device.
-        batch_size: images per forward pass when ``data`` is a tensor.
-        generator: random source for the ``"hopkins"`` rule.
+            are not model inputs already (uint8 images: without it the forward of a float
+            model fails, with a message naming ``prepare=``). Without it, tensors are moved to
+            the model's device.
+        batch_size: images per forward pass when ``data`` is a tensor or a dataset.
+        generator: random source of the image draw (a tensor or a dataset) and of the
+            ``"hopkins"`` rule; None: torch's global generator.
         process_group: the group to broadcast in under distributed training (None: the
             default group, when one is initialised). Every rank of the group must call
             ``fit_clusters`` (it ends with collectives); when one rank fails, all raise.
@@ -109,7 +124,8 @@ def fit_clusters(
         A :class:`ClusterFit`; empty when the model has no DropCluster2d.
 
     Raises:
-        ValueError: ``data`` holds fewer than 2 images, or a layer's input could not be
+        ValueError: ``data`` holds fewer than 2 images, a batch of integer images met a model
+            that takes float input (pass ``prepare=``), or a layer's input could not be
             captured (the model never called it).
     """
     check_int("n_images", n_images, minimum=2)
@@ -122,9 +138,14 @@ def fit_clusters(
     rank, world = _distributed(process_group)
     error = None
     try:
-        captured, images = _capture(
-            module, [m for _, m in named], data, n_images, prepare, batch_size
-        )
+        batches = _batches(data, n_images, batch_size, generator)
+        captured, images = _capture(module, [m for _, m in named], batches, n_images, prepare)
+        if images < n_images:
+            warnings.warn(
+                f"fit_clusters got {images} images, fewer than the n_images={n_images} asked: "
+                f"the clusters are fitted on {images}",
+                stacklevel=3,  # the caller of fit_clusters, past torch.no_grad's wrapper
+            )
         for name, layer in named:
             activations = torch.cat(captured[id(layer)])[:n_images]
             try:
@@ -156,7 +177,7 @@ class _AllCaptured(Exception):
     """Raised by the capture hook to end a forward pass early."""
 
 
-def _capture(module, layers, data, n_images, prepare, batch_size):
+def _capture(module, layers, batches, n_images, prepare):
     """Run batches until every layer has ``n_images`` inputs; returns them and the count."""
     captured: dict[int, list[Tensor]] = {id(layer): [] for layer in layers}
     seen = {id(layer): 0 for layer in layers}
@@ -177,13 +198,17 @@ def _capture(module, layers, data, n_images, prepare, batch_size):
     module.eval()
     images = 0
     try:
-        for batch in _batches(data, batch_size):
+        for batch in batches:
             inputs = prepare(batch) if prepare is not None else model_input(batch, device)
             batch_rows = min(n_images, images + inputs.shape[0])
             try:
                 module(inputs)
             except _AllCaptured:
                 pass
+            except RuntimeError as error:
+                if inputs.is_floating_point() or inputs.is_complex():
+                    raise
+                raise ValueError(_input_type_problem(inputs, prepare, error)) from error
             images = batch_rows
             if images >= n_images:
                 break
@@ -203,12 +228,69 @@ def _capture(module, layers, data, n_images, prepare, batch_size):
     return captured, images
 
 
-def _batches(data, batch_size):
-    if isinstance(data, Tensor):
-        for start in range(0, data.shape[0], batch_size):
-            yield data[start : start + batch_size]
+def _input_type_problem(inputs: Tensor, prepare, error: RuntimeError) -> str:
+    """The one-line message for a forward that failed on a non-float batch (uint8 images)."""
+    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if prepare is None:
+        advice = (
+            "pass prepare= to turn a batch into the model's float input (e.g. prepare=lambda "
+            "batch: batch.float() / 255, or batch[0].float() / 255 for (images, labels) pairs)"
+        )
     else:
-        yield from data
+        advice = "make prepare= return the model's float input"
+    return (
+        f"fit_clusters ran the model on a {inputs.dtype} batch and its forward failed "
+        f"({cause}): {advice}"
+    )
+
+
+def _batches(data, n_images: int, batch_size: int, generator: torch.Generator | None):
+    """The batches to run: drawn from a tensor or a map-style dataset, or the iterable's own."""
+    if not _samplable(data):
+        return iter(data)
+    length = data.shape[0] if isinstance(data, Tensor) else len(data)
+    index = _draw(length, n_images, generator)
+    return _sampled_batches(data, index, batch_size)
+
+
+def _samplable(data) -> bool:
+    """A tensor, or a map-style dataset (``__len__`` and ``__getitem__``; a list or tuple is a
+    sequence of batches, as it always was)."""
+    from torch.utils.data import IterableDataset
+
+    if isinstance(data, Tensor):
+        return True
+    if isinstance(data, (list, tuple, str, bytes, dict, IterableDataset)):
+        return False
+    return hasattr(data, "__len__") and hasattr(data, "__getitem__")
+
+
+def _draw(length: int, n_images: int, generator: torch.Generator | None) -> Tensor:
+    """Indices of ``n_images`` of ``length`` items, uniformly without replacement, increasing.
+
+    All of them (no random number drawn) when ``n_images >= length``: a sample of everything
+    is everything, and a caller that fits on all its images keeps its random stream as it was.
+    """
+    if n_images >= length:
+        return torch.arange(length)
+    device = generator.device if generator is not None else "cpu"
+    drawn = torch.randperm(length, generator=generator, device=device)[:n_images]
+    # Increasing order: the fit depends on which images, not on the order they were drawn in.
+    return drawn.sort().values.cpu()
+
+
+def _sampled_batches(data, index: Tensor, batch_size: int):
+    from torch.utils.data import default_collate
+
+    for start in range(0, index.numel(), batch_size):
+        chunk = index[start : start + batch_size]
+        if isinstance(data, Tensor):
+            if index.numel() == data.shape[0]:  # every image, in order: a view, no copy
+                yield data[start : start + batch_size]
+            else:
+                yield data[chunk.to(data.device)]
+        else:
+            yield default_collate([data[int(i)] for i in chunk])
 
 
 def model_input(batch: Any, device: torch.device | None) -> Tensor:
@@ -271,34 +353,132 @@ class RefitSchedule:
     The paper refits every s = 50 epochs, the first time after 50 epochs (before that the
     layers are the identity). Epochs count from 0, as ``range(epochs)`` does.
 
+    No silent no-ops: a run whose first refit never comes leaves every DropCluster2d the
+    identity for the whole run. Give the run's length as ``epochs`` and the schedule warns
+    (once, with what to change) when it is built with its first refit at or past ``epochs``,
+    and when :meth:`step` is called for the last epoch while a DropCluster2d of the model is
+    still unfitted (a loop that skipped the due epochs). Without ``epochs``, call
+    :meth:`finish` after the loop.
+
     Args:
         every: epochs between two refits, s >= 1.
         first: the first refit's epoch (default: ``every``).
         n_images: images clustered per refit (see :func:`fit_clusters`).
+        epochs: the run's number of epochs (0 to epochs - 1), when known; None: unknown.
+        seed: seeds the images each refit draws from a tensor or a map-style dataset: the
+            refit at epoch ``e`` draws with :meth:`generator` (``torch.Generator()
+            .manual_seed(seed * 1_000_003 + e)``), so successive refits fit on different
+            images, and a run, resumed or not, draws the same ones at the same epoch. An
+            iterable gives its own first batches (see :func:`fit_clusters`); a ``generator=``
+            passed to :meth:`step` replaces this one.
 
     Example::
 
-        schedule = RefitSchedule(every=50)
+        schedule = RefitSchedule(every=50, epochs=250)
         for epoch in range(250):
             schedule.step(model, train_loader, epoch)   # fits at epochs 50, 100, 150, 200
             for images, labels in train_loader:
                 ...
     """
 
-    def __init__(self, every: int = 50, first: int | None = None, n_images: int = 512) -> None:
+    def __init__(
+        self,
+        every: int = 50,
+        first: int | None = None,
+        n_images: int = 512,
+        *,
+        epochs: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.seed = check_int("seed", seed, minimum=0, maximum=2**32 - 1)
         self.every = check_int("every", every, minimum=1)
         self.first = self.every if first is None else check_int("first", first, minimum=0)
         self.n_images = check_int("n_images", n_images, minimum=2)
+        self.epochs = None if epochs is None else check_int("epochs", epochs, minimum=1)
+        self.warned = False
+        if self.epochs is not None and self.never_fits(self.epochs):
+            named = f"every={self.every}" + ("" if first is None else f", first={self.first}")
+            knob = "every" if first is None else "first"
+            self._warn(self.too_late_message(self.epochs, f"RefitSchedule({named})", knob), 3)
 
     def due(self, epoch: int) -> bool:
         """True when the clusters are refitted at the start of ``epoch``."""
         return epoch >= self.first and (epoch - self.first) % self.every == 0
 
+    def never_fits(self, epochs: int) -> bool:
+        """Whether a run of ``epochs`` epochs (0 to epochs - 1) ends before the first refit."""
+        return self.first >= epochs
+
+    def too_late_message(self, epochs: int, owner: str, knob: str = "every") -> str:
+        """What the warning of a run of ``epochs`` epochs that never refits says.
+
+        ``owner`` names the schedule (``"RefitSchedule(every=50)"``, a callback, a config
+        field), ``knob`` the argument to change.
+        """
+        # The paper's rhythm: a refit every fifth of the run (4 in 250 epochs).
+        example = epochs // 5 if knob == "first" else max(1, epochs // 5)
+        if example < epochs:
+            change = f"set {knob} below {epochs}, e.g. {knob}={example}"
+        else:  # one epoch: a refit at epoch every >= 1 never comes
+            change = f"train 2 epochs or more (a refit at epoch {knob} >= 1 needs them)"
+        return (
+            f"{owner} refits first at the start of epoch {self.first}, but the run has {epochs} "
+            f"epoch{'s' if epochs > 1 else ''} (0 to {epochs - 1}): DropCluster2d stays the "
+            f"identity for the whole run; {change}"
+        )
+
+    @staticmethod
+    def unfitted_layers(model: nn.Module) -> list[str]:
+        """Names of the DropCluster2d layers of ``model`` (unwrapped) that are not fitted."""
+        return [
+            name or "(the model)"
+            for name, module in unwrap(model).named_modules()
+            if isinstance(module, DropCluster2d) and not module.fitted
+        ]
+
     def step(self, model: nn.Module, data, epoch: int, **options: Any) -> ClusterFit | None:
-        """Refit when due (options go to :func:`fit_clusters`); returns the fit or None."""
-        if not self.due(epoch):
-            return None
-        return fit_clusters(model, data, self.n_images, **options)
+        """Refit when due (options go to :func:`fit_clusters`); returns the fit or None.
+
+        With ``epochs`` known, the call for the last epoch (``epochs - 1``) checks the model
+        after any refit: an unfitted DropCluster2d gets the warning of :meth:`finish`. A
+        refit draws its images with :meth:`generator` unless ``options`` holds a generator.
+        """
+        fit = None
+        if self.due(epoch):
+            if options.get("generator") is None:  # a fresh draw of images at every refit
+                options["generator"] = self.generator(epoch)
+            fit = fit_clusters(model, data, self.n_images, **options)
+        if self.epochs is not None and epoch == self.epochs - 1:
+            self.finish(model, stacklevel=4)
+        return fit
+
+    def generator(self, epoch: int) -> torch.Generator:
+        """The CPU generator of the refit at ``epoch``: seeded ``seed * 1_000_003 + epoch``."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+
+    def finish(self, model: nn.Module, *, stacklevel: int = 3) -> list[str]:
+        """End-of-run check: warn (once per schedule) when a DropCluster2d of ``model`` was
+        never fitted; returns the names of the unfitted layers."""
+        unfitted = self.unfitted_layers(model)
+        if unfitted:
+            self._warn(
+                f"the run ends with DropCluster2d layer(s) {unfitted} never fitted: they were "
+                f"the identity for the whole run; call RefitSchedule.step(model, data, epoch) "
+                f"at the start of every epoch (this schedule fits at epoch {self.first}, then "
+                f"every {self.every} epochs) with first below the run's epochs, or "
+                f"fit_clusters(model, data) before training",
+                stacklevel=stacklevel,
+            )
+        return unfitted
+
+    def _warn(self, message: str, stacklevel: int) -> None:
+        if not self.warned:
+            self.warned = True
+            warnings.warn(message, UserWarning, stacklevel=stacklevel)
 
     def __repr__(self) -> str:
-        return f"RefitSchedule(every={self.every}, first={self.first}, n_images={self.n_images})"
+        epochs = "" if self.epochs is None else f", epochs={self.epochs}"
+        return (
+            f"RefitSchedule(every={self.every}, first={self.first}, n_images={self.n_images}"
+            f"{epochs})"
+        )

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dropcluster.files import atomic_write_text
 from dropcluster.validation import MAX_SEED, check_choice, check_fields, check_float, check_int
 
+if TYPE_CHECKING:
+    from dropcluster.nn import DropRateSchedule
+
 __all__ = [
+    "ADDED_FIELDS",
     "NOT_IDENTITY",
     "PAPER_WEIGHT_DECAY",
     "PLACEMENT_OPTIONS",
@@ -27,8 +31,19 @@ __all__ = [
 
 #: Fields that do not change a run's results: a run may resume with other values.
 NOT_IDENTITY = frozenset(
-    {"device", "eval_batch_size", "keep_checkpoints", "test_every", "checkpoint_every"}
+    {
+        "device",
+        "eval_batch_size",
+        "keep_checkpoints",
+        "test_every",
+        "checkpoint_every",
+        "plugins",
+    }
 )
+
+#: Fields added after 0.4: :meth:`TrainConfig.to_dict` leaves them out while they hold their
+#: default (a stored config without them is the same run).
+ADDED_FIELDS = ("drop_schedule", "plugins")
 
 #: Keys of ``regularizer_options`` that say where the regularizer goes, not how it works.
 PLACEMENT_OPTIONS = ("slot", "depth_rule")
@@ -54,11 +69,20 @@ class TrainConfig:
         stem: "imagenet" (the paper's, inferred from the 64 x 16 x 16 first-layer output it
             reports on CIFAR-100) or "cifar"; None: the model's default.
         regularizer: "none", "dropout", "spatial_dropout", "dropblock", "dropcluster" or
-            "stochastic_depth", placed as the paper did (``dropcluster.models.placement``).
-        p: drop rate.
+            "stochastic_depth", placed as the paper did (``dropcluster.models.placement``);
+            or a name registered by a plugin (``plugins``; so can ``dataset`` and ``model``).
+        p: drop rate (with ``drop_schedule``: the rate the schedule reaches).
         regularizer_options: extra options of the regularizer (e.g. {"block_size": 5}), and
             ``slot`` / ``depth_rule`` of :func:`dropcluster.models.place_regularizer`; checked
             by building the regularizer once.
+        drop_schedule: how p changes over the epochs: None (default) or ``{"kind":
+            "constant"}``: p throughout; ``{"kind": "linear", "start_epoch": 0, "end_epoch": 50,
+            "start_p": 0}``: a ramp from start_p to p (DropBlock's); ``{"kind": "early",
+            "end_epoch": 20}``: p before epoch 20, then 0 (early dropout); ``{"kind": "late",
+            "start_epoch": 20}``: 0 before epoch 20, then p. The keys are
+            :class:`~dropcluster.nn.DropRateSchedule`'s but p. The rate is set at the start of
+            every epoch (the value at that whole epoch) and logged as ``p``; a resumed run sets
+            the same rates. Set with ``--set drop_schedule='{"kind": "early", "end_epoch": 20}'``.
         variant: a name for these settings in reports (a sweep compares
             ``regularizer:variant`` arms, e.g. ``dropcluster:ours``). It changes nothing in
             training but is part of the run's identity (a run resumes under its own name).
@@ -111,6 +135,11 @@ class TrainConfig:
             ``checkpoint-epoch{E}.pt`` beside the run's last one (e.g. ``[50]``: the model the
             paper's Figures 1-4 analyse); epochs past ``epochs`` keep nothing. Not part of a
             run's identity.
+        plugins: modules imported before the names are checked (``"my_pkg.methods"`` or
+            ``"my_pkg.methods:register"``): the plugins that register this run's regularizer,
+            model or data set (:mod:`dropcluster.plugins`); recorded so that sweep workers,
+            ``--resume`` and ``evaluate --checkpoint`` import them too. Not part of a run's
+            identity.
     """
 
     dataset: str = "fashion-mnist"
@@ -120,6 +149,7 @@ class TrainConfig:
     regularizer: str = "dropcluster"
     p: float = 0.1
     regularizer_options: dict[str, Any] = field(default_factory=dict)
+    drop_schedule: dict[str, Any] | None = None
     variant: str | None = None
     epochs: int = 15
     batch_size: int = 128
@@ -144,6 +174,7 @@ class TrainConfig:
     test_every: int = 1
     checkpoint_every: int = 1
     keep_checkpoints: list[int] = field(default_factory=list)
+    plugins: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -156,15 +187,17 @@ class TrainConfig:
         checked later, by :meth:`resolved_device`, so a config written on a GPU machine still
         loads on a CPU-only one.
         """
-        from dropcluster.data.datasets import DATASET_NAMES
-        from dropcluster.models import MODELS
-        from dropcluster.nn import REGULARIZERS
+        from dropcluster.data.datasets import dataset_names
+        from dropcluster.models import model_names
+        from dropcluster.nn.registry import regularizer_names
+        from dropcluster.plugins import load_plugins
 
         check_fields(self)
-        check_choice("dataset", self.dataset, DATASET_NAMES)
-        check_choice("model", self.model, MODELS)
+        load_plugins(self.plugins)  # before the names: they may register them
+        check_choice("dataset", self.dataset, dataset_names(self.dataset))
+        check_choice("model", self.model, model_names(self.model))
         check_choice("stem", self.stem, (None, "imagenet", "cifar"))
-        check_choice("regularizer", self.regularizer, REGULARIZERS)
+        check_choice("regularizer", self.regularizer, regularizer_names(self.regularizer))
         if self.variant is not None and not self.variant:
             raise ValueError("variant should be a non-empty name or None, but got ''")
         for name in (
@@ -196,6 +229,7 @@ class TrainConfig:
         check_choice("amp_dtype", self.amp_dtype, ("bfloat16", "float16"))
         parse_device(self.device)
         self._check_regularizer_options()
+        self.drop_rate_schedule()  # checks drop_schedule
 
     def _check_regularizer_options(self) -> None:
         from dropcluster.models.placement import check_placement
@@ -205,14 +239,59 @@ class TrainConfig:
         # (cheap: no fitting) so that a bad option fails now, not when the run starts. The slot
         # names depend on the model: they are checked when it is built.
         options = self.regularizer_options
-        module_options = {
-            key: value for key, value in options.items() if key not in PLACEMENT_OPTIONS
-        }
         try:
             check_placement(options.get("slot"), options.get("depth_rule", "constant"))
-            build_regularizer(self.regularizer, self.p, **module_options)
+            build_regularizer(self.regularizer, self.p, **self._module_options())
         except (TypeError, ValueError) as error:
             raise ValueError(f"regularizer_options {self.regularizer_options}: {error}") from error
+
+    def drop_rate_schedule(self) -> DropRateSchedule | None:
+        """The :class:`~dropcluster.nn.DropRateSchedule` of ``drop_schedule`` with the config's
+        p as its target; None without one.
+
+        Raises:
+            ValueError: a bad schedule (one line naming ``drop_schedule``), a schedule on a run
+                without a regularizer, or a ``start_p`` the regularizer refuses.
+        """
+        from dropcluster.nn import DropRateSchedule, build_regularizer
+
+        if self.drop_schedule is None:
+            return None
+        where = f"drop_schedule {json.dumps(self.drop_schedule, sort_keys=True)}"
+        if "p" in self.drop_schedule:
+            raise ValueError(f"{where}: a schedule takes no p here, it reaches the config's p")
+        if self.regularizer == "none":
+            raise ValueError(f"{where}: regularizer 'none' has no drop rate to schedule")
+        try:
+            schedule = DropRateSchedule.from_dict({**self.drop_schedule, "p": self.p})
+            if schedule.start_p != self.p:  # e.g. start_p=1, which only StochasticDepth takes
+                build_regularizer(self.regularizer, schedule.start_p, **self._module_options())
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{where}: {error}") from error
+        return schedule
+
+    def refit_warning(self, has_dropcluster: bool | None = None) -> str | None:
+        """Why DropCluster would never be fitted in this run (``cluster_every`` at or past
+        ``epochs``: the first refit is at the start of epoch ``cluster_every``), with what to
+        change; None when it is fitted or the model holds no DropCluster2d (``has_dropcluster``;
+        None: whether the regularizer is ``"dropcluster"``)."""
+        from dropcluster.nn import RefitSchedule
+
+        if has_dropcluster is None:
+            has_dropcluster = self.regularizer == "dropcluster"
+        refits = RefitSchedule(every=self.cluster_every)
+        if not has_dropcluster or not refits.never_fits(self.epochs):
+            return None
+        owner = f"cluster_every={self.cluster_every}"
+        return refits.too_late_message(self.epochs, owner, "cluster_every")
+
+    def _module_options(self) -> dict[str, Any]:
+        """``regularizer_options`` without the placement keys: the module's own options."""
+        return {
+            key: value
+            for key, value in self.regularizer_options.items()
+            if key not in PLACEMENT_OPTIONS
+        }
 
     def resolved_weight_decay(self) -> float:
         """The weight decay in force: the given one, or the paper's for the data set."""
@@ -251,13 +330,21 @@ class TrainConfig:
         """``{field: (mine, theirs)}`` for the fields that differ and change results."""
         mine, theirs = self.to_dict(), other.to_dict()
         return {
-            key: (mine[key], theirs[key])
-            for key in mine
-            if mine[key] != theirs[key] and key not in NOT_IDENTITY
+            key: (mine.get(key), theirs.get(key))
+            for key in sorted(mine.keys() | theirs.keys())
+            if mine.get(key) != theirs.get(key) and key not in NOT_IDENTITY
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as a JSON-ready mapping. Fields added since 0.4 (:data:`ADDED_FIELDS`)
+        appear only when they differ from their default, so the configs of runs made before
+        them (in checkpoints and sweep databases) stay equal to today's configs of the same
+        runs."""
+        values = asdict(self)
+        for spec in fields(self):
+            if spec.name in ADDED_FIELDS and values[spec.name] == _default(spec):
+                del values[spec.name]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -313,6 +400,11 @@ class TrainConfig:
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some fields changed (validated)."""
         return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+def _default(spec: Field) -> Any:
+    """A dataclass field's default value."""
+    return spec.default if spec.default is not MISSING else spec.default_factory()
 
 
 #: The device types dropcluster trains and evaluates on (its tests run on both).

@@ -17,6 +17,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 
 from dropcluster.errors import DivergedError
 from dropcluster.files import FolderLock, atomic_write_json, atomic_write_text
-from dropcluster.nn import DropCluster2d, RefitSchedule
+from dropcluster.nn import DropCluster2d, DropRateSchedule, RefitSchedule
 from dropcluster.nn.fitting import unwrap
 from dropcluster.train.checkpoint import (
     CHECKPOINT_NAME,
@@ -284,9 +285,14 @@ def _train_locked(
     last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
     progress = Progress(config.epochs, progress_stream)
     refits = RefitSchedule(every=config.cluster_every)  # first at epoch s, then every s
+    never_fitted = config.refit_warning(run.has_dropcluster)
+    if never_fitted is not None and ranks.main:
+        # Said before the run starts, not after it: the trainer's refits are fixed by the config.
+        warnings.warn(never_fitted, UserWarning, stacklevel=3)
+    drop_rates = config.drop_rate_schedule()
     saved_epochs = start_epoch  # epochs in the last checkpoint written
     for epoch in range(start_epoch, last_epoch):
-        record = _run_epoch(run, epoch, last_epoch, refits, progress, out, saved_epochs)
+        record = _run_epoch(run, epoch, last_epoch, refits, drop_rates, progress, out, saved_epochs)
         result.history.append(record)
         if ranks.main:
             _append_log(out / LOG_NAME, record)
@@ -328,13 +334,22 @@ def _run_epoch(
     epoch: int,
     last_epoch: int,
     refits: RefitSchedule,
+    drop_rates: DropRateSchedule | None,
     progress: Progress,
     out: Path,
     saved_epochs: int,
 ) -> dict[str, Any]:
-    """One epoch of the loop: a refit when due, training, a test when due; its log record."""
+    """One epoch of the loop: the drop rate of the epoch, a refit when due, training, a test
+    when due; its log record.
+
+    The scheduled rate is a function of the epoch alone, set before the epoch's first step
+    and logged as ``p``: a resumed run sets the rate of the epoch it resumes at, as the run
+    that never stopped did (the rate is not in the checkpoint, and need not be).
+    """
     config, ranks = run.config, run.ranks
     record: dict[str, Any] = {"epoch": epoch}
+    if drop_rates is not None:
+        record["p"] = drop_rates.apply(unwrap(run.model), epoch)
     if run.has_dropcluster and refits.due(epoch):
         record.update(run.refit().record())
         if ranks.distributed:  # the broadcast made them equal: check it, it is cheap

@@ -9,13 +9,13 @@ import torch
 from torch import Tensor, nn
 
 from dropcluster.data import (
-    AUGMENT_PRESETS,
     DeviceLoader,
     ImageDataset,
     load_dataset,
     normalize,
     stratified_subset,
 )
+from dropcluster.data.datasets import augment_preset
 from dropcluster.models import build_model, place_regularizer
 from dropcluster.nn import ClusterFit, DropCluster2d, fit_clusters
 from dropcluster.train.config import TrainConfig
@@ -153,7 +153,7 @@ def build_run(
         train_images,
         train_labels,
         config.batch_size,
-        augment=AUGMENT_PRESETS[config.dataset],
+        augment=augment_preset(config.dataset),
         generator=generator,
         device=device,
         drop_last=train_images.shape[0] >= config.batch_size,
@@ -258,7 +258,7 @@ def build_configured_model(
 
 def eval_preparer(config: TrainConfig) -> Callable[[Tensor], Tensor]:
     """The function that turns uint8 test images (N, C, H, W) into the model's float input."""
-    augment = AUGMENT_PRESETS[config.dataset]
+    augment = augment_preset(config.dataset)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
 
     def prepare_eval(images: Tensor) -> Tensor:
