@@ -49,7 +49,7 @@ def _tiny_config(**changes) -> TrainConfig:
 
 
 def _model() -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), DropCluster2d(0.1, 3))
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), DropCluster2d(0.4, 3))
 
 
 def _images(n: int = 16) -> torch.Tensor:

@@ -66,7 +66,7 @@ from dropcluster.experiments.store import (
 )
 from dropcluster.experiments.worker import write_job
 from dropcluster.files import atomic_write_json
-from dropcluster.train.config import NOT_IDENTITY, resolve_device
+from dropcluster.train.config import ADDED_FIELDS, NOT_IDENTITY, resolve_device
 from dropcluster.train.loop import LOG_NAME, read_log
 from dropcluster.validation import check_int
 
@@ -302,7 +302,11 @@ def format_settings(preset: Preset) -> str:
     """Every setting of the preset's runs, the per-regularizer options, the grids and the
     assumptions, as the dry run prints them (settings the paper does not state are marked)."""
     specs = expand_grid(preset)
-    configs = [spec.config.to_dict() for spec in specs]
+    # Every setting, including those to_dict leaves out while they hold their default.
+    configs = [
+        {**spec.config.to_dict(), **{name: getattr(spec.config, name) for name in ADDED_FIELDS}}
+        for spec in specs
+    ]
     unstated = (
         set(preset.unstated)
         if preset.unstated is not None
