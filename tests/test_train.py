@@ -177,7 +177,7 @@ def test_short_fashion_mnist_training_with_dropcluster_learns(tmp_path):
     require_fashion_mnist()
     config = TrainConfig(
         dataset="fashion-mnist",
-        model="resnet20",
+        model="lenet5",  # DropCluster after its first conv: learning, in 3 s
         regularizer="dropcluster",
         p=0.1,
         epochs=3,
@@ -191,7 +191,7 @@ def test_short_fashion_mnist_training_with_dropcluster_learns(tmp_path):
         seed=0,
     )
     result = train(config, tmp_path)
-    # 3000 training images, 3 epochs: 61.05 % top-1 measured here (torch 2.13 CPU, seed 0);
+    # 3000 training images, 3 epochs: 63.48 % top-1 measured here (torch 2.13 CPU, seed 0);
     # chance is 10 %. The margin allows for other CPUs' arithmetic.
     assert result.top1 > 50.0
     assert result.history[-1]["structured"][0] > 0
