@@ -361,3 +361,15 @@ def test_an_unfitted_layer_that_samples_in_eval_warns_once():
         layer(x)  # once per layer
         DropCluster2d(0.2, 3).eval()(x)  # the identity, as a fitted layer in eval: no warning
         DropCluster2d(0.2, 3, sample_in_eval=True).train()(x)
+
+
+def test_a_schedule_is_refused_where_it_would_flatten_or_miss_the_rates():
+    linear = {"kind": "linear", "start_epoch": 0, "end_epoch": 10}
+    with pytest.raises(ValueError, match="would undo depth_rule='linear'"):
+        _tiny_config(
+            regularizer="stochastic_depth",
+            regularizer_options={"depth_rule": "linear"},
+            drop_schedule=linear,
+        )
+    with pytest.warns(UserWarning, match="found no layer whose rate it sets"):
+        DropRateSchedule.from_dict({**linear, "p": 0.1}).apply(nn.Conv2d(1, 1, 1), 5)

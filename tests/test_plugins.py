@@ -411,3 +411,11 @@ def test_the_guides_package_runs_as_one_more_arm_of_its_preset(tmp_path, monkeyp
     noisy = layer(x)
     assert abs(noisy.mean().item() - 1.0) < 0.02 and abs(noisy.var().item() - 0.25) < 0.02
     assert torch.equal(layer.eval()(x), x)
+
+
+def test_a_schedule_is_refused_for_a_plugin_layer_it_cannot_set():
+    register_regularizer("scale", Scale, placement="stem")
+    config = dict(dataset="synthetic", model="lenet5", regularizer="scale", p=0.2, epochs=3)
+    with pytest.raises(ValueError, match="builds Scale, whose rate it cannot set"):
+        TrainConfig(**config, drop_schedule={"kind": "early", "end_epoch": 2})
+    TrainConfig(**config)  # without a schedule the plugin's layer runs as built

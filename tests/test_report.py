@@ -882,10 +882,30 @@ def test_mce_section_by_hand(tmp_path):
         "0.038",
         "3 of 3",
     ]
-    # A sweep that evaluated only the paper's seven says what the table needs.
+    # A sweep that evaluated only the paper's seven asked for no mCE: no section.
     (tmp_path / "paper").mkdir()
     other = _build_store(tmp_path / "paper")
-    text = write_report(other, tmp_path / "paper", DEMO_PRESET).read_text()
-    assert "mCE needs each run evaluated on the 15 benchmark corruptions" in _section(
+    assert (
+        "## Mean corruption error"
+        not in write_report(other, tmp_path / "paper", DEMO_PRESET).read_text()
+    )
+    # The 15 at severities 1 and 3 only: the section says what is missing.
+    (tmp_path / "partial").mkdir()
+    partial = ResultsStore(tmp_path / "partial" / "results.sqlite")
+    for seed in (0, 1):
+        run_id = _add(partial, "none", 0.0, 1.0, seed)
+        partial.mark_running(run_id)
+        partial.record_finished(
+            run_id,
+            history=_history([(70, 90), (70, 90)]),
+            top1=70.0,
+            top5=90.0,
+            average_last=2,
+            seconds=1.0,
+        )
+        cells = {(name, s): 60.0 for name in BENCHMARK for s in (1, 3)}
+        partial.record_corruptions(run_id, _corruption_rows(cells))
+    text = write_report(partial, tmp_path / "partial", DEMO_PRESET).read_text()
+    assert "lack corruptions: none; severities evaluated: [1, 3]" in _section(
         text, "## Mean corruption error"
     )

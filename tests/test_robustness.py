@@ -79,13 +79,23 @@ def test_result_computes_errors_mce_and_normalised_metrics_and_round_trips(tmp_p
     assert result.clean_error == 10.0
     assert result.error_by_corruption["fog"] == 30.0
     assert result.mce == pytest.approx(30.0)
-    baseline = RobustnessResult("cifar10-c", "released", _rows(lambda i, s: 20.0 * s, 80.0))
+    baseline = RobustnessResult(
+        "cifar10-c", "released", _rows(lambda i, s: 20.0 * s, 80.0), {"seed": 0}
+    )
     assert result.normalised_mce(baseline) == pytest.approx(50.0)
     # relative: sum(10 s - 10) / sum(20 s - 20) = 0.5 for every corruption
     assert result.relative_mce(baseline) == pytest.approx(50.0)
-    assert result.normalised_mce("alexnet") == pytest.approx(
+    imagenet_sized = RobustnessResult("own test set", "generated", result.rows)
+    assert imagenet_sized.normalised_mce("alexnet") == pytest.approx(
         sum(100 * 30.0 / e for e in ALEXNET_IMAGENET_C_ERRORS.values()) / 15
     )
+    with pytest.raises(ValueError, match="do not normalise a cifar10-c result"):
+        result.normalised_mce("alexnet")
+    with pytest.raises(ValueError, match="baseline was evaluated on cifar100-c"):
+        result.normalised_mce(RobustnessResult("cifar100-c", "released", baseline.rows))
+    generated = RobustnessResult("cifar10-c", "generated", baseline.rows, {"seed": 0})
+    with pytest.warns(UserWarning, match="source 'generated' vs 'released'"):
+        result.normalised_mce(generated)
     path = result.save(tmp_path / "r.json")
     again = RobustnessResult.from_json(path)
     assert again == result and json.loads(path.read_text())["mce"] == pytest.approx(30.0)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dropcluster.data.corruptions import CORRUPTIONS
+from dropcluster.data.corruptions import BENCHMARK, CORRUPTIONS, PAPER
 from dropcluster.experiments import report_figures
 from dropcluster.experiments.paper_results import paper_tables
 from dropcluster.experiments.presets import Preset, as_preset
@@ -464,20 +464,21 @@ def _paper_corruption(paper: dict, arm: str, name: str, metric: str = "top1") ->
 def _mce_section(summary: Summary) -> list[str]:
     """The mean corruption error over the 15 benchmark corruptions (nothing when the sweep
     evaluated no corrupted test set; a line saying what is missing when no run has all 75)."""
-    if not any(
-        name != CLEAN for result in summary.corruption.values() for (name, _) in result.cells
-    ):
-        return []
+    cells = {cell for result in summary.corruption.values() for cell in result.cells}
+    evaluated = {name for (name, _) in cells} - {CLEAN, "mean"}
+    if not evaluated & (set(BENCHMARK) - set(PAPER)):
+        return []  # the paper's seven only: no mCE was asked for
     lines = ["", "## Mean corruption error (mCE, the 15 benchmark corruptions)", ""]
     rows = mce_rows(summary)
     if not rows:
-        evaluated = sorted(
-            {name for r in summary.corruption.values() for (name, _) in r.cells} - {CLEAN, "mean"}
-        )
+        missing = sorted(set(BENCHMARK) - evaluated, key=BENCHMARK.index)
+        severities = sorted({s for (name, s) in cells if name in evaluated})
+        lacking = ", ".join(missing) if missing else "none"
         lines.append(
             f"mCE needs each run evaluated on the 15 benchmark corruptions at severities 1-5; "
-            f"this sweep's runs were evaluated on {len(evaluated)} corruption(s). Set the "
-            f'preset\'s `evaluate.corruptions` to `"benchmark"` (or `"all"`) for this table.'
+            f"this sweep's runs lack corruptions: {lacking}; severities evaluated: "
+            f'{severities}. Set the preset\'s `evaluate.corruptions` to `"benchmark"` and '
+            f"`evaluate.severities` to `[1, 2, 3, 4, 5]` for this table."
         )
         return lines
     lines.append(

@@ -302,9 +302,9 @@ class DropCluster2d(DropRateModule):
         if rate > 0 and math.floor(rate * most) == 0:
             warnings.warn(
                 f"DropCluster2d with p={rate:g} drops floor(p * n) = 0 clusters in every "
-                f"structured channel (at most n = {most} clusters per channel): training drops "
-                f"nothing but the unstructured channels; raise p to at least {1 / most:.3g} or "
-                f"n_clusters",
+                f"structured channel (at most n = {most} clusters per channel): training at this "
+                f"p drops nothing but the unstructured channels; raise p to at least "
+                f"{1 / most:.3g} or n_clusters (a drop-rate schedule that raises p later is fine)",
                 stacklevel=4,
             )
 

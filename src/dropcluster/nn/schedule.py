@@ -12,6 +12,7 @@ epoch as one that never stopped (the buffer is not saved in a ``state_dict``).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -24,6 +25,7 @@ from dropcluster.validation import check_choice, check_float
 __all__ = [
     "SCHEDULE_KINDS",
     "DropRateSchedule",
+    "schedulable",
 ]
 
 
@@ -135,6 +137,10 @@ class DropRateSchedule:
     def apply(self, model: nn.Module, epoch: float) -> float:
         """Set the drop rate of every regularizer inside ``model``; returns the rate set.
 
+        One rate goes into every layer: per-layer rates (stochastic depth's linear depth rule)
+        are not kept, and layers of other kinds (a plugin's own module) are left alone; with
+        no layer to set it warns.
+
         Every layer is checked before any is written, so a rate one of them refuses (1 for
         any layer but stochastic depth) changes nothing.
 
@@ -155,9 +161,21 @@ class DropRateSchedule:
                 layers.append(module)
             elif isinstance(module, _TORCH_DROPOUTS):
                 layers.append(module)
+        if not layers:
+            warnings.warn(
+                f"{self!r} found no layer whose rate it sets in the model (this package's "
+                f"layers and torch's dropouts): nothing was changed",
+                stacklevel=2,
+            )
         for module in layers:
             if isinstance(module, DropRateModule):
                 module.set_p(rate)
             else:
                 module.p = rate
         return rate
+
+
+def schedulable(module: nn.Module) -> bool:
+    """Whether :meth:`DropRateSchedule.apply` sets the rate of ``module`` (this package's
+    layers and torch's dropouts; an ``nn.Identity`` has no rate)."""
+    return isinstance(module, (DropRateModule, *_TORCH_DROPOUTS))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,7 +82,7 @@ class RobustnessResult:
     def corruption_errors(self, baseline: Baseline) -> dict[str, float]:
         """CE (%) per benchmark corruption, normalised by ``baseline`` (see
         :func:`dropcluster.robustness.metrics.corruption_errors`)."""
-        errors, _ = baseline_errors(baseline)
+        errors, _ = baseline_errors(baseline, self)
         return corruption_errors(self.errors, errors)
 
     def normalised_mce(self, baseline: Baseline) -> float:
@@ -91,7 +92,7 @@ class RobustnessResult:
 
     def relative_corruption_errors(self, baseline: Baseline) -> dict[str, float]:
         """Relative CE (%) per benchmark corruption against ``baseline``."""
-        errors, clean = baseline_errors(baseline)
+        errors, clean = baseline_errors(baseline, self)
         if self.clean_error is None or clean is None:
             raise ValueError("relative CE needs the clean error of the model and of the baseline")
         return relative_corruption_errors(self.errors, self.clean_error, errors, clean)
@@ -181,12 +182,19 @@ class RobustnessResult:
         return "\n".join(lines)
 
 
-def baseline_errors(baseline: Baseline) -> tuple[Errors | Mapping[str, float], float | None]:
+def baseline_errors(
+    baseline: Baseline, result: RobustnessResult | None = None
+) -> tuple[Errors | Mapping[str, float], float | None]:
     """A baseline's errors and clean error, from any accepted form (see :data:`Baseline`).
 
     ``"alexnet"`` is AlexNet's published ImageNet-C errors and clean error; it fits only models
-    evaluated on ImageNet-C-sized images (224 px) with the ImageNet severity table.
+    evaluated on ImageNet-C-sized images with the ImageNet severity table, so it is refused for
+    ``result`` on CIFAR-10-C, CIFAR-100-C or Tiny-ImageNet-C. A baseline result must be of the
+    same data set as ``result``; another source (released or generated), subset or severity
+    table only warns.
     """
+    if result is not None:
+        _check_comparable(baseline, result)
     if isinstance(baseline, RobustnessResult):
         return baseline.errors, baseline.clean_error
     if isinstance(baseline, str):
@@ -201,3 +209,42 @@ def baseline_errors(baseline: Baseline) -> tuple[Errors | Mapping[str, float], f
         "baseline should be a RobustnessResult, 'alexnet' or {corruption: error %}, but got "
         f"{type(baseline).__name__}"
     )
+
+
+#: The corrupted sets of small images: AlexNet's ImageNet-C errors do not normalise them.
+_NOT_IMAGENET = ("cifar10-c", "cifar100-c", "tiny-imagenet-c")
+
+
+def _check_comparable(baseline: Baseline, result: RobustnessResult) -> None:
+    if isinstance(baseline, str) and baseline.lower() == "alexnet":
+        if result.dataset in _NOT_IMAGENET:
+            raise ValueError(
+                f"AlexNet's errors are ImageNet-C numbers: they do not normalise a "
+                f"{result.dataset} result; use another model's result on {result.dataset} as "
+                f"the baseline (e.g. the same network trained without the regularizer)"
+            )
+        return
+    if not isinstance(baseline, RobustnessResult):
+        return
+    if baseline.dataset != result.dataset:
+        raise ValueError(
+            f"the baseline was evaluated on {baseline.dataset}, this result on {result.dataset}: "
+            f"CE compares errors on the same corrupted set"
+        )
+    differences = [
+        f"{key} {baseline_value!r} vs {value!r}"
+        for key, baseline_value, value in (
+            ("source", baseline.source, result.source),
+            *(
+                (key, baseline.settings.get(key), result.settings.get(key))
+                for key in ("limit", "family", "seed")
+            ),
+        )
+        if baseline_value != value
+    ]
+    if differences:
+        warnings.warn(
+            f"the baseline and this result were evaluated differently ({', '.join(differences)}): "
+            f"their CE mixes two protocols",
+            stacklevel=4,
+        )

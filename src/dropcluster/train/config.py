@@ -254,6 +254,7 @@ class TrainConfig:
                 without a regularizer, or a ``start_p`` the regularizer refuses.
         """
         from dropcluster.nn import DropRateSchedule, build_regularizer
+        from dropcluster.nn.schedule import schedulable
 
         if self.drop_schedule is None:
             return None
@@ -262,12 +263,26 @@ class TrainConfig:
             raise ValueError(f"{where}: a schedule takes no p here, it reaches the config's p")
         if self.regularizer == "none":
             raise ValueError(f"{where}: regularizer 'none' has no drop rate to schedule")
+        if self.regularizer_options.get("depth_rule", "constant") != "constant":
+            # A schedule writes one rate into every layer: it would flatten the per-block
+            # rates of the linear depth rule.
+            raise ValueError(
+                f"{where}: a schedule sets one rate in every layer, which would undo "
+                f"depth_rule={self.regularizer_options['depth_rule']!r}; use one or the other"
+            )
         try:
             schedule = DropRateSchedule.from_dict({**self.drop_schedule, "p": self.p})
             if schedule.start_p != self.p:  # e.g. start_p=1, which only StochasticDepth takes
                 build_regularizer(self.regularizer, schedule.start_p, **self._module_options())
+            module = build_regularizer(self.regularizer, self.p, **self._module_options())
         except (TypeError, ValueError) as error:
             raise ValueError(f"{where}: {error}") from error
+        if not schedulable(module):
+            raise ValueError(
+                f"{where}: a schedule sets p of this package's layers and torch's dropouts, but "
+                f"regularizer {self.regularizer!r} builds {type(module).__name__}, whose rate "
+                f"it cannot set (a plugin's layer can subclass dropcluster.nn.DropRateModule)"
+            )
         return schedule
 
     def refit_warning(self, has_dropcluster: bool | None = None) -> str | None:
