@@ -395,10 +395,9 @@ def test_the_guides_package_runs_as_one_more_arm_of_its_preset(tmp_path, monkeyp
     monkeypatch.syspath_prepend(str(PACKAGE))
     monkeypatch.setenv("PYTHONPATH", str(PACKAGE))
     out = tmp_path / "out"
-    command = [
-        "reproduce", "--preset", str(PACKAGE / "compare.json"), "--out", str(out),
-        "--only", "regularizer=dropout,gaussian_dropout", "--set", "epochs=1",
-    ]  # fmt: skip
+    preset = str(PACKAGE / "compare.json")
+    only = ["--only", "regularizer=dropout,gaussian_dropout", "--set", "epochs=1"]
+    command = ["reproduce", "--preset", preset, "--out", str(out), *only]
     assert main(command) == 0
     report = (out / "report" / "report.md").read_text()
     rows = [line for line in report.splitlines() if line.startswith("| Gaussian dropout | 0.1 |")]
