@@ -299,10 +299,25 @@ def test_a_broken_entry_point_is_one_line_naming_it(fresh_registry, monkeypatch)
 
 def _config_args(out: Path) -> list[str]:
     return [
-        "train", "--out", str(out), "--dataset", "synthetic", "--model", "lenet5",
-        "--regularizer", "scale", "--epochs", "1", "--train-fraction", "0.05",
-        "--average-last", "1", "--no-channels-last", "--batch-size", "50",
-    ]  # fmt: skip
+        "train",
+        "--out",
+        str(out),
+        "--dataset",
+        "synthetic",
+        "--model",
+        "lenet5",
+        "--regularizer",
+        "scale",
+        "--epochs",
+        "1",
+        "--train-fraction",
+        "0.05",
+        "--average-last",
+        "1",
+        "--no-channels-last",
+        "--batch-size",
+        "50",
+    ]
 
 
 def test_train_plugin_flag_records_the_plugin_for_resume_and_evaluate(
@@ -321,9 +336,18 @@ def test_train_plugin_flag_records_the_plugin_for_resume_and_evaluate(
     monkeypatch.setattr(plugins, "REGISTRY", Registry())
     del sys.modules["plug_scale"]
     command = [
-        "evaluate", "--checkpoint", str(out), "--corruptions", "gaussian_noise",
-        "--severities", "1", "--limit", "20", "--device", "cpu",
-    ]  # fmt: skip
+        "evaluate",
+        "--checkpoint",
+        str(out),
+        "--corruptions",
+        "gaussian_noise",
+        "--severities",
+        "1",
+        "--limit",
+        "20",
+        "--device",
+        "cpu",
+    ]
     assert main(command) == 0
     assert "gaussian_noise" in (out / "corruptions.json").read_text()
 
@@ -349,14 +373,19 @@ def _preset(plugin_list: list[str] | None = None, regularizers=("none", "scale")
         "description": "a plugin arm",
         "dataset": "synthetic",
         "base": {
-            "dataset": "synthetic", "model": "lenet5", "epochs": 1, "batch_size": 50,
-            "average_last": 1, "device": "cpu", "channels_last": False,
+            "dataset": "synthetic",
+            "model": "lenet5",
+            "epochs": 1,
+            "batch_size": 50,
+            "average_last": 1,
+            "device": "cpu",
+            "channels_last": False,
         },
         "grids": [
             {"regularizer": list(regularizers), "p": [0.2], "train_fraction": [0.05], "seed": [0]}
         ],
         "average_last": 1,
-    }  # fmt: skip
+    }
     if plugin_list is not None:
         preset["plugins"] = plugin_list
     return preset
