@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 import warnings
 from functools import cache
 from pathlib import Path
@@ -22,7 +23,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-FASHION_MNIST_TEST_IMAGES = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+# Debian's package first, then where `dropcluster download fashion-mnist` puts the files (this
+# script also runs in nilearn's own environment, so it does not import dropcluster).
+FASHION_MNIST_TEST_IMAGES = next(
+    (
+        path
+        for path in (
+            Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"),
+            Path(os.environ.get("DROPCLUSTER_DATA") or Path.home() / ".cache/dropcluster/data")
+            / "fashion-mnist/t10k-images-idx3-ubyte.gz",
+        )
+        if path.is_file()
+    ),
+    Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"),
+)
 
 #: The paper ran ReNA with at most 1000 rounds (Algorithm 1).
 PAPER_ROUNDS = 1000
@@ -273,7 +287,7 @@ def load_fashion_mnist_test_images(count: int) -> torch.Tensor:
     if not FASHION_MNIST_TEST_IMAGES.is_file():
         raise FileNotFoundError(
             f"{FASHION_MNIST_TEST_IMAGES} is missing: run `make data` "
-            "(apt-get install dataset-fashion-mnist)"
+            "(Debian's dataset-fashion-mnist, else `dropcluster download fashion-mnist`)"
         )
     with gzip.open(FASHION_MNIST_TEST_IMAGES, "rb") as stream:
         raw = stream.read()

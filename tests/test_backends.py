@@ -105,6 +105,7 @@ def _start_a_long_task(backend, out: Path) -> RunTask:
     spec = expand_grid(tiny_preset(epochs=500))[0]
     task = sweep._task(spec, out, None, BackendSettings())
     backend.submit(task)
+    assert backend.poll() == []  # Slurm submits the runs handed over (an array) when polled
     deadline = time.time() + 120
     while not (task.run_dir / "checkpoint.pt").is_file():
         assert time.time() < deadline, "the run did not start"
@@ -200,6 +201,7 @@ def test_backend_flags_become_settings_and_bad_combinations_are_one_line(
         return sweep.SweepSummary(total=1, finished=1)
 
     monkeypatch.setattr(sweep, "run_sweep", fake_run_sweep)
+    _fake_slurm(tmp_path, monkeypatch)  # the command checks Slurm's commands before the sweep
     assert (
         main(
             [
@@ -520,3 +522,249 @@ def test_a_slurm_job_that_raises_is_recorded_with_its_exception(tmp_path):
         r"directory: '.*not-on-this-node.*worker.log' \(state \w+\)",
         finished[0].message,
     )
+
+
+# -- cluster options: Slurm arrays, account, QoS, ...; Ray's runtime environment ---------------
+
+
+def _fake_slurm(folder: Path, monkeypatch, states: dict[str, str] | None = None) -> Path:
+    """sbatch, srun and sacct stand-ins on PATH: sbatch appends the script it is given to
+    ``folder/sbatch.log`` and answers job 4242; sacct reports ``states`` ({job id: state}).
+    The log's path."""
+    bin_dir = folder / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    log = folder / "sbatch.log"
+    scripts = {
+        "sbatch": f'cat "$1" >> {log}\necho "Submitted batch job 4242"\n',
+        "srun": "exit 1\n",
+        "sacct": "echo 'JobID|State|NodeList'\n"
+        + "".join(f"echo '{job}|{state}|node'\n" for job, state in (states or {}).items()),
+    }
+    for name, body in scripts.items():
+        (bin_dir / name).write_text("#!/bin/sh\n" + body)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    import submitit
+
+    submitit.SlurmJob.watcher.clear()  # states cached by another test
+    return log
+
+
+def test_an_option_sbatch_refuses_is_its_one_line_and_no_job_is_recorded(
+    tmp_path, capsys, monkeypatch
+):
+    _fake_slurm(tmp_path, monkeypatch)
+    (tmp_path / "bin" / "sbatch").write_text(
+        "#!/bin/sh\necho 'sbatch: error: Batch job submission failed: Invalid account' >&2\n"
+        "exit 1\n"
+    )
+    out = tmp_path / "out"
+    args = ["sweep", "--preset", str(_four_run_preset(tmp_path)), "--out", str(out)]
+    assert main([*args, *CLUSTER_FLAGS, "--no-wait"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "dropcluster: error: sbatch refused the job of 4 run(s): sbatch: error: Batch job "
+        "submission failed: Invalid account"
+    )
+    assert not (out / "slurm" / "jobs.json").exists()
+
+
+def _four_run_preset(tmp_path: Path) -> Path:
+    preset = tiny_preset()
+    preset["grids"][0]["seed"] = [0, 1]
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(preset))
+    return path
+
+
+CLUSTER_FLAGS = [
+    "--backend",
+    "slurm",
+    "--gpus-per-run",
+    "0",
+    "--account",
+    "proj42",
+    "--qos",
+    "high",
+    "--constraint",
+    "a100",
+    "--sbatch",
+    "gres=gpu:a100:1",
+    "--sbatch",
+    "mail-type=END",
+    "--job-setup",
+    "module load cuda/12.1",
+    "--job-setup",
+    "source /nfs/venv/bin/activate",
+]
+
+
+def test_a_slurm_sweep_is_one_job_array_with_the_clusters_options(tmp_path, monkeypatch):
+    log = _fake_slurm(tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    args = ["sweep", "--preset", str(_four_run_preset(tmp_path)), "--out", str(out), "--no-wait"]
+    assert main([*args, *CLUSTER_FLAGS, "--array-parallelism", "2"]) == 0
+    script = log.read_text()
+    assert script.count("#!/bin/bash") == 1  # one submission for the four runs
+    lines = script.splitlines()
+    for line in (
+        "#SBATCH --account=proj42",
+        "#SBATCH --qos=high",
+        "#SBATCH --constraint=a100",
+        "#SBATCH --array=0-3%2",
+        "#SBATCH --gres=gpu:a100:1",
+        "#SBATCH --mail-type=END",
+        "#SBATCH --job-name=dropcluster-out",
+        "#SBATCH --time=240",
+    ):
+        assert line in lines
+    srun = next(i for i, line in enumerate(lines) if line.startswith("srun "))
+    setup = lines.index("module load cuda/12.1")
+    assert lines[setup + 1] == "source /nfs/venv/bin/activate" and setup < srun
+    jobs = json.loads((out / "slurm" / "jobs.json").read_text())
+    assert sorted(jobs.values()) == ["4242_0", "4242_1", "4242_2", "4242_3"]
+    # Again: the array tasks still queued are followed, the cancelled one alone is submitted.
+    cancelled = jobs["dropout-p0.1-f0.25-s1"]
+    states = {job: "PENDING" for job in jobs.values()} | {cancelled: "CANCELLED by 1000"}
+    _fake_slurm(tmp_path, monkeypatch, states)
+    assert main([*args, *CLUSTER_FLAGS]) == 0
+    again = log.read_text().split("#!/bin/bash")[2].splitlines()
+    assert not [line for line in again if line.startswith("#SBATCH --array")]  # one run
+    assert json.loads((out / "slurm" / "jobs.json").read_text()) == {
+        **jobs,
+        "dropout-p0.1-f0.25-s1": "4242",
+    }
+
+
+def test_no_array_submits_one_job_per_run_named_after_it(tmp_path, monkeypatch):
+    log = _fake_slurm(tmp_path, monkeypatch)
+    preset = _four_run_preset(tmp_path)
+    args = ["sweep", "--preset", str(preset), "--out", str(tmp_path / "out"), "--no-wait"]
+    assert main([*args, *CLUSTER_FLAGS, "--no-array"]) == 0
+    scripts = log.read_text().split("#!/bin/bash")[1:]
+    names = sorted(re.search(r"--job-name=(\S+)", script)[1] for script in scripts)
+    assert names == sorted(
+        f"dropcluster-{spec.run_id}" for spec in expand_grid(json.loads(preset.read_text()))
+    )
+    assert all("--array" not in script and "--qos=high" in script for script in scripts)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--sbatch", "gres"], "argument --sbatch: expected NAME=VALUE"),
+        (["--sbatch", "partition=gpu"], "--sbatch partition=...: use --partition instead"),
+        (["--sbatch", "job_name=x"], "sets --job-name itself"),
+        (["--sbatch", "mail type=END"], "with an sbatch option name"),
+        (["--job-setup", " "], "--job-setup takes one shell line"),
+        (["--account", ""], "--account should be a value on one line"),
+        (["--array-parallelism", "2", "--no-array"], "leave out --no-array"),
+        (["--backend", "ray", "--qos", "high"], "--qos is for --backend slurm, not ray"),
+        (["--runtime-env", "{}"], "--runtime-env is for --backend ray, not slurm"),
+    ],
+)
+def test_bad_cluster_options_are_one_line_before_anything_is_written(
+    flags, message, tmp_path, capsys, monkeypatch
+):
+    _fake_slurm(tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    args = ["sweep", "--preset", str(_four_run_preset(tmp_path)), "--out", str(out)]
+    assert _status(main, [*args, "--backend", "slurm", "--gpus-per-run", "0", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("dropcluster")  # the message's one line
+    assert message in err.strip().splitlines()[-1]
+    assert not out.exists()
+
+
+def _status(main, args: list[str]) -> int:
+    """The exit status of the command (argparse's usage errors exit instead of returning)."""
+    try:
+        return main(args)
+    except SystemExit as error:
+        return int(error.code)
+
+
+def test_an_option_the_installed_submitit_lacks_is_one_line_naming_the_flag(
+    tmp_path, capsys, monkeypatch
+):
+    import submitit.slurm.slurm as submitit_slurm
+
+    # As an older submitit without a QoS parameter would answer.
+    parameters = dict(submitit_slurm._get_default_parameters())
+    del parameters["qos"]
+    monkeypatch.setattr(submitit_slurm, "_get_default_parameters", lambda: parameters)
+    _fake_slurm(tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    args = ["sweep", "--preset", str(_four_run_preset(tmp_path)), "--out", str(out)]
+    assert main([*args, *CLUSTER_FLAGS]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: submitit \S+ refuses --qos: Unknown argument 'qos'", err)
+    assert not out.exists()
+
+
+def test_the_ray_runtime_env_goes_to_ray_init_or_with_each_task(tmp_path, monkeypatch):
+    from dropcluster.experiments.backends.ray import RayBackend
+
+    inits, options = [], []
+
+    class Remote:
+        def options(self, **kwargs):
+            options.append(kwargs)
+            return self
+
+        def remote(self, *args):
+            raise SystemExit  # nothing to run: the options are what is checked
+
+    monkeypatch.setattr(ray, "init", lambda **kwargs: inits.append(kwargs))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {})
+    monkeypatch.setattr(ray, "remote", lambda function: Remote())
+    env = {"env_vars": {"HF_HOME": "/nfs/cache"}, "pip": ["einops"]}
+    task = RunTask(expand_grid(tiny_preset())[0], tmp_path)
+    for connected in (False, True):
+        monkeypatch.setattr(ray, "is_initialized", lambda connected=connected: connected)
+        backend = RayBackend(BackendSettings("ray", address="auto", runtime_env=env))
+        with pytest.raises(SystemExit):
+            backend.submit(task)
+    # Ray started here: the job's environment. A connection already open: each task's.
+    assert inits == [
+        {
+            "include_dashboard": False,
+            "log_to_driver": False,
+            "logging_level": "ERROR",
+            "address": "auto",
+            "runtime_env": env,
+        }
+    ]
+    assert "runtime_env" not in options[0] and options[1]["runtime_env"] == env
+
+
+def test_runtime_env_is_json_or_a_file_and_bad_ones_are_one_line(tmp_path, capsys, monkeypatch):
+    seen = {}
+
+    def fake_run_sweep(preset, out, **kwargs):
+        seen.update(kwargs)
+        return sweep.SweepSummary(total=1, finished=1)
+
+    monkeypatch.setattr(sweep, "run_sweep", fake_run_sweep)
+    (tmp_path / "env.yaml").write_text("working_dir: .\nenv_vars:\n  A: '1'\n")
+    (tmp_path / "env.json").write_text('{"pip": ["einops"]}')
+    (tmp_path / "list.json").write_text("[1]")
+    args = ["sweep", "--out", str(tmp_path / "out"), "--backend", "ray", "--runtime-env"]
+    for given, wanted in (
+        ('{"env_vars": {"A": "1"}}', {"env_vars": {"A": "1"}}),
+        (str(tmp_path / "env.yaml"), {"working_dir": ".", "env_vars": {"A": "1"}}),
+        (str(tmp_path / "env.json"), {"pip": ["einops"]}),
+    ):
+        seen.clear()
+        assert main([*args, given]) == 0
+        assert seen["backend"].runtime_env == wanted
+    for given, message in (
+        ("{bad", "is not valid JSON"),
+        (str(tmp_path / "list.json"), "list.json holds list"),
+        ("nothing.json", "is neither (no such file)"),
+        ('{"env_vars": {"A": 1}}', "Ray refuses it: runtime_env['env_vars'] must be of type"),
+    ):
+        assert _status(main, [*args, given]) == 2
+        err = capsys.readouterr().err
+        assert message in err.strip().splitlines()[-1] and "Traceback" not in err

@@ -213,6 +213,109 @@ def test_sync_batchnorm_is_refused_on_the_cpu_before_training(tmp_path):
         dist.destroy_process_group()
 
 
+def test_a_small_share_per_process_without_sync_batchnorm_is_said_once(tmp_path, monkeypatch):
+    import warnings
+
+    import torch.distributed as dist
+
+    import dropcluster.train.loop as loop
+    from dropcluster.train.config import TrainConfig
+    from dropcluster.train.distributed import Ranks
+
+    config = TrainConfig(
+        dataset="synthetic", model="resnet20", regularizer="none", p=0.0, batch_size=32
+    )
+    message = (
+        "each of the 2 processes computes batch norm statistics over its own 16 images "
+        "(batch_size 32 / 2), fewer than 32: noisy statistics can cost accuracy; "
+        "--sync-batchnorm (CUDA) computes them over the whole batch, or raise --batch-size"
+    )
+    assert config.batch_norm_warning(2) == message
+    assert config.batch_norm_warning(1) is None  # one process normalises over the whole batch
+    assert config.replace(batch_size=64).batch_norm_warning(2) is None  # 32 each
+    assert config.replace(sync_batchnorm=True).batch_norm_warning(2) is None
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmp_path}/rendezvous",
+        rank=0,
+        world_size=1,
+        timeout=timedelta(seconds=120),
+    )
+    try:
+        # A group of one standing in for two processes; the run stops before its first epoch.
+        for rank, model, said in (
+            (0, "resnet20", True),
+            (1, "resnet20", False),
+            (0, "lenet5", False),
+        ):
+            monkeypatch.setattr(
+                loop, "from_environment", lambda device, r=rank: (device, Ranks(r, 2))
+            )
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                loop.train(
+                    config.replace(model=model, train_fraction=0.1),
+                    tmp_path / f"{model}-{rank}",
+                    stop_after_epoch=0,
+                )
+            texts = [str(w.message) for w in caught if "batch norm" in str(w.message)]
+            assert texts == ([message] if said else []), (rank, model)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_dry_run_shows_the_processes_and_the_batch_norm_choice(tmp_path, capsys):
+    from dropcluster.cli import main
+
+    out = str(tmp_path / "run")
+    assert (
+        main(["train", "--out", out, "--nproc-per-node", "4", "--batch-size", "64", "--dry-run"])
+        == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:6] == [
+        "device: cpu (auto: no CUDA device is visible)",
+        "processes: 4 (DistributedDataParallel), 16 images each per step",
+        "sync-batchnorm: off",
+        "warning: each of the 4 processes computes batch norm statistics over its own 16 images "
+        "(batch_size 64 / 4), fewer than 32: noisy statistics can cost accuracy; "
+        "--sync-batchnorm (CUDA) computes them over the whole batch, or raise --batch-size",
+        "tracker: none (the curves are in log.jsonl)",
+    ]
+    assert lines[0].endswith("(dry run: nothing is trained or written)")
+    assert lines[6].startswith('config: {"amp": true,')
+    argv = ["train", "--out", out, "--model", "lenet5", "--nproc-per-node", "2", "--dry-run"]
+    assert main([*argv, "--sync-batchnorm"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2:4] == [
+        "processes: 2 (DistributedDataParallel), 64 images each per step",
+        "sync-batchnorm: on: statistics over the whole batch (no effect: lenet5 has no batch norm)",
+    ]
+    assert (
+        main(
+            [
+                "train",
+                "--out",
+                out,
+                "--model",
+                "resnet20",
+                "--dry-run",
+                "--sync-batchnorm",
+                "--nproc-per-node",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert (
+        "sync-batchnorm: on: statistics over the whole batch (needs CUDA devices: the run would "
+        "be refused on the CPU)" in capsys.readouterr().out.splitlines()
+    )
+    assert main(["train", "--out", out, "--dry-run"]) == 0
+    assert "processes: 1 (sync-batchnorm has no effect on one process)" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()
+
+
 # -- one line when a process of the group fails ------------------------------------------------
 
 

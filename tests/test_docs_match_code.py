@@ -94,7 +94,7 @@ def test_the_test_extra_holds_what_the_development_guide_says():
         "optional-dependencies"
     ]
     named = {re.split(r"[<>=\[]", item)[0] for item in extras["test"]}
-    for extra in ("data", "plot", "lightning", "ray", "slurm"):
+    for extra in ("data", "plot", "lightning", "ray", "slurm", "tensorboard"):
         assert {re.split(r"[<>=\[]", item)[0] for item in extras[extra]} <= named, extra
     assert "dropblock" in named
     assert "the PyPI `dropblock` package" in (ROOT / "docs" / "development.md").read_text()

@@ -13,13 +13,14 @@ import hashlib
 import http.server
 import io
 import json
+import os
 import pickle
 import re
 import stat
 import struct
 import tarfile
 import threading
-import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 import zlib
@@ -30,7 +31,8 @@ from PIL import Image
 from test_corrupted_sets import CLASS_COLOURS, write_cifar_c, write_tiny_imagenet_c
 from test_data_datasets import CIFAR_NAMES, write_cifar100
 
-from dropcluster.data import datasets, downloads
+from dropcluster.cli import main
+from dropcluster.data import datasets, downloads, fashion_mnist
 from dropcluster.data.corrupted_sets import (
     RELEASED_COUNTS,
     load_cifar10_c,
@@ -48,9 +50,11 @@ from dropcluster.data.downloads import (
     download_cifar10_c,
     download_cifar100,
     download_cifar100_c,
+    download_fashion_mnist,
     download_tiny_imagenet,
     download_tiny_imagenet_c,
 )
+from dropcluster.data.fashion_mnist import SPLIT_FILES, load_fashion_mnist, write_idx
 
 TINY_WNIDS = ("n01", "n02")
 
@@ -179,17 +183,35 @@ def test_read_only_destination_leaves_nothing(tmp_path, monkeypatch):
     assert leftovers(root) == []
 
 
-def test_interrupted_download_leaves_no_part_file(tmp_path, monkeypatch):
-    class FailingResponse(io.BytesIO):
-        def read(self, size=-1):
-            if self.tell():
-                enospc()
-            return super().read(10)
+def test_download_that_fills_the_disk_leaves_no_part_file(tmp_path, monkeypatch):
+    archive = cifar_archive(tmp_path)
+    real_open = open
 
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url: FailingResponse(b"x" * 100))
+    class FullDisk:
+        """A file being written on a full disk: every write fails."""
+
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_exc):
+            self.handle.close()
+
+        def write(self, _data):
+            enospc()
+
+    def full_disk_open(path, mode="r", *args, **kwargs):
+        handle = real_open(path, mode, *args, **kwargs)
+        return FullDisk(handle) if set(mode) & set("wa") else handle
+
+    monkeypatch.setattr(downloads, "open", full_disk_open, raising=False)
     root = tmp_path / "data"
-    with pytest.raises(OSError, match="No space left"):
-        download_cifar100(root, url="https://example.invalid/cifar.tar.gz", md5=None)
+    # Even over HTTP, where a dropped connection keeps the partial file, a full disk does not.
+    with range_server(tmp_path, monkeypatch) as server:
+        with pytest.raises(OSError, match="No space left"):
+            download_cifar100(root, url=f"{server.base}/{archive.name}", md5=None)
     assert list(root.iterdir()) == []
 
 
@@ -560,7 +582,7 @@ def serve(directory, monkeypatch):
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", requested
@@ -732,7 +754,8 @@ def test_unmarked_tiny_imagenet_c_with_more_corruptions_than_the_release_is_kept
         RELEASED_COUNTS, "tiny-imagenet-c", {"corruptions": 3, "classes": 3, "per_class": 2}
     )
     (folder / COMPLETE_MARKER).unlink()
-    with pytest.raises(urllib.error.URLError):  # not the release: it tries to download it
+    # Not the release: it tries to download it.
+    with pytest.raises(ConnectionError, match=r"absent\.tar: cannot download it \(\[Errno 2\]"):
         download_tiny_imagenet_c(root, url=(tmp_path / "absent.tar").as_uri(), md5=None)
 
 
@@ -755,3 +778,340 @@ def test_interrupted_tiny_imagenet_c_extraction_leaves_nothing_and_is_redone(tmp
     monkeypatch.setattr(tarfile.TarFile, "extractall", extractall)
     download_tiny_imagenet_c(root, url=archive.as_uri(), md5=None)
     assert load_tiny_imagenet_c(root, "fog", 5, sorted(CLASS_COLOURS))[0].shape == (6, 3, 64, 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resumable downloads, Fashion-MNIST and `dropcluster download`
+
+
+class RangeServerState:
+    """What the server of :func:`range_server` saw, and how it misbehaves."""
+
+    def __init__(self, directory, ranges):
+        self.directory = directory
+        self.ranges = ranges  # False: Range headers are ignored (200, the whole file)
+        self.base = ""
+        self.requests = []  # (path, Range header or None, bytes of body sent)
+        self.cut = {}  # path: bytes of the body sent before the connection drops (once)
+
+
+@contextlib.contextmanager
+def range_server(directory, monkeypatch, ranges=True):
+    """A local HTTP server for ``directory`` that answers ``Range: bytes=N-`` with 206 (the
+    stdlib's SimpleHTTPRequestHandler does not) and can drop a connection half-way once."""
+    monkeypatch.setenv("no_proxy", "*")
+    monkeypatch.setenv("NO_PROXY", "*")
+    state = RangeServerState(directory, ranges)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            wanted = self.headers.get("Range")
+            file = state.directory / urllib.parse.unquote(self.path).lstrip("/")
+            if not file.is_file():
+                state.requests.append((self.path, wanted, 0))
+                self.send_error(404)
+                return
+            data = file.read_bytes()
+            match = re.fullmatch(r"bytes=(\d+)-", wanted or "")
+            start = int(match[1]) if state.ranges and match else 0
+            if start >= len(data) > 0:
+                state.requests.append((self.path, wanted, 0))
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            body = data[start:]
+            self.send_response(206 if start else 200)
+            self.send_header("Content-Length", str(len(body)))
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.end_headers()
+            cut = state.cut.pop(self.path, None)
+            sent = body if cut is None else body[:cut]
+            self.wfile.write(sent)  # HTTP/1.0: the connection closes after it, cut or not
+            state.requests.append((self.path, wanted, len(sent)))
+
+        def log_message(self, *_args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.base = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_dropped_download_is_kept_and_the_next_call_fetches_only_the_rest(tmp_path, monkeypatch):
+    archive = cifar_archive(tmp_path)
+    data, digest = archive.read_bytes(), md5_of(archive)
+    cut = len(data) // 2
+    root = tmp_path / "data"
+    partial = root / ".cifar-100-python.tar.gz.part"
+    path = "/" + archive.name
+    with range_server(tmp_path, monkeypatch) as server:
+        server.cut[path] = cut
+        with pytest.raises(ConnectionError) as info:
+            download_cifar100(root, url=server.base + path, md5=digest)
+        message = str(info.value)
+        assert f"the download stopped after {cut} of {len(data)} bytes" in message
+        assert f"{partial} keeps them: run `dropcluster download cifar100`" in message
+        assert f"delete {partial} to start over" in message
+        assert partial.read_bytes() == data[:cut]
+        assert sorted(path_.name for path_ in root.iterdir()) == [partial.name]
+        # A failed call in between (here a wrong URL) keeps what arrived.
+        with pytest.raises(ConnectionError, match="the server answered HTTP 404"):
+            download_cifar100(root, url=server.base + "/moved.tar.gz", md5=digest)
+        assert partial.read_bytes() == data[:cut]
+
+        folder = download_cifar100(root, url=server.base + path, md5=digest)
+    assert server.requests == [
+        (path, None, cut),
+        ("/moved.tar.gz", f"bytes={cut}-", 0),
+        (path, f"bytes={cut}-", len(data) - cut),
+    ]
+    assert (root / archive.name).read_bytes() == data
+    assert folder == root / "cifar-100-python"
+    assert len(load_dataset("cifar100", "train", root)) == 3
+    assert leftovers(root) == []
+
+
+def test_resumed_download_whose_md5_differs_is_deleted_then_downloaded_again(tmp_path, monkeypatch):
+    archive = cifar_archive(tmp_path)
+    data, digest = archive.read_bytes(), md5_of(archive)
+    root = tmp_path / "data"
+    root.mkdir()
+    partial = root / ".cifar-100-python.tar.gz.part"
+    partial.write_bytes(b"\0" * 100)  # a damaged first part: the MD5 of the whole tells
+    path = "/" + archive.name
+    with range_server(tmp_path, monkeypatch) as server:
+        with pytest.raises(
+            ValueError,
+            match=f"cifar-100-python.tar.gz from {server.base}{path}: MD5 [0-9a-f]{{32}} differs "
+            f"from the expected {digest}; the download was deleted",
+        ):
+            download_cifar100(root, url=server.base + path, md5=digest)
+        assert list(root.iterdir()) == []
+        download_cifar100(root, url=server.base + path, md5=digest)
+    assert server.requests == [(path, "bytes=100-", len(data) - 100), (path, None, len(data))]
+    assert (root / archive.name).read_bytes() == data
+
+
+@pytest.mark.parametrize(
+    ("ranges", "stale_size", "expected"),
+    [
+        (False, 30, [("bytes=30-", "size")]),  # a server without ranges answers 200: restart
+        (True, 10**6, [("bytes=1000000-", 0), (None, "size")]),  # 416: longer than the file
+    ],
+)
+def test_partial_file_the_server_cannot_continue_is_downloaded_again(
+    tmp_path, monkeypatch, ranges, stale_size, expected
+):
+    archive = cifar_archive(tmp_path)
+    data = archive.read_bytes()
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / ".cifar-100-python.tar.gz.part").write_bytes(b"x" * stale_size)
+    path = "/" + archive.name
+    with range_server(tmp_path, monkeypatch, ranges=ranges) as server:
+        download_cifar100(root, url=server.base + path, md5=md5_of(archive))
+    sizes = {"size": len(data), 0: 0}
+    assert server.requests == [(path, wanted, sizes[sent]) for wanted, sent in expected]
+    assert (root / archive.name).read_bytes() == data
+    assert leftovers(root) == []
+
+
+def test_interrupted_download_command_resumes(tmp_path, monkeypatch, capsys):
+    archive = cifar_archive(tmp_path)
+    data = archive.read_bytes()
+    root = tmp_path / "data"
+    real_urlopen = urllib.request.urlopen
+
+    class CtrlC:
+        """The response of a download that the user stops after its first 100 bytes."""
+
+        def __init__(self, response):
+            self.response, self.reads = response, 0
+            self.headers, self.status = response.headers, response.status
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_exc):
+            self.response.close()
+
+        def read(self, _size):
+            self.reads += 1
+            if self.reads > 1:
+                raise KeyboardInterrupt
+            return self.response.read(100)
+
+    path = "/" + archive.name
+    with range_server(tmp_path, monkeypatch) as server:
+        argv = ["download", "cifar100", "--data-dir", str(root), "--url", server.base + path]
+        argv += ["--md5", md5_of(archive)]
+        monkeypatch.setattr(
+            urllib.request, "urlopen", lambda *args, **kwargs: CtrlC(real_urlopen(*args, **kwargs))
+        )
+        assert main(argv) == 130
+        err = capsys.readouterr().err
+        assert "download interrupted" in err and "`dropcluster download cifar100` again" in err
+        assert (root / ".cifar-100-python.tar.gz.part").read_bytes() == data[:100]
+
+        monkeypatch.setattr(urllib.request, "urlopen", real_urlopen)
+        assert main(argv) == 0
+    assert capsys.readouterr().out == f"cifar100: {root / 'cifar-100-python'}\n"
+    assert server.requests[-1] == (path, "bytes=100-", len(data) - 100)
+    assert (root / archive.name).read_bytes() == data
+
+
+FASHION_MNIST_NAMES = [stem + ".gz" for stems in SPLIT_FILES.values() for stem in stems]
+
+
+def fashion_mnist_files(folder, n_train=6, n_test=4):
+    """The four gzipped IDX files, small: {split: (images (N, 28, 28), labels (N,))}."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n_examples in (("train", n_train), ("test", n_test)):
+        images = rng.integers(0, 256, (n_examples, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n_examples) % 10).astype(np.uint8)
+        image_stem, label_stem = SPLIT_FILES[split]
+        write_idx(folder / f"{image_stem}.gz", images)
+        write_idx(folder / f"{label_stem}.gz", labels)
+        arrays[split] = (images, labels)
+    return arrays
+
+
+def test_download_fashion_mnist_command_then_the_loader_reads_the_files(
+    tmp_path, monkeypatch, capsys
+):
+    served = tmp_path / "served"
+    arrays = fashion_mnist_files(served)
+    monkeypatch.setattr(fashion_mnist, "DEFAULT_ROOT", tmp_path / "no-debian-package")
+    monkeypatch.setenv("DROPCLUSTER_DATA", str(tmp_path / "data"))
+    monkeypatch.setattr(downloads, "_PROGRESS_SECONDS", 0.0)
+    with range_server(served, monkeypatch) as server:
+        argv = ["download", "fashion-mnist", "--url", server.base + "/", "--no-md5-check"]
+        assert main(argv) == 0
+        assert main(argv) == 0  # the files are there: nothing is fetched again
+    folder = tmp_path / "data" / "fashion-mnist"
+    out, err = capsys.readouterr()
+    assert out == f"fashion-mnist: {folder}\n" * 2
+    size = (served / "train-images-idx3-ubyte.gz").stat().st_size
+    assert f"  {size} bytes of {size} bytes (100 %)\n" in err
+    assert sorted(request[0] for request in server.requests) == sorted(
+        "/" + name for name in FASHION_MNIST_NAMES
+    )
+    assert sorted(path.name for path in folder.iterdir()) == sorted(FASHION_MNIST_NAMES)
+    for split, (images, labels) in arrays.items():
+        loaded_images, loaded_labels = load_fashion_mnist(split)  # Debian's folder is absent
+        assert np.array_equal(loaded_images[:, 0].numpy(), images)
+        assert loaded_labels.tolist() == labels.tolist()
+    # Given the data folder, the loader finds the files in its fashion-mnist subfolder.
+    assert load_dataset("fashion-mnist", "test", tmp_path / "data").labels.tolist() == [0, 1, 2, 3]
+
+
+def test_fashion_mnist_file_whose_md5_differs_is_named_and_deleted(tmp_path, monkeypatch, capsys):
+    served = tmp_path / "served"
+    fashion_mnist_files(served)
+    root = tmp_path / "data"
+    with range_server(served, monkeypatch) as server:
+        # The published MD5s are expected by default: these small files are not the release.
+        assert (
+            main(["download", "fashion-mnist", "--data-dir", str(root), "--url", server.base]) == 2
+        )
+    # Progress lines, then the error in one line.
+    *progress, error = capsys.readouterr().err.splitlines()
+    name = "train-images-idx3-ubyte.gz"
+    assert progress[0].startswith(f"downloading {server.base}/{name} (")
+    assert error + "\n" == (
+        f"dropcluster: error: {name} from {server.base}/{name}: MD5 {md5_of(served / name)} "
+        f"differs from the expected {downloads.FASHION_MNIST_MD5[name]}; the download was "
+        f"deleted: run `dropcluster download fashion-mnist` again to download it again\n"
+    )
+    assert list((root / "fashion-mnist").iterdir()) == []
+
+
+def test_fashion_mnist_with_the_official_md5_must_hold_the_official_counts(tmp_path, monkeypatch):
+    served = tmp_path / "served"
+    fashion_mnist_files(served)
+    digests = {name: md5_of(served / name) for name in FASHION_MNIST_NAMES}
+    monkeypatch.setattr(downloads, "FASHION_MNIST_MD5", digests)  # as if these were the release
+    root = tmp_path / "data"
+    with pytest.raises(
+        ValueError,
+        match=r"'train' files .* not valid \(the files have the official MD5s but hold 6 "
+        r"examples, not the official 60000\); they were deleted",
+    ):
+        download_fashion_mnist(root, url=served.as_uri(), md5=digests)
+    assert list((root / "fashion-mnist").iterdir()) == []
+
+
+def test_fashion_mnist_split_with_bad_content_is_deleted(tmp_path):
+    served = tmp_path / "served"
+    fashion_mnist_files(served)
+    write_idx(served / "t10k-labels-idx1-ubyte.gz", np.array([0, 1, 2, 12], np.uint8))
+    root = tmp_path / "data"
+    with pytest.raises(ValueError, match=r"'test' files .* labels in 0\.\.9, but holds 12"):
+        download_fashion_mnist(root, url=served.as_uri(), md5=None)
+    # The training split was valid and stays; the test split's files are gone.
+    assert sorted(path.name for path in (root / "fashion-mnist").iterdir()) == [
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+    ]
+
+
+def test_download_fashion_mnist_is_not_needed_where_debians_package_is(
+    tmp_path, monkeypatch, capsys
+):
+    fashion_mnist_files(tmp_path / "debian")
+    monkeypatch.setattr(fashion_mnist, "DEFAULT_ROOT", tmp_path / "debian")
+    monkeypatch.setenv("DROPCLUSTER_DATA", str(tmp_path / "data"))
+    assert main(["download", "fashion-mnist"]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"fashion-mnist: {tmp_path / 'debian'}\n"
+    assert "nothing to download" in err
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["mnist"], "dataset should be one of 'fashion-mnist', 'cifar10', 'cifar100'"),
+        (["tiny-imagenet-c"], "tiny-imagenet-c has no published MD5 that could be verified"),
+        (["cifar10", "--md5", "0" * 32, "--no-md5-check"], "give --md5 or --no-md5-check, not"),
+        (["cifar10", "--md5", "abc"], "--md5 should be 32 hexadecimal digits, but got 'abc'"),
+        (["fashion-mnist", "--md5", "0" * 32], "--md5 does not apply: give --no-md5-check"),
+        (["cifar10", "--data-dir", "{file}"], "--data-dir should be a folder, but"),
+        (["cifar10", "--data-dir", "{file}/data"], "a file is where a folder was expected"),
+    ],
+)
+def test_bad_download_command_is_one_line_and_status_2(
+    tmp_path, monkeypatch, capsys, argv, expected
+):
+    monkeypatch.setenv("DROPCLUSTER_DATA", str(tmp_path / "data"))
+    (tmp_path / "file").write_text("not a folder")
+    argv = [arg.format(file=tmp_path / "file") for arg in argv]
+    assert main(["download", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dropcluster: error: ") and err.count("\n") == 1
+    assert expected in err
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to any folder")
+def test_download_into_a_read_only_folder_is_one_line(tmp_path, capsys):
+    root = tmp_path / "read-only"
+    root.mkdir(mode=0o555)
+    assert main(["download", "cifar10", "--data-dir", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"dropcluster: error: {root} is not writable: choose a folder you may write to with "
+        f"--data-dir\n"
+    )

@@ -170,10 +170,47 @@ def test_missing_file_lists_what_the_folder_holds(tmp_path):
         load_fashion_mnist("train", tmp_path)
 
 
-def test_missing_default_folder_says_how_to_install(tmp_path, monkeypatch):
+def test_missing_default_folder_says_how_to_get_the_data(tmp_path, monkeypatch):
     monkeypatch.setattr(fashion_mnist, "DEFAULT_ROOT", tmp_path / "absent")
-    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+    monkeypatch.setenv("DROPCLUSTER_DATA", str(tmp_path / "data"))
+    with pytest.raises(FileNotFoundError) as error:
         load_fashion_mnist("train")
+    message = str(error.value)
+    assert f"in {tmp_path / 'absent'} or {tmp_path / 'data' / 'fashion-mnist'}, but" in message
+    assert "get the data with `dropcluster download fashion-mnist` or" in message
+    assert "`apt-get install dataset-fashion-mnist`" in message
+
+
+def test_default_is_debians_folder_then_the_downloaded_one(tmp_path, monkeypatch):
+    debian, downloaded = tmp_path / "debian", tmp_path / "data" / "fashion-mnist"
+    monkeypatch.setattr(fashion_mnist, "DEFAULT_ROOT", debian)
+    monkeypatch.setenv("DROPCLUSTER_DATA", str(tmp_path / "data"))
+    assert fashion_mnist.fashion_mnist_folders() == [debian, downloaded]
+    debian.mkdir()
+    downloaded.mkdir(parents=True)
+    write_split(downloaded, *random_split(3, seed=1))
+    debian_images, debian_labels = random_split(2, seed=2)
+    write_idx(debian / "train-images-idx3-ubyte.gz", debian_images)
+    # Debian's folder without its labels: the downloaded folder holds the whole split.
+    assert load_fashion_mnist("train")[1].tolist() == random_split(3, seed=1)[1].tolist()
+    write_idx(debian / "train-labels-idx1-ubyte.gz", debian_labels)
+    images, labels = load_fashion_mnist("train")  # now Debian's, first
+    assert np.array_equal(images[:, 0].numpy(), debian_images)
+    assert labels.tolist() == debian_labels.tolist()
+
+
+def test_given_folder_or_its_fashion_mnist_subfolder(tmp_path):
+    images, labels = random_split(3)
+    (tmp_path / "fashion-mnist").mkdir()
+    write_split(tmp_path / "fashion-mnist", images, labels)
+    loaded, _ = load_fashion_mnist("train", tmp_path)
+    assert np.array_equal(loaded[:, 0].numpy(), images)
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"t10k-images-idx3-ubyte\[\.gz\] is missing from .*; get the data with "
+        r"`dropcluster download fashion-mnist --data-dir .*`",
+    ):
+        load_fashion_mnist("test", tmp_path)
 
 
 def test_unknown_split_is_rejected():

@@ -282,6 +282,107 @@ def test_jobs_run_side_by_side_and_share_the_cores(tmp_path, monkeypatch):
         run_sweep(preset, tmp_path / "out", jobs=0)
 
 
+def _fake_gpus(monkeypatch, count: int) -> None:
+    """This machine as one with ``count`` CUDA devices (for the decisions; nothing runs there)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: f"Fake GPU {index}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
+def _recorded_workers(monkeypatch) -> list[dict]:
+    """Record each worker's command and environment instead of starting it (its stand-in exits
+    at once, so the run fails: only the assignment is looked at)."""
+    from dropcluster.experiments import sweep
+
+    started = []
+
+    def record(command, run_dir, env=None):
+        started.append({"run": run_dir.name, "command": command, **(env or {})})
+        return subprocess.Popen(["true"])
+
+    monkeypatch.setattr(sweep, "start_worker", record)
+    return started
+
+
+def test_local_jobs_default_to_one_per_visible_gpu_each_on_its_own(tmp_path, monkeypatch):
+    from dropcluster.experiments.backends import BackendSettings
+    from dropcluster.experiments.sweep import default_jobs
+
+    preset = tiny_preset(device="auto", epochs=1)
+    preset["grids"][0]["seed"] = [0, 1]  # 4 runs
+    _fake_gpus(monkeypatch, 3)
+    started = _recorded_workers(monkeypatch)
+    stream = io.StringIO()
+    summary = run_sweep(preset, tmp_path / "out", stream=stream, poll_seconds=0.01)
+    assert "4 to run, 3 at a time" in stream.getvalue() and len(summary.failed) == 4
+    # The first three start at once, one per GPU; the fourth takes the slot freed first.
+    assert [worker["DROPCLUSTER_DEVICE"] for worker in started[:3]] == [
+        "cuda:0",
+        "cuda:1",
+        "cuda:2",
+    ]
+    assert started[3]["DROPCLUSTER_DEVICE"] in {"cuda:0", "cuda:1", "cuda:2"}
+    # Two GPUs per run on 4: two runs at once, each under the launcher on its own pair.
+    started.clear()
+    _fake_gpus(monkeypatch, 4)
+    run_sweep(
+        preset,
+        tmp_path / "pairs",
+        stream=io.StringIO(),
+        poll_seconds=0.01,
+        backend=BackendSettings(gpus_per_run=2),
+    )
+    assert [worker["CUDA_VISIBLE_DEVICES"] for worker in started[:2]] == ["0,1", "2,3"]
+    assert all("dropcluster.train.launch" in worker["command"] for worker in started)
+    # One GPU named, or none visible: one run at a time.
+    assert (default_jobs("auto"), default_jobs("cuda"), default_jobs("cuda:1")) == (4, 4, 1)
+    assert default_jobs("cpu") == 1
+    _fake_gpus(monkeypatch, 0)
+    assert default_jobs("auto") == 1
+
+
+def test_the_dry_run_says_what_this_machine_gets(tmp_path, monkeypatch):
+    from dropcluster.experiments.backends import BackendSettings
+
+    stream = io.StringIO()
+    dry_run(tiny_preset(device="auto"), tmp_path / "out", [], stream)
+    lines = stream.getvalue().splitlines()
+    at = lines.index("on this machine:")
+    assert lines[at + 1 : at + 3] == [
+        "    device: cpu (auto: no CUDA device is visible)",
+        "    runs at a time: 1 (one per visible GPU, 1 without one; --jobs sets it)",
+    ]
+    _fake_gpus(monkeypatch, 4)
+    stream = io.StringIO()
+    pairs = BackendSettings(gpus_per_run=2)
+    dry_run(tiny_preset(device="auto", batch_size=32), tmp_path / "out", [], stream, backend=pairs)
+    lines = stream.getvalue().splitlines()
+    at = lines.index("on this machine:")
+    assert lines[at + 1 : at + 5] == [
+        "    device: cuda, one GPU per process (2 processes, by local rank) (auto: 4 CUDA "
+        "device(s) visible)",
+        "    runs at a time: 2 (one per visible GPU, 1 without one; --jobs sets it)",
+        "    processes per run: 2 (DistributedDataParallel), 16 images each per step; "
+        "sync-batchnorm off",
+        "warning: models with batch norm: each of the 2 processes computes batch norm "
+        "statistics over its own 16 images (batch_size 32 / 2), fewer than 32: noisy statistics "
+        "can cost accuracy; --sync-batchnorm (CUDA) computes them over the whole batch, or "
+        "raise --batch-size",
+    ]
+    stream = io.StringIO()
+    dry_run(tiny_preset(device="cuda:1"), tmp_path / "out", [], stream, jobs=3)
+    lines = stream.getvalue().splitlines()
+    at = lines.index("on this machine:")
+    assert lines[at + 1 : at + 3] == [
+        "    device: cuda:1, Fake GPU 1",
+        "    runs at a time: 3 (--jobs)",
+    ]
+
+
 def test_command_line_dry_run_overrides_and_errors(tmp_path, capsys):
     assert (
         main(
@@ -378,9 +479,11 @@ def test_sweep_settings_are_checked_but_the_device_may_change(tmp_path):
     preset = _evaluating_preset()
     out = tmp_path / "out"
     run_sweep(preset, out, stream=io.StringIO())
-    # Another device (or eval batch size) does not change results: the sweep continues.
+    # Another device, eval batch size or tracker does not change results: the sweep continues.
     again = run_sweep(
-        apply_overrides(preset, {"device": "auto", "eval_batch_size": 250}),
+        apply_overrides(
+            preset, {"device": "auto", "eval_batch_size": 250, "tracker": "tensorboard"}
+        ),
         out,
         stream=io.StringIO(),
     )

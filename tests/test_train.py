@@ -93,6 +93,30 @@ def test_bad_config_values_raise_clear_errors(values, message):
         TrainConfig.from_dict(values)
 
 
+def test_the_default_device_is_auto_and_a_run_says_which_device_it_takes(monkeypatch):
+    from dropcluster.train.config import describe_device
+
+    assert TrainConfig().device == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert TrainConfig().resolved_device() == torch.device("cpu")
+    assert describe_device("auto") == "device: cpu (auto: no CUDA device is visible)"
+    assert describe_device("cpu") == "device: cpu"
+    # A machine with two GPUs (faked: only the decision is looked at).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: f"GPU{index}")
+    assert TrainConfig().resolved_device() == torch.device("cuda")
+    assert describe_device("auto") == "device: cuda:0, GPU0 (auto: 2 CUDA device(s) visible)"
+    assert describe_device("cuda:1") == "device: cuda:1, GPU1"
+    assert describe_device("auto", world=2) == (
+        "device: cuda, one GPU per process (2 processes, by local rank) (auto: 2 CUDA device(s) "
+        "visible)"
+    )
+    with pytest.raises(ValueError, match="only 2 CUDA device"):
+        describe_device("cuda:2")
+
+
 def test_topk_correct_on_a_hand_made_case():
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.15], [0.2, 0.3, 0.5]])
     labels = torch.tensor([1, 2, 0])

@@ -5,6 +5,6 @@
 from dropcluster.hopkins import hopkins, spatial_hopkins
 from dropcluster.rena import ReNAResult, rena
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 __all__ = ["ReNAResult", "__version__", "hopkins", "rena", "spatial_hopkins"]

@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir",
         type=path_argument,
         default=None,
-        help="folder with the Fashion-MNIST IDX files (default: /usr/share/datasets/fashion-mnist)",
+        help="folder with the Fashion-MNIST IDX files (default: Debian's "
+        "/usr/share/datasets/fashion-mnist, else fashion-mnist/ in the data folder, where "
+        "`dropcluster download fashion-mnist` puts them)",
     )
     analysis.add_argument(
         "--n-images",
@@ -94,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analysis.set_defaults(handler=_run_cluster_analysis)
     _add_train_parser(commands)
+    from dropcluster.cli_download import add_download_parser
+
+    add_download_parser(commands)
     from dropcluster.cli_experiments import add_experiment_parsers
 
     add_experiment_parsers(commands)
@@ -123,6 +128,12 @@ def _add_train_parser(commands) -> None:
         help="set any config field, JSON values (e.g. --set lr_milestones=[150,200]); repeatable",
     )
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the settings, the device in force, the processes and the batch norm choice; "
+        "train and write nothing",
+    )
     train.add_argument(
         "--nproc-per-node",
         type=int_argument(1),
@@ -252,21 +263,22 @@ def _train_config(args: argparse.Namespace):
 def _run_train(args: argparse.Namespace) -> int:
 
     from dropcluster.train import distributed
+    from dropcluster.train.config import describe_device
     from dropcluster.train.launch import launch, rank_failure
     from dropcluster.train.loop import train
 
     config = _train_config(args)
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.dry_run:
+        return _train_dry_run(config, args, max(world, args.nproc_per_node))
     if args.nproc_per_node > 1 and world == 1:
         return launch(args.nproc_per_node, "dropcluster", _without_nproc(args.argv))
     if rank == 0:
-        processes = f" on {world} processes (DistributedDataParallel)" if world > 1 else ""
-        print(
-            f"dropcluster {__version__}: training {config.model} on {config.dataset} with "
-            f"{config.regularizer} (p={config.p}), {config.epochs} epochs{processes} -> "
-            f"{args.out}"
-        )
+        print(_train_headline(config, world, args.out))
+        print(describe_device(config.device, world), flush=True)
+        if config.tracker != "none":
+            print(_tracker_line(config, args.out), flush=True)
     try:
         result = train(config, args.out, resume=args.resume)
     except Exception as error:
@@ -291,6 +303,51 @@ def _run_train(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+    return 0
+
+
+def _train_headline(config, world: int, out: Path) -> str:
+    processes = f" on {world} processes (DistributedDataParallel)" if world > 1 else ""
+    return (
+        f"dropcluster {__version__}: training {config.model} on {config.dataset} with "
+        f"{config.regularizer} (p={config.p}), {config.epochs} epochs{processes} -> {out}"
+    )
+
+
+def _tracker_line(config, out: Path) -> str:
+    if config.tracker == "none":
+        return "tracker: none (the curves are in log.jsonl)"
+    return f"tracker: {config.tracker} (view with: tensorboard --logdir {out})"
+
+
+def _train_dry_run(config, args: argparse.Namespace, world: int) -> int:
+    """``train --dry-run``: the choices the run would make on this machine; nothing written."""
+    import json
+
+    from dropcluster.models import build_model
+    from dropcluster.train.config import describe_device
+    from dropcluster.train.loop import has_batch_norm
+
+    print(_train_headline(config, world, args.out) + " (dry run: nothing is trained or written)")
+    print(describe_device(config.device, world))
+    if world > 1:
+        share = config.batch_size // world
+        print(f"processes: {world} (DistributedDataParallel), {share} images each per step")
+        sync = "on: statistics over the whole batch" if config.sync_batchnorm else "off"
+        # The data set's class count does not matter here: only whether the model normalises.
+        model = build_model(config.model, n_classes=10, in_channels=3, stem=config.stem)
+        if not has_batch_norm(model):
+            sync += f" (no effect: {config.model} has no batch norm)"
+        elif config.sync_batchnorm and config.resolved_device().type != "cuda":
+            sync += " (needs CUDA devices: the run would be refused on the CPU)"
+        print(f"sync-batchnorm: {sync}")
+        warning = config.batch_norm_warning(world) if has_batch_norm(model) else None
+        if warning is not None:
+            print(f"warning: {warning}")
+    else:
+        print("processes: 1 (sync-batchnorm has no effect on one process)")
+    print(_tracker_line(config, args.out))
+    print(f"config: {json.dumps(config.to_dict(), sort_keys=True)}")
     return 0
 
 

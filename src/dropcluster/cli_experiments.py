@@ -135,9 +135,9 @@ def _add_sweep_parser(commands, name: str, text: str) -> None:
         "--jobs",
         type=int_argument(1),
         default=None,
-        help="runs at once (default: 1 on this machine; with several, each takes one GPU in "
-        "turn when the device is CUDA, or a share of the cores; on Ray or Slurm every pending "
-        "run is submitted)",
+        help="runs at once (default on this machine: one per visible GPU, each on its own, or 1 "
+        "without CUDA; with several on the CPU they share the cores; on Ray or Slurm every "
+        "pending run is submitted)",
     )
     sub.add_argument(
         "--only",
@@ -188,14 +188,22 @@ def _add_backend_arguments(sub) -> None:
         choices=("local", "ray", "slurm"),
         default="local",
         help="local: worker processes on this machine (default); ray: one Ray task per run; "
-        "slurm: one Slurm job per run (through submitit). The sweep folder has to be on a "
-        "filesystem every node sees",
+        "slurm: a Slurm job array, one task per run (through submitit). The sweep folder has "
+        "to be on a filesystem every node sees",
     )
     engines.add_argument(
         "--address",
         default=None,
         help="Ray: the cluster to join ('auto': the one this machine belongs to; default: "
         "start Ray here)",
+    )
+    engines.add_argument(
+        "--runtime-env",
+        type=_runtime_env_argument,
+        default=None,
+        metavar="JSON_OR_FILE",
+        help="Ray: the tasks' runtime environment (working_dir, pip, env_vars, ...), a JSON "
+        "object or a .json/.yaml file holding one",
     )
     engines.add_argument(
         "--gpus-per-run",
@@ -230,6 +238,44 @@ def _add_backend_arguments(sub) -> None:
         metavar="GB",
         help="Slurm: memory per job in GB",
     )
+    engines.add_argument("--account", default=None, help="Slurm: the account charged for the jobs")
+    engines.add_argument("--qos", default=None, help="Slurm: the quality of service of the jobs")
+    engines.add_argument(
+        "--constraint",
+        default=None,
+        help="Slurm: node features the jobs need, e.g. a100 or 'a100|h100'",
+    )
+    engines.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        type=_sbatch_argument,
+        metavar="NAME=VALUE",
+        help="Slurm: any other sbatch option, written as '#SBATCH --NAME=VALUE', e.g. "
+        "gres=gpu:a100:1 or mail-type=END (repeatable)",
+    )
+    engines.add_argument(
+        "--job-setup",
+        action="append",
+        default=[],
+        dest="setup",
+        metavar="LINE",
+        help="Slurm: a shell line each job runs before its run, e.g. 'module load cuda/12.1' "
+        "or 'source /nfs/venv/bin/activate' (repeatable, in order)",
+    )
+    engines.add_argument(
+        "--array-parallelism",
+        type=int_argument(1),
+        default=None,
+        metavar="N",
+        help="Slurm: at most N runs of the job array at once (--array=0-K%%N; default: no limit)",
+    )
+    engines.add_argument(
+        "--no-array",
+        action="store_false",
+        dest="array",
+        help="Slurm: one job per run (named after the run) instead of one job array",
+    )
     engines.add_argument(
         "--no-wait",
         action="store_false",
@@ -251,9 +297,45 @@ def _backend_settings(args: argparse.Namespace):
         "time_minutes": args.time_minutes,
         "mem_gb": args.mem_gb,
         "wait": args.wait,
+        "account": args.account,
+        "qos": args.qos,
+        "constraint": args.constraint,
+        "sbatch": dict(args.sbatch),
+        "setup": args.setup,
+        "array": args.array,
+        "array_parallelism": args.array_parallelism,
+        "runtime_env": args.runtime_env,
     }
     # Flags left out keep the settings' defaults.
     return BackendSettings(**{k: v for k, v in values.items() if v is not None})
+
+
+def _sbatch_argument(text: str) -> tuple[str, str]:
+    """An ``argparse`` type: ``--sbatch NAME=VALUE`` as ``(NAME, VALUE)``."""
+    name, equals, value = text.partition("=")
+    if not equals or not name.strip():
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=VALUE (an sbatch option and its value, e.g. gres=gpu:1), but got "
+            f"{text!r}"
+        )
+    return name.strip().lstrip("-"), value
+
+
+_sbatch_argument.__name__ = "sbatch option"
+
+
+def _runtime_env_argument(text: str) -> dict:
+    """An ``argparse`` type: Ray's runtime environment, a JSON object given inline or in a
+    .json/.yaml/.yml file."""
+    from dropcluster.experiments.backends.runtime_env import read_runtime_env
+
+    try:
+        return read_runtime_env(text)
+    except (OSError, ValueError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+_runtime_env_argument.__name__ = "runtime environment"
 
 
 def _add_collect_parser(commands) -> None:
@@ -479,9 +561,18 @@ def _run_sweep(args: argparse.Namespace) -> int:
     preset = _load_sweep_preset(args)
     out = args.out if args.out is not None else DEFAULT_OUT_PARENT / preset.name
     if args.dry_run:
-        dry_run(preset, out, args.only, sys.stdout)
+        dry_run(preset, out, args.only, sys.stdout, jobs=args.jobs, backend=_backend_settings(args))
         return 0
     backend = _backend_settings(args)
+    # A refused option in one line, before anything is written.
+    if backend.name == "slurm":
+        from dropcluster.experiments.backends.slurm import check_slurm_settings
+
+        check_slurm_settings(backend)
+    if backend.runtime_env is not None:
+        from dropcluster.experiments.backends.ray import check_runtime_env
+
+        check_runtime_env(backend.runtime_env)
     print(
         f"dropcluster {args.command}: preset {preset.name} ({preset.scale} scale) -> {out}",
         file=sys.stderr,

@@ -1,8 +1,9 @@
 """Data: the paper's data sets as uint8 tensors, subsets, batched augmentation, a device loader.
 
 ``fashion_mnist`` reads Fashion-MNIST's IDX files; ``datasets`` loads every data set by name;
-``downloads`` fetches and extracts CIFAR-10, CIFAR-100 and Tiny ImageNet and their released
-corrupted sets (CIFAR-10-C, CIFAR-100-C, Tiny-ImageNet-C); ``corrupted_sets`` reads those;
+``downloads`` fetches (resumably) Fashion-MNIST's files, and CIFAR-10, CIFAR-100 and Tiny
+ImageNet and their released corrupted sets (CIFAR-10-C, CIFAR-100-C, Tiny-ImageNet-C), which it
+extracts; ``corrupted_sets`` reads those;
 ``corruptions`` makes the 19 corruptions as tensor operations;
 ``subsets`` draws class-balanced fractions; ``augment`` augments whole batches on the device;
 ``loader`` iterates over a data set held on the device, with exact resume.
@@ -26,6 +27,7 @@ from dropcluster.data.downloads import (
     download_cifar10_c,
     download_cifar100,
     download_cifar100_c,
+    download_fashion_mnist,
     download_tiny_imagenet,
     download_tiny_imagenet_c,
 )
@@ -49,6 +51,7 @@ __all__ = [
     "download_cifar100",
     "download_cifar100_c",
     "download_cifar10_c",
+    "download_fashion_mnist",
     "download_tiny_imagenet",
     "download_tiny_imagenet_c",
     "load_dataset",

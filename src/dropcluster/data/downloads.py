@@ -13,6 +13,17 @@ of the folder.
 the same for the released corrupted sets of Hendrycks & Dietterich (2019) on Zenodo, counted by
 the checks of their loaders (:mod:`dropcluster.data.corrupted_sets`, "Completeness") and marked
 with :func:`~dropcluster.data.corrupted_sets.write_released_marker`.
+
+:func:`download_fashion_mnist` fetches Fashion-MNIST's four gzipped IDX files into
+``root/fashion-mnist`` (where :func:`~dropcluster.data.fashion_mnist.load_fashion_mnist` looks
+when Debian's package is not installed), checks their MD5 and, independently, their
+decompressed content.
+
+Downloads resume. An ``http(s)://`` transfer that stops (a dropped connection, Ctrl-C) keeps
+what it received in ``.NAME.part`` next to the file; the next call asks the server for the rest
+(``Range: bytes=N-``), appends it when the server answers 206 and starts again from zero when it
+answers 200. Other URLs (``file://``) start again. A download whose MD5 differs from the
+expected one is deleted.
 """
 
 from __future__ import annotations
@@ -20,11 +31,17 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import http.client
 import os
+import re
 import shutil
 import stat
+import sys
 import tarfile
 import tempfile
+import time
+import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 import zlib
@@ -58,6 +75,12 @@ from dropcluster.data.datasets import (
     tiny_imagenet_counts,
     write_completion_marker,
 )
+from dropcluster.data.fashion_mnist import (
+    DOWNLOAD_FOLDER,
+    SPLIT_FILES,
+    SPLIT_SIZES,
+    load_fashion_mnist,
+)
 
 __all__ = [
     "CIFAR100_C_ARCHIVE_URL",
@@ -66,12 +89,15 @@ __all__ = [
     "CIFAR10_C_ARCHIVE_URL",
     "CIFAR10_C_MD5",
     "CIFAR10_MD5",
+    "FASHION_MNIST_MD5",
+    "FASHION_MNIST_URL",
     "TINY_IMAGENET_C_ARCHIVE_URL",
     "TINY_IMAGENET_MD5",
     "download_cifar10",
     "download_cifar100",
     "download_cifar100_c",
     "download_cifar10_c",
+    "download_fashion_mnist",
     "download_tiny_imagenet",
     "download_tiny_imagenet_c",
 ]
@@ -97,9 +123,32 @@ CIFAR100_C_MD5 = "11f0ed0f1191edbf9fa23466ae6021d3"
 # Tiny-ImageNet-C.tar: no published MD5 could be verified, so download_tiny_imagenet_c has the
 # caller give one (or None, to skip the check knowingly).
 
+#: Zalando Research's official Fashion-MNIST files (the base URL of the four ``.gz`` files).
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+#: MD5 of the official gzipped files, as published in the README of
+#: zalandoresearch/fashion-mnist (and checked by torchvision's FashionMNIST). Debian's package
+#: re-compresses the files, so its ``.gz`` files differ; their decompressed bytes do not
+#: (:data:`dropcluster.data.fashion_mnist.SHA256`).
+FASHION_MNIST_MD5 = {
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+}
+
+#: Seconds between two progress lines of a download (``progress=True``).
+_PROGRESS_SECONDS = 5.0
+#: Seconds without an answer (connecting or reading) after which a download stops: resumable.
+_TIMEOUT_SECONDS = 60
+_CHUNK = 1 << 20
+
 
 def download_cifar100(
-    root: str | Path | None = None, *, url: str = CIFAR100_URL, md5: str | None = CIFAR100_MD5
+    root: str | Path | None = None,
+    *,
+    url: str = CIFAR100_URL,
+    md5: str | None = CIFAR100_MD5,
+    progress: bool = False,
 ) -> Path:
     """Download and extract CIFAR-100 (python version) into ``root``, unless it is there.
 
@@ -117,6 +166,7 @@ def download_cifar100(
         url: where the ``.tar.gz`` archive is (any URL urllib opens, ``file://`` included).
         md5: expected MD5 of the archive; None skips the check. An archive whose MD5 is the
             official one must also hold the official counts.
+        progress: print a line to stderr every few seconds while downloading.
 
     Returns:
         The path of the ``cifar-100-python`` folder.
@@ -126,6 +176,9 @@ def download_cifar100(
             too), an archive member that is not a plain file or folder inside the destination
             (absolute paths, ``..``, links, devices), or an archive without a complete
             ``cifar-100-python/``.
+        ConnectionError: the transfer stopped before the end; for an ``http(s)://`` URL what
+            arrived is kept in ``root/.cifar-100-python.tar.gz.part`` and the next call asks
+            only for the rest (the message names the file; delete it to start over).
         OSError: the disk is full or read-only; nothing partial is left behind.
     """
     return _download_dataset(
@@ -138,11 +191,16 @@ def download_cifar100(
         suffix=".tar.gz",
         extract=_extract_tar,
         count=cifar100_counts,
+        progress=progress,
     )
 
 
 def download_cifar10(
-    root: str | Path | None = None, *, url: str = CIFAR10_URL, md5: str | None = CIFAR10_MD5
+    root: str | Path | None = None,
+    *,
+    url: str = CIFAR10_URL,
+    md5: str | None = CIFAR10_MD5,
+    progress: bool = False,
 ) -> Path:
     """Download and extract CIFAR-10 (python version, about 163 MB) into ``root``, unless it is
     there.
@@ -159,6 +217,7 @@ def download_cifar10(
         url: where the ``.tar.gz`` archive is (any URL urllib opens, ``file://`` included).
         md5: expected MD5 of the archive; None skips the check. An archive whose MD5 is the
             official one must also hold the official counts.
+        progress: print a line to stderr every few seconds while downloading.
 
     Returns:
         The path of the ``cifar-10-batches-py`` folder.
@@ -166,6 +225,7 @@ def download_cifar10(
     Raises:
         ValueError: as :func:`download_cifar100`, for an archive without a complete
             ``cifar-10-batches-py/``.
+        ConnectionError: as :func:`download_cifar100` (the transfer stopped; resumable).
         OSError: the disk is full or read-only; nothing partial is left behind.
     """
     return _download_dataset(
@@ -179,6 +239,7 @@ def download_cifar10(
         extract=_extract_tar,
         count=cifar10_counts,
         archive_name=CIFAR10_ARCHIVE,
+        progress=progress,
     )
 
 
@@ -187,6 +248,7 @@ def download_tiny_imagenet(
     *,
     url: str = TINY_IMAGENET_URL,
     md5: str | None = TINY_IMAGENET_MD5,
+    progress: bool = False,
 ) -> Path:
     """Download and extract Tiny ImageNet (about 240 MB) into ``root``, unless it is there.
 
@@ -199,6 +261,7 @@ def download_tiny_imagenet(
         root: destination folder (created); None: the default data folder.
         url: where the ``.zip`` archive is (any URL urllib opens, ``file://`` included).
         md5: expected MD5 of the archive; None skips the check.
+        progress: print a line to stderr every few seconds while downloading.
 
     Returns:
         The path of the ``tiny-imagenet-200`` folder.
@@ -217,6 +280,7 @@ def download_tiny_imagenet(
         suffix=".zip",
         extract=_extract_zip,
         count=tiny_imagenet_counts,
+        progress=progress,
     )
 
 
@@ -225,6 +289,7 @@ def download_cifar10_c(
     *,
     url: str = CIFAR10_C_ARCHIVE_URL,
     md5: str | None = CIFAR10_C_MD5,
+    progress: bool = False,
 ) -> Path:
     """Download and extract CIFAR-10-C (about 2.9 GB) into ``root``, unless it is there.
 
@@ -243,6 +308,7 @@ def download_cifar10_c(
         md5: expected MD5 of the archive (default: the published one, :data:`CIFAR10_C_MD5`);
             None skips the check. An archive whose MD5 is the official one must also hold the
             release.
+        progress: print a line to stderr every few seconds while downloading.
 
     Returns:
         The path of the ``CIFAR-10-C`` folder.
@@ -263,6 +329,7 @@ def download_cifar10_c(
         suffix=".tar",
         extract=_extract_tar,
         count=cifar10_c_counts,
+        progress=progress,
     )
 
 
@@ -271,6 +338,7 @@ def download_cifar100_c(
     *,
     url: str = CIFAR100_C_ARCHIVE_URL,
     md5: str | None = CIFAR100_C_MD5,
+    progress: bool = False,
 ) -> Path:
     """Download and extract CIFAR-100-C (about 2.9 GB) into ``root``, unless it is there.
 
@@ -282,6 +350,7 @@ def download_cifar100_c(
         url: where ``CIFAR-100-C.tar`` is (any URL urllib opens, ``file://`` included).
         md5: expected MD5 of the archive (default: the published one, :data:`CIFAR100_C_MD5`);
             None skips the check.
+        progress: print a line to stderr every few seconds while downloading.
 
     Returns:
         The path of the ``CIFAR-100-C`` folder.
@@ -299,6 +368,7 @@ def download_cifar100_c(
         suffix=".tar",
         extract=_extract_tar,
         count=cifar100_c_counts,
+        progress=progress,
     )
 
 
@@ -307,6 +377,7 @@ def download_tiny_imagenet_c(
     *,
     md5: str | None,
     url: str = TINY_IMAGENET_C_ARCHIVE_URL,
+    progress: bool = False,
 ) -> Path:
     """Download and extract Tiny-ImageNet-C into ``root``, unless it is there.
 
@@ -323,6 +394,7 @@ def download_tiny_imagenet_c(
             https://zenodo.org/records/2536630), or None to skip the check knowingly. No
             published value could be verified for this project, so there is no default.
         url: where ``Tiny-ImageNet-C.tar`` is (any URL urllib opens, ``file://`` included).
+        progress: print a line to stderr every few seconds while downloading.
 
     Returns:
         The path of the ``Tiny-ImageNet-C`` folder.
@@ -340,7 +412,68 @@ def download_tiny_imagenet_c(
         suffix=".tar",
         extract=_extract_tar,
         count=tiny_imagenet_c_counts,
+        progress=progress,
     )
+
+
+def download_fashion_mnist(
+    root: str | Path | None = None,
+    *,
+    url: str = FASHION_MNIST_URL,
+    md5: dict[str, str] | None = FASHION_MNIST_MD5,
+    progress: bool = False,
+) -> Path:
+    """Download Fashion-MNIST's four gzipped IDX files (about 30 MB) into ``root/fashion-mnist``.
+
+    :func:`~dropcluster.data.fashion_mnist.load_fashion_mnist` reads them from there: with no
+    ``root`` it looks in Debian's folder (:data:`~dropcluster.data.fashion_mnist.DEFAULT_ROOT`)
+    first, then in the default data folder's ``fashion-mnist``; given a folder, it looks in the
+    folder, then in its ``fashion-mnist``. Each file is downloaded through ``.NAME.part``
+    (resumed after an interruption, as :func:`download_cifar100`), checked against its MD5 and
+    renamed into place; each split is then read back and checked (IDX headers, 28x28 images,
+    as many labels as images, labels 0..9; files of the official size must have the official
+    decompressed SHA-256, :data:`~dropcluster.data.fashion_mnist.SHA256`), and a split that
+    fails is deleted. Files already there are reused when their MD5 is the expected one.
+    Concurrent calls on the same folder wait for each other.
+
+    Args:
+        root: the data folder (created); None: the default data folder
+            (:func:`~dropcluster.data.datasets.default_root`).
+        url: the base URL of the four files (``http(s)://`` or ``file://``; the file names are
+            appended), e.g. a mirror.
+        md5: the expected MD5 of each ``.gz`` file, by file name (default: the published ones,
+            :data:`FASHION_MNIST_MD5`); None skips the MD5 check (for a mirror that
+            re-compresses the files, as Debian does); the content is checked either way. Files
+            with the official MD5 must also hold the official counts (60000 and 10000).
+
+    Returns:
+        The folder that holds the four files, ``root/fashion-mnist``.
+
+    Raises:
+        ValueError: ``md5`` without the four file names, a checksum mismatch (the file is
+            deleted; the message names it), or a split whose files are not valid Fashion-MNIST
+            IDX files (deleted too).
+        ConnectionError: a transfer stopped; as :func:`download_cifar100`, what arrived is kept
+            in ``.NAME.part`` and the next call resumes.
+        OSError: the disk is full or read-only.
+    """
+    names = [stem + ".gz" for stems in SPLIT_FILES.values() for stem in stems]
+    if md5 is not None and sorted(md5) != sorted(names):
+        raise ValueError(f"md5 should map the file names {names} to MD5s, but has {sorted(md5)}")
+    folder = (default_root() if root is None else Path(root)) / DOWNLOAD_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    base = url if url.endswith("/") else url + "/"
+    with _download_lock(folder):
+        for split, stems in SPLIT_FILES.items():
+            digests = {}
+            for stem in stems:
+                name = stem + ".gz"
+                expected = None if md5 is None else md5[name]
+                _, digests[name] = _download(
+                    base + name, folder / name, expected, dataset="fashion-mnist", progress=progress
+                )
+            _check_fashion_mnist_split(folder, split, digests)
+    return folder
 
 
 def _download_dataset(
@@ -355,6 +488,7 @@ def _download_dataset(
     extract: Callable[[Path, Path, str], None],
     count: Callable[[Path], dict[str, int]],
     archive_name: str | None = None,
+    progress: bool = False,
 ) -> Path:
     """Download, extract into a temporary folder, check, mark complete, rename into place.
 
@@ -365,13 +499,16 @@ def _download_dataset(
     folder = root / folder_name
     archive_name = archive_name or folder_name + suffix
     with _download_lock(root):
-        # Holding the lock, any temporary file or folder left here is a killed process's.
-        # (A set: for CIFAR-100 the two .part patterns match the same files.)
+        # Holding the lock, any temporary file or folder left here is a killed process's; the
+        # fixed-name partial download is kept (the next transfer resumes it). The random-name
+        # .part files are older versions' temporary downloads. (A set: for CIFAR-100 the two
+        # .part patterns match the same files.)
+        resumable = _partial_path(root / archive_name)
         stale_paths = {
             *root.glob(f".{folder_name}.partial-*"),
             *root.glob(f".{folder_name}*.part"),
             *root.glob(f".{archive_name}*.part"),
-        }
+        } - {resumable}
         for stale in sorted(stale_paths):
             if stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale, ignore_errors=True)
@@ -379,7 +516,9 @@ def _download_dataset(
                 stale.unlink(missing_ok=True)
         if _is_complete(folder, dataset, count):
             return folder
-        archive, digest = _download(url, root / archive_name, md5)
+        archive, digest = _download(
+            url, root / archive_name, md5, dataset=dataset, progress=progress
+        )
         partial = Path(tempfile.mkdtemp(dir=root, prefix=f".{folder_name}.partial-"))
         try:
             extract(archive, partial, folder_name)
@@ -405,6 +544,26 @@ def _download_dataset(
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     return folder
+
+
+def _check_fashion_mnist_split(folder: Path, split: str, digests: dict[str, str]) -> None:
+    """Read a downloaded split back as the loader does; delete its files if they fail."""
+    try:
+        _, labels = load_fashion_mnist(split, folder, verify=True)
+        official = all(FASHION_MNIST_MD5[name] == digest for name, digest in digests.items())
+        if official and len(labels) != SPLIT_SIZES[split]:
+            raise ValueError(
+                f"the files have the official MD5s but hold {len(labels)} examples, not the "
+                f"official {SPLIT_SIZES[split]}"
+            )
+    except ValueError as error:
+        for name in digests:
+            (folder / name).unlink(missing_ok=True)
+        raise ValueError(
+            f"the downloaded Fashion-MNIST {split!r} files {sorted(digests)} in {folder} are "
+            f"not valid ({error}); they were deleted: run `dropcluster download fashion-mnist` "
+            f"again to download them again"
+        ) from error
 
 
 def _is_complete(folder: Path, dataset: str, count: Callable[[Path], dict[str, int]]) -> bool:
@@ -478,36 +637,211 @@ def _download_lock(root: Path) -> Iterator[None]:
         os.close(descriptor)  # closing drops the lock
 
 
-def _download(url: str, destination: Path, md5: str | None) -> tuple[Path, str]:
-    """Fetch ``url`` into ``destination`` through a temporary file; verify its MD5.
+def _download(
+    url: str, destination: Path, md5: str | None, *, dataset: str, progress: bool = False
+) -> tuple[Path, str]:
+    """Fetch ``url`` into ``destination`` through ``.NAME.part``, resuming; verify its MD5.
 
-    Returns the path and the archive's MD5 (an archive already there is reused when its MD5
-    is the expected one, or when no MD5 is expected).
+    Returns the path and the file's MD5 (a file already there is reused when its MD5 is the
+    expected one, or when no MD5 is expected). ``dataset`` names the data set in messages.
+
+    Raises:
+        ConnectionError: the server could not be reached, or the transfer stopped (a dropped
+            connection, fewer bytes than the server announced); for an ``http(s)://`` URL the
+            partial file is kept.
+        ValueError: MD5 mismatch; the download is deleted.
+        OSError: writing failed (full or read-only disk); the partial file is deleted.
+        KeyboardInterrupt: as it came; for an ``http(s)://`` URL the partial file is kept.
     """
     destination.parent.mkdir(parents=True, exist_ok=True)
     if destination.is_file():
         existing = _md5(destination)
         if md5 is None or existing == md5:
             return destination, existing
+    partial = _partial_path(destination)
+    # Only an http(s) server can send the rest of a file; anything else starts again.
+    keep = urllib.parse.urlsplit(url).scheme.lower() in ("http", "https")
+    offset = partial.stat().st_size if keep and partial.is_file() else 0
     digest = hashlib.md5(usedforsecurity=False)
-    handle, temporary = tempfile.mkstemp(
-        dir=destination.parent, prefix=f".{destination.name}.", suffix=".part"
-    )
     try:
-        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url) as response:
-            while chunk := response.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-        if md5 is not None and digest.hexdigest() != md5:
-            raise ValueError(
-                f"{url}: MD5 {digest.hexdigest()} differs from the expected {md5}; the "
-                f"download was deleted"
+        response, offset, total = _open(url, offset, dataset)
+        with response:
+            _receive(
+                response,
+                partial,
+                offset,
+                digest,
+                keep=keep,
+                url=url,
+                total=total,
+                dataset=dataset,
+                progress=progress,
+                destination=destination,
             )
-        os.replace(temporary, destination)
+        if md5 is not None and digest.hexdigest() != md5:
+            keep = False
+            raise ValueError(
+                f"{destination.name} from {url}: MD5 {digest.hexdigest()} differs from the "
+                f"expected {md5}; the download was deleted: run `dropcluster download "
+                f"{dataset}` again to download it again"
+            )
+        os.replace(partial, destination)
+    except OSError as error:
+        # A local failure (a full or read-only disk): the partial file goes too.
+        if not isinstance(error, ConnectionError):
+            keep = False
+        raise
     finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        if os.path.exists(partial) and (not keep or os.path.getsize(partial) == 0):
+            os.remove(partial)
     return destination, digest.hexdigest()
+
+
+def _receive(
+    response,
+    partial: Path,
+    offset: int,
+    digest,
+    *,
+    keep: bool,
+    url: str,
+    total: int | None,
+    dataset: str,
+    progress: bool,
+    destination: Path,
+) -> int:
+    """Write the body of ``response`` to ``partial`` (appended after its first ``offset``
+    bytes, which are hashed first); return the size of ``partial``.
+
+    A failed read, or fewer bytes than ``total``, raises a ConnectionError that says whether
+    ``partial`` is kept (``keep``) for the next call to resume.
+    """
+    if offset:
+        with open(partial, "rb") as received:
+            while chunk := received.read(_CHUNK):
+                digest.update(chunk)
+    report = _Progress(url, destination, offset, total) if progress else None
+    size = offset
+    with open(partial, "ab" if offset else "wb") as out:
+        while True:
+            try:
+                chunk = response.read(_CHUNK)
+            except (OSError, http.client.HTTPException) as error:
+                raise ConnectionError(
+                    _stopped(url, dataset, partial, size, total, error, keep and size > 0)
+                ) from error
+            if not chunk:
+                break
+            out.write(chunk)
+            digest.update(chunk)
+            size += len(chunk)
+            if report is not None:
+                report.update(size)
+    if total is not None and size < total:
+        # http.client ends a body cut short without an error; the length tells.
+        raise ConnectionError(
+            _stopped(url, dataset, partial, size, total, "connection closed", keep and size > 0)
+        )
+    if report is not None:
+        report.done(size)
+    return size
+
+
+def _partial_path(destination: Path) -> Path:
+    """Where the download of ``destination`` is written until it is complete and checked."""
+    return destination.parent / f".{destination.name}.part"
+
+
+def _open(url: str, offset: int, dataset: str):
+    """Open ``url``, asking for the bytes from ``offset`` on when it is above 0.
+
+    Returns the response, the offset its body starts at (0 when the server sent the whole file:
+    an answer 200, or a 206 for another range) and the file's total size (None: unknown).
+    """
+    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=_TIMEOUT_SECONDS)
+    except urllib.error.HTTPError as error:
+        error.close()
+        if error.code == 416 and offset:
+            # Range Not Satisfiable: the partial file is as long as the file, or longer
+            # (another file now has the name); start again.
+            return _open(url, 0, dataset)
+        raise ConnectionError(
+            f"{url}: the server answered HTTP {error.code} {error.reason}; check the URL, then "
+            f"run `dropcluster download {dataset}` again"
+        ) from error
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
+        reason = getattr(error, "reason", error)
+        raise ConnectionError(
+            f"{url}: cannot download it ({reason}); check the URL and the network, then run "
+            f"`dropcluster download {dataset}` again"
+        ) from error
+    headers = getattr(response, "headers", None) or {}
+    if offset:
+        content_range = re.fullmatch(
+            r"bytes (\d+)-\d+/(\d+|\*)", str(headers.get("Content-Range", "")).strip()
+        )
+        if getattr(response, "status", None) == 206 and content_range:
+            if int(content_range[1]) == offset:
+                total = content_range[2]
+                return response, offset, int(total) if total.isdigit() else None
+        if getattr(response, "status", None) == 206:
+            response.close()  # another range than the one asked for: start again
+            return _open(url, 0, dataset)
+    length = str(headers.get("Content-Length", ""))
+    return response, 0, int(length) if length.isdigit() else None
+
+
+def _stopped(
+    url: str,
+    dataset: str,
+    partial: Path,
+    size: int,
+    total: int | None,
+    error: object,
+    kept: bool,
+) -> str:
+    """The message of a transfer that stopped before the end."""
+    of_total = f" of {total}" if total is not None else ""
+    where = f"{url}: the download stopped after {size}{of_total} bytes ({error})"
+    if not kept:
+        return f"{where}; run `dropcluster download {dataset}` again to download it again"
+    return (
+        f"{where}; {partial} keeps them: run `dropcluster download {dataset}` (or this call) "
+        f"again to download the rest, or delete {partial} to start over"
+    )
+
+
+class _Progress:
+    """Prints a line to stderr every :data:`_PROGRESS_SECONDS` seconds of a download."""
+
+    def __init__(self, url: str, destination: Path, offset: int, total: int | None) -> None:
+        self.total = total
+        self.last = time.monotonic()
+        size = f" ({_size(total)})" if total is not None else ""
+        resume = f", resuming after {_size(offset)}" if offset else ""
+        print(f"downloading {url}{size} to {destination}{resume}", file=sys.stderr, flush=True)
+
+    def update(self, size: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= _PROGRESS_SECONDS:
+            self.last = now
+            self._line(size)
+
+    def done(self, size: int) -> None:
+        self._line(size)
+
+    def _line(self, size: int) -> None:
+        if self.total:
+            line = f"{_size(size)} of {_size(self.total)} ({100 * size // self.total} %)"
+        else:
+            line = _size(size)
+        print(f"  {line}", file=sys.stderr, flush=True)
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes} bytes" if n_bytes < 10**6 else f"{n_bytes / 1e6:.1f} MB"
 
 
 def _md5(path: Path) -> str:

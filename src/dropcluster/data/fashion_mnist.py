@@ -1,4 +1,4 @@
-"""Fashion-MNIST from local IDX files (Xiao, Rasul & Vollgraf 2017), with no download.
+"""Fashion-MNIST from local IDX files (Xiao, Rasul & Vollgraf 2017).
 
 The four files keep their official names, gzipped or raw::
 
@@ -7,10 +7,13 @@ The four files keep their official names, gzipped or raw::
     root/t10k-images-idx3-ubyte[.gz]    10000 images
     root/t10k-labels-idx1-ubyte[.gz]    10000 labels
 
-The default root is where Debian's ``dataset-fashion-mnist`` package installs them
-(``apt-get install dataset-fashion-mnist``). An IDX file is a big-endian header, the magic
-number ``0x0000 08 nd`` (08: unsigned bytes, nd: number of dimensions), then ``nd`` uint32
-sizes, then the row-major data.
+With no root given, the files are looked for where Debian's ``dataset-fashion-mnist`` package
+installs them (:data:`DEFAULT_ROOT`; ``apt-get install dataset-fashion-mnist``), then in the
+default data folder's ``fashion-mnist`` (:data:`DOWNLOAD_FOLDER`), where
+:func:`~dropcluster.data.downloads.download_fashion_mnist` (``dropcluster download
+fashion-mnist``) puts them. An IDX file is a big-endian header, the magic number
+``0x0000 08 nd`` (08: unsigned bytes, nd: number of dimensions), then ``nd`` uint32 sizes,
+then the row-major data.
 """
 
 from __future__ import annotations
@@ -28,19 +31,24 @@ from dropcluster.validation import check_choice
 
 __all__ = [
     "DEFAULT_ROOT",
+    "DOWNLOAD_FOLDER",
     "FASHION_MNIST_CLASSES",
     "IDX_UBYTE",
     "IMAGE_SIZE",
     "SHA256",
     "SPLIT_FILES",
     "SPLIT_SIZES",
+    "fashion_mnist_folders",
     "load_fashion_mnist",
     "read_idx",
     "write_idx",
 ]
 
 
+#: Where Debian's ``dataset-fashion-mnist`` installs the files: the first place looked in.
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
+#: The subfolder of a data folder that ``dropcluster download fashion-mnist`` fills.
+DOWNLOAD_FOLDER = "fashion-mnist"
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
@@ -79,7 +87,7 @@ SHA256 = {
 #: Third byte of the magic number of unsigned-byte data, the only IDX type used here.
 IDX_UBYTE = 0x08
 
-_INSTALL_HINT = "install the data with `apt-get install dataset-fashion-mnist` (or `make data`)"
+_DEBIAN_HINT = "`apt-get install dataset-fashion-mnist` (Debian's package; or `make data`)"
 
 
 def load_fashion_mnist(
@@ -89,9 +97,12 @@ def load_fashion_mnist(
 
     Args:
         split: ``"train"`` (60000 examples) or ``"test"`` (10000, the ``t10k`` files).
-        root: folder that holds the files; ``None`` is :data:`DEFAULT_ROOT`, where Debian's
-            ``dataset-fashion-mnist`` installs them. Each file may be gzipped (``name.gz``) or
-            raw (``name``); the raw file is read when both exist.
+        root: folder that holds the files, or whose ``fashion-mnist`` subfolder holds them
+            (where ``dropcluster download fashion-mnist --data-dir ROOT`` puts them); ``None``:
+            :data:`DEFAULT_ROOT`, where Debian's ``dataset-fashion-mnist`` installs them, then
+            the default data folder's ``fashion-mnist`` (:func:`fashion_mnist_folders`). The
+            first of these folders that holds both files of the split is read. Each file may
+            be gzipped (``name.gz``) or raw (``name``); the raw file is read when both exist.
         verify: check the SHA-256 of the decompressed bytes against :data:`SHA256` when a file
             holds the official number of examples.
             Smaller files, such as the ones tests generate with :func:`write_idx`, cannot be
@@ -106,14 +117,12 @@ def load_fashion_mnist(
         ValueError: unknown split, malformed or truncated file, wrong magic number, image size
             not 28x28, image and label counts that disagree, labels outside 0..9, or a
             checksum mismatch.
-        FileNotFoundError: the folder or one of the two files of the split is missing; the
-            message lists the expected layout and what the folder holds.
+        FileNotFoundError: no folder holds the two files of the split; the message lists the
+            expected layout, what each folder holds and how to get the data.
     """
     check_choice("split", split, SPLIT_FILES)
-    folder = DEFAULT_ROOT if root is None else Path(root)
+    image_path, label_path = _find_split(fashion_mnist_folders(root), split, root)
     image_stem, label_stem = SPLIT_FILES[split]
-    image_path = _find_file(folder, image_stem, split, root is None)
-    label_path = _find_file(folder, label_stem, split, root is None)
 
     images = _read_checked(image_path, image_stem, 3, SPLIT_SIZES[split], verify)
     labels = _read_checked(label_path, label_stem, 1, SPLIT_SIZES[split], verify)
@@ -192,24 +201,60 @@ def write_idx(path: str | Path, array: np.ndarray | Tensor) -> Path:
     return path
 
 
-def _find_file(folder: Path, stem: str, split: str, default_root: bool) -> Path:
-    """The raw or gzipped file ``stem`` in ``folder``, or a FileNotFoundError that explains."""
+def fashion_mnist_folders(root: str | Path | None = None) -> list[Path]:
+    """The folders :func:`load_fashion_mnist` looks in, in order.
+
+    Args:
+        root: None: :data:`DEFAULT_ROOT` (Debian's package), then ``DATA/fashion-mnist`` where
+            DATA is the default data folder (:func:`~dropcluster.data.datasets.default_root`:
+            ``$DROPCLUSTER_DATA``, else ``~/.cache/dropcluster/data``); a folder: the folder,
+            then its ``fashion-mnist`` subfolder.
+
+    Returns:
+        The two folders, whether they exist or not.
+    """
+    if root is not None:
+        return [Path(root), Path(root) / DOWNLOAD_FOLDER]
+    # Imported here: datasets imports this module.
+    from dropcluster.data.datasets import default_root
+
+    return [DEFAULT_ROOT, default_root() / DOWNLOAD_FOLDER]
+
+
+def _find_split(folders: list[Path], split: str, root: str | Path | None) -> tuple[Path, Path]:
+    """The image and label files of ``split`` in the first folder holding both, or a
+    FileNotFoundError that says what each folder holds and how to get the data."""
+    stems = SPLIT_FILES[split]
+    for folder in folders:
+        found = [_find_file(folder, stem) for stem in stems]
+        if found[0] is not None and found[1] is not None:
+            return found[0], found[1]
+    # Report on the first folder that holds anything (the one the user meant), else the first.
+    folder = next((f for f in folders if f.is_dir() and any(f.iterdir())), folders[0])
+    missing = next(stem for stem in stems if _find_file(folder, stem) is None)
+    described = []
+    for candidate in folders:
+        if not candidate.is_dir():
+            described.append(f"{candidate} does not exist")
+        else:
+            names = sorted(child.name for child in candidate.iterdir())
+            described.append(f"{candidate} holds {names}" if names else f"{candidate} is empty")
+    expected = " and ".join(f"{stem}[.gz]" for stem in stems)
+    data_dir = "" if root is None else f" --data-dir {root}"
+    raise FileNotFoundError(
+        f"Fashion-MNIST {split!r} split: expected {expected} in {' or '.join(map(str, folders))}, "
+        f"but {missing}[.gz] is missing from {folder} ({'; '.join(described)}); get the data "
+        f"with `dropcluster download fashion-mnist{data_dir}` or {_DEBIAN_HINT}"
+    )
+
+
+def _find_file(folder: Path, stem: str) -> Path | None:
+    """The raw or gzipped file ``stem`` in ``folder`` (raw first), or None."""
     for name in (stem, stem + ".gz"):
         candidate = folder / name
         if candidate.is_file():
             return candidate
-    image_stem, label_stem = SPLIT_FILES[split]
-    expected = f"{image_stem}[.gz] and {label_stem}[.gz]"
-    if folder.is_dir():
-        found = sorted(child.name for child in folder.iterdir())
-        found_text = f"it holds {found}" if found else "it is empty"
-    else:
-        found_text = "the folder does not exist"
-    hint = f"; {_INSTALL_HINT}" if default_root else ""
-    raise FileNotFoundError(
-        f"Fashion-MNIST {split!r} split: expected {expected} in {folder}, but {stem}[.gz] is "
-        f"missing ({found_text}){hint}"
-    )
+    return None
 
 
 def _read_checked(

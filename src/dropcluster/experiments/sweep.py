@@ -5,7 +5,8 @@ Layout of the output folder ``OUT``::
     OUT/preset.json         the preset the sweep runs (with --set overrides applied)
     OUT/results.sqlite      the results database (runs, epochs, corruptions, clusters)
     OUT/runs/<run id>/      one folder per run: job.json, config.json, checkpoint.pt, log.jsonl,
-                            result.json, corruptions.json, worker.log
+                            result.json, corruptions.json, worker.log (and TensorBoard's
+                            event files under --set tracker=tensorboard)
 
 Each run is trained by a worker process (:mod:`dropcluster.experiments.worker`) that resumes
 from the run's own checkpoint, so the sweep can be killed at any moment and started again with
@@ -14,11 +15,11 @@ finished epoch, and a failed run (its error is kept in the database) is retried.
 process writes the database, each run's results in one transaction.
 
 Where the workers run is a backend's business (:mod:`dropcluster.experiments.backends`):
-processes on this machine (the default, ``jobs`` at a time), Ray tasks or Slurm jobs. Whatever
-the backend, a run writes only its own folder, and this process records its results from there
-(:mod:`~dropcluster.experiments.run_folder` reads and checks them); a run found finished in its
-folder (a Slurm job that ended after a ``--no-wait`` submission, a worker that finished after
-its sweep died) is recorded without training again.
+processes on this machine (the default, ``jobs`` at a time: one per visible GPU unless told),
+Ray tasks or Slurm jobs. Whatever the backend, a run writes only its own folder, and this
+process records its results from there (:mod:`~dropcluster.experiments.run_folder` reads and
+checks them); a run found finished in its folder (a Slurm job that ended after a ``--no-wait``
+submission, a worker that finished after its sweep died) is recorded without training again.
 """
 
 from __future__ import annotations
@@ -66,7 +67,13 @@ from dropcluster.experiments.store import (
 )
 from dropcluster.experiments.worker import write_job
 from dropcluster.files import atomic_write_json
-from dropcluster.train.config import ADDED_FIELDS, NOT_IDENTITY, resolve_device
+from dropcluster.train.config import (
+    ADDED_FIELDS,
+    DEFAULT_DEVICE,
+    NOT_IDENTITY,
+    describe_device,
+    resolve_device,
+)
 from dropcluster.train.loop import LOG_NAME, read_log
 from dropcluster.validation import check_int
 
@@ -80,12 +87,14 @@ __all__ = [
     "SWEEP_LOCK_NAME",
     "SweepSummary",
     "changed_settings",
+    "default_jobs",
     "dry_run",
     "estimate_seconds",
     "failure_reason",
     "format_duration",
     "format_settings",
     "identity_base",
+    "machine_note",
     "measured_rates",
     "never_fitted_note",
     "plan",
@@ -360,12 +369,70 @@ def never_fitted_note(specs: list[RunSpec]) -> str:
     )
 
 
-def dry_run(
-    preset: Preset | dict[str, Any], out: Path, only: list[str], stream: TextIO
-) -> list[RunSpec]:
-    """Print the grid, each run's status and the estimated cost; write nothing.
+def _base_device(preset: Preset) -> str:
+    return preset.base.get("device", DEFAULT_DEVICE)
 
-    ``preset`` is a :class:`~dropcluster.experiments.presets.Preset` or its JSON form.
+
+def default_jobs(device: str, procs: int = 1) -> int:
+    """Runs at once on this machine when ``jobs`` is not given: one per visible CUDA device
+    (``procs`` of them per run: the devices // ``procs``) for a device that names no single GPU
+    ("auto" on a machine with CUDA, "cuda"); 1 on a CPU machine or for "cuda:N". The visible
+    devices are those ``CUDA_VISIBLE_DEVICES`` leaves."""
+    import torch
+
+    if device not in ("auto", "cuda") or not torch.cuda.is_available():
+        return 1
+    return max(1, torch.cuda.device_count() // procs)
+
+
+def machine_note(
+    preset: Preset, jobs: int | None = None, backend: BackendSettings | None = None
+) -> str:
+    """What the sweep would choose on this machine, as the dry run prints it: the device in
+    force, the runs at a time, and under several GPUs per run the batch norm choice (with a
+    warning when each process would normalise over fewer than
+    :data:`~dropcluster.train.config.SMALL_BATCH_PER_PROCESS` images)."""
+    settings = backend if backend is not None else BackendSettings()
+    device = _base_device(preset)
+    procs = settings.procs_per_run
+    if settings.name == "local":
+        lines = ["on this machine:"]
+        try:
+            lines.append(f"    {describe_device(device, procs)}")
+        except ValueError as error:
+            lines.append(f"    device: not available here: {error}")
+        chosen = jobs if jobs is not None else default_jobs(device, procs)
+        how = "--jobs" if jobs is not None else "one per visible GPU, 1 without one; --jobs sets it"
+        lines.append(f"    runs at a time: {chosen} ({how})")
+    else:  # the cluster's nodes have the devices: nothing to say about this machine's
+        lines = [f"where the runs train: {_where(settings, jobs)}"]
+    if procs > 1:
+        config = expand_grid(preset)[0].config  # the batch settings are the base's
+        sync = "on" if config.sync_batchnorm else "off"
+        lines.append(
+            f"    processes per run: {procs} (DistributedDataParallel), "
+            f"{config.batch_size // procs} images each per step; sync-batchnorm {sync}"
+        )
+        warning = config.batch_norm_warning(procs)
+        if warning is not None:
+            lines.append(f"warning: models with batch norm: {warning}")
+    return "\n".join(lines) + "\n"
+
+
+def dry_run(
+    preset: Preset | dict[str, Any],
+    out: Path,
+    only: list[str],
+    stream: TextIO,
+    *,
+    jobs: int | None = None,
+    backend: BackendSettings | None = None,
+) -> list[RunSpec]:
+    """Print the grid, each run's status, the estimated cost and the choices made for this
+    machine (:func:`machine_note`); write nothing.
+
+    ``preset`` is a :class:`~dropcluster.experiments.presets.Preset` or its JSON form; ``jobs``
+    and ``backend`` as :func:`run_sweep` takes them.
     """
     preset = as_preset(preset)
     specs = _selected_runs(preset, only)
@@ -379,6 +446,7 @@ def dry_run(
     total = remaining = 0.0
     stream.write(f"preset {preset.name} ({preset.scale} scale): {len(specs)} runs\n")
     stream.write(format_settings(preset))
+    stream.write(machine_note(preset, jobs, backend))
     stream.write(never_fitted_note(specs))
     stream.write(f"{'run':<40} {'epochs':>6} {'corrupt':>7} {'status':>9} {'estimate':>12}\n")
     evaluate = _corruption_settings(preset)
@@ -447,10 +515,12 @@ def run_sweep(
         preset: a :class:`~dropcluster.experiments.presets.Preset` (see
             :func:`~dropcluster.experiments.presets.load_preset`) or its JSON form.
         out: the sweep's output folder; with Ray or Slurm, on a filesystem every node sees.
-        jobs: runs in flight at once. None: one on this machine; every pending run on Ray or
-            Slurm, whose scheduler queues them. On a machine with several GPUs and a CUDA device
-            in the preset ("auto" or "cuda"), local job i uses GPU i (GPUs i*N to i*N+N-1 with
-            N GPUs per run); on the CPU the cores are shared out.
+        jobs: runs in flight at once. None: on this machine one per visible GPU when the
+            preset's device names no single GPU ("auto", "cuda"; :func:`default_jobs`), else
+            one; every pending run on Ray or Slurm, whose scheduler queues them. On a machine
+            with several GPUs, local job i uses GPU i (GPUs i*N to i*N+N-1 with N GPUs per run;
+            round robin when there are more jobs than GPUs); on the CPU the cores are shared
+            out.
         only: filters (see :func:`~dropcluster.experiments.presets.filter_runs`).
         stream: progress display (default stderr).
         poll_seconds: time between two looks at the runs (default 0.5 s here, 2 s on a
@@ -476,11 +546,13 @@ def run_sweep(
         poll_seconds = 0.5 if settings.name == "local" else 2.0
     _check_corrupted_from(preset)
     if settings.name == "slurm":  # before anything is written
-        from dropcluster.experiments.backends.slurm import check_slurm_commands
+        from dropcluster.experiments.backends.slurm import check_slurm_settings
 
-        check_slurm_commands(settings.cluster)
+        check_slurm_settings(settings)
     stream = stream if stream is not None else sys.stderr
     out = Path(out)
+    if jobs is None and settings.name == "local":
+        jobs = default_jobs(_base_device(preset), settings.procs_per_run)
     with sweep_lock(out):
         return _run_locked(preset, out, jobs, list(only or []), stream, poll_seconds, settings)
 
@@ -600,7 +672,7 @@ def _record_finished_folders(context: _Context, specs: list[RunSpec]) -> list[Ru
 
 def _where(settings: BackendSettings, jobs: int | None) -> str:
     if settings.name == "local":
-        return f"{jobs or 1} at a time"
+        return f"{jobs} at a time"
     limit = f"{jobs} at a time" if jobs else "all at once"
     return f"on {settings.name} ({limit}; the cluster schedules them)"
 
@@ -609,7 +681,7 @@ def _make_engine(settings: BackendSettings, preset: Preset, out: Path, jobs: int
     """The backend; for this machine, with each job slot's device and share of the cores."""
     if settings.name != "local":
         return cluster_backend(settings, out, jobs)
-    slots = jobs or 1
+    slots = jobs if jobs is not None else default_jobs(_base_device(preset), settings.procs_per_run)
     procs = settings.procs_per_run
     devices = _job_devices(preset, slots, procs)
     threads = _threads_per_job(slots, procs)
@@ -764,7 +836,7 @@ def _job_devices(preset: Preset, jobs: int, procs: int = 1) -> list[str | None]:
     Raises:
         ValueError: ``procs`` > 1 without enough CUDA devices for every slot.
     """
-    device = resolve_device(preset.base.get("device", "cpu"))
+    device = resolve_device(_base_device(preset))
     if procs > 1:
         import torch
 
@@ -773,7 +845,7 @@ def _job_devices(preset: Preset, jobs: int, procs: int = 1) -> list[str | None]:
             raise ValueError(
                 f"--gpus-per-run {procs} with {jobs} job(s) at a time needs {jobs * procs} CUDA "
                 f"devices; this machine offers {count} to the preset's device "
-                f"{preset.base.get('device', 'cpu')!r}"
+                f"{_base_device(preset)!r}"
             )
         return [f"cuda:{slot * procs}" for slot in range(jobs)]
     if device.type == "cuda" and device.index is None:

@@ -49,7 +49,7 @@ def write_job(run_dir: Path, config: dict[str, Any], evaluate: dict[str, Any] | 
 def run_job(run_dir: Path) -> int:
     """Train and evaluate the run in ``run_dir``; returns the process exit status."""
     from dropcluster.errors import RunBusyError
-    from dropcluster.train.config import TrainConfig
+    from dropcluster.train.config import TrainConfig, describe_device
     from dropcluster.train.loop import RUN_LOCK_NAME, train
 
     rank = int(os.environ.get("RANK", "0"))
@@ -80,6 +80,8 @@ def run_job(run_dir: Path) -> int:
         import torch
 
         torch.set_num_threads(int(threads))
+    if rank == 0:  # the worker's log says where the run computes
+        print(describe_device(config.device, int(os.environ.get("WORLD_SIZE", "1"))), flush=True)
     train(config, run_dir, resume=True)
     if job.get("evaluate") and rank == 0:
         from dropcluster.experiments.corruption_eval import (
@@ -94,8 +96,21 @@ def run_job(run_dir: Path) -> int:
         wanted = evaluation_identity(settings, config.epochs, device)
         # Re-evaluate unless the stored results scored this finished model with these settings.
         if stored_identity(run_dir) != wanted or "corruptions" not in _result(run_dir):
-            evaluate_run(run_dir, settings, device=device)
+            rows = evaluate_run(run_dir, settings, device=device)
+            _track_corruptions(config, run_dir, rows)
     return 0
+
+
+def _track_corruptions(config, run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """The corrupted-test results for the run's tracker, at step ``epochs`` (after the last
+    epoch's); an evaluation that replaces an earlier one has TensorBoard drop the earlier's."""
+    from dropcluster.train.tracking import corruption_scalars, make_tracker
+
+    tracker = make_tracker(config.tracker, run_dir, purge_step=config.epochs)
+    try:
+        tracker.log_scalars(config.epochs, corruption_scalars(rows))
+    finally:
+        tracker.close()
 
 
 def _result(run_dir: Path) -> dict[str, Any]:

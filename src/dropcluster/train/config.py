@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dropcluster.files import atomic_write_text
+from dropcluster.train.tracking import TRACKERS
 from dropcluster.validation import MAX_SEED, check_choice, check_fields, check_float, check_int
 
 if TYPE_CHECKING:
@@ -17,12 +18,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ADDED_FIELDS",
+    "DEFAULT_DEVICE",
     "NOT_IDENTITY",
     "PAPER_WEIGHT_DECAY",
     "PLACEMENT_OPTIONS",
+    "SMALL_BATCH_PER_PROCESS",
     "SUPPORTED_DEVICE_TYPES",
     "WEIGHT_DECAY_ON",
     "TrainConfig",
+    "describe_device",
     "parse_assignments",
     "parse_device",
     "resolve_device",
@@ -38,18 +42,28 @@ NOT_IDENTITY = frozenset(
         "test_every",
         "checkpoint_every",
         "plugins",
+        "tracker",
     }
 )
 
 #: Fields added after 0.4: :meth:`TrainConfig.to_dict` leaves them out while they hold their
 #: default (a stored config without them is the same run).
-ADDED_FIELDS = ("drop_schedule", "plugins")
+ADDED_FIELDS = ("drop_schedule", "plugins", "tracker")
 
 #: Keys of ``regularizer_options`` that say where the regularizer goes, not how it works.
 PLACEMENT_OPTIONS = ("slot", "depth_rule")
 
 #: Which parameters weight decay applies to: conv/linear weights only, or every parameter.
 WEIGHT_DECAY_ON = ("weights", "all")
+
+#: The device of a config that names none: CUDA when this machine has it, else the CPU.
+DEFAULT_DEVICE = "auto"
+
+#: Images per process below which a distributed run's batch norm statistics, computed by each
+#: process over its own share of the batch, get noisy (the usual advice: use SyncBatchNorm
+#: below about 32 per GPU; Wu & He, "Group Normalization", 2018, show the error of batch norm
+#: growing as the per-device batch shrinks below 32).
+SMALL_BATCH_PER_PROCESS = 32
 
 #: Weight decay of the paper's protocol per data set.
 PAPER_WEIGHT_DECAY = {"cifar100": 5e-4, "tiny-imagenet": 1e-4}
@@ -110,9 +124,9 @@ class TrainConfig:
         average_last: the final metric is the mean over the last K epochs (paper: 50).
         seed: seeds the model, the data order, augmentation and dropout masks (0 to
             2**32 - 1).
-        device: "cpu", "cuda", "cuda:1", ..., or "auto" (CUDA when available, else the CPU);
-            other device types ("mps", "xla", ...) are refused. Not part of a run's identity:
-            a run may resume on another device.
+        device: "auto" (default: CUDA when available, else the CPU), "cpu", "cuda",
+            "cuda:1", ...; other device types ("mps", "xla", ...) are refused. Not part of a
+            run's identity: a run may resume on another device.
         amp: mixed precision on CUDA; ignored on the CPU.
         amp_dtype: "bfloat16" (default) or "float16" (with gradient scaling).
         channels_last: NHWC memory format for the model and its inputs.
@@ -140,6 +154,10 @@ class TrainConfig:
             model or data set (:mod:`dropcluster.plugins`); recorded so that sweep workers,
             ``--resume`` and ``evaluate --checkpoint`` import them too. Not part of a run's
             identity.
+        tracker: where the training curves also go: "none" (default: ``log.jsonl`` only) or
+            "tensorboard" (event files in the run folder, beside ``log.jsonl``: loss, accuracy,
+            learning rate, drop rate, refits, corrupted-test results; needs the ``tensorboard``
+            extra). Not part of a run's identity.
     """
 
     dataset: str = "fashion-mnist"
@@ -164,7 +182,7 @@ class TrainConfig:
     train_fraction: float = 1.0
     average_last: int = 5
     seed: int = 0
-    device: str = "cpu"
+    device: str = DEFAULT_DEVICE
     amp: bool = True
     amp_dtype: str = "bfloat16"
     channels_last: bool = True
@@ -175,6 +193,7 @@ class TrainConfig:
     checkpoint_every: int = 1
     keep_checkpoints: list[int] = field(default_factory=list)
     plugins: list[str] = field(default_factory=list)
+    tracker: str = "none"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -228,6 +247,7 @@ class TrainConfig:
             raise ValueError(f"lr_milestones should be increasing, but got {self.lr_milestones}")
         check_choice("amp_dtype", self.amp_dtype, ("bfloat16", "float16"))
         parse_device(self.device)
+        check_choice("tracker", self.tracker, TRACKERS)
         self._check_regularizer_options()
         self.drop_rate_schedule()  # checks drop_schedule
 
@@ -299,6 +319,21 @@ class TrainConfig:
             return None
         owner = f"cluster_every={self.cluster_every}"
         return refits.too_late_message(self.epochs, owner, "cluster_every")
+
+    def batch_norm_warning(self, world: int) -> str | None:
+        """Why batch norm would be noisy in this run on ``world`` processes (each normalising
+        over its own share of the batch, fewer than :data:`SMALL_BATCH_PER_PROCESS` images,
+        without ``sync_batchnorm``), with what to change; None otherwise. For a model with
+        batch norm (the caller knows)."""
+        share = self.batch_size // max(1, world)
+        if world <= 1 or self.sync_batchnorm or share >= SMALL_BATCH_PER_PROCESS:
+            return None
+        return (
+            f"each of the {world} processes computes batch norm statistics over its own "
+            f"{share} images (batch_size {self.batch_size} / {world}), fewer than "
+            f"{SMALL_BATCH_PER_PROCESS}: noisy statistics can cost accuracy; --sync-batchnorm "
+            f"(CUDA) computes them over the whole batch, or raise --batch-size"
+        )
 
     def _module_options(self) -> dict[str, Any]:
         """``regularizer_options`` without the placement keys: the module's own options."""
@@ -474,6 +509,29 @@ def resolve_device(device: str | torch.device) -> torch.device:
                 f"device {str(device)!r} was asked for, but only {count} CUDA device(s) exist"
             )
     return device
+
+
+def describe_device(device: str, world: int = 1) -> str:
+    """One line saying where a run computes, e.g. ``device: cpu (auto: no CUDA device is
+    visible)`` or ``device: cuda:0, NVIDIA H100 80GB HBM3 (auto: 2 CUDA devices visible)``;
+    under distributed training (``world`` processes) a CUDA run takes one GPU per process.
+
+    Raises:
+        ValueError: as :func:`resolve_device` (a CUDA device this machine lacks).
+    """
+    resolved = resolve_device(device)
+    if resolved.type == "cuda" and world > 1:
+        text = f"cuda, one GPU per process ({world} processes, by local rank)"
+    elif resolved.type == "cuda":
+        index = resolved.index if resolved.index is not None else torch.cuda.current_device()
+        text = f"cuda:{index}, {torch.cuda.get_device_name(index)}"
+    else:
+        text = "cpu"
+    if device == "auto":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        seen = "no CUDA device is visible" if count == 0 else f"{count} CUDA device(s) visible"
+        text += f" (auto: {seen})"
+    return f"device: {text}"
 
 
 def parse_assignments(items: list[str], flag: str = "--set") -> dict[str, Any]:

@@ -39,6 +39,14 @@ from dropcluster.train.checkpoint import (
 )
 from dropcluster.train.config import TrainConfig
 from dropcluster.train.distributed import SINGLE, Ranks, all_sum, from_environment, gather
+from dropcluster.train.tracking import (
+    NullTracker,
+    Tracker,
+    check_tracker,
+    epoch_scalars,
+    final_scalars,
+    make_tracker,
+)
 
 __all__ = [
     "DIVERGED_NAME",
@@ -52,6 +60,7 @@ __all__ = [
     "RunResult",
     "autocast_context",
     "evaluate",
+    "has_batch_norm",
     "read_log",
     "topk_correct",
     "topk_hits",
@@ -208,7 +217,8 @@ def train(
 
     Args:
         config: the run.
-        out: folder for config.json, log.jsonl, checkpoint.pt and result.json.
+        out: folder for config.json, log.jsonl, checkpoint.pt and result.json (and TensorBoard's
+            event files under ``tracker="tensorboard"``: :mod:`dropcluster.train.tracking`).
         resume: continue from ``out/checkpoint.pt`` if it exists (a finished run returns its
             result at once). Without it, an existing checkpoint is an error (nothing is
             overwritten). A run stopped by a diverging loss may resume with other optimisation
@@ -223,8 +233,10 @@ def train(
         DivergedError: the training loss became NaN, infinite or above
             :data:`DIVERGENCE_LOSS`; the last good epoch's checkpoint is kept and no result is
             written.
+        ImportError: the config's tracker needs a package that is not installed.
     """
     out = Path(out)
+    check_tracker(config.tracker)  # before any work: a missing package is one line now
     checkpoint_path = out / CHECKPOINT_NAME
     if checkpoint_path.exists() and not resume:
         raise FileExistsError(
@@ -289,21 +301,51 @@ def _train_locked(
     if never_fitted is not None and ranks.main:
         # Said before the run starts, not after it: the trainer's refits are fixed by the config.
         warnings.warn(never_fitted, UserWarning, stacklevel=3)
+    noisy_norms = config.batch_norm_warning(ranks.world)
+    if noisy_norms is not None and ranks.main and has_batch_norm(run.model):
+        warnings.warn(noisy_norms, UserWarning, stacklevel=3)
     drop_rates = config.drop_rate_schedule()
+    # The rate TensorBoard plots for a run without a schedule (one under a schedule is logged).
+    constant_p = config.p if config.regularizer != "none" and drop_rates is None else None
     saved_epochs = start_epoch  # epochs in the last checkpoint written
-    for epoch in range(start_epoch, last_epoch):
-        record = _run_epoch(run, epoch, last_epoch, refits, drop_rates, progress, out, saved_epochs)
-        result.history.append(record)
-        if ranks.main:
-            _append_log(out / LOG_NAME, record)
-        if config.checkpoints_after(epoch) or epoch == last_epoch - 1:
-            _save(checkpoint, out, epoch, result.history)
-            saved_epochs = epoch + 1
-        progress.epoch(record, (last_epoch - epoch - 1) * record["seconds"])
-    _final_metrics(result, config)
-    if len(result.history) == config.epochs and ranks.main:
-        _write_result(out, result, config)
+    tracker = _tracker(config, out, ranks, start_epoch, last_epoch)
+    try:
+        for epoch in range(start_epoch, last_epoch):
+            record = _run_epoch(
+                run, epoch, last_epoch, refits, drop_rates, progress, out, saved_epochs
+            )
+            result.history.append(record)
+            if ranks.main:
+                _append_log(out / LOG_NAME, record)
+                tracker.log_scalars(epoch, epoch_scalars(record, constant_p))
+            if config.checkpoints_after(epoch) or epoch == last_epoch - 1:
+                _save(checkpoint, out, epoch, result.history)
+                saved_epochs = epoch + 1
+            progress.epoch(record, (last_epoch - epoch - 1) * record["seconds"])
+        _final_metrics(result, config)
+        if len(result.history) == config.epochs and ranks.main:
+            _write_result(out, result, config)
+            tracker.log_scalars(config.epochs - 1, final_scalars(result.top1, result.top5))
+    finally:
+        tracker.close()
     return result
+
+
+def _tracker(
+    config: TrainConfig, out: Path, ranks: Ranks, start_epoch: int, last_epoch: int
+) -> Tracker:
+    """The run's tracker: rank 0's, when there are epochs to train. It opens at the epoch the run
+    starts from: a resumed run's tracker has TensorBoard drop what earlier files logged from
+    there on (epochs logged after the last checkpoint, which the run repeats)."""
+    if not ranks.main or start_epoch >= last_epoch:
+        return NullTracker()
+    return make_tracker(config.tracker, out, purge_step=start_epoch)
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether ``model`` holds a batch norm layer (whose statistics depend on the batch)."""
+    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    return any(isinstance(module, norms) for module in model.modules())
 
 
 def _resumable_state(

@@ -17,14 +17,15 @@ nothing else needs Ray or submitit installed.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from dropcluster.experiments.presets import RunSpec
 from dropcluster.experiments.worker import OWNER_PID_VARIABLE
@@ -40,6 +41,7 @@ __all__ = [
     "Finished",
     "LocalBackend",
     "RunTask",
+    "check_sbatch_option",
     "cluster_backend",
     "gpus_for_device",
     "run_worker",
@@ -66,7 +68,7 @@ class BackendSettings:
 
     Attributes:
         name: "local" (worker processes on this machine, ``--jobs`` at a time), "ray" (one Ray
-            task per run) or "slurm" (one Slurm job per run, through submitit).
+            task per run) or "slurm" (a Slurm job array, one task per run, through submitit).
         gpus_per_run: GPUs each run gets. Above 1 the run trains under ``torchrun``, one
             process per GPU. None: one when the config's device is CUDA ("cuda", "cuda:N";
             "auto" too on a Ray cluster that has GPUs; Slurm refuses "auto" without it), else
@@ -84,6 +86,19 @@ class BackendSettings:
             same sweep command, or ``dropcluster collect``, records the results later.
         cluster: submitit's executor: "slurm", or "local" to run the jobs on this machine
             through submitit (tests, trying the Slurm path without Slurm).
+        account: Slurm account the jobs are charged to (``sbatch --account``; None: yours).
+        qos: Slurm quality of service (``sbatch --qos``; None: the default).
+        constraint: Slurm node features the jobs need (``sbatch --constraint``, e.g. "a100").
+        sbatch: other sbatch options, ``{name: value}`` without the leading dashes (e.g.
+            ``{"gres": "gpu:a100:1"}``): one ``#SBATCH --name=value`` line each.
+        setup: shell lines each Slurm job runs before the run (``module load ...``,
+            ``source venv/bin/activate``), in order.
+        array: submit the runs handed over together as one Slurm job array (True) instead of
+            one job per run.
+        array_parallelism: Slurm: at most this many tasks of an array run at once
+            (``--array=0-N%K``; None: no limit).
+        runtime_env: Ray's runtime environment of the tasks (``working_dir``, ``pip``,
+            ``env_vars``, ...; see Ray's documentation), a JSON-like mapping.
     """
 
     name: str = "local"
@@ -95,6 +110,14 @@ class BackendSettings:
     mem_gb: int | None = None
     wait: bool = True
     cluster: str = "slurm"
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    sbatch: dict[str, str] = field(default_factory=dict)
+    setup: list[str] = field(default_factory=list)
+    array: bool = True
+    array_parallelism: int | None = None
+    runtime_env: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -114,11 +137,93 @@ class BackendSettings:
             )
         if self.address is not None and self.name != "ray":
             raise ValueError(f"--address is for --backend ray, not {self.name}")
+        if self.runtime_env is not None and self.name != "ray":
+            raise ValueError(f"--runtime-env is for --backend ray, not {self.name}")
+        self._check_slurm_options()
+
+    def _check_slurm_options(self) -> None:
+        """The Slurm-only options: given only for Slurm, and each a value sbatch can take."""
+        given = {
+            "--account": self.account is not None,
+            "--qos": self.qos is not None,
+            "--constraint": self.constraint is not None,
+            "--sbatch": bool(self.sbatch),
+            "--job-setup": bool(self.setup),
+            "--no-array": not self.array,
+            "--array-parallelism": self.array_parallelism is not None,
+        }
+        for flag, is_given in given.items():
+            if is_given and self.name != "slurm":
+                raise ValueError(f"{flag} is for --backend slurm, not {self.name}")
+        for flag, value in (
+            ("--account", self.account),
+            ("--qos", self.qos),
+            ("--constraint", self.constraint),
+        ):
+            if value is not None:
+                _check_sbatch_value(flag, value)
+        for name, value in self.sbatch.items():
+            check_sbatch_option(name, value)
+        for line in self.setup:
+            if not line.strip() or "\n" in line or "\r" in line:
+                raise ValueError(
+                    f"--job-setup takes one shell line (a module load, a source ...), but got "
+                    f"{line!r}"
+                )
+        if self.array_parallelism is not None:
+            check_int("array_parallelism", self.array_parallelism, minimum=1)
+            if not self.array:
+                raise ValueError(
+                    "--array-parallelism limits the tasks of a job array: leave out --no-array"
+                )
+        if self.runtime_env is not None and not all(isinstance(k, str) for k in self.runtime_env):
+            raise ValueError("--runtime-env should be a JSON object with names as keys")
 
     @property
     def procs_per_run(self) -> int:
         """Processes per run: one per GPU under torchrun when a run has several GPUs."""
         return self.gpus_per_run if self.gpus_per_run and self.gpus_per_run > 1 else 1
+
+
+#: sbatch options a flag of their own sets (or dropcluster sets itself): not for ``--sbatch``.
+_SBATCH_FLAGS = {
+    "partition": "--partition",
+    "time": "--time",
+    "mem": "--mem",
+    "account": "--account",
+    "qos": "--qos",
+    "constraint": "--constraint",
+    "cpus-per-task": "--cpus-per-run",
+    "gpus-per-node": "--gpus-per-run",
+    "array": "--array-parallelism",
+}
+_SBATCH_SET_BY_SUBMITIT = frozenset(
+    {"job-name", "output", "error", "open-mode", "signal", "nodes", "ntasks-per-node", "wckey"}
+)
+
+
+def _check_sbatch_value(flag: str, value: str) -> None:
+    if not value.strip() or value != value.strip() or "\n" in value or "\r" in value:
+        raise ValueError(
+            f"{flag} should be a value on one line, without spaces around, but got {value!r}"
+        )
+
+
+def check_sbatch_option(name: str, value: str) -> None:
+    """Raise ValueError unless ``--sbatch name=value`` can be an ``#SBATCH --name=value`` line:
+    an option name (letters, digits, ``-``, ``_``; no leading dashes), a value on one line, and
+    not an option that a flag of its own sets (the message names the flag)."""
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name):
+        raise ValueError(
+            f"--sbatch takes NAME=VALUE with an sbatch option name such as gres or mail-type "
+            f"(no leading dashes), but got the name {name!r}"
+        )
+    key = name.replace("_", "-").lower()
+    if key in _SBATCH_FLAGS:
+        raise ValueError(f"--sbatch {name}=...: use {_SBATCH_FLAGS[key]} instead")
+    if key in _SBATCH_SET_BY_SUBMITIT:
+        raise ValueError(f"--sbatch {name}=...: dropcluster (through submitit) sets --{key} itself")
+    _check_sbatch_value(f"--sbatch {name}", value)
 
 
 @dataclass(frozen=True)
