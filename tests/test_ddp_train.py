@@ -177,12 +177,11 @@ def test_loader_shares_make_up_the_single_process_batches():
         DeviceLoader(images, labels, 8, rank=0, world=3)
 
 
-def test_sync_batchnorm_is_refused_on_the_cpu_before_training(tmp_path):
+@pytest.fixture
+def group_of_one(tmp_path):
+    """A gloo process group of one, standing in for a larger one where only the set-up and
+    the first steps are looked at."""
     import torch.distributed as dist
-
-    from dropcluster.train.config import TrainConfig
-    from dropcluster.train.distributed import Ranks
-    from dropcluster.train.setup import build_run
 
     dist.init_process_group(
         "gloo",
@@ -191,32 +190,38 @@ def test_sync_batchnorm_is_refused_on_the_cpu_before_training(tmp_path):
         world_size=1,
         timeout=timedelta(seconds=120),
     )
-    try:
-        config = TrainConfig(
-            dataset="synthetic",
-            model="resnet20",
-            regularizer="none",
-            p=0.0,
-            batch_size=64,
-            train_fraction=0.1,
-            sync_batchnorm=True,
-        )
-        # A group of one standing in for two processes: only the set-up is looked at.
-        with pytest.raises(ValueError, match="sync_batchnorm needs CUDA devices"):
-            build_run(config, torch.device("cpu"), Ranks(rank=0, world=2))
-        run = build_run(
-            config.replace(sync_batchnorm=False), torch.device("cpu"), Ranks(rank=0, world=2)
-        )
-        assert isinstance(run.model, torch.nn.parallel.DistributedDataParallel)
-        assert run.loader.world == 2
-    finally:
-        dist.destroy_process_group()
+    yield
+    dist.destroy_process_group()
 
 
-def test_a_small_share_per_process_without_sync_batchnorm_is_said_once(tmp_path, monkeypatch):
+def test_sync_batchnorm_is_refused_on_the_cpu_before_training(group_of_one):
+    from dropcluster.train.config import TrainConfig
+    from dropcluster.train.distributed import Ranks
+    from dropcluster.train.setup import build_run
+
+    config = TrainConfig(
+        dataset="synthetic",
+        model="resnet20",
+        regularizer="none",
+        p=0.0,
+        batch_size=64,
+        train_fraction=0.1,
+        sync_batchnorm=True,
+    )
+    # A group of one standing in for two processes: only the set-up is looked at.
+    with pytest.raises(ValueError, match="sync_batchnorm needs CUDA devices"):
+        build_run(config, torch.device("cpu"), Ranks(rank=0, world=2))
+    run = build_run(
+        config.replace(sync_batchnorm=False), torch.device("cpu"), Ranks(rank=0, world=2)
+    )
+    assert isinstance(run.model, torch.nn.parallel.DistributedDataParallel)
+    assert run.loader.world == 2
+
+
+def test_a_small_share_per_process_without_sync_batchnorm_is_said_once(
+    group_of_one, tmp_path, monkeypatch
+):
     import warnings
-
-    import torch.distributed as dist
 
     import dropcluster.train.loop as loop
     from dropcluster.train.config import TrainConfig
@@ -234,34 +239,22 @@ def test_a_small_share_per_process_without_sync_batchnorm_is_said_once(tmp_path,
     assert config.batch_norm_warning(1) is None  # one process normalises over the whole batch
     assert config.replace(batch_size=64).batch_norm_warning(2) is None  # 32 each
     assert config.replace(sync_batchnorm=True).batch_norm_warning(2) is None
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{tmp_path}/rendezvous",
-        rank=0,
-        world_size=1,
-        timeout=timedelta(seconds=120),
-    )
-    try:
-        # A group of one standing in for two processes; the run stops before its first epoch.
-        for rank, model, said in (
-            (0, "resnet20", True),
-            (1, "resnet20", False),
-            (0, "lenet5", False),
-        ):
-            monkeypatch.setattr(
-                loop, "from_environment", lambda device, r=rank: (device, Ranks(r, 2))
+    # A group of one standing in for two processes; the run stops before its first epoch.
+    for rank, model, said in (
+        (0, "resnet20", True),
+        (1, "resnet20", False),
+        (0, "lenet5", False),
+    ):
+        monkeypatch.setattr(loop, "from_environment", lambda device, r=rank: (device, Ranks(r, 2)))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loop.train(
+                config.replace(model=model, train_fraction=0.1),
+                tmp_path / f"{model}-{rank}",
+                stop_after_epoch=0,
             )
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                loop.train(
-                    config.replace(model=model, train_fraction=0.1),
-                    tmp_path / f"{model}-{rank}",
-                    stop_after_epoch=0,
-                )
-            texts = [str(w.message) for w in caught if "batch norm" in str(w.message)]
-            assert texts == ([message] if said else []), (rank, model)
-    finally:
-        dist.destroy_process_group()
+        texts = [str(w.message) for w in caught if "batch norm" in str(w.message)]
+        assert texts == ([message] if said else []), (rank, model)
 
 
 def test_the_dry_run_shows_the_processes_and_the_batch_norm_choice(tmp_path, capsys):
