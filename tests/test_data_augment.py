@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from dropcluster.data import DATASET_NAMES
 from dropcluster.data.augment import (
@@ -156,6 +159,103 @@ def test_zoom_in_by_half_halves_the_slope_of_a_ramp():
     left_edge = output[:, 0, 0, 0]
     assert (left_edge >= -1e-3).all() and (left_edge <= 8 * 7.5 + 1e-3).all()
     assert left_edge.std() > 5  # the window's position varies
+
+
+def resampled_as_release_0_6_0(
+    pixels: torch.Tensor,
+    degrees: float,
+    scale_range: tuple[float, float] | None,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The rotation and scale of release 0.6.0, kept as the reference: it built the window's
+    bounds as a tensor of host numbers in every batch (a host-to-device copy on a GPU)."""
+    n, _, h, w = pixels.shape
+    angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(degrees)
+    if scale_range is not None:
+        low, high = scale_range
+        scale = low + torch.rand(n, generator=generator) * (high - low)
+        inner = torch.tensor([1 - 1 / w, 1 - 1 / h])
+        reach = (1 - scale).abs().unsqueeze(1) * inner
+        shift = (torch.rand((n, 2), generator=generator) * 2 - 1) * reach
+    else:
+        scale = torch.ones(n)
+        shift = torch.zeros((n, 2))
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    theta = torch.stack(
+        [
+            torch.stack([cos, -sin * (h / w), shift[:, 0]], dim=1),
+            torch.stack([sin * (w / h), cos, shift[:, 1]], dim=1),
+        ],
+        dim=1,
+    )
+    grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
+    return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+@pytest.mark.parametrize(
+    "shape, degrees, scale_range",
+    [
+        ((128, 3, 64, 64), 0.0, (0.8, 1.0)),  # Tiny ImageNet's scale
+        ((128, 3, 24, 40), 15.0, (0.5, 1.5)),  # H != W, rotation, zoom in and out
+        ((128, 3, 32, 32), 15.0, None),  # CIFAR's rotation alone
+    ],
+)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rotation_and_scale_are_bit_identical_to_release_0_6_0(shape, degrees, scale_range, seed):
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=seeded(seed + 10))
+    config = AugmentConfig(
+        crop_padding=0, flip=False, rotation_degrees=degrees, scale_range=scale_range
+    )
+    output = augment_batch(images, config, seeded(seed))
+    # Normalised with mean 0 and std 1: the library multiplies by float32(1 / 255).
+    reference = resampled_as_release_0_6_0(images.float(), degrees, scale_range, seeded(seed))
+    reference = reference * torch.tensor(1 / 255, dtype=torch.float64).to(torch.float32)
+    assert torch.equal(output, reference)
+
+
+class HostDataRecorder(TorchFunctionMode):
+    """Records the torch calls that turn host data into a tensor or move a tensor to a device:
+    on a GPU each is a host-to-device copy, which blocks the host until the device is idle."""
+
+    FROM_HOST = (torch.tensor, torch.as_tensor, torch.asarray, torch.from_numpy)
+    FROM_HOST += (torch.Tensor.new_tensor,)
+    MOVES = (torch.Tensor.to, torch.Tensor.cuda)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FROM_HOST:
+            self.calls.append(func.__name__)
+        elif func in self.MOVES:
+            targets = [*args[1:], kwargs.get("device")]
+            moves = func is not torch.Tensor.to or any(
+                isinstance(target, (torch.device, str, torch.Tensor)) for target in targets
+            )
+            if moves:
+                self.calls.append(f"Tensor.{func.__name__}")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TINY_IMAGENET_AUGMENT,
+        CIFAR_AUGMENT,
+        AugmentConfig(crop_padding=2, rotation_degrees=10.0, scale_range=(0.7, 1.3)),
+    ],
+)
+def test_an_augmented_batch_copies_nothing_from_the_host(config):
+    images = torch.randint(0, 256, (8, 3, 24, 20), dtype=torch.uint8, generator=seeded())
+    augment_batch(images, config, seeded())  # the first batch caches the normalisation
+    with HostDataRecorder() as recorder:
+        augment_batch(images, config, seeded(1))
+    assert recorder.calls == []
+    with HostDataRecorder() as recorder:  # the recorder sees what it looks for
+        torch.tensor([1.0]).to("cpu")
+    assert recorder.calls == ["tensor", "Tensor.to"]
 
 
 def test_normalize_is_per_channel_standardisation():

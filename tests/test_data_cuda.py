@@ -8,6 +8,7 @@ import torch
 
 from dropcluster.data import (
     CIFAR_AUGMENT,
+    TINY_IMAGENET_AUGMENT,
     AugmentConfig,
     DeviceLoader,
     augment_batch,
@@ -28,6 +29,26 @@ def test_augment_on_cuda_is_deterministic_and_stays_on_the_device():
     again = augment_batch(images, CIFAR_AUGMENT, cuda_generator(3))
     assert first.device.type == "cuda" and first.dtype == torch.float32
     assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize("config", [TINY_IMAGENET_AUGMENT, CIFAR_AUGMENT])
+def test_an_augmented_batch_makes_no_synchronising_call(config):
+    # A blocking host-to-device copy (a tensor built from host numbers) stops the host until
+    # the GPU is idle, every batch; the sync debug mode turns it into an error.
+    images = torch.randint(0, 256, (256, 3, 64, 64), dtype=torch.uint8, device="cuda")
+    generator = cuda_generator(5)
+    augment_batch(images, config, generator)  # the first batch caches the normalisation
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):  # the mode sees such a copy
+            torch.tensor([1.0, 2.0], device="cuda")
+        for _ in range(3):
+            output = augment_batch(images, config, generator)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert output.shape == images.shape and torch.isfinite(output).all()
 
 
 def test_cuda_crop_and_flip_give_windows_of_the_padded_image():

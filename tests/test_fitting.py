@@ -269,3 +269,82 @@ def test_uint8_images_without_prepare_fail_with_one_line_naming_prepare():
     embedded = nn.Sequential(nn.Embedding(256, 4), _ChannelsFirst(), DropCluster2d(0.1, 2))
     assert fit_clusters(embedded, raw[:, 0].long(), 8).images == 8
     assert embedded[2].fitted
+
+
+# A refit under torch.compile
+
+
+def _refit_compiled_lenet(device: str, backend: str) -> None:
+    """The trainer's path on LeNet-5 with DropCluster in its paper slot, compiled with
+    ``backend``: fit, train, refit, train. A refit writes the buffers in place, so the compiled
+    graphs stay valid: nothing may recompile, and the graphs must use the new clusters."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from dropcluster.models import build_model, place_regularizer
+    from dropcluster.nn import Clusters
+
+    torch._dynamo.reset()  # no graphs or automatic dynamic shapes left by earlier tests
+    torch.manual_seed(0)
+    model = build_model("lenet5", n_classes=10, in_channels=1)
+    (layer,) = place_regularizer(model, "dropcluster", 0.2, "fashion-mnist")
+    model.to(device)
+    data = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (96, 1, 28, 28), dtype=torch.uint8, generator=data).to(device)
+    labels = torch.randint(0, 10, (96,), generator=data).to(device)
+
+    def prepare(batch: torch.Tensor) -> torch.Tensor:
+        return batch.float() / 255
+
+    with torch.no_grad():  # as build_run does: the layer takes its shapes before compiling
+        model.eval()(prepare(images[:2]))
+    model.train()
+    counter = CompileCounterWithBackend(backend)
+    compiled = torch.compile(model, backend=counter)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    def train_steps(count: int) -> None:
+        for step in range(count):
+            batch = slice(16 * step, 16 * (step + 1))
+            loss = nn.functional.cross_entropy(compiled(prepare(images[batch])), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            assert torch.isfinite(loss)
+
+    def copied_clusters() -> Clusters:
+        held = layer.clusters
+        return Clusters(
+            held.labels.clone(), held.structured.clone(), held.counts.clone(), held.sizes.clone()
+        )
+
+    def seeded_output() -> torch.Tensor:
+        torch.manual_seed(3)  # the same random numbers in each call
+        return compiled(prepare(images[:16])).detach()  # autograd on, as in training (a guard)
+
+    fit_clusters(compiled, images[:32], 32, prepare=prepare, batch_size=16)
+    train_steps(2)
+    graphs = counter.frame_count
+    assert graphs >= 1
+    first = copied_clusters()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        fit_clusters(compiled, images[32:], 64, prepare=prepare, batch_size=32)
+        assert not torch.equal(layer.labels, first.labels)
+        refitted = seeded_output()
+        # The graphs read the clusters from the buffers: the first fit's, written back in
+        # place, give another output; the refit's again give the refitted one.
+        second = copied_clusters()
+        layer.load_clusters(first)
+        assert not torch.allclose(seeded_output(), refitted, rtol=1e-2, atol=1e-2)
+        layer.load_clusters(second)
+        assert torch.equal(seeded_output(), refitted)
+        train_steps(2)
+    assert counter.frame_count == graphs
+
+
+def test_a_refit_recompiles_nothing_in_a_compiled_training_model():
+    _refit_compiled_lenet("cpu", "aot_eager")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_refit_recompiles_nothing_in_a_model_compiled_by_inductor_on_cuda():
+    _refit_compiled_lenet("cuda", "inductor")

@@ -13,7 +13,9 @@ own statistics. :func:`augment_batch` does all of it for a whole uint8 batch:
 3. normalisation ``(x / 255 - mean) / std`` as one multiply and one subtract in float32.
 
 Every random number comes from an explicit ``torch.Generator`` on the images' device, in a
-fixed order, so a seed fixes the augmented batch.
+fixed order, so a seed fixes the augmented batch. A batch copies nothing from the host (on a
+GPU such a copy blocks until the device is idle): constants are Python floats, or tensors
+cached per device (the normalisation's, made at the first batch).
 """
 
 from __future__ import annotations
@@ -300,9 +302,12 @@ def _rotate_and_scale(
         scale = low + torch.rand(n, generator=generator, device=device) * (high - low)
         # The window's outermost sampling points (pixel centres) stay within the image's
         # outermost pixel centres, at 1 - 1/size in the [-1, 1] coordinates of affine_grid, so
-        # no zero padding leaks in when zooming in.
-        inner = torch.tensor([1 - 1 / w, 1 - 1 / h], device=device)
-        reach = (1 - scale).abs().unsqueeze(1) * inner
+        # no zero padding leaks in when zooming in. Python floats, not a tensor of them: a
+        # tensor built from host numbers per batch is a blocking host-to-device copy on a GPU
+        # (a float32 tensor times a Python float rounds the float to float32 first, so the
+        # result is bit for bit that of a float32 tensor of the two bounds).
+        slack = (1 - scale).abs()
+        reach = torch.stack([slack * (1 - 1 / w), slack * (1 - 1 / h)], dim=1)
         shift = (torch.rand((n, 2), generator=generator, device=device) * 2 - 1) * reach
     else:
         scale = torch.ones(n, device=device)
