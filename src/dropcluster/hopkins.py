@@ -8,12 +8,17 @@ are clustered (paper, section 4.2).
   "Validating clusters using the Hopkins statistic", FUZZ-IEEE 2004).
 * :func:`spatial_hopkins` is the paper's adaptation to images (eqs. 3-5): it compares how much a
   pixel differs from its 8 neighbours with how much a random pixel of the same image differs
-  from them. DropCluster uses it to tell structured channels from unstructured ones.
+  from them. DropCluster uses it to tell structured channels from unstructured ones. The paper
+  is 2-D; 1-D chains and 3-D volumes, with the 2 and 26 surrounding sites as the neighbourhood,
+  are our extension (docs/design.md, "Spatial Hopkins").
 
 Both are diagnostics: they read their input without tracking gradients.
 """
 
 from __future__ import annotations
+
+import itertools
+import math
 
 import torch
 from torch import Tensor
@@ -38,13 +43,16 @@ DEFAULT_SAMPLE_FRACTION = 0.1
 #: A structureless field, where no spatial or cluster tendency can be detected.
 NO_TENDENCY = 0.5
 
+# The names of the spatial axes of (N, C, L), (N, C, H, W) and (N, C, D, H, W), for messages.
+_AXIS_NAMES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
+
 
 def default_n_points(n_candidates: int) -> int:
     """Default sample size m: 10% of the candidates, rounded down, and at least 1.
 
-    For Spatial Hopkins the candidates are the ``(H - 2) * (W - 2)`` interior pixels (67 points
-    for a 28x28 map, 90 for 32x32, 19 for 16x16); for the classic statistic they are the n data
-    points.
+    For Spatial Hopkins the candidates are the interior sites, ``prod(size - 2)`` over the
+    spatial axes: 67 points for a 28x28 map, 90 for 32x32, 19 for 16x16; 25 for a chain of 256;
+    100 for a 12x12x12 volume. For the classic statistic they are the n data points.
     """
     return max(1, int(n_candidates * DEFAULT_SAMPLE_FRACTION))
 
@@ -56,30 +64,37 @@ def spatial_hopkins(
     generator: torch.Generator | None = None,
     reduction: str = "none",
 ) -> Tensor:
-    """Spatial Hopkins statistic S of every channel of every image (paper, eqs. 3-5).
+    """Spatial Hopkins statistic S of every channel of every map (paper, eqs. 3-5).
 
-    For each image (one channel of one sample), m interior pixels ``(x_i, y_i)`` and m pixels
-    ``(q_i, r_i)`` of the whole image are drawn uniformly; ``w_i`` is how much ``(x_i, y_i)``
-    differs from its 8 neighbours (eq. 3), ``z_i`` how much ``(q_i, r_i)`` differs from those
-    same neighbours (eq. 4), and ``S = sum z / (sum z + sum w)`` (eq. 5). S is about 0.5 for
-    white noise and near 1 for smooth, structured maps; a constant image (0/0) gives exactly
-    0.5. docs/design.md, "Spatial Hopkins", gives the reasons for each reading of the paper.
+    For each map (one channel of one sample), m interior sites ``s_i`` and m sites ``t_i`` of
+    the whole map are drawn uniformly; ``w_i`` is how much ``s_i`` differs from its
+    ``3**d - 1`` surrounding sites (eq. 3), ``z_i`` how much ``t_i`` differs from those same
+    sites (eq. 4), and ``S = sum z / (sum z + sum w)`` (eq. 5). In 2-D these are the paper's 8
+    neighbours of a pixel; the 2 neighbours of a 1-D site and the 26 of a 3-D site are our
+    extension (the paper is 2-D only). S is about 0.5 for white noise and near 1 for smooth,
+    structured maps; a constant map (0/0) gives exactly 0.5. docs/design.md, "Spatial
+    Hopkins", gives the reasons for each reading of the paper and the spread of S on noise in
+    each dimension.
 
     Args:
-        x: (N, C, H, W) real tensor on any device, N, C >= 1, H, W >= 3, finite values.
-            float64 input is processed in float64; every other dtype (half precision, integers
-            such as uint8 images) is converted to float32 after the sampled pixels are gathered.
-        n_points: m, the number of ``(x_i, y_i)`` (and of ``(q_i, r_i)``) per image, in
-            ``[1, (H - 2) * (W - 2)]``. ``None``: :func:`default_n_points` of the interior,
-            10% of it.
+        x: (N, C, L), (N, C, H, W) or (N, C, D, H, W) real tensor on any device, N, C >= 1,
+            every spatial axis at least 3 long, finite values. float64 input is processed in
+            float64; every other dtype (half precision, integers such as uint8 images) is
+            converted to float32 after the sampled sites are gathered.
+        n_points: m, the number of ``s_i`` (and of ``t_i``) per map, in ``[1, n_interior]``
+            with ``n_interior = prod(size - 2)`` over the spatial axes. ``None``:
+            :func:`default_n_points` of the interior, 10% of it.
         generator: random source. Samples are drawn on the generator's device and moved to
-            ``x``'s device. ``None`` uses torch's global RNG on ``x``'s device.
-        reduction: ``"none"`` returns every image's S; ``"mean"`` the per-channel mean over
+            ``x``'s device. ``None`` uses torch's global RNG on ``x``'s device. For 2-D input
+            the draws are those of the 2-D-only versions (0.6 and earlier): same results.
+        reduction: ``"none"`` returns every map's S; ``"mean"`` the per-channel mean over
             the batch (the per-channel values of the paper's Figure 4).
 
     Returns:
         float32 tensor on ``x``'s device: (N, C) for ``reduction="none"``, (C,) for ``"mean"``.
-        Values lie in [0, 1].
+        Values lie in [0, 1]. The work holds ``m * (3**d - 1)`` gathered values, and as many
+        int64 indices, per map: with the default m about 0.2, 0.8 and 2.6 times the number of
+        sites of a map in 1-D, 2-D and 3-D.
 
     Example::
 
@@ -87,25 +102,32 @@ def spatial_hopkins(
 
     Raises:
         TypeError: ``x`` is not a tensor, or ``generator`` is not a ``torch.Generator``.
-        ValueError: wrong rank, empty batch, maps smaller than 3x3, complex or bool dtype,
-            non-finite values, ``n_points`` out of range, unknown ``reduction``.
+        ValueError: wrong rank, empty batch, a spatial axis shorter than 3, complex or bool
+            dtype, non-finite values, ``n_points`` out of range, unknown ``reduction``.
     """
-    check_tensor("x", x, 4, "(N, C, H, W)")
-    n_images, n_channels, height, width = x.shape
+    check_tensor("x", x, (3, 4, 5), "(N, C, L), (N, C, H, W) or (N, C, D, H, W)")
+    n_images, n_channels, *sizes = x.shape
     if n_images < 1 or n_channels < 1:
         raise ValueError(f"x should have N >= 1 and C >= 1, but got shape {tuple(x.shape)}")
-    if height < 3 or width < 3:
+    short = [
+        (name, size) for name, size in zip(_AXIS_NAMES[len(sizes)], sizes, strict=True) if size < 3
+    ]
+    if short:
+        name, size = short[0]
+        needed = "x".join("3" * len(sizes))
         raise ValueError(
-            f"x should have maps of at least 3x3 (an interior pixel has 8 neighbours), "
-            f"but got {height}x{width}"
+            f"x should have maps of at least {needed} sites (an interior site needs a neighbour "
+            f"on both sides of every axis), but axis {name} is {size} long in shape "
+            f"{tuple(x.shape)}"
         )
     check_choice("reduction", reduction, REDUCTIONS)
-    n_points = _check_sampling("x", x, n_points, (height - 2) * (width - 2), generator)
-    centre_index, other_index = _sample_spatial_locations(
-        n_images * n_channels, height, width, n_points, generator, x.device
+    n_interior = math.prod(size - 2 for size in sizes)
+    n_points = _check_sampling("x", x, n_points, n_interior, generator)
+    centre_index, other_index = _sample_sites(
+        n_images * n_channels, tuple(sizes), n_points, generator, x.device
     )
-    flat = x.detach().reshape(n_images * n_channels, height * width)
-    statistic = _spatial_hopkins_at(flat, width, centre_index, other_index)
+    flat = x.detach().reshape(n_images * n_channels, math.prod(sizes))
+    statistic = _statistic_at_sites(flat, tuple(sizes), centre_index, other_index)
     statistic = statistic.view(n_images, n_channels)
     if reduction == "mean":
         statistic = statistic.mean(dim=0)
@@ -186,6 +208,93 @@ def _ratio_or_no_tendency(probe_sum: Tensor, real_sum: Tensor) -> Tensor:
     return torch.where(defined, ratio, torch.full_like(ratio, NO_TENDENCY))
 
 
+def _sample_sites(
+    n_maps: int,
+    sizes: tuple[int, ...],
+    n_points: int,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    """Draw the row-major flat site indices of eqs. 3-4 for every map of any rank 1-3.
+
+    Args:
+        sizes: the spatial sizes, ``(L,)``, ``(H, W)`` or ``(D, H, W)``, each at least 3.
+
+    Returns:
+        ``centre_index`` (n_maps, m) int64, interior sites ``s_i`` (every coordinate in
+        ``1..size-2``), and ``other_index`` (n_maps, m) int64, sites ``t_i`` anywhere in the
+        map, both on ``device``. Interior sites first, then the others, each one ``randint``
+        over a flat range: in 2-D these are exactly the draws of the 2-D-only versions.
+    """
+    sample_device = generator.device if generator is not None else device
+    n_interior = math.prod(size - 2 for size in sizes)
+    interior = torch.randint(
+        n_interior, (n_maps, n_points), generator=generator, device=sample_device
+    )
+    other = torch.randint(
+        math.prod(sizes), (n_maps, n_points), generator=generator, device=sample_device
+    )
+    # Unravel the index into the interior's grid, shift every coordinate by one, and ravel it
+    # into the full grid; a loop over at most 3 axes, each step batched over every draw. The
+    # outermost coordinate is what is left of the index (no modulo), and the last axis has
+    # stride 1: 2-D maps take the 6 tensor operations of the 2-D-only versions, not more.
+    centre = None
+    stride = 1
+    for axis, size in enumerate(reversed(sizes)):
+        outermost = axis == len(sizes) - 1
+        coordinate = interior if outermost else interior % (size - 2)
+        term = coordinate + 1 if stride == 1 else (coordinate + 1) * stride
+        centre = term if centre is None else centre.add_(term)
+        if not outermost:
+            interior = interior // (size - 2)
+        stride *= size
+    return centre.to(device), other.to(device)
+
+
+def _neighbour_offsets(sizes: tuple[int, ...], device: torch.device) -> Tensor:
+    """(3**d - 1,) int64 flat offsets of the sites around an interior site, row-major order.
+
+    In 2-D: ``-W-1, -W, -W+1, -1, 1, W-1, W, W+1``, the order of the 2-D-only versions (the
+    mean of eqs. 3-4 adds them in this order, so 2-D results stay bit-identical).
+    """
+    strides = [math.prod(sizes[axis + 1 :]) for axis in range(len(sizes))]
+    offsets = [
+        sum(step * stride for step, stride in zip(steps, strides, strict=True))
+        for steps in itertools.product((-1, 0, 1), repeat=len(sizes))
+        if any(steps)
+    ]
+    return torch.tensor(offsets, device=device)
+
+
+def _statistic_at_sites(
+    flat: Tensor, sizes: tuple[int, ...], centre_index: Tensor, other_index: Tensor
+) -> Tensor:
+    """Eqs. 3-5 at given sites of maps of any rank 1-3.
+
+    Args:
+        flat: (M, prod(sizes)) maps, row-major sites, any real dtype.
+        sizes: the spatial sizes, ``(L,)``, ``(H, W)`` or ``(D, H, W)``.
+        centre_index: (M, m) int64 flat indices of interior sites ``s_i``.
+        other_index: (M, m) int64 flat indices of any sites ``t_i``.
+
+    Returns:
+        (M,) S per map, float64 for float64 maps, float32 otherwise.
+    """
+    n_maps, n_points = centre_index.shape
+    offsets = _neighbour_offsets(sizes, flat.device)
+    n_neighbours = offsets.numel()
+    neighbour_index = (centre_index.unsqueeze(-1) + offsets).view(n_maps, n_points * n_neighbours)
+    # Gather first, convert after: only the sampled sites are copied to the compute dtype,
+    # and integer maps are differenced in floating point (uint8 differences would wrap).
+    dtype = _compute_dtype(flat.dtype)
+    centre = flat.gather(1, centre_index).to(dtype).unsqueeze(-1)
+    other = flat.gather(1, other_index).to(dtype).unsqueeze(-1)
+    neighbours = flat.gather(1, neighbour_index).to(dtype).view(n_maps, n_points, n_neighbours)
+    w = (neighbours - centre).abs_().mean(dim=-1)  # eq. 3, (M, m)
+    z = neighbours.sub_(other).abs_().mean(dim=-1)  # eq. 4, (M, m); reuses the gathered copy
+    return _ratio_or_no_tendency(z.sum(dim=-1), w.sum(dim=-1))  # eq. 5
+
+
 def _sample_spatial_locations(
     n_maps: int,
     height: int,
@@ -194,55 +303,16 @@ def _sample_spatial_locations(
     generator: torch.Generator | None,
     device: torch.device,
 ) -> tuple[Tensor, Tensor]:
-    """Draw the flat pixel indices ``h * W + w`` of eqs. 3-4 for every map.
-
-    Returns:
-        ``centre_index`` (n_maps, m) int64, interior pixels ``(x_i, y_i)``, and
-        ``other_index`` (n_maps, m) int64, pixels ``(q_i, r_i)`` anywhere in the map, both on
-        ``device``.
-    """
-    sample_device = generator.device if generator is not None else device
-    interior_width = width - 2
-    n_interior = (height - 2) * interior_width
-    interior = torch.randint(
-        n_interior, (n_maps, n_points), generator=generator, device=sample_device
-    )
-    other = torch.randint(
-        height * width, (n_maps, n_points), generator=generator, device=sample_device
-    )
-    centre = (interior // interior_width + 1) * width + interior % interior_width + 1
-    return centre.to(device), other.to(device)
+    """:func:`_sample_sites` for (H, W) maps: flat pixel indices ``h * W + w``."""
+    return _sample_sites(n_maps, (height, width), n_points, generator, device)
 
 
 def _spatial_hopkins_at(
     flat: Tensor, width: int, centre_index: Tensor, other_index: Tensor
 ) -> Tensor:
-    """Eqs. 3-5 at given pixel locations.
-
-    Args:
-        flat: (M, H * W) maps, row-major pixels, any real dtype.
-        width: W, to find the neighbours of a flat index.
-        centre_index: (M, m) int64 flat indices of interior pixels ``(x_i, y_i)``.
-        other_index: (M, m) int64 flat indices of any pixels ``(q_i, r_i)``.
-
-    Returns:
-        (M,) S per map, float64 for float64 maps, float32 otherwise.
-    """
-    n_maps, n_points = centre_index.shape
-    offsets = torch.tensor(
-        [-width - 1, -width, -width + 1, -1, 1, width - 1, width, width + 1],
-        device=flat.device,
-    )
-    neighbour_index = (centre_index.unsqueeze(-1) + offsets).view(n_maps, n_points * 8)
-    # Gather first, convert after: only the sampled pixels are copied to the compute dtype,
-    # and integer maps are differenced in floating point (uint8 differences would wrap).
-    dtype = _compute_dtype(flat.dtype)
-    centre = flat.gather(1, centre_index).to(dtype).unsqueeze(-1)
-    other = flat.gather(1, other_index).to(dtype).unsqueeze(-1)
-    neighbours = flat.gather(1, neighbour_index).to(dtype).view(n_maps, n_points, 8)
-    w = (neighbours - centre).abs_().mean(dim=-1)  # eq. 3, (M, m)
-    z = neighbours.sub_(other).abs_().mean(dim=-1)  # eq. 4, (M, m); reuses the gathered copy
-    return _ratio_or_no_tendency(z.sum(dim=-1), w.sum(dim=-1))  # eq. 5
+    """:func:`_statistic_at_sites` for (M, H * W) maps; only W is needed to find neighbours."""
+    height = flat.shape[1] // width
+    return _statistic_at_sites(flat, (height, width), centre_index, other_index)
 
 
 def _hopkins_from_samples(data: Tensor, artificial: Tensor, sample_index: Tensor) -> Tensor:

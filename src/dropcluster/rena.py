@@ -1,4 +1,4 @@
-"""Batched ReNA: recursive nearest agglomeration of the pixels of every channel at once.
+"""Batched ReNA: recursive nearest agglomeration of the sites of every channel at once.
 
 ReNA (Hoyos-Idrobo et al., IEEE TPAMI 2019) clusters the P = H*W pixels of one channel, using
 the N images of a minibatch as the samples that describe each pixel and the 4-neighbour pixel
@@ -7,6 +7,11 @@ layer's output. This module runs all channels in lock-step rounds of tensor oper
 device, with the semantics of the reference implementation (nilearn's
 ``recursive_neighbor_agglomeration``): docs/design.md, "ReNA, exactly", describes every step,
 the tie rule, the early exit and the exact power-of-two scaling of extreme channels.
+
+Beyond the paper (which clusters 2-D maps), the same algorithm runs on 1-D sequences
+(N, C, L) and 3-D volumes (N, C, D, H, W): the grid joins each site to its 2 neighbours per
+axis (2 in 1-D, 4 in 2-D, 6 in 3-D), as nilearn's grid of a 3-D mask does. Only the level-0
+grid depends on the rank; every later round works on graphs.
 """
 
 from __future__ import annotations
@@ -47,14 +52,15 @@ class ReNAResult:
     """Clusters found by :func:`rena` for every channel.
 
     Attributes:
-        labels: (C, H, W) int64. Cluster of each pixel, in ``[0, n_found[c])``, numbered by each
-            cluster's smallest pixel index ``h * W + w``.
+        labels: (C, *spatial) int64: (C, L), (C, H, W) or (C, D, H, W), the spatial shape of
+            the input. Cluster of each site, in ``[0, n_found[c])``, numbered by each cluster's
+            smallest row-major site index (``h * W + w`` in 2-D, ``(d * H + h) * W + w`` in 3-D).
         n_found: (C,) int64. Number of clusters each channel ended with.
         structured: (C,) bool. Channels DropCluster clusters; the others are masked (see the
             ``unstructured`` argument of :func:`rena`).
-        sizes: (C, K) int64. Pixels per cluster, ``K = max(n_clusters, n_found.max())``; zero
+        sizes: (C, K) int64. Sites per cluster, ``K = max(n_clusters, n_found.max())``; zero
             past ``n_found[c]``.
-        n_clusters: the requested number of clusters, after clamping to ``H * W``.
+        n_clusters: the requested number of clusters, after clamping to the number of sites P.
         n_rounds: agglomeration rounds run (the maximum over channels; channels run in
             lock-step).
     """
@@ -83,21 +89,25 @@ def rena(
     hopkins_threshold: float = 0.55,
     generator: torch.Generator | None = None,
 ) -> ReNAResult:
-    """Cluster the pixels of every channel of ``x`` with ReNA, all channels at once.
+    """Cluster the sites of every channel of ``x`` with ReNA, all channels at once.
 
     Args:
-        x: (N, C, H, W) activations, any real dtype and device; N >= 2 samples (the images of a
-            minibatch) describe each pixel. Level-0 distances are computed in float64, the rest
-            in float32 (float64 for float64 input); extreme channels are scaled exactly first.
-        n_clusters: clusters wanted per channel, k >= 1 (clamped to ``H * W`` with a warning).
+        x: (N, C, L), (N, C, H, W) or (N, C, D, H, W) activations, any real dtype and device;
+            N >= 2 samples (the inputs of a minibatch) describe each site (position, pixel or
+            voxel), whose neighbours are the 2 adjacent sites along each axis (1-D and 3-D are
+            our extension; the paper is 2-D). Level-0 distances are computed in float64, the
+            rest in float32 (float64 for float64 input); extreme channels are scaled exactly
+            first.
+        n_clusters: clusters wanted per channel, k >= 1 (clamped to the number of sites P,
+            ``L``, ``H * W`` or ``D * H * W``, with a warning).
         max_rounds: maximum agglomeration rounds (the paper: 1000; 3-6 are typical).
         threshold: relative tolerance for near-tied nearest neighbours and the floor of edge
             weights after level 0 (nilearn's ``threshold``), in (0, 1).
         unstructured: which channels are *unstructured* (masked by DropCluster): ``"dead"``
             (default: every map of the batch constant), ``"rena"`` (the paper's: ReNA ends with
             more than k clusters), ``"hopkins"`` (Spatial Hopkins below
-            ``hopkins_threshold``, plus the dead channels) or ``"none"``. docs/design.md,
-            "Unstructured channels", compares them.
+            ``hopkins_threshold``, plus the dead channels; every spatial size >= 3) or
+            ``"none"``. docs/design.md, "Unstructured channels", compares them.
         identical_neighbours: ``"merge"`` (default: neighbours identical in every sample are
             one node before the first round, so a structured channel reaches k clusters) or
             ``"split"`` (the reference's: their edge is deleted, which can leave more than k).
@@ -111,19 +121,20 @@ def rena(
         "rena"`` (possibly more, with a warning).
 
     Raises:
-        ValueError: wrong rank, fewer than 2 samples, no pixels, non-finite values, bad options.
+        ValueError: wrong rank, fewer than 2 samples, no sites, non-finite values, bad options.
 
     Example::
 
         result = rena(torch.relu(torch.randn(64, 16, 12, 12)), 15)
         result.labels.shape, result.n_found  # (16, 12, 12), tensor([15, 15, ...])
+        rena(torch.randn(64, 8, 4, 6, 6), 10).labels.shape  # (8, 4, 6, 6)
     """
     n_clusters, max_rounds, threshold, low, high = _check_arguments(
         x, n_clusters, max_rounds, threshold, unstructured, identical_neighbours, hopkins_threshold
     )
-    n_channels, height, width = x.shape[1:]
+    n_channels, *spatial = x.shape[1:]
     if n_channels == 0:
-        return _empty_result(height, width, n_clusters, x.device)
+        return _empty_result(spatial, n_clusters, x.device)
     graphs = _level0_graphs(x.detach(), low, high, threshold)
     if unstructured == "rena":
         labels, n_found, structured, n_rounds = _cluster_by_paper_rule(
@@ -136,22 +147,33 @@ def rena(
         labels, n_found, n_rounds = _cluster_with_verdict(
             graphs, structured, n_clusters, max_rounds, threshold, identical_neighbours
         )
-    return _result(labels, n_found, structured, n_clusters, n_rounds, height, width)
+    return _result(labels, n_found, structured, n_clusters, n_rounds, spatial)
 
 
-def grid_edges(
-    height: int, width: int, device: torch.device | str = "cpu"
-) -> tuple[Tensor, Tensor]:
-    """The 4-neighbour edges of an H x W pixel grid, row-major pixel index ``h * W + w``.
+def grid_edges(*sizes: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """The edges of a grid of any rank (1-3 in :func:`rena`): each site joined to its 2
+    neighbours per axis, sites numbered row-major (``h * W + w`` for ``grid_edges(H, W)``).
+
+    Args:
+        sizes: the grid's spatial sizes, e.g. ``L``, ``H, W`` or ``D, H, W``, each >= 1.
+        device: where the edges are made (keyword only).
 
     Returns:
-        (u, v): two (E,) int64 tensors with ``u < v``, E = H(W-1) + (H-1)W; the horizontal
-        edges first (row by row), then the vertical ones, matching :func:`_level0_weights`.
+        (u, v): two (E,) int64 tensors with ``u < v``, ``E = sum over axes of P * (n - 1) / n``
+        for P sites and an axis of size n. Edges are grouped by axis, the last axis first (in
+        2-D: the horizontal edges row by row, then the vertical ones), each group row-major,
+        matching :func:`_level0_weights`.
     """
-    index = torch.arange(height * width, device=device).view(height, width)
-    u = torch.cat([index[:, :-1].reshape(-1), index[:-1, :].reshape(-1)])
-    v = torch.cat([index[:, 1:].reshape(-1), index[1:, :].reshape(-1)])
-    return u, v
+    if not sizes:
+        raise ValueError("grid_edges needs at least one size, but got none")
+    sizes = tuple(check_int("grid size", size, minimum=1) for size in sizes)
+    index = torch.arange(math.prod(sizes), device=device).view(sizes)
+    u_parts, v_parts = [], []
+    for axis in reversed(range(len(sizes))):
+        length = sizes[axis] - 1
+        u_parts.append(index.narrow(axis, 0, length).reshape(-1))
+        v_parts.append(index.narrow(axis, 1, length).reshape(-1))
+    return torch.cat(u_parts), torch.cat(v_parts)
 
 
 def connected_components(n_nodes: int, a: Tensor, b: Tensor) -> Tensor:
@@ -204,24 +226,28 @@ def _check_arguments(
     """Check the arguments of :func:`rena`, the one place they are checked.
 
     Returns:
-        n_clusters clamped to ``H * W``, max_rounds, threshold, and the (C,) smallest and
-        largest value of each channel (None when x has no channels).
+        n_clusters clamped to the number of sites, max_rounds, threshold, and the (C,) smallest
+        and largest value of each channel (None when x has no channels).
     """
-    check_tensor("x", x, 4, "(N, C, H, W)")
+    check_tensor("x", x, (3, 4, 5), "(N, C, L), (N, C, H, W) or (N, C, D, H, W)")
     if x.is_complex() or x.dtype == torch.bool:
         raise ValueError(f"x should hold real numbers, but got dtype {x.dtype}")
-    n_samples, _, height, width = x.shape
+    n_samples, _, *spatial = x.shape
+    site = _SITE_NAMES[len(spatial)]
+    shown = "x".join(str(size) for size in spatial)
     if n_samples < 2:
-        raise ValueError(f"ReNA needs at least 2 samples (images) per pixel, but got N={n_samples}")
-    if height * width == 0:
-        raise ValueError(f"x has no pixels: H={height}, W={width}")
+        raise ValueError(f"ReNA needs at least 2 samples per {site}, but got N={n_samples}")
+    n_sites = math.prod(spatial)
+    if n_sites == 0:
+        raise ValueError(f"x has no {site}s: spatial shape {shown}")
     low = high = None
     if x.numel() > 0:
         # Per-channel min/max: they propagate NaN and expose infinities without a full-size
         # boolean temporary, and give the channel scales (two reductions over the channel
         # dimension, not one aminmax per image and channel).
         detached = x.detach()
-        low, high = detached.amin(dim=(0, 2, 3)), detached.amax(dim=(0, 2, 3))
+        dims = _channel_reduction_dims(x)
+        low, high = detached.amin(dim=dims), detached.amax(dim=dims)
         if x.is_floating_point():
             finite = torch.isfinite(low) & torch.isfinite(high)
             if not bool(finite.all()):
@@ -236,26 +262,35 @@ def _check_arguments(
     check_modes(unstructured, identical_neighbours)
     if unstructured == "hopkins":
         check_float("hopkins_threshold", hopkins_threshold, minimum=0.0, maximum=1.0)
-        if height < 3 or width < 3:
+        if min(spatial) < 3:
+            smallest = "x".join("3" * len(spatial))
             raise ValueError(
-                f'unstructured="hopkins" needs maps of at least 3x3, but got {height}x{width}'
+                f'unstructured="hopkins" needs maps of at least {smallest}, but got {shown}'
             )
-    n_pixels = height * width
-    if n_clusters > n_pixels:
+    if n_clusters > n_sites:
         warnings.warn(
-            f"n_clusters={n_clusters} is larger than the {n_pixels} pixels of a "
-            f"{height}x{width} map; using n_clusters={n_pixels}",
+            f"n_clusters={n_clusters} is larger than the {n_sites} {site}s of a "
+            f"{shown} map; using n_clusters={n_sites}",
             UserWarning,
             stacklevel=3,
         )
-        n_clusters = n_pixels
+        n_clusters = n_sites
     return n_clusters, max_rounds, threshold, low, high
 
 
-def _empty_result(height: int, width: int, n_clusters: int, device: torch.device) -> ReNAResult:
+# What a site is called in messages, by the number of spatial dimensions.
+_SITE_NAMES = {1: "position", 2: "pixel", 3: "voxel"}
+
+
+def _channel_reduction_dims(x: Tensor) -> tuple[int, ...]:
+    """The dimensions of ``x`` (N, C, *spatial) that a per-channel reduction runs over."""
+    return (0, *range(2, x.dim()))
+
+
+def _empty_result(spatial: list[int], n_clusters: int, device: torch.device) -> ReNAResult:
     """The result for an input without channels."""
     return ReNAResult(
-        labels=torch.zeros(0, height, width, dtype=torch.int64, device=device),
+        labels=torch.zeros(0, *spatial, dtype=torch.int64, device=device),
         n_found=torch.zeros(0, dtype=torch.int64, device=device),
         structured=torch.zeros(0, dtype=torch.bool, device=device),
         sizes=torch.zeros(0, n_clusters, dtype=torch.int64, device=device),
@@ -269,7 +304,7 @@ class _ChannelGraphs:
     """The level-0 graph of every channel: its nodes' features and its weighted grid edges.
 
     Attributes:
-        samples: (N, C, P) pixel values, float32 (float64 for float64 input), each channel
+        samples: (N, C, P) site values, float32 (float64 for float64 input), each channel
             multiplied by its power of two (see :func:`_channel_scaling`).
         weights: (C, E0) float64 level-0 weights, edges in the order of :func:`grid_edges`.
         grid_u, grid_v: (E0,) int64 grid edges.
@@ -298,18 +333,18 @@ class _ChannelGraphs:
 
 
 def _level0_graphs(x: Tensor, low: Tensor, high: Tensor, threshold: float) -> _ChannelGraphs:
-    """Features, grid edges and level-0 weights of every channel of the (N, C, H, W) ``x``.
+    """Features, grid edges and level-0 weights of every channel of the (N, C, *spatial) ``x``.
 
     ``low``/``high`` are the (C,) extremes of each channel, which set its scaling.
     """
-    n_samples, n_channels, height, width = x.shape
+    n_samples, n_channels, *spatial = x.shape
     feature_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    samples = x.reshape(n_samples, n_channels, height * width).to(feature_dtype)
+    samples = x.reshape(n_samples, n_channels, math.prod(spatial)).to(feature_dtype)
     factor, floor = _channel_scaling(low, high, feature_dtype, threshold)
     if factor is not None:
         samples = samples * factor.to(feature_dtype).view(1, n_channels, 1)
-    grid_u, grid_v = grid_edges(height, width, x.device)
-    weights = _level0_weights(x, height, width, factor)
+    grid_u, grid_v = grid_edges(*spatial, device=x.device)
+    weights = _level0_weights(x, factor)
     return _ChannelGraphs(
         samples=samples,
         weights=weights,
@@ -386,8 +421,7 @@ def _result(
     structured: Tensor,
     n_clusters: int,
     n_rounds: int,
-    height: int,
-    width: int,
+    spatial: list[int],
 ) -> ReNAResult:
     """The :class:`ReNAResult` of (C, P) labels, with the cluster sizes counted."""
     n_channels = n_found.numel()
@@ -395,7 +429,7 @@ def _result(
     sizes = torch.zeros(n_channels, n_columns, dtype=torch.int64, device=labels.device)
     sizes.scatter_add_(1, labels, torch.ones_like(labels))
     return ReNAResult(
-        labels=labels.view(n_channels, height, width),
+        labels=labels.view(n_channels, *spatial),
         n_found=n_found,
         structured=structured,
         sizes=sizes,
@@ -460,9 +494,10 @@ def _structured_without_rena(
         # Dead: every map of the channel is constant, so every neighbour pair is identical in
         # every sample; then no grid edge survives and nothing can be clustered.
         alive = (level0_weights != 0).any(dim=1)
-    else:  # a 1x1 map has no edges; only a change of value across the batch counts
+    else:  # a one-site map has no edges; only a change of value across the batch counts
         values = x.detach()
-        alive = values.amax(dim=(0, 2, 3)) != values.amin(dim=(0, 2, 3))
+        dims = _channel_reduction_dims(x)
+        alive = values.amax(dim=dims) != values.amin(dim=dims)
     if unstructured == "dead":
         return alive
     from dropcluster.hopkins import spatial_hopkins
@@ -471,27 +506,31 @@ def _structured_without_rena(
     return alive & (per_channel >= hopkins_threshold)
 
 
-def _level0_weights(x: Tensor, height: int, width: int, factor: Tensor | None = None) -> Tensor:
-    """Level-0 edge weights, half the squared distance of neighbouring pixels, in float64.
+def _level0_weights(x: Tensor, factor: Tensor | None = None) -> Tensor:
+    """Level-0 edge weights, half the squared distance of neighbouring sites, in float64.
 
     Args:
-        x: (N, C, H, W) activations.
+        x: (N, C, *spatial) activations, 1 to 3 spatial dimensions.
         factor: (C,) float64 powers of two each channel is scaled by first, or None.
 
     Returns:
-        (C, E) float64, edges in the order of :func:`grid_edges`.
+        (C, E) float64, edges in the order of :func:`grid_edges` (last axis first).
     """
-    n_samples, n_channels = x.shape[:2]
+    n_samples, n_channels, *spatial = x.shape
     # Blocks of about 2**20 values (8 MB in float64) bound the float64 temporaries.
-    chunk = max(1, (1 << 20) // max(1, n_samples * height * width))
+    chunk = max(1, (1 << 20) // max(1, n_samples * math.prod(spatial)))
+    factor_shape = (1, -1) + (1,) * len(spatial)
     parts = []
     for start in range(0, n_channels, chunk):
         block = x[:, start : start + chunk].to(torch.float64)
         if factor is not None:
-            block = block * factor[start : start + chunk].view(1, -1, 1, 1)
-        horizontal = (block[..., :, 1:] - block[..., :, :-1]).square_().sum(dim=0)
-        vertical = (block[..., 1:, :] - block[..., :-1, :]).square_().sum(dim=0)
-        parts.append(torch.cat([horizontal.flatten(1), vertical.flatten(1)], dim=1))
+            block = block * factor[start : start + chunk].view(factor_shape)
+        axes = []
+        for axis in reversed(range(2, x.dim())):
+            length = x.shape[axis] - 1
+            step = block.narrow(axis, 1, length) - block.narrow(axis, 0, length)
+            axes.append(step.square_().sum(dim=0).flatten(1))
+        parts.append(torch.cat(axes, dim=1))
     # The reference symmetrises a one-sided matrix by averaging it with its transpose: the 1/2.
     return torch.cat(parts, dim=0).mul_(0.5)
 
@@ -505,12 +544,13 @@ def _agglomerate(
 ) -> tuple[Tensor, Tensor, int]:
     """Run ReNA rounds on a stack of channels.
 
-    Nodes of all channels live in one flat index space, sorted by (channel, smallest pixel), so
-    that a node's rank inside its channel is its reference cluster number at every level. Each
-    round links nearest neighbours (:func:`_nearest_neighbour_links`, cut by
-    :func:`_overshoot_guard`), merges the connected components of the links, averages their
-    features (:func:`_reduce_features`) and weights the edges between the new nodes
-    (:func:`_reduced_edges`).
+    Here and below a "pixel" is any site of the grid (1-D, 2-D or 3-D): after level 0 the
+    rank no longer matters. Nodes of all channels live in one flat index space, sorted by
+    (channel, smallest pixel), so that a node's rank inside its channel is its reference
+    cluster number at every level. Each round links nearest neighbours
+    (:func:`_nearest_neighbour_links`, cut by :func:`_overshoot_guard`), merges the connected
+    components of the links, averages their features (:func:`_reduce_features`) and weights
+    the edges between the new nodes (:func:`_reduced_edges`).
 
     Args:
         graphs: the level-0 graphs of the C channels.

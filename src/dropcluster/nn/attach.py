@@ -25,6 +25,7 @@ from torch import nn
 
 from dropcluster.compat import pickled_defaults
 from dropcluster.nn.fitting import unwrap
+from dropcluster.nn.ranking import LayerRanking
 
 __all__ = [
     "ATTACHED_NAME",
@@ -62,7 +63,7 @@ class _ApplyAttached:
             ) from error
 
 
-def attach(model: nn.Module, after: str, regularizer: nn.Module) -> nn.Module:
+def attach(model: nn.Module, after: str | LayerRanking, regularizer: nn.Module) -> nn.Module:
     """Apply ``regularizer`` to the output of the submodule named ``after``.
 
     The regularizer becomes the child ``ATTACHED_NAME`` of that submodule, so it follows the
@@ -99,7 +100,10 @@ def attach(model: nn.Module, after: str, regularizer: nn.Module) -> nn.Module:
     Args:
         model: any module, possibly compiled or wrapped in (Distributed)DataParallel.
         after: dotted name of the submodule, as ``named_modules()`` gives it (``"layer1.0.relu"``,
-            ``"features.3"`` for an ``nn.Sequential`` index).
+            ``"features.3"`` for an ``nn.Sequential`` index); or a
+            :class:`~dropcluster.nn.ranking.LayerRanking` of this model (from
+            :func:`~dropcluster.nn.ranking.rank_layers`), which stands for its most structured
+            place, ``ranking.best``.
         regularizer: the module applied to the target's output (it must accept that output).
 
     Returns:
@@ -113,6 +117,8 @@ def attach(model: nn.Module, after: str, regularizer: nn.Module) -> nn.Module:
         raise ValueError(
             f"regularizer should be an nn.Module, but got {type(regularizer).__name__}"
         )
+    if isinstance(after, LayerRanking):
+        after = after.best
     after, target = _target(model, after)
     if _hook_keys(target) or ATTACHED_NAME in target._modules:
         raise ValueError(

@@ -2,12 +2,16 @@
 sorting), and the multiplies that keep no activation-sized tensor for backward.
 
 Internal to :mod:`dropcluster.nn`: :func:`~dropcluster.nn.drop_cluster2d` and
-:class:`~dropcluster.nn.DropCluster2d` check their inputs and call :func:`apply_clusters`.
+:class:`~dropcluster.nn.DropCluster2d` (and their 1-D and 3-D forms) check their inputs and call
+:func:`apply_clusters`. The tables are per channel over the flattened sites, so every piece
+works on any grid, (C, L), (C, H, W) or (C, D, H, W), unchanged; only the final views name the
+grid's axes.
 docs/design.md ("DropCluster's masks") says why each piece is as it is.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -33,7 +37,7 @@ class ClusterTables:
     """What a step needs of the fitted clusters, computed once per fit (not once per step).
 
     Attributes:
-        labels: (C, H, W) int64 cluster of each pixel.
+        labels: (C, H, W) int64 cluster of each pixel ((C, L) or (C, D, H, W) on other grids).
         keepable: (C, K) bool, the clusters that exist in structured channels.
         drawn: (C,) bool, the channels with a keepable cluster.
         missing: (C, K) float64, 0 for clusters that exist and 2 for the others (added to the
@@ -120,8 +124,8 @@ def _draw_clusters(
     generator: torch.Generator | None,
 ) -> _Draw:
     """Which clusters each image keeps, and its scale (Algorithm 2, lines 12-16)."""
-    n_samples, n_channels, height, width = shape
-    total = float(n_channels * height * width)
+    n_samples = shape[0]
+    total = float(math.prod(shape[1:]))  # C * H * W: every element of one image
     if not training:  # nothing drawn: every image keeps the same clusters
         bits = tables.keepable_bits.unsqueeze(0) if tables.packable else None
         keep = None if tables.packable else tables.keepable.unsqueeze(0)
@@ -284,10 +288,12 @@ class _PackedMultiply(torch.autograd.Function):
 
 
 def _packed_multiply(x: Tensor, bits: Tensor, scale: Tensor, labels: Tensor) -> Tensor:
-    """x (N, C, H, W) times bit ``labels[c, h, w]`` of ``bits[n, c]`` times ``scale[n]``."""
+    """x (N, C, H, W) times bit ``labels[c, h, w]`` of ``bits[n, c]`` times ``scale[n]`` (any
+    grid: (N, C, L) and (N, C, D, H, W) likewise)."""
     draws, n_channels = bits.shape
-    kept = (bits.view(draws, n_channels, 1, 1) >> labels) & 1
-    return x * (kept.to(x.dtype) * scale.view(draws, 1, 1, 1))
+    grid = (1,) * (labels.dim() - 1)
+    kept = (bits.view(draws, n_channels, *grid) >> labels) & 1
+    return x * (kept.to(x.dtype) * scale.view(draws, 1, *grid))
 
 
 def _multiply(x: Tensor, table: Tensor, labels: Tensor, onehot: Tensor | None) -> Tensor:
@@ -309,13 +315,14 @@ def _use_product(x: Tensor, table: Tensor) -> bool:
 
 
 def expand_clusters(table: Tensor, labels: Tensor, onehot: Tensor | None, like: Tensor) -> Tensor:
-    """(B, C, K) per-cluster values -> (B, C, H, W) per-pixel values, in ``like``'s layout.
+    """(B, C, K) per-cluster values -> (B, C, H, W) per-pixel values, in ``like``'s layout
+    ((B, C, L) or (B, C, D, H, W) for labels of those grids).
 
     ``onehot`` ((C, K, H*W) in the table's dtype, or None) selects the CPU's matrix-product
     expansion.
     """
     draws, n_channels, _ = table.shape
-    height, width = labels.shape[1:]
+    grid = labels.shape[1:]
     if onehot is not None:
         # On the CPU a batched product with the one-hot labels, C products of (B, K) x
         # (K, H*W), takes a third of a gather's time (whose scalar index loop bounds it).
@@ -324,15 +331,23 @@ def expand_clusters(table: Tensor, labels: Tensor, onehot: Tensor | None, like: 
         # (C, B, H*W); the multiply reads it through a transposed view (rows of H*W stay
         # contiguous), which costs less than writing it in (B, C) order.
         values = torch.bmm(table.transpose(0, 1), onehot)
-        return values.transpose(0, 1).unflatten(2, (height, width))
-    channels_last = like.is_contiguous(memory_format=torch.channels_last) and n_channels > 1
-    if channels_last:
+        return values.transpose(0, 1).unflatten(2, grid)
+    if n_channels > 1 and _channels_last(like):
         # Gather straight into (B, H, W, C) order so the product with x stays channels_last.
         index = labels.reshape(n_channels, -1).t().unsqueeze(0).expand(draws, -1, -1)
         values = table.transpose(1, 2).gather(1, index)  # (B, H*W, C)
-        return values.view(draws, height, width, n_channels).permute(0, 3, 1, 2)
+        axes = len(grid)
+        return values.view(draws, *grid, n_channels).permute(0, axes + 1, *range(1, axes + 1))
     index = labels.reshape(1, n_channels, -1).expand(draws, -1, -1)
-    return table.gather(2, index).view(draws, n_channels, height, width)
+    return table.gather(2, index).view(draws, n_channels, *grid)
+
+
+def _channels_last(like: Tensor) -> bool:
+    """Whether ``like`` is channels_last (4-d) or channels_last_3d (5-d); torch has no
+    channels-last format for 3-d tensors."""
+    if like.dim() == 4:
+        return like.is_contiguous(memory_format=torch.channels_last)
+    return like.dim() == 5 and like.is_contiguous(memory_format=torch.channels_last_3d)
 
 
 def compiling() -> bool:

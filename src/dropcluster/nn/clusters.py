@@ -1,5 +1,5 @@
 """Fitted clusters as one object: what :meth:`DropCluster2d.fit` makes and
-:func:`drop_cluster2d` takes."""
+:func:`drop_cluster2d` takes (and their 1-D and 3-D forms, on (C, L) and (C, D, H, W) grids)."""
 
 from __future__ import annotations
 
@@ -12,19 +12,35 @@ from torch import Tensor
 from dropcluster.rena import ReNAResult, check_modes, rena
 from dropcluster.validation import check_int, check_tensor
 
-__all__ = ["Clusters", "check_tables", "cluster_sizes", "fixed_tables", "resample_labels"]
+__all__ = [
+    "LABEL_LAYOUTS",
+    "Clusters",
+    "check_tables",
+    "cluster_sizes",
+    "fixed_tables",
+    "resample_labels",
+]
+
+#: The shapes cluster labels may have: one grid axis (1-D), two (the paper's) or three.
+LABEL_LAYOUTS = "(C, L), (C, H, W) or (C, D, H, W)"
 
 
 @dataclass(frozen=True)
 class Clusters:
     """The fitted clusters of one layer input shape (C, H, W): what DropCluster drops from.
 
+    The grid may also be 1-D, (C, L), or 3-D, (C, D, H, W), for
+    :class:`~dropcluster.nn.DropCluster1d` and :class:`~dropcluster.nn.DropCluster3d` (this
+    project's extension; the paper is 2-D): every table is per channel over the flattened
+    sites, so only ``labels`` has the grid's shape.
+
     Make them with :meth:`fit` (ReNA on activations, the paper's Algorithm 1), :meth:`from_rena`
     or :meth:`from_labels`; a fitted :class:`~dropcluster.nn.DropCluster2d` gives its own as
     ``layer.clusters``. The tables are checked when the object is made (:func:`check_tables`).
 
     Attributes:
-        labels: (C, H, W) int64, the cluster of each pixel (0 in unstructured channels).
+        labels: (C, H, W) int64 ((C, L) or (C, D, H, W) on other grids), the cluster of each
+            pixel (0 in unstructured channels).
         structured: (C,) bool, the channels whose clusters are dropped; the others are zeroed.
         counts: (C,) int64 clusters per structured channel, 1 to ``n_clusters`` (0 otherwise).
         sizes: (C, n_clusters) int64 pixels per cluster (0 in unstructured channels).
@@ -45,8 +61,8 @@ class Clusters:
             check_tensor(
                 name,
                 getattr(self, name),
-                {"labels": 3, "sizes": 2}.get(name, 1),
-                {"labels": "(C, H, W)", "sizes": "(C, K)"}.get(name, "(C,)"),
+                {"labels": (2, 3, 4), "sizes": 2}.get(name, 1),
+                {"labels": LABEL_LAYOUTS, "sizes": "(C, K)"}.get(name, "(C,)"),
             )
         check_tables(self.labels, self.structured, self.counts, self.sizes, self.sizes.shape[1])
 
@@ -56,8 +72,8 @@ class Clusters:
         return self.sizes.shape[1]
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the inputs the clusters fit."""
+    def shape(self) -> tuple[int, ...]:
+        """(C, H, W) of the inputs the clusters fit ((C, L) or (C, D, H, W) on other grids)."""
         return tuple(self.labels.shape)
 
     def to(self, device: torch.device | str) -> Clusters:
@@ -69,8 +85,12 @@ class Clusters:
             )
         )
 
-    def resample(self, height: int, width: int) -> Clusters:
-        """The same clusters on a (height, width) grid, for inputs of another size.
+    def resample(self, *size: int) -> Clusters:
+        """The same clusters on a grid of another ``size``, for inputs of another size.
+
+        ``size`` gives one length per axis of the grid: ``resample(height, width)`` for (C, H,
+        W) clusters, ``resample(length)`` for (C, L), ``resample(depth, height, width)`` for
+        (C, D, H, W).
 
         Each channel's labels are resampled by nearest neighbour (:func:`resample_labels`);
         the counts stay the fitted ones, so ``floor(p * n)`` clusters are dropped as at the
@@ -80,13 +100,20 @@ class Clusters:
         kept, so it stays exact.
 
         Returns:
-            Clusters of (C, height, width); ``self`` when that is their shape already.
+            Clusters of (C, *size); ``self`` when that is their shape already.
+
+        Raises:
+            ValueError: not one size per axis of the grid, or a size below 1.
         """
-        height = check_int("height", height, minimum=1)
-        width = check_int("width", width, minimum=1)
-        if self.shape[1:] == (height, width):
+        if len(size) != len(self.shape) - 1:
+            raise ValueError(
+                f"resample takes one size per axis of the clusters' {len(self.shape) - 1}-d grid "
+                f"(shape {self.shape}), but got {len(size)}: {size}"
+            )
+        size = tuple(check_int("size", length, minimum=1) for length in size)
+        if self.shape[1:] == size:
             return self
-        labels = resample_labels(self.labels, height, width)
+        labels = resample_labels(self.labels, *size)
         sizes = cluster_sizes(labels, self.n_clusters) * self.structured.unsqueeze(1)
         return Clusters(labels, self.structured, self.counts, sizes)
 
@@ -104,7 +131,8 @@ class Clusters:
         """Cluster every channel of ``activations`` with ReNA (the paper's Algorithm 1).
 
         Args:
-            activations: (N, C, H, W) float, N >= 2: the layer's input on a minibatch.
+            activations: (N, C, H, W) float, N >= 2: the layer's input on a minibatch ((N, C,
+                L) or (N, C, D, H, W) for 1-D or 3-D clusters).
             n_clusters: clusters per channel (paper: 15).
             unstructured, identical_neighbours, max_rounds, generator: as
                 :func:`dropcluster.rena.rena`.
@@ -142,11 +170,12 @@ class Clusters:
         """Clusters from hand-made labels: channel c has clusters ``0 .. labels[c].max()``.
 
         Args:
-            labels: (C, H, W) integer cluster ids, >= 0 in structured channels.
+            labels: (C, H, W) integer cluster ids ((C, L) or (C, D, H, W) on other grids), >= 0
+                in structured channels.
             structured: (C,) bool (default: every channel).
             n_clusters: table width (default: the most clusters of a channel).
         """
-        check_tensor("labels", labels, 3, "(C, H, W)")
+        check_tensor("labels", labels, (2, 3, 4), LABEL_LAYOUTS)
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise ValueError(f"labels should hold integer cluster ids, but got {labels.dtype}")
         labels = labels.long()
@@ -156,7 +185,7 @@ class Clusters:
         flat = labels.reshape(n_channels, -1)
         counts = torch.where(structured, flat.amax(dim=1) + 1, 0)
         width = n_clusters if n_clusters is not None else max(1, int(counts.max()))
-        labels = torch.where(structured.view(-1, 1, 1), labels, 0)
+        labels = torch.where(_per_channel(structured, labels), labels, 0)
         column = torch.arange(width, device=labels.device).view(1, -1, 1)
         sizes = (labels.reshape(n_channels, 1, -1) == column).sum(dim=2)
         return cls(labels, structured, counts, sizes * structured.view(-1, 1))
@@ -169,9 +198,11 @@ def check_tables(
     sizes: Tensor,
     n_clusters: int,
     names: dict[str, str] | None = None,
+    grid_dims: int | None = None,
 ) -> None:
     """Raise ValueError unless the four tables are fitted clusters as :func:`fixed_tables`
-    makes them: ``labels`` (C, H, W), ``structured`` (C,) bool, ``counts`` (C,) and ``sizes``
+    makes them: ``labels`` (C, H, W) (or (C, L), (C, D, H, W): a grid of ``grid_dims`` axes,
+    any of 1 to 3 when None), ``structured`` (C,) bool, ``counts`` (C,) and ``sizes``
     (C, n_clusters) integers; a structured channel has 1 to ``n_clusters`` clusters, labels
     below its count and sizes that count its labels; an unstructured one has count and sizes 0.
 
@@ -181,8 +212,12 @@ def check_tables(
     names = names or {}
     label_name, sizes_name = names.get("labels", "labels"), names.get("cluster_sizes", "sizes")
     counts_name = names.get("cluster_counts", "counts")
-    n_channels = labels.shape[0] if labels.dim() == 3 else -1
-    kinds = ((labels, 3, label_name), (counts, 1, counts_name), (sizes, 2, sizes_name))
+    if grid_dims is not None:
+        label_dims = grid_dims + 1
+    else:  # any grid of 1 to 3 axes; another rank is refused as a 3-d (C, H, W) table would be
+        label_dims = labels.dim() if labels.dim() in (2, 3, 4) else 3
+    n_channels = labels.shape[0] if labels.dim() == label_dims else -1
+    kinds = ((labels, label_dims, label_name), (counts, 1, counts_name), (sizes, 2, sizes_name))
     for table, dims, name in kinds:
         if (
             table.dim() != dims
@@ -264,20 +299,21 @@ def _table_problem(
     )
 
 
-def resample_labels(labels: Tensor, height: int, width: int) -> Tensor:
-    """(C, H, W) labels on a (height, width) grid, by nearest neighbour.
+def resample_labels(labels: Tensor, *size: int) -> Tensor:
+    """(C, *grid) labels on a grid of ``size`` (one length per axis), by nearest neighbour.
 
     Positions map as ``F.interpolate(mode="nearest")`` maps them (torch's legacy nearest, not
-    ``"nearest-exact"``): output row ``i`` takes input row ``floor(i * H / height)`` (the
-    scale computed in float32, as torch does), columns likewise. Doubling repeats every
-    label twice; halving keeps the even rows and columns.
+    ``"nearest-exact"``), each axis on its own: output row ``i`` of an axis of length ``H``
+    resampled to ``height`` takes input row ``floor(i * H / height)`` (the scale computed in
+    float32, as torch does). Doubling repeats every label twice along each axis; halving keeps
+    the even positions. Any grid of 1 to 3 axes: (C, L), (C, H, W) or (C, D, H, W).
 
     Returns:
-        (C, height, width) labels in ``labels``' dtype, on its device.
+        (C, *size) labels in ``labels``' dtype, on its device.
     """
-    rows = _nearest(labels.shape[1], height, labels.device)
-    columns = _nearest(labels.shape[2], width, labels.device)
-    return labels.index_select(1, rows).index_select(2, columns)
+    for axis, new_size in enumerate(size, start=1):
+        labels = labels.index_select(axis, _nearest(labels.shape[axis], new_size, labels.device))
+    return labels
 
 
 def _nearest(size: int, new_size: int, device: torch.device) -> Tensor:
@@ -288,7 +324,8 @@ def _nearest(size: int, new_size: int, device: torch.device) -> Tensor:
 
 def cluster_sizes(labels: Tensor, n_clusters: int) -> Tensor:
     """(C, n_clusters) int64 pixels of each label 0 .. n_clusters - 1 in each channel of the
-    (C, H, W) ``labels`` (labels outside that range are not counted)."""
+    (C, H, W) ``labels`` (or (C, L), (C, D, H, W)); labels outside that range are not
+    counted."""
     flat = labels.reshape(labels.shape[0], 1, -1)
     column = torch.arange(n_clusters, device=labels.device).view(1, -1, 1)
     return (flat == column).sum(dim=2)
@@ -304,18 +341,23 @@ def fixed_tables(
     Unstructured channels get label 0, count 0 and no sizes: they are masked whole.
 
     Args:
-        labels: (C, H, W) int64; structured: (C,) bool; n_found: (C,) int64; sizes: (C, K)
-            int64 (``ReNAResult``'s fields).
+        labels: (C, H, W) int64 (or (C, L), (C, D, H, W)); structured: (C,) bool; n_found:
+            (C,) int64; sizes: (C, K) int64 (``ReNAResult``'s fields).
 
     Returns:
-        labels (C, H, W), structured (C,), counts (C,), sizes (C, n_clusters), on the inputs'
+        labels (C, *grid), structured (C,), counts (C,), sizes (C, n_clusters), on the inputs'
         device.
     """
     structured = structured & (n_found <= n_clusters)
     counts = torch.where(structured, n_found, torch.zeros_like(n_found))
-    labels = torch.where(structured.view(-1, 1, 1), labels, torch.zeros_like(labels))
+    labels = torch.where(_per_channel(structured, labels), labels, torch.zeros_like(labels))
     width = min(sizes.shape[1], n_clusters)
     table = torch.zeros(sizes.shape[0], n_clusters, dtype=torch.int64, device=sizes.device)
     table[:, :width] = sizes[:, :width]
     table *= structured.view(-1, 1)
     return labels, structured, counts, table
+
+
+def _per_channel(values: Tensor, labels: Tensor) -> Tensor:
+    """(C,) ``values`` viewed as (C, 1, ...) to broadcast over the grid of ``labels``."""
+    return values.view((-1,) + (1,) * (labels.dim() - 1))

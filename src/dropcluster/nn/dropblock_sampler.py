@@ -1,8 +1,9 @@
 """DropBlock's CPU sampler: the block centres drawn sparsely, the output written by index.
 
-:func:`dropcluster.nn.dropblock.drop_block2d` draws block centres i.i.d. Bernoulli(gamma) on the
-valid region (symbols as in :mod:`dropcluster.nn.dropblock`). On the CPU in eager mode it calls
-:func:`drop_block_sparse`, which draws the same process differently from the dense sampler:
+:func:`dropcluster.nn.dropblock.drop_block2d` (and its 1-D and 3-D forms) draws block centres
+i.i.d. Bernoulli(gamma) on the valid region (symbols as in :mod:`dropcluster.nn.dropblock`). On
+the CPU in eager mode it calls :func:`drop_block_sparse`, which draws the same process
+differently from the dense sampler:
 
 - the gaps between successive centres of a Bernoulli process are geometric
   (:func:`_bernoulli_positions`), so only the ~``gamma * N * C * Hv * Wv`` centres are drawn
@@ -15,7 +16,8 @@ valid region (symbols as in :mod:`dropcluster.nn.dropblock`). On the CPU in eage
   cost a mask pass and a three-operand multiply each way.
 
 It knows the number of centres on the host, which on the CPU is a memory read, not a
-synchronisation.
+synchronisation. Masks have 1 to 3 spatial axes, (N, C, L), (N, C, H, W) or (N, C, D, H, W);
+the docstrings below say (N, C, *sizes), and "pixel" for a site of any of them.
 """
 
 from __future__ import annotations
@@ -80,31 +82,56 @@ def _floor_div(a: Tensor, b: int) -> tuple[Tensor, Tensor]:
     return quotient, a - quotient * b
 
 
-def sample_block_corners(shape, gamma: float, block_h: int, block_w: int, generator):
-    """Top-left corners of the dropped blocks of an (N, C, H, W) mask, from sparse centres.
+def sample_block_corners(shape, gamma: float, *block_and_generator):
+    """``sample_block_corners(shape, gamma, *block, generator)``: the first corners of the
+    dropped blocks of an (N, C, *sizes) mask, from sparse centres.
 
-    A valid centre at index (r, c) of the (H - bh + 1) x (W - bw + 1) valid region is pixel
-    (r + (bh - 1) // 2, c + (bw - 1) // 2), and its block's top-left pixel is (r, c).
+    ``block`` is the block's extent along each spatial axis (``block_h, block_w`` for an
+    (N, C, H, W) mask). A valid centre at index (r, c) of the (H - bh + 1) x (W - bw + 1) valid
+    region is pixel (r + (bh - 1) // 2, c + (bw - 1) // 2), and its block's top-left pixel is
+    (r, c); likewise on each axis of a 1-D or 3-D mask.
 
     Returns:
-        (sample, channel, row, col): four float64 tensors of integers, one entry per block.
+        (sample, channel, *coordinates), e.g. (sample, channel, row, col): float64 tensors of
+        integers, one entry per block.
     """
-    n_samples, n_channels, height, width = shape
-    rows, cols = height - block_h + 1, width - block_w + 1
-    positions = _bernoulli_positions(n_samples * n_channels * rows * cols, gamma, generator)
-    plane, rest = _floor_div(positions, rows * cols)
-    row, col = _floor_div(rest, cols)
+    *block, generator = block_and_generator
+    n_samples, n_channels, *sizes = shape
+    valid = [size - extent + 1 for size, extent in zip(sizes, block, strict=True)]
+    per_plane = math.prod(valid)
+    positions = _bernoulli_positions(n_samples * n_channels * per_plane, gamma, generator)
+    plane, rest = _floor_div(positions, per_plane)
+    # Row-major: peel the last axis first; what is left is the first axis' coordinate.
+    coordinates = []
+    for extent in reversed(valid[1:]):
+        rest, coordinate = _floor_div(rest, extent)
+        coordinates.append(coordinate)
+    coordinates.append(rest)
     sample, channel = _floor_div(plane, n_channels)
-    return sample, channel, row, col
+    return sample, channel, *reversed(coordinates)
 
 
-def _block_pixel_indices(corners, block_h: int, block_w: int, strides) -> Tensor:
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    """Element strides of a contiguous tensor of ``shape``."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+def _block_pixel_indices(corners, block, strides) -> Tensor:
     """int64 flat memory indices of every pixel of every block, for a tensor with ``strides``."""
-    sample, channel, row, col = corners
-    s_sample, s_channel, s_row, s_col = strides
-    top_left = (sample * s_sample + channel * s_channel + row * s_row + col * s_col).to(torch.int64)
-    offsets = torch.arange(block_h).mul_(s_row).view(-1, 1) + torch.arange(block_w).mul_(s_col)
-    return (top_left.view(-1, 1) + offsets.view(1, -1)).view(-1)
+    sample, channel, *coordinates = corners
+    first = sample * strides[0] + channel * strides[1]
+    for coordinate, stride in zip(coordinates, strides[2:], strict=True):
+        first = first + coordinate * stride
+    first = first.to(torch.int64)
+    # The offsets of a block's pixels from its first one, row-major.
+    offsets = torch.arange(block[0]).mul_(strides[2])
+    for extent, stride in zip(block[1:], strides[3:], strict=True):
+        offsets = (offsets.view(-1, 1) + torch.arange(extent).mul_(stride)).view(-1)
+    return (first.view(-1, 1) + offsets.view(1, -1)).view(-1)
 
 
 def count_ones(flags: Tensor) -> Tensor:
@@ -123,17 +150,16 @@ def count_ones(flags: Tensor) -> Tensor:
 
 
 def dropped_pixels(corners, mask_shape, block) -> tuple[Tensor, Tensor, Tensor]:
-    """The pixels covered by the blocks at ``corners`` in an (N, C, H, W) mask.
+    """The pixels covered by the blocks at ``corners`` in an (N, C, *sizes) mask.
 
     Returns:
         (indices, dropped, n_dropped): int64 flat indices of the covered pixels in the
-        contiguous layout (with repeats where blocks overlap); the (N, C * H * W) uint8 0/1 map
-        of dropped pixels; the number of dropped pixels per sample, int64 (N,).
+        contiguous layout (with repeats where blocks overlap); the (N, C * prod(sizes)) uint8
+        0/1 map of dropped pixels; the number of dropped pixels per sample, int64 (N,).
     """
-    n_samples, n_channels, height, width = mask_shape
-    per_sample = n_channels * height * width
-    strides = (per_sample, height * width, width, 1)
-    indices = _block_pixel_indices(corners, *block, strides)
+    strides = _contiguous_strides(mask_shape)
+    n_samples, per_sample = mask_shape[0], strides[0]
+    indices = _block_pixel_indices(corners, block, strides)
     dropped = torch.zeros(n_samples, per_sample, dtype=torch.uint8)
     dropped.view(-1).index_fill_(0, indices, 1)
     return indices, dropped, count_ones(dropped)
@@ -154,7 +180,7 @@ class _BlockPixels:
     def indices(self, strides) -> Tensor:
         strides = tuple(strides)
         if strides not in self._indices:
-            self._indices[strides] = _block_pixel_indices(self.corners, *self.block, strides)
+            self._indices[strides] = _block_pixel_indices(self.corners, self.block, strides)
         return self._indices[strides]
 
 
@@ -215,14 +241,15 @@ def drop_block_sparse(
     """DropBlock on the CPU from sparse centres: see the module docstring.
 
     Args:
-        x: (N, C, H, W) tensor on the CPU.
+        x: (N, C, *sizes) tensor on the CPU, 1 to 3 spatial axes.
         gamma: the centre rate, in [0, 1].
-        block: (block_h, block_w), the block size already clamped to the map.
+        block: the block's extent per spatial axis, e.g. (block_h, block_w), already clamped
+            to the map.
         per_channel, generator, return_mask: as for
             :func:`~dropcluster.nn.dropblock.drop_block2d`.
     """
-    n_samples, n_channels, height, width = x.shape
-    mask_shape = (n_samples, n_channels if per_channel else 1, height, width)
+    n_samples, n_channels, *sizes = x.shape
+    mask_shape = (n_samples, n_channels if per_channel else 1, *sizes)
     with torch.no_grad():
         corners = sample_block_corners(mask_shape, gamma, *block, generator)
     return drop_blocks_at(x, corners, block, per_channel, return_mask)
@@ -232,29 +259,29 @@ def drop_blocks_at(x, corners, block, per_channel: bool, return_mask: bool):
     """Drop the blocks with the given top-left ``corners`` and rescale each sample.
 
     Args:
-        x: (N, C, H, W) tensor on the CPU.
-        corners: (sample, channel, row, col) tensors of integers, as from
+        x: (N, C, *sizes) tensor on the CPU, 1 to 3 spatial axes.
+        corners: (sample, channel, *coordinates) tensors of integers, as from
             :func:`sample_block_corners`; channel is 0 when ``per_channel`` is False.
-        block: (block_h, block_w).
+        block: the block's extent per spatial axis, e.g. (block_h, block_w).
     """
-    n_samples, n_channels, height, width = x.shape
+    n_samples, n_channels, *sizes = x.shape
     mask_channels = n_channels if per_channel else 1
-    mask_shape = (n_samples, mask_channels, height, width)
-    per_sample = mask_channels * height * width
+    mask_shape = (n_samples, mask_channels, *sizes)
+    strides = _contiguous_strides(mask_shape)
+    per_sample = strides[0]
     with torch.no_grad():
         mask_indices, dropped, n_dropped = dropped_pixels(corners, mask_shape, block)
         kept = (per_sample - n_dropped).to(torch.float32).clamp_(min=1.0)
-        scale = (per_sample / kept).to(x.dtype).view(n_samples, 1, 1, 1)
+        scale = (per_sample / kept).to(x.dtype).view(n_samples, *(1,) * (x.dim() - 1))
         keep = None
         if return_mask or not per_channel:
             keep = (1 - dropped).view(mask_shape).to(x.dtype)
     if per_channel:
         group_size = max(1, _GROUP_ELEMENTS // per_sample)
-        groups = _sample_groups(corners[0], n_samples, group_size, block[0] * block[1])
-        strides = (per_sample, height * width, width, 1)
+        groups = _sample_groups(corners[0], n_samples, group_size, math.prod(block))
         pixels = _BlockPixels(corners, block, mask_indices, strides, groups)
         out = _ScaleAndZero.apply(x, scale, pixels)
     else:
-        # One (N, 1, H, W) multiplier broadcast over the channels: a single pass over x.
+        # One (N, 1, *sizes) multiplier broadcast over the channels: a single pass over x.
         out = x * (keep * scale)
     return (out, keep) if return_mask else out

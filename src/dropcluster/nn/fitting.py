@@ -1,7 +1,8 @@
 """Fit the DropCluster layers of any model from its data, in any training loop.
 
 :func:`fit_clusters` runs the model on a few batches, captures the input of every
-:class:`~dropcluster.nn.DropCluster2d` inside it with forward pre-hooks (the forward stops as
+:class:`~dropcluster.nn.DropCluster2d` (and :class:`~dropcluster.nn.DropCluster1d`,
+:class:`~dropcluster.nn.DropCluster3d`) inside it with forward pre-hooks (the forward stops as
 soon as every layer has its input) and fits each layer (the paper's Algorithm 1).
 :class:`RefitSchedule` says when: first at epoch ``s``, then every ``s`` epochs (paper: 50).
 
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dropcluster.nn.dropcluster import DropCluster2d
+from dropcluster.nn.dropcluster import DROPCLUSTER_LAYERS
 from dropcluster.validation import check_int
 
 __all__ = [
@@ -87,7 +88,9 @@ def fit_clusters(
     generator: torch.Generator | None = None,
     process_group: Any = None,
 ) -> ClusterFit:
-    """Fit every :class:`~dropcluster.nn.DropCluster2d` in ``model`` on its own input.
+    """Fit every :class:`~dropcluster.nn.DropCluster2d` in ``model`` on its own input (and
+    every :class:`~dropcluster.nn.DropCluster1d` and :class:`~dropcluster.nn.DropCluster3d`:
+    their (N, C, L) and (N, C, D, H, W) inputs are captured alike).
 
     Which images: from a tensor or a map-style dataset, ``n_images`` drawn at random without
     replacement (``torch.randperm`` with ``generator``), run in increasing index order; when
@@ -121,7 +124,7 @@ def fit_clusters(
             ``fit_clusters`` (it ends with collectives); when one rank fails, all raise.
 
     Returns:
-        A :class:`ClusterFit`; empty when the model has no DropCluster2d.
+        A :class:`ClusterFit`; empty when the model has no DropCluster layer.
 
     Raises:
         ValueError: ``data`` holds fewer than 2 images, a batch of integer images met a model
@@ -132,7 +135,7 @@ def fit_clusters(
     check_int("batch_size", batch_size, minimum=1)
     start = time.perf_counter()
     module = unwrap(model)
-    named = [(name, m) for name, m in module.named_modules() if isinstance(m, DropCluster2d)]
+    named = [(name, m) for name, m in module.named_modules() if isinstance(m, DROPCLUSTER_LAYERS)]
     if not named:
         return ClusterFit()
     rank, world = _distributed(process_group)
@@ -154,7 +157,7 @@ def fit_clusters(
                 else:
                     layer.materialize(tuple(activations.shape[1:]))
             except ValueError as error:
-                raise ValueError(f"DropCluster2d {name!r}: {error}") from error
+                raise ValueError(f"{type(layer).__name__} {name!r}: {error}") from error
     except Exception as raised:  # noqa: BLE001 - re-raised below, after the other ranks know
         if world == 1:
             raise
@@ -219,10 +222,11 @@ def _capture(module, layers, batches, n_images, prepare):
             submodule.training = training
     if images < 2:
         raise ValueError(f"fit_clusters needs at least 2 images, but the data gave {images}")
-    missing = [i for i, layer in enumerate(layers) if seen[id(layer)] < images]
+    missing = [layer for layer in layers if seen[id(layer)] < images]
     if missing:
+        kinds = "/".join(sorted({type(layer).__name__ for layer in missing}))
         raise ValueError(
-            f"the input of {len(missing)} DropCluster2d layer(s) was not captured: the model's "
+            f"the input of {len(missing)} {kinds} layer(s) was not captured: the model's "
             f"forward did not call them"
         )
     return captured, images
@@ -342,7 +346,7 @@ def _broadcast(named, process_group) -> None:
 
     source = dist.get_global_rank(process_group, 0) if process_group is not None else 0
     for _, layer in named:
-        for name in DropCluster2d.STATE:
+        for name in layer.STATE:
             dist.broadcast(getattr(layer, name), src=source, group=process_group)
         layer._buffers_written()
 
@@ -429,11 +433,12 @@ class RefitSchedule:
 
     @staticmethod
     def unfitted_layers(model: nn.Module) -> list[str]:
-        """Names of the DropCluster2d layers of ``model`` (unwrapped) that are not fitted."""
+        """Names of the DropCluster layers (1-, 2- or 3-D) of ``model`` (unwrapped) that are
+        not fitted."""
         return [
             name or "(the model)"
             for name, module in unwrap(model).named_modules()
-            if isinstance(module, DropCluster2d) and not module.fitted
+            if isinstance(module, DROPCLUSTER_LAYERS) and not module.fitted
         ]
 
     def step(self, model: nn.Module, data, epoch: int, **options: Any) -> ClusterFit | None:
