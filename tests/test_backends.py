@@ -22,6 +22,8 @@ from dropcluster.experiments import sweep
 from dropcluster.experiments.backends import (
     BackendSettings,
     RunTask,
+    start_worker,
+    stop_process,
     task_environment,
     worker_command,
 )
@@ -124,7 +126,9 @@ def _assert_interrupted_not_killed(run_dir: Path) -> None:
     """The worker stopped on SIGINT, as on Ctrl-C (a killed one leaves no traceback)."""
     deadline = time.time() + 30
     while not (run_dir / "worker.log").read_text().rstrip().endswith("KeyboardInterrupt"):
-        assert time.time() < deadline, "the worker was not interrupted"
+        assert time.time() < deadline, (
+            "the worker was not interrupted: " + (run_dir / "worker.log").read_text()[-1500:]
+        )
         time.sleep(0.1)
     assert not (run_dir / "result.json").exists() and (run_dir / "checkpoint.pt").is_file()
 
@@ -324,6 +328,25 @@ def test_stopping_a_slurm_sweep_interrupts_its_workers(tmp_path):
 
     backend = SlurmBackend(SLURM_HERE, tmp_path / "slurm")
     _assert_interrupted_not_killed(_stop_a_running_task(backend, tmp_path))
+
+
+def test_a_worker_that_inherits_sigint_ignored_still_stops_as_on_ctrl_c(tmp_path):
+    # A sweep started in the background (`nohup dropcluster sweep ... &`, a batch script) runs
+    # with SIGINT ignored, and every process it starts inherits that: the worker handles it.
+    spec = expand_grid(tiny_preset(epochs=500))[0]
+    task = sweep._task(spec, tmp_path, None, BackendSettings())
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        process = start_worker(worker_command(task.run_dir, 1), task.run_dir)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    deadline = time.time() + 120
+    while not (task.run_dir / "checkpoint.pt").is_file():
+        assert time.time() < deadline and process.poll() is None, "the run did not start"
+        time.sleep(0.05)
+    stop_process(process)
+    assert process.returncode != -signal.SIGKILL  # it stopped on SIGINT, not killed after
+    _assert_interrupted_not_killed(task.run_dir)
 
 
 def test_slurm_no_wait_returns_at_once_and_collect_records_the_runs(tmp_path, capsys):
@@ -768,3 +791,30 @@ def test_runtime_env_is_json_or_a_file_and_bad_ones_are_one_line(tmp_path, capsy
         assert _status(main, [*args, given]) == 2
         err = capsys.readouterr().err
         assert message in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
+def test_a_ray_or_slurm_task_started_ignoring_sigint_handles_it_for_the_runs_length(
+    tmp_path, monkeypatch
+):
+    # Ray's cancel raises KeyboardInterrupt through SIGINT's handler: with SIGINT ignored (an
+    # engine started in the background) it would never reach run_worker, nor stop the worker.
+    import dropcluster.experiments.backends as backends
+
+    seen = []
+
+    class Finished:
+        def wait(self, timeout=None):
+            seen.append(signal.getsignal(signal.SIGINT))
+            return 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(backends, "start_worker", lambda *args, **kwargs: Finished())
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert backends.run_worker(str(tmp_path)) == 0
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # as it was, afterwards
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen == [signal.default_int_handler]

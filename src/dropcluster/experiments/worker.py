@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -155,11 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     owner = os.environ.get(OWNER_PID_VARIABLE)
     if owner:
         watch_owner(int(owner))
-    if os.environ.get("DROPCLUSTER_LAUNCHED") == "1":
-        import signal
-
-        # The launcher stops its processes with SIGINT; never inherit it ignored.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    # The sweep's backends and the launcher stop a worker with SIGINT, to stop as on Ctrl-C
+    # (its run resumes from its last checkpoint). A sweep started in the background (`nohup
+    # ... &`, a batch script) hands its children SIGINT ignored: never inherit that.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     try:
         return run_job(Path(args[0]))

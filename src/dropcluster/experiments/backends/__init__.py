@@ -21,6 +21,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -375,6 +376,15 @@ def run_worker(run_dir: str, procs: int = 1, env: dict[str, str] | None = None) 
         process = start_worker(worker_command(path, procs), path, {**(env or {}), **owner})
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    # An engine started in the background (`nohup ... &`, a batch script) runs with SIGINT
+    # ignored, and then neither a cancel (Ray's raises KeyboardInterrupt through SIGINT's
+    # handler) nor an interruption would reach this function: handle it for the run's length.
+    ignored = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    )
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while True:
             try:
@@ -385,6 +395,9 @@ def run_worker(run_dir: str, procs: int = 1, env: dict[str, str] | None = None) 
     except BaseException:
         stop_process(process)
         raise
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class LocalBackend:
