@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from tiny_runs import tiny_config
 from torch import nn
 
 from dropcluster.cli import main
@@ -29,23 +30,8 @@ TEN_EPOCHS_EVERY_50 = (
 
 
 def _tiny_config(**changes) -> TrainConfig:
-    values = dict(
-        dataset="synthetic",
-        model="lenet5",  # the loop's bookkeeping, not learning: the smallest model
-        regularizer="dropcluster",
-        p=0.2,
-        epochs=3,
-        batch_size=32,
-        lr=0.05,
-        cluster_every=1,
-        cluster_images=64,
-        train_fraction=0.25,
-        average_last=2,
-        eval_batch_size=256,
-        channels_last=False,
-    )
-    values.update(changes)
-    return TrainConfig(**values)
+    # The loop's bookkeeping, not learning: the smallest model.
+    return tiny_config(**{"model": "lenet5", **changes})
 
 
 def _model() -> nn.Sequential:

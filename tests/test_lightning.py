@@ -75,7 +75,7 @@ def _loader(n: int = 256) -> torch.utils.data.DataLoader:
     )
 
 
-def _trainer(root, max_epochs: int, callbacks) -> Trainer:
+def _trainer(root, max_epochs: int, callbacks, **options) -> Trainer:
     return Trainer(
         accelerator="cpu",
         devices=1,
@@ -86,6 +86,7 @@ def _trainer(root, max_epochs: int, callbacks) -> Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=root,
+        **options,
     )
 
 
@@ -191,18 +192,7 @@ def test_the_package_never_imports_lightning():
 
 def _short_trainer(root, max_epochs: int, callbacks, **options) -> Trainer:
     """One batch per epoch: the warnings and the schedule depend on epochs, not on data."""
-    return Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        **{"limit_train_batches": 1, **options},
-    )
+    return _trainer(root, max_epochs, callbacks, **{"limit_train_batches": 1, **options})
 
 
 def _ours(record) -> list[str]:

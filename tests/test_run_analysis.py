@@ -7,12 +7,12 @@ import re
 import numpy as np
 import pytest
 import torch
+from tiny_runs import tiny_config
 
 from dropcluster.experiments.run_analysis import FIGURE_NAMES, analyze_run
 from dropcluster.experiments.run_analysis_figures import LayerHopkins, plot_cluster_maps
 from dropcluster.nn import DropCluster2d
 from dropcluster.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from dropcluster.train.config import TrainConfig
 from dropcluster.train.loop import train
 from dropcluster.train.restore import load_run
 
@@ -21,23 +21,8 @@ TAB_RED = np.array([0xD6, 0x27, 0x28]) / 255
 
 
 def _tiny_config(**changes):
-    values = dict(
-        dataset="synthetic",
-        model="resnet20",
-        regularizer="dropcluster",
-        p=0.2,
-        epochs=2,
-        batch_size=32,
-        lr=0.05,
-        cluster_every=1,
-        cluster_images=64,
-        train_fraction=0.1,
-        average_last=1,
-        eval_batch_size=500,
-        channels_last=False,
-    )
-    values.update(changes)
-    return TrainConfig(**values)
+    values = dict(epochs=2, train_fraction=0.1, average_last=1, eval_batch_size=500)
+    return tiny_config(**{**values, **changes})
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tiny_runs import tiny_config
 
 from dropcluster.cli import main
 from dropcluster.train.config import TrainConfig
@@ -17,24 +18,9 @@ from dropcluster.train.tracking import corruption_scalars, epoch_scalars, make_t
 
 def _config(**changes) -> TrainConfig:
     """LeNet-5 with DropCluster on 10 % of the synthetic set: 3 steps an epoch."""
-    values = dict(
-        dataset="synthetic",
-        model="lenet5",
-        regularizer="dropcluster",
-        p=0.2,
-        epochs=3,
-        batch_size=64,
-        lr=0.05,
-        cluster_every=1,
-        cluster_images=64,
-        train_fraction=0.1,
-        average_last=2,
-        eval_batch_size=250,
-        channels_last=False,
-        tracker="tensorboard",
-    )
-    values.update(changes)
-    return TrainConfig(**values)
+    values = dict(model="lenet5", batch_size=64, train_fraction=0.1, eval_batch_size=250)
+    values["tracker"] = "tensorboard"
+    return tiny_config(**{**values, **changes})
 
 
 def _scalars(folder) -> dict[str, list[tuple[int, float]]]:

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from tiny_runs import tiny_config as _tiny_config
 
 from dropcluster.errors import CheckpointError
 from dropcluster.train.checkpoint import CHECKPOINT_KEYS, load_checkpoint, save_checkpoint
@@ -13,26 +14,6 @@ from dropcluster.train.config import TrainConfig
 from dropcluster.train.loop import read_log, topk_correct, train
 
 TIMING_KEYS = {"seconds", "images_per_s", "refit_seconds", "eval_seconds"}
-
-
-def _tiny_config(**changes):
-    values = dict(
-        dataset="synthetic",
-        model="resnet20",
-        regularizer="dropcluster",
-        p=0.2,
-        epochs=3,
-        batch_size=32,
-        lr=0.05,
-        cluster_every=1,
-        cluster_images=64,
-        train_fraction=0.25,
-        average_last=2,
-        eval_batch_size=256,
-        channels_last=False,
-    )
-    values.update(changes)
-    return TrainConfig(**values)
 
 
 def _without_timings(history):

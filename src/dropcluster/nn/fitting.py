@@ -15,9 +15,10 @@ process, and needs one broadcast of small integer tables instead of gathering ac
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ from dropcluster.nn.dropcluster import DROPCLUSTER_LAYERS
 from dropcluster.validation import check_int
 
 __all__ = [
+    "evaluating",
     "ClusterFit",
     "RefitSchedule",
     "fit_clusters",
@@ -180,6 +182,19 @@ class _AllCaptured(Exception):
     """Raised by the capture hook to end a forward pass early."""
 
 
+@contextlib.contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """Put ``module`` in evaluation mode for the block, then give every submodule back its own
+    mode (not the root's: a frozen, evaluating part of a training model stays frozen)."""
+    modes = [(submodule, submodule.training) for submodule in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for submodule, training in modes:
+            submodule.training = training
+
+
 def _capture(module, layers, batches, n_images, prepare):
     """Run batches until every layer has ``n_images`` inputs; returns them and the count."""
     captured: dict[int, list[Tensor]] = {id(layer): [] for layer in layers}
@@ -195,31 +210,26 @@ def _capture(module, layers, batches, n_images, prepare):
 
     device = next((t.device for t in module.parameters()), None)
     handles = [layer.register_forward_pre_hook(hook) for layer in layers]
-    # Each submodule's own mode, not the root's: a frozen (eval) part of a training model
-    # must stay frozen after the refit.
-    modes = [(submodule, submodule.training) for submodule in module.modules()]
-    module.eval()
     images = 0
-    try:
-        for batch in batches:
-            inputs = prepare(batch) if prepare is not None else model_input(batch, device)
-            batch_rows = min(n_images, images + inputs.shape[0])
-            try:
-                module(inputs)
-            except _AllCaptured:
-                pass
-            except RuntimeError as error:
-                if inputs.is_floating_point() or inputs.is_complex():
-                    raise
-                raise ValueError(_input_type_problem(inputs, prepare, error)) from error
-            images = batch_rows
-            if images >= n_images:
-                break
-    finally:
-        for handle in handles:
-            handle.remove()
-        for submodule, training in modes:
-            submodule.training = training
+    with evaluating(module):
+        try:
+            for batch in batches:
+                inputs = prepare(batch) if prepare is not None else model_input(batch, device)
+                batch_rows = min(n_images, images + inputs.shape[0])
+                try:
+                    module(inputs)
+                except _AllCaptured:
+                    pass
+                except RuntimeError as error:
+                    if inputs.is_floating_point() or inputs.is_complex():
+                        raise
+                    raise ValueError(_input_type_problem(inputs, prepare, error)) from error
+                images = batch_rows
+                if images >= n_images:
+                    break
+        finally:
+            for handle in handles:
+                handle.remove()
     if images < 2:
         raise ValueError(f"fit_clusters needs at least 2 images, but the data gave {images}")
     missing = [layer for layer in layers if seen[id(layer)] < images]

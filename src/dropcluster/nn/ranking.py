@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from dropcluster.hopkins import NO_TENDENCY, spatial_hopkins
-from dropcluster.nn.fitting import model_input, unwrap
+from dropcluster.nn.fitting import evaluating, model_input, unwrap
 from dropcluster.rena import check_modes, rena
 from dropcluster.validation import check_int
 
@@ -383,20 +383,17 @@ def _capture(model, inner, places, slots, data, n_batches, batch_size, prepare):
             # prepend: the module's own output, before a regularizer attached to it.
             handles.append(module.register_forward_hook(_OutputHook(name, keep), prepend=True))
     device = next((t.device for t in inner.parameters()), None)
-    modes = [(submodule, submodule.training) for submodule in inner.modules()]
-    inner.eval()
     images = 0
     try:
-        for batch in _batches(data, n_batches, batch_size):
-            inputs = prepare(batch) if prepare is not None else model_input(batch, device)
-            seen_this_forward.clear()
-            model(inputs)
-            images += int(inputs.shape[0])
+        with evaluating(inner):
+            for batch in _batches(data, n_batches, batch_size):
+                inputs = prepare(batch) if prepare is not None else model_input(batch, device)
+                seen_this_forward.clear()
+                model(inputs)
+                images += int(inputs.shape[0])
     finally:
         for handle in handles:
             handle.remove()
-        for submodule, training in modes:
-            submodule.training = training
     if images < 2:
         raise ValueError(f"rank_layers needs at least 2 images, but the data gave {images}")
     return captured, order, images
