@@ -389,6 +389,99 @@ def test_full_disk_while_training_loses_nothing_and_leaves_no_partial_file(
     assert (run_dir / "checkpoint.pt").read_bytes() == saved["checkpoint.pt"]
 
 
+@pytest.fixture
+def sigint_as_python_sets_it():
+    """SIGINT handled by Python's own handler (a test runner's worker may have another)."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_keeps_the_new_one_whole(
+    tmp_path, capsys, monkeypatch, sigint_as_python_sets_it
+):
+    import os
+    import signal
+
+    from dropcluster.train.checkpoint import load_checkpoint
+
+    run_dir = tmp_path / "run"
+    _quiet_train(_config(epochs=3), run_dir, stop_after_epoch=1)
+    saved_epoch = load_checkpoint(run_dir / "checkpoint.pt")["epoch"]
+    real_save = torch.save
+
+    def interrupted_save(obj, stream, *args, **kwargs):
+        # Ctrl-C in the middle of torch.save (it once surfaced as torch's zip writer error
+        # "unexpected pos", an internal error, instead of an interrupt).
+        os.kill(os.getpid(), signal.SIGINT)
+        real_save(obj, stream, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    args = ["train", "--config", str(run_dir / "config.json"), "--out", str(run_dir), "--resume"]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "internal error" not in err, err
+    assert err.strip().endswith(
+        "dropcluster: interrupted; a training run continues from its "
+        "last finished epoch with --resume"
+    )
+    # The write went through first: the next epoch's checkpoint is whole, nothing is left over.
+    assert load_checkpoint(run_dir / "checkpoint.pt")["epoch"] == saved_epoch + 1
+    assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.setattr(torch, "save", real_save)
+    history = _quiet_train(_config(epochs=3), run_dir, resume=True).history
+    assert [record["epoch"] for record in history] == [0, 1, 2]
+
+
+def test_an_interrupt_hidden_behind_a_writers_cleanup_error_is_an_interrupt(
+    tmp_path, capsys, monkeypatch
+):
+    from dropcluster.files import atomic_write
+
+    target = tmp_path / "file.bin"
+    target.write_bytes(b"old")
+
+    def write(stream):
+        stream.write(b"half")
+        try:
+            raise KeyboardInterrupt  # where no handler held it (another thread)
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, write)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
+    # Any other error stays what it was.
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        atomic_write(target, lambda stream: (_ for _ in ()).throw(RuntimeError("unexpected pos")))
+
+
+def test_any_command_whose_cleanup_fails_on_the_way_out_of_ctrl_c_says_interrupted(
+    tmp_path, capsys, monkeypatch
+):
+    import sqlite3
+
+    import dropcluster.cli as cli
+
+    def handler(args):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(cli, "_run_train", handler)
+    assert main(_train_args(tmp_path / "run")) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "dropcluster: interrupted; a training run continues from its last finished epoch with "
+        "--resume"
+    ]
+
+
 def test_json_output_that_is_a_folder_is_refused_before_any_work(tmp_path, capsys):
     assert main(["cluster-analysis", "--json", str(tmp_path)]) == 2
     assert "is a folder: give the path of a file" in _one_line_error(capsys)

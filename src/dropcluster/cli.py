@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 
 from dropcluster import __version__
-from dropcluster.errors import user_error_message
+from dropcluster.errors import raised_while_interrupted, user_error_message
 from dropcluster.files import atomic_write_json
 from dropcluster.validation import MAX_SEED, int_argument, path_argument
 
@@ -390,24 +390,10 @@ def main(argv: list[str] | None = None) -> int:
             load_plugins(args.plugin)
         return args.handler(args)
     except KeyboardInterrupt:
-        # One line for a run of several processes: the launcher's, or else rank 0's.
-        launched = os.environ.get("DROPCLUSTER_LAUNCHED") == "1"
-        if not launched and os.environ.get("RANK", "0") == "0":
-            print(
-                "\ndropcluster: interrupted; a training run continues from its last finished "
-                "epoch with --resume",
-                file=sys.stderr,
-            )
-        if launched:
-            # Every file of the run is written atomically and the group is left: end without
-            # the interpreter's teardown, where an interrupted collective's threads can abort
-            # ("terminate called without an active exception") and print to the launcher's
-            # terminal.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(130)
-        return 130
+        return _interrupted()
     except Exception as error:  # noqa: BLE001 - every error ends in one line and a status
+        if raised_while_interrupted(error):
+            return _interrupted()  # cleanup that failed on the way out of a Ctrl-C
         message = user_error_message(error)
         if message is None:
             traceback.print_exc()
@@ -419,6 +405,27 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"dropcluster: error: {message}", file=sys.stderr)
         return 2
+
+
+def _interrupted() -> int:
+    """Say that a Ctrl-C stopped the command; its exit status (130)."""
+    # One line for a run of several processes: the launcher's, or else rank 0's.
+    launched = os.environ.get("DROPCLUSTER_LAUNCHED") == "1"
+    if not launched and os.environ.get("RANK", "0") == "0":
+        print(
+            "\ndropcluster: interrupted; a training run continues from its last finished "
+            "epoch with --resume",
+            file=sys.stderr,
+        )
+    if launched:
+        # Every file of the run is written atomically and the group is left: end without
+        # the interpreter's teardown, where an interrupted collective's threads can abort
+        # ("terminate called without an active exception") and print to the launcher's
+        # terminal.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    return 130
 
 
 def _positive(name: str, value: int) -> None:

@@ -15,6 +15,7 @@ __all__ = [
     "DropClusterError",
     "RunBusyError",
     "SchemaVersionError",
+    "raised_while_interrupted",
     "user_error_message",
 ]
 
@@ -50,6 +51,24 @@ _OS_ADVICE = {
     errno.ENOTDIR: "a file is where a folder was expected",
     errno.ENOENT: "no such file or folder",
 }
+
+
+def raised_while_interrupted(error: BaseException) -> bool:
+    """Whether ``error`` is not a KeyboardInterrupt itself but came while one was handled.
+
+    Cleanup code that fails on the way out of a Ctrl-C (torch.save's zip writer checks its
+    position when closed) replaces the interrupt with its own error: it was still a Ctrl-C.
+    """
+    if isinstance(error, KeyboardInterrupt):
+        return False
+    seen: set[int] = set()
+    cause = error.__context__
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__context__
+    return False
 
 
 def user_error_message(error: BaseException) -> str | None:

@@ -2,20 +2,25 @@
 
 A file is replaced atomically: written to a temporary file in the same folder, flushed to disk,
 then renamed over the target. A crash, a full disk or a read-only folder at any moment leaves
-either the old file or the new one, never a partial one, and no temporary file behind.
+either the old file or the new one, never a partial one, and no temporary file behind. A Ctrl-C
+(SIGINT) that arrives while a file is written waits until the write is done: the interrupt then
+stops the program as usual, with the new file complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import signal
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from dropcluster.errors import RunBusyError
+from dropcluster.errors import RunBusyError, raised_while_interrupted
 
 __all__ = [
     "FolderLock",
@@ -29,23 +34,53 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     """Replace ``path`` with what ``write(handle)`` writes to a binary handle, atomically.
 
     The temporary file has a unique name (two writers never share one) and is removed when
-    anything fails, the rename included.
+    anything fails, the rename included. A SIGINT during the write is held until the file is
+    in place, then raised as :class:`KeyboardInterrupt`.
     """
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
+    with _sigint_held():
+        handle, temporary = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+        )
         try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
+            with os.fdopen(handle, "wb") as stream:
+                write(stream)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, path)
+        except BaseException as error:
+            try:
+                os.unlink(temporary)
+            except FileNotFoundError:
+                pass
+            if raised_while_interrupted(error):
+                raise KeyboardInterrupt from error
+            raise
     return path
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Hold SIGINT for the block's length, then raise KeyboardInterrupt if one came.
+
+    Only where Python's own handler is installed and in the main thread (signal handlers can be
+    set there only); elsewhere the block runs as it is, and an interrupt that a writer's cleanup
+    turned into another error is told apart afterwards.
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    received: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
