@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import ray
 from test_sweep import tiny_preset
+from waiting import STOP_SECONDS, wait_until
 
 from dropcluster.cli import main
 from dropcluster.experiments import sweep
@@ -77,11 +78,9 @@ def _sweep_process(preset: dict, out: Path, backend: dict) -> subprocess.Popen:
 
 def _kill_when_a_checkpoint_appears(process: subprocess.Popen, out: Path) -> Path:
     """Kill the sweep (as a crash would) once a run has finished an epoch; that run's folder."""
-    deadline = time.time() + 120
-    while not (checkpoints := list(out.glob("runs/*/checkpoint.pt"))):
-        assert process.poll() is None, "the sweep ended before it could be killed"
-        assert time.time() < deadline, "no run started"
-        time.sleep(0.05)
+    checkpoints = wait_until(
+        lambda: list(out.glob("runs/*/checkpoint.pt")), "no run started", process=process
+    )
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     return checkpoints[0].parent
@@ -108,10 +107,7 @@ def _start_a_long_task(backend, out: Path) -> RunTask:
     task = sweep._task(spec, out, None, BackendSettings())
     backend.submit(task)
     assert backend.poll() == []  # Slurm submits the runs handed over (an array) when polled
-    deadline = time.time() + 120
-    while not (task.run_dir / "checkpoint.pt").is_file():
-        assert time.time() < deadline, "the run did not start"
-        time.sleep(0.05)
+    wait_until((task.run_dir / "checkpoint.pt").is_file, "the run did not start")
     return task
 
 
@@ -124,7 +120,7 @@ def _stop_a_running_task(backend, out: Path) -> Path:
 
 def _assert_interrupted_not_killed(run_dir: Path) -> None:
     """The worker stopped on SIGINT, as on Ctrl-C (a killed one leaves no traceback)."""
-    deadline = time.time() + 30
+    deadline = time.time() + STOP_SECONDS
     while not (run_dir / "worker.log").read_text().rstrip().endswith("KeyboardInterrupt"):
         assert time.time() < deadline, (
             "the worker was not interrupted: " + (run_dir / "worker.log").read_text()[-1500:]
@@ -176,7 +172,7 @@ def test_a_worker_ends_when_the_task_that_started_it_is_gone():
         [sys.executable, "-c", code, str(owner.pid)], stderr=subprocess.PIPE, text=True
     )
     owner.wait()
-    _, err = orphan.communicate(timeout=30)
+    _, err = orphan.communicate(timeout=STOP_SECONDS)
     assert orphan.returncode == 3 and f"(pid {owner.pid}) is gone" in err
 
 
@@ -340,10 +336,7 @@ def test_a_worker_that_inherits_sigint_ignored_still_stops_as_on_ctrl_c(tmp_path
         process = start_worker(worker_command(task.run_dir, 1), task.run_dir)
     finally:
         signal.signal(signal.SIGINT, previous)
-    deadline = time.time() + 120
-    while not (task.run_dir / "checkpoint.pt").is_file():
-        assert time.time() < deadline and process.poll() is None, "the run did not start"
-        time.sleep(0.05)
+    wait_until((task.run_dir / "checkpoint.pt").is_file, "the run did not start", process=process)
     stop_process(process)
     assert process.returncode != -signal.SIGKILL  # it stopped on SIGINT, not killed after
     _assert_interrupted_not_killed(task.run_dir)
@@ -357,10 +350,11 @@ def test_slurm_no_wait_returns_at_once_and_collect_records_the_runs(tmp_path, ca
     assert len(summary.submitted) == 2 and summary.ran == []
     with ResultsStore.in_folder(out, readonly=True) as store:
         assert {r.status for r in store.runs()} == {"running"}
-    deadline = time.time() + 120
-    while not all(finished_results(out / "runs" / run_id) for run_id in summary.submitted):
-        assert time.time() < deadline, "the submitted jobs did not finish"
-        time.sleep(0.2)
+    wait_until(
+        lambda: all(finished_results(out / "runs" / run_id) for run_id in summary.submitted),
+        "the submitted jobs did not finish",
+        interval=0.2,
+    )
     assert main(["collect", str(out)]) == 0
     assert "2 run(s) recorded" in capsys.readouterr().err
     _assert_recorded_once(out, runs=2, epochs=1)
@@ -385,10 +379,7 @@ def _killed_task(backend, out: Path, kill=None) -> tuple[RunTask, list]:
         os.kill(int(worker[0]), signal.SIGKILL)
     else:
         kill(backend)
-    deadline = time.time() + 120
-    while not (finished := backend.poll()):
-        assert time.time() < deadline, "the killed task was not reported"
-        time.sleep(0.1)
+    finished = wait_until(backend.poll, "the killed task was not reported", interval=0.1)
     return task, finished
 
 
@@ -423,10 +414,12 @@ def test_a_killed_slurm_job_is_recorded_by_its_state(tmp_path):
     assert sweep.failure_reason(None, finished[0].message, "submitit INFO ...") == (
         finished[0].message
     )
-    deadline = time.time() + 30  # nothing of the job is left running
-    while subprocess.run(["pgrep", "-f", str(task.run_dir)], capture_output=True).returncode == 0:
-        assert time.time() < deadline, "the job's worker outlived it"
-        time.sleep(0.2)
+    wait_until(  # nothing of the job is left running
+        lambda: subprocess.run(["pgrep", "-f", str(task.run_dir)], capture_output=True).returncode,
+        "the job's worker outlived it",
+        STOP_SECONDS,
+        interval=0.2,
+    )
 
 
 @pytest.mark.parametrize(
@@ -535,10 +528,7 @@ def test_a_slurm_job_that_raises_is_recorded_with_its_exception(tmp_path):
     backend = SlurmBackend(SLURM_HERE, tmp_path / "slurm")
     spec = expand_grid(tiny_preset())[0]
     backend.submit(RunTask(spec, tmp_path / "not-on-this-node" / spec.run_id))
-    deadline = time.time() + 120
-    while not (finished := backend.poll()):
-        assert time.time() < deadline, "the job was not reported"
-        time.sleep(0.1)
+    finished = wait_until(backend.poll, "the job was not reported", interval=0.1)
     assert finished[0].status is None
     assert re.fullmatch(
         r"Slurm job \d+ raised FileNotFoundError: \[Errno 2\] No such file or "

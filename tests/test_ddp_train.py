@@ -11,12 +11,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+from waiting import wait_until
 
 from dropcluster.data import DeviceLoader
 from dropcluster.train.loop import read_log
@@ -135,11 +135,11 @@ def test_killed_ddp_run_resumes_to_the_metrics_of_an_uninterrupted_one(tmp_path)
 
     killed = tmp_path / "killed"
     process = _torchrun(*dropcluster, "--out", str(killed))
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if (killed / "log.jsonl").is_file() and len(read_log(killed / "log.jsonl")) >= 2:
-            break
-        time.sleep(0.05)
+    wait_until(
+        lambda: (killed / "log.jsonl").is_file() and len(read_log(killed / "log.jsonl")) >= 2,
+        "the run did not log two epochs",
+        process=process,
+    )
     # kill -9 of torchrun and of both training processes (torchrun starts them in sessions of
     # their own: they are found by the run folder on their command line).
     subprocess.run(["pkill", "-KILL", "-f", str(killed)], check=False)
@@ -350,10 +350,11 @@ def _launched(out: Path, *extra: str) -> tuple[subprocess.Popen, list[str]]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 240
-    while not ((out / "log.jsonl").is_file() and read_log(out / "log.jsonl")):
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.05)
+    wait_until(
+        lambda: (out / "log.jsonl").is_file() and read_log(out / "log.jsonl"),
+        "the launched run did not log an epoch",
+        process=process,
+    )
     return process, args
 
 

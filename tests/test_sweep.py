@@ -8,11 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from test_data_datasets import write_cifar100
+from waiting import wait_until
 
 from dropcluster.cli import main
 from dropcluster.experiments.presets import (
@@ -184,14 +184,14 @@ def test_killed_sweep_resumes_without_repeating_or_duplicating(tmp_path):
     out = tmp_path / "out"
     first, second = "none-p0-f0.25-s0", "none-p0-f0.25-s1"
     process = _sweep_process(preset_path, out)
-    deadline = time.time() + 120
     # Kill the whole sweep (parent and worker, as a crash would) while the second run is mid-way.
-    while time.time() < deadline:
-        # The checkpoint is renamed into place after the epoch's log line: both are on disk.
-        if (out / "runs" / second / "checkpoint.pt").is_file():
-            break
-        assert process.poll() is None, "the sweep ended before it could be killed"
-        time.sleep(0.02)
+    # The checkpoint is renamed into place after the epoch's log line: both are on disk.
+    wait_until(
+        (out / "runs" / second / "checkpoint.pt").is_file,
+        "the second run did not finish an epoch",
+        process=process,
+        interval=0.02,
+    )
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     first_log = (out / "runs" / first / "log.jsonl").read_text()
