@@ -53,6 +53,16 @@ ND_REFERENCE = {1: drop_block1d_reference, 3: drop_block3d_reference}
 ND_BATCH_SITES = 1 << 22
 
 
+def dropped_sites(shape, gamma: float, block, generator, device: torch.device) -> int:
+    """Sites one draw of the layer's exact sampler drops in masks of ``shape`` (sparse on the
+    CPU, dense elsewhere), counted without building the output."""
+    if device.type == "cpu":
+        corners = sampler.sample_block_corners(shape, gamma, *block, generator)
+        return int(sampler.dropped_pixels(corners, shape, block)[2].sum())
+    keep = db._dense_keep(shape, gamma, block, generator, torch.float32, device)
+    return keep.numel() - int(keep.sum(dtype=torch.float64))
+
+
 def realised_fraction(
     height: int, block_size: int, p: float, draws: int, seed: int, device: torch.device
 ) -> float:
@@ -66,12 +76,7 @@ def realised_fraction(
     while left:
         batch = min(draws_per_batch, left)
         shape = (64 * batch, 16, height, height)
-        if device.type == "cpu":
-            corners = sampler.sample_block_corners(shape, gamma, *block, generator)
-            dropped += int(sampler.dropped_pixels(corners, shape, block)[2].sum())
-        else:
-            keep = db._dense_keep(shape, gamma, block, generator, torch.float32, device)
-            dropped += keep.numel() - int(keep.sum(dtype=torch.float64))
+        dropped += dropped_sites(shape, gamma, block, generator, device)
         left -= batch
     return dropped / (draws * 64 * 16 * height * height)
 
@@ -97,8 +102,7 @@ def realised_fraction_nd(
 ) -> float:
     """Mean dropped fraction of ``n_maps`` DropBlock1d/3d masks of shape ``sizes``.
 
-    Exact mode: the layer's sampler (sparse on the CPU, dense elsewhere), dropped sites counted
-    without building the output. Reference mode: the reference function's returned mask on
+    Exact mode: :func:`dropped_sites`. Reference mode: the reference function's returned mask on
     one-channel inputs (its mask is shared by the channels anyway).
     """
     generator = torch.Generator(device).manual_seed(seed)
@@ -116,12 +120,8 @@ def realised_fraction_nd(
                 x, p, block_size, generator=generator, return_mask=True
             )
             dropped += keep.numel() - int(keep.sum(dtype=torch.float64))
-        elif device.type == "cpu":
-            corners = sampler.sample_block_corners(shape, gamma, *block, generator)
-            dropped += int(sampler.dropped_pixels(corners, shape, block)[2].sum())
         else:
-            keep = db._dense_keep(shape, gamma, block, generator, torch.float32, device)
-            dropped += keep.numel() - int(keep.sum(dtype=torch.float64))
+            dropped += dropped_sites(shape, gamma, block, generator, device)
         left -= batch
     return dropped / (n_maps * sites)
 
